@@ -1,0 +1,188 @@
+//! The `dialogd` command line: argument types and the commands behind them.
+//!
+//! - [`generate`]: `dialogd generate`, one reply to turns given as arguments.
+//! - [`chat`]: `dialogd chat`, a console conversation.
+
+pub mod chat;
+pub mod generate;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+use crate::model::{self, Gpt2};
+use crate::sampling::SamplingParams;
+use crate::tokenizer::DialogTokenizer;
+
+/// The longest turn accepted, in bytes. Longer turns are refused rather
+/// than silently cut (cutting to the token budget happens below this size).
+pub const MAX_TURN_BYTES: usize = 32 * 1024;
+
+#[derive(Debug, Parser)]
+#[command(name = "dialogd", version, about = "DialoGPT chat bot daemon", propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate one reply to the given turns (oldest first).
+    Generate(generate::GenerateArgs),
+    /// Talk with a model in the console.
+    Chat(chat::ChatArgs),
+}
+
+/// Where the model comes from and where it runs.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// A checkpoint folder, or a hub id such as microsoft/DialoGPT-medium.
+    #[arg(long, value_name = "M")]
+    pub model: String,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", value_name = "D")]
+    pub device: String,
+    /// auto (f32 on CPU, bf16 on GPU), f32, f16 or bf16.
+    #[arg(long, default_value = "auto", value_name = "T")]
+    pub dtype: String,
+}
+
+/// Sampling flags; anything not given keeps the mode's default.
+#[derive(Debug, Clone, Default, Args)]
+pub struct SamplingArgs {
+    /// Always take the most likely token (no sampling).
+    #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p"])]
+    pub greedy: bool,
+    #[arg(long, value_name = "T")]
+    pub temperature: Option<f32>,
+    /// Keep the K most likely tokens (0: all).
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of tokens with probability P (1: all).
+    #[arg(long, value_name = "P")]
+    pub top_p: Option<f32>,
+    /// Penalty for tokens already seen (1: none).
+    #[arg(long, value_name = "R")]
+    pub repetition_penalty: Option<f32>,
+    /// Never repeat an n-gram of this size (0: off).
+    #[arg(long, value_name = "N")]
+    pub no_repeat_ngram: Option<usize>,
+    /// Generate at least N tokens before end-of-text is allowed.
+    #[arg(long, value_name = "N")]
+    pub min_new_tokens: Option<usize>,
+    #[arg(long, value_name = "N")]
+    pub max_new_tokens: Option<usize>,
+    /// The same seed gives the same reply.
+    #[arg(long, value_name = "S")]
+    pub seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    /// The effective parameters: greedy mode turns every processor off
+    /// unless asked for; sampling mode starts from the chat defaults.
+    pub fn params(&self) -> anyhow::Result<SamplingParams> {
+        let base = if self.greedy { SamplingParams::greedy(SamplingParams::default().max_new_tokens) } else { SamplingParams::default() };
+        let params = SamplingParams {
+            temperature: self.temperature.unwrap_or(base.temperature),
+            top_k: self.top_k.unwrap_or(base.top_k),
+            top_p: self.top_p.unwrap_or(base.top_p),
+            repetition_penalty: self.repetition_penalty.unwrap_or(base.repetition_penalty),
+            no_repeat_ngram: self.no_repeat_ngram.unwrap_or(base.no_repeat_ngram),
+            min_new_tokens: self.min_new_tokens.unwrap_or(base.min_new_tokens),
+            max_new_tokens: self.max_new_tokens.unwrap_or(base.max_new_tokens),
+            seed: self.seed,
+        };
+        params.validate()?;
+        Ok(params)
+    }
+}
+
+/// A loaded model and its tokenizer.
+pub struct Loaded {
+    pub model: Gpt2,
+    pub tokenizer: DialogTokenizer,
+    pub dir: PathBuf,
+}
+
+/// Resolves, loads and checks a model and its tokenizer.
+pub fn load(args: &ModelArgs, progress: bool) -> anyhow::Result<Loaded> {
+    let started = Instant::now();
+    let device = model::parse_device(&args.device)?;
+    let dtype = model::parse_dtype(&args.dtype, &device)?;
+    let dir = model::hub::resolve_model(&args.model)?;
+    if progress {
+        eprintln!("loading {} ({dtype:?} on {})…", dir.display(), args.device);
+    }
+    let tokenizer = DialogTokenizer::from_dir(&dir)?;
+    let model = Gpt2::load(&dir, dtype, &device)?;
+    let cfg = model.config();
+    if tokenizer.eos_id() != cfg.eos_token_id || tokenizer.vocab_size() > cfg.vocab_size {
+        anyhow::bail!(
+            "{}: tokenizer ({} ids, end-of-text {}) does not fit the model ({} ids, end-of-text {})",
+            dir.display(),
+            tokenizer.vocab_size(),
+            tokenizer.eos_id(),
+            cfg.vocab_size,
+            cfg.eos_token_id
+        );
+    }
+    if progress {
+        eprintln!(
+            "ready: {:.0}M parameters, {} layers, context {} tokens, loaded in {:.1}s",
+            cfg.n_params() as f64 / 1e6,
+            cfg.n_layer,
+            cfg.n_positions,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(Loaded { model, tokenizer, dir })
+}
+
+/// Encodes a turn after checking it is not empty or oversized.
+pub fn encode_turn(tokenizer: &DialogTokenizer, turn_no: usize, text: &str) -> anyhow::Result<Vec<u32>> {
+    if text.trim().is_empty() {
+        anyhow::bail!("turn {turn_no} is empty");
+    }
+    if text.len() > MAX_TURN_BYTES {
+        anyhow::bail!("turn {turn_no} is {} bytes, more than the {MAX_TURN_BYTES} a turn may have", text.len());
+    }
+    tokenizer.encode(text).with_context(|| format!("turn {turn_no}"))
+}
+
+/// The prompt budget: the model's context less the room for the reply.
+pub fn prompt_budget(model: &Gpt2, params: &SamplingParams) -> anyhow::Result<usize> {
+    let n_positions = model.config().n_positions;
+    if params.max_new_tokens + 2 > n_positions {
+        anyhow::bail!(
+            "--max-new-tokens {} leaves no room for a prompt in a context of {n_positions} tokens",
+            params.max_new_tokens
+        );
+    }
+    Ok(n_positions - params.max_new_tokens)
+}
+
+/// Sets up logging to stderr, filtered by `RUST_LOG` (default: warnings).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Runs the command line; errors are reported once, here.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Chat(args) => chat::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! dialogd: a chat bot daemon that serves DialoGPT to Discord and Telegram.
+//!
+//! The crate is the daemon's core; platform code lives in the
+//! `dialogd-adapters` crate. Modules, in the order a message meets them:
+//!
+//! - [`tokenizer`]: GPT-2 byte-level BPE; user text never becomes a special token.
+//! - [`prompt`]: turns joined by `<|endoftext|>` within a token budget.
+//! - [`model`]: GPT-2 in candle, checkpoint loading, the hub.
+//! - [`sampling`]: greedy, temperature, top-k/p, repetition controls, seeds.
+//! - [`generate`]: one reply from one prompt with a KV cache.
+//! - [`cli`]: the `dialogd` command line.
+//!
+//! See ARCHITECTURE.md for the whole picture and its invariants.
+
+pub mod cli;
+pub mod generate;
+pub mod model;
+pub mod prompt;
+pub mod sampling;
+pub mod tokenizer;

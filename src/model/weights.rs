@@ -1,0 +1,252 @@
+//! Reading GPT-2 checkpoints into named, shape-checked tensors.
+//!
+//! The published DialoGPT and DialogRPT checkpoints, and everything
+//! `save_pretrained` writes, name the same tensors in several ways: with or
+//! without the `transformer.` prefix, with the causal-mask buffers
+//! (`attn.bias`, `attn.masked_bias`) or without, with the tied head as
+//! `lm_head.weight`, as the original `.pkl` files' `lm_head.decoder.weight`,
+//! or not at all. [`TensorStore`] folds all of them into one canonical naming
+//! (that of `GPT2Model`'s state dict) and hands tensors out with their shapes
+//! checked, so that a bad file fails with the file and tensor named.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use super::ModelError;
+
+/// The file formats a checkpoint folder may hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WeightsFile {
+    /// One `model.safetensors`.
+    Safetensors(PathBuf),
+    /// `model.safetensors.index.json` and its shards.
+    ShardedSafetensors { index: PathBuf, shards: Vec<PathBuf> },
+    /// A PyTorch zip-format `pytorch_model.bin` (what `torch.save` writes).
+    PyTorch(PathBuf),
+}
+
+impl WeightsFile {
+    /// Finds the weights in a checkpoint folder, preferring safetensors.
+    pub fn find(dir: &Path) -> Result<Self, ModelError> {
+        let single = dir.join("model.safetensors");
+        if single.is_file() {
+            return Ok(Self::Safetensors(single));
+        }
+        let index = dir.join("model.safetensors.index.json");
+        if index.is_file() {
+            let shards = read_shard_index(&index)?;
+            return Ok(Self::ShardedSafetensors { index, shards });
+        }
+        let bin = dir.join("pytorch_model.bin");
+        if bin.is_file() {
+            return Ok(Self::PyTorch(bin));
+        }
+        Err(ModelError::NoWeights(dir.to_path_buf()))
+    }
+
+    /// The file named in errors.
+    pub fn display_path(&self) -> &Path {
+        match self {
+            Self::Safetensors(p) | Self::PyTorch(p) => p,
+            Self::ShardedSafetensors { index, .. } => index,
+        }
+    }
+}
+
+fn read_shard_index(index: &Path) -> Result<Vec<PathBuf>, ModelError> {
+    let file_err = |message: String| ModelError::File { path: index.to_path_buf(), message };
+    let text = std::fs::read_to_string(index).map_err(|e| file_err(e.to_string()))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| file_err(format!("not JSON: {e}")))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| file_err("no `weight_map` object".into()))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut shards: Vec<PathBuf> = Vec::new();
+    for value in map.values() {
+        let name = value.as_str().ok_or_else(|| file_err("a `weight_map` value is not a file name".into()))?;
+        if name.contains('/') || name.contains("..") {
+            return Err(file_err(format!("shard name `{name}` leaves the model folder")));
+        }
+        let path = dir.join(name);
+        if !shards.contains(&path) {
+            shards.push(path);
+        }
+    }
+    Ok(shards)
+}
+
+/// The canonical name of a checkpoint tensor, or `None` for tensors that are
+/// buffers rather than weights.
+pub fn canonical_name(raw: &str) -> Option<String> {
+    let mut name = raw;
+    for prefix in ["module.", "model."] {
+        if let Some(rest) = name.strip_prefix(prefix) {
+            name = rest;
+        }
+    }
+    if let Some(rest) = name.strip_prefix("transformer.") {
+        name = rest;
+    }
+    if name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias") {
+        return None;
+    }
+    if name == "lm_head.decoder.weight" {
+        return Some("lm_head.weight".to_string());
+    }
+    Some(name.to_string())
+}
+
+/// A checkpoint's tensors, by canonical name, on one device and dtype.
+pub struct TensorStore {
+    file: PathBuf,
+    tensors: HashMap<String, Tensor>,
+}
+
+impl TensorStore {
+    /// Reads every tensor of a checkpoint, converted to `dtype` on `device`.
+    pub fn load(weights: &WeightsFile, dtype: DType, device: &Device) -> Result<Self, ModelError> {
+        let file = weights.display_path().to_path_buf();
+        let raw = match weights {
+            WeightsFile::Safetensors(path) => read_safetensors(std::slice::from_ref(path))?,
+            WeightsFile::ShardedSafetensors { shards, .. } => read_safetensors(shards)?,
+            WeightsFile::PyTorch(path) => read_pytorch(path)?,
+        };
+        let mut tensors = HashMap::with_capacity(raw.len());
+        for (raw_name, tensor) in raw {
+            let Some(name) = canonical_name(&raw_name) else { continue };
+            let tensor = tensor
+                .to_device(device)
+                .and_then(|t| t.to_dtype(dtype))
+                .map_err(|e| ModelError::Tensor { file: file.clone(), tensor: raw_name.clone(), message: e.to_string() })?;
+            tensors.insert(name, tensor);
+        }
+        Ok(Self { file, tensors })
+    }
+
+    /// A store over tensors already in memory (tests and synthetic models).
+    pub fn from_tensors(file: impl Into<PathBuf>, tensors: HashMap<String, Tensor>) -> Self {
+        let tensors = tensors
+            .into_iter()
+            .filter_map(|(name, t)| canonical_name(&name).map(|n| (n, t)))
+            .collect();
+        Self { file: file.into(), tensors }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(|s| s.as_str())
+    }
+
+    /// Takes a tensor out of the store, checking its shape and that its
+    /// values are finite.
+    pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        let tensor = self.tensors.remove(name).ok_or_else(|| self.error(name, "missing from the checkpoint"))?;
+        if tensor.dims() != shape {
+            return Err(self.error(name, &format!("has shape {:?}, expected {:?}", tensor.dims(), shape)));
+        }
+        let finite = tensor
+            .abs()
+            .and_then(|t| t.max_all())
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.to_scalar::<f32>())
+            .map_err(|e| self.error(name, &e.to_string()))?;
+        if !finite.is_finite() {
+            return Err(self.error(name, "holds NaN or infinite values (corrupt checkpoint?)"));
+        }
+        Ok(tensor)
+    }
+
+    /// Names left after the model took what it needs.
+    pub fn leftover(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.tensors.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    pub fn error(&self, tensor: &str, message: &str) -> ModelError {
+        ModelError::Tensor { file: self.file.clone(), tensor: tensor.to_string(), message: message.to_string() }
+    }
+}
+
+fn read_safetensors(paths: &[PathBuf]) -> Result<Vec<(String, Tensor)>, ModelError> {
+    let mut out = Vec::new();
+    for path in paths {
+        let file_err = |message: String| ModelError::File { path: path.clone(), message };
+        // The mapping is read-only and dropped before this function returns;
+        // a file truncated under us while mapped is the one hazard, as for
+        // every memory-mapped reader.
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
+            .map_err(|e| file_err(format!("not a readable safetensors file: {}", root_message(&e))))?;
+        for (name, _) in st.tensors() {
+            let tensor = st.load(&name, &Device::Cpu).map_err(|e| ModelError::Tensor {
+                file: path.clone(),
+                tensor: name.clone(),
+                message: root_message(&e),
+            })?;
+            out.push((name, tensor));
+        }
+    }
+    Ok(out)
+}
+
+fn read_pytorch(path: &Path) -> Result<Vec<(String, Tensor)>, ModelError> {
+    let file_err = |message: String| ModelError::File { path: path.to_path_buf(), message };
+    // The pickle reader is not hardened against every hostile byte sequence;
+    // a panic in it must become an error naming the file, not a crash.
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| candle_core::pickle::read_all(path)));
+    match result {
+        Ok(Ok(tensors)) if tensors.is_empty() => Err(file_err("holds no tensors".into())),
+        Ok(Ok(tensors)) => Ok(tensors),
+        Ok(Err(e)) => Err(file_err(format!(
+            "not a readable PyTorch checkpoint ({}); legacy non-zip pickles must be re-saved with a current torch.save or converted to safetensors",
+            root_message(&e)
+        ))),
+        Err(_) => Err(file_err("the PyTorch checkpoint is malformed (its reader failed)".into())),
+    }
+}
+
+/// candle errors carry backtraces and context wrappers; users need the cause.
+fn root_message(e: &candle_core::Error) -> String {
+    let text = e.to_string();
+    text.lines().next().unwrap_or("").to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_names_fold_every_variant() {
+        assert_eq!(canonical_name("transformer.h.0.ln_1.weight").unwrap(), "h.0.ln_1.weight");
+        assert_eq!(canonical_name("h.0.ln_1.weight").unwrap(), "h.0.ln_1.weight");
+        assert_eq!(canonical_name("module.transformer.wte.weight").unwrap(), "wte.weight");
+        assert_eq!(canonical_name("lm_head.decoder.weight").unwrap(), "lm_head.weight");
+        assert_eq!(canonical_name("score.weight").unwrap(), "score.weight");
+        assert!(canonical_name("transformer.h.3.attn.bias").is_none());
+        assert!(canonical_name("h.3.attn.masked_bias").is_none());
+        // The projection bias is a weight, not the mask buffer.
+        assert_eq!(canonical_name("h.3.attn.c_proj.bias").unwrap(), "h.3.attn.c_proj.bias");
+    }
+
+    #[test]
+    fn take_checks_presence_shape_and_values() {
+        let dev = Device::Cpu;
+        let mut map = HashMap::new();
+        map.insert("transformer.a".to_string(), Tensor::zeros((2, 3), DType::F32, &dev).unwrap());
+        map.insert("b".to_string(), Tensor::new(&[1f32, f32::NAN], &dev).unwrap());
+        let mut store = TensorStore::from_tensors("x.safetensors", map);
+        let err = store.take("a", &[3, 2]).unwrap_err().to_string();
+        assert!(err.contains("x.safetensors") && err.contains("`a`") && err.contains("[2, 3]"), "{err}");
+        let err = store.take("b", &[2]).unwrap_err().to_string();
+        assert!(err.contains("NaN"), "{err}");
+        let err = store.take("c", &[1]).unwrap_err().to_string();
+        assert!(err.contains("missing"), "{err}");
+    }
+}

@@ -1,0 +1,108 @@
+//! DialoGPT prompts: turns joined by `<|endoftext|>`, within a token budget.
+//!
+//! Every turn, the last (the user's message) included, is followed by the
+//! separator; the model then writes the bot's turn until the next separator.
+//! When the turns do not fit the budget, whole turns are dropped from the
+//! oldest end; a single turn longer than the budget keeps its end, which is
+//! the part the reply answers.
+
+/// A prompt ready for the model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prompt {
+    /// Token ids, oldest turn first, each turn followed by the separator.
+    pub ids: Vec<u32>,
+    /// How many of the newest turns made it in (in whole or in part).
+    pub turns_kept: usize,
+    /// Whether the oldest kept turn lost its beginning to the budget.
+    pub truncated: bool,
+}
+
+/// Prompt building failures.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PromptError {
+    #[error("no turns to answer")]
+    NoTurns,
+    #[error("turn {0} is empty")]
+    EmptyTurn(usize),
+    #[error("a prompt budget of {0} tokens cannot hold a turn and its separator")]
+    BudgetTooSmall(usize),
+}
+
+/// Joins encoded turns (oldest first) into a prompt of at most `budget`
+/// tokens.
+pub fn build_prompt(turns: &[Vec<u32>], eos_id: u32, budget: usize) -> Result<Prompt, PromptError> {
+    if turns.is_empty() {
+        return Err(PromptError::NoTurns);
+    }
+    if let Some(idx) = turns.iter().position(|t| t.is_empty()) {
+        return Err(PromptError::EmptyTurn(idx + 1));
+    }
+    if budget < 2 {
+        return Err(PromptError::BudgetTooSmall(budget));
+    }
+    // Walk from the newest turn back while whole turns fit.
+    let mut used = 0;
+    let mut first_kept = turns.len();
+    for (idx, turn) in turns.iter().enumerate().rev() {
+        if used + turn.len() + 1 > budget {
+            break;
+        }
+        used += turn.len() + 1;
+        first_kept = idx;
+    }
+    let mut ids = Vec::with_capacity(used.max(budget.min(1024)));
+    let truncated = first_kept == turns.len();
+    if truncated {
+        // Even the newest turn is too long: keep its end.
+        let newest = &turns[turns.len() - 1];
+        ids.extend_from_slice(&newest[newest.len() - (budget - 1)..]);
+        ids.push(eos_id);
+        first_kept = turns.len() - 1;
+    } else {
+        for turn in &turns[first_kept..] {
+            ids.extend_from_slice(turn);
+            ids.push(eos_id);
+        }
+    }
+    Ok(Prompt { ids, turns_kept: turns.len() - first_kept, truncated })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EOS: u32 = 50256;
+
+    #[test]
+    fn every_turn_ends_with_the_separator() {
+        let p = build_prompt(&[vec![1, 2], vec![3], vec![4, 5, 6]], EOS, 100).unwrap();
+        assert_eq!(p.ids, vec![1, 2, EOS, 3, EOS, 4, 5, 6, EOS]);
+        assert_eq!((p.turns_kept, p.truncated), (3, false));
+    }
+
+    #[test]
+    fn budget_drops_whole_turns_from_the_oldest_end() {
+        let turns = [vec![1, 2, 3], vec![4], vec![5, 6]];
+        // 3 + 2 = 5 fits the two newest turns, not the oldest (4 more).
+        let p = build_prompt(&turns, EOS, 8).unwrap();
+        assert_eq!(p.ids, vec![4, EOS, 5, 6, EOS]);
+        assert_eq!(p.turns_kept, 2);
+        let p = build_prompt(&turns, EOS, 9).unwrap();
+        assert_eq!(p.ids.len(), 9);
+    }
+
+    #[test]
+    fn a_turn_longer_than_the_budget_keeps_its_end() {
+        let turns = [vec![9, 9], (1..=10).collect::<Vec<u32>>()];
+        let p = build_prompt(&turns, EOS, 4).unwrap();
+        assert_eq!(p.ids, vec![8, 9, 10, EOS]);
+        assert_eq!((p.turns_kept, p.truncated), (1, true));
+    }
+
+    #[test]
+    fn bad_input_is_refused() {
+        assert_eq!(build_prompt(&[], EOS, 10), Err(PromptError::NoTurns));
+        assert_eq!(build_prompt(&[vec![1], vec![]], EOS, 10), Err(PromptError::EmptyTurn(2)));
+        assert_eq!(build_prompt(&[vec![1]], EOS, 1), Err(PromptError::BudgetTooSmall(1)));
+    }
+}
