@@ -151,10 +151,12 @@ impl TensorStore {
         if tensor.dims() != shape {
             return Err(self.error(name, &format!("has shape {:?}, expected {:?}", tensor.dims(), shape)));
         }
+        // A sum is NaN or infinite when any value is (max would skip NaN);
+        // summing in f32 keeps large half-precision tensors from overflowing.
         let finite = tensor
-            .abs()
-            .and_then(|t| t.max_all())
-            .and_then(|t| t.to_dtype(DType::F32))
+            .to_dtype(DType::F32)
+            .and_then(|t| t.abs())
+            .and_then(|t| t.sum_all())
             .and_then(|t| t.to_scalar::<f32>())
             .map_err(|e| self.error(name, &e.to_string()))?;
         if !finite.is_finite() {

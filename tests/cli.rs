@@ -1,0 +1,210 @@
+//! `dialogd generate` and `dialogd chat` as a user runs them.
+
+use std::io::Write as _;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+use crate::support::{assert_fails_with, dialogd, dialogd_with_env, fixtures, golden, ids, model_dir, stdout, strings};
+
+fn generate_json(model: &Path, extra: &[&str], turns: &[String]) -> Value {
+    let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--json"];
+    args.extend_from_slice(extra);
+    args.push("--");
+    args.extend(turns.iter().map(|s| s.as_str()));
+    let out = dialogd(&args);
+    assert!(out.status.success(), "{}", crate::support::stderr(&out));
+    let text = stdout(&out);
+    assert_eq!(text.lines().count(), 1, "one JSON line: {text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The acceptance check: `generate --greedy --json` gives the same
+/// prompt_ids and output_ids as transformers' generate(do_sample=False).
+#[test]
+fn generate_greedy_json_matches_transformers() {
+    for (model, golden_name) in [("pico-safetensors", "pico"), ("pico-bin", "pico"), ("tiny", "tiny"), ("small", "small")] {
+        let g = golden(golden_name);
+        let dir = model_dir(model);
+        for case in g["greedy"].as_array().unwrap() {
+            let max = case["max_new_tokens"].to_string();
+            let mut extra = vec!["--greedy", "--max-new-tokens", &max];
+            let (rp, nr, mn);
+            if let Some(v) = case.get("repetition_penalty") {
+                rp = v.to_string();
+                extra.extend(["--repetition-penalty", &rp]);
+            }
+            if let Some(v) = case.get("no_repeat_ngram") {
+                nr = v.to_string();
+                extra.extend(["--no-repeat-ngram", &nr]);
+            }
+            if let Some(v) = case.get("min_new_tokens") {
+                mn = v.to_string();
+                extra.extend(["--min-new-tokens", &mn]);
+            }
+            let out = generate_json(&dir, &extra, &strings(&case["turns"]));
+            assert_eq!(ids(&out["prompt_ids"]), ids(&case["prompt_ids"]), "{model}");
+            assert_eq!(ids(&out["output_ids"]), ids(&case["output_ids"]), "{model}: {case}");
+            assert_eq!(out["text"], case["text"], "{model}");
+        }
+    }
+}
+
+#[test]
+fn sampling_is_reproducible_with_a_seed() {
+    let dir = model_dir("tiny");
+    let turns = vec!["Hello, how are you?".to_string()];
+    let run = |seed: &str| generate_json(&dir, &["--seed", seed, "--temperature", "1.0", "--max-new-tokens", "16"], &turns);
+    let a = run("7");
+    assert_eq!(a, run("7"));
+    let others: Vec<Value> = ["8", "9", "10"].iter().map(|s| run(s)).collect();
+    assert!(others.iter().any(|o| o["output_ids"] != a["output_ids"]), "different seeds, same replies");
+}
+
+#[test]
+fn a_long_turn_keeps_its_end_within_the_context() {
+    // pico has 64 positions; 24 are kept for the reply.
+    let dir = model_dir("pico-bin");
+    let long = "word ".repeat(500) + "the end";
+    let out = generate_json(&dir, &["--greedy", "--max-new-tokens", "24"], &["an old turn".to_string(), long]);
+    let prompt = ids(&out["prompt_ids"]);
+    assert_eq!(prompt.len(), 64 - 24);
+    assert_eq!(*prompt.last().unwrap(), 50256);
+    // " the end" are the last text tokens: 262 = " the", 886 = " end".
+    assert_eq!(&prompt[prompt.len() - 3..prompt.len() - 1], &[262, 886]);
+    assert!(ids(&out["output_ids"]).len() <= 24);
+}
+
+#[test]
+fn bad_input_fails_cleanly() {
+    let pico = fixtures().join("pico-bin");
+    let pico = pico.to_str().unwrap();
+    assert_fails_with(&dialogd(&["generate", "--model", "/no/such/folder", "hi"]), "does not exist");
+    assert_fails_with(&dialogd(&["generate", "--model", &format!("{pico}/config.json"), "hi"]), "is a file");
+    assert_fails_with(&dialogd(&["generate", "--model", pico, "hello", "  "]), "turn 2 is empty");
+    assert_fails_with(&dialogd(&["generate", "--model", pico, ""]), "turn 1 is empty");
+    let huge = "x".repeat(40_000);
+    assert_fails_with(&dialogd(&["generate", "--model", pico, &huge]), "more than the 32768");
+    assert_fails_with(&dialogd(&["generate", "--model", pico, "--top-p", "0", "hi"]), "top_p");
+    assert_fails_with(&dialogd(&["generate", "--model", pico, "--max-new-tokens", "64", "hi"]), "no room");
+    assert_fails_with(&dialogd(&["generate", "--model", pico, "--device", "tpu:0", "hi"]), "not a device");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn broken_checkpoints_name_the_file_and_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixtures().join("pico-safetensors");
+
+    // Truncated safetensors.
+    let truncated = tmp.path().join("truncated");
+    copy_dir(&src, &truncated);
+    let weights = truncated.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    assert_fails_with(&dialogd(&["generate", "--model", truncated.to_str().unwrap(), "hi"]), "model.safetensors");
+
+    // Garbage where the header should be.
+    std::fs::write(&weights, b"\xff\xff\xff\xff\xff\xff\xff\x7fnot a header").unwrap();
+    assert_fails_with(&dialogd(&["generate", "--model", truncated.to_str().unwrap(), "hi"]), "model.safetensors");
+
+    // No weights at all.
+    std::fs::remove_file(&weights).unwrap();
+    assert_fails_with(&dialogd(&["generate", "--model", truncated.to_str().unwrap(), "hi"]), "no weights");
+
+    // A pytorch_model.bin that is not a checkpoint.
+    std::fs::write(truncated.join("pytorch_model.bin"), vec![0x5au8; 4096]).unwrap();
+    assert_fails_with(&dialogd(&["generate", "--model", truncated.to_str().unwrap(), "hi"]), "pytorch_model.bin");
+
+    // A config that does not match the weights: the tensor is named.
+    let misshaped = tmp.path().join("misshaped");
+    copy_dir(&src, &misshaped);
+    let config = std::fs::read_to_string(misshaped.join("config.json")).unwrap();
+    std::fs::write(misshaped.join("config.json"), config.replace("\"n_embd\": 8", "\"n_embd\": 16")).unwrap();
+    assert_fails_with(&dialogd(&["generate", "--model", misshaped.to_str().unwrap(), "hi"]), "wte.weight");
+
+    // A config that is not JSON.
+    std::fs::write(misshaped.join("config.json"), "{ n_embd: ").unwrap();
+    assert_fails_with(&dialogd(&["generate", "--model", misshaped.to_str().unwrap(), "hi"]), "config.json");
+
+    // No tokenizer.
+    let no_tok = tmp.path().join("no-tokenizer");
+    copy_dir(&src, &no_tok);
+    std::fs::remove_file(no_tok.join("tokenizer.json")).unwrap();
+    assert_fails_with(&dialogd(&["generate", "--model", no_tok.to_str().unwrap(), "hi"]), "no tokenizer");
+}
+
+#[test]
+fn hub_id_without_network_or_cache_says_how_to_pass_a_folder() {
+    let home = tempfile::tempdir().unwrap();
+    let home = home.path().to_str().unwrap();
+    let out = dialogd_with_env(
+        &["generate", "--model", "microsoft/DialoGPT-small", "hi"],
+        &[("HF_HOME", home), ("HF_HUB_OFFLINE", "1")],
+    );
+    assert_fails_with(&out, "--model /path/to/folder");
+    // Online, but the hub is a closed loopback port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let out = dialogd_with_env(
+        &["generate", "--model", "microsoft/DialoGPT-small", "hi"],
+        &[("HF_HOME", home), ("HF_ENDPOINT", &endpoint)],
+    );
+    assert_fails_with(&out, "--model /path/to/folder");
+}
+
+#[test]
+fn hub_id_uses_a_complete_cache_offline() {
+    // Lay out the standard cache by hand: refs/main names a snapshot.
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("hub").join("models--microsoft--DialoGPT-small");
+    let snapshot = repo.join("snapshots").join("0123456789abcdef");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs").join("main"), "0123456789abcdef").unwrap();
+    copy_dir(&fixtures().join("pico-safetensors"), &snapshot);
+    let out = dialogd_with_env(
+        &["generate", "--model", "microsoft/DialoGPT-small", "--greedy", "--json", "--max-new-tokens", "24", "Hello, how are you?"],
+        &[("HF_HOME", home.path().to_str().unwrap()), ("HF_HUB_OFFLINE", "1")],
+    );
+    assert!(out.status.success(), "{}", crate::support::stderr(&out));
+    let json: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(json["output_ids"], golden("pico")["greedy"][0]["output_ids"]);
+}
+
+#[test]
+fn chat_keeps_history_and_resets() {
+    let dir = model_dir("pico-bin");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dialogd"))
+        .args(["chat", "--model", dir.to_str().unwrap(), "--greedy", "--max-new-tokens", "24"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hello, how are you?\nHello, how are you?\n/reset\nHello, how are you?\n/quit\nnever read\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", crate::support::stderr(&out));
+    let text = stdout(&out);
+    let replies: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("bot> ")).collect();
+    assert_eq!(replies.len(), 3, "{text}");
+    // The first reply is the one-turn greedy reply.
+    assert_eq!(replies[0], golden("pico")["greedy"][0]["text"].as_str().unwrap().trim_end());
+    // The second sees the history, so differs; after /reset the first comes back.
+    assert_ne!(replies[1], replies[0]);
+    assert_eq!(replies[2], replies[0]);
+    assert!(text.contains("(conversation forgotten)"));
+    assert!(crate::support::stderr(&out).contains("ready:"));
+}

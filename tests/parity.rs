@@ -1,0 +1,195 @@
+//! Parity with Hugging Face transformers (golden files from
+//! scripts/make_golden.py): token ids, last-position logits, greedy
+//! continuations, and KV-cache versus full recomputation.
+
+use candle_core::{DType, Device, Tensor};
+use dialogd::generate::generate;
+use dialogd::model::Gpt2;
+use dialogd::prompt::build_prompt;
+use dialogd::sampling::SamplingParams;
+use dialogd::tokenizer::DialogTokenizer;
+use serde_json::Value;
+
+use crate::support::{fixtures, golden, ids, model_dir, strings};
+
+fn tokenizers() -> Vec<(&'static str, DialogTokenizer)> {
+    vec![
+        ("vocab.json+merges.txt", DialogTokenizer::from_dir(&fixtures().join("gpt2")).unwrap()),
+        ("tokenizer.json", DialogTokenizer::from_dir(&fixtures().join("pico-safetensors")).unwrap()),
+    ]
+}
+
+#[test]
+fn token_ids_match_transformers() {
+    let cases = golden("tokenizer");
+    for (kind, tok) in tokenizers() {
+        for case in cases["cases"].as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            let got = tok.encode(text).unwrap();
+            assert_eq!(got, ids(&case["ids"]), "{kind}: {text:?}");
+            // Byte-level BPE round-trips every string exactly.
+            assert_eq!(tok.decode(&got).unwrap(), text, "{kind}");
+        }
+    }
+}
+
+#[test]
+fn a_typed_separator_is_text_not_a_turn_boundary() {
+    for (kind, tok) in tokenizers() {
+        let got = tok.encode("hi <|endoftext|> there").unwrap();
+        assert!(!got.contains(&50256), "{kind}: {got:?}");
+        assert!(got.len() > 4, "{kind}");
+    }
+}
+
+fn prompt_for(tok: &DialogTokenizer, turns: &[String]) -> Vec<u32> {
+    let encoded: Vec<Vec<u32>> = turns.iter().map(|t| tok.encode(t).unwrap()).collect();
+    build_prompt(&encoded, tok.eos_id(), 1 << 20).unwrap().ids
+}
+
+fn check_logits(name: &str, model: &Gpt2, tok: &DialogTokenizer, golden: &Value) {
+    for case in golden["logits"].as_array().unwrap() {
+        let prompt = prompt_for(tok, &strings(&case["turns"]));
+        assert_eq!(prompt, ids(&case["prompt_ids"]), "{name}: prompt ids");
+        let logits = model.forward(&model.tokens_tensor(&prompt).unwrap(), &mut model.new_cache()).unwrap();
+        let logits: Vec<f32> = logits.squeeze(0).unwrap().to_vec1().unwrap();
+        let positions = ids(&case["positions"]);
+        let expected: Vec<f64> = case["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let mut worst = 0f64;
+        for (&pos, &want) in positions.iter().zip(&expected) {
+            let got = logits[pos as usize] as f64;
+            let err = (got - want).abs() / want.abs().max(1.0);
+            worst = worst.max(err);
+            assert!(err < 1e-4, "{name}: logit {pos}: got {got}, want {want}");
+        }
+        assert_eq!(dialogd::model::gpt2::argmax(&logits) as u64, case["argmax"].as_u64().unwrap(), "{name}");
+        eprintln!("{name}: worst relative logit error {worst:.2e} over {} positions", positions.len());
+    }
+}
+
+fn check_greedy(name: &str, model: &Gpt2, tok: &DialogTokenizer, golden: &Value) {
+    for case in golden["greedy"].as_array().unwrap() {
+        let prompt = prompt_for(tok, &strings(&case["turns"]));
+        assert_eq!(prompt, ids(&case["prompt_ids"]), "{name}: prompt ids");
+        let params = SamplingParams {
+            repetition_penalty: case["repetition_penalty"].as_f64().unwrap_or(1.0) as f32,
+            no_repeat_ngram: case["no_repeat_ngram"].as_u64().unwrap_or(0) as usize,
+            min_new_tokens: case["min_new_tokens"].as_u64().unwrap_or(0) as usize,
+            ..SamplingParams::greedy(case["max_new_tokens"].as_u64().unwrap() as usize)
+        };
+        let out = generate(model, &prompt, &params, |_| true).unwrap();
+        assert_eq!(out.output_ids, ids(&case["output_ids"]), "{name}: greedy case {case}");
+        assert_eq!(tok.decode(&out.output_ids).unwrap(), case["text"].as_str().unwrap(), "{name}");
+    }
+}
+
+fn check_model(name: &str, golden_name: &str) {
+    let g = golden(golden_name);
+    let dir = model_dir(name);
+    let model = Gpt2::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let tok = DialogTokenizer::from_dir(&dir).unwrap();
+    check_logits(name, &model, &tok, &g);
+    check_greedy(name, &model, &tok, &g);
+}
+
+#[test]
+fn pico_safetensors_from_save_pretrained() {
+    check_model("pico-safetensors", "pico");
+}
+
+#[test]
+fn pico_pytorch_bin() {
+    check_model("pico-bin", "pico");
+}
+
+#[test]
+fn tiny_three_layers() {
+    check_model("tiny", "tiny");
+}
+
+#[test]
+fn dialogpt_small_shape() {
+    check_model("small", "small");
+}
+
+#[test]
+fn dialogpt_medium_shape() {
+    check_model("medium", "medium");
+}
+
+#[test]
+fn kv_cache_matches_full_recomputation() {
+    let dir = model_dir("tiny");
+    let model = Gpt2::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let tok = DialogTokenizer::from_dir(&dir).unwrap();
+    let prompt = prompt_for(&tok, &["Does money buy happiness?".to_string()]);
+    let out = generate(&model, &prompt, &SamplingParams::greedy(12), |_| true).unwrap();
+    let mut all = prompt.clone();
+    all.extend(&out.output_ids);
+    // One pass over everything, no cache.
+    let full = model.forward_all(&model.tokens_tensor(&all).unwrap(), &mut model.new_cache()).unwrap();
+    // Prefill, then one token at a time through the cache.
+    let mut cache = model.new_cache();
+    let mut stepwise = vec![model.forward(&model.tokens_tensor(&prompt).unwrap(), &mut cache).unwrap()];
+    for &id in &out.output_ids {
+        stepwise.push(model.forward(&model.tokens_tensor(&[id]).unwrap(), &mut cache).unwrap());
+    }
+    assert_eq!(cache.len(), all.len());
+    for (step, logits) in stepwise.iter().enumerate() {
+        let pos = prompt.len() - 1 + step;
+        let reference = full.get(0).unwrap().get(pos).unwrap();
+        let diff = (logits.squeeze(0).unwrap() - &reference).unwrap().abs().unwrap().max_all().unwrap();
+        let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = diff.to_scalar::<f32>().unwrap();
+        assert!(diff <= 1e-4 * scale.max(1.0), "step {step}: max diff {diff} (scale {scale})");
+    }
+}
+
+#[test]
+fn checkpoint_naming_variants_load_the_same_model() {
+    // Original DialoGPT .pkl naming: no `transformer.` prefix, head stored as
+    // lm_head.decoder.weight, mask buffers present.
+    let g = golden("pico");
+    let (config, seed, init) = crate::support::golden_model_spec(&g);
+    let mut tensors: std::collections::HashMap<String, Tensor> = dialogd::model::synthetic::synthetic_tensors(&config, seed, &init)
+        .unwrap()
+        .into_iter()
+        .collect();
+    let wte = tensors["wte.weight"].clone();
+    tensors.insert("lm_head.decoder.weight".into(), wte);
+    tensors.insert("h.0.attn.bias".into(), Tensor::ones((1, 1, 64, 64), DType::F32, &Device::Cpu).unwrap());
+    tensors.insert("h.0.attn.masked_bias".into(), Tensor::new(&[-1e4f32], &Device::Cpu).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors")).unwrap();
+    std::fs::copy(fixtures().join("pico-bin").join("config.json"), dir.path().join("config.json")).unwrap();
+    let variant = Gpt2::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let reference = Gpt2::load(&fixtures().join("pico-bin"), DType::F32, &Device::Cpu).unwrap();
+    let ids = variant.tokens_tensor(&[15496, 11, 50256]).unwrap();
+    let a = variant.forward(&ids, &mut variant.new_cache()).unwrap();
+    let b = reference.forward(&ids, &mut reference.new_cache()).unwrap();
+    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(diff, 0.0);
+}
+
+#[test]
+fn half_precision_stays_close_to_f32() {
+    let dir = model_dir("tiny");
+    let prompt = [15496u32, 11, 703, 389, 345, 30, 50256];
+    let f32_model = Gpt2::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let reference: Vec<f32> = f32_model
+        .forward(&f32_model.tokens_tensor(&prompt).unwrap(), &mut f32_model.new_cache())
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for dtype in [DType::BF16, DType::F16] {
+        let model = Gpt2::load(&dir, dtype, &Device::Cpu).unwrap();
+        assert_eq!(model.dtype(), dtype);
+        let logits: Vec<f32> =
+            model.forward(&model.tokens_tensor(&prompt).unwrap(), &mut model.new_cache()).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+        let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = logits.iter().zip(&reference).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(worst < 0.1 * scale, "{dtype:?}: worst {worst} vs scale {scale}");
+    }
+}

@@ -1,0 +1,9 @@
+//! dialogd's integration tests, in one binary to keep link time down.
+//!
+//! - `support`: fixtures, golden files, synthetic checkpoints, the binary.
+//! - `parity`: the model runtime against outputs of Hugging Face transformers.
+//! - `cli`: `dialogd generate` and `dialogd chat` as users run them, bad input included.
+
+mod cli;
+mod parity;
+mod support;
