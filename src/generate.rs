@@ -49,10 +49,10 @@ pub fn generate(
         )));
     }
     let mut sampler = Sampler::new(params.clone(), eos);
-    let mut cache = model.new_cache();
+    let mut cache = model.new_seq_cache((prompt_ids.len() + params.max_new_tokens).min(n_positions))?;
     let mut history = prompt_ids.to_vec();
     let mut output_ids = Vec::new();
-    let mut logits = model.forward(&model.tokens_tensor(prompt_ids)?, &mut cache)?;
+    let mut logits = model.forward_seqs(&[prompt_ids], &mut [&mut cache])?;
     loop {
         let mut row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
         let next = sampler.next_token(&mut row, &history, output_ids.len());
@@ -70,6 +70,6 @@ pub fn generate(
         if history.len() >= n_positions {
             return Ok(Generation { output_ids, finish: FinishReason::ContextFull });
         }
-        logits = model.forward(&model.tokens_tensor(&[next])?, &mut cache)?;
+        logits = model.forward_seqs(&[&[next]], &mut [&mut cache])?;
     }
 }

@@ -8,6 +8,7 @@
 //! - [`model`]: GPT-2 in candle, checkpoint loading, the hub.
 //! - [`sampling`]: greedy, temperature, top-k/p, repetition controls, seeds.
 //! - [`generate`]: one reply from one prompt with a KV cache.
+//! - [`pool`]: the generation pool: continuous batching across channels.
 //! - [`cli`]: the `dialogd` command line.
 //!
 //! See ARCHITECTURE.md for the whole picture and its invariants.
@@ -15,6 +16,7 @@
 pub mod cli;
 pub mod generate;
 pub mod model;
+pub mod pool;
 pub mod prompt;
 pub mod sampling;
 pub mod tokenizer;

@@ -12,6 +12,7 @@
 pub mod config;
 pub mod gpt2;
 pub mod hub;
+pub mod kernels;
 pub mod synthetic;
 pub mod weights;
 

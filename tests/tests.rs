@@ -2,8 +2,10 @@
 //!
 //! - `support`: fixtures, golden files, synthetic checkpoints, the binary.
 //! - `parity`: the model runtime against outputs of Hugging Face transformers.
+//! - `pool`: the generation pool (batching, candidates, refusals, cancellation, failures).
 //! - `cli`: `dialogd generate` and `dialogd chat` as users run them, bad input included.
 
 mod cli;
 mod parity;
+mod pool;
 mod support;

@@ -9,9 +9,11 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
 
 use super::config::{Activation, Gpt2Config};
+use super::kernels;
 use super::weights::{TensorStore, WeightsFile};
 use super::ModelError;
 
@@ -68,26 +70,56 @@ impl LayerNorm {
     }
 }
 
+/// A projection's weight, dense or quantised.
+#[derive(Debug, Clone)]
+enum ProjWeight {
+    /// `[in, out]`, as the checkpoint stores it.
+    Dense(Tensor),
+    /// 8-bit blocks of the transposed (`[out, in]`) weight.
+    Quantized(QMatMul),
+}
+
 /// GPT-2's `Conv1D`: a linear layer whose weight is stored `[in, out]`.
 #[derive(Debug, Clone)]
 struct Conv1D {
-    weight: Tensor,
+    weight: ProjWeight,
     bias: Tensor,
 }
 
 impl Conv1D {
     fn load(store: &mut TensorStore, prefix: &str, n_in: usize, n_out: usize) -> Result<Self> {
         Ok(Self {
-            weight: store.take(&format!("{prefix}.weight"), &[n_in, n_out])?,
+            weight: ProjWeight::Dense(store.take(&format!("{prefix}.weight"), &[n_in, n_out])?),
             bias: store.take(&format!("{prefix}.bias"), &[n_out])?,
         })
+    }
+
+    fn quantized(&self, dtype: GgmlDType) -> Result<Self> {
+        let weight = match &self.weight {
+            ProjWeight::Dense(w) => {
+                let q = QTensor::quantize(&w.t()?.contiguous()?.to_dtype(DType::F32)?, dtype)?;
+                ProjWeight::Quantized(QMatMul::from_qtensor(q)?)
+            }
+            ProjWeight::Quantized(q) => ProjWeight::Quantized(q.clone()),
+        };
+        Ok(Self { weight, bias: self.bias.to_dtype(DType::F32)? })
+    }
+
+    /// `x: [rows, in]` to `[rows, out]`.
+    fn forward_2d(&self, x: &Tensor) -> Result<Tensor> {
+        let rows = x.dim(0)?;
+        let y = match &self.weight {
+            ProjWeight::Quantized(q) => q.forward(x)?,
+            ProjWeight::Dense(w) if kernels::wants_small_path(x, w, rows) => kernels::rows_times_matrix(x, w)?,
+            ProjWeight::Dense(w) => x.matmul(w)?,
+        };
+        Ok(y.broadcast_add(&self.bias)?)
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, n_in) = x.dims3()?;
         let n_out = self.bias.dim(0)?;
-        let y = x.reshape((b * t, n_in))?.matmul(&self.weight)?.broadcast_add(&self.bias)?;
-        Ok(y.reshape((b, t, n_out))?)
+        Ok(self.forward_2d(&x.reshape((b * t, n_in))?)?.reshape((b, t, n_out))?)
     }
 }
 
@@ -146,6 +178,42 @@ impl Attention {
     }
 }
 
+impl Attention {
+    /// Attention for one sequence whose keys/values live in a preallocated
+    /// cache: `q`, `k`, `v` are `[n_head, t, head_dim]` for the `t` new
+    /// tokens; they are written at the cache's current length and attended
+    /// over everything cached. Returns `[t, n_embd]`.
+    fn attend_cached(&self, q: &Tensor, k: &Tensor, v: &Tensor, layer: &mut LayerCache, past: usize) -> Result<Tensor> {
+        let t = q.dim(1)?;
+        layer.k.slice_set(k, 1, past)?;
+        layer.v.slice_set(v, 1, past)?;
+        let total = past + t;
+        // Views over the first `total` positions: batch stride is the
+        // capacity, which candle's matmul accepts without a copy.
+        let keys = layer.k.narrow(1, 0, total)?;
+        let values = layer.v.narrow(1, 0, total)?;
+        let mut scores = (q.matmul(&keys.t()?)? * self.scale)?;
+        if t > 1 {
+            let bias = causal_bias(t, past, scores.dtype(), scores.device())?.squeeze(0)?;
+            scores = scores.broadcast_add(&bias)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&values)?; // [n_head, t, head_dim]
+        Ok(out.transpose(0, 1)?.reshape((t, self.n_head * self.head_dim))?)
+    }
+
+    /// `[rows, 3 * n_embd]` projections to one sequence's q, k, v, each
+    /// `[n_head, t, head_dim]`, for rows `start..start + t`.
+    fn split_rows(&self, qkv: &Tensor, start: usize, t: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let e = self.n_head * self.head_dim;
+        let rows = qkv.narrow(0, start, t)?;
+        let part = |i: usize| -> Result<Tensor> {
+            Ok(rows.narrow(1, i * e, e)?.reshape((t, self.n_head, self.head_dim))?.transpose(0, 1)?.contiguous()?)
+        };
+        Ok((part(0)?, part(1)?, part(2)?))
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Mlp {
     c_fc: Conv1D,
@@ -195,6 +263,87 @@ impl Block {
     }
 }
 
+impl Block {
+    /// One layer over the rows of several sequences (`spans[i]` = rows of
+    /// sequence i, in order), each attending over its own cache.
+    fn forward_rows(&self, x: &Tensor, spans: &[(usize, usize)], caches: &mut [&mut SeqCache], layer_idx: usize) -> Result<Tensor> {
+        let h = self.ln_1.forward(x)?;
+        let qkv = self.attn.c_attn.forward_2d(&h)?;
+        let mut outs = Vec::with_capacity(spans.len());
+        for (&(start, t), cache) in spans.iter().zip(caches.iter_mut()) {
+            let (q, k, v) = self.attn.split_rows(&qkv, start, t)?;
+            let past = cache.len;
+            outs.push(self.attn.attend_cached(&q, &k, &v, &mut cache.layers[layer_idx], past)?);
+        }
+        let attn = if outs.len() == 1 { outs.pop().unwrap_or_else(|| unreachable!()) } else { Tensor::cat(&outs, 0)? };
+        let x = (x + self.attn.c_proj.forward_2d(&attn)?)?;
+        let h = self.ln_2.forward(&x)?;
+        let h = self.mlp.c_fc.forward_2d(&h)?;
+        let h = match self.mlp.activation {
+            Activation::GeluNew => h.gelu()?,
+            Activation::Gelu => h.gelu_erf()?,
+            Activation::Relu => h.relu()?,
+        };
+        Ok((&x + self.mlp.c_proj.forward_2d(&h)?)?)
+    }
+
+    fn quantized(&self, dtype: GgmlDType) -> Result<Self> {
+        let mut block = self.clone();
+        block.attn.c_attn = self.attn.c_attn.quantized(dtype)?;
+        block.attn.c_proj = self.attn.c_proj.quantized(dtype)?;
+        block.mlp.c_fc = self.mlp.c_fc.quantized(dtype)?;
+        block.mlp.c_proj = self.mlp.c_proj.quantized(dtype)?;
+        Ok(block)
+    }
+}
+
+/// One layer's keys and values, `[n_head, capacity, head_dim]` each.
+#[derive(Debug)]
+struct LayerCache {
+    k: Tensor,
+    v: Tensor,
+}
+
+/// A preallocated KV cache for one sequence, as the generation pool uses
+/// it: appends write in place, so a decode step copies nothing but the new
+/// token's keys and values.
+#[derive(Debug)]
+pub struct SeqCache {
+    layers: Vec<LayerCache>,
+    len: usize,
+    capacity: usize,
+}
+
+impl SeqCache {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// A deep copy (for the candidates of one prompt, which share a prefill
+    /// and then diverge).
+    pub fn fork(&self) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| Ok(LayerCache { k: l.k.copy()?, v: l.v.copy()? }))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { layers, len: self.len, capacity: self.capacity })
+    }
+
+    /// Bytes held by the cache.
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(|l| 2 * l.k.elem_count() * l.k.dtype().size_in_bytes()).sum()
+    }
+}
+
 /// A GPT-2 language model with its head tied to the token embedding.
 ///
 /// Cloning is cheap: tensors are reference-counted, so clones share weights.
@@ -205,6 +354,9 @@ pub struct Gpt2 {
     wpe: Tensor,
     blocks: Vec<Block>,
     ln_f: LayerNorm,
+    /// The head in 8 bits, when the model is quantised (`wte` stays dense
+    /// for the embedding lookup).
+    head_q: Option<QMatMul>,
     device: Device,
     dtype: DType,
 }
@@ -241,7 +393,7 @@ impl Gpt2 {
         if store.contains("lm_head.weight") {
             store.take("lm_head.weight", &[config.vocab_size, e])?;
         }
-        Ok(Self { config, wte, wpe, blocks, ln_f, device: device.clone(), dtype })
+        Ok(Self { config, wte, wpe, blocks, ln_f, head_q: None, device: device.clone(), dtype })
     }
 
     pub fn config(&self) -> &Gpt2Config {
@@ -286,7 +438,112 @@ impl Gpt2 {
 
     /// Logits `[n, vocab]` (f32) for hidden states `[n, n_embd]`.
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(hidden.matmul(&self.wte.t()?)?.to_dtype(DType::F32)?)
+        let rows = hidden.dim(0)?;
+        let logits = match &self.head_q {
+            Some(q) => q.forward(&hidden.to_dtype(DType::F32)?)?,
+            None if kernels::wants_small_path(hidden, &self.wte, rows) => kernels::rows_times_matrix_t(hidden, &self.wte)?,
+            None => hidden.matmul(&self.wte.t()?)?,
+        };
+        Ok(logits.to_dtype(DType::F32)?)
+    }
+
+    /// The same model with 8-bit (q8_0) projection and head weights, for
+    /// CPU decoding where memory bandwidth is the limit. Needs f32 weights
+    /// and `n_embd` a multiple of 32.
+    pub fn quantize_q8(&self) -> Result<Self> {
+        if self.dtype != DType::F32 || self.config.n_embd % 32 != 0 || self.config.inner_dim() % 32 != 0 {
+            return Err(ModelError::Input(format!(
+                "8-bit weights need an f32 model with n_embd and the MLP width multiples of 32 (have {:?}, {}, {})",
+                self.dtype,
+                self.config.n_embd,
+                self.config.inner_dim()
+            )));
+        }
+        let blocks = self.blocks.iter().map(|b| b.quantized(GgmlDType::Q8_0)).collect::<Result<Vec<_>>>()?;
+        let head = QMatMul::from_qtensor(QTensor::quantize(&self.wte, GgmlDType::Q8_0)?)?;
+        Ok(Self { blocks, head_q: Some(head), ..self.clone() })
+    }
+
+    pub fn is_quantized(&self) -> bool {
+        self.head_q.is_some()
+    }
+
+    /// A cache for one sequence of at most `capacity` tokens.
+    pub fn new_seq_cache(&self, capacity: usize) -> Result<SeqCache> {
+        if capacity == 0 || capacity > self.config.n_positions {
+            return Err(ModelError::Input(format!(
+                "a sequence of {capacity} tokens does not fit the model's context of {}",
+                self.config.n_positions
+            )));
+        }
+        let (h, d) = (self.config.n_head, self.config.head_dim());
+        let dtype = self.activation_dtype();
+        let layers = (0..self.config.n_layer)
+            .map(|_| {
+                Ok(LayerCache {
+                    k: Tensor::zeros((h, capacity, d), dtype, &self.device)?,
+                    v: Tensor::zeros((h, capacity, d), dtype, &self.device)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(SeqCache { layers, len: 0, capacity })
+    }
+
+    /// The dtype activations (and so caches) have: f32 for 8-bit models.
+    fn activation_dtype(&self) -> DType {
+        if self.head_q.is_some() {
+            DType::F32
+        } else {
+            self.dtype
+        }
+    }
+
+    /// Runs several sequences forward at once: sequence i feeds
+    /// `tokens[i]` (one or more ids) after what `caches[i]` holds. Returns the
+    /// logits at each sequence's last new token, `[n_seqs, vocab]` in f32.
+    ///
+    /// Positions come from each cache's own length, and each sequence
+    /// attends only over its own cache, so sequences of different lengths
+    /// sit side by side with no padding and no mask built from token ids.
+    pub fn forward_seqs(&self, tokens: &[&[u32]], caches: &mut [&mut SeqCache]) -> Result<Tensor> {
+        if tokens.len() != caches.len() || tokens.is_empty() {
+            return Err(ModelError::Input("forward_seqs needs one cache per sequence".into()));
+        }
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut spans = Vec::with_capacity(tokens.len());
+        for (seq, cache) in tokens.iter().zip(caches.iter()) {
+            if seq.is_empty() {
+                return Err(ModelError::Input("a sequence with no new tokens".into()));
+            }
+            if cache.len + seq.len() > cache.capacity {
+                return Err(ModelError::Input(format!(
+                    "{} tokens exceed the sequence's cache of {}",
+                    cache.len + seq.len(),
+                    cache.capacity
+                )));
+            }
+            if let Some(&bad) = seq.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+                return Err(ModelError::Input(format!("token id {bad} is outside the vocabulary of {}", self.config.vocab_size)));
+            }
+            spans.push((ids.len(), seq.len()));
+            ids.extend_from_slice(seq);
+            positions.extend((cache.len..cache.len + seq.len()).map(|p| p as u32));
+        }
+        let ids = Tensor::new(ids.as_slice(), &self.device)?;
+        let positions = Tensor::new(positions.as_slice(), &self.device)?;
+        let dtype = self.activation_dtype();
+        let mut x = (self.wte.index_select(&ids, 0)? + self.wpe.index_select(&positions, 0)?)?.to_dtype(dtype)?;
+        for (layer_idx, block) in self.blocks.iter().enumerate() {
+            x = block.forward_rows(&x, &spans, caches, layer_idx)?;
+        }
+        for (cache, seq) in caches.iter_mut().zip(tokens) {
+            cache.len += seq.len();
+        }
+        // Only each sequence's last row goes through the head.
+        let last: Vec<u32> = spans.iter().map(|&(start, t)| (start + t - 1) as u32).collect();
+        let last = x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
+        self.lm_head(&self.ln_f.forward(&last)?)
     }
 
     /// Runs the next tokens of the sequences in `cache` (every row of

@@ -1,0 +1,225 @@
+//! The generation pool: one model, many channels, continuous batching.
+//!
+//! An engine owns the model on a dedicated OS thread (never a tokio worker)
+//! and takes requests from a bounded queue. Every decode step advances all
+//! active sequences in one forward pass; new requests are prefilled and join
+//! at step boundaries; finished sequences leave without stalling the rest. A
+//! request may ask for several candidates of one prompt: the prompt is
+//! prefilled once and its cache forked. A full queue is an immediate, counted
+//! [`PoolError::Busy`]; a caller that goes away (drops the future) has its
+//! sequences dropped at the next step.
+//!
+//! - [`engine`]: the thread and its step loop.
+//! - [`metrics`]: counters and gauges the daemon exports.
+
+pub(crate) mod engine;
+pub mod metrics;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::generate::FinishReason;
+use crate::model::Gpt2;
+use crate::sampling::SamplingParams;
+
+pub use metrics::{PoolMetrics, PoolMetricsSnapshot};
+
+/// How the pool is sized.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Most sequences (candidates included) advanced in one decode step.
+    pub max_batch: usize,
+    /// Requests that may wait for a place before new ones are refused.
+    pub queue_capacity: usize,
+    /// Most candidates one request may ask for.
+    pub max_candidates: usize,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self { max_batch: 32, queue_capacity: 64, max_candidates: 8 }
+    }
+}
+
+/// One request: a prompt and how to answer it.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    /// Prompt ids, every turn followed by `<|endoftext|>`.
+    pub prompt_ids: Vec<u32>,
+    pub params: SamplingParams,
+    /// How many replies to draw from this prompt (candidates for ranking).
+    /// With a seed, candidate i uses seed + i.
+    pub n_candidates: usize,
+    /// Keep generating through `<|endoftext|>` (benchmarks: every request
+    /// then makes exactly `max_new_tokens`).
+    pub ignore_eos: bool,
+    /// Test hook: panic while sampling this request's n-th token, to prove
+    /// that a failing request fails alone.
+    #[doc(hidden)]
+    pub fault_at_token: Option<usize>,
+}
+
+impl GenerationRequest {
+    pub fn new(prompt_ids: Vec<u32>, params: SamplingParams) -> Self {
+        Self { prompt_ids, params, n_candidates: 1, ignore_eos: false, fault_at_token: None }
+    }
+}
+
+/// One drawn reply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    /// New ids up to and excluding the first `<|endoftext|>`.
+    pub output_ids: Vec<u32>,
+    pub finish: FinishReason,
+    /// Sum of the model's log-probabilities of the drawn ids (before any
+    /// sampling processor), for rankers that mix it in.
+    pub logprob: f32,
+}
+
+/// The answer to a request.
+#[derive(Debug, Clone)]
+pub struct GenerationResult {
+    pub candidates: Vec<Candidate>,
+    /// From submission to the first token of the first candidate.
+    pub time_to_first_token: Duration,
+    /// From submission to the last token.
+    pub total: Duration,
+}
+
+/// Why a request got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PoolError {
+    #[error("generation pool busy: {queued} requests already waiting")]
+    Busy { queued: usize },
+    #[error("generation pool is shut down")]
+    Closed,
+    #[error("invalid generation request: {0}")]
+    Invalid(String),
+    #[error("generation failed: {0}")]
+    Failed(String),
+}
+
+/// A request on its way to the engine.
+pub(crate) struct Job {
+    pub request: GenerationRequest,
+    pub submitted: Instant,
+    pub reply: oneshot::Sender<Result<GenerationResult, PoolError>>,
+}
+
+/// The cheap, cloneable way in to the pool.
+#[derive(Clone)]
+pub struct PoolHandle {
+    tx: mpsc::Sender<Job>,
+    metrics: Arc<PoolMetrics>,
+    config: PoolConfig,
+    n_positions: usize,
+    vocab_size: usize,
+}
+
+impl std::fmt::Debug for PoolHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolHandle").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl PoolHandle {
+    /// Submits a request and waits for its answer. Dropping the returned
+    /// future cancels the request.
+    pub async fn generate(&self, request: GenerationRequest) -> Result<GenerationResult, PoolError> {
+        self.check(&request)?;
+        let (reply, answer) = oneshot::channel();
+        let job = Job { request, submitted: Instant::now(), reply };
+        match self.tx.try_send(job) {
+            Ok(()) => self.metrics.queued(),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.metrics.refused();
+                return Err(PoolError::Busy { queued: self.config.queue_capacity });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(PoolError::Closed),
+        }
+        answer.await.unwrap_or(Err(PoolError::Closed))
+    }
+
+    /// Blocking variant for code outside an async runtime.
+    pub fn generate_blocking(&self, request: GenerationRequest) -> Result<GenerationResult, PoolError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .map_err(|e| PoolError::Failed(e.to_string()))?;
+        runtime.block_on(self.generate(request))
+    }
+
+    pub fn metrics(&self) -> &PoolMetrics {
+        &self.metrics
+    }
+
+    pub fn config(&self) -> &PoolConfig {
+        &self.config
+    }
+
+    fn check(&self, request: &GenerationRequest) -> Result<(), PoolError> {
+        let invalid = |m: String| Err(PoolError::Invalid(m));
+        request.params.validate().map_err(|e| PoolError::Invalid(e.to_string()))?;
+        if request.prompt_ids.is_empty() {
+            return invalid("empty prompt".into());
+        }
+        if request.n_candidates == 0 || request.n_candidates > self.config.max_candidates {
+            return invalid(format!("n_candidates must be 1..={}, not {}", self.config.max_candidates, request.n_candidates));
+        }
+        if request.n_candidates > self.config.max_batch {
+            return invalid(format!("{} candidates do not fit a batch of {}", request.n_candidates, self.config.max_batch));
+        }
+        if request.prompt_ids.len() >= self.n_positions {
+            return invalid(format!(
+                "prompt of {} tokens leaves no room to reply in a context of {}",
+                request.prompt_ids.len(),
+                self.n_positions
+            ));
+        }
+        if let Some(&bad) = request.prompt_ids.iter().find(|&&id| id as usize >= self.vocab_size) {
+            return invalid(format!("token id {bad} is outside the vocabulary of {}", self.vocab_size));
+        }
+        Ok(())
+    }
+}
+
+/// A running pool: the handle to submit with, and the engine thread.
+pub struct GenerationPool {
+    handle: PoolHandle,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl GenerationPool {
+    /// Starts an engine thread that owns `model`.
+    pub fn start(model: Gpt2, config: PoolConfig) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
+        let metrics = Arc::new(PoolMetrics::default());
+        let handle = PoolHandle {
+            tx,
+            metrics: metrics.clone(),
+            config: config.clone(),
+            n_positions: model.config().n_positions,
+            vocab_size: model.config().vocab_size,
+        };
+        let thread = std::thread::Builder::new()
+            .name("dialogd-engine".into())
+            .spawn(move || engine::Engine::new(model, config, metrics).run(rx))?;
+        Ok(Self { handle, thread: Some(thread) })
+    }
+
+    pub fn handle(&self) -> PoolHandle {
+        self.handle.clone()
+    }
+
+    /// Stops taking requests, lets the engine finish what it holds, and
+    /// waits for its thread. Other handles still alive keep it open until
+    /// they are dropped.
+    pub fn shutdown(mut self) {
+        let thread = self.thread.take();
+        drop(self);
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
+}
