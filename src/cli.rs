@@ -2,7 +2,9 @@
 //!
 //! - [`generate`]: `dialogd generate`, one reply to turns given as arguments.
 //! - [`chat`]: `dialogd chat`, a console conversation.
+//! - [`bench`]: `dialogd bench`, the generation pool's speed.
 
+pub mod bench;
 pub mod chat;
 pub mod generate;
 
@@ -34,6 +36,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Talk with a model in the console.
     Chat(chat::ChatArgs),
+    /// Measure the generation pool: time to first token and tokens/s.
+    Bench(bench::BenchArgs),
 }
 
 /// Where the model comes from and where it runs.
@@ -177,6 +181,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Chat(args) => chat::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(code) => code,

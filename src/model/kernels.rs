@@ -17,8 +17,7 @@ use rayon::prelude::*;
 /// Rows up to which the kernels beat gemm on these machines.
 pub const SMALL_ROWS: usize = 4;
 
-/// Output columns handed to one rayon task. Large enough that the per-row
-/// weight segment streams well, small enough to balance two to sixteen cores.
+/// Vocabulary rows handed to one rayon task in [`rows_times_matrix_t`].
 const COLUMN_BLOCK: usize = 256;
 
 /// Whether `x @ w` should take the few-rows path.
@@ -43,6 +42,12 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R
 }
 
 /// `x @ w` for `x: [rows, k]` and `w: [k, n]` (GPT-2's Conv1D layout).
+///
+/// Each task takes a fixed band of `K_BLOCK` weight rows, a contiguous
+/// stretch of memory the prefetchers stream well, and accumulates partial
+/// sums for every output column; the partial sums are then added in band
+/// order. The bands depend only on `k`, so the result does not depend on the
+/// number of rows or threads.
 pub fn rows_times_matrix(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let (rows, k) = x.dims2()?;
     let (wk, n) = w.dims2()?;
@@ -51,36 +56,63 @@ pub fn rows_times_matrix(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> 
     }
     let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
     let out = with_f32(w, |w| {
-        let mut out = vec![0f32; rows * n];
-        let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(COLUMN_BLOCK))
+        let partials: Vec<Vec<f32>> = (0..k.div_ceil(K_BLOCK))
             .into_par_iter()
-            .map(|block| {
-                let c0 = block * COLUMN_BLOCK;
-                let c1 = (c0 + COLUMN_BLOCK).min(n);
-                let width = c1 - c0;
-                let mut acc = vec![0f32; rows * width];
-                for kk in 0..k {
-                    let wrow = &w[kk * n + c0..kk * n + c1];
-                    for r in 0..rows {
-                        let xv = xs[r * k + kk];
-                        let dst = &mut acc[r * width..(r + 1) * width];
-                        for (d, &wv) in dst.iter_mut().zip(wrow) {
-                            *d += xv * wv;
-                        }
-                    }
-                }
-                (c0, acc)
+            .map(|band| {
+                let k0 = band * K_BLOCK;
+                let k1 = (k0 + K_BLOCK).min(k);
+                let mut acc = vec![0f32; rows * n];
+                band_axpy(&xs, k, &w[k0 * n..k1 * n], k0, n, rows, &mut acc);
+                acc
             })
             .collect();
-        for (c0, acc) in blocks {
-            let width = acc.len() / rows;
-            for r in 0..rows {
-                out[r * n + c0..r * n + c0 + width].copy_from_slice(&acc[r * width..(r + 1) * width]);
-            }
+        let mut partials = partials.into_iter();
+        let mut out = partials.next().unwrap_or_else(|| vec![0f32; rows * n]);
+        for p in partials {
+            add_assign(&mut out, &p);
         }
         out
     })?;
     Tensor::from_vec(out, (rows, n), x.device())
+}
+
+/// Weight rows per task in [`rows_times_matrix`].
+const K_BLOCK: usize = 128;
+
+/// `acc[r] += Σ_kk xs[r, k0 + kk] · band[kk]` over the band's rows.
+fn band_axpy(xs: &[f32], k: usize, band: &[f32], k0: usize, n: usize, rows: usize, acc: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked above).
+            return unsafe { band_axpy_avx2(xs, k, band, k0, n, rows, acc) };
+        }
+    }
+    band_axpy_portable(xs, k, band, k0, n, rows, acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn band_axpy_avx2(xs: &[f32], k: usize, band: &[f32], k0: usize, n: usize, rows: usize, acc: &mut [f32]) {
+    band_axpy_portable(xs, k, band, k0, n, rows, acc)
+}
+
+#[inline(always)]
+fn band_axpy_portable(xs: &[f32], k: usize, band: &[f32], k0: usize, n: usize, rows: usize, acc: &mut [f32]) {
+    for (i, wrow) in band.chunks_exact(n).enumerate() {
+        for r in 0..rows {
+            let xv = xs[r * k + k0 + i];
+            for (d, &wv) in acc[r * n..(r + 1) * n].iter_mut().zip(wrow) {
+                *d += xv * wv;
+            }
+        }
+    }
+}
+
+fn add_assign(out: &mut [f32], p: &[f32]) {
+    for (o, v) in out.iter_mut().zip(p) {
+        *o += v;
+    }
 }
 
 /// `x @ wᵀ` for `x: [rows, k]` and `w: [n, k]` (the tied head: one dot
@@ -100,7 +132,7 @@ pub fn rows_times_matrix_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor
             for (i, out_v) in dst.chunks_mut(rows).enumerate() {
                 let wrow = &w[(v0 + i) * k..(v0 + i + 1) * k];
                 for (r, o) in out_v.iter_mut().enumerate() {
-                    *o = dot(&xs[r * k..(r + 1) * k], wrow);
+                    *o = dot_dispatch(&xs[r * k..(r + 1) * k], wrow);
                 }
             }
         });
@@ -115,8 +147,26 @@ pub fn rows_times_matrix_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor
     Tensor::from_vec(out, (rows, n), x.device())
 }
 
+fn dot_dispatch(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked above).
+            return unsafe { dot_avx2(a, b) };
+        }
+    }
+    dot(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot(a, b)
+}
+
 /// A dot product in eight independent lanes (so it vectorises), summed in a
 /// fixed order.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let chunks = a.len() / 8;

@@ -1,0 +1,190 @@
+//! `dialogd bench`: throughput and latency of the generation pool.
+//!
+//! For each concurrency level, after a warm-up, it submits that many
+//! simultaneous requests (distinct prompts of the given length, end-of-text
+//! ignored so each makes exactly `--new-tokens`) and prints one JSON line:
+//! time to first token (p50, p99), one sequence's decode speed after its first
+//! token (median over the requests), aggregate tokens per second over the
+//! wall time including prefill, and the process's peak RSS so far.
+
+use std::io::Write as _;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+
+use super::{load, ModelArgs};
+use crate::pool::{GenerationPool, GenerationRequest, PoolConfig};
+use crate::sampling::{Rng, SamplingParams};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Weights for the projections and head: f32 (as loaded) or q8 (8-bit).
+    #[arg(long, default_value = "none", value_name = "none|q8")]
+    pub quantize: String,
+    #[arg(long, default_value_t = 64)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    /// Comma-separated numbers of simultaneous requests.
+    #[arg(long, default_value = "1,8,32", value_delimiter = ',')]
+    pub concurrency: Vec<usize>,
+    /// One JSON object per level on its own line (otherwise a table).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One level's measurements.
+#[derive(Debug, serde::Serialize)]
+pub struct LevelReport {
+    pub concurrency: usize,
+    pub ttft_ms_p50: f64,
+    pub ttft_ms_p99: f64,
+    pub decode_tokens_per_s: f64,
+    pub aggregate_tokens_per_s: f64,
+    pub peak_rss_mb: f64,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    if args.concurrency.is_empty() || args.concurrency.contains(&0) {
+        anyhow::bail!("--concurrency takes positive numbers, such as 1,8,32");
+    }
+    if args.prompt_tokens == 0 || args.new_tokens < 2 {
+        anyhow::bail!("--prompt-tokens must be at least 1 and --new-tokens at least 2");
+    }
+    let loaded = load(&args.model, !args.json)?;
+    let model = match args.quantize.as_str() {
+        "none" | "f32" => loaded.model,
+        "q8" => loaded.model.quantize_q8()?,
+        other => anyhow::bail!("--quantize takes none or q8, not {other}"),
+    };
+    let n_positions = model.config().n_positions;
+    if args.prompt_tokens + args.new_tokens > n_positions {
+        anyhow::bail!("{} + {} tokens do not fit the model's context of {n_positions}", args.prompt_tokens, args.new_tokens);
+    }
+    let eos = model.config().eos_token_id;
+    let max_level = *args.concurrency.iter().max().unwrap_or(&1);
+    let pool = GenerationPool::start(model, PoolConfig { max_batch: max_level, queue_capacity: max_level, max_candidates: 1 })?;
+    let handle = pool.handle();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let prompt = |seed: u64| -> Vec<u32> {
+        // Distinct, deterministic prompts of ordinary token ids.
+        let mut rng = Rng::new(seed);
+        let mut ids: Vec<u32> = (1..args.prompt_tokens).map(|_| (rng.next_u64() % 50000) as u32).collect();
+        ids.push(eos);
+        ids
+    };
+    let request = |seed: u64, new_tokens: usize| GenerationRequest {
+        ignore_eos: true,
+        ..GenerationRequest::new(prompt(seed), SamplingParams::greedy(new_tokens))
+    };
+    // Warm-up: page the weights in, size the caches and thread pools.
+    handle.generate_blocking(request(u64::MAX, 4))?;
+    let mut stdout = std::io::stdout().lock();
+    if !args.json {
+        writeln!(stdout, "concurrency  ttft p50 ms  ttft p99 ms  decode tok/s  aggregate tok/s  peak RSS MB")?;
+    }
+    for (level_idx, &concurrency) in args.concurrency.iter().enumerate() {
+        let started = Instant::now();
+        let results = runtime.block_on(async {
+            let tasks: Vec<_> = (0..concurrency)
+                .map(|i| {
+                    let handle = handle.clone();
+                    let req = request((level_idx * 10_000 + i) as u64, args.new_tokens);
+                    tokio::spawn(async move { handle.generate(req).await })
+                })
+                .collect();
+            let mut out = Vec::with_capacity(tasks.len());
+            for task in tasks {
+                out.push(task.await);
+            }
+            out
+        });
+        let wall = started.elapsed();
+        let mut ttfts = Vec::new();
+        let mut decode_rates = Vec::new();
+        let mut generated = 0;
+        for result in results {
+            let result = result??;
+            let n = result.candidates[0].output_ids.len();
+            generated += n;
+            ttfts.push(result.time_to_first_token);
+            let decode = result.total.saturating_sub(result.time_to_first_token);
+            if n > 1 && decode > Duration::ZERO {
+                decode_rates.push((n - 1) as f64 / decode.as_secs_f64());
+            }
+        }
+        let report = LevelReport {
+            concurrency,
+            ttft_ms_p50: percentile_ms(&mut ttfts, 0.50),
+            ttft_ms_p99: percentile_ms(&mut ttfts, 0.99),
+            decode_tokens_per_s: median(&mut decode_rates),
+            aggregate_tokens_per_s: generated as f64 / wall.as_secs_f64(),
+            peak_rss_mb: peak_rss_mb(),
+        };
+        if args.json {
+            writeln!(stdout, "{}", serde_json::to_string(&report)?)?;
+        } else {
+            writeln!(
+                stdout,
+                "{:>11}  {:>11.1}  {:>11.1}  {:>12.1}  {:>15.1}  {:>11.0}",
+                report.concurrency,
+                report.ttft_ms_p50,
+                report.ttft_ms_p99,
+                report.decode_tokens_per_s,
+                report.aggregate_tokens_per_s,
+                report.peak_rss_mb
+            )?;
+        }
+        stdout.flush()?;
+    }
+    drop(handle);
+    pool.shutdown();
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Nearest-rank percentile in milliseconds.
+fn percentile_ms(values: &mut [Duration], q: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort();
+    let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
+    values[rank - 1].as_secs_f64() * 1e3
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// The process's peak resident set (VmHWM), in MB; 0 where unknown.
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let mut v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile_ms(&mut v, 0.5), 50.0);
+        assert_eq!(percentile_ms(&mut v, 0.99), 99.0);
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+    }
+}
