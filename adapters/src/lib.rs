@@ -48,7 +48,10 @@ impl ChannelKey {
     /// Parses the `platform:channel_id` form that [`fmt::Display`] writes.
     pub fn parse(text: &str) -> Option<Self> {
         let (platform, id) = text.split_once(':')?;
-        (!id.is_empty()).then(|| Self::new(Platform::parse(platform)?, id))
+        if id.is_empty() {
+            return None;
+        }
+        Some(Self::new(Platform::parse(platform)?, id))
     }
 }
 
