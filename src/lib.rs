@@ -8,6 +8,8 @@
 //! - [`model`]: GPT-2 in candle, checkpoint loading, the hub.
 //! - [`sampling`]: greedy, temperature, top-k/p, repetition controls, seeds.
 //! - [`generate`]: one reply from one prompt with a KV cache.
+//! - [`safety`]: the toxicity filter for turns in and candidates out.
+//! - [`ranking`]: DialogRPT and MMI reranking of candidates, screening.
 //! - [`cli`]: the `dialogd` command line.
 //!
 //! See ARCHITECTURE.md for the whole picture and its invariants.
@@ -16,5 +18,7 @@ pub mod cli;
 pub mod generate;
 pub mod model;
 pub mod prompt;
+pub mod ranking;
+pub mod safety;
 pub mod sampling;
 pub mod tokenizer;
