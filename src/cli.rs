@@ -2,9 +2,13 @@
 //!
 //! - [`generate`]: `dialogd generate`, one reply to turns given as arguments.
 //! - [`chat`]: `dialogd chat`, a console conversation.
+//! - [`rank`]: `dialogd rank`, DialogRPT (and MMI) scores of candidate replies.
+//! - [`moderate`]: `dialogd moderate`, the safety filter's verdict on a text.
 
 pub mod chat;
 pub mod generate;
+pub mod moderate;
+pub mod rank;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,6 +38,10 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Talk with a model in the console.
     Chat(chat::ChatArgs),
+    /// Score candidate replies to the given turns with DialogRPT.
+    Rank(rank::RankArgs),
+    /// Check a text with the safety filter.
+    Moderate(moderate::ModerateArgs),
 }
 
 /// Where the model comes from and where it runs.
@@ -177,6 +185,8 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Chat(args) => chat::run(args),
+        Command::Rank(args) => rank::run(args),
+        Command::Moderate(args) => moderate::run(args),
     };
     match result {
         Ok(code) => code,

@@ -3,7 +3,11 @@
 //! - `support`: fixtures, golden files, synthetic checkpoints, the binary.
 //! - `parity`: the model runtime against outputs of Hugging Face transformers.
 //! - `cli`: `dialogd generate` and `dialogd chat` as users run them, bad input included.
+//! - `ranking`: DialogRPT and MMI against transformers, the ensemble, `dialogd rank`.
+//! - `safety`: the filter on a labelled set, obfuscation, innocents, `dialogd moderate`.
 
 mod cli;
 mod parity;
+mod ranking;
+mod safety;
 mod support;
