@@ -41,6 +41,11 @@ fn dialogrpt_scores_match_transformers() {
             assert_eq!(candidates, want_candidates, "{name}");
             let logits = ranker.logits(&turns, &candidates).unwrap();
             let scores = ranker.scores(&turns, &candidates).unwrap();
+            // The single-pass batch (context repeated per row) agrees.
+            let full = ranker.logits_full_batch(&turns, &candidates).unwrap();
+            for (a, b) in logits.iter().zip(&full) {
+                assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{name}: shared context {a} vs full batch {b}");
+            }
             for (i, (want_logit, want_score)) in floats(&case["logits"]).into_iter().zip(floats(&case["scores"])).enumerate() {
                 let logit_err = (logits[i] as f64 - want_logit).abs() / want_logit.abs().max(1.0);
                 let score_err = (scores[i] as f64 - want_score).abs();

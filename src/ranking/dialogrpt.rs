@@ -82,6 +82,19 @@ impl DialogRpt {
     /// The input sequences: the context (turns each followed by the
     /// separator, oldest turns dropped to fit) and each candidate after it.
     pub fn sequences(&self, turns: &[Vec<u32>], candidates: &[Vec<u32>]) -> Result<Vec<Vec<u32>>, RankingError> {
+        let context = self.context(turns, candidates)?;
+        Ok(candidates
+            .iter()
+            .map(|candidate| {
+                let mut seq = context.clone();
+                seq.extend_from_slice(candidate);
+                seq
+            })
+            .collect())
+    }
+
+    /// The checked context prompt that fits beside the longest candidate.
+    fn context(&self, turns: &[Vec<u32>], candidates: &[Vec<u32>]) -> Result<Vec<u32>, RankingError> {
         let cfg = self.gpt2.config();
         check_candidates(candidates, cfg.n_positions, cfg.vocab_size)?;
         check_turns(turns, cfg.vocab_size)?;
@@ -90,18 +103,38 @@ impl DialogRpt {
         if context.turns_kept < turns.len() || context.truncated {
             tracing::debug!(kept = context.turns_kept, given = turns.len(), "ranker context cut to fit");
         }
-        Ok(candidates
-            .iter()
-            .map(|candidate| {
-                let mut seq = context.ids.clone();
-                seq.extend_from_slice(candidate);
-                seq
-            })
-            .collect())
+        Ok(context.ids)
     }
 
-    /// Raw logits of every candidate, in one batched forward pass.
+    /// Raw logits of every candidate: the context runs once, then all
+    /// candidates continue it side by side in one batched pass (right
+    /// padding, masks from lengths). The same numbers as
+    /// [`DialogRpt::logits_full_batch`] for less work: the context is not
+    /// recomputed for every candidate.
     pub fn logits(&self, turns: &[Vec<u32>], candidates: &[Vec<u32>]) -> Result<Vec<f32>, RankingError> {
+        let context = self.context(turns, candidates)?;
+        let cfg = self.gpt2.config();
+        let device = self.gpt2.device();
+        let mut cache = self.gpt2.new_cache();
+        let c = context.len();
+        let ids = Tensor::new(context.as_slice(), device)?.unsqueeze(0)?;
+        let positions = Tensor::arange(0u32, c as u32, device)?.unsqueeze(0)?;
+        let bias = crate::model::gpt2::causal_bias(c, 0, self.gpt2.dtype(), device)?;
+        self.gpt2.hidden_states(&ids, &positions, Some(&bias), &mut cache)?;
+        let mut cache = cache.repeat_batch(candidates.len())?;
+        let batch = PaddedBatch::new(candidates, cfg.eos_token_id, self.gpt2.dtype(), device)?;
+        // Every candidate sees the whole context, then its own tokens
+        // causally: [n, 1, width, c + width].
+        let context_part = Tensor::zeros((candidates.len(), 1, batch.width, c), self.gpt2.dtype(), device)?;
+        let bias = Tensor::cat(&[&context_part, &batch.bias], 3)?;
+        let positions = Tensor::arange(c as u32, (c + batch.width) as u32, device)?.unsqueeze(0)?.repeat((candidates.len(), 1))?;
+        let hidden = self.gpt2.hidden_states(&batch.ids, &positions, Some(&bias), &mut cache)?;
+        self.pick(&hidden, &batch)
+    }
+
+    /// Raw logits of every candidate in a single forward pass over
+    /// `context + candidate` rows (the context computed once per row).
+    pub fn logits_full_batch(&self, turns: &[Vec<u32>], candidates: &[Vec<u32>]) -> Result<Vec<f32>, RankingError> {
         let seqs = self.sequences(turns, candidates)?;
         self.logits_of_sequences(&seqs)
     }
@@ -121,6 +154,12 @@ impl DialogRpt {
         }
         let mut cache = self.gpt2.new_cache();
         let hidden = self.gpt2.hidden_states(&batch.ids, &batch.positions, Some(&batch.bias), &mut cache)?;
+        self.pick(&hidden, &batch)
+    }
+
+    /// The head applied to each row's last real token (indexed from the
+    /// lengths, never found by token value).
+    fn pick(&self, hidden: &Tensor, batch: &PaddedBatch) -> Result<Vec<f32>, RankingError> {
         let (b, t, e) = hidden.dims3()?;
         let last = Tensor::new(batch.last_positions(), self.gpt2.device())?;
         let picked = hidden.reshape((b * t, e))?.index_select(&last, 0)?;
