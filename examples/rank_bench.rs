@@ -63,22 +63,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ms.sort_by(f64::total_cmp);
         (ms[ms.len() / 2], out)
     };
-    let (batched_ms, batched) = time(&|| ranker.scores(&turns, &candidates).unwrap());
-    let (full_ms, full) = time(&|| ranker.logits_full_batch(&turns, &candidates).unwrap().into_iter().map(dialogd::ranking::dialogrpt::sigmoid).collect());
+    let (batched_ms, batched) = time(&|| ranker.logits(&turns, &candidates).unwrap());
+    let (full_ms, full) = time(&|| ranker.logits_full_batch(&turns, &candidates).unwrap());
     let (single_ms, single) = time(&|| {
-        candidates.iter().map(|c| ranker.scores(&turns, std::slice::from_ref(c)).unwrap()[0]).collect()
+        candidates.iter().map(|c| ranker.logits_full_batch(&turns, std::slice::from_ref(c)).unwrap()[0]).collect()
     });
     let diff = |other: &[f32]| batched.iter().zip(other).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     println!("shared context (context once + 1 batched pass over 8 candidates): {batched_ms:.1} ms median of {reps}");
     println!("full batch (1 pass, 8 rows of context + candidate):             {full_ms:.1} ms");
-    println!("one at a time (8 passes):                                        {single_ms:.1} ms");
+    println!("one at a time (8 passes of context + candidate):               {single_ms:.1} ms");
     println!(
-        "ratios: one-at-a-time / shared {:.2}x, full batch / shared {:.2}x, one-at-a-time / full batch {:.2}x; max score difference {:.1e} / {:.1e}",
+        "ratios: one-at-a-time / shared {:.2}x, full batch / shared {:.2}x, one-at-a-time / full batch {:.2}x; max logit difference vs shared: full {:.1e}, one-at-a-time {:.1e}",
         single_ms / batched_ms,
         full_ms / batched_ms,
         single_ms / full_ms,
         diff(&full),
         diff(&single)
     );
+    println!("logits {batched:?}");
     Ok(())
 }
