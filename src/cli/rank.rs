@@ -60,11 +60,11 @@ pub struct RankerSpec {
 /// Splits `X:WEIGHT` when what follows the last colon is a number.
 fn split_weight(spec: &str) -> (&str, Option<f64>) {
     match spec.rsplit_once(':') {
-        Some((path, w)) if !path.is_empty() => match w.trim().parse::<f64>() {
+        Some((path, w)) => match w.trim().parse::<f64>() {
             Ok(weight) => (path, Some(weight)),
             Err(_) => (spec, None),
         },
-        _ => (spec, None),
+        None => (spec, None),
     }
 }
 
