@@ -136,7 +136,7 @@ pub fn run(args: RankArgs) -> anyhow::Result<ExitCode> {
     }
     let tokenizer_dir = args.tokenizer.clone().or(first_dir).context("no ranker given")?;
     let tokenizer = DialogTokenizer::from_dir(&tokenizer_dir)
-        .with_context(|| format!("tokenizer (pass --tokenizer DIR with vocab.json + merges.txt or tokenizer.json)"))?;
+        .context("tokenizer (pass --tokenizer DIR with vocab.json + merges.txt or tokenizer.json)")?;
     for member in &members {
         let cfg = member.ranker.config();
         if tokenizer.eos_id() != cfg.eos_token_id || tokenizer.vocab_size() > cfg.vocab_size {

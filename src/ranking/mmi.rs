@@ -59,9 +59,9 @@ impl MmiScorer {
         // source tokens, and those tokens.
         let (mut rows, mut targets, mut owner) = (Vec::new(), Vec::new(), Vec::new());
         for (idx, (seq, &start)) in seqs.iter().zip(&starts).enumerate() {
-            for pos in start..seq.len() {
+            for (pos, &token) in seq.iter().enumerate().skip(start) {
                 rows.push((idx * t + pos - 1) as u32);
-                targets.push(seq[pos]);
+                targets.push(token);
                 owner.push(idx);
             }
         }
