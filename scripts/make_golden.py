@@ -74,6 +74,10 @@ def splitmix_uniform(key, n):
 
 
 def init_kind(name):
+    # DialogRPT's head (GPT2ForSequenceClassification.score, [1, n_embd], no
+    # bias); its rule lives in make_golden_rpt.py's init, not in INIT.
+    if name == "score.weight":
+        return "score"
     if name == "wte.weight":
         return "wte"
     if name == "wpe.weight":

@@ -3,10 +3,14 @@
 //! - [`generate`]: `dialogd generate`, one reply to turns given as arguments.
 //! - [`chat`]: `dialogd chat`, a console conversation.
 //! - [`bench`]: `dialogd bench`, the generation pool's speed.
+//! - [`rank`]: `dialogd rank`, DialogRPT (and MMI) scores of candidate replies.
+//! - [`moderate`]: `dialogd moderate`, the safety filter's verdict on a text.
 
 pub mod bench;
 pub mod chat;
 pub mod generate;
+pub mod moderate;
+pub mod rank;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,6 +42,10 @@ pub enum Command {
     Chat(chat::ChatArgs),
     /// Measure the generation pool: time to first token and tokens/s.
     Bench(bench::BenchArgs),
+    /// Score candidate replies to the given turns with DialogRPT.
+    Rank(rank::RankArgs),
+    /// Check a text with the safety filter.
+    Moderate(moderate::ModerateArgs),
 }
 
 /// Where the model comes from and where it runs.
@@ -182,6 +190,8 @@ pub fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Chat(args) => chat::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Rank(args) => rank::run(args),
+        Command::Moderate(args) => moderate::run(args),
     };
     match result {
         Ok(code) => code,

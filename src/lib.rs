@@ -9,6 +9,8 @@
 //! - [`sampling`]: greedy, temperature, top-k/p, repetition controls, seeds.
 //! - [`generate`]: one reply from one prompt with a KV cache.
 //! - [`pool`]: the generation pool: continuous batching across channels.
+//! - [`safety`]: the toxicity filter for turns in and candidates out.
+//! - [`ranking`]: DialogRPT and MMI reranking of candidates, screening.
 //! - [`cli`]: the `dialogd` command line.
 //!
 //! See ARCHITECTURE.md for the whole picture and its invariants.
@@ -18,5 +20,7 @@ pub mod generate;
 pub mod model;
 pub mod pool;
 pub mod prompt;
+pub mod ranking;
+pub mod safety;
 pub mod sampling;
 pub mod tokenizer;

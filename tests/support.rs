@@ -90,3 +90,41 @@ pub fn assert_fails_with(out: &Output, needle: &str) {
     assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
     assert!(!err.contains("panicked"), "panic: {err}");
 }
+
+/// The DialogRPT/MMI golden file (scripts/make_golden_rpt.py).
+pub fn rpt_golden() -> &'static Value {
+    static GOLDEN: OnceLock<Value> = OnceLock::new();
+    GOLDEN.get_or_init(|| golden("rpt"))
+}
+
+/// A synthetic DialogRPT checkpoint (`rpt-updown`, `rpt-depth`, …) or the
+/// MMI reverse model (`rpt-mmi`) of the golden file, written once per run.
+pub fn ranker_dir(name: &str) -> PathBuf {
+    static ROOT: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static MADE: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let root = ROOT.get_or_init(|| tempfile::tempdir().unwrap());
+    let mut made = MADE.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    made.entry(name.to_string())
+        .or_insert_with(|| {
+            let g = rpt_golden();
+            let init: InitSpec = serde_json::from_value(g["init"].clone()).unwrap();
+            // Folder names like the published ones, so heads can be inferred.
+            let dir = root.path().join(format!("DialogRPT-{name}"));
+            if name == "mmi" {
+                let config: Gpt2Config = serde_json::from_value(g["mmi"]["config"].clone()).unwrap();
+                let seed = g["mmi"]["seed"].as_u64().unwrap();
+                write_checkpoint(&dir, &config, seed, &init, &fixtures().join("gpt2")).unwrap();
+            } else {
+                let spec = &g["rankers"][name];
+                let config: Gpt2Config = serde_json::from_value(spec["config"].clone()).unwrap();
+                let seed = spec["seed"].as_u64().unwrap();
+                dialogd::model::synthetic::write_ranker_checkpoint(&dir, &config, seed, &init, &fixtures().join("gpt2")).unwrap();
+            }
+            dir
+        })
+        .clone()
+}
+
+pub fn floats(v: &Value) -> Vec<f64> {
+    v.as_array().expect("number array").iter().map(|x| x.as_f64().unwrap()).collect()
+}

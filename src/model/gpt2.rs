@@ -47,6 +47,26 @@ impl KvCache {
         self.layers.iter_mut().for_each(|l| *l = None);
         self.len = 0;
     }
+
+    /// A cache of `n` rows, each a copy of this one-row cache: a context
+    /// run once, then continued by `n` sequences side by side (rankers
+    /// scoring several candidates after the same context).
+    pub fn repeat_batch(&self, n: usize) -> Result<KvCache> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| match layer {
+                None => Ok(None),
+                Some((k, v)) => {
+                    if k.dim(0)? != 1 {
+                        return Err(ModelError::Input(format!("repeat_batch needs a one-row cache, not {} rows", k.dim(0)?)));
+                    }
+                    Ok(Some((k.repeat((n, 1, 1, 1))?, v.repeat((n, 1, 1, 1))?)))
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache { layers, len: self.len })
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -35,7 +35,8 @@ pub struct InitRule {
 }
 
 /// Rules per tensor kind: `wte`, `wpe`, `ln_weight`, `ln_bias`,
-/// `attn_c_attn`, `attn_c_proj`, `mlp_c_fc`, `mlp_c_proj`, `bias`.
+/// `attn_c_attn`, `attn_c_proj`, `mlp_c_fc`, `mlp_c_proj`, `bias`, and for
+/// rankers `score` (DialogRPT's head, see [`ranker_init`]).
 pub type InitSpec = BTreeMap<String, InitRule>;
 
 /// The rules `scripts/make_golden.py` uses.
@@ -57,6 +58,15 @@ pub fn default_init() -> InitSpec {
     .collect()
 }
 
+/// [`default_init`] plus the rule for DialogRPT's `score.weight` that
+/// `scripts/make_golden_rpt.py` uses (scaled so a random ranker's scores
+/// spread over (0, 1) rather than saturate).
+pub fn ranker_init() -> InitSpec {
+    let mut init = default_init();
+    init.insert("score".to_string(), InitRule { center: 0.0, scale: 0.25, fan_in: false });
+    init
+}
+
 fn fnv1a64(text: &str) -> u64 {
     text.bytes().fold(0xCBF2_9CE4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01B3))
 }
@@ -70,6 +80,7 @@ fn splitmix64(key: u64, index: u64) -> u64 {
 
 fn init_kind(name: &str) -> &'static str {
     match name {
+        "score.weight" => "score",
         "wte.weight" => "wte",
         "wpe.weight" => "wpe",
         _ if name.contains(".ln_") || name.starts_with("ln_f") => {
@@ -156,17 +167,56 @@ pub fn write_checkpoint(
     init: &InitSpec,
     tokenizer_dir: &Path,
 ) -> Result<(), ModelError> {
+    write_folder(dir, cfg, seed, init, tokenizer_dir, false)
+}
+
+/// Writes a DialogRPT-layout checkpoint: a `GPT2ForSequenceClassification`
+/// with one label, i.e. the GPT-2 of [`write_checkpoint`] plus `score.weight`
+/// (`[1, n_embd]`, no bias) drawn with the `score` rule (see [`ranker_init`]).
+pub fn write_ranker_checkpoint(
+    dir: &Path,
+    cfg: &Gpt2Config,
+    seed: u64,
+    init: &InitSpec,
+    tokenizer_dir: &Path,
+) -> Result<(), ModelError> {
+    write_folder(dir, cfg, seed, init, tokenizer_dir, true)
+}
+
+/// The head of a synthetic ranker, `[1, n_embd]`, f32 on the CPU.
+pub fn synthetic_score(cfg: &Gpt2Config, seed: u64, init: &InitSpec) -> Result<Tensor, ModelError> {
+    let shape = [1, cfg.n_embd];
+    Ok(Tensor::from_vec(tensor_values("score.weight", &shape, seed, init)?, shape.to_vec(), &Device::Cpu)?)
+}
+
+fn write_folder(
+    dir: &Path,
+    cfg: &Gpt2Config,
+    seed: u64,
+    init: &InitSpec,
+    tokenizer_dir: &Path,
+    ranker: bool,
+) -> Result<(), ModelError> {
     let io = |path: &Path, e: std::io::Error| ModelError::File { path: path.to_path_buf(), message: e.to_string() };
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     let mut config = serde_json::to_value(cfg).map_err(|e| ModelError::Config(e.to_string()))?;
-    config["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
     config["model_type"] = serde_json::json!("gpt2");
+    if ranker {
+        config["architectures"] = serde_json::json!(["GPT2ForSequenceClassification"]);
+        config["num_labels"] = serde_json::json!(1);
+        config["pad_token_id"] = serde_json::json!(cfg.eos_token_id);
+    } else {
+        config["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
+    }
     let config_path = dir.join("config.json");
     std::fs::write(&config_path, serde_json::to_string_pretty(&config).unwrap_or_default()).map_err(|e| io(&config_path, e))?;
-    let tensors: std::collections::HashMap<String, Tensor> = synthetic_tensors(cfg, seed, init)?
+    let mut tensors: std::collections::HashMap<String, Tensor> = synthetic_tensors(cfg, seed, init)?
         .into_iter()
         .map(|(name, t)| (format!("transformer.{name}"), t))
         .collect();
+    if ranker {
+        tensors.insert("score.weight".to_string(), synthetic_score(cfg, seed, init)?);
+    }
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
     for file in ["vocab.json", "merges.txt"] {
         let from = tokenizer_dir.join(file);
