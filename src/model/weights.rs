@@ -180,20 +180,88 @@ impl TensorStore {
 fn read_safetensors(paths: &[PathBuf]) -> Result<Vec<(String, Tensor)>, ModelError> {
     let mut out = Vec::new();
     for path in paths {
-        let file_err = |message: String| ModelError::File { path: path.clone(), message };
-        // The mapping is read-only and dropped before this function returns;
-        // a file truncated under us while mapped is the one hazard, as for
-        // every memory-mapped reader.
-        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
-            .map_err(|e| file_err(format!("not a readable safetensors file: {}", root_message(&e))))?;
-        for (name, _) in st.tensors() {
-            let tensor = st.load(&name, &Device::Cpu).map_err(|e| ModelError::Tensor {
-                file: path.clone(),
-                tensor: name.clone(),
-                message: root_message(&e),
-            })?;
-            out.push((name, tensor));
+        out.extend(read_safetensors_file(path)?);
+    }
+    Ok(out)
+}
+
+/// Reads a safetensors file tensor by tensor with plain reads (no memory
+/// map), so that at any moment the process holds the weights read so far
+/// plus one tensor, not the whole file twice.
+fn read_safetensors_file(path: &Path) -> Result<Vec<(String, Tensor)>, ModelError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let file_err = |message: String| ModelError::File { path: path.to_path_buf(), message };
+    let mut file = std::fs::File::open(path).map_err(|e| file_err(format!("cannot open: {e}")))?;
+    let file_len = file.metadata().map_err(|e| file_err(e.to_string()))?.len();
+    let mut len_bytes = [0u8; 8];
+    file.read_exact(&mut len_bytes)
+        .map_err(|_| file_err("not a safetensors file: shorter than its 8-byte header length".into()))?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > 100 << 20 || 8 + header_len > file_len {
+        return Err(file_err(format!(
+            "not a safetensors file (or truncated): header of {header_len} bytes in a file of {file_len}"
+        )));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header).map_err(|e| file_err(format!("cannot read header: {e}")))?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| file_err(format!("safetensors header is not valid JSON: {e}")))?;
+    let data_start = 8 + header_len;
+    let mut out = Vec::with_capacity(header.len());
+    for (name, info) in &header {
+        if name == "__metadata__" {
+            continue;
         }
+        let tensor_err = |message: String| ModelError::Tensor { file: path.to_path_buf(), tensor: name.clone(), message };
+        let dtype_name = info.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| tensor_err("no dtype".into()))?;
+        let dtype = match dtype_name {
+            "F32" => DType::F32,
+            "F16" => DType::F16,
+            "BF16" => DType::BF16,
+            "F64" => DType::F64,
+            "I64" => DType::I64,
+            "U32" => DType::U32,
+            "U8" => DType::U8,
+            other => return Err(tensor_err(format!("unsupported dtype {other}"))),
+        };
+        let shape: Vec<usize> = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .and_then(|dims| dims.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
+            .ok_or_else(|| tensor_err("no shape".into()))?;
+        let offsets: Vec<u64> = info
+            .get("data_offsets")
+            .and_then(|s| s.as_array())
+            .and_then(|o| o.iter().map(|v| v.as_u64()).collect())
+            .ok_or_else(|| tensor_err("no data_offsets".into()))?;
+        let [begin, end] = offsets[..] else { return Err(tensor_err("data_offsets is not [begin, end]".into())) };
+        let numel = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or_else(|| tensor_err("shape overflows".into()))?;
+        let n_bytes = numel.checked_mul(dtype.size_in_bytes()).ok_or_else(|| tensor_err("shape overflows".into()))?;
+        if begin > end || end - begin != n_bytes as u64 {
+            return Err(tensor_err(format!("data_offsets {begin}..{end} do not hold {numel} {dtype_name} values")));
+        }
+        if data_start + end > file_len {
+            return Err(tensor_err(format!(
+                "data ends at byte {} but the file has {file_len} (truncated?)",
+                data_start + end
+            )));
+        }
+        file.seek(SeekFrom::Start(data_start + begin)).map_err(|e| tensor_err(e.to_string()))?;
+        let tensor = if dtype == DType::F32 && cfg!(target_endian = "little") {
+            // Read straight into the tensor's own buffer.
+            let mut values = vec![0f32; numel];
+            file.read_exact(bytemuck::cast_slice_mut(&mut values)).map_err(|e| tensor_err(format!("cannot read: {e}")))?;
+            Tensor::from_vec(values, shape, &Device::Cpu)
+        } else {
+            let mut bytes = vec![0u8; n_bytes];
+            file.read_exact(&mut bytes).map_err(|e| tensor_err(format!("cannot read: {e}")))?;
+            Tensor::from_raw_buffer(&bytes, dtype, &shape, &Device::Cpu)
+        }
+        .map_err(|e| tensor_err(root_message(&e)))?;
+        out.push((name.clone(), tensor));
+    }
+    if out.is_empty() {
+        return Err(file_err("holds no tensors".into()));
     }
     Ok(out)
 }
