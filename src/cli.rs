@@ -2,9 +2,11 @@
 //!
 //! - [`generate`]: `dialogd generate`, one reply to turns given as arguments.
 //! - [`chat`]: `dialogd chat`, a console conversation.
+//! - [`run`]: `dialogd run`, the daemon, and `dialogd check-config`.
 
 pub mod chat;
 pub mod generate;
+pub mod run;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,6 +36,10 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Talk with a model in the console.
     Chat(chat::ChatArgs),
+    /// Run the daemon (until SIGTERM or SIGINT; SIGHUP reloads [generation]).
+    Run(run::RunArgs),
+    /// Validate the settings and print them, secrets redacted.
+    CheckConfig(run::RunArgs),
 }
 
 /// Where the model comes from and where it runs.
@@ -173,10 +179,15 @@ pub fn init_tracing() {
 /// Runs the command line; errors are reported once, here.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    // The daemon sets up its own logging from its settings.
+    if !matches!(cli.command, Command::Run(_)) {
+        init_tracing();
+    }
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Chat(args) => chat::run(args),
+        Command::Run(args) => run::run(args),
+        Command::CheckConfig(args) => run::check_config(args),
     };
     match result {
         Ok(code) => code,

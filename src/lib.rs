@@ -8,13 +8,23 @@
 //! - [`model`]: GPT-2 in candle, checkpoint loading, the hub.
 //! - [`sampling`]: greedy, temperature, top-k/p, repetition controls, seeds.
 //! - [`generate`]: one reply from one prompt with a KV cache.
+//! - [`context`]: each channel's recent turns (Redis, or memory).
+//! - [`pipeline`]: the path of one message, and the door to generation.
+//! - [`settings`]: layered raw settings validated into typed ones.
+//! - [`telemetry`]: logs and Prometheus metrics.
+//! - [`daemon`]: start, serve, drain, reload.
 //! - [`cli`]: the `dialogd` command line.
 //!
 //! See ARCHITECTURE.md for the whole picture and its invariants.
 
 pub mod cli;
+pub mod context;
+pub mod daemon;
 pub mod generate;
 pub mod model;
+pub mod pipeline;
 pub mod prompt;
 pub mod sampling;
+pub mod settings;
+pub mod telemetry;
 pub mod tokenizer;
