@@ -220,7 +220,7 @@ impl Degraded<'_> {
 
 /// A command word (`/reset`, `/reset@botname`), if the text is one.
 fn command(text: &str) -> Option<&str> {
-    let word = text.strip_prefix('/')?.split_whitespace().next()?;
+    let word = text.strip_prefix('/')?.split(char::is_whitespace).next()?;
     let word = word.split('@').next().unwrap_or(word);
     (!word.is_empty() && word.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')).then_some(word)
 }

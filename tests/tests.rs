@@ -3,7 +3,14 @@
 //! - `support`: fixtures, golden files, synthetic checkpoints, the binary.
 //! - `parity`: the model runtime against outputs of Hugging Face transformers.
 //! - `cli`: `dialogd generate` and `dialogd chat` as users run them, bad input included.
+//! - `context`: the Redis context store against a real redis-server.
+//! - `http`: the daemon in-process over loopback HTTP: API, commands,
+//!   duplicates, order, Redis outages, a load run.
+//! - `daemon`: the `dialogd run` binary: settings, restarts, signals, logs.
 
 mod cli;
+mod context;
+mod daemon;
+mod http;
 mod parity;
 mod support;
