@@ -196,7 +196,8 @@ async fn a_restart_keeps_context_and_logs_hold_no_secret() {
 }
 
 /// SIGTERM while replies are being generated: every accepted message is
-/// still answered, new ones are turned away, and the exit code is 0.
+/// still answered, systemd hears READY=1 and STOPPING=1, the exit code
+/// is 0 and nothing listens afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_replies() {
     let redis = RedisServer::start();
@@ -207,7 +208,14 @@ async fn sigterm_drains_in_flight_replies() {
         .to_path_buf();
     let text = std::fs::read_to_string(&config).unwrap().replace("max_new_tokens = 16", "max_new_tokens = 100").replace("max_tokens = 40", "max_tokens = 24");
     std::fs::write(&config, text).unwrap();
-    let mut d = Running::start(&config, &[], http_port, metrics_port).await;
+    // Readiness and stopping reach systemd's notify socket.
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut d = Running::start(&config, &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())], http_port, metrics_port).await;
+    let mut buf = [0u8; 64];
+    let n_read = notify.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n_read], b"READY=1");
     let n = 8;
     let mut requests = Vec::new();
     for c in 0..n {
@@ -236,6 +244,8 @@ async fn sigterm_drains_in_flight_replies() {
         assert!(body.get("reply").is_some(), "{body}");
     }
     assert_eq!(d.wait_exit().await, 0, "{}", d.log_text());
+    let n_read = notify.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n_read], b"STOPPING=1");
     let log = d.log_text();
     assert!(log.contains("drained: every accepted message was answered"), "{log}");
     // Gone: nothing listens any more.
