@@ -70,7 +70,7 @@ impl Daemon {
         };
         tracing::info!(
             store = store.kind(),
-            redis = %settings::redact_url(c.redis_url.expose()),
+            redis = %if c.store == StoreKind::Redis { settings::redact_url(c.redis_url.expose()) } else { "-".into() },
             up = store.is_up(),
             "context store ready"
         );

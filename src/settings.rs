@@ -259,9 +259,9 @@ pub struct ContextSettings {
     pub max_turns: usize,
     pub max_tokens: usize,
     /// `None`: contexts never expire.
-    #[serde(serialize_with = "serialize_opt_secs")]
+    #[serde(rename = "ttl_secs", serialize_with = "serialize_opt_secs")]
     pub ttl: Option<Duration>,
-    #[serde(serialize_with = "serialize_millis")]
+    #[serde(rename = "redis_timeout_ms", serialize_with = "serialize_millis")]
     pub redis_timeout: Duration,
 }
 
@@ -277,6 +277,7 @@ pub struct AdapterSettings {
 pub struct HttpSettings {
     pub enabled: bool,
     pub listen: SocketAddr,
+    #[serde(serialize_with = "serialize_opt_secret")]
     pub token: Option<Secret>,
     pub max_body_bytes: usize,
 }
@@ -289,12 +290,14 @@ pub struct ConsoleSettings {
 #[derive(Debug, Clone, Serialize)]
 pub struct DiscordSettings {
     pub enabled: bool,
+    #[serde(serialize_with = "serialize_opt_secret")]
     pub token: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct TelegramSettings {
     pub enabled: bool,
+    #[serde(serialize_with = "serialize_opt_secret")]
     pub token: Option<Secret>,
     pub api_url: String,
 }
@@ -316,12 +319,20 @@ pub struct TelemetrySettings {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct DaemonSettings {
-    #[serde(serialize_with = "serialize_secs")]
+    #[serde(rename = "drain_secs", serialize_with = "serialize_secs")]
     pub drain: Duration,
 }
 
 fn serialize_redacted_url<S: Serializer>(url: &Secret, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&redact_url(url.expose()))
+}
+
+/// An unset secret shows as `""`, a set one as `[redacted]`.
+fn serialize_opt_secret<S: Serializer>(secret: &Option<Secret>, s: S) -> Result<S::Ok, S::Error> {
+    match secret {
+        Some(secret) => secret.serialize(s),
+        None => s.serialize_str(""),
+    }
 }
 
 fn serialize_opt_secs<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
@@ -563,6 +574,17 @@ mod tests {
             }
         }
         assert!(s.to_redacted_toml().contains("redis://u:[redacted]@db:6379/0"));
+    }
+
+    #[test]
+    fn printed_settings_use_the_keys_they_are_read_with() {
+        let s = load_env(Some("[context]\nttl_secs = 60\n"), &[]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("printed.toml");
+        std::fs::write(&path, s.to_redacted_toml()).unwrap();
+        let again = load_raw_with_env(Some(&path), Vec::new()).unwrap().validate().unwrap();
+        assert_eq!(again.context.ttl, Some(Duration::from_secs(60)));
+        assert_eq!(again.to_redacted_toml(), s.to_redacted_toml());
     }
 
     #[test]

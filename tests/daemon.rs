@@ -251,3 +251,35 @@ async fn sigterm_drains_in_flight_replies() {
     // Gone: nothing listens any more.
     assert!(d.http.get(format!("{}/healthz", d.base)).send().await.is_err());
 }
+
+/// The console adapter: stdin lines in, `bot>` lines out, one channel with
+/// its own context; end of input stops the daemon cleanly.
+#[test]
+fn the_console_adapter_talks_on_stdin_and_stdout() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("console.toml");
+    let text = format!(
+        "[model]\npath = \"{}\"\n[generation]\nmax_new_tokens = 8\n[context]\nstore = \"memory\"\n\
+         [adapters.http]\nenabled = false\n[adapters.console]\nenabled = true\n[telemetry]\nmetrics_listen = \"\"\n",
+        model_dir("pico-bin").display()
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dialogd"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"hello bot\n\n/help\n/reset\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(lines[0].starts_with("bot> ") || lines[0] == "(no reply: empty_reply)", "{text}");
+    assert!(lines[1].contains("/forget"), "{text}");
+    assert!(lines[2].contains("forgotten"), "{text}");
+}
