@@ -363,7 +363,7 @@ pub fn redact_url(url: &str) -> String {
 
 fn secret(value: String) -> Option<Secret> {
     let value = value.trim().to_string();
-    (!value.is_empty()).then(|| Secret(value))
+    (!value.is_empty()).then_some(Secret(value))
 }
 
 fn socket_addr(key: &'static str, value: &str) -> Result<SocketAddr, SettingsError> {

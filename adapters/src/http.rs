@@ -150,13 +150,14 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
     next.run(request).await
 }
 
-fn channel_key(channel: &str) -> Result<ChannelKey, Response> {
+/// The channel named in a path, or the 400 that says why it is no name.
+fn channel_key(channel: &str) -> Result<ChannelKey, Box<Response>> {
     let ok_char = |c: char| c.is_ascii_alphanumeric() || "._:@-".contains(c);
     if channel.is_empty() || channel.len() > MAX_ID_BYTES || !channel.chars().all(ok_char) {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::BAD_REQUEST,
             format!("channel must be 1 to {MAX_ID_BYTES} of A-Z a-z 0-9 . _ : @ -"),
-        ));
+        )));
     }
     Ok(ChannelKey::new(Platform::Http, channel))
 }
@@ -177,7 +178,7 @@ async fn post_message(
 ) -> Response {
     let channel = match channel_key(&channel) {
         Ok(key) => key,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let Json(body) = match body {
         Ok(body) => body,
@@ -208,7 +209,7 @@ async fn post_message(
 async fn get_context(State(state): State<AppState>, Path(channel): Path<String>) -> Response {
     let channel = match channel_key(&channel) {
         Ok(key) => key,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     match state.core.turns(channel).await {
         Ok(turns) => Json(json!({ "turns": turns })).into_response(),
@@ -219,7 +220,7 @@ async fn get_context(State(state): State<AppState>, Path(channel): Path<String>)
 async fn delete_context(State(state): State<AppState>, Path(channel): Path<String>) -> Response {
     let channel = match channel_key(&channel) {
         Ok(key) => key,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     match state.core.clear(channel).await {
         Ok(()) => Json(json!({ "cleared": true })).into_response(),

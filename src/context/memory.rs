@@ -91,8 +91,7 @@ impl ContextStore for MemoryStore {
     fn forget_author<'a>(&'a self, platform: Platform, author: &'a str) -> BoxFuture<'a, Result<usize, ContextError>> {
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         let mut removed = 0;
-        for (key, state) in channels.iter_mut().filter(|(k, _)| k.platform == platform) {
-            let _ = key;
+        for (_, state) in channels.iter_mut().filter(|(key, _)| key.platform == platform) {
             let before = state.turns.len();
             state.turns.retain(|t| !about(t, author));
             removed += before - state.turns.len();
