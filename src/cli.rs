@@ -5,12 +5,14 @@
 //! - [`bench`]: `dialogd bench`, the generation pool's speed.
 //! - [`rank`]: `dialogd rank`, DialogRPT (and MMI) scores of candidate replies.
 //! - [`moderate`]: `dialogd moderate`, the safety filter's verdict on a text.
+//! - [`run`]: `dialogd run`, the daemon, and `dialogd check-config`.
 
 pub mod bench;
 pub mod chat;
 pub mod generate;
 pub mod moderate;
 pub mod rank;
+pub mod run;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,6 +48,10 @@ pub enum Command {
     Rank(rank::RankArgs),
     /// Check a text with the safety filter.
     Moderate(moderate::ModerateArgs),
+    /// Run the daemon (until SIGTERM or SIGINT; SIGHUP reloads [generation]).
+    Run(run::RunArgs),
+    /// Validate the settings and print them, secrets redacted.
+    CheckConfig(run::RunArgs),
 }
 
 /// Where the model comes from and where it runs.
@@ -185,13 +191,18 @@ pub fn init_tracing() {
 /// Runs the command line; errors are reported once, here.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    // The daemon sets up its own logging from its settings.
+    if !matches!(cli.command, Command::Run(_)) {
+        init_tracing();
+    }
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Chat(args) => chat::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Rank(args) => rank::run(args),
         Command::Moderate(args) => moderate::run(args),
+        Command::Run(args) => run::run(args),
+        Command::CheckConfig(args) => run::check_config(args),
     };
     match result {
         Ok(code) => code,

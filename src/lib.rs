@@ -11,16 +11,26 @@
 //! - [`pool`]: the generation pool: continuous batching across channels.
 //! - [`safety`]: the toxicity filter for turns in and candidates out.
 //! - [`ranking`]: DialogRPT and MMI reranking of candidates, screening.
+//! - [`context`]: each channel's recent turns (Redis, or memory).
+//! - [`pipeline`]: the path of one message, and the door to generation.
+//! - [`settings`]: layered raw settings validated into typed ones.
+//! - [`telemetry`]: logs and Prometheus metrics.
+//! - [`daemon`]: start, serve, drain, reload.
 //! - [`cli`]: the `dialogd` command line.
 //!
 //! See ARCHITECTURE.md for the whole picture and its invariants.
 
 pub mod cli;
+pub mod context;
+pub mod daemon;
 pub mod generate;
 pub mod model;
 pub mod pool;
+pub mod pipeline;
 pub mod prompt;
 pub mod ranking;
 pub mod safety;
 pub mod sampling;
+pub mod settings;
+pub mod telemetry;
 pub mod tokenizer;

@@ -128,3 +128,209 @@ pub fn ranker_dir(name: &str) -> PathBuf {
 pub fn floats(v: &Value) -> Vec<f64> {
     v.as_array().expect("number array").iter().map(|x| x.as_f64().unwrap()).collect()
 }
+
+// ---- the daemon's test harness: a real redis-server, the daemon in-process ----
+
+/// A free loopback port (bound, read, released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A real `redis-server` on a free loopback port, with no persistence,
+/// killed on drop. `.ci/run` installs redis-server when it is missing.
+pub struct RedisServer {
+    child: Option<std::process::Child>,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        let mut server = Self { child: None, port: free_port(), dir: tempfile::tempdir().unwrap() };
+        server.spawn();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let port = self.port.to_string();
+        let child = Command::new("redis-server")
+            .args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server not found: apt-get install redis-server (.ci/run does)");
+        self.child = Some(child);
+        for _ in 0..200 {
+            if self.ping() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        panic!("redis-server on port {port} did not come up");
+    }
+
+    /// Whether the server answers PING.
+    pub fn ping(&self) -> bool {
+        use std::io::{Read as _, Write as _};
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else { return false };
+        let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(1)));
+        let mut buf = [0u8; 16];
+        stream.write_all(b"PING\r\n").is_ok() && stream.read(&mut buf).map(|n| buf[..n].starts_with(b"+PONG")).unwrap_or(false)
+    }
+
+    /// Kills the server (its data is gone: no persistence).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// A client connection for inspecting what the daemon wrote.
+    pub fn client(&self) -> redis::Connection {
+        redis::Client::open(self.url()).unwrap().get_connection().unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Settings from defaults plus `toml` (no environment layer).
+pub fn settings_from(toml: &str) -> dialogd::settings::Settings {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dialogd.toml");
+    std::fs::write(&path, toml).unwrap();
+    dialogd::settings::load_raw_with_env(Some(&path), Vec::new()).unwrap().validate().unwrap()
+}
+
+/// Settings for an in-process daemon on the pico model: HTTP and metrics on
+/// free loopback ports, context in `redis` (or memory when `None`).
+/// `extra` adds `(section, "key = value")` lines.
+pub fn daemon_toml(redis: Option<&RedisServer>, extra: &[(&str, &str)]) -> String {
+    let store = match redis {
+        Some(r) => format!("store = \"redis\"\nredis_url = \"{}\"", r.url()),
+        None => "store = \"memory\"".to_string(),
+    };
+    let model = format!("path = \"{}\"", model_dir("pico-bin").display());
+    let mut sections: Vec<(&str, Vec<String>)> = vec![
+        ("model", vec![model]),
+        ("generation", vec!["max_new_tokens = 16".into()]),
+        ("context", vec![store, "max_tokens = 40".into(), "redis_timeout_ms = 500".into()]),
+        ("adapters.http", vec!["listen = \"127.0.0.1:0\"".into()]),
+        ("telemetry", vec!["metrics_listen = \"127.0.0.1:0\"".into()]),
+    ];
+    for (section, line) in extra {
+        let key = line.split('=').next().unwrap().trim();
+        let Some((_, lines)) = sections.iter_mut().find(|(s, _)| s == section) else { panic!("no section {section}") };
+        lines.retain(|l| l.split('=').next().unwrap().trim() != key);
+        lines.push(line.to_string());
+    }
+    sections.iter().map(|(s, lines)| format!("[{s}]\n{}\n", lines.join("\n"))).collect()
+}
+
+/// A daemon running inside the test process.
+pub struct TestDaemon {
+    pub base: String,
+    pub metrics_url: String,
+    pub pipeline: dialogd::pipeline::Pipeline,
+    pub http: reqwest::Client,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestDaemon {
+    /// Loads the model named in `toml`'s settings and serves.
+    pub async fn start(toml: &str) -> Self {
+        use dialogd::pipeline::engine::ModelThread;
+        let settings = settings_from(toml);
+        let args = dialogd::cli::ModelArgs {
+            model: settings.model.path.clone(),
+            device: "cpu".into(),
+            dtype: "auto".into(),
+        };
+        let loaded = dialogd::cli::load(&args, false).unwrap();
+        let metrics = dialogd::telemetry::Metrics::new();
+        let engine = ModelThread::spawn(loaded.model, settings.generation.queue_depth, metrics.clone()).unwrap();
+        let daemon = dialogd::daemon::Daemon::start(settings, std::sync::Arc::new(engine), loaded.tokenizer, metrics)
+            .await
+            .unwrap();
+        let base = format!("http://{}", daemon.http_addr().unwrap());
+        let metrics_url = format!("http://{}/metrics", daemon.metrics_addr().unwrap());
+        let pipeline = daemon.pipeline().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(daemon.serve(async move {
+            let _ = stopped.await;
+        }));
+        Self { base, metrics_url, pipeline, http: reqwest::Client::new(), stop: Some(stop), served: Some(served) }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// POSTs a message; returns the status and JSON body.
+    pub async fn say(&self, channel: &str, author: &str, text: &str, message_id: Option<&str>) -> (u16, Value) {
+        let mut body = serde_json::json!({ "author": author, "text": text });
+        if let Some(id) = message_id {
+            body["message_id"] = id.into();
+        }
+        let response = self.http.post(self.url(&format!("/v1/channels/{channel}/messages"))).json(&body).send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap())
+    }
+
+    /// The channel's turns as (author, text, bot) via the HTTP API.
+    pub async fn turns(&self, channel: &str) -> Vec<(String, String, bool)> {
+        let body: Value =
+            self.http.get(self.url(&format!("/v1/channels/{channel}/context"))).send().await.unwrap().json().await.unwrap();
+        body["turns"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no turns in {body}"))
+            .iter()
+            .map(|t| (t["author"].as_str().unwrap().into(), t["text"].as_str().unwrap().into(), t["bot"].as_bool().unwrap()))
+            .collect()
+    }
+
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self.http.get(&self.metrics_url).send().await.unwrap().text().await.unwrap();
+        metric_value(&text, name)
+    }
+
+    pub async fn health(&self) -> Value {
+        self.http.get(self.url("/healthz")).send().await.unwrap().json().await.unwrap()
+    }
+
+    /// Shuts down and waits for the drain.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(served) = self.served.take() {
+            served.await.unwrap();
+        }
+    }
+}
+
+/// A sample's value from Prometheus text (`name` may include labels).
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}

@@ -6,8 +6,15 @@
 //! - `cli`: `dialogd generate` and `dialogd chat` as users run them, bad input included.
 //! - `ranking`: DialogRPT and MMI against transformers, the ensemble, `dialogd rank`.
 //! - `safety`: the filter on a labelled set, obfuscation, innocents, `dialogd moderate`.
+//! - `context`: the Redis context store against a real redis-server.
+//! - `http`: the daemon in-process over loopback HTTP: API, commands,
+//!   duplicates, order, Redis outages, a load run.
+//! - `daemon`: the `dialogd run` binary: settings, restarts, signals, logs.
 
 mod cli;
+mod context;
+mod daemon;
+mod http;
 mod parity;
 mod pool;
 mod ranking;

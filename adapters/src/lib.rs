@@ -2,9 +2,20 @@
 //!
 //! Only this crate knows platforms (Discord, Telegram, HTTP, the console);
 //! the daemon's core knows dialogue. They meet at [`ChannelKey`],
-//! [`Inbound`] and [`Outbound`]: adding a platform touches only this crate.
+//! [`Inbound`] and [`Outbound`], and at two traits: an [`Adapter`] is run by
+//! the daemon and hands every message to the [`Core`]. Adding a platform
+//! touches only this crate.
+//!
+//! - [`http`]: a JSON API for web widgets, other bots and integration.
+//! - [`console`]: stdin/stdout, one channel.
+
+pub mod console;
+pub mod http;
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 
 /// The platforms dialogd speaks on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -81,6 +92,113 @@ pub struct Outbound {
     pub text: String,
     /// The message this answers, when the platform can thread replies.
     pub reply_to: Option<String>,
+}
+
+/// A boxed future, the shape trait methods here return so that the traits
+/// stay usable as `dyn` objects.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the core did with a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// A reply to send.
+    Reply(Outbound),
+    /// The bot chose not to answer; `reason` is a short snake_case word
+    /// (`duplicate`, `empty_reply`, `not_addressed`).
+    Silent { reason: String },
+}
+
+/// Why the core could not take a message. Adapters turn these into their
+/// platform's way of saying "not now" or "bad request".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CoreError {
+    /// Generation is at capacity; try again later.
+    #[error("busy: generation is at capacity, try again later")]
+    Busy,
+    /// The daemon is shutting down and takes no new messages.
+    #[error("shutting down")]
+    ShuttingDown,
+    /// A part the request needs (the context store) cannot be reached.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// The message itself is unacceptable (empty, too long).
+    #[error("{0}")]
+    Invalid(String),
+    /// Anything else; the message is dropped, the daemon goes on.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// One turn of a channel's stored context, as adapters show it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ContextTurn {
+    pub author: String,
+    pub text: String,
+    /// Whether the bot wrote this turn.
+    pub bot: bool,
+}
+
+/// What `GET /healthz` and friends report.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Health {
+    /// The model is loaded and generation is running.
+    pub ready: bool,
+    /// `redis` or `memory`.
+    pub store: String,
+    /// Whether the context store answers (always true for memory).
+    pub store_up: bool,
+}
+
+/// The daemon's core as adapters see it: dialogue in, answers out.
+pub trait Core: Send + Sync + 'static {
+    /// Handles one message. Messages of one channel are answered in the
+    /// order this is called; the future may be dropped (the work goes on).
+    fn handle(&self, inbound: Inbound) -> BoxFuture<'static, Result<Answer, CoreError>>;
+    /// The channel's stored turns, oldest first.
+    fn turns(&self, channel: ChannelKey) -> BoxFuture<'static, Result<Vec<ContextTurn>, CoreError>>;
+    /// Forgets the channel's stored turns.
+    fn clear(&self, channel: ChannelKey) -> BoxFuture<'static, Result<(), CoreError>>;
+    fn health(&self) -> Health;
+}
+
+/// Tells adapters to stop taking messages. Cloned into every adapter; the
+/// daemon flips it once.
+#[derive(Debug, Clone)]
+pub struct Shutdown(tokio::sync::watch::Receiver<bool>);
+
+impl Shutdown {
+    /// A pair: the trigger (send `true` to stop) and the listener.
+    pub fn new() -> (tokio::sync::watch::Sender<bool>, Self) {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        (tx, Self(rx))
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once shutdown is asked for (or the trigger is gone).
+    pub async fn wait(mut self) {
+        let _ = self.0.wait_for(|stop| *stop).await;
+    }
+}
+
+/// Adapter failures that end an adapter (binding its socket, reading its
+/// input); failures on single messages are handled inside the adapter.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    #[error("{adapter}: cannot listen on {addr}: {source}")]
+    Bind { adapter: &'static str, addr: String, source: std::io::Error },
+    #[error("{adapter}: {source}")]
+    Io { adapter: &'static str, source: std::io::Error },
+}
+
+/// A platform connection. The daemon runs each enabled adapter until it
+/// returns or `shutdown` fires; after `shutdown` an adapter takes no new
+/// messages but lets the ones in flight finish.
+pub trait Adapter: Send + 'static {
+    fn name(&self) -> &'static str;
+    fn run(self: Box<Self>, core: Arc<dyn Core>, shutdown: Shutdown) -> BoxFuture<'static, Result<(), AdapterError>>;
 }
 
 #[cfg(test)]

@@ -1,0 +1,81 @@
+//! The console adapter: one channel on stdin/stdout.
+//!
+//! Each line read is a message from the operator; each answer is written as
+//! `bot> …` (or `(no reply: reason)`). It stops at end of input or at
+//! shutdown.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufRead, AsyncBufReadExt as _, AsyncWrite, AsyncWriteExt as _};
+
+use crate::{Adapter, AdapterError, Answer, BoxFuture, ChannelKey, Core, Inbound, Platform, Shutdown};
+
+/// The console's one channel id.
+pub const CONSOLE_CHANNEL: &str = "local";
+
+/// Reads messages from `input`, writes answers to `output`.
+pub struct ConsoleAdapter<R, W> {
+    input: R,
+    output: W,
+    author: String,
+}
+
+impl ConsoleAdapter<tokio::io::BufReader<tokio::io::Stdin>, tokio::io::Stdout> {
+    /// The process's stdin and stdout.
+    pub fn stdio() -> Self {
+        Self::new(tokio::io::BufReader::new(tokio::io::stdin()), tokio::io::stdout())
+    }
+}
+
+impl<R, W> ConsoleAdapter<R, W> {
+    pub fn new(input: R, output: W) -> Self {
+        Self { input, output, author: "console".into() }
+    }
+}
+
+impl<R, W> Adapter for ConsoleAdapter<R, W>
+where
+    R: AsyncBufRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    fn name(&self) -> &'static str {
+        "console"
+    }
+
+    fn run(self: Box<Self>, core: Arc<dyn Core>, shutdown: Shutdown) -> BoxFuture<'static, Result<(), AdapterError>> {
+        Box::pin(async move {
+            let Self { input, mut output, author } = *self;
+            let io = |source| AdapterError::Io { adapter: "console", source };
+            let channel = ChannelKey::new(Platform::Console, CONSOLE_CHANNEL);
+            let mut lines = input.lines();
+            let stop = shutdown.clone().wait();
+            tokio::pin!(stop);
+            loop {
+                let line = tokio::select! {
+                    _ = &mut stop => break,
+                    line = lines.next_line() => line.map_err(io)?,
+                };
+                let Some(line) = line else { break };
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let inbound = Inbound {
+                    channel: channel.clone(),
+                    author: author.clone(),
+                    text: line,
+                    msg_id: None,
+                    addressed_to_bot: true,
+                };
+                let text = match core.handle(inbound).await {
+                    Ok(Answer::Reply(out)) => format!("bot> {}\n", out.text),
+                    Ok(Answer::Silent { reason }) => format!("(no reply: {reason})\n"),
+                    Err(err) => format!("(error: {err})\n"),
+                };
+                output.write_all(text.as_bytes()).await.map_err(io)?;
+                output.flush().await.map_err(io)?;
+            }
+            tracing::info!("console adapter stopped");
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,235 @@
+//! The HTTP adapter: a small JSON API for web widgets, other bots and tests.
+//!
+//! - `POST /v1/channels/{channel}/messages` `{"author","text","message_id"?}`
+//!   answers `{"reply":"…"}`, or `{"reply":null,"reason":"…"}` when the bot
+//!   chooses not to answer.
+//! - `GET /v1/channels/{channel}/context` answers `{"turns":[…]}`, oldest first.
+//! - `DELETE /v1/channels/{channel}/context` forgets the channel's turns.
+//! - `GET /healthz` answers 200 once the model is loaded (503 before), with
+//!   the context store's state. It needs no token.
+//!
+//! With a token configured every `/v1` request needs `Authorization: Bearer
+//! TOKEN` (401 otherwise). Bodies over the limit get 413; malformed JSON or
+//! missing fields get 4xx; every error body is `{"error":"…"}`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::{Adapter, AdapterError, Answer, BoxFuture, ChannelKey, Core, CoreError, Inbound, Platform, Shutdown};
+
+/// The longest channel id and author accepted, in bytes.
+const MAX_ID_BYTES: usize = 128;
+
+/// How the HTTP adapter listens.
+#[derive(Clone)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    /// The bearer token `/v1` requests must carry; `None` lets anyone in
+    /// (keep `listen` on loopback then).
+    pub token: Option<String>,
+    /// The largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl std::fmt::Debug for HttpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpConfig")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "[redacted]"))
+            .field("max_body_bytes", &self.max_body_bytes)
+            .finish()
+    }
+}
+
+/// A bound HTTP adapter, ready to run.
+pub struct HttpAdapter {
+    listener: tokio::net::TcpListener,
+    config: HttpConfig,
+}
+
+impl HttpAdapter {
+    /// Binds the listening socket (so a bad address fails at start, and
+    /// port 0 can be asked for and read back with [`Self::local_addr`]).
+    pub async fn bind(config: HttpConfig) -> Result<Self, AdapterError> {
+        let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|source| AdapterError::Bind {
+            adapter: "http",
+            addr: config.listen.to_string(),
+            source,
+        })?;
+        Ok(Self { listener, config })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.config.listen)
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    core: Arc<dyn Core>,
+    /// `Authorization` header value expected, precomputed.
+    expected_auth: Option<Arc<str>>,
+}
+
+impl Adapter for HttpAdapter {
+    fn name(&self) -> &'static str {
+        "http"
+    }
+
+    fn run(self: Box<Self>, core: Arc<dyn Core>, shutdown: Shutdown) -> BoxFuture<'static, Result<(), AdapterError>> {
+        Box::pin(async move {
+            let addr = self.local_addr();
+            let app = router(core, &self.config);
+            tracing::info!(%addr, auth = self.config.token.is_some(), "http adapter listening");
+            axum::serve(self.listener, app)
+                .with_graceful_shutdown(shutdown.wait())
+                .await
+                .map_err(|source| AdapterError::Io { adapter: "http", source })?;
+            tracing::info!("http adapter stopped");
+            Ok(())
+        })
+    }
+}
+
+/// The routes, for tests that serve them on their own listener.
+pub fn router(core: Arc<dyn Core>, config: &HttpConfig) -> Router {
+    let state = AppState { core, expected_auth: config.token.as_ref().map(|t| Arc::from(format!("Bearer {t}"))) };
+    let v1 = Router::new()
+        .route("/v1/channels/{channel}/messages", post(post_message))
+        .route("/v1/channels/{channel}/context", get(get_context).delete(delete_context))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .merge(v1)
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such path") })
+        .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+fn core_error(err: CoreError) -> Response {
+    match err {
+        CoreError::Busy | CoreError::ShuttingDown | CoreError::Unavailable(_) => {
+            let mut response = error(StatusCode::SERVICE_UNAVAILABLE, err.to_string());
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+        }
+        CoreError::Invalid(message) => error(StatusCode::BAD_REQUEST, message),
+        CoreError::Internal(_) => error(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()),
+    }
+}
+
+/// Compares without stopping at the first difference, so response time
+/// does not tell how much of a guessed token was right.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if let Some(expected) = &state.expected_auth {
+        let given = request.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()).unwrap_or_default();
+        if !same_secret(given, expected.as_bytes()) {
+            let mut response = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return response;
+        }
+    }
+    next.run(request).await
+}
+
+/// The channel named in a path, or the 400 that says why it is no name.
+fn channel_key(channel: &str) -> Result<ChannelKey, Box<Response>> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || "._:@-".contains(c);
+    if channel.is_empty() || channel.len() > MAX_ID_BYTES || !channel.chars().all(ok_char) {
+        return Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            format!("channel must be 1 to {MAX_ID_BYTES} of A-Z a-z 0-9 . _ : @ -"),
+        )));
+    }
+    Ok(ChannelKey::new(Platform::Http, channel))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PostMessage {
+    author: String,
+    text: String,
+    #[serde(default)]
+    message_id: Option<String>,
+}
+
+async fn post_message(
+    State(state): State<AppState>,
+    Path(channel): Path<String>,
+    body: Result<Json<PostMessage>, JsonRejection>,
+) -> Response {
+    let channel = match channel_key(&channel) {
+        Ok(key) => key,
+        Err(response) => return *response,
+    };
+    let Json(body) = match body {
+        Ok(body) => body,
+        Err(rejection) => return error(rejection.status(), rejection.body_text()),
+    };
+    if body.author.trim().is_empty() || body.author.len() > MAX_ID_BYTES {
+        return error(StatusCode::BAD_REQUEST, format!("author must be 1 to {MAX_ID_BYTES} bytes"));
+    }
+    if let Some(id) = &body.message_id {
+        if id.is_empty() || id.len() > MAX_ID_BYTES {
+            return error(StatusCode::BAD_REQUEST, format!("message_id must be 1 to {MAX_ID_BYTES} bytes"));
+        }
+    }
+    let inbound = Inbound {
+        channel,
+        author: body.author,
+        text: body.text,
+        msg_id: body.message_id,
+        addressed_to_bot: true,
+    };
+    match state.core.handle(inbound).await {
+        Ok(Answer::Reply(out)) => Json(json!({ "reply": out.text })).into_response(),
+        Ok(Answer::Silent { reason }) => Json(json!({ "reply": null, "reason": reason })).into_response(),
+        Err(err) => core_error(err),
+    }
+}
+
+async fn get_context(State(state): State<AppState>, Path(channel): Path<String>) -> Response {
+    let channel = match channel_key(&channel) {
+        Ok(key) => key,
+        Err(response) => return *response,
+    };
+    match state.core.turns(channel).await {
+        Ok(turns) => Json(json!({ "turns": turns })).into_response(),
+        Err(err) => core_error(err),
+    }
+}
+
+async fn delete_context(State(state): State<AppState>, Path(channel): Path<String>) -> Response {
+    let channel = match channel_key(&channel) {
+        Ok(key) => key,
+        Err(response) => return *response,
+    };
+    match state.core.clear(channel).await {
+        Ok(()) => Json(json!({ "cleared": true })).into_response(),
+        Err(err) => core_error(err),
+    }
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    let health = state.core.health();
+    let status = if health.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(json!({ "status": if health.ready { "ok" } else { "starting" }, "health": health }))).into_response()
+}

@@ -1,0 +1,121 @@
+//! Each channel's recent turns: the [`ContextStore`] trait and its stores.
+//!
+//! - [`redis`]: production; the only code in the daemon that knows Redis.
+//! - [`memory`]: one process, lost at exit; for `dialogd chat`-like use and tests.
+//!
+//! A store keeps at most `max_turns` turns per channel (oldest dropped),
+//! forgets a channel after `ttl` idle, and remembers recent message ids so a
+//! message delivered twice is handled once. Appends are atomic per channel:
+//! a user turn and the bot's reply land together or not at all. The token
+//! budget is not the store's business; the pipeline applies it when it
+//! builds the prompt.
+
+pub mod memory;
+pub mod redis;
+
+use std::time::Duration;
+
+use dialogd_adapters::{BoxFuture, ChannelKey, Platform};
+use serde::{Deserialize, Serialize};
+
+/// One turn of a channel's conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Turn {
+    /// The platform's id for the author; the bot's turns carry `bot: true`.
+    pub author: String,
+    pub text: String,
+    /// Unix time in seconds.
+    pub time: u64,
+    /// The platform's message id, when it gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msg_id: Option<String>,
+    #[serde(default)]
+    pub bot: bool,
+    /// For a bot turn: the author it answered (so `/forget` can take it too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+}
+
+impl Turn {
+    pub fn user(author: impl Into<String>, text: impl Into<String>, msg_id: Option<String>) -> Self {
+        Self { author: author.into(), text: text.into(), time: unix_now(), msg_id, bot: false, reply_to: None }
+    }
+
+    pub fn bot(text: impl Into<String>, reply_to: impl Into<String>) -> Self {
+        Self {
+            author: "bot".into(),
+            text: text.into(),
+            time: unix_now(),
+            msg_id: None,
+            bot: true,
+            reply_to: Some(reply_to.into()),
+        }
+    }
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// What an append did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    Stored,
+    /// The message id was already seen: nothing was written.
+    Duplicate,
+}
+
+/// Context store failures. The pipeline answers without context on any of
+/// them; none stops the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ContextError {
+    /// The store cannot be reached (down, timed out, reconnecting).
+    #[error("context store unavailable: {0}")]
+    Unavailable(String),
+    /// The store answered with something unexpected.
+    #[error("context store: {0}")]
+    Corrupt(String),
+}
+
+/// How a store is bounded.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Turns kept per channel.
+    pub max_turns: usize,
+    /// Idle time after which a channel is forgotten; `None`: never.
+    pub ttl: Option<Duration>,
+    /// Message ids remembered per channel for duplicate detection.
+    pub seen_ids: usize,
+}
+
+impl Limits {
+    pub fn new(max_turns: usize, ttl: Option<Duration>) -> Self {
+        Self { max_turns, ttl, seen_ids: (max_turns * 4).max(256) }
+    }
+}
+
+/// Where channels' turns live. Futures borrow the store and arguments.
+pub trait ContextStore: Send + Sync + 'static {
+    /// The channel's turns, oldest first.
+    fn turns<'a>(&'a self, channel: &'a ChannelKey) -> BoxFuture<'a, Result<Vec<Turn>, ContextError>>;
+    /// Whether a message id was already stored for the channel.
+    fn seen<'a>(&'a self, channel: &'a ChannelKey, msg_id: &'a str) -> BoxFuture<'a, Result<bool, ContextError>>;
+    /// Appends turns atomically, trimming to `max_turns` and refreshing the
+    /// TTL; with a `msg_id` already seen it writes nothing.
+    fn append<'a>(
+        &'a self,
+        channel: &'a ChannelKey,
+        turns: &'a [Turn],
+        msg_id: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Appended, ContextError>>;
+    /// Forgets the channel's turns (its message ids stay, so a late
+    /// duplicate is still recognised).
+    fn clear<'a>(&'a self, channel: &'a ChannelKey) -> BoxFuture<'a, Result<(), ContextError>>;
+    /// Deletes every stored turn by `author` on `platform`, in any channel,
+    /// and the bot's replies to them. Returns how many turns went.
+    fn forget_author<'a>(&'a self, platform: Platform, author: &'a str) -> BoxFuture<'a, Result<usize, ContextError>>;
+    /// `redis` or `memory`.
+    fn kind(&self) -> &'static str;
+    /// Whether the store answered last time.
+    fn is_up(&self) -> bool;
+}

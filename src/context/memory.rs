@@ -1,0 +1,158 @@
+//! The in-memory context store: one process, lost at exit.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
+
+use dialogd_adapters::{BoxFuture, ChannelKey, Platform};
+use tokio::time::Instant;
+
+use super::{Appended, ContextError, ContextStore, Limits, Turn};
+
+/// One channel's state.
+#[derive(Default)]
+struct Channel {
+    turns: VecDeque<Turn>,
+    /// Recent message ids, oldest first, and the same as a set.
+    seen_order: VecDeque<String>,
+    seen: HashSet<String>,
+    touched: Option<Instant>,
+}
+
+/// Channels in a map behind a std mutex: it is never held across an await.
+pub struct MemoryStore {
+    limits: Limits,
+    channels: Mutex<HashMap<ChannelKey, Channel>>,
+}
+
+impl MemoryStore {
+    pub fn new(limits: Limits) -> Self {
+        Self { limits, channels: Mutex::new(HashMap::new()) }
+    }
+
+    /// Runs `f` on the channel's live state (expired state is dropped
+    /// first). Uses tokio's clock, so tests can pause time.
+    fn with_channel<T>(&self, channel: &ChannelKey, f: impl FnOnce(&mut Channel) -> T) -> T {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if let (Some(ttl), Some(state)) = (self.limits.ttl, channels.get(channel)) {
+            if state.touched.is_some_and(|t| now.duration_since(t) >= ttl) {
+                channels.remove(channel);
+            }
+        }
+        f(channels.entry(channel.clone()).or_default())
+    }
+}
+
+impl ContextStore for MemoryStore {
+    fn turns<'a>(&'a self, channel: &'a ChannelKey) -> BoxFuture<'a, Result<Vec<Turn>, ContextError>> {
+        let turns = self.with_channel(channel, |c| c.turns.iter().cloned().collect());
+        Box::pin(async move { Ok(turns) })
+    }
+
+    fn seen<'a>(&'a self, channel: &'a ChannelKey, msg_id: &'a str) -> BoxFuture<'a, Result<bool, ContextError>> {
+        let seen = self.with_channel(channel, |c| c.seen.contains(msg_id));
+        Box::pin(async move { Ok(seen) })
+    }
+
+    fn append<'a>(
+        &'a self,
+        channel: &'a ChannelKey,
+        turns: &'a [Turn],
+        msg_id: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Appended, ContextError>> {
+        let limits = &self.limits;
+        let outcome = self.with_channel(channel, |c| {
+            if let Some(id) = msg_id {
+                if !c.seen.insert(id.to_string()) {
+                    return Appended::Duplicate;
+                }
+                c.seen_order.push_back(id.to_string());
+                while c.seen_order.len() > limits.seen_ids {
+                    if let Some(old) = c.seen_order.pop_front() {
+                        c.seen.remove(&old);
+                    }
+                }
+            }
+            c.turns.extend(turns.iter().cloned());
+            while c.turns.len() > limits.max_turns {
+                c.turns.pop_front();
+            }
+            c.touched = Some(Instant::now());
+            Appended::Stored
+        });
+        Box::pin(async move { Ok(outcome) })
+    }
+
+    fn clear<'a>(&'a self, channel: &'a ChannelKey) -> BoxFuture<'a, Result<(), ContextError>> {
+        self.with_channel(channel, |c| c.turns.clear());
+        Box::pin(async { Ok(()) })
+    }
+
+    fn forget_author<'a>(&'a self, platform: Platform, author: &'a str) -> BoxFuture<'a, Result<usize, ContextError>> {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        let mut removed = 0;
+        for (_, state) in channels.iter_mut().filter(|(key, _)| key.platform == platform) {
+            let before = state.turns.len();
+            state.turns.retain(|t| !about(t, author));
+            removed += before - state.turns.len();
+        }
+        Box::pin(async move { Ok(removed) })
+    }
+
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    fn is_up(&self) -> bool {
+        true
+    }
+}
+
+/// Whether a turn is by `author` or a bot reply to them.
+pub(crate) fn about(turn: &Turn, author: &str) -> bool {
+    if turn.bot {
+        turn.reply_to.as_deref() == Some(author)
+    } else {
+        turn.author == author
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn key(id: &str) -> ChannelKey {
+        ChannelKey::new(Platform::Http, id)
+    }
+
+    #[tokio::test]
+    async fn window_dedup_and_forget() {
+        let store = MemoryStore::new(Limits::new(3, None));
+        let a = key("a");
+        for i in 0..5 {
+            let id = format!("m{i}");
+            let turns = [Turn::user("ann", format!("hi {i}"), Some(id.clone()))];
+            assert_eq!(store.append(&a, &turns, Some(&id)).await.unwrap(), Appended::Stored);
+        }
+        let texts: Vec<String> = store.turns(&a).await.unwrap().into_iter().map(|t| t.text).collect();
+        assert_eq!(texts, ["hi 2", "hi 3", "hi 4"]);
+        assert!(store.seen(&a, "m1").await.unwrap());
+        assert_eq!(store.append(&a, &[Turn::user("ann", "again", None)], Some("m4")).await.unwrap(), Appended::Duplicate);
+        store.append(&a, &[Turn::user("bob", "yo", None), Turn::bot("hey", "bob")], None).await.unwrap();
+        assert_eq!(store.forget_author(Platform::Http, "bob").await.unwrap(), 2);
+        assert_eq!(store.forget_author(Platform::Discord, "ann").await.unwrap(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_channels_expire() {
+        let store = MemoryStore::new(Limits::new(10, Some(Duration::from_secs(60))));
+        let a = key("a");
+        store.append(&a, &[Turn::user("ann", "hi", None)], None).await.unwrap();
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert_eq!(store.turns(&a).await.unwrap().len(), 1);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(store.turns(&a).await.unwrap().is_empty());
+    }
+}

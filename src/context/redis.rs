@@ -1,0 +1,309 @@
+//! The Redis context store, and the only code in dialogd that knows Redis.
+//!
+//! Keys (all under `key_prefix`, `P` below; `C` is `platform:channel_id`):
+//!
+//! - `P:ctx:C`: a list of turns as JSON, oldest first, at most `max_turns`.
+//! - `P:seen:C`: a sorted set of recent message ids (duplicate detection).
+//! - `P:authors:platform:author`: the `ctx` keys an author wrote in (for
+//!   `/forget`).
+//!
+//! Every key expires after `ttl` idle. Appends run as one Lua script, so a
+//! channel's duplicate check, append, trim and TTL refresh are atomic, and
+//! two daemons sharing Redis cannot interleave half-appends.
+//!
+//! When Redis cannot be reached the store says so at once
+//! ([`ContextError::Unavailable`]) instead of making every message wait: a
+//! failed call marks it down, and a watcher pings with exponential backoff
+//! (250 ms up to 5 s) until Redis answers again. The connection manager
+//! reconnects underneath.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use dialogd_adapters::{BoxFuture, ChannelKey, Platform};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, Script};
+
+use super::{Appended, ContextError, ContextStore, Limits, Turn};
+use crate::telemetry::Metrics;
+
+const APPEND_LUA: &str = r#"
+-- KEYS: ctx, seen, author index keys...
+-- ARGV: max_turns, ttl_secs, msg_id or '', seen_ids, score, n_turns, turns...
+local msg = ARGV[3]
+if msg ~= '' then
+  if redis.call('ZSCORE', KEYS[2], msg) then return 0 end
+  redis.call('ZADD', KEYS[2], ARGV[5], msg)
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[4]) + 1))
+end
+local n = tonumber(ARGV[6])
+for i = 1, n do redis.call('RPUSH', KEYS[1], ARGV[6 + i]) end
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
+for i = 3, #KEYS do redis.call('SADD', KEYS[i], KEYS[1]) end
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then
+  for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ttl) end
+end
+return 1
+"#;
+
+const FORGET_LUA: &str = r#"
+-- KEYS: ctx; ARGV: author. Removes the author's turns and the bot's replies to them.
+local items = redis.call('LRANGE', KEYS[1], 0, -1)
+local keep = {}
+local removed = 0
+for _, raw in ipairs(items) do
+  local ok, t = pcall(cjson.decode, raw)
+  local about = false
+  if ok and type(t) == 'table' then
+    if t.bot == true then about = (t.reply_to == ARGV[1]) else about = (t.author == ARGV[1]) end
+  end
+  if about then removed = removed + 1 else keep[#keep + 1] = raw end
+end
+if removed > 0 then
+  local ttl = redis.call('PTTL', KEYS[1])
+  redis.call('DEL', KEYS[1])
+  for _, raw in ipairs(keep) do redis.call('RPUSH', KEYS[1], raw) end
+  if #keep > 0 and ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+end
+return removed
+"#;
+
+/// Shared by the store and its watcher.
+struct Inner {
+    conn: ConnectionManager,
+    /// Whether the last call or ping succeeded. While false, calls fail at
+    /// once and only the watcher talks to Redis.
+    up: AtomicBool,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+pub struct RedisStore {
+    inner: Arc<Inner>,
+    prefix: String,
+    limits: Limits,
+    append: Script,
+    forget: Script,
+}
+
+impl RedisStore {
+    /// Sets up the connection (lazily: an unreachable Redis is not an error
+    /// here, only a bad URL is), pings once and starts the watcher.
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        limits: Limits,
+        timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ContextError> {
+        let client = redis::Client::open(url)
+            .map_err(|e| ContextError::Unavailable(format!("bad redis URL ({:?})", e.kind())))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(100))
+            .set_max_delay(Duration::from_secs(1));
+        let conn = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| ContextError::Unavailable(e.to_string()))?;
+        let inner = Arc::new(Inner { conn, up: AtomicBool::new(true), timeout, metrics });
+        if let Err(e) = inner.ping().await {
+            inner.mark_down(&e);
+        } else {
+            inner.metrics.store_up.store(true, Ordering::Relaxed);
+        }
+        tokio::spawn(watch(Arc::downgrade(&inner)));
+        Ok(Self {
+            inner,
+            prefix: prefix.to_string(),
+            limits,
+            append: Script::new(APPEND_LUA),
+            forget: Script::new(FORGET_LUA),
+        })
+    }
+
+    fn ctx_key(&self, channel: &ChannelKey) -> String {
+        format!("{}:ctx:{channel}", self.prefix)
+    }
+
+    fn seen_key(&self, channel: &ChannelKey) -> String {
+        format!("{}:seen:{channel}", self.prefix)
+    }
+
+    fn author_key(&self, platform: Platform, author: &str) -> String {
+        format!("{}:authors:{}:{author}", self.prefix, platform.as_str())
+    }
+}
+
+impl Inner {
+    async fn ping(&self) -> Result<(), ContextError> {
+        let mut conn = self.conn.clone();
+        self.bounded(async move { redis::cmd("PING").query_async::<String>(&mut conn).await }).await.map(|_| ())
+    }
+
+    /// Runs one Redis call within the timeout and files its failure.
+    async fn bounded<T>(&self, call: impl Future<Output = Result<T, RedisError>>) -> Result<T, ContextError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => {
+                self.metrics.redis_errors.fetch_add(1, Ordering::Relaxed);
+                if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
+                    Err(ContextError::Unavailable(e.to_string()))
+                } else {
+                    Err(ContextError::Corrupt(e.to_string()))
+                }
+            }
+            Err(_) => {
+                self.metrics.redis_errors.fetch_add(1, Ordering::Relaxed);
+                Err(ContextError::Unavailable(format!("no answer within {:?}", self.timeout)))
+            }
+        }
+    }
+
+    fn mark_down(&self, err: &ContextError) {
+        if matches!(err, ContextError::Unavailable(_)) && self.up.swap(false, Ordering::Relaxed) {
+            self.metrics.store_up.store(false, Ordering::Relaxed);
+            tracing::warn!(error = %err, "redis unreachable: answering without context until it is back");
+        }
+    }
+
+    /// A call made on behalf of a message: refused at once while down.
+    async fn call<T>(&self, call: impl Future<Output = Result<T, RedisError>>) -> Result<T, ContextError> {
+        if !self.up.load(Ordering::Relaxed) {
+            return Err(ContextError::Unavailable("redis is down; reconnecting".into()));
+        }
+        let result = self.bounded(call).await;
+        if let Err(e) = &result {
+            self.mark_down(e);
+        }
+        result
+    }
+}
+
+/// Pings while the store lives: every 2 s while up, with backoff while down.
+async fn watch(inner: Weak<Inner>) {
+    const MIN: Duration = Duration::from_millis(250);
+    const MAX: Duration = Duration::from_secs(5);
+    let mut backoff = MIN;
+    loop {
+        let up = match inner.upgrade() {
+            Some(inner) => inner.up.load(Ordering::Relaxed),
+            None => return,
+        };
+        tokio::time::sleep(if up { Duration::from_secs(2) } else { backoff }).await;
+        let Some(inner) = inner.upgrade() else { return };
+        match inner.ping().await {
+            Ok(()) => {
+                backoff = MIN;
+                if !inner.up.swap(true, Ordering::Relaxed) {
+                    inner.metrics.store_up.store(true, Ordering::Relaxed);
+                    tracing::info!("redis is reachable again: context is back");
+                }
+            }
+            Err(e) => {
+                inner.mark_down(&e);
+                if !up {
+                    backoff = (backoff * 2).min(MAX);
+                }
+                tracing::debug!(error = %e, retry_in = ?backoff, "redis ping failed");
+            }
+        }
+    }
+}
+
+impl ContextStore for RedisStore {
+    fn turns<'a>(&'a self, channel: &'a ChannelKey) -> BoxFuture<'a, Result<Vec<Turn>, ContextError>> {
+        Box::pin(async move {
+            let mut conn = self.inner.conn.clone();
+            let key = self.ctx_key(channel);
+            let raw: Vec<String> =
+                self.inner.call(async { redis::cmd("LRANGE").arg(&key).arg(0).arg(-1).query_async(&mut conn).await }).await?;
+            raw.iter()
+                .map(|r| serde_json::from_str(r).map_err(|e| ContextError::Corrupt(format!("{key}: {e}"))))
+                .collect()
+        })
+    }
+
+    fn seen<'a>(&'a self, channel: &'a ChannelKey, msg_id: &'a str) -> BoxFuture<'a, Result<bool, ContextError>> {
+        Box::pin(async move {
+            let mut conn = self.inner.conn.clone();
+            let key = self.seen_key(channel);
+            let score: Option<f64> =
+                self.inner.call(async { redis::cmd("ZSCORE").arg(&key).arg(msg_id).query_async(&mut conn).await }).await?;
+            Ok(score.is_some())
+        })
+    }
+
+    fn append<'a>(
+        &'a self,
+        channel: &'a ChannelKey,
+        turns: &'a [Turn],
+        msg_id: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Appended, ContextError>> {
+        Box::pin(async move {
+            let mut invocation = self.append.prepare_invoke();
+            invocation.key(self.ctx_key(channel)).key(self.seen_key(channel));
+            let mut authors: Vec<&str> = turns.iter().filter(|t| !t.bot).map(|t| t.author.as_str()).collect();
+            authors.sort_unstable();
+            authors.dedup();
+            for author in authors {
+                invocation.key(self.author_key(channel.platform, author));
+            }
+            let score = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            invocation
+                .arg(self.limits.max_turns)
+                .arg(self.limits.ttl.map_or(0, |t| t.as_secs().max(1)))
+                .arg(msg_id.unwrap_or(""))
+                .arg(self.limits.seen_ids)
+                .arg(score)
+                .arg(turns.len());
+            for turn in turns {
+                let json = serde_json::to_string(turn).map_err(|e| ContextError::Corrupt(e.to_string()))?;
+                invocation.arg(json);
+            }
+            let mut conn = self.inner.conn.clone();
+            let stored: i64 = self.inner.call(async { invocation.invoke_async(&mut conn).await }).await?;
+            Ok(if stored == 1 { Appended::Stored } else { Appended::Duplicate })
+        })
+    }
+
+    fn clear<'a>(&'a self, channel: &'a ChannelKey) -> BoxFuture<'a, Result<(), ContextError>> {
+        Box::pin(async move {
+            let mut conn = self.inner.conn.clone();
+            let key = self.ctx_key(channel);
+            self.inner.call(async { redis::cmd("DEL").arg(&key).query_async::<i64>(&mut conn).await }).await?;
+            Ok(())
+        })
+    }
+
+    fn forget_author<'a>(&'a self, platform: Platform, author: &'a str) -> BoxFuture<'a, Result<usize, ContextError>> {
+        Box::pin(async move {
+            let mut conn = self.inner.conn.clone();
+            let index = self.author_key(platform, author);
+            let ctx_keys: Vec<String> =
+                self.inner.call(async { redis::cmd("SMEMBERS").arg(&index).query_async(&mut conn).await }).await?;
+            let mut removed = 0usize;
+            for key in &ctx_keys {
+                let mut invocation = self.forget.prepare_invoke();
+                invocation.key(key).arg(author);
+                let n: i64 = self.inner.call(async { invocation.invoke_async(&mut conn).await }).await?;
+                removed += n.max(0) as usize;
+            }
+            self.inner.call(async { redis::cmd("DEL").arg(&index).query_async::<i64>(&mut conn).await }).await?;
+            Ok(removed)
+        })
+    }
+
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn is_up(&self) -> bool {
+        self.inner.up.load(Ordering::Relaxed)
+    }
+}

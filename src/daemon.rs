@@ -1,0 +1,256 @@
+//! The daemon's lifecycle: start the parts, serve, drain, stop.
+//!
+//! [`Daemon::start`] connects the context store, builds the pipeline and
+//! binds every listening socket (so a bad address fails before readiness).
+//! [`Daemon::serve`] runs the adapters and the metrics endpoint until the
+//! injected `shutdown` future resolves (the binary passes SIGTERM/SIGINT;
+//! tests pass their own), then stops taking messages, lets those in flight
+//! finish within `daemon.drain_secs` and returns. [`reload`] applies
+//! SIGHUP: the generation settings change live, nothing is dropped.
+//! Readiness and stopping are told to systemd through `NOTIFY_SOCKET`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use dialogd_adapters::console::ConsoleAdapter;
+use dialogd_adapters::http::{HttpAdapter, HttpConfig};
+use dialogd_adapters::{Adapter, AdapterError, Core, Shutdown};
+use tokio::task::JoinSet;
+
+use crate::context::memory::MemoryStore;
+use crate::context::redis::RedisStore;
+use crate::context::{ContextError, ContextStore, Limits};
+use crate::pipeline::engine::ReplyEngine;
+use crate::pipeline::Pipeline;
+use crate::settings::{self, Settings, SettingsError, StoreKind};
+use crate::telemetry::{serve_metrics, Metrics, MetricsServer};
+use crate::tokenizer::DialogTokenizer;
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
+    #[error("telemetry.metrics_listen: cannot listen on {addr}: {source}")]
+    Metrics { addr: SocketAddr, source: std::io::Error },
+    #[error("context.redis_url: {0}")]
+    Store(#[from] ContextError),
+}
+
+/// A started daemon, sockets bound, not yet serving.
+pub struct Daemon {
+    pipeline: Pipeline,
+    adapters: Vec<Box<dyn Adapter>>,
+    metrics_server: Option<MetricsServer>,
+    http_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+}
+
+impl Daemon {
+    /// Connects the store, builds the pipeline and binds the sockets.
+    pub async fn start(
+        settings: Settings,
+        engine: Arc<dyn ReplyEngine>,
+        tokenizer: DialogTokenizer,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, DaemonError> {
+        let c = &settings.context;
+        let limits = Limits::new(c.max_turns, c.ttl);
+        let store: Arc<dyn ContextStore> = match c.store {
+            StoreKind::Memory => Arc::new(MemoryStore::new(limits)),
+            StoreKind::Redis => Arc::new(
+                RedisStore::connect(c.redis_url.expose(), &c.key_prefix, limits, c.redis_timeout, metrics.clone())
+                    .await?,
+            ),
+        };
+        tracing::info!(
+            store = store.kind(),
+            redis = %if c.store == StoreKind::Redis { settings::redact_url(c.redis_url.expose()) } else { "-".into() },
+            up = store.is_up(),
+            "context store ready"
+        );
+        let pipeline =
+            Pipeline::new(engine, store, tokenizer, settings.generation.clone(), c.max_tokens, metrics.clone());
+
+        let mut adapters: Vec<Box<dyn Adapter>> = Vec::new();
+        let mut http_addr = None;
+        let h = &settings.adapters.http;
+        if h.enabled {
+            let config = HttpConfig {
+                listen: h.listen,
+                token: h.token.as_ref().map(|t| t.expose().to_string()),
+                max_body_bytes: h.max_body_bytes,
+            };
+            let adapter = HttpAdapter::bind(config).await?;
+            http_addr = Some(adapter.local_addr());
+            adapters.push(Box::new(adapter));
+        }
+        if settings.adapters.console.enabled {
+            adapters.push(Box::new(ConsoleAdapter::stdio()));
+        }
+        let (metrics_server, metrics_addr) = match settings.telemetry.metrics_listen {
+            Some(addr) => {
+                let server =
+                    MetricsServer::bind(addr).await.map_err(|source| DaemonError::Metrics { addr, source })?;
+                let bound = server.local_addr();
+                (Some(server), bound)
+            }
+            None => (None, None),
+        };
+        Ok(Self { pipeline, adapters, metrics_server, http_addr, metrics_addr, settings, metrics })
+    }
+
+    /// Where the HTTP adapter listens (the real port when 0 was asked for).
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    pub fn pipeline(&self) -> &Pipeline {
+        &self.pipeline
+    }
+
+    /// Serves until `shutdown` resolves or every adapter has stopped, then
+    /// drains. Returns once in-flight messages are answered or the drain
+    /// bound has passed.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let Self { pipeline, adapters, metrics_server, settings, metrics, .. } = self;
+        let (trigger, listener) = Shutdown::new();
+        let core: Arc<dyn Core> = Arc::new(pipeline.clone());
+        let mut tasks = JoinSet::new();
+        for adapter in adapters {
+            let name = adapter.name();
+            let run = adapter.run(core.clone(), listener.clone());
+            tasks.spawn(async move { (name, run.await) });
+        }
+        let mut metrics_task = metrics_server.map(|server| {
+            tokio::spawn(serve_metrics(server, metrics.clone(), listener.clone().wait()))
+        });
+        notify_systemd("READY=1");
+        tracing::info!(
+            http = ?settings.adapters.http.enabled.then_some(settings.adapters.http.listen),
+            metrics = ?settings.telemetry.metrics_listen,
+            "dialogd is serving"
+        );
+
+        let adapters_done = async {
+            while let Some(joined) = tasks.join_next().await {
+                log_adapter_end(joined);
+            }
+        };
+        tokio::select! {
+            _ = shutdown => tracing::info!(in_flight = pipeline.in_flight(), "shutdown asked for: draining"),
+            _ = adapters_done => tracing::info!("every adapter has stopped: shutting down"),
+        }
+        notify_systemd("STOPPING=1");
+        pipeline.stop_accepting();
+        let _ = trigger.send(true);
+        let drain = async {
+            pipeline.drained().await;
+            while let Some(joined) = tasks.join_next().await {
+                log_adapter_end(joined);
+            }
+            if let Some(task) = metrics_task.take() {
+                let _ = task.await;
+            }
+        };
+        if tokio::time::timeout(settings.daemon.drain, drain).await.is_err() {
+            tracing::warn!(
+                in_flight = pipeline.in_flight(),
+                bound = ?settings.daemon.drain,
+                "drain took too long: stopping with messages unanswered"
+            );
+        } else {
+            tracing::info!(
+                replies = metrics.replies.load(Ordering::Relaxed),
+                "drained: every accepted message was answered"
+            );
+        }
+    }
+}
+
+fn log_adapter_end(joined: Result<(&'static str, Result<(), AdapterError>), tokio::task::JoinError>) {
+    match joined {
+        Ok((name, Ok(()))) => tracing::info!(adapter = name, "adapter stopped"),
+        Ok((name, Err(e))) => tracing::error!(adapter = name, error = %e, "adapter failed"),
+        Err(e) => tracing::error!(error = %e, "adapter task panicked"),
+    }
+}
+
+/// Re-reads the settings (same file, same environment) and applies what can
+/// change live: the `[generation]` section. A bad file keeps the old
+/// settings. Returns whether anything changed.
+pub fn reload(pipeline: &Pipeline, config: Option<&Path>, metrics: &Metrics) -> Result<bool, SettingsError> {
+    let fresh = settings::load(config)?;
+    let mut generation = fresh.generation;
+    let current = pipeline.generation();
+    if generation.queue_depth != current.queue_depth || generation.candidates != current.candidates {
+        tracing::warn!("generation.queue_depth and generation.candidates change only at restart");
+        generation.queue_depth = current.queue_depth;
+        generation.candidates = current.candidates;
+    }
+    let changed = generation != *current;
+    if changed {
+        tracing::info!(generation = ?generation, "reloaded generation settings");
+        pipeline.set_generation(generation);
+    } else {
+        tracing::info!("reloaded: generation settings unchanged");
+    }
+    metrics.reloads.fetch_add(1, Ordering::Relaxed);
+    Ok(changed)
+}
+
+/// Resolves at SIGTERM or SIGINT.
+pub async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}
+
+/// Reloads on every SIGHUP, for as long as the task runs.
+pub async fn reload_on_sighup(pipeline: Pipeline, config: Option<PathBuf>, metrics: Arc<Metrics>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: reload disabled");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        notify_systemd("RELOADING=1");
+        if let Err(e) = reload(&pipeline, config.as_deref(), &metrics) {
+            tracing::error!(error = %e, "reload failed: keeping the settings in force");
+        }
+        notify_systemd("READY=1");
+    }
+}
+
+/// Sends a state line to systemd when run with `Type=notify`; a no-op
+/// otherwise.
+pub fn notify_systemd(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let socket = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(socket) => socket,
+        Err(e) => return tracing::warn!(error = %e, "sd_notify: no socket"),
+    };
+    let bytes = path.as_encoded_bytes();
+    let sent = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt as _;
+        std::os::unix::net::SocketAddr::from_abstract_name(name).and_then(|addr| socket.send_to_addr(state.as_bytes(), &addr))
+    } else {
+        socket.send_to(state.as_bytes(), Path::new(&path))
+    };
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "sd_notify failed");
+    }
+}

@@ -1,0 +1,381 @@
+//! The path of one message: commands, context, prompt, generation, context.
+//!
+//! [`Pipeline`] is the daemon's [`Core`]: adapters hand it [`Inbound`]
+//! messages and get [`Answer`]s back. Messages of one channel are handled
+//! one at a time in the order `handle` was called (each channel has a
+//! queue and a worker task that exists while the queue has work); channels
+//! run concurrently. A failure on one message is logged and answered with
+//! an error; it never stops the daemon.
+//!
+//! - [`engine`]: the narrow door to generation ([`ReplyEngine`]).
+//!
+//! Commands: `/reset` forgets the channel's context, `/forget` deletes what
+//! is stored about the author, `/help` lists them.
+
+pub mod engine;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use dialogd_adapters::{Answer, BoxFuture, ChannelKey, ContextTurn, Core, CoreError, Health, Inbound, Outbound};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use self::engine::{EngineError, ReplyEngine};
+use crate::context::{Appended, ContextError, ContextStore, Turn};
+use crate::prompt::build_prompt;
+use crate::settings::GenerationSettings;
+use crate::telemetry::{Metrics, Refusal};
+use crate::tokenizer::DialogTokenizer;
+
+/// The longest message accepted, in bytes (as `dialogd chat`).
+pub const MAX_TURN_BYTES: usize = crate::cli::MAX_TURN_BYTES;
+
+/// Messages waiting per channel at most; more are refused as busy.
+const CHANNEL_QUEUE: usize = 32;
+
+const HELP: &str = "I'm a DialoGPT chat bot. Commands: /reset forgets this channel's conversation; \
+/forget deletes everything stored about you; /help shows this.";
+
+/// One accepted message on its way through a channel's queue.
+struct Work {
+    inbound: Inbound,
+    answer: oneshot::Sender<Result<Answer, CoreError>>,
+    /// Counts the message as in flight until it is answered.
+    _in_flight: InFlight,
+}
+
+/// Decrements the in-flight count when the message is done.
+struct InFlight(Arc<Shared>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Everything the channel workers share.
+struct Shared {
+    engine: Arc<dyn ReplyEngine>,
+    store: Arc<dyn ContextStore>,
+    tokenizer: DialogTokenizer,
+    /// Replaced whole on SIGHUP; readers clone the Arc.
+    generation: RwLock<Arc<GenerationSettings>>,
+    /// The context's token budget (`context.max_tokens`).
+    max_tokens: usize,
+    metrics: Arc<Metrics>,
+    /// Channels with queued or running work. A std mutex: held only to
+    /// look up, insert or remove, never across an await.
+    channels: Mutex<HashMap<ChannelKey, mpsc::Sender<Work>>>,
+    /// False once shutdown begins: new messages are refused.
+    accepting: AtomicBool,
+    in_flight: AtomicUsize,
+    /// Woken when `in_flight` drops to zero.
+    idle: Notify,
+}
+
+/// The daemon's core. Cheap to clone.
+#[derive(Clone)]
+pub struct Pipeline {
+    shared: Arc<Shared>,
+}
+
+impl Pipeline {
+    pub fn new(
+        engine: Arc<dyn ReplyEngine>,
+        store: Arc<dyn ContextStore>,
+        tokenizer: DialogTokenizer,
+        generation: GenerationSettings,
+        max_tokens: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                engine,
+                store,
+                tokenizer,
+                generation: RwLock::new(Arc::new(generation)),
+                max_tokens,
+                metrics,
+                channels: Mutex::new(HashMap::new()),
+                accepting: AtomicBool::new(true),
+                in_flight: AtomicUsize::new(0),
+                idle: Notify::new(),
+            }),
+        }
+    }
+
+    /// The generation settings now in force.
+    pub fn generation(&self) -> Arc<GenerationSettings> {
+        self.shared.generation.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the generation settings; messages already generating keep
+    /// the ones they started with.
+    pub fn set_generation(&self, generation: GenerationSettings) {
+        *self.shared.generation.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(generation);
+    }
+
+    /// Refuses new messages from now on (shutdown).
+    pub fn stop_accepting(&self) {
+        self.shared.accepting.store(false, Ordering::Release);
+    }
+
+    /// Messages accepted and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Resolves when no message is in flight.
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.shared.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.in_flight() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Queues a message on its channel (in call order), starting the
+    /// channel's worker when it has none.
+    fn enqueue(&self, inbound: Inbound) -> Result<oneshot::Receiver<Result<Answer, CoreError>>, CoreError> {
+        let shared = &self.shared;
+        if !shared.accepting.load(Ordering::Acquire) {
+            shared.metrics.refused(Refusal::ShuttingDown);
+            return Err(CoreError::ShuttingDown);
+        }
+        shared.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
+        let (answer, receiver) = oneshot::channel();
+        shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        let work = Work { inbound, answer, _in_flight: InFlight(shared.clone()) };
+        let mut channels = shared.channels.lock().unwrap_or_else(|e| e.into_inner());
+        let key = work.inbound.channel.clone();
+        let sender = channels.entry(key.clone()).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(CHANNEL_QUEUE);
+            tokio::spawn(channel_worker(shared.clone(), key, rx));
+            tx
+        });
+        match sender.try_send(work) {
+            Ok(()) => Ok(receiver),
+            Err(_) => {
+                shared.metrics.refused(Refusal::Busy);
+                Err(CoreError::Busy)
+            }
+        }
+    }
+}
+
+/// Handles one channel's messages in order; ends when its queue is empty.
+async fn channel_worker(shared: Arc<Shared>, key: ChannelKey, mut queue: mpsc::Receiver<Work>) {
+    loop {
+        let work = match queue.try_recv() {
+            Ok(work) => work,
+            Err(_) => {
+                // Remove the channel under the map lock, where senders
+                // send, so nothing can arrive after the last look.
+                let mut channels = shared.channels.lock().unwrap_or_else(|e| e.into_inner());
+                match queue.try_recv() {
+                    Ok(work) => work,
+                    Err(_) => {
+                        channels.remove(&key);
+                        return;
+                    }
+                }
+            }
+        };
+        let Work { inbound, answer, _in_flight } = work;
+        let channel = inbound.channel.clone();
+        // A panic inside one message is that message's failure only.
+        let result = tokio::spawn(process(shared.clone(), inbound)).await.unwrap_or_else(|e| {
+            tracing::error!(%channel, error = %e, "message handling panicked");
+            Err(CoreError::Internal("message handling failed".into()))
+        });
+        if result.is_ok() {
+            shared.metrics.messages_out.fetch_add(1, Ordering::Relaxed);
+        }
+        let _ = answer.send(result);
+    }
+}
+
+/// Tracks whether this message had to do without its stored context.
+struct Degraded<'a> {
+    metrics: &'a Metrics,
+    counted: bool,
+}
+
+impl Degraded<'_> {
+    fn note(&mut self, channel: &ChannelKey, what: &str, err: &ContextError) {
+        tracing::debug!(%channel, error = %err, "context {what} failed");
+        if !self.counted {
+            self.counted = true;
+            self.metrics.context_degraded.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A command word (`/reset`, `/reset@botname`), if the text is one.
+fn command(text: &str) -> Option<&str> {
+    let word = text.strip_prefix('/')?.split(char::is_whitespace).next()?;
+    let word = word.split('@').next().unwrap_or(word);
+    (!word.is_empty() && word.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')).then_some(word)
+}
+
+fn reply(inbound: &Inbound, text: impl Into<String>) -> Answer {
+    Answer::Reply(Outbound { channel: inbound.channel.clone(), text: text.into(), reply_to: inbound.msg_id.clone() })
+}
+
+fn silent(reason: &str) -> Answer {
+    Answer::Silent { reason: reason.into() }
+}
+
+async fn process(shared: Arc<Shared>, inbound: Inbound) -> Result<Answer, CoreError> {
+    let metrics = &shared.metrics;
+    let channel = &inbound.channel;
+    let text = inbound.text.trim();
+    if text.is_empty() {
+        metrics.refused(Refusal::Invalid);
+        return Err(CoreError::Invalid("the message is empty".into()));
+    }
+    if text.len() > MAX_TURN_BYTES {
+        metrics.refused(Refusal::Invalid);
+        return Err(CoreError::Invalid(format!("the message is over {MAX_TURN_BYTES} bytes")));
+    }
+    if let Some(word) = command(text) {
+        return run_command(&shared, &inbound, word).await;
+    }
+    if !inbound.addressed_to_bot {
+        return Ok(silent("not_addressed"));
+    }
+    let store = &shared.store;
+    let mut degraded = Degraded { metrics, counted: false };
+    let msg_id = inbound.msg_id.as_deref();
+    if let Some(id) = msg_id {
+        match store.seen(channel, id).await {
+            Ok(true) => {
+                metrics.refused(Refusal::Duplicate);
+                return Ok(silent("duplicate"));
+            }
+            Ok(false) => {}
+            Err(e) => degraded.note(channel, "duplicate check", &e),
+        }
+    }
+    let history = store.turns(channel).await.unwrap_or_else(|e| {
+        degraded.note(channel, "read", &e);
+        Vec::new()
+    });
+
+    let generation = shared.generation.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let params = generation.sampling();
+    let tokenizer = &shared.tokenizer;
+    let mut encoded: Vec<Vec<u32>> = history
+        .iter()
+        .filter_map(|turn| tokenizer.encode(&turn.text).ok().filter(|ids| !ids.is_empty()))
+        .collect();
+    let message_ids = tokenizer.encode(text).map_err(|e| CoreError::Invalid(e.to_string()))?;
+    if message_ids.is_empty() {
+        metrics.refused(Refusal::Invalid);
+        return Err(CoreError::Invalid("the message encodes to no tokens".into()));
+    }
+    encoded.push(message_ids);
+    let room = shared.engine.n_positions().saturating_sub(params.max_new_tokens);
+    let budget = shared.max_tokens.min(room);
+    let prompt = build_prompt(&encoded, tokenizer.eos_id(), budget).map_err(|e| {
+        CoreError::Internal(format!("{e} (generation.max_new_tokens leaves {room} tokens of context)"))
+    })?;
+
+    let ids = match shared.engine.reply(prompt.ids, params).await {
+        Ok(ids) => ids,
+        Err(EngineError::Busy) => return Err(CoreError::Busy),
+        Err(e) => {
+            metrics.refused(Refusal::Failed);
+            tracing::warn!(%channel, error = %e, "generation failed");
+            return Err(CoreError::Internal(e.to_string()));
+        }
+    };
+    let reply_text = tokenizer.decode(&ids).map_err(|e| CoreError::Internal(e.to_string()))?.trim().to_string();
+
+    let user_turn = Turn::user(&inbound.author, text, inbound.msg_id.clone());
+    let (turns, answer) = if reply_text.is_empty() {
+        metrics.refused(Refusal::EmptyReply);
+        (vec![user_turn], silent("empty_reply"))
+    } else {
+        (vec![user_turn, Turn::bot(&reply_text, &inbound.author)], reply(&inbound, &reply_text))
+    };
+    match store.append(channel, &turns, msg_id).await {
+        Ok(Appended::Stored) => {}
+        Ok(Appended::Duplicate) => {
+            // Another daemon sharing the store took this message meanwhile.
+            metrics.refused(Refusal::Duplicate);
+            return Ok(silent("duplicate"));
+        }
+        Err(e) => degraded.note(channel, "append", &e),
+    }
+    if matches!(answer, Answer::Reply(_)) {
+        metrics.replies.fetch_add(1, Ordering::Relaxed);
+    }
+    tracing::debug!(%channel, prompt_turns = prompt.turns_kept, reply_tokens = ids.len(), "answered");
+    Ok(answer)
+}
+
+async fn run_command(shared: &Shared, inbound: &Inbound, word: &str) -> Result<Answer, CoreError> {
+    let unavailable = |e: ContextError| CoreError::Unavailable(e.to_string());
+    match word {
+        "reset" => {
+            shared.store.clear(&inbound.channel).await.map_err(unavailable)?;
+            Ok(reply(inbound, "Done: I've forgotten this channel's conversation."))
+        }
+        "forget" => {
+            let n = shared.store.forget_author(inbound.channel.platform, &inbound.author).await.map_err(unavailable)?;
+            Ok(reply(inbound, format!("Done: I've deleted {n} stored turns of yours and my replies to them.")))
+        }
+        _ => Ok(reply(inbound, HELP)),
+    }
+}
+
+impl Core for Pipeline {
+    fn handle(&self, inbound: Inbound) -> BoxFuture<'static, Result<Answer, CoreError>> {
+        let queued = self.enqueue(inbound);
+        Box::pin(async move {
+            match queued {
+                Ok(receiver) => receiver.await.unwrap_or(Err(CoreError::Internal("message was dropped".into()))),
+                Err(e) => Err(e),
+            }
+        })
+    }
+
+    fn turns(&self, channel: ChannelKey) -> BoxFuture<'static, Result<Vec<ContextTurn>, CoreError>> {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let turns = shared.store.turns(&channel).await.map_err(|e| CoreError::Unavailable(e.to_string()))?;
+            Ok(turns.into_iter().map(|t| ContextTurn { author: t.author, text: t.text, bot: t.bot }).collect())
+        })
+    }
+
+    fn clear(&self, channel: ChannelKey) -> BoxFuture<'static, Result<(), CoreError>> {
+        let shared = self.shared.clone();
+        Box::pin(async move { shared.store.clear(&channel).await.map_err(|e| CoreError::Unavailable(e.to_string())) })
+    }
+
+    fn health(&self) -> Health {
+        Health { ready: true, store: self.shared.store.kind().into(), store_up: self.shared.store.is_up() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::command;
+
+    #[test]
+    fn commands_are_recognised() {
+        assert_eq!(command("/reset"), Some("reset"));
+        assert_eq!(command("/reset@dialogd_bot now"), Some("reset"));
+        assert_eq!(command("/ hi"), None);
+        assert_eq!(command("hello /reset"), None);
+        assert_eq!(command("/-)"), None);
+    }
+}

@@ -1,0 +1,596 @@
+//! The daemon's settings: layered raw values, validated into typed settings.
+//!
+//! Two stages, as in ripgrep's flags: [`load_raw`] layers
+//! `config/default.toml` (built in), the operator's file and `DIALOGD__…`
+//! environment variables with the `config` crate into [`RawSettings`]
+//! (unknown keys are errors); [`RawSettings::validate`] turns them into
+//! [`Settings`], with an error naming the key for every bad value. Secrets
+//! are [`Secret`]s: they print as `[redacted]` everywhere.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize, Serializer};
+
+use crate::sampling::SamplingParams;
+
+/// The documented defaults, the bottom settings layer.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Settings failures; every one names the key or file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("{path}: no such settings file")]
+    MissingFile { path: String },
+    /// A parse or layering error from the config crate (it names the key).
+    #[error("settings: {0}")]
+    Layer(#[from] config::ConfigError),
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> SettingsError {
+    SettingsError::Invalid { key, message: message.into() }
+}
+
+/// A secret value (a token, a password): never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that uses it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("[redacted]")
+    }
+}
+
+// ---- raw layer: what the files and environment say ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSettings {
+    pub model: RawModel,
+    pub generation: RawGeneration,
+    pub context: RawContext,
+    pub adapters: RawAdapters,
+    pub telemetry: RawTelemetry,
+    pub daemon: RawDaemon,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    pub path: String,
+    pub device: String,
+    pub dtype: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGeneration {
+    pub max_new_tokens: usize,
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub repetition_penalty: f32,
+    pub no_repeat_ngram: usize,
+    pub candidates: usize,
+    pub queue_depth: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawContext {
+    pub store: String,
+    pub redis_url: String,
+    pub key_prefix: String,
+    pub max_turns: usize,
+    pub max_tokens: usize,
+    pub ttl_secs: u64,
+    pub redis_timeout_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdapters {
+    pub http: RawHttp,
+    pub console: RawConsole,
+    pub discord: RawDiscord,
+    pub telegram: RawTelegram,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttp {
+    pub enabled: bool,
+    pub listen: String,
+    pub token: String,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConsole {
+    pub enabled: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDiscord {
+    pub enabled: bool,
+    pub token: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTelegram {
+    pub enabled: bool,
+    pub token: String,
+    pub api_url: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTelemetry {
+    pub log_format: String,
+    pub log_filter: String,
+    pub metrics_listen: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDaemon {
+    pub drain_secs: u64,
+}
+
+/// Layers the built-in defaults, `file` (when given) and the process's
+/// `DIALOGD__…` environment variables.
+pub fn load_raw(file: Option<&Path>) -> Result<RawSettings, SettingsError> {
+    load_raw_with_env(file, std::env::vars())
+}
+
+/// [`load_raw`] with the environment given explicitly (for tests).
+pub fn load_raw_with_env(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<RawSettings, SettingsError> {
+    let mut builder =
+        config::Config::builder().add_source(config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml));
+    if let Some(path) = file {
+        if !path.is_file() {
+            return Err(SettingsError::MissingFile { path: path.display().to_string() });
+        }
+        builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml).required(true));
+    }
+    let env: config::Map<String, String> =
+        env.into_iter().filter(|(k, _)| k.starts_with("DIALOGD__")).collect();
+    builder = builder.add_source(
+        config::Environment::with_prefix("DIALOGD").prefix_separator("__").separator("__").source(Some(env)),
+    );
+    Ok(builder.build()?.try_deserialize()?)
+}
+
+/// Loads and validates in one step.
+pub fn load(file: Option<&Path>) -> Result<Settings, SettingsError> {
+    load_raw(file)?.validate()
+}
+
+// ---- typed layer: what the daemon runs with ----
+
+/// Validated settings.
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    pub model: ModelSettings,
+    pub generation: GenerationSettings,
+    pub context: ContextSettings,
+    pub adapters: AdapterSettings,
+    pub telemetry: TelemetrySettings,
+    pub daemon: DaemonSettings,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelSettings {
+    pub path: String,
+    pub device: String,
+    pub dtype: String,
+}
+
+/// The settings SIGHUP can change live.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GenerationSettings {
+    pub max_new_tokens: usize,
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub repetition_penalty: f32,
+    pub no_repeat_ngram: usize,
+    pub candidates: usize,
+    pub queue_depth: usize,
+}
+
+impl GenerationSettings {
+    /// Sampling parameters for one reply (a fresh seed each time).
+    pub fn sampling(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            no_repeat_ngram: self.no_repeat_ngram,
+            min_new_tokens: 0,
+            max_new_tokens: self.max_new_tokens,
+            seed: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    Redis,
+    Memory,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ContextSettings {
+    pub store: StoreKind,
+    /// May hold a password, so it is a secret; [`redact_url`] shows it.
+    #[serde(serialize_with = "serialize_redacted_url")]
+    pub redis_url: Secret,
+    pub key_prefix: String,
+    pub max_turns: usize,
+    pub max_tokens: usize,
+    /// `None`: contexts never expire.
+    #[serde(rename = "ttl_secs", serialize_with = "serialize_opt_secs")]
+    pub ttl: Option<Duration>,
+    #[serde(rename = "redis_timeout_ms", serialize_with = "serialize_millis")]
+    pub redis_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AdapterSettings {
+    pub http: HttpSettings,
+    pub console: ConsoleSettings,
+    pub discord: DiscordSettings,
+    pub telegram: TelegramSettings,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpSettings {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    #[serde(serialize_with = "serialize_opt_secret")]
+    pub token: Option<Secret>,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConsoleSettings {
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DiscordSettings {
+    pub enabled: bool,
+    #[serde(serialize_with = "serialize_opt_secret")]
+    pub token: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TelegramSettings {
+    pub enabled: bool,
+    #[serde(serialize_with = "serialize_opt_secret")]
+    pub token: Option<Secret>,
+    pub api_url: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TelemetrySettings {
+    pub log_format: LogFormat,
+    pub log_filter: String,
+    /// `None`: no metrics endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DaemonSettings {
+    #[serde(rename = "drain_secs", serialize_with = "serialize_secs")]
+    pub drain: Duration,
+}
+
+fn serialize_redacted_url<S: Serializer>(url: &Secret, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_url(url.expose()))
+}
+
+/// An unset secret shows as `""`, a set one as `[redacted]`.
+fn serialize_opt_secret<S: Serializer>(secret: &Option<Secret>, s: S) -> Result<S::Ok, S::Error> {
+    match secret {
+        Some(secret) => secret.serialize(s),
+        None => s.serialize_str(""),
+    }
+}
+
+fn serialize_opt_secs<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.map_or(0, |d| d.as_secs()))
+}
+
+fn serialize_secs<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_secs())
+}
+
+fn serialize_millis<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis() as u64)
+}
+
+/// A URL with any password (`redis://user:PASSWORD@host`) replaced.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+            let user = if userinfo.contains(':') { user } else { "" };
+            format!("{scheme}://{user}:[redacted]@{host}{tail}")
+        }
+        None => url.to_string(),
+    }
+}
+
+fn secret(value: String) -> Option<Secret> {
+    let value = value.trim().to_string();
+    (!value.is_empty()).then_some(Secret(value))
+}
+
+fn socket_addr(key: &'static str, value: &str) -> Result<SocketAddr, SettingsError> {
+    value.parse().map_err(|_| invalid(key, format!("{value:?} is not an address such as 127.0.0.1:8080")))
+}
+
+impl RawSettings {
+    /// Checks every value; the first bad one is reported with its key.
+    pub fn validate(self) -> Result<Settings, SettingsError> {
+        let m = self.model;
+        if m.path.trim().is_empty() {
+            return Err(invalid("model.path", "must name a checkpoint folder or hub id"));
+        }
+        crate::model::parse_device(&m.device).map_err(|e| invalid("model.device", e.to_string()))?;
+        if !["auto", "f32", "f16", "bf16"].contains(&m.dtype.as_str()) {
+            return Err(invalid("model.dtype", format!("{:?} is not one of auto, f32, f16, bf16", m.dtype)));
+        }
+        let generation = self.generation.validate()?;
+
+        let c = self.context;
+        let store = match c.store.as_str() {
+            "redis" => StoreKind::Redis,
+            "memory" => StoreKind::Memory,
+            other => return Err(invalid("context.store", format!("{other:?} is not \"redis\" or \"memory\""))),
+        };
+        if store == StoreKind::Redis {
+            redis_url_ok(&c.redis_url).map_err(|m| invalid("context.redis_url", m))?;
+        }
+        if c.key_prefix.is_empty() || c.key_prefix.contains(char::is_whitespace) {
+            return Err(invalid("context.key_prefix", "must be a non-empty word without spaces"));
+        }
+        if c.max_turns == 0 || c.max_turns > 10_000 {
+            return Err(invalid("context.max_turns", format!("{} is not in 1..=10000", c.max_turns)));
+        }
+        if c.max_tokens < 2 {
+            return Err(invalid("context.max_tokens", "must be at least 2 (a turn and its separator)"));
+        }
+        if c.redis_timeout_ms == 0 {
+            return Err(invalid("context.redis_timeout_ms", "must be at least 1"));
+        }
+        let context = ContextSettings {
+            store,
+            redis_url: Secret(c.redis_url),
+            key_prefix: c.key_prefix,
+            max_turns: c.max_turns,
+            max_tokens: c.max_tokens,
+            ttl: (c.ttl_secs > 0).then(|| Duration::from_secs(c.ttl_secs)),
+            redis_timeout: Duration::from_millis(c.redis_timeout_ms),
+        };
+
+        let a = self.adapters;
+        let http = HttpSettings {
+            enabled: a.http.enabled,
+            listen: socket_addr("adapters.http.listen", &a.http.listen)?,
+            token: secret(a.http.token),
+            max_body_bytes: a.http.max_body_bytes,
+        };
+        if http.max_body_bytes < 1024 {
+            return Err(invalid("adapters.http.max_body_bytes", "must be at least 1024"));
+        }
+        let discord = DiscordSettings { enabled: a.discord.enabled, token: secret(a.discord.token) };
+        if discord.enabled {
+            return Err(invalid("adapters.discord.enabled", "the Discord adapter is not part of this build yet"));
+        }
+        let telegram =
+            TelegramSettings { enabled: a.telegram.enabled, token: secret(a.telegram.token), api_url: a.telegram.api_url };
+        if telegram.enabled {
+            return Err(invalid("adapters.telegram.enabled", "the Telegram adapter is not part of this build yet"));
+        }
+        if !(telegram.api_url.starts_with("https://") || telegram.api_url.starts_with("http://")) {
+            return Err(invalid("adapters.telegram.api_url", "must be an http(s) URL"));
+        }
+        let console = ConsoleSettings { enabled: a.console.enabled };
+        if !http.enabled && !console.enabled {
+            return Err(invalid("adapters", "no adapter is enabled (adapters.http.enabled, adapters.console.enabled)"));
+        }
+
+        let t = self.telemetry;
+        let log_format = match t.log_format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => return Err(invalid("telemetry.log_format", format!("{other:?} is not \"text\" or \"json\""))),
+        };
+        tracing_subscriber::EnvFilter::try_new(&t.log_filter)
+            .map_err(|e| invalid("telemetry.log_filter", e.to_string()))?;
+        let metrics_listen = match t.metrics_listen.trim() {
+            "" => None,
+            addr => Some(socket_addr("telemetry.metrics_listen", addr)?),
+        };
+        if self.daemon.drain_secs == 0 {
+            return Err(invalid("daemon.drain_secs", "must be at least 1"));
+        }
+        Ok(Settings {
+            model: ModelSettings { path: m.path, device: m.device, dtype: m.dtype },
+            generation,
+            context,
+            adapters: AdapterSettings { http, console, discord, telegram },
+            telemetry: TelemetrySettings { log_format, log_filter: t.log_filter, metrics_listen },
+            daemon: DaemonSettings { drain: Duration::from_secs(self.daemon.drain_secs) },
+        })
+    }
+}
+
+fn redis_url_ok(url: &str) -> Result<(), String> {
+    if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
+        return Err(format!("{:?} is not a redis://, rediss:// or unix:// URL", redact_url(url)));
+    }
+    Ok(())
+}
+
+impl RawGeneration {
+    fn validate(self) -> Result<GenerationSettings, SettingsError> {
+        let g = GenerationSettings {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            no_repeat_ngram: self.no_repeat_ngram,
+            candidates: self.candidates,
+            queue_depth: self.queue_depth,
+        };
+        if g.max_new_tokens == 0 || g.max_new_tokens > 1000 {
+            return Err(invalid("generation.max_new_tokens", format!("{} is not in 1..=1000", g.max_new_tokens)));
+        }
+        if !g.temperature.is_finite() || g.temperature < 0.0 {
+            return Err(invalid("generation.temperature", format!("{} is not 0 (greedy) or positive", g.temperature)));
+        }
+        if !(g.top_p > 0.0 && g.top_p <= 1.0) {
+            return Err(invalid("generation.top_p", format!("{} is not in (0, 1]", g.top_p)));
+        }
+        if !g.repetition_penalty.is_finite() || g.repetition_penalty <= 0.0 {
+            return Err(invalid("generation.repetition_penalty", format!("{} is not positive", g.repetition_penalty)));
+        }
+        if g.candidates == 0 || g.candidates > 16 {
+            return Err(invalid("generation.candidates", format!("{} is not in 1..=16", g.candidates)));
+        }
+        if g.queue_depth == 0 {
+            return Err(invalid("generation.queue_depth", "must be at least 1"));
+        }
+        Ok(g)
+    }
+}
+
+impl Settings {
+    /// The effective settings as TOML, secrets redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot show settings: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_env(file_text: Option<&str>, env: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dialogd.toml");
+        if let Some(text) = file_text {
+            std::fs::write(&path, text).unwrap();
+        }
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        load_raw_with_env(file_text.map(|_| path.as_path()), env)?.validate()
+    }
+
+    #[test]
+    fn defaults_are_valid_and_layers_override_in_order() {
+        let s = load_env(None, &[]).unwrap();
+        assert_eq!(s.context.max_turns, 20);
+        let s = load_env(Some("[context]\nmax_turns = 7\n"), &[]).unwrap();
+        assert_eq!(s.context.max_turns, 7);
+        let s = load_env(Some("[context]\nmax_turns = 7\n"), &[("DIALOGD__CONTEXT__MAX_TURNS", "9")]).unwrap();
+        assert_eq!(s.context.max_turns, 9);
+        let s = load_env(None, &[("DIALOGD__CONTEXT__REDIS_URL", "redis://10.0.0.1:6380/2")]).unwrap();
+        assert_eq!(s.context.redis_url.expose(), "redis://10.0.0.1:6380/2");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases: &[(&str, &str)] = &[
+            ("[generation]\ntop_p = 1.5\n", "generation.top_p"),
+            ("[context]\nstore = \"sqlite\"\n", "context.store"),
+            ("[adapters.http]\nlisten = \"nowhere\"\n", "adapters.http.listen"),
+            ("[telemetry]\nlog_format = \"xml\"\n", "telemetry.log_format"),
+            ("[generation]\ntemprature = 1.0\n", "temprature"),
+            ("[context]\nmax_turns = \"many\"\n", "max_turns"),
+            ("[adapters.telegram]\nenabled = true\n", "adapters.telegram.enabled"),
+        ];
+        for (text, key) in cases {
+            let err = load_env(Some(text), &[]).unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?}: {err}");
+        }
+        let err = load_env(None, &[("DIALOGD__GENERATION__TOP_K", "lots")]).unwrap_err().to_string();
+        assert!(err.contains("top_k"), "{err}");
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let s = load_env(
+            Some("[context]\nredis_url = \"redis://u:hunter2@db:6379/0\"\n"),
+            &[("DIALOGD__ADAPTERS__HTTP__TOKEN", "tok-123456"), ("DIALOGD__ADAPTERS__TELEGRAM__TOKEN", "tg-987654")],
+        )
+        .unwrap();
+        assert_eq!(s.adapters.http.token.as_ref().unwrap().expose(), "tok-123456");
+        for shown in [s.to_redacted_toml(), format!("{s:?}")] {
+            for secret in ["hunter2", "tok-123456", "tg-987654"] {
+                assert!(!shown.contains(secret), "{secret} in {shown}");
+            }
+        }
+        assert!(s.to_redacted_toml().contains("redis://u:[redacted]@db:6379/0"));
+    }
+
+    #[test]
+    fn printed_settings_use_the_keys_they_are_read_with() {
+        let s = load_env(Some("[context]\nttl_secs = 60\n"), &[]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("printed.toml");
+        std::fs::write(&path, s.to_redacted_toml()).unwrap();
+        let again = load_raw_with_env(Some(&path), Vec::new()).unwrap().validate().unwrap();
+        assert_eq!(again.context.ttl, Some(Duration::from_secs(60)));
+        assert_eq!(again.to_redacted_toml(), s.to_redacted_toml());
+    }
+
+    #[test]
+    fn urls_lose_only_their_password() {
+        assert_eq!(redact_url("redis://127.0.0.1:6379/0"), "redis://127.0.0.1:6379/0");
+        assert_eq!(redact_url("redis://:pw@h:1/0"), "redis://:[redacted]@h:1/0");
+        assert_eq!(redact_url("rediss://user:pw@h/0"), "rediss://user:[redacted]@h/0");
+    }
+}

@@ -1,0 +1,209 @@
+//! Logs and metrics.
+//!
+//! Logs go to stderr as text or JSON lines, filtered by `RUST_LOG` (or the
+//! `telemetry.log_filter` setting). No secret is ever a field or part of a
+//! message: settings print their secrets as `[redacted]`, and the HTTP
+//! adapter never logs headers.
+//!
+//! Metrics are plain atomics in [`Metrics`], written out in the Prometheus
+//! text format by [`Metrics::render`] and served at `/metrics` on
+//! `telemetry.metrics_listen` by [`serve_metrics`].
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::settings::LogFormat;
+
+/// Sets up the global log subscriber. `RUST_LOG`, when set, wins over
+/// `default_filter`.
+pub fn init_logging(format: LogFormat, default_filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    use std::io::IsTerminal as _;
+    // Colours only on a terminal: journald and log files get plain text.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// Why a message got no generated reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The generation queue was full.
+    Busy,
+    /// The message id was seen before.
+    Duplicate,
+    /// The model's reply was empty.
+    EmptyReply,
+    /// Empty or oversized text.
+    Invalid,
+    /// The daemon is stopping.
+    ShuttingDown,
+    /// Generation failed.
+    Failed,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 6] =
+        [Refusal::Busy, Refusal::Duplicate, Refusal::EmptyReply, Refusal::Invalid, Refusal::ShuttingDown, Refusal::Failed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Busy => "busy",
+            Refusal::Duplicate => "duplicate",
+            Refusal::EmptyReply => "empty_reply",
+            Refusal::Invalid => "invalid",
+            Refusal::ShuttingDown => "shutting_down",
+            Refusal::Failed => "failed",
+        }
+    }
+}
+
+/// Upper bounds of the generation latency histogram, in seconds.
+const LATENCY_BUCKETS: [f64; 11] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+/// The daemon's counters and gauges, shared by every part that counts.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub messages_in: AtomicU64,
+    pub messages_out: AtomicU64,
+    pub replies: AtomicU64,
+    refusals: [AtomicU64; 6],
+    /// Jobs waiting for generation.
+    pub queue_depth: AtomicI64,
+    latency_buckets: [AtomicU64; 11],
+    latency_count: AtomicU64,
+    latency_sum_micros: AtomicU64,
+    pub redis_errors: AtomicU64,
+    /// Messages answered without their stored context.
+    pub context_degraded: AtomicU64,
+    /// Whether the context store answered last time it was asked.
+    pub store_up: AtomicBool,
+    pub reloads: AtomicU64,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let metrics = Self::default();
+        metrics.store_up.store(true, Ordering::Relaxed);
+        Arc::new(metrics)
+    }
+
+    pub fn refused(&self, why: Refusal) {
+        let idx = Refusal::ALL.iter().position(|r| *r == why).unwrap_or(0);
+        self.refusals[idx].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn refusals(&self, why: Refusal) -> u64 {
+        let idx = Refusal::ALL.iter().position(|r| *r == why).unwrap_or(0);
+        self.refusals[idx].load(Ordering::Relaxed)
+    }
+
+    pub fn observe_generation(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.latency_buckets) {
+            if secs <= *bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_micros.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition format (version 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut counter = |name: &str, help: &str, value: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+        };
+        counter("dialogd_messages_in_total", "Messages received from adapters.", load(&self.messages_in));
+        counter("dialogd_messages_out_total", "Answers handed to adapters (replies and command answers).", load(&self.messages_out));
+        counter("dialogd_replies_total", "Generated replies.", load(&self.replies));
+        counter("dialogd_redis_errors_total", "Failed or timed-out Redis calls.", load(&self.redis_errors));
+        counter("dialogd_context_degraded_total", "Messages answered without their stored context.", load(&self.context_degraded));
+        counter("dialogd_reloads_total", "Successful SIGHUP reloads.", load(&self.reloads));
+        let _ = writeln!(out, "# HELP dialogd_refusals_total Messages not answered, by reason.\n# TYPE dialogd_refusals_total counter");
+        for (why, value) in Refusal::ALL.iter().zip(&self.refusals) {
+            let _ = writeln!(out, "dialogd_refusals_total{{reason=\"{}\"}} {}", why.as_str(), load(value));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP dialogd_generation_queue_depth Jobs waiting for generation.\n# TYPE dialogd_generation_queue_depth gauge\ndialogd_generation_queue_depth {}",
+            self.queue_depth.load(Ordering::Relaxed).max(0)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP dialogd_store_up Whether the context store answers.\n# TYPE dialogd_store_up gauge\ndialogd_store_up {}",
+            u8::from(self.store_up.load(Ordering::Relaxed))
+        );
+        let _ = writeln!(out, "# HELP dialogd_generation_seconds Time to generate one reply, queueing included.\n# TYPE dialogd_generation_seconds histogram");
+        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.latency_buckets) {
+            let _ = writeln!(out, "dialogd_generation_seconds_bucket{{le=\"{bound}\"}} {}", load(bucket));
+        }
+        let count = load(&self.latency_count);
+        let _ = writeln!(out, "dialogd_generation_seconds_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "dialogd_generation_seconds_sum {}", load(&self.latency_sum_micros) as f64 / 1e6);
+        let _ = writeln!(out, "dialogd_generation_seconds_count {count}");
+        out
+    }
+}
+
+/// A bound metrics endpoint.
+pub struct MetricsServer {
+    listener: tokio::net::TcpListener,
+}
+
+impl MetricsServer {
+    pub async fn bind(addr: SocketAddr) -> std::io::Result<Self> {
+        Ok(Self { listener: tokio::net::TcpListener::bind(addr).await? })
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+}
+
+/// Serves `GET /metrics` until `stop` resolves.
+pub async fn serve_metrics(
+    server: MetricsServer,
+    metrics: Arc<Metrics>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::http::header;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = metrics.clone();
+            async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics.render()) }
+        }),
+    );
+    axum::serve(server.listener, app).with_graceful_shutdown(stop).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_shows_counts_and_histogram() {
+        let m = Metrics::new();
+        m.messages_in.fetch_add(3, Ordering::Relaxed);
+        m.refused(Refusal::Busy);
+        m.observe_generation(Duration::from_millis(70));
+        let text = m.render();
+        assert!(text.contains("dialogd_messages_in_total 3\n"), "{text}");
+        assert!(text.contains("dialogd_refusals_total{reason=\"busy\"} 1\n"));
+        assert!(text.contains("dialogd_generation_seconds_bucket{le=\"0.05\"} 0\n"));
+        assert!(text.contains("dialogd_generation_seconds_bucket{le=\"0.1\"} 1\n"));
+        assert!(text.contains("dialogd_generation_seconds_count 1\n"));
+    }
+}

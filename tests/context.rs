@@ -1,0 +1,180 @@
+//! The Redis context store against a real redis-server.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dialogd::context::redis::RedisStore;
+use dialogd::context::{Appended, ContextError, ContextStore, Limits, Turn};
+use dialogd::telemetry::Metrics;
+use dialogd_adapters::{ChannelKey, Platform};
+use redis::Commands as _;
+
+use crate::support::RedisServer;
+
+async fn store(redis: &RedisServer, max_turns: usize, ttl: Option<Duration>) -> RedisStore {
+    store_with(redis, max_turns, ttl, Metrics::new()).await
+}
+
+async fn store_with(redis: &RedisServer, max_turns: usize, ttl: Option<Duration>, metrics: Arc<Metrics>) -> RedisStore {
+    RedisStore::connect(&redis.url(), "t", Limits::new(max_turns, ttl), Duration::from_millis(500), metrics)
+        .await
+        .unwrap()
+}
+
+fn key(id: &str) -> ChannelKey {
+    ChannelKey::new(Platform::Http, id)
+}
+
+fn texts(turns: &[Turn]) -> Vec<&str> {
+    turns.iter().map(|t| t.text.as_str()).collect()
+}
+
+#[tokio::test]
+async fn turns_round_trip_with_every_field() {
+    let redis = RedisServer::start();
+    let store = store(&redis, 10, None).await;
+    let a = key("room-1");
+    let user = Turn::user("ann", "Does money buy happiness?", Some("m1".into()));
+    let bot = Turn::bot("Depends how much money you spend on it.", "ann");
+    assert_eq!(store.append(&a, &[user.clone(), bot.clone()], Some("m1")).await.unwrap(), Appended::Stored);
+    assert_eq!(store.turns(&a).await.unwrap(), vec![user, bot]);
+    assert!(store.turns(&key("room-2")).await.unwrap().is_empty());
+    // The channel lives under its documented key.
+    let mut conn = redis.client();
+    assert_eq!(conn.llen::<_, usize>("t:ctx:http:room-1").unwrap(), 2);
+    store.clear(&a).await.unwrap();
+    assert!(store.turns(&a).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn the_window_keeps_the_newest_turns() {
+    let redis = RedisServer::start();
+    let store = store(&redis, 4, None).await;
+    let a = key("w");
+    for i in 0..5 {
+        let turns = [Turn::user("ann", format!("q{i}"), None), Turn::bot(format!("a{i}"), "ann")];
+        store.append(&a, &turns, None).await.unwrap();
+    }
+    assert_eq!(texts(&store.turns(&a).await.unwrap()), ["q3", "a3", "q4", "a4"]);
+}
+
+#[tokio::test]
+async fn idle_channels_expire() {
+    let redis = RedisServer::start();
+    let store = store(&redis, 10, Some(Duration::from_secs(1))).await;
+    let a = key("ttl");
+    store.append(&a, &[Turn::user("ann", "hello", Some("m1".into()))], Some("m1")).await.unwrap();
+    let mut conn = redis.client();
+    let ttl: i64 = conn.pttl("t:ctx:http:ttl").unwrap();
+    assert!(ttl > 0 && ttl <= 1000, "ttl {ttl}");
+    assert!(conn.pttl::<_, i64>("t:seen:http:ttl").unwrap() > 0);
+    // Redis expires the key; wait for it, boundedly.
+    let mut gone = false;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if store.turns(&a).await.unwrap().is_empty() {
+            gone = true;
+            break;
+        }
+    }
+    assert!(gone, "context still there after 6 s with a 1 s TTL");
+}
+
+#[tokio::test]
+async fn a_message_id_is_stored_once() {
+    let redis = RedisServer::start();
+    let store = store(&redis, 10, None).await;
+    let a = key("dup");
+    let turns = [Turn::user("ann", "hi", Some("m7".into())), Turn::bot("hello", "ann")];
+    assert!(!store.seen(&a, "m7").await.unwrap());
+    assert_eq!(store.append(&a, &turns, Some("m7")).await.unwrap(), Appended::Stored);
+    assert!(store.seen(&a, "m7").await.unwrap());
+    assert_eq!(store.append(&a, &turns, Some("m7")).await.unwrap(), Appended::Duplicate);
+    assert_eq!(store.turns(&a).await.unwrap().len(), 2);
+    // Ids are per channel.
+    assert_eq!(store.append(&key("other"), &turns, Some("m7")).await.unwrap(), Appended::Stored);
+}
+
+#[tokio::test]
+async fn concurrent_appends_to_one_channel_are_each_stored_once() {
+    let redis = RedisServer::start();
+    let store = Arc::new(store(&redis, 1000, None).await);
+    let a = key("busy");
+    let mut tasks = tokio::task::JoinSet::new();
+    // 50 messages, each delivered twice, all at once.
+    for i in 0..100 {
+        let (store, a) = (store.clone(), a.clone());
+        tasks.spawn(async move {
+            let id = format!("m{}", i % 50);
+            let turns = [Turn::user("ann", format!("q{}", i % 50), Some(id.clone())), Turn::bot(format!("a{}", i % 50), "ann")];
+            store.append(&a, &turns, Some(&id)).await.unwrap()
+        });
+    }
+    let mut stored = 0;
+    while let Some(outcome) = tasks.join_next().await {
+        stored += usize::from(outcome.unwrap() == Appended::Stored);
+    }
+    assert_eq!(stored, 50);
+    let turns = store.turns(&a).await.unwrap();
+    assert_eq!(turns.len(), 100);
+    // Each pair is whole: a question is always followed by its answer.
+    for pair in turns.chunks(2) {
+        assert_eq!(pair[0].text[1..], pair[1].text[1..], "{pair:?}");
+        assert!(!pair[0].bot && pair[1].bot);
+    }
+}
+
+#[tokio::test]
+async fn forget_removes_an_author_everywhere() {
+    let redis = RedisServer::start();
+    let store = store(&redis, 100, Some(Duration::from_secs(3600))).await;
+    for channel in ["f1", "f2"] {
+        let turns = [
+            Turn::user("ann", "ann here", None),
+            Turn::bot("hi ann", "ann"),
+            Turn::user("bob", "bob here", None),
+            Turn::bot("hi bob", "bob"),
+        ];
+        store.append(&key(channel), &turns, None).await.unwrap();
+    }
+    assert_eq!(store.forget_author(Platform::Http, "ann").await.unwrap(), 4);
+    for channel in ["f1", "f2"] {
+        assert_eq!(texts(&store.turns(&key(channel)).await.unwrap()), ["bob here", "hi bob"]);
+    }
+    // The TTL survives the rewrite.
+    assert!(redis.client().pttl::<_, i64>("t:ctx:http:f1").unwrap() > 0);
+    assert_eq!(store.forget_author(Platform::Http, "ann").await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn the_store_recovers_when_redis_comes_back() {
+    let mut redis = RedisServer::start();
+    let metrics = Metrics::new();
+    let store = store_with(&redis, 10, None, metrics.clone()).await;
+    let a = key("r");
+    store.append(&a, &[Turn::user("ann", "one", None)], None).await.unwrap();
+    redis.kill();
+    let err = store.append(&a, &[Turn::user("ann", "two", None)], None).await.unwrap_err();
+    assert!(matches!(err, ContextError::Unavailable(_)), "{err}");
+    assert!(!store.is_up());
+    // While down, calls fail without trying Redis (no new Redis error);
+    // only the watcher knocks.
+    let errors = metrics.redis_errors.load(Ordering::Relaxed);
+    assert!(errors >= 1);
+    assert!(store.turns(&a).await.is_err());
+    assert_eq!(metrics.redis_errors.load(Ordering::Relaxed), errors, "a call went to Redis while it was down");
+    redis.restart();
+    let mut back = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if store.is_up() {
+            back = true;
+            break;
+        }
+    }
+    assert!(back, "store did not notice redis was back within 10 s");
+    store.append(&a, &[Turn::user("ann", "three", None)], None).await.unwrap();
+    // The old data died with the server (no persistence); the new is there.
+    assert_eq!(texts(&store.turns(&a).await.unwrap()), ["three"]);
+}

@@ -1,0 +1,285 @@
+//! The `dialogd` binary as operators run it: `check-config`, `run` with a
+//! real redis-server, restarts, SIGHUP, SIGTERM, and its logs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::{assert_fails_with, dialogd, dialogd_with_env, free_port, metric_value, model_dir, stdout, RedisServer};
+
+/// A `dialogd run` child with its stderr in a file.
+struct Running {
+    child: Child,
+    log: PathBuf,
+    base: String,
+    metrics_url: String,
+    http: reqwest::Client,
+}
+
+impl Running {
+    async fn start(config: &Path, env: &[(&str, &str)], http_port: u16, metrics_port: u16) -> Self {
+        let log = config.with_extension(format!("{http_port}.log"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dialogd"));
+        cmd.args(["run", "--config"]).arg(config).env_remove("RUST_LOG").stdin(Stdio::null()).stdout(Stdio::null());
+        cmd.stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut running = Self {
+            child: cmd.spawn().unwrap(),
+            log,
+            base: format!("http://127.0.0.1:{http_port}"),
+            metrics_url: format!("http://127.0.0.1:{metrics_port}/metrics"),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap(),
+        };
+        for _ in 0..300 {
+            if let Some(status) = running.child.try_wait().unwrap() {
+                panic!("dialogd exited early ({status}): {}", running.log_text());
+            }
+            if let Ok(r) = running.http.get(format!("{}/healthz", running.base)).send().await {
+                if r.status() == 200 {
+                    return running;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        running.signal("KILL");
+        panic!("dialogd not ready within 30 s: {}", running.log_text());
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status().unwrap();
+        assert!(status.success());
+    }
+
+    async fn say(&self, channel: &str, text: &str, auth: Option<&str>) -> (u16, Value) {
+        let mut request = self
+            .http
+            .post(format!("{}/v1/channels/{channel}/messages", self.base))
+            .json(&serde_json::json!({ "author": "ann", "text": text }));
+        if let Some(token) = auth {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
+        (response.status().as_u16(), response.json().await.unwrap())
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        metric_value(&self.http.get(&self.metrics_url).send().await.unwrap().text().await.unwrap(), name)
+    }
+
+    /// Waits (boundedly) for the process to exit; returns its exit code.
+    async fn wait_exit(&mut self) -> i32 {
+        for _ in 0..600 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.signal("KILL");
+        panic!("dialogd did not exit within 30 s: {}", self.log_text());
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_config(dir: &Path, model: &Path, redis: &RedisServer, http_port: u16, metrics_port: u16, extra: &str) -> PathBuf {
+    let path = dir.join("dialogd.toml");
+    let text = format!(
+        "[model]\npath = \"{}\"\n[generation]\nmax_new_tokens = 16\n{extra}\n[context]\nredis_url = \"{}\"\nmax_tokens = 40\n\
+         [adapters.http]\nlisten = \"127.0.0.1:{http_port}\"\n[telemetry]\nlog_format = \"json\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n",
+        model.display(),
+        redis.url()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn check_config_redacts_secrets_and_names_bad_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, "[context]\nredis_url = \"redis://:pa55word@db:6379/0\"\nmax_turns = 8\n").unwrap();
+    let config = path.to_str().unwrap();
+    let out = dialogd_with_env(&["check-config", "--config", config], &[("DIALOGD__ADAPTERS__HTTP__TOKEN", "tok-abcdef")]);
+    assert!(out.status.success(), "{}", crate::support::stderr(&out));
+    let text = stdout(&out);
+    let shown: toml::Table = text.parse().unwrap();
+    assert_eq!(shown["context"]["max_turns"].as_integer(), Some(8));
+    assert_eq!(shown["context"]["redis_url"].as_str(), Some("redis://:[redacted]@db:6379/0"));
+    assert_eq!(shown["adapters"]["http"]["token"].as_str(), Some("[redacted]"));
+    assert!(!text.contains("pa55word") && !text.contains("tok-abcdef"), "{text}");
+
+    std::fs::write(&path, "[generation]\ntop_p = 3.0\n").unwrap();
+    assert_fails_with(&dialogd(&["check-config", "--config", config]), "generation.top_p");
+    std::fs::write(&path, "[context]\nsotre = \"redis\"\n").unwrap();
+    assert_fails_with(&dialogd(&["check-config", "--config", config]), "sotre");
+    std::fs::write(&path, "").unwrap();
+    let out = dialogd_with_env(&["check-config", "--config", config], &[("DIALOGD__CONTEXT__MAX_TURNS", "zero")]);
+    assert_fails_with(&out, "max_turns");
+    assert_fails_with(&dialogd(&["check-config", "--config", "/nonexistent/dialogd.toml"]), "/nonexistent/dialogd.toml");
+}
+
+/// Stop the daemon, start it again: each channel's context is still in
+/// Redis. Along the way: SIGHUP reloads, logs are JSON lines, and no
+/// secret reaches them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_context_and_logs_hold_no_secret() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (http_port, metrics_port) = (free_port(), free_port());
+    let config = write_config(dir.path(), &model_dir("pico-bin"), &redis, http_port, metrics_port, "");
+    let token = "http-token-5f2b9c";
+    let env = [
+        ("DIALOGD__ADAPTERS__HTTP__TOKEN", token),
+        ("DIALOGD__ADAPTERS__TELEGRAM__TOKEN", "telegram-token-77e1"),
+        ("RUST_LOG", "debug"),
+    ];
+    let mut first = Running::start(&config, &env, http_port, metrics_port).await;
+    assert_eq!(first.say("den", "hello", None).await.0, 401);
+    let (status, a) = first.say("den", "Does money buy happiness?", Some(token)).await;
+    assert_eq!(status, 200, "{a}");
+    first.say("attic", "Is anyone up here?", Some(token)).await;
+
+    // SIGHUP: a changed [generation] section applies without a restart.
+    let text = std::fs::read_to_string(&config).unwrap().replace("max_new_tokens = 16", "max_new_tokens = 8");
+    std::fs::write(&config, text).unwrap();
+    first.signal("HUP");
+    let mut reloaded = false;
+    for _ in 0..100 {
+        if first.metric("dialogd_reloads_total").await == 1.0 {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reloaded, "no reload: {}", first.log_text());
+    assert_eq!(first.say("den", "Still there?", Some(token)).await.0, 200);
+
+    first.signal("TERM");
+    assert_eq!(first.wait_exit().await, 0, "{}", first.log_text());
+    let log = first.log_text();
+    assert!(log.contains("reloaded generation settings"), "{log}");
+    for line in log.lines() {
+        serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+    }
+    assert!(!log.contains(token) && !log.contains("telegram-token-77e1"), "a token reached the log:\n{log}");
+
+    let second = Running::start(&config, &env, http_port, metrics_port).await;
+    let context: Value = second
+        .http
+        .get(format!("{}/v1/channels/den/context", second.base))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let turns = context["turns"].as_array().unwrap();
+    let user: Vec<&str> = turns.iter().filter(|t| t["bot"] == false).map(|t| t["text"].as_str().unwrap()).collect();
+    assert_eq!(user, ["Does money buy happiness?", "Still there?"], "{context}");
+    assert_eq!(turns[1]["text"], a["reply"], "{context}");
+    let (_, attic) = second.say("attic", "Hello?", Some(token)).await;
+    assert!(attic.get("reply").is_some());
+}
+
+/// SIGTERM while replies are being generated: every accepted message is
+/// still answered, systemd hears READY=1 and STOPPING=1, the exit code
+/// is 0 and nothing listens afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_replies() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (http_port, metrics_port) = (free_port(), free_port());
+    // Long replies from a near-uniform model keep the one model thread busy.
+    let config = write_config(dir.path(), &model_dir("tiny"), &redis, http_port, metrics_port, "temperature = 1.5\ntop_k = 0\ntop_p = 1.0\nno_repeat_ngram = 0\n")
+        .to_path_buf();
+    let text = std::fs::read_to_string(&config).unwrap().replace("max_new_tokens = 16", "max_new_tokens = 100").replace("max_tokens = 40", "max_tokens = 24");
+    std::fs::write(&config, text).unwrap();
+    // Readiness and stopping reach systemd's notify socket.
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut d = Running::start(&config, &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())], http_port, metrics_port).await;
+    let mut buf = [0u8; 64];
+    let n_read = notify.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n_read], b"READY=1");
+    let n = 8;
+    let mut requests = Vec::new();
+    for c in 0..n {
+        let (http, base) = (d.http.clone(), d.base.clone());
+        requests.push(tokio::spawn(async move {
+            let body = serde_json::json!({ "author": "ann", "text": format!("tell me a long story, {c}") });
+            let response = http.post(format!("{base}/v1/channels/drain-{c}/messages")).json(&body).send().await.unwrap();
+            (response.status().as_u16(), response.json::<Value>().await.unwrap())
+        }));
+    }
+    let mut accepted = false;
+    for _ in 0..400 {
+        if d.metric("dialogd_messages_in_total").await == n as f64 {
+            accepted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(accepted, "messages were not all accepted: {}", d.log_text());
+    let answered_before = d.metric("dialogd_messages_out_total").await;
+    d.signal("TERM");
+    assert!(answered_before < n as f64, "every reply finished before SIGTERM; the test proves nothing");
+    for request in requests {
+        let (status, body) = request.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert!(body.get("reply").is_some(), "{body}");
+    }
+    assert_eq!(d.wait_exit().await, 0, "{}", d.log_text());
+    let n_read = notify.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n_read], b"STOPPING=1");
+    let log = d.log_text();
+    assert!(log.contains("drained: every accepted message was answered"), "{log}");
+    // Gone: nothing listens any more.
+    assert!(d.http.get(format!("{}/healthz", d.base)).send().await.is_err());
+}
+
+/// The console adapter: stdin lines in, `bot>` lines out, one channel with
+/// its own context; end of input stops the daemon cleanly.
+#[test]
+fn the_console_adapter_talks_on_stdin_and_stdout() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("console.toml");
+    let text = format!(
+        "[model]\npath = \"{}\"\n[generation]\nmax_new_tokens = 8\n[context]\nstore = \"memory\"\n\
+         [adapters.http]\nenabled = false\n[adapters.console]\nenabled = true\n[telemetry]\nmetrics_listen = \"\"\n",
+        model_dir("pico-bin").display()
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dialogd"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"hello bot\n\n/help\n/reset\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(lines[0].starts_with("bot> ") || lines[0] == "(no reply: empty_reply)", "{text}");
+    assert!(lines[1].contains("/forget"), "{text}");
+    assert!(lines[2].contains("forgotten"), "{text}");
+}

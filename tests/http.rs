@@ -1,0 +1,264 @@
+//! The daemon in-process over real HTTP on loopback, with a real
+//! redis-server and the pico model: the HTTP API, commands, duplicates,
+//! per-channel order, Redis outages and a load run.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use dialogd_adapters::{Answer, ChannelKey, Core, Inbound, Platform};
+use serde_json::Value;
+
+use crate::support::{daemon_toml, RedisServer, TestDaemon};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_round_trips_through_the_context() {
+    let redis = RedisServer::start();
+    let d = TestDaemon::start(&daemon_toml(Some(&redis), &[])).await;
+    let health = d.health().await;
+    assert_eq!(health["status"], "ok", "{health}");
+    assert_eq!(health["health"]["store"], "redis");
+    assert_eq!(health["health"]["store_up"], true);
+
+    let (status, first) = d.say("kitchen", "ann", "Does money buy happiness?", Some("1")).await;
+    assert_eq!(status, 200, "{first}");
+    let (status, second) = d.say("kitchen", "bob", "What about love?", None).await;
+    assert_eq!(status, 200, "{second}");
+    let turns = d.turns("kitchen").await;
+    let authors: Vec<(&str, bool)> = turns.iter().map(|(a, _, b)| (a.as_str(), *b)).collect();
+    assert_eq!(authors, [("ann", false), ("bot", true), ("bob", false), ("bot", true)]);
+    assert_eq!(turns[0].1, "Does money buy happiness?");
+    assert_eq!(turns[1].1, first["reply"].as_str().unwrap());
+    assert_eq!(turns[3].1, second["reply"].as_str().unwrap());
+    // Another channel has its own context.
+    assert!(d.turns("hall").await.is_empty());
+
+    let response = d.http.delete(d.url("/v1/channels/kitchen/context")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(d.turns("kitchen").await.is_empty());
+    assert_eq!(d.metric("dialogd_replies_total").await, 2.0);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_delivered_twice_is_answered_once() {
+    let redis = RedisServer::start();
+    let d = TestDaemon::start(&daemon_toml(Some(&redis), &[])).await;
+    let (_, first) = d.say("c", "ann", "hello there", Some("msg-42")).await;
+    assert!(first["reply"].is_string(), "{first}");
+    let (status, again) = d.say("c", "ann", "hello there", Some("msg-42")).await;
+    assert_eq!(status, 200);
+    assert_eq!(again, serde_json::json!({ "reply": null, "reason": "duplicate" }));
+    assert_eq!(d.turns("c").await.len(), 2);
+    assert_eq!(d.metric("dialogd_refusals_total{reason=\"duplicate\"}").await, 1.0);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_reset_forget_and_help() {
+    let redis = RedisServer::start();
+    let d = TestDaemon::start(&daemon_toml(Some(&redis), &[])).await;
+    d.say("a", "ann", "hi from ann", None).await;
+    d.say("a", "bob", "hi from bob", None).await;
+    d.say("b", "ann", "ann elsewhere", None).await;
+    let (_, help) = d.say("a", "ann", "/help", None).await;
+    assert!(help["reply"].as_str().unwrap().contains("/reset"), "{help}");
+    let (_, forget) = d.say("a", "ann", "/forget", None).await;
+    assert!(forget["reply"].as_str().unwrap().contains("deleted 4"), "{forget}");
+    let left: Vec<String> = d.turns("a").await.into_iter().map(|(a, _, _)| a).collect();
+    assert_eq!(left, ["bob", "bot"]);
+    assert!(d.turns("b").await.is_empty());
+    d.say("a", "bob", "/reset", None).await;
+    assert!(d.turns("a").await.is_empty());
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_json_errors() {
+    let extra = [("adapters.http", "token = \"s3cret-token\""), ("adapters.http", "max_body_bytes = 2048")];
+    let d = TestDaemon::start(&daemon_toml(None, &extra)).await;
+    let post = |body: String, auth: Option<&str>| {
+        let mut request = d
+            .http
+            .post(d.url("/v1/channels/c1/messages"))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        request.send()
+    };
+    let good = r#"{"author":"ann","text":"hi"}"#.to_string();
+    let bearer = Some("Bearer s3cret-token");
+    let cases: Vec<(String, Option<&str>, u16)> = vec![
+        (good.clone(), None, 401),
+        (good.clone(), Some("Bearer wrong"), 401),
+        (good.clone(), Some("s3cret-token"), 401),
+        ("{\"author\":".into(), bearer, 400),
+        ("not json".into(), bearer, 400),
+        (r#"{"author":"ann"}"#.into(), bearer, 422),
+        (r#"{"author":"ann","text":"  "}"#.into(), bearer, 400),
+        (format!(r#"{{"author":"ann","text":"{}"}}"#, "x".repeat(4096)), bearer, 413),
+        (good.clone(), bearer, 200),
+    ];
+    for (body, auth, want) in cases {
+        let response = post(body.clone(), auth).await.unwrap();
+        let status = response.status().as_u16();
+        let json: Value = response.json().await.unwrap_or_else(|e| panic!("{want}: body not JSON: {e}"));
+        assert_eq!(status, want, "{auth:?} {}: {json}", &body[..body.len().min(40)]);
+        if want != 200 {
+            assert!(json["error"].is_string(), "{json}");
+        }
+    }
+    let response = d.http.get(d.url("/v1/channels/bad%20name/context")).header("authorization", "Bearer s3cret-token").send().await.unwrap();
+    assert_eq!(response.status(), 400);
+    let response = d.http.get(d.url("/v1/channels/c1/context")).send().await.unwrap();
+    assert_eq!(response.status(), 401);
+    // Health needs no token.
+    assert_eq!(d.health().await["status"], "ok");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_channel_keeps_its_order_under_concurrency() {
+    let redis = RedisServer::start();
+    let d = TestDaemon::start(&daemon_toml(Some(&redis), &[("context", "max_turns = 200")])).await;
+    // Every message of every channel is handed over at once, without
+    // waiting for answers: per channel they must be answered in order.
+    let (channels, per_channel) = (6, 8);
+    let mut pending = Vec::new();
+    for m in 0..per_channel {
+        for c in 0..channels {
+            let inbound = Inbound {
+                channel: ChannelKey::new(Platform::Http, format!("order-{c}")),
+                author: format!("user-{c}"),
+                text: format!("message {m} of channel {c}"),
+                msg_id: Some(format!("{c}-{m}")),
+                addressed_to_bot: true,
+            };
+            pending.push(d.pipeline.handle(inbound));
+        }
+    }
+    for answer in futures_join(pending).await {
+        assert!(matches!(answer, Ok(Answer::Reply(_))), "{answer:?}");
+    }
+    for c in 0..channels {
+        let turns = d.turns(&format!("order-{c}")).await;
+        let asked: Vec<String> = turns.iter().filter(|t| !t.2).map(|t| t.1.clone()).collect();
+        let want: Vec<String> = (0..per_channel).map(|m| format!("message {m} of channel {c}")).collect();
+        assert_eq!(asked, want);
+        // Each bot turn follows the message it answers (an empty reply stores none).
+        assert!(!turns[0].2 && turns.windows(2).all(|w| !(w[0].2 && w[1].2)), "{turns:?}");
+    }
+    d.stop().await;
+}
+
+/// Awaits every future, concurrently, keeping their order.
+async fn futures_join<T: Send + 'static>(futures: Vec<dialogd_adapters::BoxFuture<'static, T>>) -> Vec<T> {
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for handle in handles {
+        out.push(handle.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_keeps_serving_while_redis_is_down_and_recovers() {
+    let mut redis = RedisServer::start();
+    let d = TestDaemon::start(&daemon_toml(Some(&redis), &[])).await;
+    let (status, _) = d.say("r", "ann", "before the outage", None).await;
+    assert_eq!(status, 200);
+
+    redis.kill();
+    for i in 0..3 {
+        let (status, body) = d.say("r", "ann", &format!("during the outage {i}"), Some(&format!("down-{i}"))).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body["reply"].is_string() || body["reason"] == "empty_reply", "{body}");
+    }
+    let health = d.health().await;
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["health"]["store_up"], false, "{health}");
+    assert!(d.metric("dialogd_context_degraded_total").await >= 3.0);
+    assert!(d.metric("dialogd_redis_errors_total").await >= 1.0);
+    assert_eq!(d.metric("dialogd_store_up").await, 0.0);
+    // Reading the context while Redis is down is a 503, not a hang or a crash.
+    let response = d.http.get(d.url("/v1/channels/r/context")).send().await.unwrap();
+    assert_eq!(response.status(), 503);
+
+    redis.restart();
+    let mut back = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if d.health().await["health"]["store_up"] == true {
+            back = true;
+            break;
+        }
+    }
+    assert!(back, "the daemon did not see Redis back within 10 s");
+    let (status, _) = d.say("r", "ann", "after the outage", Some("up-1")).await;
+    assert_eq!(status, 200);
+    let turns = d.turns("r").await;
+    assert_eq!(turns.first().map(|t| t.1.as_str()), Some("after the outage"), "{turns:?}");
+    d.stop().await;
+}
+
+/// A bounded load run over loopback: many channels at once, each sending
+/// its messages in sequence (some twice). Afterwards every channel's
+/// context holds each message exactly once, in order, each followed by
+/// its reply. Size with DIALOGD_LOAD_CHANNELS / DIALOGD_LOAD_MESSAGES.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_run_loses_and_duplicates_no_turn() {
+    let env = |name: &str, default: usize| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default).min(1000);
+    let (channels, messages) = (env("DIALOGD_LOAD_CHANNELS", 16), env("DIALOGD_LOAD_MESSAGES", 6));
+    let redis = RedisServer::start();
+    let (queue, window) = (format!("queue_depth = {}", channels * 2), format!("max_turns = {}", messages * 2));
+    let d = TestDaemon::start(&daemon_toml(Some(&redis), &[("generation", &queue), ("context", &window)])).await;
+    let started = std::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..channels {
+        let (http, base) = (d.http.clone(), d.base.clone());
+        tasks.spawn(async move {
+            let mut counts = (0usize, 0usize, 0usize); // replies, duplicates, other
+            for m in 0..messages {
+                // Every third message is delivered twice.
+                for _ in 0..(1 + usize::from(m % 3 == 0)) {
+                    let body = serde_json::json!({ "author": format!("u{c}"), "text": format!("c{c} m{m}"), "message_id": format!("{c}/{m}") });
+                    let response = http.post(format!("{base}/v1/channels/load-{c}/messages")).json(&body).send().await.unwrap();
+                    assert_eq!(response.status(), 200);
+                    let json: Value = response.json().await.unwrap();
+                    match json["reason"].as_str() {
+                        None => counts.0 += 1,
+                        Some("duplicate") => counts.1 += 1,
+                        Some(_) => counts.2 += 1,
+                    }
+                }
+            }
+            counts
+        });
+    }
+    let (mut replies, mut duplicates, mut other) = (0, 0, 0);
+    while let Some(counts) = tasks.join_next().await {
+        let (r, dup, o) = counts.unwrap();
+        (replies, duplicates, other) = (replies + r, duplicates + dup, other + o);
+    }
+    let took = started.elapsed();
+    let mut turns_total = 0;
+    for c in 0..channels {
+        let turns = d.turns(&format!("load-{c}")).await;
+        let asked: Vec<&str> = turns.iter().filter(|t| !t.2).map(|t| t.1.as_str()).collect();
+        let want: Vec<String> = (0..messages).map(|m| format!("c{c} m{m}")).collect();
+        assert_eq!(asked, want, "channel {c}");
+        assert_eq!(asked.iter().collect::<HashSet<_>>().len(), messages);
+        turns_total += turns.len();
+    }
+    let sent = channels * messages;
+    let redelivered = (0..messages).filter(|m| m % 3 == 0).count() * channels;
+    assert_eq!(duplicates, redelivered);
+    assert_eq!(replies + other, sent);
+    println!(
+        "load run: {channels} channels x {messages} messages ({sent} messages + {redelivered} redeliveries) in {:.2}s: \
+         {replies} replies, {other} empty, {duplicates} duplicates refused, {turns_total} turns stored, 0 lost, 0 duplicated",
+        took.as_secs_f64()
+    );
+    d.stop().await;
+}
