@@ -23,6 +23,7 @@ use tokio::task::JoinSet;
 use crate::context::memory::MemoryStore;
 use crate::context::redis::RedisStore;
 use crate::context::{ContextError, ContextStore, Limits};
+use crate::pipeline::rank::Ranker;
 use crate::pipeline::engine::ReplyEngine;
 use crate::pipeline::Pipeline;
 use crate::settings::{self, Settings, SettingsError, StoreKind};
@@ -38,6 +39,8 @@ pub enum DaemonError {
     Metrics { addr: SocketAddr, source: std::io::Error },
     #[error("context.redis_url: {0}")]
     Store(#[from] ContextError),
+    #[error("ranking: {0}")]
+    Ranking(String),
 }
 
 /// A started daemon, sockets bound, not yet serving.
@@ -74,8 +77,23 @@ impl Daemon {
             up = store.is_up(),
             "context store ready"
         );
+        let ranking = settings.ranking.clone();
+        let ranker = tokio::task::spawn_blocking(move || Ranker::load(&ranking))
+            .await
+            .map_err(|e| DaemonError::Ranking(e.to_string()))?
+            .map_err(|e| DaemonError::Ranking(format!("{e:#}")))?
+            .map(Arc::new);
         let pipeline =
-            Pipeline::new(engine, store, tokenizer, settings.generation.clone(), c.max_tokens, metrics.clone());
+            Pipeline::new(
+                engine,
+                store,
+                tokenizer,
+                settings.generation.clone(),
+                c.max_tokens,
+                settings.safety.clone(),
+                ranker,
+                metrics.clone(),
+            );
 
         let mut adapters: Vec<Box<dyn Adapter>> = Vec::new();
         let mut http_addr = None;

@@ -13,6 +13,7 @@
 //! is stored about the author, `/help` lists them.
 
 pub mod engine;
+pub mod rank;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -24,7 +25,9 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use self::engine::{EngineError, ReplyEngine};
 use crate::context::{Appended, ContextError, ContextStore, Turn};
 use crate::prompt::build_prompt;
-use crate::settings::GenerationSettings;
+use self::rank::Ranker;
+use crate::safety::{Filter, WordList};
+use crate::settings::{GenerationSettings, SafetySettings, ToxicInput};
 use crate::telemetry::{Metrics, Refusal};
 use crate::tokenizer::DialogTokenizer;
 
@@ -65,6 +68,12 @@ struct Shared {
     generation: RwLock<Arc<GenerationSettings>>,
     /// The context's token budget (`context.max_tokens`).
     max_tokens: usize,
+    safety: SafetySettings,
+    filter: Filter,
+    /// `safety.blocked_words` as a word list the filter matches.
+    blocked: WordList,
+    /// The DialogRPT/MMI ranker, when `[ranking]` names one.
+    ranker: Option<Arc<Ranker>>,
     metrics: Arc<Metrics>,
     /// Channels with queued or running work. A std mutex: held only to
     /// look up, insert or remove, never across an await.
@@ -89,8 +98,16 @@ impl Pipeline {
         tokenizer: DialogTokenizer,
         generation: GenerationSettings,
         max_tokens: usize,
+        safety: SafetySettings,
+        ranker: Option<Arc<Ranker>>,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let mut lists = crate::safety::WordLists::default();
+        for word in &safety.blocked_words {
+            // Validated in settings; an entry the list refuses is skipped.
+            let _ = lists.block("global", word);
+        }
+        let blocked = lists.get("global").cloned().unwrap_or_default();
         Self {
             shared: Arc::new(Shared {
                 engine,
@@ -98,6 +115,10 @@ impl Pipeline {
                 tokenizer,
                 generation: RwLock::new(Arc::new(generation)),
                 max_tokens,
+                safety,
+                filter: Filter::new(),
+                blocked,
+                ranker,
                 metrics,
                 channels: Mutex::new(HashMap::new()),
                 accepting: AtomicBool::new(true),
@@ -264,6 +285,18 @@ async fn process(shared: Arc<Shared>, inbound: Inbound) -> Result<Answer, CoreEr
             Err(e) => degraded.note(channel, "duplicate check", &e),
         }
     }
+    // The input filter: a toxic message is answered per policy and never
+    // stored (so never learned from).
+    let policy = shared.safety.policy_for(&channel.to_string());
+    let verdict = shared.filter.check(text, policy, Some(&shared.blocked)).map_err(|e| CoreError::Internal(e.to_string()))?;
+    if verdict.flagged {
+        metrics.refused(Refusal::ToxicInput);
+        tracing::info!(%channel, categories = ?verdict.categories, "message failed the safety filter");
+        return Ok(match shared.safety.toxic_input {
+            ToxicInput::Notice => reply(&inbound, shared.safety.notice.clone()),
+            ToxicInput::Silent => silent("toxic_input"),
+        });
+    }
     let history = store.turns(channel).await.unwrap_or_else(|e| {
         degraded.note(channel, "read", &e);
         Vec::new()
@@ -288,17 +321,83 @@ async fn process(shared: Arc<Shared>, inbound: Inbound) -> Result<Answer, CoreEr
         CoreError::Internal(format!("{e} (generation.max_new_tokens leaves {room} tokens of context)"))
     })?;
 
-    let ids = match shared.engine.reply(prompt.ids, params).await {
-        Ok(ids) => ids,
-        Err(EngineError::Busy) => return Err(CoreError::Busy),
-        Err(e) => {
-            metrics.refused(Refusal::Failed);
-            tracing::warn!(%channel, error = %e, "generation failed");
-            return Err(CoreError::Internal(e.to_string()));
+    // Draw candidates; drop empty ones, echoes, repeats and toxic ones;
+    // try again up to the bound; never send a flagged reply.
+    let recent_bot: Vec<String> = history.iter().rev().filter(|t| t.bot).take(8).map(|t| t.text.clone()).collect();
+    let n_candidates = generation.candidates.max(1);
+    let mut chosen: Option<(String, Vec<u32>, usize)> = None;
+    for attempt in 1..=shared.safety.max_attempts {
+        let drawn = match shared.engine.reply(prompt.ids.clone(), params.clone(), n_candidates).await {
+            Ok(drawn) => drawn,
+            Err(EngineError::Busy) => return Err(CoreError::Busy),
+            Err(e) => {
+                metrics.refused(Refusal::Failed);
+                tracing::warn!(%channel, error = %e, "generation failed");
+                return Err(CoreError::Internal(e.to_string()));
+            }
+        };
+        metrics.candidates_drawn.fetch_add(drawn.len() as u64, Ordering::Relaxed);
+        let texts: Vec<String> = drawn
+            .iter()
+            .map(|d| tokenizer.decode(&d.ids).map(|t| t.trim().to_string()).unwrap_or_default())
+            .collect();
+        let rejections = crate::ranking::degeneration::screen(&texts, text, &recent_bot);
+        let mut survivors = Vec::new();
+        for (i, rejection) in rejections.iter().enumerate() {
+            if let Some(why) = rejection {
+                metrics.candidates_screened.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%channel, candidate = i, ?why, "candidate screened out");
+                continue;
+            }
+            let verdict = shared.filter.check(&texts[i], policy, Some(&shared.blocked)).map_err(|e| CoreError::Internal(e.to_string()))?;
+            if verdict.flagged {
+                metrics.candidates_flagged.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%channel, candidate = i, categories = ?verdict.categories, "candidate flagged");
+                continue;
+            }
+            survivors.push(i);
         }
-    };
-    let reply_text = tokenizer.decode(&ids).map_err(|e| CoreError::Internal(e.to_string()))?.trim().to_string();
+        if survivors.is_empty() {
+            tracing::debug!(%channel, attempt, "no candidate passed; drawing again");
+            continue;
+        }
+        let mean_logprob = |i: usize| drawn[i].logprob / drawn[i].ids.len().max(1) as f32;
+        let best = match &shared.ranker {
+            Some(ranker) if survivors.len() > 1 => {
+                let context = encoded[encoded.len() - prompt.turns_kept..].to_vec();
+                let ids: Vec<Vec<u32>> = survivors.iter().map(|&i| drawn[i].ids.clone()).collect();
+                let logprobs: Vec<f32> = survivors.iter().map(|&i| mean_logprob(i)).collect();
+                match ranker.score(context, ids, logprobs).await {
+                    Ok(scores) => {
+                        metrics.candidates_ranked.fetch_add(scores.len() as u64, Ordering::Relaxed);
+                        let top = (0..scores.len()).max_by(|&a, &b| scores[a].score.total_cmp(&scores[b].score)).unwrap_or(0);
+                        tracing::debug!(%channel, candidates = survivors.len(), chosen = survivors[top],
+                            score = scores[top].score, dialogrpt = ?scores[top].dialogrpt, mmi = ?scores[top].mmi, "ranked");
+                        survivors[top]
+                    }
+                    Err(e) => {
+                        tracing::warn!(%channel, error = %e, "ranking failed; taking the likeliest candidate");
+                        *survivors.iter().max_by(|&&a, &&b| mean_logprob(a).total_cmp(&mean_logprob(b))).unwrap_or(&survivors[0])
+                    }
+                }
+            }
+            _ => *survivors.iter().max_by(|&&a, &&b| mean_logprob(a).total_cmp(&mean_logprob(b))).unwrap_or(&survivors[0]),
+        };
+        let ids = drawn[best].ids.clone();
+        chosen = Some((texts[best].clone(), ids, attempt));
+        break;
+    }
 
+    let user_turn = Turn::user(&inbound.author, text, inbound.msg_id.clone());
+    let Some((reply_text, ids, attempt)) = chosen else {
+        // The user's turn was fine: keep it; the bot says nothing.
+        metrics.refused(Refusal::NoSafeCandidate);
+        tracing::info!(%channel, attempts = shared.safety.max_attempts, "no candidate passed the filter; staying silent");
+        if let Err(e) = store.append(channel, &[user_turn], msg_id).await {
+            degraded.note(channel, "append", &e);
+        }
+        return Ok(silent("no_safe_candidate"));
+    };
     let user_turn = Turn::user(&inbound.author, text, inbound.msg_id.clone());
     let (turns, answer) = if reply_text.is_empty() {
         metrics.refused(Refusal::EmptyReply);
@@ -318,7 +417,7 @@ async fn process(shared: Arc<Shared>, inbound: Inbound) -> Result<Answer, CoreEr
     if matches!(answer, Answer::Reply(_)) {
         metrics.replies.fetch_add(1, Ordering::Relaxed);
     }
-    tracing::debug!(%channel, prompt_turns = prompt.turns_kept, reply_tokens = ids.len(), "answered");
+    tracing::debug!(%channel, prompt_turns = prompt.turns_kept, reply_tokens = ids.len(), attempt, "answered");
     Ok(answer)
 }
 

@@ -154,6 +154,11 @@ impl PoolHandle {
         &self.metrics
     }
 
+    /// The counters, shared (for exporters that outlive this handle).
+    pub fn metrics_arc(&self) -> Arc<PoolMetrics> {
+        self.metrics.clone()
+    }
+
     pub fn config(&self) -> &PoolConfig {
         &self.config
     }

@@ -73,6 +73,8 @@ pub struct RawSettings {
     pub adapters: RawAdapters,
     pub telemetry: RawTelemetry,
     pub daemon: RawDaemon,
+    pub safety: RawSafety,
+    pub ranking: RawRanking,
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,6 +96,28 @@ pub struct RawGeneration {
     pub no_repeat_ngram: usize,
     pub candidates: usize,
     pub queue_depth: usize,
+    pub max_batch: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSafety {
+    pub policy: String,
+    pub channels: std::collections::BTreeMap<String, String>,
+    pub toxic_input: String,
+    pub notice: String,
+    pub blocked_words: Vec<String>,
+    pub max_attempts: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRanking {
+    pub rankers: Vec<String>,
+    pub mmi: String,
+    pub dialogrpt_weight: f64,
+    pub generator_weight: f64,
+    pub mmi_weight: f64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -204,6 +228,56 @@ pub struct Settings {
     pub adapters: AdapterSettings,
     pub telemetry: TelemetrySettings,
     pub daemon: DaemonSettings,
+    pub safety: SafetySettings,
+    pub ranking: RankingSettings,
+}
+
+/// What happens to a message that fails the input filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ToxicInput {
+    /// Answer with `safety.notice`.
+    Notice,
+    /// Say nothing.
+    Silent,
+}
+
+/// `[safety]`: the toxicity filter on the way in and out.
+#[derive(Debug, Clone, Serialize)]
+pub struct SafetySettings {
+    pub policy: crate::safety::Policy,
+    /// Per-channel policies, keyed `platform:channel_id`.
+    pub channels: std::collections::BTreeMap<String, crate::safety::Policy>,
+    pub toxic_input: ToxicInput,
+    pub notice: String,
+    /// Words blocked everywhere (moderators' lists add to these).
+    pub blocked_words: Vec<String>,
+    /// Rounds of candidates drawn before the bot gives up and stays silent.
+    pub max_attempts: usize,
+}
+
+impl SafetySettings {
+    pub fn policy_for(&self, channel: &str) -> crate::safety::Policy {
+        self.channels.get(channel).copied().unwrap_or(self.policy)
+    }
+}
+
+/// `[ranking]`: DialogRPT ensemble and MMI reranking of candidates.
+#[derive(Debug, Clone, Serialize)]
+pub struct RankingSettings {
+    /// `[HEAD=]DIR[:WEIGHT]` per ranker; empty: no DialogRPT.
+    pub rankers: Vec<String>,
+    /// Reverse model folder for MMI; empty: off.
+    pub mmi: String,
+    pub dialogrpt_weight: f64,
+    pub generator_weight: f64,
+    pub mmi_weight: f64,
+}
+
+impl RankingSettings {
+    pub fn weights(&self) -> crate::ranking::Weights {
+        crate::ranking::Weights { dialogrpt: self.dialogrpt_weight, generator: self.generator_weight, mmi: self.mmi_weight }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -224,6 +298,7 @@ pub struct GenerationSettings {
     pub no_repeat_ngram: usize,
     pub candidates: usize,
     pub queue_depth: usize,
+    pub max_batch: usize,
 }
 
 impl GenerationSettings {
@@ -463,6 +538,8 @@ impl RawSettings {
             adapters: AdapterSettings { http, console, discord, telegram },
             telemetry: TelemetrySettings { log_format, log_filter: t.log_filter, metrics_listen },
             daemon: DaemonSettings { drain: Duration::from_secs(self.daemon.drain_secs) },
+            safety: self.safety.validate()?,
+            ranking: self.ranking.validate()?,
         })
     }
 }
@@ -485,6 +562,7 @@ impl RawGeneration {
             no_repeat_ngram: self.no_repeat_ngram,
             candidates: self.candidates,
             queue_depth: self.queue_depth,
+            max_batch: self.max_batch,
         };
         if g.max_new_tokens == 0 || g.max_new_tokens > 1000 {
             return Err(invalid("generation.max_new_tokens", format!("{} is not in 1..=1000", g.max_new_tokens)));
@@ -504,7 +582,75 @@ impl RawGeneration {
         if g.queue_depth == 0 {
             return Err(invalid("generation.queue_depth", "must be at least 1"));
         }
+        if g.max_batch < g.candidates || g.max_batch > 256 {
+            return Err(invalid("generation.max_batch", format!("{} is not in generation.candidates..=256", g.max_batch)));
+        }
         Ok(g)
+    }
+}
+
+impl RawSafety {
+    fn validate(self) -> Result<SafetySettings, SettingsError> {
+        let policy = self.policy.parse().map_err(|e: crate::safety::SafetyError| invalid("safety.policy", e.to_string()))?;
+        let mut channels = std::collections::BTreeMap::new();
+        for (channel, p) in self.channels {
+            if dialogd_adapters::ChannelKey::parse(&channel).is_none() {
+                return Err(invalid("safety.channels", format!("{channel:?} is not platform:channel_id")));
+            }
+            let p = p.parse().map_err(|e: crate::safety::SafetyError| invalid("safety.channels", format!("{channel}: {e}")))?;
+            channels.insert(channel, p);
+        }
+        let toxic_input = match self.toxic_input.as_str() {
+            "notice" => ToxicInput::Notice,
+            "silent" => ToxicInput::Silent,
+            other => return Err(invalid("safety.toxic_input", format!("{other:?} is not \"notice\" or \"silent\""))),
+        };
+        if toxic_input == ToxicInput::Notice && self.notice.trim().is_empty() {
+            return Err(invalid("safety.notice", "must not be empty when toxic_input = \"notice\""));
+        }
+        if self.max_attempts == 0 || self.max_attempts > 5 {
+            return Err(invalid("safety.max_attempts", format!("{} is not in 1..=5", self.max_attempts)));
+        }
+        if let Some(w) = self.blocked_words.iter().find(|w| w.trim().is_empty()) {
+            return Err(invalid("safety.blocked_words", format!("{w:?} is empty")));
+        }
+        Ok(SafetySettings {
+            policy,
+            channels,
+            toxic_input,
+            notice: self.notice,
+            blocked_words: self.blocked_words,
+            max_attempts: self.max_attempts,
+        })
+    }
+}
+
+impl RawRanking {
+    fn validate(self) -> Result<RankingSettings, SettingsError> {
+        for spec in &self.rankers {
+            crate::cli::rank::parse_ranker(spec).map_err(|e| invalid("ranking.rankers", format!("{e:#}")))?;
+        }
+        let weights = crate::ranking::Weights {
+            dialogrpt: self.dialogrpt_weight,
+            generator: self.generator_weight,
+            mmi: self.mmi_weight,
+        };
+        for (key, w) in [
+            ("ranking.dialogrpt_weight", weights.dialogrpt),
+            ("ranking.generator_weight", weights.generator),
+            ("ranking.mmi_weight", weights.mmi),
+        ] {
+            if !w.is_finite() {
+                return Err(invalid(key, "must be a number"));
+            }
+        }
+        Ok(RankingSettings {
+            rankers: self.rankers,
+            mmi: self.mmi,
+            dialogrpt_weight: weights.dialogrpt,
+            generator_weight: weights.generator,
+            mmi_weight: weights.mmi,
+        })
     }
 }
 

@@ -255,7 +255,7 @@ pub struct TestDaemon {
 impl TestDaemon {
     /// Loads the model named in `toml`'s settings and serves.
     pub async fn start(toml: &str) -> Self {
-        use dialogd::pipeline::engine::ModelThread;
+        use dialogd::pipeline::engine::PoolEngine;
         let settings = settings_from(toml);
         let args = dialogd::cli::ModelArgs {
             model: settings.model.path.clone(),
@@ -264,7 +264,7 @@ impl TestDaemon {
         };
         let loaded = dialogd::cli::load(&args, false).unwrap();
         let metrics = dialogd::telemetry::Metrics::new();
-        let engine = ModelThread::spawn(loaded.model, settings.generation.queue_depth, metrics.clone()).unwrap();
+        let engine = PoolEngine::start(loaded.model, &settings.generation, metrics.clone()).unwrap();
         let daemon = dialogd::daemon::Daemon::start(settings, std::sync::Arc::new(engine), loaded.tokenizer, metrics)
             .await
             .unwrap();

@@ -9,7 +9,7 @@ use clap::Args;
 
 use super::{load, ModelArgs};
 use crate::daemon::{self, Daemon};
-use crate::pipeline::engine::ModelThread;
+use crate::pipeline::engine::PoolEngine;
 use crate::settings;
 use crate::telemetry::{self, Metrics};
 
@@ -44,8 +44,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         };
         tracing::info!(model = %model_args.model, device = %model_args.device, "loading model");
         let loaded = tokio::task::spawn_blocking(move || load(&model_args, false)).await??;
-        let engine = ModelThread::spawn(loaded.model, settings.generation.queue_depth, metrics.clone())
-            .context("starting the model thread")?;
+        let engine = PoolEngine::start(loaded.model, &settings.generation, metrics.clone())
+            .context("starting the generation pool")?;
         let daemon = Daemon::start(settings, Arc::new(engine), loaded.tokenizer, metrics.clone()).await?;
         let reload = tokio::spawn(daemon::reload_on_sighup(daemon.pipeline().clone(), Some(args.config), metrics));
         daemon
