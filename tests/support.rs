@@ -217,6 +217,14 @@ pub fn settings_from(toml: &str) -> dialogd::settings::Settings {
     dialogd::settings::load_raw_with_env(Some(&path), Vec::new()).unwrap().validate().unwrap()
 }
 
+/// Validates settings from TOML text, returning the error if any.
+pub fn settings_result(toml: &str) -> Result<dialogd::settings::Settings, dialogd::settings::SettingsError> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dialogd.toml");
+    std::fs::write(&path, toml).unwrap();
+    dialogd::settings::load_raw_with_env(Some(&path), Vec::new())?.validate()
+}
+
 /// Settings for an in-process daemon on the pico model: HTTP and metrics on
 /// free loopback ports, context in `redis` (or memory when `None`).
 /// `extra` adds `(section, "key = value")` lines.
@@ -232,6 +240,8 @@ pub fn daemon_toml(redis: Option<&RedisServer>, extra: &[(&str, &str)]) -> Strin
         ("context", vec![store, "max_tokens = 40".into(), "redis_timeout_ms = 500".into()]),
         ("adapters.http", vec!["listen = \"127.0.0.1:0\"".into()]),
         ("telemetry", vec!["metrics_listen = \"127.0.0.1:0\"".into()]),
+        ("safety", vec![]),
+        ("ranking", vec![]),
     ];
     for (section, line) in extra {
         let key = line.split('=').next().unwrap().trim();

@@ -2,6 +2,7 @@
 //!
 //! - `support`: fixtures, golden files, synthetic checkpoints, the binary.
 //! - `parity`: the model runtime against outputs of Hugging Face transformers.
+//! - `quality`: safety and ranking end to end through the daemon's HTTP adapter.
 //! - `pool`: the generation pool (batching, candidates, refusals, cancellation, failures).
 //! - `cli`: `dialogd generate` and `dialogd chat` as users run them, bad input included.
 //! - `ranking`: DialogRPT and MMI against transformers, the ensemble, `dialogd rank`.
@@ -17,6 +18,7 @@ mod daemon;
 mod http;
 mod parity;
 mod pool;
+mod quality;
 mod ranking;
 mod safety;
 mod support;

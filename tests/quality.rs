@@ -1,0 +1,97 @@
+//! Safety and ranking end to end, through the daemon's HTTP adapter: a toxic
+//! message is neither stored nor echoed, a flagged candidate is never sent,
+//! and candidates are ranked by DialogRPT when rankers are configured.
+
+use crate::support::{daemon_toml, ranker_dir, TestDaemon};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_toxic_message_is_answered_by_policy_and_never_stored() {
+    let d = TestDaemon::start(&daemon_toml(None, &[])).await;
+    let (status, answer) = d.say("c", "troll", "you are a f*cking idiot", Some("m1")).await;
+    assert_eq!(status, 200);
+    assert_eq!(answer["reply"], "Let's keep it friendly.", "{answer}");
+    assert!(d.turns("c").await.is_empty(), "a toxic message was stored");
+    // An innocent message that naive filters flag goes through.
+    let (_, answer) = d.say("c", "ann", "Scunthorpe has a fine cocktail bar", None).await;
+    assert!(answer["reply"].is_string(), "{answer}");
+    assert_eq!(d.turns("c").await.len(), 2);
+    assert_eq!(d.metric("dialogd_refusals_total{reason=\"toxic_input\"}").await, 1.0);
+    d.stop().await;
+
+    let d = TestDaemon::start(&daemon_toml(None, &[("safety", "toxic_input = \"silent\"")])).await;
+    let (_, answer) = d.say("c", "troll", "sh1t for brains", None).await;
+    assert_eq!(answer, serde_json::json!({ "reply": null, "reason": "toxic_input" }));
+    assert!(d.turns("c").await.is_empty());
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flagged_candidate_is_never_sent() {
+    let greedy = [("generation", "temperature = 0.0"), ("generation", "candidates = 2")];
+    // What the model says to this message, unfiltered.
+    let d = TestDaemon::start(&daemon_toml(None, &greedy)).await;
+    let (_, answer) = d.say("c", "ann", "What is your name?", None).await;
+    let reply = answer["reply"].as_str().unwrap_or_else(|| panic!("no reply: {answer}")).to_string();
+    d.stop().await;
+    let word = reply
+        .split(|c: char| !c.is_alphabetic())
+        .filter(|w| w.len() >= 4)
+        .max_by_key(|w| w.len())
+        .expect("a word to block")
+        .to_lowercase();
+
+    // Block that word: every candidate (greedy, so all alike) is flagged in
+    // every attempt, and the bot stays silent rather than send it.
+    let blocked = format!("blocked_words = [\"{word}\"]");
+    let mut extra = greedy.to_vec();
+    extra.push(("safety", blocked.as_str()));
+    extra.push(("safety", "max_attempts = 3"));
+    let d = TestDaemon::start(&daemon_toml(None, &extra)).await;
+    let (_, answer) = d.say("c", "ann", "What is your name?", None).await;
+    assert_eq!(answer, serde_json::json!({ "reply": null, "reason": "no_safe_candidate" }), "blocked {word:?} in {reply:?}");
+    // The user's turn is kept; no bot turn was stored.
+    let turns = d.turns("c").await;
+    assert_eq!(turns.len(), 1);
+    assert!(!turns[0].2);
+    assert_eq!(d.metric("dialogd_candidates_drawn_total").await, 6.0);
+    assert_eq!(d.metric("dialogd_candidates_flagged_total").await, 3.0, "one flagged, one screened as a duplicate, per attempt");
+    assert_eq!(d.metric("dialogd_refusals_total{reason=\"no_safe_candidate\"}").await, 1.0);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn candidates_are_ranked_by_dialogrpt() {
+    let rankers = format!("rankers = [\"updown={}\", \"{}\"]", ranker_dir("updown").display(), ranker_dir("human-vs-rand").display());
+    let extra = [
+        ("generation", "candidates = 4"),
+        ("generation", "temperature = 1.5"),
+        ("generation", "top_k = 0"),
+        ("ranking", rankers.as_str()),
+    ];
+    let d = TestDaemon::start(&daemon_toml(None, &extra)).await;
+    for i in 0..3 {
+        let (status, answer) = d.say("c", "ann", &format!("Tell me something, number {i}"), None).await;
+        assert_eq!(status, 200);
+        assert!(answer["reply"].is_string(), "{answer}");
+    }
+    let drawn = d.metric("dialogd_candidates_drawn_total").await;
+    let ranked = d.metric("dialogd_candidates_ranked_total").await;
+    assert_eq!(drawn, 12.0);
+    assert!(ranked >= 2.0, "nothing ranked ({ranked} of {drawn})");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_ranking_and_safety_settings_name_their_key() {
+    for (section, line, key) in [
+        ("safety", "policy = \"lenient\"", "safety.policy"),
+        ("safety", "max_attempts = 0", "safety.max_attempts"),
+        ("safety", "channels = { \"nowhere\" = \"strict\" }", "safety.channels"),
+        ("ranking", "rankers = [\"sideways=/x\"]", "ranking.rankers"),
+        ("generation", "max_batch = 1", "generation.max_batch"),
+    ] {
+        let toml = daemon_toml(None, &[(section, line)]);
+        let err = crate::support::settings_result(&toml).unwrap_err().to_string();
+        assert!(err.contains(key), "{line}: {err}");
+    }
+}
