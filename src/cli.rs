@@ -5,12 +5,14 @@
 //! - [`bench`]: `dialogd bench`, the generation pool's speed.
 //! - [`rank`]: `dialogd rank`, DialogRPT (and MMI) scores of candidate replies.
 //! - [`moderate`]: `dialogd moderate`, the safety filter's verdict on a text.
+//! - [`train`]: `dialogd train`, fine-tuning (full or a LoRA persona adapter).
 
 pub mod bench;
 pub mod chat;
 pub mod generate;
 pub mod moderate;
 pub mod rank;
+pub mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,6 +48,8 @@ pub enum Command {
     Rank(rank::RankArgs),
     /// Check a text with the safety filter.
     Moderate(moderate::ModerateArgs),
+    /// Fine-tune a model, or a LoRA persona adapter, on dialogue files.
+    Train(train::TrainArgs),
 }
 
 /// Where the model comes from and where it runs.
@@ -192,6 +196,7 @@ pub fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Rank(args) => rank::run(args),
         Command::Moderate(args) => moderate::run(args),
+        Command::Train(args) => train::run(args),
     };
     match result {
         Ok(code) => code,

@@ -11,6 +11,7 @@
 //! - [`pool`]: the generation pool: continuous batching across channels.
 //! - [`safety`]: the toxicity filter for turns in and candidates out.
 //! - [`ranking`]: DialogRPT and MMI reranking of candidates, screening.
+//! - [`training`]: fine-tuning (full or LoRA persona adapters), evaluation gate.
 //! - [`cli`]: the `dialogd` command line.
 //!
 //! See ARCHITECTURE.md for the whole picture and its invariants.
@@ -24,3 +25,4 @@ pub mod ranking;
 pub mod safety;
 pub mod sampling;
 pub mod tokenizer;
+pub mod training;
