@@ -6,6 +6,7 @@
 //! - `cli`: `dialogd generate` and `dialogd chat` as users run them, bad input included.
 //! - `ranking`: DialogRPT and MMI against transformers, the ensemble, `dialogd rank`.
 //! - `safety`: the filter on a labelled set, obfuscation, innocents, `dialogd moderate`.
+//! - `training`: fine-tuning: forward parity, gradients, learning, checkpoints, LoRA, resume, opt-out.
 
 mod cli;
 mod parity;
@@ -13,3 +14,4 @@ mod pool;
 mod ranking;
 mod safety;
 mod support;
+mod training;

@@ -38,7 +38,8 @@ pub struct TrainArgs {
     /// Micro-batches per optimizer step.
     #[arg(long, value_name = "K", default_value_t = 1)]
     pub grad_accum: usize,
-    /// Longest example, in tokens (longer dialogues lose their oldest turns).
+    /// Longest example, in tokens (longer dialogues lose their oldest turns;
+    /// capped at the model's context).
     #[arg(long, value_name = "N", default_value_t = 128)]
     pub max_seq_len: usize,
     /// Train a LoRA adapter of this rank instead of every weight.
@@ -121,8 +122,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string(&value)?);
         return Ok(ExitCode::SUCCESS);
     }
-    for skipped in &summary.data.skipped {
-        eprintln!("skipped {}:{}: {}", skipped.file.display(), skipped.line, skipped.reason);
+    if !summary.data.skipped.is_empty() {
+        println!("skipped {} malformed line(s) (listed above and in metrics.json)", summary.data.skipped.len());
     }
     println!(
         "{}: {} steps on {} examples ({} held out); {} tokens at {:.0} tokens/s; final train loss {:.4}; peak RSS {:.0} MB",

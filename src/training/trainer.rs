@@ -157,9 +157,16 @@ pub struct TrainSummary {
 pub fn train(config: &TrainConfig, stop: &dyn Fn(usize) -> bool) -> Result<TrainSummary> {
     config.validate()?;
     let tokenizer = DialogTokenizer::from_dir(&config.base)?;
+    let n_positions = crate::model::gpt2::read_config(&config.base)?.n_positions;
+    let max_seq_len = if config.max_seq_len > n_positions {
+        tracing::warn!(requested = config.max_seq_len, n_positions, "--max-seq-len exceeds the model's context; using the context");
+        n_positions
+    } else {
+        config.max_seq_len
+    };
     let eos = tokenizer.eos_id();
     let (dialogues, mut report) = load_dialogues(&config.data, &config.opt_out)?;
-    let (examples, without_loss) = build_examples(&dialogues, &tokenizer, config.max_seq_len)?;
+    let (examples, without_loss) = build_examples(&dialogues, &tokenizer, max_seq_len)?;
     report.without_loss = without_loss;
     if examples.is_empty() {
         return Err(TrainingError::EmptyDataset(format!(
@@ -174,13 +181,6 @@ pub fn train(config: &TrainConfig, stop: &dyn Fn(usize) -> bool) -> Result<Train
     let (train_set, eval_set) = split(examples, config.eval_fraction, config.seed)?;
 
     let model = TrainableGpt2::load(&config.base, config.lora, config.seed, &config.device)?;
-    if config.max_seq_len > model.config().n_positions {
-        return Err(TrainingError::Settings(format!(
-            "--max-seq-len {} exceeds the model's context of {}",
-            config.max_seq_len,
-            model.config().n_positions
-        )));
-    }
     let batches_per_epoch = train_set.len().div_ceil(config.batch_size);
     let total_steps = match config.length {
         TrainLength::Steps(n) => n,
