@@ -370,7 +370,7 @@ fn an_opted_out_authors_lines_never_reach_a_dataset() {
         }
     }
     // Without the opt-out, all four are there (the filter is what removed them).
-    assert_eq!(load_dialogues(&[path.clone()], &OptOut::default()).unwrap().0.len(), 4);
+    assert_eq!(load_dialogues(std::slice::from_ref(&path), &OptOut::default()).unwrap().0.len(), 4);
 
     // Through the command line: --opt-out names a file of hashes; with
     // every record of the remaining data opted out, there is nothing left.
