@@ -6,6 +6,7 @@
 //! - [`rank`]: `dialogd rank`, DialogRPT (and MMI) scores of candidate replies.
 //! - [`moderate`]: `dialogd moderate`, the safety filter's verdict on a text.
 //! - [`run`]: `dialogd run`, the daemon, and `dialogd check-config`.
+//! - [`train`]: `dialogd train`, fine-tuning (full or a LoRA persona adapter).
 
 pub mod bench;
 pub mod chat;
@@ -13,6 +14,7 @@ pub mod generate;
 pub mod moderate;
 pub mod rank;
 pub mod run;
+pub mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -52,6 +54,8 @@ pub enum Command {
     Run(run::RunArgs),
     /// Validate the settings and print them, secrets redacted.
     CheckConfig(run::RunArgs),
+    /// Fine-tune a model, or a LoRA persona adapter, on dialogue files.
+    Train(train::TrainArgs),
 }
 
 /// Where the model comes from and where it runs.
@@ -203,6 +207,7 @@ pub fn main() -> ExitCode {
         Command::Moderate(args) => moderate::run(args),
         Command::Run(args) => run::run(args),
         Command::CheckConfig(args) => run::check_config(args),
+        Command::Train(args) => train::run(args),
     };
     match result {
         Ok(code) => code,

@@ -16,6 +16,7 @@
 //! - [`settings`]: layered raw settings validated into typed ones.
 //! - [`telemetry`]: logs and Prometheus metrics.
 //! - [`daemon`]: start, serve, drain, reload.
+//! - [`training`]: fine-tuning (full or LoRA persona adapters), evaluation gate.
 //! - [`cli`]: the `dialogd` command line.
 //!
 //! See ARCHITECTURE.md for the whole picture and its invariants.
@@ -34,3 +35,4 @@ pub mod sampling;
 pub mod settings;
 pub mod telemetry;
 pub mod tokenizer;
+pub mod training;

@@ -11,6 +11,7 @@
 //! - `http`: the daemon in-process over loopback HTTP: API, commands,
 //!   duplicates, order, Redis outages, a load run.
 //! - `daemon`: the `dialogd run` binary: settings, restarts, signals, logs.
+//! - `training`: fine-tuning: forward parity, gradients, learning, checkpoints, LoRA, resume, opt-out.
 
 mod cli;
 mod context;
@@ -22,3 +23,4 @@ mod quality;
 mod ranking;
 mod safety;
 mod support;
+mod training;

@@ -1,0 +1,252 @@
+//! LoRA persona adapters: settings, PEFT's layout on disk, and serving an
+//! adapter by merging it into a [`Gpt2`].
+//!
+//! On disk an adapter is what PEFT's `save_pretrained` writes for a GPT-2:
+//! `adapter_config.json` (`peft_type: LORA`, `r`, `lora_alpha`,
+//! `target_modules: [c_attn, c_proj, c_fc]`, `fan_in_fan_out: true` because
+//! GPT-2's projections are `Conv1D`s with `[in, out]` weights) and
+//! `adapter_model.safetensors` with keys such as
+//! `base_model.model.transformer.h.0.attn.c_attn.lora_A.weight` (`[r, in]`)
+//! and `…lora_B.weight` (`[out, r]`). The update to a `Conv1D` weight is
+//! `(B·A)ᵀ · alpha / r`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::model::{load_weights, lora_delta, lora_prefixes, TrainableGpt2};
+use super::{file_error, Result, TrainingError};
+use crate::model::gpt2::Gpt2;
+use crate::model::weights::TensorStore;
+
+/// The projections an adapter changes, relative to `h.N.` (PEFT's
+/// `target_modules` `c_attn`, `c_proj`, `c_fc` match exactly these four).
+pub const LORA_TARGETS: [&str; 4] = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"];
+
+/// PEFT's key prefix for a causal LM's weights.
+const PEFT_PREFIX: &str = "base_model.model.transformer.";
+
+/// The adapter's shape: rank and scale.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LoraSettings {
+    pub rank: usize,
+    /// The update is scaled by `alpha / rank`.
+    pub alpha: f64,
+}
+
+impl LoraSettings {
+    /// Rank `rank` with PEFT's habit of `alpha = 2 × rank`.
+    pub fn with_rank(rank: usize) -> Self {
+        Self { rank, alpha: 2.0 * rank as f64 }
+    }
+
+    pub fn scaling(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.rank == 0 || !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return Err(TrainingError::Settings(format!(
+                "LoRA needs a positive rank and alpha (have rank {}, alpha {})",
+                self.rank, self.alpha
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// `adapter_config.json`, with the fields PEFT needs to load it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct AdapterConfig {
+    peft_type: String,
+    #[serde(default)]
+    task_type: Option<String>,
+    r: usize,
+    lora_alpha: f64,
+    #[serde(default)]
+    lora_dropout: f64,
+    target_modules: serde_json::Value,
+    #[serde(default)]
+    fan_in_fan_out: bool,
+    #[serde(default = "default_bias")]
+    bias: String,
+    #[serde(default)]
+    base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    inference_mode: bool,
+    #[serde(default)]
+    use_rslora: bool,
+    #[serde(default)]
+    use_dora: bool,
+    #[serde(default)]
+    modules_to_save: Option<serde_json::Value>,
+    #[serde(default = "default_true")]
+    init_lora_weights: serde_json::Value,
+}
+
+fn default_bias() -> String {
+    "none".into()
+}
+
+fn default_true() -> serde_json::Value {
+    serde_json::Value::Bool(true)
+}
+
+/// Writes the model's LoRA pairs as a PEFT adapter folder.
+pub fn save_adapter(dir: &Path, model: &TrainableGpt2, base_model: &str) -> Result<()> {
+    let settings = model
+        .lora_settings()
+        .ok_or_else(|| TrainingError::Settings("the model has no LoRA adapter to save".into()))?;
+    std::fs::create_dir_all(dir).map_err(|e| file_error(dir, e))?;
+    let config = AdapterConfig {
+        peft_type: "LORA".into(),
+        task_type: Some("CAUSAL_LM".into()),
+        r: settings.rank,
+        lora_alpha: settings.alpha,
+        lora_dropout: 0.0,
+        target_modules: serde_json::json!(["c_attn", "c_proj", "c_fc"]),
+        fan_in_fan_out: true,
+        bias: "none".into(),
+        base_model_name_or_path: Some(base_model.to_string()),
+        inference_mode: true,
+        use_rslora: false,
+        use_dora: false,
+        modules_to_save: None,
+        init_lora_weights: serde_json::Value::Bool(true),
+    };
+    let path = dir.join("adapter_config.json");
+    let text = serde_json::to_string_pretty(&config).map_err(|e| file_error(&path, e))?;
+    std::fs::write(&path, text).map_err(|e| file_error(&path, e))?;
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for (prefix, pair) in model.lora_pairs() {
+        tensors.insert(format!("{PEFT_PREFIX}{prefix}.lora_A.weight"), pair.a.as_tensor().detach().copy()?);
+        tensors.insert(format!("{PEFT_PREFIX}{prefix}.lora_B.weight"), pair.b.as_tensor().detach().copy()?);
+    }
+    let path = dir.join("adapter_model.safetensors");
+    candle_core::safetensors::save(&tensors, &path).map_err(|e| file_error(&path, e))?;
+    Ok(())
+}
+
+/// An adapter read from disk: settings and `(A, B)` per projection prefix.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    pub settings: LoraSettings,
+    pub pairs: BTreeMap<String, (Tensor, Tensor)>,
+    pub dir: PathBuf,
+}
+
+impl LoraAdapter {
+    /// Reads a PEFT LoRA adapter folder (ours or PEFT's), on the CPU in f32.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let bad = |message: String| TrainingError::Adapter { path: dir.to_path_buf(), message };
+        let config_path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|e| file_error(&config_path, e))?;
+        let config: AdapterConfig =
+            serde_json::from_str(&text).map_err(|e| bad(format!("adapter_config.json is not a PEFT LoRA config: {e}")))?;
+        if config.peft_type != "LORA" {
+            return Err(bad(format!("peft_type is {:?}, only LORA is supported", config.peft_type)));
+        }
+        if config.use_dora || config.use_rslora {
+            return Err(bad("DoRA and rsLoRA adapters are not supported".into()));
+        }
+        if !config.fan_in_fan_out {
+            return Err(bad("fan_in_fan_out must be true for GPT-2's Conv1D layers".into()));
+        }
+        if config.bias != "none" || config.modules_to_save.as_ref().is_some_and(|m| !m.is_null()) {
+            return Err(bad("adapters that train biases or whole modules are not supported".into()));
+        }
+        let settings = LoraSettings { rank: config.r, alpha: config.lora_alpha };
+        settings.validate().map_err(|e| bad(e.to_string()))?;
+        let weights_path = dir.join("adapter_model.safetensors");
+        let raw = candle_core::safetensors::load(&weights_path, &Device::Cpu)
+            .map_err(|e| file_error(&weights_path, format!("not a readable safetensors file: {e}")))?;
+        let mut a_parts: BTreeMap<String, Tensor> = BTreeMap::new();
+        let mut b_parts: BTreeMap<String, Tensor> = BTreeMap::new();
+        for (key, tensor) in raw {
+            let name = key.strip_prefix(PEFT_PREFIX).unwrap_or(&key);
+            let name = name.replace(".default.", ".");
+            let (prefix, is_a) = if let Some(p) = name.strip_suffix(".lora_A.weight") {
+                (p.to_string(), true)
+            } else if let Some(p) = name.strip_suffix(".lora_B.weight") {
+                (p.to_string(), false)
+            } else {
+                return Err(bad(format!("unexpected tensor `{key}` in adapter_model.safetensors")));
+            };
+            let tensor = tensor.to_dtype(DType::F32)?;
+            if is_a { a_parts.insert(prefix, tensor) } else { b_parts.insert(prefix, tensor) };
+        }
+        let mut pairs = BTreeMap::new();
+        for (prefix, a) in a_parts {
+            let b = b_parts.remove(&prefix).ok_or_else(|| bad(format!("`{prefix}` has lora_A but no lora_B")))?;
+            let (r_a, _) = a.dims2().map_err(|e| bad(format!("`{prefix}.lora_A`: {e}")))?;
+            let (_, r_b) = b.dims2().map_err(|e| bad(format!("`{prefix}.lora_B`: {e}")))?;
+            if r_a != settings.rank || r_b != settings.rank {
+                return Err(bad(format!("`{prefix}`: rank {r_a}/{r_b} does not match r = {}", settings.rank)));
+            }
+            pairs.insert(prefix, (a, b));
+        }
+        if let Some(prefix) = b_parts.keys().next() {
+            return Err(bad(format!("`{prefix}` has lora_B but no lora_A")));
+        }
+        if pairs.is_empty() {
+            return Err(bad("adapter_model.safetensors holds no LoRA pairs".into()));
+        }
+        Ok(Self { settings, pairs, dir: dir.to_path_buf() })
+    }
+
+    /// Adds the adapter's updates to weights in canonical naming, checking
+    /// that each target exists and fits.
+    pub fn merge_into(&self, weights: &mut BTreeMap<String, Tensor>) -> Result<()> {
+        let bad = |message: String| TrainingError::Adapter { path: self.dir.clone(), message };
+        for (prefix, (a, b)) in &self.pairs {
+            let name = format!("{prefix}.weight");
+            let w = weights.get(&name).ok_or_else(|| bad(format!("targets `{prefix}`, which the base model does not have")))?;
+            let (n_in, n_out) = w.dims2()?;
+            if a.dims() != [self.settings.rank, n_in] || b.dims() != [n_out, self.settings.rank] {
+                return Err(bad(format!(
+                    "`{prefix}`: lora_A {:?} / lora_B {:?} do not fit a [{n_in}, {n_out}] weight",
+                    a.dims(),
+                    b.dims()
+                )));
+            }
+            let delta = lora_delta(&a.to_device(w.device())?, &b.to_device(w.device())?, self.settings.scaling())?;
+            let merged = (w + delta)?;
+            weights.insert(name, merged);
+        }
+        Ok(())
+    }
+}
+
+/// Loads a base checkpoint with a persona's LoRA adapter merged into its
+/// weights: the model the pool serves for that persona.
+pub fn load_persona(base_dir: &Path, adapter_dir: &Path, dtype: DType, device: &Device) -> Result<Gpt2> {
+    let adapter = LoraAdapter::load(adapter_dir)?;
+    let (config, mut weights) = load_weights(base_dir, device)?;
+    let expected = lora_prefixes(&config);
+    if let Some(unknown) = adapter.pairs.keys().find(|p| !expected.contains(p)) {
+        return Err(TrainingError::Adapter {
+            path: adapter_dir.to_path_buf(),
+            message: format!("targets `{unknown}`, which is not a c_attn/c_proj/c_fc of this base model"),
+        });
+    }
+    adapter.merge_into(&mut weights)?;
+    gpt2_from_weights(config, weights, dtype, device, &adapter_dir.join("adapter_model.safetensors"))
+}
+
+/// A [`Gpt2`] over weights in canonical naming.
+pub fn gpt2_from_weights(
+    config: crate::model::Gpt2Config,
+    weights: BTreeMap<String, Tensor>,
+    dtype: DType,
+    device: &Device,
+    origin: &Path,
+) -> Result<Gpt2> {
+    let tensors = weights
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.to_dtype(dtype)?.to_device(device)?)))
+        .collect::<Result<HashMap<_, _>>>()?;
+    let mut store = TensorStore::from_tensors(origin, tensors);
+    Ok(Gpt2::from_store(config, &mut store, device)?)
+}
