@@ -1,12 +1,14 @@
 //! Matrix products for the few-rows case, where decoding spends its time.
 //!
-//! At batch 1-4 a decode step multiplies a handful of activation rows by
-//! every weight matrix once, so it is bound by memory bandwidth, not
-//! arithmetic. candle's gemm runs such products on one thread (measured:
-//! ~60% of the bandwidth of these machines). These kernels stream each weight
-//! matrix exactly once, split across the rayon pool by output columns, and
-//! keep every row's sum in the same order whatever the number of rows, so a
-//! sequence's result does not depend on what else is in the batch.
+//! A decode step multiplies a handful of activation rows (one per sequence
+//! in the batch) by every weight matrix once, so at small batches it is
+//! bound by memory bandwidth, not arithmetic. candle's gemm runs such
+//! products on one thread (measured: ~60% of the bandwidth of these
+//! machines). These kernels stream each weight matrix exactly once, split
+//! across the rayon pool in fixed bands, fuse multiply and add (AVX2 + FMA
+//! chosen at run time), and keep every row's sum in the same order whatever
+//! the number of rows, so a sequence's result does not depend on what else
+//! is in the batch.
 //!
 //! Weights are plain row-major f32 slices read straight from the tensor's
 //! storage; the few activation rows are copied out and the result copied back.
@@ -14,8 +16,10 @@
 use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
-/// Rows up to which the kernels beat gemm on these machines.
-pub const SMALL_ROWS: usize = 4;
+/// Rows up to which decode steps use these kernels rather than gemm. Every
+/// batch size up to this bound computes a row's sums in the same order, so
+/// a sequence's greedy output does not depend on its batch.
+pub const SMALL_ROWS: usize = 32;
 
 /// Vocabulary rows handed to one rayon task in [`rows_times_matrix_t`].
 const COLUMN_BLOCK: usize = 256;
@@ -83,8 +87,8 @@ const K_BLOCK: usize = 128;
 fn band_axpy(xs: &[f32], k: usize, band: &[f32], k0: usize, n: usize, rows: usize, acc: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked above).
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked above).
             return unsafe { band_axpy_avx2(xs, k, band, k0, n, rows, acc) };
         }
     }
@@ -92,20 +96,77 @@ fn band_axpy(xs: &[f32], k: usize, band: &[f32], k0: usize, n: usize, rows: usiz
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn band_axpy_avx2(xs: &[f32], k: usize, band: &[f32], k0: usize, n: usize, rows: usize, acc: &mut [f32]) {
     band_axpy_portable(xs, k, band, k0, n, rows, acc)
 }
 
 #[inline(always)]
 fn band_axpy_portable(xs: &[f32], k: usize, band: &[f32], k0: usize, n: usize, rows: usize, acc: &mut [f32]) {
-    for (i, wrow) in band.chunks_exact(n).enumerate() {
-        for r in 0..rows {
-            let xv = xs[r * k + k0 + i];
-            for (d, &wv) in acc[r * n..(r + 1) * n].iter_mut().zip(wrow) {
-                *d += xv * wv;
+    // Every output element is `fma(x[r, kk], w[kk, c], ·)` over the band's
+    // rows in order, starting from 0, whichever loop below computes it: the
+    // register-tiled loop for whole 16-column tiles, the streaming loop for
+    // the rest. So results are the same for every row count.
+    let band_rows = band.len() / n;
+    // One or two rows: stream the band row by row (bandwidth is all that
+    // matters); more: register tiles, so each weight load feeds several rows.
+    let tiles = if rows <= 2 { 0 } else { n / TILE };
+    for t in 0..tiles {
+        let c0 = t * TILE;
+        let mut r = 0;
+        while r < rows {
+            let group = (rows - r).min(4);
+            match group {
+                4 => tile::<4>(xs, k, band, k0, n, band_rows, r, c0, acc),
+                3 => tile::<3>(xs, k, band, k0, n, band_rows, r, c0, acc),
+                2 => tile::<2>(xs, k, band, k0, n, band_rows, r, c0, acc),
+                _ => tile::<1>(xs, k, band, k0, n, band_rows, r, c0, acc),
+            }
+            r += group;
+        }
+    }
+    let c0 = tiles * TILE;
+    if c0 < n {
+        for (i, wrow) in band.chunks_exact(n).enumerate() {
+            for r in 0..rows {
+                let xv = xs[r * k + k0 + i];
+                for (d, &wv) in acc[r * n + c0..(r + 1) * n].iter_mut().zip(&wrow[c0..]) {
+                    *d = xv.mul_add(wv, *d);
+                }
             }
         }
+    }
+}
+
+/// Output columns per register tile.
+const TILE: usize = 16;
+
+/// `G` rows × 16 columns accumulated in registers over the band's rows.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn tile<const G: usize>(
+    xs: &[f32],
+    k: usize,
+    band: &[f32],
+    k0: usize,
+    n: usize,
+    band_rows: usize,
+    r0: usize,
+    c0: usize,
+    acc: &mut [f32],
+) {
+    let mut a = [[0f32; TILE]; G];
+    for i in 0..band_rows {
+        let w: &[f32; TILE] = band[i * n + c0..i * n + c0 + TILE].try_into().unwrap_or_else(|_| unreachable!());
+        for g in 0..G {
+            let xv = xs[(r0 + g) * k + k0 + i];
+            for j in 0..TILE {
+                a[g][j] = xv.mul_add(w[j], a[g][j]);
+            }
+        }
+    }
+    for g in 0..G {
+        acc[(r0 + g) * n + c0..(r0 + g) * n + c0 + TILE].copy_from_slice(&a[g]);
     }
 }
 
@@ -131,9 +192,7 @@ pub fn rows_times_matrix_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor
             let v0 = block * COLUMN_BLOCK;
             for (i, out_v) in dst.chunks_mut(rows).enumerate() {
                 let wrow = &w[(v0 + i) * k..(v0 + i + 1) * k];
-                for (r, o) in out_v.iter_mut().enumerate() {
-                    *o = dot_dispatch(&xs[r * k..(r + 1) * k], wrow);
-                }
+                dots_dispatch(&xs, k, wrow, out_v);
             }
         });
         let mut out = vec![0f32; rows * n];
@@ -147,40 +206,74 @@ pub fn rows_times_matrix_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor
     Tensor::from_vec(out, (rows, n), x.device())
 }
 
-fn dot_dispatch(a: &[f32], b: &[f32]) -> f32 {
+/// `out[r] = x[r] · w` for every row of `xs` (`[rows, k]`).
+fn dots_dispatch(xs: &[f32], k: usize, w: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked above).
-            return unsafe { dot_avx2(a, b) };
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked above).
+            return unsafe { dots_avx2(xs, k, w, out) };
         }
     }
-    dot(a, b)
+    dots(xs, k, w, out)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot(a, b)
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots_avx2(xs: &[f32], k: usize, w: &[f32], out: &mut [f32]) {
+    dots(xs, k, w, out)
 }
 
-/// A dot product in eight independent lanes (so it vectorises), summed in a
-/// fixed order.
+/// Lanes per dot product: four independent vector chains, so the adds do
+/// not wait on each other.
+const LANES: usize = 32;
+
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let chunks = a.len() / 8;
+fn dots(xs: &[f32], k: usize, w: &[f32], out: &mut [f32]) {
+    let rows = out.len();
+    let mut r = 0;
+    while r < rows {
+        let group = (rows - r).min(2);
+        if group == 2 {
+            dot_group::<2>(xs, k, w, r, out);
+        } else {
+            dot_group::<1>(xs, k, w, r, out);
+        }
+        r += group;
+    }
+}
+
+/// `G` dot products sharing each load of `w`; each row's sum is the same
+/// whatever `G` (32 lanes in order, then a fixed reduction, then the tail).
+#[inline(always)]
+fn dot_group<const G: usize>(xs: &[f32], k: usize, w: &[f32], r0: usize, out: &mut [f32]) {
+    let mut lanes = [[0f32; LANES]; G];
+    let chunks = k / LANES;
     for c in 0..chunks {
-        let (pa, pb) = (&a[c * 8..c * 8 + 8], &b[c * 8..c * 8 + 8]);
-        for l in 0..8 {
-            lanes[l] += pa[l] * pb[l];
+        let wc: &[f32; LANES] = w[c * LANES..(c + 1) * LANES].try_into().unwrap_or_else(|_| unreachable!());
+        for g in 0..G {
+            let x = &xs[(r0 + g) * k + c * LANES..(r0 + g) * k + (c + 1) * LANES];
+            for l in 0..LANES {
+                lanes[g][l] = x[l].mul_add(wc[l], lanes[g][l]);
+            }
         }
     }
-    let mut tail = 0f32;
-    for i in chunks * 8..a.len() {
-        tail += a[i] * b[i];
+    for g in 0..G {
+        let x = &xs[(r0 + g) * k..(r0 + g + 1) * k];
+        let mut width = LANES;
+        let lane = &mut lanes[g];
+        while width > 1 {
+            width /= 2;
+            for l in 0..width {
+                lane[l] += lane[l + width];
+            }
+        }
+        let mut tail = 0f32;
+        for i in chunks * LANES..k {
+            tail = x[i].mul_add(w[i], tail);
+        }
+        out[r0 + g] = lane[0] + tail;
     }
-    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + tail
 }
 
 #[cfg(test)]
