@@ -193,3 +193,30 @@ fn half_precision_stays_close_to_f32() {
         assert!(worst < 0.1 * scale, "{dtype:?}: worst {worst} vs scale {scale}");
     }
 }
+
+/// The quality cost of 8-bit weights, against f32 on the same prompts:
+/// top-1 agreement of the next token and the largest logit error.
+#[test]
+fn q8_weights_stay_close_to_f32() {
+    for name in ["tiny", "small"] {
+        let dir = model_dir(name);
+        let model = Gpt2::load(&dir, DType::F32, &Device::Cpu).unwrap();
+        let q8 = model.quantize_q8().unwrap();
+        let tok = DialogTokenizer::from_dir(&dir).unwrap();
+        let g = golden(name);
+        let (mut agree, mut total, mut worst) = (0, 0, 0f32);
+        for case in g["logits"].as_array().unwrap() {
+            let prompt = prompt_for(&tok, &strings(&case["turns"]));
+            let a: Vec<f32> = model.forward(&model.tokens_tensor(&prompt).unwrap(), &mut model.new_cache()).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+            let mut cache = q8.new_seq_cache(prompt.len()).unwrap();
+            let b: Vec<f32> = q8.forward_seqs(&[&prompt], &mut [&mut cache]).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+            worst = worst.max(a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale);
+            agree += usize::from(dialogd::model::gpt2::argmax(&a) == dialogd::model::gpt2::argmax(&b));
+            total += 1;
+        }
+        eprintln!("{name}: q8 top-1 agreement {agree}/{total}, worst logit error {:.2}% of the largest logit", worst * 100.0);
+        assert!(agree * 4 >= total * 3, "{name}: top-1 agreement {agree}/{total}");
+        assert!(worst < 0.05, "{name}: logit error {worst}");
+    }
+}

@@ -8,9 +8,9 @@
 //! from the right without a transpose.
 
 use std::path::Path;
+use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::config::{Activation, Gpt2Config};
 use super::kernels;
@@ -95,8 +95,8 @@ impl LayerNorm {
 enum ProjWeight {
     /// `[in, out]`, as the checkpoint stores it.
     Dense(Tensor),
-    /// 8-bit blocks of the transposed (`[out, in]`) weight.
-    Quantized(QMatMul),
+    /// 8-bit weights, `[in, out]` like the dense ones.
+    Quantized(Arc<kernels::Q8Matrix>),
 }
 
 /// GPT-2's `Conv1D`: a linear layer whose weight is stored `[in, out]`.
@@ -114,12 +114,9 @@ impl Conv1D {
         })
     }
 
-    fn quantized(&self, dtype: GgmlDType) -> Result<Self> {
+    fn quantized(&self) -> Result<Self> {
         let weight = match &self.weight {
-            ProjWeight::Dense(w) => {
-                let q = QTensor::quantize(&w.t()?.contiguous()?.to_dtype(DType::F32)?, dtype)?;
-                ProjWeight::Quantized(QMatMul::from_qtensor(q)?)
-            }
+            ProjWeight::Dense(w) => ProjWeight::Quantized(Arc::new(kernels::Q8Matrix::quantize(w)?)),
             ProjWeight::Quantized(q) => ProjWeight::Quantized(q.clone()),
         };
         Ok(Self { weight, bias: self.bias.to_dtype(DType::F32)? })
@@ -129,7 +126,7 @@ impl Conv1D {
     fn forward_2d(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.dim(0)?;
         let y = match &self.weight {
-            ProjWeight::Quantized(q) => q.forward(x)?,
+            ProjWeight::Quantized(q) => kernels::rows_times_q8(x, q)?,
             ProjWeight::Dense(w) if kernels::wants_small_path(x, w, rows) => kernels::rows_times_matrix(x, w)?,
             ProjWeight::Dense(w) => x.matmul(w)?,
         };
@@ -307,12 +304,12 @@ impl Block {
         Ok((&x + self.mlp.c_proj.forward_2d(&h)?)?)
     }
 
-    fn quantized(&self, dtype: GgmlDType) -> Result<Self> {
+    fn quantized(&self) -> Result<Self> {
         let mut block = self.clone();
-        block.attn.c_attn = self.attn.c_attn.quantized(dtype)?;
-        block.attn.c_proj = self.attn.c_proj.quantized(dtype)?;
-        block.mlp.c_fc = self.mlp.c_fc.quantized(dtype)?;
-        block.mlp.c_proj = self.mlp.c_proj.quantized(dtype)?;
+        block.attn.c_attn = self.attn.c_attn.quantized()?;
+        block.attn.c_proj = self.attn.c_proj.quantized()?;
+        block.mlp.c_fc = self.mlp.c_fc.quantized()?;
+        block.mlp.c_proj = self.mlp.c_proj.quantized()?;
         Ok(block)
     }
 }
@@ -376,7 +373,7 @@ pub struct Gpt2 {
     ln_f: LayerNorm,
     /// The head in 8 bits, when the model is quantised (`wte` stays dense
     /// for the embedding lookup).
-    head_q: Option<QMatMul>,
+    head_q: Option<Arc<kernels::Q8Matrix>>,
     device: Device,
     dtype: DType,
 }
@@ -460,14 +457,15 @@ impl Gpt2 {
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
         let rows = hidden.dim(0)?;
         let logits = match &self.head_q {
-            Some(q) => q.forward(&hidden.to_dtype(DType::F32)?)?,
+            Some(q) => kernels::rows_times_q8_t(hidden, q)?,
             None if kernels::wants_small_path(hidden, &self.wte, rows) => kernels::rows_times_matrix_t(hidden, &self.wte)?,
             None => hidden.matmul(&self.wte.t()?)?,
         };
         Ok(logits.to_dtype(DType::F32)?)
     }
 
-    /// The same model with 8-bit (q8_0) projection and head weights, for
+    /// The same model with 8-bit projection and head weights (one scale
+    /// per 32 values, see [`kernels::Q8Matrix`]), for
     /// CPU decoding where memory bandwidth is the limit. Needs f32 weights
     /// and `n_embd` a multiple of 32.
     pub fn quantize_q8(&self) -> Result<Self> {
@@ -479,8 +477,11 @@ impl Gpt2 {
                 self.config.inner_dim()
             )));
         }
-        let blocks = self.blocks.iter().map(|b| b.quantized(GgmlDType::Q8_0)).collect::<Result<Vec<_>>>()?;
-        let head = QMatMul::from_qtensor(QTensor::quantize(&self.wte, GgmlDType::Q8_0)?)?;
+        if !self.device.is_cpu() {
+            return Err(ModelError::Input("8-bit weights are a CPU option; GPUs use f16/bf16".into()));
+        }
+        let blocks = self.blocks.iter().map(|b| b.quantized()).collect::<Result<Vec<_>>>()?;
+        let head = Arc::new(kernels::Q8Matrix::quantize(&self.wte)?);
         Ok(Self { blocks, head_q: Some(head), ..self.clone() })
     }
 

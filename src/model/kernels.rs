@@ -276,6 +276,158 @@ fn dot_group<const G: usize>(xs: &[f32], k: usize, w: &[f32], r0: usize, out: &m
     }
 }
 
+// ---- 8-bit weights -------------------------------------------------------
+
+/// Columns sharing one scale in a [`Q8Matrix`].
+pub const Q8_BLOCK: usize = 32;
+
+/// A weight matrix in 8 bits: `w[r, c] ≈ q[r, c] · scale[r, c / 32]`, one
+/// scale per 32 consecutive values of a row (symmetric, round to nearest).
+/// A quarter of the bytes of f32, so a bandwidth-bound decode step reads a
+/// quarter as much.
+#[derive(Debug)]
+pub struct Q8Matrix {
+    rows: usize,
+    cols: usize,
+    q: Vec<i8>,
+    scales: Vec<f32>,
+}
+
+impl Q8Matrix {
+    /// Quantises a row-major `[rows, cols]` f32 tensor; `cols` must be a
+    /// multiple of 32.
+    pub fn quantize(w: &Tensor) -> candle_core::Result<Self> {
+        let (rows, cols) = w.dims2()?;
+        if cols % Q8_BLOCK != 0 {
+            candle_core::bail!("8-bit weights need a multiple of {Q8_BLOCK} columns, not {cols}")
+        }
+        let values: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let mut q = vec![0i8; rows * cols];
+        let mut scales = vec![0f32; rows * cols / Q8_BLOCK];
+        for (b, (chunk, out)) in values.chunks_exact(Q8_BLOCK).zip(q.chunks_exact_mut(Q8_BLOCK)).enumerate() {
+            let max = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+            scales[b] = scale;
+            for (o, v) in out.iter_mut().zip(chunk) {
+                *o = (v / scale).round().clamp(-127.0, 127.0) as i8;
+            }
+        }
+        Ok(Self { rows, cols, q, scales })
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.q.len() + 4 * self.scales.len()
+    }
+}
+
+/// `x @ w` for `x: [rows, k]` and an 8-bit `w: [k, n]` (Conv1D layout).
+/// Same banding (and so the same batch invariance) as [`rows_times_matrix`].
+pub fn rows_times_q8(x: &Tensor, w: &Q8Matrix) -> candle_core::Result<Tensor> {
+    let (rows, k) = x.dims2()?;
+    let (wk, n) = w.dims();
+    if wk != k {
+        candle_core::bail!("rows_times_q8: x is [{rows}, {k}] but w is [{wk}, {n}]")
+    }
+    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let partials: Vec<Vec<f32>> = (0..k.div_ceil(K_BLOCK))
+        .into_par_iter()
+        .map(|band| {
+            let k0 = band * K_BLOCK;
+            let k1 = (k0 + K_BLOCK).min(k);
+            let mut acc = vec![0f32; rows * n];
+            band_q8_dispatch(&xs, k, w, k0, k1, rows, &mut acc);
+            acc
+        })
+        .collect();
+    let mut partials = partials.into_iter();
+    let mut out = partials.next().unwrap_or_else(|| vec![0f32; rows * n]);
+    for p in partials {
+        add_assign(&mut out, &p);
+    }
+    Tensor::from_vec(out, (rows, n), x.device())
+}
+
+fn band_q8_dispatch(xs: &[f32], k: usize, w: &Q8Matrix, k0: usize, k1: usize, rows: usize, acc: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked above).
+            return unsafe { band_q8_avx2(xs, k, w, k0, k1, rows, acc) };
+        }
+    }
+    band_q8(xs, k, w, k0, k1, rows, acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn band_q8_avx2(xs: &[f32], k: usize, w: &Q8Matrix, k0: usize, k1: usize, rows: usize, acc: &mut [f32]) {
+    band_q8(xs, k, w, k0, k1, rows, acc)
+}
+
+#[inline(always)]
+fn band_q8(xs: &[f32], k: usize, w: &Q8Matrix, k0: usize, k1: usize, rows: usize, acc: &mut [f32]) {
+    let n = w.cols;
+    let blocks = n / Q8_BLOCK;
+    let mut deq = [0f32; Q8_BLOCK];
+    for kk in k0..k1 {
+        let qrow = &w.q[kk * n..(kk + 1) * n];
+        let srow = &w.scales[kk * blocks..(kk + 1) * blocks];
+        for (b, (qb, &scale)) in qrow.chunks_exact(Q8_BLOCK).zip(srow).enumerate() {
+            for (d, &qv) in deq.iter_mut().zip(qb) {
+                *d = qv as f32 * scale;
+            }
+            let c0 = b * Q8_BLOCK;
+            for r in 0..rows {
+                let xv = xs[r * k + kk];
+                for (a, &wv) in acc[r * n + c0..r * n + c0 + Q8_BLOCK].iter_mut().zip(&deq) {
+                    *a = xv.mul_add(wv, *a);
+                }
+            }
+        }
+    }
+}
+
+/// `x @ wᵀ` for `x: [rows, k]` and an 8-bit `w: [n, k]` (the tied head).
+pub fn rows_times_q8_t(x: &Tensor, w: &Q8Matrix) -> candle_core::Result<Tensor> {
+    let (rows, k) = x.dims2()?;
+    let (n, wk) = w.dims();
+    if wk != k {
+        candle_core::bail!("rows_times_q8_t: x is [{rows}, {k}] but w is [{n}, {wk}]")
+    }
+    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let mut by_col = vec![0f32; n * rows];
+    by_col.par_chunks_mut(COLUMN_BLOCK * rows).enumerate().for_each(|(block, dst)| {
+        let v0 = block * COLUMN_BLOCK;
+        let mut deq = vec![0f32; k];
+        for (i, out_v) in dst.chunks_mut(rows).enumerate() {
+            dequantize_row(w, v0 + i, &mut deq);
+            dots_dispatch(&xs, k, &deq, out_v);
+        }
+    });
+    let mut out = vec![0f32; rows * n];
+    for v in 0..n {
+        for r in 0..rows {
+            out[r * n + v] = by_col[v * rows + r];
+        }
+    }
+    Tensor::from_vec(out, (rows, n), x.device())
+}
+
+fn dequantize_row(w: &Q8Matrix, row: usize, out: &mut [f32]) {
+    let k = w.cols;
+    let qrow = &w.q[row * k..(row + 1) * k];
+    let srow = &w.scales[row * k / Q8_BLOCK..(row + 1) * k / Q8_BLOCK];
+    for ((o, q), &s) in out.chunks_exact_mut(Q8_BLOCK).zip(qrow.chunks_exact(Q8_BLOCK)).zip(srow) {
+        for (d, &qv) in o.iter_mut().zip(q) {
+            *d = qv as f32 * s;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,6 +447,26 @@ mod tests {
             let wt = w.t().unwrap().contiguous().unwrap();
             assert!(close(&rows_times_matrix_t(&x, &wt).unwrap(), &reference) < 1e-3);
         }
+    }
+
+    #[test]
+    fn q8_is_close_to_f32_and_batch_invariant() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (5, 96), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.1, (96, 320), &dev).unwrap();
+        let q = Q8Matrix::quantize(&w).unwrap();
+        let reference = x.matmul(&w).unwrap();
+        let got = rows_times_q8(&x, &q).unwrap();
+        let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(close(&got, &reference) < 0.02 * scale, "{} vs {scale}", close(&got, &reference));
+        let one = rows_times_q8(&x.narrow(0, 3, 1).unwrap(), &q).unwrap();
+        assert_eq!(close(&got.narrow(0, 3, 1).unwrap(), &one), 0.0);
+        let err = Q8Matrix::quantize(&Tensor::zeros((10, 50), DType::F32, &dev).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("multiple of 32"));
+        let wt = Tensor::randn(0f32, 0.1, (70, 96), &dev).unwrap();
+        let qt = Q8Matrix::quantize(&wt).unwrap();
+        let reference = x.matmul(&wt.t().unwrap()).unwrap();
+        assert!(close(&rows_times_q8_t(&x, &qt).unwrap(), &reference) < 0.02 * scale);
     }
 
     #[test]
