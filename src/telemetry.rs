@@ -49,11 +49,20 @@ pub enum Refusal {
     ShuttingDown,
     /// Generation failed.
     Failed,
+    /// Over a per-user or per-channel rate limit.
+    RateLimited,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 6] =
-        [Refusal::Busy, Refusal::Duplicate, Refusal::EmptyReply, Refusal::Invalid, Refusal::ShuttingDown, Refusal::Failed];
+    const ALL: [Refusal; 7] = [
+        Refusal::Busy,
+        Refusal::Duplicate,
+        Refusal::EmptyReply,
+        Refusal::Invalid,
+        Refusal::ShuttingDown,
+        Refusal::Failed,
+        Refusal::RateLimited,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -63,6 +72,7 @@ impl Refusal {
             Refusal::Invalid => "invalid",
             Refusal::ShuttingDown => "shutting_down",
             Refusal::Failed => "failed",
+            Refusal::RateLimited => "rate_limited",
         }
     }
 }
@@ -76,7 +86,7 @@ pub struct Metrics {
     pub messages_in: AtomicU64,
     pub messages_out: AtomicU64,
     pub replies: AtomicU64,
-    refusals: [AtomicU64; 6],
+    refusals: [AtomicU64; Refusal::ALL.len()],
     /// Jobs waiting for generation.
     pub queue_depth: AtomicI64,
     latency_buckets: [AtomicU64; 11],

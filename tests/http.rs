@@ -134,6 +134,7 @@ async fn each_channel_keeps_its_order_under_concurrency() {
                 text: format!("message {m} of channel {c}"),
                 msg_id: Some(format!("{c}-{m}")),
                 addressed_to_bot: true,
+                moderator: false,
             };
             pending.push(d.pipeline.handle(inbound));
         }
