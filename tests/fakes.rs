@@ -6,7 +6,7 @@
 //! - `discord`: REST (through serenity's proxy setting) and the gateway
 //!   WebSocket (Hello, Identify, Ready, dispatches, Resume).
 
-pub mod discord;
+
 pub mod telegram;
 
 use std::sync::{Arc, Mutex};

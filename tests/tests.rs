@@ -10,13 +10,18 @@
 //! - `http`: the daemon in-process over loopback HTTP: API, commands,
 //!   duplicates, order, Redis outages, a load run.
 //! - `daemon`: the `dialogd run` binary: settings, restarts, signals, logs.
+//! - `fakes`: loopback fakes of the Telegram Bot API and of Discord.
+//! - `telegram`: the Telegram adapter (teloxide) against the fake Bot API.
+//! - `discord`: the Discord adapter (serenity) against the fake Discord.
 
 mod cli;
 mod context;
 mod daemon;
+mod fakes;
 mod http;
 mod parity;
 mod pool;
 mod ranking;
 mod safety;
 mod support;
+mod telegram;
