@@ -7,6 +7,7 @@
 //!   WebSocket (Hello, Identify, Ready, dispatches, Resume).
 
 
+pub mod discord;
 pub mod telegram;
 
 use std::sync::{Arc, Mutex};

@@ -17,6 +17,7 @@
 mod cli;
 mod context;
 mod daemon;
+mod discord;
 mod fakes;
 mod http;
 mod parity;
