@@ -263,3 +263,25 @@ async fn load_run_loses_and_duplicates_no_turn() {
     );
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_give_one_notice_then_drop_quietly() {
+    let extra = [("rate_limit", "per_user = 2"), ("rate_limit", "per_channel = 0"), ("rate_limit", "window_secs = 600")];
+    let d = TestDaemon::start(&crate::support::daemon_toml(None, &extra)).await;
+    for text in ["one", "two"] {
+        let (_, answer) = d.say("busy", "ann", text, None).await;
+        assert!(answer["reply"].is_string(), "{answer}");
+    }
+    let (_, notice) = d.say("busy", "ann", "three", None).await;
+    assert!(notice["reply"].as_str().unwrap().contains("faster than I can answer"), "{notice}");
+    let (_, dropped) = d.say("busy", "ann", "four", None).await;
+    assert_eq!(dropped, serde_json::json!({ "reply": null, "reason": "rate_limited" }));
+    // Commands are not counted, and other users are not limited.
+    let (_, help) = d.say("busy", "ann", "/help", None).await;
+    assert!(help["reply"].as_str().unwrap().contains("/reset"));
+    let (_, other) = d.say("busy", "bob", "hello", None).await;
+    assert!(other["reply"].is_string(), "{other}");
+    assert_eq!(d.turns("busy").await.len(), 6, "limited messages are not stored");
+    assert_eq!(d.metric("dialogd_refusals_total{reason=\"rate_limited\"}").await, 2.0);
+    d.stop().await;
+}

@@ -136,7 +136,7 @@ impl Core for ScriptedCore {
 }
 
 #[tokio::test]
-async fn long_replies_split_in_order_and_rate_limits_and_server_errors_lose_nothing() {
+async fn long_replies_split_in_order_and_429_then_5xx_lose_nothing() {
     let logs = LogCapture::default();
     let _guard = logs.install();
     let fake = FakeTelegram::start(TOKEN).await;

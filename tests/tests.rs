@@ -8,7 +8,7 @@
 //! - `safety`: the filter on a labelled set, obfuscation, innocents, `dialogd moderate`.
 //! - `context`: the Redis context store against a real redis-server.
 //! - `http`: the daemon in-process over loopback HTTP: API, commands,
-//!   duplicates, order, Redis outages, a load run.
+//!   duplicates, order, rate limits, Redis outages, a load run.
 //! - `daemon`: the `dialogd run` binary: settings, restarts, signals, logs.
 //! - `fakes`: loopback fakes of the Telegram Bot API and of Discord.
 //! - `telegram`: the Telegram adapter (teloxide) against the fake Bot API.
