@@ -16,7 +16,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use dialogd_adapters::console::ConsoleAdapter;
+use dialogd_adapters::discord::{DiscordAdapter, DiscordConfig};
 use dialogd_adapters::http::{HttpAdapter, HttpConfig};
+use dialogd_adapters::retry::RetryPolicy;
+use dialogd_adapters::telegram::{TelegramAdapter, TelegramConfig};
 use dialogd_adapters::{Adapter, AdapterError, Core, Shutdown};
 use tokio::task::JoinSet;
 
@@ -83,17 +86,17 @@ impl Daemon {
             .map_err(|e| DaemonError::Ranking(e.to_string()))?
             .map_err(|e| DaemonError::Ranking(format!("{e:#}")))?
             .map(Arc::new);
-        let pipeline =
-            Pipeline::new(
-                engine,
-                store,
-                tokenizer,
-                settings.generation.clone(),
-                c.max_tokens,
-                settings.safety.clone(),
-                ranker,
-                metrics.clone(),
-            );
+        let pipeline = Pipeline::new(
+            engine,
+            store,
+            tokenizer,
+            settings.generation.clone(),
+            c.max_tokens,
+            settings.rate_limit,
+            settings.safety.clone(),
+            ranker,
+            metrics.clone(),
+        );
 
         let mut adapters: Vec<Box<dyn Adapter>> = Vec::new();
         let mut http_addr = None;
@@ -110,6 +113,32 @@ impl Daemon {
         }
         if settings.adapters.console.enabled {
             adapters.push(Box::new(ConsoleAdapter::stdio()));
+        }
+        let t = &settings.adapters.telegram;
+        if t.enabled {
+            let config = TelegramConfig {
+                token: t.token.as_ref().map(|s| s.expose().to_string()).unwrap_or_default(),
+                api_url: t.api_url.clone(),
+                moderators: t.moderators.clone(),
+                poll_timeout: t.poll_timeout,
+                retry: RetryPolicy::default(),
+            };
+            adapters.push(Box::new(TelegramAdapter::new(config)?));
+        }
+        let d = &settings.adapters.discord;
+        if d.enabled {
+            let config = DiscordConfig {
+                token: d.token.as_ref().map(|s| s.expose().to_string()).unwrap_or_default(),
+                proxy_url: (!d.proxy_url.is_empty()).then(|| d.proxy_url.clone()),
+                allowed_guilds: d.allowed_guilds.clone(),
+                allowed_channels: d.allowed_channels.clone(),
+                open_channels: d.open_channels.clone(),
+                command_guilds: d.command_guilds.clone(),
+                moderator_roles: d.moderator_roles.clone(),
+                moderators: d.moderators.clone(),
+                retry: RetryPolicy::default(),
+            };
+            adapters.push(Box::new(DiscordAdapter::new(config)?));
         }
         let (metrics_server, metrics_addr) = match settings.telemetry.metrics_listen {
             Some(addr) => {

@@ -8,14 +8,21 @@
 //! an error; it never stops the daemon.
 //!
 //! - [`engine`]: the narrow door to generation ([`ReplyEngine`]).
+//! - [`limits`]: rate limits per user and per channel.
 //!
-//! Commands: `/reset` forgets the channel's context, `/forget` deletes what
-//! is stored about the author, `/help` lists them.
+//! Commands: `/start` and `/help` say what the bot does, `/ask TEXT` asks
+//! (in groups, where plain messages need a mention), `/reset` forgets the
+//! channel's context, `/forget` deletes what is stored about the author.
+//! Moderators (the adapter says who is one) also have `/mute` and
+//! `/unmute` (the bot stops or resumes answering in the channel; commands
+//! still work), `/persona` and `/train` (not available yet). Everyone else
+//! gets a clear refusal, and every moderator action is logged.
 
 pub mod engine;
 pub mod rank;
+pub mod limits;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -28,6 +35,8 @@ use crate::prompt::build_prompt;
 use self::rank::Ranker;
 use crate::safety::{Filter, WordList};
 use crate::settings::{GenerationSettings, SafetySettings, ToxicInput};
+use self::limits::{RateLimiter, Verdict};
+use crate::settings::RateLimitSettings;
 use crate::telemetry::{Metrics, Refusal};
 use crate::tokenizer::DialogTokenizer;
 
@@ -37,8 +46,14 @@ pub const MAX_TURN_BYTES: usize = crate::cli::MAX_TURN_BYTES;
 /// Messages waiting per channel at most; more are refused as busy.
 const CHANNEL_QUEUE: usize = 32;
 
-const HELP: &str = "I'm a DialoGPT chat bot. Commands: /reset forgets this channel's conversation; \
-/forget deletes everything stored about you; /help shows this.";
+const HELP: &str = "I'm a DialoGPT chat bot. Commands: /ask TEXT asks me something (in groups you can \
+also mention me or reply to me); /reset forgets this channel's conversation; /forget deletes everything \
+stored about you; /help shows this. Moderators: /mute, /unmute, /persona, /train.";
+
+const START: &str = "Hello! I'm a DialoGPT chat bot: talk to me and I'll answer. /help lists the commands.";
+
+/// Commands only moderators may use.
+const MODERATOR_COMMANDS: &[&str] = &["mute", "unmute", "persona", "train"];
 
 /// One accepted message on its way through a channel's queue.
 struct Work {
@@ -83,6 +98,9 @@ struct Shared {
     in_flight: AtomicUsize,
     /// Woken when `in_flight` drops to zero.
     idle: Notify,
+    /// Channels a moderator muted. In memory: a restart unmutes.
+    muted: Mutex<HashSet<ChannelKey>>,
+    limiter: RateLimiter,
 }
 
 /// The daemon's core. Cheap to clone.
@@ -98,6 +116,7 @@ impl Pipeline {
         tokenizer: DialogTokenizer,
         generation: GenerationSettings,
         max_tokens: usize,
+        rate_limit: RateLimitSettings,
         safety: SafetySettings,
         ranker: Option<Arc<Ranker>>,
         metrics: Arc<Metrics>,
@@ -124,6 +143,8 @@ impl Pipeline {
                 accepting: AtomicBool::new(true),
                 in_flight: AtomicUsize::new(0),
                 idle: Notify::new(),
+                muted: Mutex::new(HashSet::new()),
+                limiter: RateLimiter::new(rate_limit),
             }),
         }
     }
@@ -241,9 +262,7 @@ impl Degraded<'_> {
 
 /// A command word (`/reset`, `/reset@botname`), if the text is one.
 fn command(text: &str) -> Option<&str> {
-    let word = text.strip_prefix('/')?.split(char::is_whitespace).next()?;
-    let word = word.split('@').next().unwrap_or(word);
-    (!word.is_empty() && word.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')).then_some(word)
+    dialogd_adapters::text::command_word(text).map(|(word, _)| word)
 }
 
 fn reply(inbound: &Inbound, text: impl Into<String>) -> Answer {
@@ -266,11 +285,21 @@ async fn process(shared: Arc<Shared>, inbound: Inbound) -> Result<Answer, CoreEr
         metrics.refused(Refusal::Invalid);
         return Err(CoreError::Invalid(format!("the message is over {MAX_TURN_BYTES} bytes")));
     }
+    let mut text = text;
     if let Some(word) = command(text) {
-        return run_command(&shared, &inbound, word).await;
-    }
-    if !inbound.addressed_to_bot {
+        let word = word.to_ascii_lowercase();
+        if word != "ask" {
+            return run_command(&shared, &inbound, &word).await;
+        }
+        text = dialogd_adapters::text::command_argument(text);
+        if text.is_empty() {
+            return Ok(reply(&inbound, "Ask me something: /ask how are you?"));
+        }
+    } else if !inbound.addressed_to_bot {
         return Ok(silent("not_addressed"));
+    }
+    if shared.muted.lock().unwrap_or_else(|e| e.into_inner()).contains(channel) {
+        return Ok(silent("muted"));
     }
     let store = &shared.store;
     let mut degraded = Degraded { metrics, counted: false };
@@ -283,6 +312,18 @@ async fn process(shared: Arc<Shared>, inbound: Inbound) -> Result<Answer, CoreEr
             }
             Ok(false) => {}
             Err(e) => degraded.note(channel, "duplicate check", &e),
+        }
+    }
+    match shared.limiter.check(channel, &inbound.author) {
+        Verdict::Allow => {}
+        Verdict::Notice(notice) => {
+            metrics.refused(Refusal::RateLimited);
+            tracing::info!(%channel, author = %inbound.author, "rate limited: notice sent");
+            return Ok(reply(&inbound, notice));
+        }
+        Verdict::Drop => {
+            metrics.refused(Refusal::RateLimited);
+            return Ok(silent("rate_limited"));
         }
     }
     // The input filter: a toxic message is answered per policy and never
@@ -423,7 +464,26 @@ async fn process(shared: Arc<Shared>, inbound: Inbound) -> Result<Answer, CoreEr
 
 async fn run_command(shared: &Shared, inbound: &Inbound, word: &str) -> Result<Answer, CoreError> {
     let unavailable = |e: ContextError| CoreError::Unavailable(e.to_string());
+    let channel = &inbound.channel;
+    if MODERATOR_COMMANDS.contains(&word) {
+        if !inbound.moderator {
+            tracing::info!(%channel, author = %inbound.author, command = word, "moderator command refused");
+            return Ok(reply(inbound, format!("Sorry, only moderators can use /{word}.")));
+        }
+        tracing::info!(%channel, moderator = %inbound.author, command = word, "moderator action");
+    }
     match word {
+        "mute" => {
+            shared.muted.lock().unwrap_or_else(|e| e.into_inner()).insert(channel.clone());
+            Ok(reply(inbound, "Muted: I won't answer in this channel until a moderator says /unmute."))
+        }
+        "unmute" => {
+            shared.muted.lock().unwrap_or_else(|e| e.into_inner()).remove(channel);
+            Ok(reply(inbound, "Unmuted: I'm listening again."))
+        }
+        "persona" => Ok(reply(inbound, "Personas are not available yet.")),
+        "train" => Ok(reply(inbound, "Training on this channel's conversations is not available yet.")),
+        "start" => Ok(reply(inbound, START)),
         "reset" => {
             shared.store.clear(&inbound.channel).await.map_err(unavailable)?;
             Ok(reply(inbound, "Done: I've forgotten this channel's conversation."))

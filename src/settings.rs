@@ -71,10 +71,19 @@ pub struct RawSettings {
     pub generation: RawGeneration,
     pub context: RawContext,
     pub adapters: RawAdapters,
+    pub rate_limit: RawRateLimit,
     pub telemetry: RawTelemetry,
     pub daemon: RawDaemon,
     pub safety: RawSafety,
     pub ranking: RawRanking,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub per_user: u32,
+    pub per_channel: u32,
+    pub window_secs: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -161,6 +170,13 @@ pub struct RawConsole {
 pub struct RawDiscord {
     pub enabled: bool,
     pub token: String,
+    pub proxy_url: String,
+    pub allowed_guilds: Vec<u64>,
+    pub allowed_channels: Vec<u64>,
+    pub open_channels: Vec<u64>,
+    pub command_guilds: Vec<u64>,
+    pub moderator_roles: Vec<u64>,
+    pub moderators: Vec<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -169,6 +185,8 @@ pub struct RawTelegram {
     pub enabled: bool,
     pub token: String,
     pub api_url: String,
+    pub moderators: Vec<u64>,
+    pub poll_timeout_secs: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -226,6 +244,7 @@ pub struct Settings {
     pub generation: GenerationSettings,
     pub context: ContextSettings,
     pub adapters: AdapterSettings,
+    pub rate_limit: RateLimitSettings,
     pub telemetry: TelemetrySettings,
     pub daemon: DaemonSettings,
     pub safety: SafetySettings,
@@ -278,6 +297,17 @@ impl RankingSettings {
     pub fn weights(&self) -> crate::ranking::Weights {
         crate::ranking::Weights { dialogrpt: self.dialogrpt_weight, generator: self.generator_weight, mmi: self.mmi_weight }
     }
+}
+
+/// Per-user and per-channel limits on messages that reach generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RateLimitSettings {
+    /// Messages per user per window (0: no limit).
+    pub per_user: u32,
+    /// Messages per channel per window (0: no limit).
+    pub per_channel: u32,
+    #[serde(rename = "window_secs", serialize_with = "serialize_secs")]
+    pub window: Duration,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -367,6 +397,14 @@ pub struct DiscordSettings {
     pub enabled: bool,
     #[serde(serialize_with = "serialize_opt_secret")]
     pub token: Option<Secret>,
+    /// A REST proxy for every API call (empty: none).
+    pub proxy_url: String,
+    pub allowed_guilds: Vec<u64>,
+    pub allowed_channels: Vec<u64>,
+    pub open_channels: Vec<u64>,
+    pub command_guilds: Vec<u64>,
+    pub moderator_roles: Vec<u64>,
+    pub moderators: Vec<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -375,6 +413,9 @@ pub struct TelegramSettings {
     #[serde(serialize_with = "serialize_opt_secret")]
     pub token: Option<Secret>,
     pub api_url: String,
+    pub moderators: Vec<u64>,
+    #[serde(rename = "poll_timeout_secs", serialize_with = "serialize_secs")]
+    pub poll_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -499,22 +540,61 @@ impl RawSettings {
         if http.max_body_bytes < 1024 {
             return Err(invalid("adapters.http.max_body_bytes", "must be at least 1024"));
         }
-        let discord = DiscordSettings { enabled: a.discord.enabled, token: secret(a.discord.token) };
-        if discord.enabled {
-            return Err(invalid("adapters.discord.enabled", "the Discord adapter is not part of this build yet"));
+        let d = a.discord;
+        let discord = DiscordSettings {
+            enabled: d.enabled,
+            token: secret(d.token),
+            proxy_url: d.proxy_url.trim().to_string(),
+            allowed_guilds: d.allowed_guilds,
+            allowed_channels: d.allowed_channels,
+            open_channels: d.open_channels,
+            command_guilds: d.command_guilds,
+            moderator_roles: d.moderator_roles,
+            moderators: d.moderators,
+        };
+        if discord.enabled && discord.token.is_none() {
+            return Err(invalid(
+                "adapters.discord.token",
+                "the Discord adapter is enabled but has no token (set DIALOGD__ADAPTERS__DISCORD__TOKEN)",
+            ));
         }
-        let telegram =
-            TelegramSettings { enabled: a.telegram.enabled, token: secret(a.telegram.token), api_url: a.telegram.api_url };
-        if telegram.enabled {
-            return Err(invalid("adapters.telegram.enabled", "the Telegram adapter is not part of this build yet"));
+        if !(discord.proxy_url.is_empty() || discord.proxy_url.starts_with("http://") || discord.proxy_url.starts_with("https://")) {
+            return Err(invalid("adapters.discord.proxy_url", "must be empty or an http(s) URL"));
+        }
+        let t = a.telegram;
+        let telegram = TelegramSettings {
+            enabled: t.enabled,
+            token: secret(t.token),
+            api_url: t.api_url.trim().trim_end_matches('/').to_string(),
+            moderators: t.moderators,
+            poll_timeout: Duration::from_secs(t.poll_timeout_secs),
+        };
+        if telegram.enabled && telegram.token.is_none() {
+            return Err(invalid(
+                "adapters.telegram.token",
+                "the Telegram adapter is enabled but has no token (set DIALOGD__ADAPTERS__TELEGRAM__TOKEN)",
+            ));
         }
         if !(telegram.api_url.starts_with("https://") || telegram.api_url.starts_with("http://")) {
             return Err(invalid("adapters.telegram.api_url", "must be an http(s) URL"));
         }
-        let console = ConsoleSettings { enabled: a.console.enabled };
-        if !http.enabled && !console.enabled {
-            return Err(invalid("adapters", "no adapter is enabled (adapters.http.enabled, adapters.console.enabled)"));
+        // teloxide's HTTP client gives up on a request after 17 s.
+        if !(1..=15).contains(&t.poll_timeout_secs) {
+            return Err(invalid("adapters.telegram.poll_timeout_secs", format!("{} is not in 1..=15", t.poll_timeout_secs)));
         }
+        let console = ConsoleSettings { enabled: a.console.enabled };
+        if !(http.enabled || console.enabled || discord.enabled || telegram.enabled) {
+            return Err(invalid(
+                "adapters",
+                "no adapter is enabled (adapters.http, adapters.console, adapters.discord, adapters.telegram)",
+            ));
+        }
+        let r = self.rate_limit;
+        if r.window_secs == 0 {
+            return Err(invalid("rate_limit.window_secs", "must be at least 1"));
+        }
+        let rate_limit =
+            RateLimitSettings { per_user: r.per_user, per_channel: r.per_channel, window: Duration::from_secs(r.window_secs) };
 
         let t = self.telemetry;
         let log_format = match t.log_format.as_str() {
@@ -536,6 +616,7 @@ impl RawSettings {
             generation,
             context,
             adapters: AdapterSettings { http, console, discord, telegram },
+            rate_limit,
             telemetry: TelemetrySettings { log_format, log_filter: t.log_filter, metrics_listen },
             daemon: DaemonSettings { drain: Duration::from_secs(self.daemon.drain_secs) },
             safety: self.safety.validate()?,
@@ -696,7 +777,10 @@ mod tests {
             ("[telemetry]\nlog_format = \"xml\"\n", "telemetry.log_format"),
             ("[generation]\ntemprature = 1.0\n", "temprature"),
             ("[context]\nmax_turns = \"many\"\n", "max_turns"),
-            ("[adapters.telegram]\nenabled = true\n", "adapters.telegram.enabled"),
+            ("[adapters.telegram]\nenabled = true\n", "adapters.telegram.token"),
+            ("[adapters.discord]\nenabled = true\n", "adapters.discord.token"),
+            ("[adapters.telegram]\npoll_timeout_secs = 60\n", "adapters.telegram.poll_timeout_secs"),
+            ("[rate_limit]\nwindow_secs = 0\n", "rate_limit.window_secs"),
         ];
         for (text, key) in cases {
             let err = load_env(Some(text), &[]).unwrap_err().to_string();
@@ -710,12 +794,16 @@ mod tests {
     fn secrets_never_print() {
         let s = load_env(
             Some("[context]\nredis_url = \"redis://u:hunter2@db:6379/0\"\n"),
-            &[("DIALOGD__ADAPTERS__HTTP__TOKEN", "tok-123456"), ("DIALOGD__ADAPTERS__TELEGRAM__TOKEN", "tg-987654")],
+            &[
+                ("DIALOGD__ADAPTERS__HTTP__TOKEN", "tok-123456"),
+                ("DIALOGD__ADAPTERS__TELEGRAM__TOKEN", "tg-987654"),
+                ("DIALOGD__ADAPTERS__DISCORD__TOKEN", "dc-555777"),
+            ],
         )
         .unwrap();
         assert_eq!(s.adapters.http.token.as_ref().unwrap().expose(), "tok-123456");
         for shown in [s.to_redacted_toml(), format!("{s:?}")] {
-            for secret in ["hunter2", "tok-123456", "tg-987654"] {
+            for secret in ["hunter2", "tok-123456", "tg-987654", "dc-555777"] {
                 assert!(!shown.contains(secret), "{secret} in {shown}");
             }
         }

@@ -54,10 +54,12 @@ pub enum Refusal {
     /// Every candidate, after every allowed attempt, failed the safety
     /// filter or the screening: the bot stays silent.
     NoSafeCandidate,
+    /// Over a per-user or per-channel rate limit.
+    RateLimited,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 8] = [
+    const ALL: [Refusal; 9] = [
         Refusal::Busy,
         Refusal::Duplicate,
         Refusal::EmptyReply,
@@ -66,6 +68,7 @@ impl Refusal {
         Refusal::Failed,
         Refusal::ToxicInput,
         Refusal::NoSafeCandidate,
+        Refusal::RateLimited,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -78,6 +81,7 @@ impl Refusal {
             Refusal::Failed => "failed",
             Refusal::ToxicInput => "toxic_input",
             Refusal::NoSafeCandidate => "no_safe_candidate",
+            Refusal::RateLimited => "rate_limited",
         }
     }
 }
@@ -91,7 +95,7 @@ pub struct Metrics {
     pub messages_in: AtomicU64,
     pub messages_out: AtomicU64,
     pub replies: AtomicU64,
-    refusals: [AtomicU64; 8],
+    refusals: [AtomicU64; Refusal::ALL.len()],
     /// Jobs waiting for generation.
     pub queue_depth: AtomicI64,
     latency_buckets: [AtomicU64; 11],

@@ -134,6 +134,7 @@ async fn each_channel_keeps_its_order_under_concurrency() {
                 text: format!("message {m} of channel {c}"),
                 msg_id: Some(format!("{c}-{m}")),
                 addressed_to_bot: true,
+                moderator: false,
             };
             pending.push(d.pipeline.handle(inbound));
         }
@@ -260,5 +261,27 @@ async fn load_run_loses_and_duplicates_no_turn() {
          {replies} replies, {other} empty, {duplicates} duplicates refused, {turns_total} turns stored, 0 lost, 0 duplicated",
         took.as_secs_f64()
     );
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_give_one_notice_then_drop_quietly() {
+    let extra = [("rate_limit", "per_user = 2"), ("rate_limit", "per_channel = 0"), ("rate_limit", "window_secs = 600")];
+    let d = TestDaemon::start(&crate::support::daemon_toml(None, &extra)).await;
+    for text in ["one", "two"] {
+        let (_, answer) = d.say("busy", "ann", text, None).await;
+        assert!(answer["reply"].is_string(), "{answer}");
+    }
+    let (_, notice) = d.say("busy", "ann", "three", None).await;
+    assert!(notice["reply"].as_str().unwrap().contains("faster than I can answer"), "{notice}");
+    let (_, dropped) = d.say("busy", "ann", "four", None).await;
+    assert_eq!(dropped, serde_json::json!({ "reply": null, "reason": "rate_limited" }));
+    // Commands are not counted, and other users are not limited.
+    let (_, help) = d.say("busy", "ann", "/help", None).await;
+    assert!(help["reply"].as_str().unwrap().contains("/reset"));
+    let (_, other) = d.say("busy", "bob", "hello", None).await;
+    assert!(other["reply"].is_string(), "{other}");
+    assert_eq!(d.turns("busy").await.len(), 6, "limited messages are not stored");
+    assert_eq!(d.metric("dialogd_refusals_total{reason=\"rate_limited\"}").await, 2.0);
     d.stop().await;
 }

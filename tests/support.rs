@@ -239,6 +239,10 @@ pub fn daemon_toml(redis: Option<&RedisServer>, extra: &[(&str, &str)]) -> Strin
         ("generation", vec!["max_new_tokens = 16".into()]),
         ("context", vec![store, "max_tokens = 40".into(), "redis_timeout_ms = 500".into()]),
         ("adapters.http", vec!["listen = \"127.0.0.1:0\"".into()]),
+        ("adapters.telegram", vec![]),
+        ("adapters.discord", vec![]),
+        // Off unless a test asks: the load run sends many messages.
+        ("rate_limit", vec!["per_user = 0".into(), "per_channel = 0".into()]),
         ("telemetry", vec!["metrics_listen = \"127.0.0.1:0\"".into()]),
         ("safety", vec![]),
         ("ranking", vec![]),
@@ -249,7 +253,11 @@ pub fn daemon_toml(redis: Option<&RedisServer>, extra: &[(&str, &str)]) -> Strin
         lines.retain(|l| l.split('=').next().unwrap().trim() != key);
         lines.push(line.to_string());
     }
-    sections.iter().map(|(s, lines)| format!("[{s}]\n{}\n", lines.join("\n"))).collect()
+    sections
+        .iter()
+        .filter(|(_, lines)| !lines.is_empty())
+        .map(|(s, lines)| format!("[{s}]\n{}\n", lines.join("\n")))
+        .collect()
 }
 
 /// A daemon running inside the test process.

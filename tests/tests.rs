@@ -9,13 +9,18 @@
 //! - `safety`: the filter on a labelled set, obfuscation, innocents, `dialogd moderate`.
 //! - `context`: the Redis context store against a real redis-server.
 //! - `http`: the daemon in-process over loopback HTTP: API, commands,
-//!   duplicates, order, Redis outages, a load run.
+//!   duplicates, order, rate limits, Redis outages, a load run.
 //! - `daemon`: the `dialogd run` binary: settings, restarts, signals, logs.
 //! - `training`: fine-tuning: forward parity, gradients, learning, checkpoints, LoRA, resume, opt-out.
+//! - `fakes`: loopback fakes of the Telegram Bot API and of Discord.
+//! - `telegram`: the Telegram adapter (teloxide) against the fake Bot API.
+//! - `discord`: the Discord adapter (serenity) against the fake Discord.
 
 mod cli;
 mod context;
 mod daemon;
+mod discord;
+mod fakes;
 mod http;
 mod parity;
 mod pool;
@@ -24,3 +29,4 @@ mod ranking;
 mod safety;
 mod support;
 mod training;
+mod telegram;

@@ -65,6 +65,8 @@ where
                     text: line,
                     msg_id: None,
                     addressed_to_bot: true,
+                    // The console is the operator at the machine.
+                    moderator: true,
                 };
                 let text = match core.handle(inbound).await {
                     Ok(Answer::Reply(out)) => format!("bot> {}\n", out.text),

@@ -198,6 +198,7 @@ async fn post_message(
         text: body.text,
         msg_id: body.message_id,
         addressed_to_bot: true,
+        moderator: false,
     };
     match state.core.handle(inbound).await {
         Ok(Answer::Reply(out)) => Json(json!({ "reply": out.text })).into_response(),

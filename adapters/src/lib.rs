@@ -8,9 +8,20 @@
 //!
 //! - [`http`]: a JSON API for web widgets, other bots and integration.
 //! - [`console`]: stdin/stdout, one channel.
+//! - [`telegram`]: a Telegram bot (teloxide, long polling).
+//! - [`discord`]: a Discord bot (serenity, gateway and slash commands).
+//! - [`text`]: what the chat platforms share: command words, splitting long
+//!   replies, keeping secrets out of log lines.
+//! - [`outbox`]: sends each channel's answers in order, one at a time.
+//! - [`retry`]: bounded retries of platform calls (rate limits, 5xx).
 
 pub mod console;
+pub mod discord;
 pub mod http;
+pub mod outbox;
+pub mod retry;
+pub mod telegram;
+pub mod text;
 
 use std::fmt;
 use std::future::Future;
@@ -83,6 +94,10 @@ pub struct Inbound {
     pub msg_id: Option<String>,
     /// Whether the bot was addressed (DM, mention, reply to the bot, command).
     pub addressed_to_bot: bool,
+    /// Whether the author is a moderator of this channel (the platform's
+    /// word, or the adapter's allowlist). Adapters may leave it false for
+    /// anything but a moderator command ([`text::is_moderator_command`]).
+    pub moderator: bool,
 }
 
 /// A reply for an adapter to send.
@@ -191,6 +206,10 @@ pub enum AdapterError {
     Bind { adapter: &'static str, addr: String, source: std::io::Error },
     #[error("{adapter}: {source}")]
     Io { adapter: &'static str, source: std::io::Error },
+    /// The platform refused to start (a bad token, an unreachable API);
+    /// the message never holds the token.
+    #[error("{adapter}: {message}")]
+    Platform { adapter: &'static str, message: String },
 }
 
 /// A platform connection. The daemon runs each enabled adapter until it

@@ -1,0 +1,374 @@
+//! The Telegram adapter: a bot on the Bot API through teloxide, by long
+//! polling.
+//!
+//! Who is answered: everyone in a private chat; in groups, a message that
+//! mentions the bot (`@botname`), replies to one of its messages, or is a
+//! command (`/ask …`, `/reset`; `/cmd@otherbot` is left alone). Other group
+//! messages are not handed to the core at all.
+//!
+//! How: `getMe` once (the bot's id and username), `setMyCommands`, then a
+//! `getUpdates` loop. Each message is handed to the core in update order;
+//! its answer is sent through the [`Outbox`] (one chat's answers in order)
+//! with a typing action while the core works, as a reply to the
+//! triggering message, split at 4096 UTF-16 units. Requests go through
+//! teloxide's `Throttle` (Telegram's per-chat and global limits); a 429's
+//! `retry_after` and server errors are retried within a [`RetryPolicy`].
+//!
+//! Moderators: the allowlist of user ids, and in groups the chat's
+//! administrators and owner (`getChatMember`), asked only for moderator
+//! commands.
+//!
+//! The token is part of every Bot API URL; errors are scrubbed of it
+//! before they are logged.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use teloxide::adaptors::throttle::{Limits, Settings as ThrottleSettings};
+use teloxide::adaptors::Throttle;
+use teloxide::prelude::*;
+use teloxide::types::{BotCommand, ChatAction, Me, Message, MessageId, ReplyParameters, UpdateKind};
+use teloxide::{ApiError, RequestError};
+
+use crate::outbox::Outbox;
+use crate::retry::{with_retries, Failure, RetryPolicy};
+use crate::text::{command_word, is_moderator_command, scrub, split_message, utf16_units, COMMANDS};
+use crate::{Adapter, AdapterError, Answer, BoxFuture, ChannelKey, Core, CoreError, Inbound, Platform, Shutdown};
+
+/// Telegram's longest message, in UTF-16 code units.
+pub const MESSAGE_LIMIT: usize = 4096;
+
+/// How often the typing action is repeated (Telegram shows it for ~5 s).
+const TYPING_EVERY: Duration = Duration::from_secs(4);
+
+/// What the adapter needs.
+#[derive(Clone)]
+pub struct TelegramConfig {
+    /// The bot token from BotFather. Never logged.
+    pub token: String,
+    /// The Bot API server (`https://api.telegram.org`, or a self-hosted one).
+    pub api_url: String,
+    /// User ids that are moderators in every chat.
+    pub moderators: Vec<u64>,
+    /// How long one `getUpdates` waits for news (long polling).
+    pub poll_timeout: Duration,
+    /// Retries of every Bot API call.
+    pub retry: RetryPolicy,
+}
+
+impl std::fmt::Debug for TelegramConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TelegramConfig")
+            .field("token", &"[redacted]")
+            .field("api_url", &self.api_url)
+            .field("moderators", &self.moderators)
+            .field("poll_timeout", &self.poll_timeout)
+            .finish()
+    }
+}
+
+/// The Telegram bot.
+pub struct TelegramAdapter {
+    config: TelegramConfig,
+}
+
+impl TelegramAdapter {
+    pub fn new(config: TelegramConfig) -> Result<Self, AdapterError> {
+        url::Url::parse(&config.api_url)
+            .map_err(|e| AdapterError::Platform { adapter: "telegram", message: format!("api_url: {e}") })?;
+        if config.token.trim().is_empty() {
+            return Err(AdapterError::Platform { adapter: "telegram", message: "no bot token".into() });
+        }
+        Ok(Self { config })
+    }
+}
+
+type TgBot = Throttle<Bot>;
+
+/// What every message handler shares.
+struct Context {
+    bot: TgBot,
+    me: Me,
+    core: Arc<dyn Core>,
+    config: TelegramConfig,
+    outbox: Outbox,
+}
+
+impl Adapter for TelegramAdapter {
+    fn name(&self) -> &'static str {
+        "telegram"
+    }
+
+    fn run(self: Box<Self>, core: Arc<dyn Core>, shutdown: Shutdown) -> BoxFuture<'static, Result<(), AdapterError>> {
+        Box::pin(async move {
+            let config = self.config;
+            let url = url::Url::parse(&config.api_url)
+                .map_err(|e| AdapterError::Platform { adapter: "telegram", message: format!("api_url: {e}") })?;
+            let plain = Bot::new(config.token.clone()).set_api_url(url);
+            let stop = shutdown.clone().wait();
+            tokio::pin!(stop);
+            let me = tokio::select! {
+                _ = &mut stop => return Ok(()),
+                me = with_retries(config.retry, "getMe", || plain.get_me().send(), classify, |e| describe(e, &config.token)) => me,
+            };
+            let me = me.map_err(|e| AdapterError::Platform {
+                adapter: "telegram",
+                message: format!("getMe failed (is the token right?): {}", describe(&e, &config.token)),
+            })?;
+            // Our own bounded retries replace Throttle's unbounded ones.
+            let bot = Throttle::spawn_with_settings(plain, ThrottleSettings::default().limits(Limits::default()).no_retry());
+            let commands: Vec<BotCommand> =
+                COMMANDS.iter().map(|(name, about)| BotCommand::new(*name, *about)).collect();
+            let registered = with_retries(
+                config.retry,
+                "setMyCommands",
+                || bot.set_my_commands(commands.clone()).send(),
+                classify,
+                |e| describe(e, &config.token),
+            )
+            .await;
+            if let Err(e) = registered {
+                tracing::warn!(error = %describe(&e, &config.token), "telegram: cannot register the command menu");
+            }
+            tracing::info!(bot = %me.username(), "telegram adapter polling");
+            let context = Arc::new(Context { bot, me, core, config, outbox: Outbox::new() });
+            let mut offset: i32 = 0;
+            let mut backoff = context.config.retry.backoff;
+            loop {
+                let poll = context
+                    .bot
+                    .inner()
+                    .get_updates()
+                    .offset(offset)
+                    .timeout(context.config.poll_timeout.as_secs() as u32)
+                    .allowed_updates(vec![teloxide::types::AllowedUpdate::Message])
+                    .send();
+                let updates = tokio::select! {
+                    _ = &mut stop => break,
+                    updates = poll => updates,
+                };
+                let updates = match updates {
+                    Ok(updates) => {
+                        backoff = context.config.retry.backoff;
+                        updates
+                    }
+                    Err(e) => {
+                        let wait = match &e {
+                            RequestError::RetryAfter(after) => after.duration(),
+                            _ => backoff,
+                        }
+                        .min(context.config.retry.max_wait);
+                        tracing::warn!(error = %describe(&e, &context.config.token), wait_ms = wait.as_millis() as u64, "telegram: getUpdates failed");
+                        backoff = (backoff * 2).min(context.config.retry.max_wait);
+                        tokio::select! {
+                            _ = &mut stop => break,
+                            _ = tokio::time::sleep(wait) => continue,
+                        }
+                    }
+                };
+                for update in updates {
+                    offset = offset.max(update.id.0 as i32 + 1);
+                    if let UpdateKind::Message(message) = update.kind {
+                        on_message(&context, message).await;
+                    }
+                }
+            }
+            // Let the answers already accepted go out (the daemon bounds this).
+            context.outbox.flush().await;
+            tracing::info!("telegram adapter stopped");
+            Ok(())
+        })
+    }
+}
+
+/// Decides whether a message is for the bot and hands it to the core.
+async fn on_message(context: &Arc<Context>, message: Message) {
+    let (Some(text), Some(from)) = (message.text(), message.from.as_ref()) else { return };
+    if from.is_bot {
+        return;
+    }
+    let me = &context.me;
+    let username = me.username();
+    let private = message.chat.is_private();
+    let command = command_word(text);
+    if let Some((_, Some(target))) = command {
+        if !target.eq_ignore_ascii_case(username) {
+            return; // A command for another bot in this group.
+        }
+    }
+    let mention = format!("@{username}");
+    let mentioned = find_ignore_case(text, &mention).is_some();
+    let replied_to_bot =
+        message.reply_to_message().and_then(|m| m.from.as_ref()).is_some_and(|author| author.id == me.user.id);
+    if !(private || command.is_some() || mentioned || replied_to_bot) {
+        return;
+    }
+    let text = if command.is_none() && mentioned { strip_mention(text, &mention) } else { text.to_string() };
+    let moderator = is_moderator_command(&text) && is_moderator(context, &message).await;
+    let inbound = Inbound {
+        channel: ChannelKey::new(Platform::Telegram, message.chat.id.0.to_string()),
+        author: from.id.0.to_string(),
+        text,
+        msg_id: Some(message.id.0.to_string()),
+        addressed_to_bot: true,
+        moderator,
+    };
+    // Handing it over now fixes its place in the chat's order.
+    let answer = context.core.handle(inbound);
+    let key = message.chat.id.0.to_string();
+    let context = context.clone();
+    context.outbox.clone().push(&key, Box::pin(deliver(context, message.chat.id, message.id, answer)));
+}
+
+/// Waits for the core (typing meanwhile) and sends what it answered.
+async fn deliver(
+    context: Arc<Context>,
+    chat: ChatId,
+    reply_to: MessageId,
+    answer: BoxFuture<'static, Result<Answer, CoreError>>,
+) {
+    let typing = async {
+        loop {
+            if let Err(e) = context.bot.send_chat_action(chat, ChatAction::Typing).send().await {
+                tracing::debug!(error = %describe(&e, &context.config.token), "telegram: typing action failed");
+            }
+            tokio::time::sleep(TYPING_EVERY).await;
+        }
+    };
+    let answer = tokio::select! {
+        answer = answer => answer,
+        _ = typing => unreachable!("the typing loop never ends"),
+    };
+    let text = match answer {
+        Ok(Answer::Reply(out)) => out.text,
+        Ok(Answer::Silent { reason }) => return tracing::debug!(chat = chat.0, reason, "telegram: no reply"),
+        Err(CoreError::ShuttingDown) => return,
+        Err(e @ (CoreError::Busy | CoreError::Unavailable(_))) => {
+            tracing::info!(chat = chat.0, error = %e, "telegram: message not answered");
+            "I'm busy right now; please try again in a minute.".to_string()
+        }
+        Err(CoreError::Invalid(why)) => format!("I can't answer that: {why}."),
+        Err(e) => {
+            tracing::warn!(chat = chat.0, error = %e, "telegram: message failed");
+            "Sorry, something went wrong with that message.".to_string()
+        }
+    };
+    send_text(&context, chat, &text, Some(reply_to)).await;
+}
+
+/// Sends `text` in pieces within Telegram's limit, the first as a reply.
+/// A piece that still fails after the retries is logged and the rest are
+/// not sent (they would read out of context).
+async fn send_text(context: &Context, chat: ChatId, text: &str, reply_to: Option<MessageId>) {
+    let pieces = split_message(text, MESSAGE_LIMIT, utf16_units);
+    for (n, piece) in pieces.iter().enumerate() {
+        let token = &context.config.token;
+        let sent = with_retries(
+            context.config.retry,
+            "sendMessage",
+            || {
+                let mut request = context.bot.send_message(chat, piece.clone());
+                if let (0, Some(id)) = (n, reply_to) {
+                    request = request.reply_parameters(ReplyParameters::new(id).allow_sending_without_reply());
+                }
+                request.send()
+            },
+            classify,
+            |e| describe(e, token),
+        )
+        .await;
+        if let Err(e) = sent {
+            tracing::warn!(chat = chat.0, piece = n, of = pieces.len(), error = %describe(&e, token), "telegram: reply lost");
+            return;
+        }
+    }
+}
+
+/// The allowlist, or an administrator or owner of the (group) chat.
+async fn is_moderator(context: &Context, message: &Message) -> bool {
+    let Some(user) = message.from.as_ref() else { return false };
+    if context.config.moderators.contains(&user.id.0) {
+        return true;
+    }
+    if message.chat.is_private() {
+        return false;
+    }
+    let token = &context.config.token;
+    let member = with_retries(
+        context.config.retry,
+        "getChatMember",
+        || context.bot.get_chat_member(message.chat.id, user.id).send(),
+        classify,
+        |e| describe(e, token),
+    )
+    .await;
+    match member {
+        Ok(member) => member.is_privileged(),
+        Err(e) => {
+            tracing::warn!(chat = message.chat.id.0, error = %describe(&e, token), "telegram: cannot ask who is an administrator");
+            false
+        }
+    }
+}
+
+/// How a Bot API failure is retried.
+fn classify(error: &RequestError) -> Failure {
+    match error {
+        RequestError::RetryAfter(after) => Failure::RetryAfter(Some(after.duration())),
+        RequestError::Network(_) | RequestError::Io(_) | RequestError::InvalidJson { .. } => Failure::Transient,
+        RequestError::Api(ApiError::Unknown(description)) if is_server_error(description) => Failure::Transient,
+        _ => Failure::Permanent,
+    }
+}
+
+/// Telegram's descriptions of its own failures (the error code is not
+/// kept by teloxide).
+fn is_server_error(description: &str) -> bool {
+    let lower = description.to_ascii_lowercase();
+    ["internal server error", "bad gateway", "service unavailable", "gateway timeout", "too many requests"]
+        .iter()
+        .any(|needle| lower.contains(needle))
+}
+
+/// An error as a log line, without the token.
+fn describe(error: &RequestError, token: &str) -> String {
+    scrub(&error.to_string(), token)
+}
+
+fn find_ignore_case(haystack: &str, needle: &str) -> Option<usize> {
+    haystack.to_ascii_lowercase().find(&needle.to_ascii_lowercase())
+}
+
+/// The text without the bot's `@mention` (ASCII case-insensitive).
+fn strip_mention(text: &str, mention: &str) -> String {
+    let mut rest = text.to_string();
+    while let Some(at) = find_ignore_case(&rest, mention) {
+        rest.replace_range(at..at + mention.len(), "");
+    }
+    let cleaned = rest.split_whitespace().collect::<Vec<_>>().join(" ");
+    let cleaned = cleaned.trim_start_matches([',', ':']).trim().to_string();
+    if cleaned.is_empty() {
+        text.to_string()
+    } else {
+        cleaned
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mentions_are_stripped() {
+        assert_eq!(strip_mention("@Dialogd_Bot, how are you?", "@dialogd_bot"), "how are you?");
+        assert_eq!(strip_mention("hey @dialogd_bot what's up", "@dialogd_bot"), "hey what's up");
+        assert_eq!(strip_mention("@dialogd_bot", "@dialogd_bot"), "@dialogd_bot");
+    }
+
+    #[test]
+    fn server_errors_are_retried_and_bad_requests_are_not() {
+        assert_eq!(classify(&RequestError::RetryAfter(teloxide::types::Seconds::from_seconds(2))), Failure::RetryAfter(Some(Duration::from_secs(2))));
+        assert_eq!(classify(&RequestError::Api(ApiError::Unknown("Internal Server Error".into()))), Failure::Transient);
+        assert_eq!(classify(&RequestError::Api(ApiError::BotBlocked)), Failure::Permanent);
+    }
+}

@@ -1,0 +1,204 @@
+//! The Discord adapter end to end: the real serenity client against a fake
+//! Discord (REST + gateway WebSocket) on loopback; the daemon with the pico
+//! model behind it, or a scripted core to drive long replies and failures.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dialogd_adapters::discord::{DiscordAdapter, DiscordConfig};
+use dialogd_adapters::retry::RetryPolicy;
+use dialogd_adapters::{Adapter, Answer, BoxFuture, ChannelKey, ContextTurn, Core, CoreError, Health, Inbound, Outbound, Shutdown};
+use serde_json::{json, Value};
+
+use crate::fakes::discord::{message, slash_command, user, FakeDiscord, BOT_ID, GUILD};
+use crate::fakes::{wait_for, LogCapture};
+use crate::support::{daemon_toml, TestDaemon};
+
+const TOKEN: &str = "MTAwNzAw.fake-discord-secret-token";
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn nth_posted(fake: &FakeDiscord, channel: u64, n: usize) -> Value {
+    wait_for(WAIT, || fake.posted(channel).get(n - 1).cloned())
+        .await
+        .unwrap_or_else(|| panic!("no message {n} in channel {channel}; posted: {:?}", fake.posted(channel)))
+}
+
+fn referenced(posted: &Value) -> Option<u64> {
+    posted["message_reference"]["message_id"].as_str().and_then(|id| id.parse().ok())
+        .or_else(|| posted["message_reference"]["message_id"].as_u64())
+}
+
+async fn nth_followup(fake: &FakeDiscord, n: usize) -> String {
+    let followup = wait_for(WAIT, || fake.followups().get(n - 1).cloned())
+        .await
+        .unwrap_or_else(|| panic!("no follow-up {n}: {:?}", fake.followups()));
+    followup["content"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn dms_mentions_slash_commands_moderators_and_resume() {
+    let logs = LogCapture::default();
+    let _guard = logs.install();
+    let fake = FakeDiscord::start(TOKEN).await;
+    let extra = [
+        ("adapters.discord", "enabled = true".to_string()),
+        ("adapters.discord", format!("token = \"{TOKEN}\"")),
+        ("adapters.discord", format!("proxy_url = \"{}\"", fake.rest_url)),
+        ("adapters.discord", format!("command_guilds = [{GUILD}]")),
+        ("adapters.discord", "moderators = [55]".to_string()),
+    ];
+    let extra: Vec<(&str, &str)> = extra.iter().map(|(s, l)| (*s, l.as_str())).collect();
+    let d = TestDaemon::start(&daemon_toml(None, &extra)).await;
+
+    // Identify with the intents, then slash commands registered in the guild.
+    let identify = wait_for(WAIT, || fake.received(2).pop()).await.expect("identify");
+    assert_eq!(identify["d"]["intents"], json!((1 << 9) | (1 << 12) | (1 << 15)));
+    let registered =
+        wait_for(WAIT, || fake.calls("PUT", &format!("/guilds/{GUILD}/commands")).pop()).await.expect("command registration");
+    let names: Vec<&str> = registered.as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["help", "ask", "reset", "forget", "mute", "unmute", "persona", "train"]);
+
+    // A DM is answered, as a reply, with typing and no pings.
+    let dm = fake.next_id();
+    fake.dispatch("MESSAGE_CREATE", message(dm, 1, None, 1, "Does money buy happiness?", vec![], None));
+    let reply = nth_posted(&fake, 1, 1).await;
+    assert_eq!(referenced(&reply), Some(dm));
+    assert!(!reply["content"].as_str().unwrap().is_empty());
+    assert_eq!(reply["allowed_mentions"]["parse"], json!([]));
+    assert!(!fake.calls("POST", "/channels/1/typing").is_empty());
+
+    // In a guild channel: silence unless mentioned or replied to.
+    fake.dispatch("MESSAGE_CREATE", message(fake.next_id(), 2, Some(GUILD), 2, "just chatting", vec![], None));
+    let mention = fake.next_id();
+    let bot = user(BOT_ID, "dialogd", true);
+    fake.dispatch("MESSAGE_CREATE", message(mention, 2, Some(GUILD), 2, &format!("<@{BOT_ID}> how are you?"), vec![bot], None));
+    assert_eq!(referenced(&nth_posted(&fake, 2, 1).await), Some(mention), "{:?}", fake.posted(2));
+    let stored = d.pipeline.turns(ChannelKey::new(dialogd_adapters::Platform::Discord, "2")).await.unwrap();
+    assert_eq!(stored[0].text, "how are you?", "the mention is stripped");
+    let original = message(fake.next_id(), 2, Some(GUILD), BOT_ID, "an earlier reply", vec![], None);
+    let replying = fake.next_id();
+    fake.dispatch("MESSAGE_CREATE", message(replying, 2, Some(GUILD), 3, "tell me more", vec![], Some(original)));
+    assert_eq!(referenced(&nth_posted(&fake, 2, 2).await), Some(replying));
+
+    // Slash commands, moderators from the permission and the allowlist.
+    let mut n = 0;
+    let mut slash = |who: u64, perms: &'static str, name: &'static str, option: Option<(&'static str, &'static str)>| {
+        n += 1;
+        let fake = fake.clone();
+        async move {
+            fake.dispatch("INTERACTION_CREATE", slash_command(fake.next_id(), 2, who, perms, name, option));
+            nth_followup(&fake, n).await
+        }
+    };
+    assert!(slash(3, "0", "help", None).await.contains("/reset"));
+    assert!(slash(3, "0", "ask", Some(("text", "what's up?"))).await.len() > 0);
+    assert!(slash(3, "0", "forget", None).await.contains("deleted"));
+    assert!(slash(3, "0", "mute", None).await.contains("only moderators"));
+    assert!(slash(4, "32", "mute", None).await.contains("Muted"), "Manage Server makes a moderator");
+    let muted = fake.next_id();
+    fake.dispatch("MESSAGE_CREATE", message(muted, 2, Some(GUILD), 2, &format!("<@{BOT_ID}> hello?"), vec![user(BOT_ID, "dialogd", true)], None));
+    assert!(slash(55, "0", "unmute", None).await.contains("Unmuted"), "the allowlist makes a moderator");
+    assert!(slash(55, "0", "persona", Some(("description", "a pirate"))).await.contains("not available yet"));
+    assert!(slash(4, "8", "train", None).await.contains("not available yet"));
+    assert!(slash(2, "0", "reset", None).await.contains("forgotten"));
+    assert_eq!(fake.posted(2).len(), 2, "nothing answered the muted mention");
+    assert!(!fake.calls("POST", "/callback").is_empty(), "commands are acknowledged");
+
+    // The gateway drops; serenity resumes the session and gets the
+    // message sent meanwhile.
+    fake.disconnect();
+    let missed = fake.next_id();
+    fake.dispatch("MESSAGE_CREATE", message(missed, 1, None, 1, "Are you still there?", vec![], None));
+    let resume = wait_for(WAIT, || fake.received(6).pop()).await.expect("resume");
+    assert_eq!(resume["d"]["session_id"], "fake-session");
+    assert_eq!(referenced(&nth_posted(&fake, 1, 2).await), Some(missed));
+    assert_eq!(fake.received(2).len(), 1, "resumed, not identified again");
+    assert_eq!(fake.connections(), 2);
+
+    d.stop().await;
+    let text = logs.text();
+    assert!(text.contains("gateway session resumed"), "resume is logged");
+    assert!(text.contains("moderator action") && text.contains("moderator command refused"));
+    assert!(!text.contains(TOKEN) && !text.contains("fake-discord-secret-token"), "a log line carries the token");
+}
+
+/// A core that echoes, or answers one long text.
+struct ScriptedCore {
+    long: String,
+}
+
+impl Core for ScriptedCore {
+    fn handle(&self, inbound: Inbound) -> BoxFuture<'static, Result<Answer, CoreError>> {
+        let text = if inbound.text == "long please" { self.long.clone() } else { format!("echo: {}", inbound.text) };
+        let out = Outbound { channel: inbound.channel, text, reply_to: inbound.msg_id };
+        Box::pin(async move { Ok(Answer::Reply(out)) })
+    }
+    fn turns(&self, _: ChannelKey) -> BoxFuture<'static, Result<Vec<ContextTurn>, CoreError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+    fn clear(&self, _: ChannelKey) -> BoxFuture<'static, Result<(), CoreError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn health(&self) -> Health {
+        Health { ready: true, store: "memory".into(), store_up: true }
+    }
+}
+
+#[tokio::test]
+async fn long_replies_split_in_order_and_429_then_5xx_lose_nothing() {
+    let logs = LogCapture::default();
+    let _guard = logs.install();
+    let fake = FakeDiscord::start(TOKEN).await;
+    let long: String = (0..150).map(|i| format!("Line {i} of a long answer, {}.\n", "more ".repeat(i % 9))).collect();
+    let core: Arc<dyn Core> = Arc::new(ScriptedCore { long: long.trim().to_string() });
+    let config = DiscordConfig {
+        token: TOKEN.into(),
+        proxy_url: Some(fake.rest_url.clone()),
+        retry: RetryPolicy { attempts: 4, backoff: Duration::from_millis(50), max_wait: Duration::from_secs(2) },
+        ..Default::default()
+    };
+    let (stop, shutdown) = Shutdown::new();
+    let running = tokio::spawn(Box::new(DiscordAdapter::new(config).unwrap()).run(core, shutdown));
+    wait_for(WAIT, || fake.received(2).pop()).await.expect("identify");
+    wait_for(WAIT, || fake.calls("PUT", "/commands").pop()).await.expect("global command registration");
+
+    let asked = fake.next_id();
+    fake.dispatch("MESSAGE_CREATE", message(asked, 1, None, 1, "long please", vec![], None));
+    let pieces = wait_for(WAIT, || {
+        let posted = fake.posted(1);
+        (posted.len() >= 3).then_some(posted)
+    })
+    .await
+    .expect("the long reply");
+    assert_eq!(referenced(&pieces[0]), Some(asked));
+    assert!(pieces[1..].iter().all(|p| referenced(p).is_none()));
+    let texts: Vec<&str> = pieces.iter().map(|p| p["content"].as_str().unwrap()).collect();
+    assert!(texts.iter().all(|t| t.chars().count() <= 2000));
+    assert!(texts.iter().all(|t| t.ends_with('.')), "cut at line ends");
+    assert_eq!(texts.join("\n"), long.trim(), "nothing lost, in order");
+
+    // 429, then 500, then success: the reply goes out once.
+    fake.fail_next_posts(&[429, 500]);
+    let asked = fake.next_id();
+    fake.dispatch("MESSAGE_CREATE", message(asked, 6, None, 6, "are you there", vec![], None));
+    let reply = nth_posted(&fake, 6, 1).await;
+    assert_eq!(reply["content"], "echo: are you there");
+    let statuses: Vec<Value> =
+        fake.calls("POST", "/channels/6/messages").iter().map(|b| b.get("_failed").cloned().unwrap_or(json!(200))).collect();
+    assert_eq!(statuses, [json!(429), json!(500), json!(200)]);
+
+    // Beyond the bound the reply is dropped; the next one goes out.
+    fake.fail_next_posts(&[500, 500, 500, 500]);
+    fake.dispatch("MESSAGE_CREATE", message(fake.next_id(), 7, None, 7, "doomed", vec![], None));
+    let tries = || fake.calls("POST", "/channels/7/messages").len();
+    wait_for(WAIT, || (tries() >= 4).then_some(())).await.expect("four tries");
+    fake.dispatch("MESSAGE_CREATE", message(fake.next_id(), 8, None, 8, "after the storm", vec![], None));
+    assert_eq!(nth_posted(&fake, 8, 1).await["content"], "echo: after the storm");
+    assert_eq!(tries(), 4, "retries are bounded");
+
+    let _ = stop.send(true);
+    tokio::time::timeout(WAIT, running).await.expect("the adapter stops").unwrap().unwrap();
+    let text = logs.text();
+    assert!(text.contains("retrying"));
+    assert!(!text.contains(TOKEN) && !text.contains("fake-discord-secret-token"), "a log line carries the token");
+}

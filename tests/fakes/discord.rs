@@ -1,0 +1,303 @@
+//! A fake Discord on loopback: the REST API (reached through serenity's
+//! proxy setting, rate limiter off) and the gateway WebSocket.
+//!
+//! REST: `GET /api/v10/gateway` (points at the fake gateway), command
+//! registration, typing, `POST …/messages`, interaction callbacks and
+//! follow-ups; a test can script failures (429, 5xx) of message posts.
+//! Gateway: Hello, Identify → Ready (session `fake-session`), heartbeats,
+//! Resume → Resumed with the events missed meanwhile replayed; a test
+//! queues dispatches and can close the connection (code 4000) to force a
+//! resume.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::{SinkExt as _, StreamExt as _};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message as Frame;
+
+pub const BOT_ID: u64 = 700;
+pub const APP_ID: u64 = 701;
+pub const GUILD: u64 = 900;
+
+/// What the gateway connection task is told to do.
+enum Command {
+    Send(Value),
+    Close,
+}
+
+#[derive(Default)]
+struct Inner {
+    token: String,
+    ws_url: Mutex<String>,
+    /// Every REST call: (method, path, body).
+    calls: Mutex<Vec<(String, String, Value)>>,
+    /// Scripted statuses for the next message posts.
+    failures: Mutex<VecDeque<u16>>,
+    /// Every gateway payload the client sent (op, d).
+    received: Mutex<Vec<Value>>,
+    /// Dispatches sent so far, with their sequence numbers (for replay).
+    dispatched: Mutex<Vec<Value>>,
+    seq: AtomicU64,
+    next_id: AtomicU64,
+    /// The live connection's command channel.
+    connection: Mutex<Option<mpsc::UnboundedSender<Command>>>,
+    connections: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct FakeDiscord {
+    /// What serenity's `proxy` setting should be.
+    pub rest_url: String,
+    inner: Arc<Inner>,
+}
+
+impl FakeDiscord {
+    pub async fn start(token: &str) -> Self {
+        let inner = Arc::new(Inner { token: token.into(), next_id: AtomicU64::new(10_000), ..Default::default() });
+        let gateway = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        *inner.ws_url.lock().unwrap() = format!("ws://{}", gateway.local_addr().unwrap());
+        tokio::spawn(accept_gateway(gateway, inner.clone()));
+        let app = axum::Router::new().fallback(rest).with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let rest_url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self { rest_url, inner }
+    }
+
+    pub fn next_id(&self) -> u64 {
+        self.inner.next_id.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// Sends a dispatch event on the gateway (or keeps it for the replay
+    /// after a resume when no connection is up).
+    pub fn dispatch(&self, kind: &str, data: Value) {
+        let seq = self.inner.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        let event = json!({ "op": 0, "t": kind, "s": seq, "d": data });
+        self.inner.dispatched.lock().unwrap().push(event.clone());
+        if let Some(connection) = self.inner.connection.lock().unwrap().as_ref() {
+            let _ = connection.send(Command::Send(event));
+        }
+    }
+
+    /// Closes the gateway connection with code 4000 (a resumable close).
+    pub fn disconnect(&self) {
+        if let Some(connection) = self.inner.connection.lock().unwrap().take() {
+            let _ = connection.send(Command::Close);
+        }
+    }
+
+    pub fn fail_next_posts(&self, statuses: &[u16]) {
+        self.inner.failures.lock().unwrap().extend(statuses);
+    }
+
+    /// Gateway payloads with this op code the client sent.
+    pub fn received(&self, op: u64) -> Vec<Value> {
+        self.inner.received.lock().unwrap().iter().filter(|p| p["op"] == op).cloned().collect()
+    }
+
+    pub fn connections(&self) -> u64 {
+        self.inner.connections.load(Ordering::SeqCst)
+    }
+
+    /// REST calls whose path ends with `suffix` (method, body).
+    pub fn calls(&self, method: &str, suffix: &str) -> Vec<Value> {
+        self.inner
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(m, p, _)| m == method && p.ends_with(suffix))
+            .map(|(_, _, b)| b.clone())
+            .collect()
+    }
+
+    /// Messages the bot posted to `channel` successfully.
+    pub fn posted(&self, channel: u64) -> Vec<Value> {
+        self.calls("POST", &format!("/channels/{channel}/messages")).into_iter().filter(|b| b.get("_failed").is_none()).collect()
+    }
+
+    /// Follow-ups of interactions (slash command answers).
+    pub fn followups(&self) -> Vec<Value> {
+        self.calls("POST", &format!("/webhooks/{APP_ID}/itoken"))
+    }
+}
+
+pub fn user(id: u64, name: &str, bot: bool) -> Value {
+    json!({ "id": id.to_string(), "username": name, "discriminator": "0", "global_name": null, "avatar": null, "bot": bot, "public_flags": 0 })
+}
+
+/// A MESSAGE_CREATE payload: `guild` None is a DM.
+pub fn message(id: u64, channel: u64, guild: Option<u64>, author: u64, content: &str, mentions: Vec<Value>, referenced: Option<Value>) -> Value {
+    let mut m = json!({
+        "id": id.to_string(),
+        "channel_id": channel.to_string(),
+        "author": user(author, &format!("user{author}"), author == BOT_ID),
+        "content": content,
+        "timestamp": "2024-01-01T00:00:00.000000+00:00",
+        "edited_timestamp": null,
+        "tts": false,
+        "mention_everyone": false,
+        "mentions": mentions,
+        "mention_roles": [],
+        "attachments": [],
+        "embeds": [],
+        "pinned": false,
+        "type": if referenced.is_some() { 19 } else { 0 },
+        "flags": 0,
+        "components": [],
+    });
+    if let Some(guild) = guild {
+        m["guild_id"] = json!(guild.to_string());
+        m["member"] = json!({ "roles": [], "joined_at": "2024-01-01T00:00:00+00:00", "deaf": false, "mute": false, "flags": 0 });
+    }
+    if let Some(original) = referenced {
+        m["message_reference"] = json!({ "message_id": original["id"], "channel_id": original["channel_id"] });
+        m["referenced_message"] = original;
+    }
+    m
+}
+
+/// An INTERACTION_CREATE payload for a slash command in the guild.
+pub fn slash_command(id: u64, channel: u64, author: u64, permissions: &str, name: &str, option: Option<(&str, &str)>) -> Value {
+    let options: Vec<Value> = option.map(|(k, v)| json!({ "name": k, "type": 3, "value": v })).into_iter().collect();
+    json!({
+        "id": id.to_string(),
+        "application_id": APP_ID.to_string(),
+        "type": 2,
+        "data": { "id": "5000", "name": name, "type": 1, "options": options },
+        "guild_id": GUILD.to_string(),
+        "channel_id": channel.to_string(),
+        "member": {
+            "user": user(author, &format!("user{author}"), false),
+            "roles": [], "permissions": permissions, "joined_at": "2024-01-01T00:00:00+00:00",
+            "deaf": false, "mute": false, "flags": 0
+        },
+        "token": "itoken",
+        "version": 1,
+        "app_permissions": "0",
+        "locale": "en-US",
+        "guild_locale": "en-US",
+        "entitlements": [],
+        "attachment_size_limit": 10485760,
+    })
+}
+
+async fn rest(State(inner): State<Arc<Inner>>, method: Method, uri: Uri, body: String) -> Response {
+    let path = uri.path().to_string();
+    let mut body: Value = serde_json::from_str(&body).unwrap_or(json!({}));
+    let method = method.as_str().to_string();
+    if path == "/api/v10/gateway" || path == "/api/v10/gateway/bot" {
+        let url = inner.ws_url.lock().unwrap().clone();
+        return Json(json!({ "url": url, "shards": 1, "session_start_limit": { "total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": 1 } })).into_response();
+    }
+    let posting = method == "POST" && (path.ends_with("/messages") || path.contains("/webhooks/"));
+    if posting {
+        if let Some(status) = inner.failures.lock().unwrap().pop_front() {
+            body["_failed"] = json!(status);
+            inner.calls.lock().unwrap().push((method, path, body));
+            let answer = if status == 429 {
+                json!({ "message": "You are being rate limited.", "retry_after": 0.2, "global": false })
+            } else {
+                json!({ "message": "Internal Server Error", "code": 0 })
+            };
+            return (StatusCode::from_u16(status).unwrap(), [("retry-after", "1")], Json(answer)).into_response();
+        }
+    }
+    inner.calls.lock().unwrap().push((method.clone(), path.clone(), body.clone()));
+    if method == "PUT" && path.ends_with("/commands") {
+        return Json(json!([])).into_response();
+    }
+    if path.ends_with("/typing") || path.ends_with("/callback") {
+        return StatusCode::NO_CONTENT.into_response();
+    }
+    if posting {
+        let channel = path.split('/').nth(4).and_then(|c| c.parse::<u64>().ok()).unwrap_or(1);
+        let id = inner.next_id.fetch_add(1, Ordering::SeqCst);
+        let mut posted = message(id, channel, None, BOT_ID, body["content"].as_str().unwrap_or(""), vec![], None);
+        posted["author"] = user(BOT_ID, "dialogd", true);
+        return Json(posted).into_response();
+    }
+    (StatusCode::NOT_FOUND, Json(json!({ "message": "404: Not Found", "code": 0 }))).into_response()
+}
+
+async fn accept_gateway(listener: tokio::net::TcpListener, inner: Arc<Inner>) {
+    while let Ok((stream, _)) = listener.accept().await {
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let Ok(socket) = tokio_tungstenite::accept_async(stream).await else { return };
+            inner.connections.fetch_add(1, Ordering::SeqCst);
+            serve_gateway(socket, inner).await;
+        });
+    }
+}
+
+async fn serve_gateway(socket: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, inner: Arc<Inner>) {
+    let (mut sink, mut stream) = socket.split();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    *inner.connection.lock().unwrap() = Some(tx);
+    let hello = json!({ "op": 10, "d": { "heartbeat_interval": 41250 } });
+    if sink.send(Frame::Text(hello.to_string())).await.is_err() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            command = rx.recv() => match command {
+                Some(Command::Send(event)) => {
+                    if sink.send(Frame::Text(event.to_string())).await.is_err() { return; }
+                }
+                Some(Command::Close) | None => {
+                    let frame = CloseFrame { code: CloseCode::Library(4000), reason: "fake disconnect".into() };
+                    let _ = sink.send(Frame::Close(Some(frame))).await;
+                    return;
+                }
+            },
+            frame = stream.next() => {
+                let Some(Ok(frame)) = frame else { return };
+                let Frame::Text(text) = frame else { continue };
+                let Ok(payload) = serde_json::from_str::<Value>(&text) else { continue };
+                inner.received.lock().unwrap().push(payload.clone());
+                let replies: Vec<Value> = match payload["op"].as_u64() {
+                    Some(1) => vec![json!({ "op": 11 })],
+                    Some(2) => {
+                        let token = payload["d"]["token"].as_str().unwrap_or("");
+                        assert_eq!(token.trim_start_matches("Bot "), inner.token, "identify with the bot token");
+                        let seq = inner.seq.fetch_add(1, Ordering::SeqCst) + 1;
+                        let url = inner.ws_url.lock().unwrap().clone();
+                        vec![json!({ "op": 0, "t": "READY", "s": seq, "d": {
+                            "v": 10,
+                            "user": { "id": BOT_ID.to_string(), "username": "dialogd", "discriminator": "0", "global_name": null,
+                                      "avatar": null, "bot": true, "verified": true, "mfa_enabled": false, "flags": 0 },
+                            "guilds": [{ "id": GUILD.to_string(), "unavailable": true }],
+                            "session_id": "fake-session",
+                            "resume_gateway_url": url,
+                            "shard": [0, 1],
+                            "application": { "id": APP_ID.to_string(), "flags": 0 },
+                            "private_channels": [], "relationships": [], "presences": [], "geo_ordered_rtc_regions": []
+                        }})]
+                    }
+                    Some(6) => {
+                        // Replay what the client missed, then RESUMED.
+                        let since = payload["d"]["seq"].as_u64().unwrap_or(0);
+                        let mut missed: Vec<Value> = inner.dispatched.lock().unwrap().iter().filter(|e| e["s"].as_u64().unwrap() > since).cloned().collect();
+                        let seq = inner.seq.fetch_add(1, Ordering::SeqCst) + 1;
+                        missed.push(json!({ "op": 0, "t": "RESUMED", "s": seq, "d": {} }));
+                        missed
+                    }
+                    _ => vec![],
+                };
+                for reply in replies {
+                    if sink.send(Frame::Text(reply.to_string())).await.is_err() { return; }
+                }
+            }
+        }
+    }
+}
