@@ -59,29 +59,33 @@ pub fn rows_times_matrix(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> 
         candle_core::bail!("rows_times_matrix: x is [{rows}, {k}] but w is [{wk}, {n}]")
     }
     let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-    let out = with_f32(w, |w| {
-        let partials: Vec<Vec<f32>> = (0..k.div_ceil(K_BLOCK))
-            .into_par_iter()
-            .map(|band| {
-                let k0 = band * K_BLOCK;
-                let k1 = (k0 + K_BLOCK).min(k);
-                let mut acc = vec![0f32; rows * n];
-                band_axpy(&xs, k, &w[k0 * n..k1 * n], k0, n, rows, &mut acc);
-                acc
-            })
-            .collect();
-        let mut partials = partials.into_iter();
-        let mut out = partials.next().unwrap_or_else(|| vec![0f32; rows * n]);
-        for p in partials {
-            add_assign(&mut out, &p);
-        }
-        out
-    })?;
+    let out = with_f32(w, |w| banded(k, rows, n, |k0, k1, acc| band_axpy(&xs, k, &w[k0 * n..k1 * n], k0, n, rows, acc)))?;
     Tensor::from_vec(out, (rows, n), x.device())
 }
 
-/// Weight rows per task in [`rows_times_matrix`].
+/// Weight rows per task in [`rows_times_matrix`] and [`rows_times_q8`].
 const K_BLOCK: usize = 128;
+
+/// Runs `band(k0, k1, acc)` for fixed bands of `K_BLOCK` weight rows across
+/// the rayon pool, each into its own `[rows, n]` partial sum, and adds the
+/// partials in band order (a fixed order, whatever the thread count).
+fn banded(k: usize, rows: usize, n: usize, band: impl Fn(usize, usize, &mut [f32]) + Sync) -> Vec<f32> {
+    let partials: Vec<Vec<f32>> = (0..k.div_ceil(K_BLOCK))
+        .into_par_iter()
+        .map(|b| {
+            let k0 = b * K_BLOCK;
+            let mut acc = vec![0f32; rows * n];
+            band(k0, (k0 + K_BLOCK).min(k), &mut acc);
+            acc
+        })
+        .collect();
+    let mut partials = partials.into_iter();
+    let mut out = partials.next().unwrap_or_else(|| vec![0f32; rows * n]);
+    for p in partials {
+        add_assign(&mut out, &p);
+    }
+    out
+}
 
 /// `acc[r] += Σ_kk xs[r, k0 + kk] · band[kk]` over the band's rows.
 fn band_axpy(xs: &[f32], k: usize, band: &[f32], k0: usize, n: usize, rows: usize, acc: &mut [f32]) {
@@ -333,21 +337,7 @@ pub fn rows_times_q8(x: &Tensor, w: &Q8Matrix) -> candle_core::Result<Tensor> {
         candle_core::bail!("rows_times_q8: x is [{rows}, {k}] but w is [{wk}, {n}]")
     }
     let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let partials: Vec<Vec<f32>> = (0..k.div_ceil(K_BLOCK))
-        .into_par_iter()
-        .map(|band| {
-            let k0 = band * K_BLOCK;
-            let k1 = (k0 + K_BLOCK).min(k);
-            let mut acc = vec![0f32; rows * n];
-            band_q8_dispatch(&xs, k, w, k0, k1, rows, &mut acc);
-            acc
-        })
-        .collect();
-    let mut partials = partials.into_iter();
-    let mut out = partials.next().unwrap_or_else(|| vec![0f32; rows * n]);
-    for p in partials {
-        add_assign(&mut out, &p);
-    }
+    let out = banded(k, rows, n, |k0, k1, acc| band_q8_dispatch(&xs, k, w, k0, k1, rows, acc));
     Tensor::from_vec(out, (rows, n), x.device())
 }
 
