@@ -95,6 +95,9 @@ impl LayerNorm {
 enum ProjWeight {
     /// `[in, out]`, as the checkpoint stores it.
     Dense(Tensor),
+    /// f32 `[in, out]` repacked for the CPU kernels (see
+    /// [`kernels::PackedMatrix`]); used for every batch size.
+    Packed(Arc<kernels::PackedMatrix>),
     /// 8-bit weights, `[in, out]` like the dense ones.
     Quantized(Arc<kernels::Q8Matrix>),
 }
@@ -108,15 +111,22 @@ struct Conv1D {
 
 impl Conv1D {
     fn load(store: &mut TensorStore, prefix: &str, n_in: usize, n_out: usize) -> Result<Self> {
-        Ok(Self {
-            weight: ProjWeight::Dense(store.take(&format!("{prefix}.weight"), &[n_in, n_out])?),
-            bias: store.take(&format!("{prefix}.bias"), &[n_out])?,
-        })
+        let weight = store.take(&format!("{prefix}.weight"), &[n_in, n_out])?;
+        // f32 on the CPU: repack once for the kernels (same memory).
+        let weight = if weight.device().is_cpu() && weight.dtype() == DType::F32 && n_out % 16 == 0 {
+            ProjWeight::Packed(Arc::new(kernels::PackedMatrix::pack(&weight)?))
+        } else {
+            ProjWeight::Dense(weight)
+        };
+        Ok(Self { weight, bias: store.take(&format!("{prefix}.bias"), &[n_out])? })
     }
 
     fn quantized(&self) -> Result<Self> {
         let weight = match &self.weight {
             ProjWeight::Dense(w) => ProjWeight::Quantized(Arc::new(kernels::Q8Matrix::quantize(w)?)),
+            ProjWeight::Packed(p) => {
+                ProjWeight::Quantized(Arc::new(kernels::Q8Matrix::quantize(&p.to_tensor(&Device::Cpu)?)?))
+            }
             ProjWeight::Quantized(q) => ProjWeight::Quantized(q.clone()),
         };
         Ok(Self { weight, bias: self.bias.to_dtype(DType::F32)? })
@@ -127,6 +137,7 @@ impl Conv1D {
         let rows = x.dim(0)?;
         let y = match &self.weight {
             ProjWeight::Quantized(q) => kernels::rows_times_q8(x, q)?,
+            ProjWeight::Packed(p) => kernels::rows_times_packed(x, p)?,
             ProjWeight::Dense(w) if kernels::wants_small_path(x, w, rows) => kernels::rows_times_matrix(x, w)?,
             ProjWeight::Dense(w) => x.matmul(w)?,
         };

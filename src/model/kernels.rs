@@ -280,6 +280,131 @@ fn dot_group<const G: usize>(xs: &[f32], k: usize, w: &[f32], r0: usize, out: &m
     }
 }
 
+// ---- packed f32 weights ---------------------------------------------------
+
+/// An f32 `[k, n]` weight matrix repacked so that every register tile's
+/// reads are contiguous: for each band of `K_BLOCK` rows, each 16-column
+/// tile's `band_rows × 16` values sit together. Same size as the original;
+/// the products are bit-identical to [`rows_times_matrix`]'s.
+#[derive(Debug)]
+pub struct PackedMatrix {
+    k: usize,
+    n: usize,
+    data: Vec<f32>,
+}
+
+impl PackedMatrix {
+    /// Packs a row-major `[k, n]` f32 tensor; `n` must be a multiple of 16.
+    pub fn pack(w: &Tensor) -> candle_core::Result<Self> {
+        let (k, n) = w.dims2()?;
+        if n % TILE != 0 {
+            candle_core::bail!("packed weights need a multiple of {TILE} columns, not {n}")
+        }
+        let src: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let mut data = vec![0f32; k * n];
+        for k0 in (0..k).step_by(K_BLOCK) {
+            let band_rows = (k0 + K_BLOCK).min(k) - k0;
+            for t in 0..n / TILE {
+                let base = k0 * n + t * band_rows * TILE;
+                for i in 0..band_rows {
+                    let from = (k0 + i) * n + t * TILE;
+                    data[base + i * TILE..base + (i + 1) * TILE].copy_from_slice(&src[from..from + TILE]);
+                }
+            }
+        }
+        Ok(Self { k, n, data })
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+
+    /// The original row-major `[k, n]` tensor.
+    pub fn to_tensor(&self, device: &Device) -> candle_core::Result<Tensor> {
+        let (k, n) = (self.k, self.n);
+        let mut out = vec![0f32; k * n];
+        for k0 in (0..k).step_by(K_BLOCK) {
+            let band_rows = (k0 + K_BLOCK).min(k) - k0;
+            for t in 0..n / TILE {
+                let base = k0 * n + t * band_rows * TILE;
+                for i in 0..band_rows {
+                    let to = (k0 + i) * n + t * TILE;
+                    out[to..to + TILE].copy_from_slice(&self.data[base + i * TILE..base + (i + 1) * TILE]);
+                }
+            }
+        }
+        Tensor::from_vec(out, (k, n), device)
+    }
+}
+
+/// `x @ w` for `x: [rows, k]` (any number of rows) and a packed `w`.
+pub fn rows_times_packed(x: &Tensor, w: &PackedMatrix) -> candle_core::Result<Tensor> {
+    let (rows, k) = x.dims2()?;
+    let (wk, n) = w.dims();
+    if wk != k {
+        candle_core::bail!("rows_times_packed: x is [{rows}, {k}] but w is [{wk}, {n}]")
+    }
+    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let out = banded(k, rows, n, |k0, k1, acc| packed_band_dispatch(&xs, k, &w.data[k0 * n..k1 * n], k0, n, rows, acc));
+    Tensor::from_vec(out, (rows, n), x.device())
+}
+
+fn packed_band_dispatch(xs: &[f32], k: usize, band: &[f32], k0: usize, n: usize, rows: usize, acc: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked above).
+            return unsafe { packed_band_avx2(xs, k, band, k0, n, rows, acc) };
+        }
+    }
+    packed_band(xs, k, band, k0, n, rows, acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn packed_band_avx2(xs: &[f32], k: usize, band: &[f32], k0: usize, n: usize, rows: usize, acc: &mut [f32]) {
+    packed_band(xs, k, band, k0, n, rows, acc)
+}
+
+#[inline(always)]
+fn packed_band(xs: &[f32], k: usize, band: &[f32], k0: usize, n: usize, rows: usize, acc: &mut [f32]) {
+    let band_rows = band.len() / n;
+    for t in 0..n / TILE {
+        let strip = &band[t * band_rows * TILE..(t + 1) * band_rows * TILE];
+        let mut r = 0;
+        while r < rows {
+            let group = (rows - r).min(4);
+            match group {
+                4 => packed_tile::<4>(xs, k, strip, k0, n, r, t * TILE, acc),
+                3 => packed_tile::<3>(xs, k, strip, k0, n, r, t * TILE, acc),
+                2 => packed_tile::<2>(xs, k, strip, k0, n, r, t * TILE, acc),
+                _ => packed_tile::<1>(xs, k, strip, k0, n, r, t * TILE, acc),
+            }
+            r += group;
+        }
+    }
+}
+
+/// `G` rows × 16 columns over one contiguous strip, in registers; the same
+/// fused multiply-adds in the same order as [`tile`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn packed_tile<const G: usize>(xs: &[f32], k: usize, strip: &[f32], k0: usize, n: usize, r0: usize, c0: usize, acc: &mut [f32]) {
+    let mut a = [[0f32; TILE]; G];
+    for (i, w) in strip.chunks_exact(TILE).enumerate() {
+        let w: &[f32; TILE] = w.try_into().unwrap_or_else(|_| unreachable!());
+        for g in 0..G {
+            let xv = xs[(r0 + g) * k + k0 + i];
+            for j in 0..TILE {
+                a[g][j] = xv.mul_add(w[j], a[g][j]);
+            }
+        }
+    }
+    for g in 0..G {
+        acc[(r0 + g) * n + c0..(r0 + g) * n + c0 + TILE].copy_from_slice(&a[g]);
+    }
+}
+
 // ---- 8-bit weights -------------------------------------------------------
 
 /// Columns sharing one scale in a [`Q8Matrix`].
@@ -457,6 +582,25 @@ mod tests {
         let qt = Q8Matrix::quantize(&wt).unwrap();
         let reference = x.matmul(&wt.t().unwrap()).unwrap();
         assert!(close(&rows_times_q8_t(&x, &qt).unwrap(), &reference) < 0.02 * scale);
+    }
+
+    #[test]
+    fn packed_weights_give_the_same_bits_as_the_banded_kernel() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (300, 96), &dev).unwrap();
+        let p = PackedMatrix::pack(&w).unwrap();
+        assert_eq!(close(&p.to_tensor(&dev).unwrap(), &w), 0.0);
+        for rows in [1, 3, 5, 40] {
+            let x = Tensor::randn(0f32, 1.0, (rows, 300), &dev).unwrap();
+            let packed = rows_times_packed(&x, &p).unwrap();
+            if rows <= SMALL_ROWS {
+                assert_eq!(close(&packed, &rows_times_matrix(&x, &w).unwrap()), 0.0, "rows {rows}");
+            }
+            assert!(close(&packed, &x.matmul(&w).unwrap()) < 1e-3);
+            let one = rows_times_packed(&x.narrow(0, rows - 1, 1).unwrap(), &p).unwrap();
+            assert_eq!(close(&packed.narrow(0, rows - 1, 1).unwrap(), &one), 0.0);
+        }
+        assert!(PackedMatrix::pack(&Tensor::zeros((4, 20), DType::F32, &dev).unwrap()).is_err());
     }
 
     #[test]
