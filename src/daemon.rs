@@ -233,8 +233,8 @@ fn log_adapter_end(joined: Result<(&'static str, Result<(), AdapterError>), toki
 }
 
 /// Re-reads the settings (same file, same environment) and applies what can
-/// change live: the `[generation]` section. A bad file keeps the old
-/// settings. Returns whether anything changed.
+/// change live: the `[generation]` and `[safety]` sections. A bad file keeps
+/// the old settings. Returns whether anything changed.
 pub fn reload(pipeline: &Pipeline, config: Option<&Path>, metrics: &Metrics) -> Result<bool, SettingsError> {
     let fresh = settings::load(config)?;
     let mut generation = fresh.generation;
@@ -244,12 +244,17 @@ pub fn reload(pipeline: &Pipeline, config: Option<&Path>, metrics: &Metrics) -> 
         generation.queue_depth = current.queue_depth;
         generation.candidates = current.candidates;
     }
-    let changed = generation != *current;
+    let mut changed = generation != *current;
     if changed {
         tracing::info!(generation = ?generation, "reloaded generation settings");
         pipeline.set_generation(generation);
     } else {
         tracing::info!("reloaded: generation settings unchanged");
+    }
+    if fresh.safety != pipeline.safety() {
+        tracing::info!(policy = ?fresh.safety.policy, blocked_words = fresh.safety.blocked_words.len(), "reloaded safety settings");
+        pipeline.set_safety(fresh.safety);
+        changed = true;
     }
     metrics.reloads.fetch_add(1, Ordering::Relaxed);
     Ok(changed)

@@ -83,10 +83,9 @@ struct Shared {
     generation: RwLock<Arc<GenerationSettings>>,
     /// The context's token budget (`context.max_tokens`).
     max_tokens: usize,
-    safety: SafetySettings,
+    /// `[safety]` and its word list; replaced whole on SIGHUP.
+    safety: RwLock<Arc<SafetyState>>,
     filter: Filter,
-    /// `safety.blocked_words` as a word list the filter matches.
-    blocked: WordList,
     /// The DialogRPT/MMI ranker, when `[ranking]` names one.
     ranker: Option<Arc<Ranker>>,
     metrics: Arc<Metrics>,
@@ -101,6 +100,24 @@ struct Shared {
     /// Channels a moderator muted. In memory: a restart unmutes.
     muted: Mutex<HashSet<ChannelKey>>,
     limiter: RateLimiter,
+}
+
+/// `[safety]` with its blocked words compiled into a word list.
+struct SafetyState {
+    settings: SafetySettings,
+    blocked: WordList,
+}
+
+impl SafetyState {
+    fn new(settings: SafetySettings) -> Self {
+        let mut lists = crate::safety::WordLists::default();
+        for word in &settings.blocked_words {
+            // Validated in settings; an entry the list refuses is skipped.
+            let _ = lists.block("global", word);
+        }
+        let blocked = lists.get("global").cloned().unwrap_or_default();
+        Self { settings, blocked }
+    }
 }
 
 /// The daemon's core. Cheap to clone.
@@ -121,12 +138,6 @@ impl Pipeline {
         ranker: Option<Arc<Ranker>>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let mut lists = crate::safety::WordLists::default();
-        for word in &safety.blocked_words {
-            // Validated in settings; an entry the list refuses is skipped.
-            let _ = lists.block("global", word);
-        }
-        let blocked = lists.get("global").cloned().unwrap_or_default();
         Self {
             shared: Arc::new(Shared {
                 engine,
@@ -134,9 +145,8 @@ impl Pipeline {
                 tokenizer,
                 generation: RwLock::new(Arc::new(generation)),
                 max_tokens,
-                safety,
+                safety: RwLock::new(Arc::new(SafetyState::new(safety))),
                 filter: Filter::new(),
-                blocked,
                 ranker,
                 metrics,
                 channels: Mutex::new(HashMap::new()),
@@ -147,6 +157,17 @@ impl Pipeline {
                 limiter: RateLimiter::new(rate_limit),
             }),
         }
+    }
+
+    /// The safety settings now in force.
+    pub fn safety(&self) -> SafetySettings {
+        self.shared.safety.read().unwrap_or_else(|e| e.into_inner()).settings.clone()
+    }
+
+    /// Replaces the safety settings (policies, notice, blocked words);
+    /// messages already in the pipeline keep the ones they started with.
+    pub fn set_safety(&self, safety: SafetySettings) {
+        *self.shared.safety.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(SafetyState::new(safety));
     }
 
     /// The generation settings now in force.
@@ -328,13 +349,14 @@ async fn process(shared: Arc<Shared>, inbound: Inbound) -> Result<Answer, CoreEr
     }
     // The input filter: a toxic message is answered per policy and never
     // stored (so never learned from).
-    let policy = shared.safety.policy_for(&channel.to_string());
-    let verdict = shared.filter.check(text, policy, Some(&shared.blocked)).map_err(|e| CoreError::Internal(e.to_string()))?;
+    let safety = shared.safety.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let policy = safety.settings.policy_for(&channel.to_string());
+    let verdict = shared.filter.check(text, policy, Some(&safety.blocked)).map_err(|e| CoreError::Internal(e.to_string()))?;
     if verdict.flagged {
         metrics.refused(Refusal::ToxicInput);
         tracing::info!(%channel, categories = ?verdict.categories, "message failed the safety filter");
-        return Ok(match shared.safety.toxic_input {
-            ToxicInput::Notice => reply(&inbound, shared.safety.notice.clone()),
+        return Ok(match safety.settings.toxic_input {
+            ToxicInput::Notice => reply(&inbound, safety.settings.notice.clone()),
             ToxicInput::Silent => silent("toxic_input"),
         });
     }
@@ -367,7 +389,7 @@ async fn process(shared: Arc<Shared>, inbound: Inbound) -> Result<Answer, CoreEr
     let recent_bot: Vec<String> = history.iter().rev().filter(|t| t.bot).take(8).map(|t| t.text.clone()).collect();
     let n_candidates = generation.candidates.max(1);
     let mut chosen: Option<(String, Vec<u32>, usize)> = None;
-    for attempt in 1..=shared.safety.max_attempts {
+    for attempt in 1..=safety.settings.max_attempts {
         let drawn = match shared.engine.reply(prompt.ids.clone(), params.clone(), n_candidates).await {
             Ok(drawn) => drawn,
             Err(EngineError::Busy) => return Err(CoreError::Busy),
@@ -390,7 +412,7 @@ async fn process(shared: Arc<Shared>, inbound: Inbound) -> Result<Answer, CoreEr
                 tracing::debug!(%channel, candidate = i, ?why, "candidate screened out");
                 continue;
             }
-            let verdict = shared.filter.check(&texts[i], policy, Some(&shared.blocked)).map_err(|e| CoreError::Internal(e.to_string()))?;
+            let verdict = shared.filter.check(&texts[i], policy, Some(&safety.blocked)).map_err(|e| CoreError::Internal(e.to_string()))?;
             if verdict.flagged {
                 metrics.candidates_flagged.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%channel, candidate = i, categories = ?verdict.categories, "candidate flagged");
@@ -433,7 +455,7 @@ async fn process(shared: Arc<Shared>, inbound: Inbound) -> Result<Answer, CoreEr
     let Some((reply_text, ids, attempt)) = chosen else {
         // The user's turn was fine: keep it; the bot says nothing.
         metrics.refused(Refusal::NoSafeCandidate);
-        tracing::info!(%channel, attempts = shared.safety.max_attempts, "no candidate passed the filter; staying silent");
+        tracing::info!(%channel, attempts = safety.settings.max_attempts, "no candidate passed the filter; staying silent");
         if let Err(e) = store.append(channel, &[user_turn], msg_id).await {
             degraded.note(channel, "append", &e);
         }

@@ -262,7 +262,7 @@ pub enum ToxicInput {
 }
 
 /// `[safety]`: the toxicity filter on the way in and out.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SafetySettings {
     pub policy: crate::safety::Policy,
     /// Per-channel policies, keyed `platform:channel_id`.

@@ -95,3 +95,24 @@ async fn bad_ranking_and_safety_settings_name_their_key() {
         assert!(err.contains(key), "{line}: {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reload_changes_the_safety_settings_live() {
+    let toml = daemon_toml(None, &[]);
+    let d = TestDaemon::start(&toml).await;
+    let (_, answer) = d.say("c", "troll", "you are a f*cking idiot", None).await;
+    assert_eq!(answer["reply"], "Let's keep it friendly.");
+    // The same file with a silent policy and a new blocked word, reloaded
+    // as SIGHUP does.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dialogd.toml");
+    std::fs::write(&path, daemon_toml(None, &[("safety", "toxic_input = \"silent\""), ("safety", "blocked_words = [\"pineapple\"]")])).unwrap();
+    let metrics = dialogd::telemetry::Metrics::new();
+    assert!(dialogd::daemon::reload(&d.pipeline, Some(&path), &metrics).unwrap());
+    let (_, answer) = d.say("c", "troll", "you are a f*cking idiot", None).await;
+    assert_eq!(answer, serde_json::json!({ "reply": null, "reason": "toxic_input" }));
+    let (_, answer) = d.say("c", "ann", "I love p1neapple on pizza", None).await;
+    assert_eq!(answer, serde_json::json!({ "reply": null, "reason": "toxic_input" }));
+    assert!(d.turns("c").await.is_empty());
+    d.stop().await;
+}
