@@ -98,8 +98,8 @@ enum ProjWeight {
     /// f32 `[in, out]` repacked for the CPU kernels (see
     /// [`kernels::PackedMatrix`]); used for every batch size.
     Packed(Arc<kernels::PackedMatrix>),
-    /// 8-bit weights, `[in, out]` like the dense ones.
-    Quantized(Arc<kernels::Q8Matrix>),
+    /// 8-bit weights in the packed tile layout.
+    Quantized(Arc<kernels::PackedQ8>),
 }
 
 /// GPT-2's `Conv1D`: a linear layer whose weight is stored `[in, out]`.
@@ -123,10 +123,8 @@ impl Conv1D {
 
     fn quantized(&self) -> Result<Self> {
         let weight = match &self.weight {
-            ProjWeight::Dense(w) => ProjWeight::Quantized(Arc::new(kernels::Q8Matrix::quantize(w)?)),
-            ProjWeight::Packed(p) => {
-                ProjWeight::Quantized(Arc::new(kernels::Q8Matrix::quantize(&p.to_tensor(&Device::Cpu)?)?))
-            }
+            ProjWeight::Dense(w) => ProjWeight::Quantized(Arc::new(kernels::PackedQ8::quantize(w)?)),
+            ProjWeight::Packed(p) => ProjWeight::Quantized(Arc::new(kernels::PackedQ8::quantize(&p.to_tensor(&Device::Cpu)?)?)),
             ProjWeight::Quantized(q) => ProjWeight::Quantized(q.clone()),
         };
         Ok(Self { weight, bias: self.bias.to_dtype(DType::F32)? })
@@ -136,7 +134,7 @@ impl Conv1D {
     fn forward_2d(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.dim(0)?;
         let y = match &self.weight {
-            ProjWeight::Quantized(q) => kernels::rows_times_q8(x, q)?,
+            ProjWeight::Quantized(q) => kernels::rows_times_packed_q8(x, q)?,
             ProjWeight::Packed(p) => kernels::rows_times_packed(x, p)?,
             ProjWeight::Dense(w) if kernels::wants_small_path(x, w, rows) => kernels::rows_times_matrix(x, w)?,
             ProjWeight::Dense(w) => x.matmul(w)?,

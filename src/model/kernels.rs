@@ -63,7 +63,7 @@ pub fn rows_times_matrix(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> 
     Tensor::from_vec(out, (rows, n), x.device())
 }
 
-/// Weight rows per task in [`rows_times_matrix`] and [`rows_times_q8`].
+/// Weight rows per task in the banded kernels.
 const K_BLOCK: usize = 128;
 
 /// Runs `band(k0, k1, acc)` for fixed bands of `K_BLOCK` weight rows across
@@ -453,59 +453,6 @@ impl Q8Matrix {
     }
 }
 
-/// `x @ w` for `x: [rows, k]` and an 8-bit `w: [k, n]` (Conv1D layout).
-/// Same banding (and so the same batch invariance) as [`rows_times_matrix`].
-pub fn rows_times_q8(x: &Tensor, w: &Q8Matrix) -> candle_core::Result<Tensor> {
-    let (rows, k) = x.dims2()?;
-    let (wk, n) = w.dims();
-    if wk != k {
-        candle_core::bail!("rows_times_q8: x is [{rows}, {k}] but w is [{wk}, {n}]")
-    }
-    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let out = banded(k, rows, n, |k0, k1, acc| band_q8_dispatch(&xs, k, w, k0, k1, rows, acc));
-    Tensor::from_vec(out, (rows, n), x.device())
-}
-
-fn band_q8_dispatch(xs: &[f32], k: usize, w: &Q8Matrix, k0: usize, k1: usize, rows: usize, acc: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports AVX2 and FMA (checked above).
-            return unsafe { band_q8_avx2(xs, k, w, k0, k1, rows, acc) };
-        }
-    }
-    band_q8(xs, k, w, k0, k1, rows, acc)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn band_q8_avx2(xs: &[f32], k: usize, w: &Q8Matrix, k0: usize, k1: usize, rows: usize, acc: &mut [f32]) {
-    band_q8(xs, k, w, k0, k1, rows, acc)
-}
-
-#[inline(always)]
-fn band_q8(xs: &[f32], k: usize, w: &Q8Matrix, k0: usize, k1: usize, rows: usize, acc: &mut [f32]) {
-    let n = w.cols;
-    let blocks = n / Q8_BLOCK;
-    let mut deq = [0f32; Q8_BLOCK];
-    for kk in k0..k1 {
-        let qrow = &w.q[kk * n..(kk + 1) * n];
-        let srow = &w.scales[kk * blocks..(kk + 1) * blocks];
-        for (b, (qb, &scale)) in qrow.chunks_exact(Q8_BLOCK).zip(srow).enumerate() {
-            for (d, &qv) in deq.iter_mut().zip(qb) {
-                *d = qv as f32 * scale;
-            }
-            let c0 = b * Q8_BLOCK;
-            for r in 0..rows {
-                let xv = xs[r * k + kk];
-                for (a, &wv) in acc[r * n + c0..r * n + c0 + Q8_BLOCK].iter_mut().zip(&deq) {
-                    *a = xv.mul_add(wv, *a);
-                }
-            }
-        }
-    }
-}
-
 /// `x @ wᵀ` for `x: [rows, k]` and an 8-bit `w: [n, k]` (the tied head).
 pub fn rows_times_q8_t(x: &Tensor, w: &Q8Matrix) -> candle_core::Result<Tensor> {
     let (rows, k) = x.dims2()?;
@@ -530,6 +477,131 @@ pub fn rows_times_q8_t(x: &Tensor, w: &Q8Matrix) -> candle_core::Result<Tensor> 
         }
     }
     Tensor::from_vec(out, (rows, n), x.device())
+}
+
+/// An 8-bit `[k, n]` projection in the packed tile layout of
+/// [`PackedMatrix`]: `w[r, c] ≈ q · scale[r, c / 32]`. The kernel converts
+/// and multiplies in registers, so a decode step reads a quarter of the
+/// bytes of f32 and does little more arithmetic.
+#[derive(Debug)]
+pub struct PackedQ8 {
+    k: usize,
+    n: usize,
+    q: Vec<i8>,
+    scales: Vec<f32>,
+}
+
+impl PackedQ8 {
+    /// Quantises a row-major `[k, n]` f32 tensor; `n` must be a multiple of 32.
+    pub fn quantize(w: &Tensor) -> candle_core::Result<Self> {
+        let (k, n) = w.dims2()?;
+        if n % Q8_BLOCK != 0 {
+            candle_core::bail!("8-bit weights need a multiple of {Q8_BLOCK} columns, not {n}")
+        }
+        let src: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let blocks = n / Q8_BLOCK;
+        let mut scales = vec![0f32; k * blocks];
+        for (b, chunk) in src.chunks_exact(Q8_BLOCK).enumerate() {
+            let max = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+            scales[b] = if max > 0.0 { max / 127.0 } else { 1.0 };
+        }
+        let mut q = vec![0i8; k * n];
+        for k0 in (0..k).step_by(K_BLOCK) {
+            let band_rows = (k0 + K_BLOCK).min(k) - k0;
+            for t in 0..n / TILE {
+                let base = k0 * n + t * band_rows * TILE;
+                for i in 0..band_rows {
+                    let row = k0 + i;
+                    let scale = scales[row * blocks + t * TILE / Q8_BLOCK];
+                    for j in 0..TILE {
+                        let v = src[row * n + t * TILE + j];
+                        q[base + i * TILE + j] = (v / scale).round().clamp(-127.0, 127.0) as i8;
+                    }
+                }
+            }
+        }
+        Ok(Self { k, n, q, scales })
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+}
+
+/// `x @ w` for `x: [rows, k]` and a packed 8-bit `w`.
+pub fn rows_times_packed_q8(x: &Tensor, w: &PackedQ8) -> candle_core::Result<Tensor> {
+    let (rows, k) = x.dims2()?;
+    let (wk, n) = w.dims();
+    if wk != k {
+        candle_core::bail!("rows_times_packed_q8: x is [{rows}, {k}] but w is [{wk}, {n}]")
+    }
+    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let out = banded(k, rows, n, |k0, k1, acc| packed_q8_dispatch(&xs, k, w, k0, k1, rows, acc));
+    Tensor::from_vec(out, (rows, n), x.device())
+}
+
+fn packed_q8_dispatch(xs: &[f32], k: usize, w: &PackedQ8, k0: usize, k1: usize, rows: usize, acc: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked above).
+            return unsafe { packed_q8_avx2(xs, k, w, k0, k1, rows, acc) };
+        }
+    }
+    packed_q8_band(xs, k, w, k0, k1, rows, acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn packed_q8_avx2(xs: &[f32], k: usize, w: &PackedQ8, k0: usize, k1: usize, rows: usize, acc: &mut [f32]) {
+    packed_q8_band(xs, k, w, k0, k1, rows, acc)
+}
+
+#[inline(always)]
+fn packed_q8_band(xs: &[f32], k: usize, w: &PackedQ8, k0: usize, k1: usize, rows: usize, acc: &mut [f32]) {
+    let n = w.n;
+    let band_rows = k1 - k0;
+    let band = &w.q[k0 * n..k1 * n];
+    for t in 0..n / TILE {
+        let strip = &band[t * band_rows * TILE..(t + 1) * band_rows * TILE];
+        let mut r = 0;
+        while r < rows {
+            let group = (rows - r).min(4);
+            match group {
+                4 => packed_q8_tile::<4>(xs, k, w, strip, k0, r, t, acc),
+                3 => packed_q8_tile::<3>(xs, k, w, strip, k0, r, t, acc),
+                2 => packed_q8_tile::<2>(xs, k, w, strip, k0, r, t, acc),
+                _ => packed_q8_tile::<1>(xs, k, w, strip, k0, r, t, acc),
+            }
+            r += group;
+        }
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn packed_q8_tile<const G: usize>(xs: &[f32], k: usize, w: &PackedQ8, strip: &[i8], k0: usize, r0: usize, t: usize, acc: &mut [f32]) {
+    let (n, blocks) = (w.n, w.n / Q8_BLOCK);
+    let block = t * TILE / Q8_BLOCK;
+    let mut a = [[0f32; TILE]; G];
+    for (i, q) in strip.chunks_exact(TILE).enumerate() {
+        let q: &[i8; TILE] = q.try_into().unwrap_or_else(|_| unreachable!());
+        let mut wf = [0f32; TILE];
+        for j in 0..TILE {
+            wf[j] = q[j] as f32;
+        }
+        let scale = w.scales[(k0 + i) * blocks + block];
+        for g in 0..G {
+            let xv = xs[(r0 + g) * k + k0 + i] * scale;
+            for j in 0..TILE {
+                a[g][j] = xv.mul_add(wf[j], a[g][j]);
+            }
+        }
+    }
+    let c0 = t * TILE;
+    for g in 0..G {
+        acc[(r0 + g) * n + c0..(r0 + g) * n + c0 + TILE].copy_from_slice(&a[g]);
+    }
 }
 
 fn dequantize_row(w: &Q8Matrix, row: usize, out: &mut [f32]) {
@@ -565,17 +637,11 @@ mod tests {
     }
 
     #[test]
-    fn q8_is_close_to_f32_and_batch_invariant() {
+    fn q8_head_is_close_to_f32() {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (5, 96), &dev).unwrap();
         let w = Tensor::randn(0f32, 0.1, (96, 320), &dev).unwrap();
-        let q = Q8Matrix::quantize(&w).unwrap();
-        let reference = x.matmul(&w).unwrap();
-        let got = rows_times_q8(&x, &q).unwrap();
-        let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(close(&got, &reference) < 0.02 * scale, "{} vs {scale}", close(&got, &reference));
-        let one = rows_times_q8(&x.narrow(0, 3, 1).unwrap(), &q).unwrap();
-        assert_eq!(close(&got.narrow(0, 3, 1).unwrap(), &one), 0.0);
+        let scale = x.matmul(&w).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         let err = Q8Matrix::quantize(&Tensor::zeros((10, 50), DType::F32, &dev).unwrap()).unwrap_err();
         assert!(err.to_string().contains("multiple of 32"));
         let wt = Tensor::randn(0f32, 0.1, (70, 96), &dev).unwrap();
@@ -601,6 +667,20 @@ mod tests {
             assert_eq!(close(&packed.narrow(0, rows - 1, 1).unwrap(), &one), 0.0);
         }
         assert!(PackedMatrix::pack(&Tensor::zeros((4, 20), DType::F32, &dev).unwrap()).is_err());
+    }
+
+    #[test]
+    fn packed_q8_is_close_to_f32_and_batch_invariant() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (6, 300), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.1, (300, 96), &dev).unwrap();
+        let q = PackedQ8::quantize(&w).unwrap();
+        let reference = x.matmul(&w).unwrap();
+        let got = rows_times_packed_q8(&x, &q).unwrap();
+        let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(close(&got, &reference) < 0.02 * scale, "{} vs {scale}", close(&got, &reference));
+        let one = rows_times_packed_q8(&x.narrow(0, 4, 1).unwrap(), &q).unwrap();
+        assert_eq!(close(&got.narrow(0, 4, 1).unwrap(), &one), 0.0);
     }
 
     #[test]
