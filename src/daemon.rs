@@ -26,6 +26,7 @@ use tokio::task::JoinSet;
 use crate::context::memory::MemoryStore;
 use crate::context::redis::RedisStore;
 use crate::context::{ContextError, ContextStore, Limits};
+use crate::collect::Collector;
 use crate::pipeline::rank::Ranker;
 use crate::pipeline::engine::ReplyEngine;
 use crate::pipeline::Pipeline;
@@ -44,6 +45,8 @@ pub enum DaemonError {
     Store(#[from] ContextError),
     #[error("ranking: {0}")]
     Ranking(String),
+    #[error("collect.dir: {0}")]
+    Collect(String),
 }
 
 /// A started daemon, sockets bound, not yet serving.
@@ -86,6 +89,17 @@ impl Daemon {
             .map_err(|e| DaemonError::Ranking(e.to_string()))?
             .map_err(|e| DaemonError::Ranking(format!("{e:#}")))?
             .map(Arc::new);
+        let collector = if settings.collect.enabled {
+            let collector = Collector::open(&settings.collect).map_err(|e| DaemonError::Collect(e.to_string()))?;
+            match collector.enforce_retention() {
+                Ok(n) if n > 0 => tracing::info!(deleted = n, "collected segments past retention deleted"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "retention check failed"),
+            }
+            Some(Arc::new(collector))
+        } else {
+            None
+        };
         let pipeline = Pipeline::new(
             engine,
             store,
@@ -95,6 +109,7 @@ impl Daemon {
             settings.rate_limit,
             settings.safety.clone(),
             ranker,
+            collector,
             metrics.clone(),
         );
 

@@ -9,6 +9,7 @@
 //! - [`sampling`]: greedy, temperature, top-k/p, repetition controls, seeds.
 //! - [`generate`]: one reply from one prompt with a KV cache.
 //! - [`pool`]: the generation pool: continuous batching across channels.
+//! - [`collect`]: consented log collection for fine-tuning.
 //! - [`safety`]: the toxicity filter for turns in and candidates out.
 //! - [`ranking`]: DialogRPT and MMI reranking of candidates, screening.
 //! - [`context`]: each channel's recent turns (Redis, or memory).
@@ -22,6 +23,7 @@
 //! See ARCHITECTURE.md for the whole picture and its invariants.
 
 pub mod cli;
+pub mod collect;
 pub mod context;
 pub mod daemon;
 pub mod generate;

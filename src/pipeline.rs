@@ -33,6 +33,7 @@ use self::engine::{EngineError, ReplyEngine};
 use crate::context::{Appended, ContextError, ContextStore, Turn};
 use crate::prompt::build_prompt;
 use self::rank::Ranker;
+use crate::collect::Collector;
 use crate::safety::{Filter, WordList};
 use crate::settings::{GenerationSettings, SafetySettings, ToxicInput};
 use self::limits::{RateLimiter, Verdict};
@@ -88,6 +89,8 @@ struct Shared {
     filter: Filter,
     /// The DialogRPT/MMI ranker, when `[ranking]` names one.
     ranker: Option<Arc<Ranker>>,
+    /// Consented log collection, when `[collect]` is enabled.
+    collector: Option<Arc<Collector>>,
     metrics: Arc<Metrics>,
     /// Channels with queued or running work. A std mutex: held only to
     /// look up, insert or remove, never across an await.
@@ -136,6 +139,7 @@ impl Pipeline {
         rate_limit: RateLimitSettings,
         safety: SafetySettings,
         ranker: Option<Arc<Ranker>>,
+        collector: Option<Arc<Collector>>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -148,6 +152,7 @@ impl Pipeline {
                 safety: RwLock::new(Arc::new(SafetyState::new(safety))),
                 filter: Filter::new(),
                 ranker,
+                collector,
                 metrics,
                 channels: Mutex::new(HashMap::new()),
                 accepting: AtomicBool::new(true),
@@ -479,6 +484,27 @@ async fn process(shared: Arc<Shared>, inbound: Inbound) -> Result<Answer, CoreEr
     }
     if matches!(answer, Answer::Reply(_)) {
         metrics.replies.fetch_add(1, Ordering::Relaxed);
+        // Opted-in channels: the exchange (the context the model saw, the
+        // message, the reply) goes to the training logs. Toxic messages
+        // never get this far; flagged replies are never chosen.
+        if let Some(collector) = shared.collector.as_ref().filter(|c| c.wants(&channel.to_string())) {
+            let context = history.len().saturating_sub(prompt.turns_kept.saturating_sub(1));
+            let mut turns: Vec<(String, String, bool)> =
+                history[context..].iter().map(|t| (t.author.clone(), t.text.clone(), t.bot)).collect();
+            turns.push((inbound.author.clone(), text.to_string(), false));
+            turns.push(("bot".to_string(), reply_text.clone(), true));
+            let (collector, key) = (collector.clone(), channel.to_string());
+            let written = tokio::task::spawn_blocking(move || {
+                let refs: Vec<(&str, &str, bool)> = turns.iter().map(|(a, t, b)| (a.as_str(), t.as_str(), *b)).collect();
+                collector.record(&key, &refs)
+            })
+            .await;
+            match written {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(%channel, error = %e, "could not collect the exchange"),
+                Err(e) => tracing::warn!(%channel, error = %e, "could not collect the exchange"),
+            }
+        }
     }
     tracing::debug!(%channel, prompt_turns = prompt.turns_kept, reply_tokens = ids.len(), attempt, "answered");
     Ok(answer)
@@ -512,6 +538,17 @@ async fn run_command(shared: &Shared, inbound: &Inbound, word: &str) -> Result<A
         }
         "forget" => {
             let n = shared.store.forget_author(inbound.channel.platform, &inbound.author).await.map_err(unavailable)?;
+            let mut collected = 0;
+            if let Some(collector) = shared.collector.clone() {
+                let author = inbound.author.clone();
+                collected = tokio::task::spawn_blocking(move || collector.forget(&author))
+                    .await
+                    .map_err(|e| CoreError::Internal(e.to_string()))?
+                    .map_err(|e| CoreError::Internal(e.to_string()))?;
+            }
+            if collected > 0 {
+                return Ok(reply(inbound, format!("Done: I've deleted {n} stored turns of yours and my replies to them, and {collected} collected exchanges.")));
+            }
             Ok(reply(inbound, format!("Done: I've deleted {n} stored turns of yours and my replies to them.")))
         }
         _ => Ok(reply(inbound, HELP)),

@@ -76,6 +76,7 @@ pub struct RawSettings {
     pub daemon: RawDaemon,
     pub safety: RawSafety,
     pub ranking: RawRanking,
+    pub collect: RawCollect,
 }
 
 #[derive(Debug, Deserialize)]
@@ -117,6 +118,18 @@ pub struct RawSafety {
     pub notice: String,
     pub blocked_words: Vec<String>,
     pub max_attempts: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCollect {
+    pub enabled: bool,
+    pub dir: String,
+    pub channels: Vec<String>,
+    pub segment_max_bytes: u64,
+    pub segment_max_secs: u64,
+    pub retention_days: u64,
+    pub author_key: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -249,6 +262,22 @@ pub struct Settings {
     pub daemon: DaemonSettings,
     pub safety: SafetySettings,
     pub ranking: RankingSettings,
+    pub collect: CollectSettings,
+}
+
+/// `[collect]`: consented log collection for fine-tuning.
+#[derive(Debug, Clone, Serialize)]
+pub struct CollectSettings {
+    pub enabled: bool,
+    pub dir: std::path::PathBuf,
+    /// Opted-in channels, `platform:channel_id`.
+    pub channels: Vec<String>,
+    pub segment_max_bytes: u64,
+    pub segment_max_secs: u64,
+    /// Segments older than this are deleted (0: kept forever).
+    pub retention_days: u64,
+    /// The key of the authors' keyed hash (a secret).
+    pub author_key: Secret,
 }
 
 /// What happens to a message that fails the input filter.
@@ -621,6 +650,7 @@ impl RawSettings {
             daemon: DaemonSettings { drain: Duration::from_secs(self.daemon.drain_secs) },
             safety: self.safety.validate()?,
             ranking: self.ranking.validate()?,
+            collect: self.collect.validate()?,
         })
     }
 }
@@ -702,6 +732,37 @@ impl RawSafety {
             notice: self.notice,
             blocked_words: self.blocked_words,
             max_attempts: self.max_attempts,
+        })
+    }
+}
+
+impl RawCollect {
+    fn validate(self) -> Result<CollectSettings, SettingsError> {
+        if self.enabled {
+            if self.dir.trim().is_empty() {
+                return Err(invalid("collect.dir", "must name a folder when collection is enabled"));
+            }
+            if self.author_key.len() < 16 {
+                return Err(invalid(
+                    "collect.author_key",
+                    "must be at least 16 characters when collection is enabled (set DIALOGD__COLLECT__AUTHOR_KEY)",
+                ));
+            }
+        }
+        if let Some(c) = self.channels.iter().find(|c| dialogd_adapters::ChannelKey::parse(c).is_none()) {
+            return Err(invalid("collect.channels", format!("{c:?} is not platform:channel_id")));
+        }
+        if self.segment_max_bytes < 1024 || self.segment_max_secs == 0 {
+            return Err(invalid("collect.segment_max_bytes", "segments need at least 1024 bytes and 1 second"));
+        }
+        Ok(CollectSettings {
+            enabled: self.enabled,
+            dir: self.dir.into(),
+            channels: self.channels,
+            segment_max_bytes: self.segment_max_bytes,
+            segment_max_secs: self.segment_max_secs,
+            retention_days: self.retention_days,
+            author_key: Secret(self.author_key),
         })
     }
 }

@@ -116,3 +116,46 @@ async fn sighup_reload_changes_the_safety_settings_live() {
     assert!(d.turns("c").await.is_empty());
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_consented_exchanges_are_collected_and_forget_removes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = format!("dir = \"{}\"", dir.path().display());
+    let extra = [
+        ("collect", "enabled = true"),
+        ("collect", folder.as_str()),
+        ("collect", "channels = [\"http:c\"]"),
+        ("collect", "author_key = \"0123456789abcdef-test\""),
+        ("generation", "temperature = 0.0"),
+    ];
+    let d = TestDaemon::start(&daemon_toml(None, &extra)).await;
+    for (channel, author, text) in [("c", "ann", "What is your name?"), ("c", "bob", "Tell me more"), ("d", "ann", "Not collected here")] {
+        let (_, answer) = d.say(channel, author, text, None).await;
+        assert!(answer["reply"].is_string() || answer["reason"] == "no_safe_candidate", "{answer}");
+    }
+    // A toxic message is never collected.
+    d.say("c", "troll", "you are a f*cking idiot", None).await;
+    let lines = |dir: &std::path::Path| -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+            out.extend(text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()));
+        }
+        out
+    };
+    let collected = lines(dir.path());
+    let replies = d.turns("c").await.iter().filter(|t| t.2).count();
+    assert_eq!(collected.len(), replies, "{collected:?}");
+    for record in &collected {
+        assert_eq!(record["channel"], "http:c");
+        let text = record.to_string();
+        assert!(!text.contains("\"ann\"") && !text.contains("\"bob\"") && !text.contains("idiot"), "{text}");
+    }
+    // Greedy, "What is your name?" gets a clean reply from pico.
+    assert!(!collected.is_empty(), "nothing collected");
+    let (_, answer) = d.say("c", "ann", "/forget", None).await;
+    assert!(answer["reply"].as_str().unwrap().starts_with("Done"), "{answer}");
+    let left = lines(dir.path());
+    assert!(left.len() < collected.len(), "ann's exchanges are still collected");
+    d.stop().await;
+}

@@ -1,6 +1,5 @@
 //! Shared test fixtures.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Mutex, OnceLock};
@@ -46,18 +45,29 @@ pub fn model_dir(name: &str) -> PathBuf {
 }
 
 fn synthetic_dir(name: &str) -> PathBuf {
-    static ROOT: OnceLock<tempfile::TempDir> = OnceLock::new();
-    static MADE: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
-    let root = ROOT.get_or_init(|| tempfile::tempdir().unwrap());
-    let mut made = MADE.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
-    made.entry(name.to_string())
-        .or_insert_with(|| {
-            let (config, seed, init) = golden_model_spec(&golden(name));
-            let dir = root.path().join(name);
-            write_checkpoint(&dir, &config, seed, &init, &fixtures().join("gpt2")).unwrap();
-            dir
-        })
-        .clone()
+    let g = golden(name);
+    let key = format!("{}{}{}", g["config"], g["seed"], g["init"]);
+    cached_checkpoint(&key, name, |dir| {
+        let (config, seed, init) = golden_model_spec(&g);
+        write_checkpoint(dir, &config, seed, &init, &fixtures().join("gpt2")).unwrap();
+    })
+}
+
+/// A synthetic checkpoint folder kept under cargo's per-target temporary
+/// folder, keyed by the spec it was written from: written once, reused by
+/// later runs (nothing left in /tmp), rewritten when the spec changes.
+pub fn cached_checkpoint(spec_key: &str, folder: &str, write: impl FnOnce(&Path)) -> PathBuf {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let hash = spec_key.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01B3));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("synthetic").join(format!("{hash:016x}")).join(folder);
+    let done = dir.join(".complete");
+    if !done.exists() {
+        let _ = std::fs::remove_dir_all(&dir);
+        write(&dir);
+        std::fs::write(&done, spec_key).unwrap();
+    }
+    dir
 }
 
 /// Runs the dialogd binary with a clean hub environment.
@@ -100,29 +110,20 @@ pub fn rpt_golden() -> &'static Value {
 /// A synthetic DialogRPT checkpoint (`rpt-updown`, `rpt-depth`, …) or the
 /// MMI reverse model (`rpt-mmi`) of the golden file, written once per run.
 pub fn ranker_dir(name: &str) -> PathBuf {
-    static ROOT: OnceLock<tempfile::TempDir> = OnceLock::new();
-    static MADE: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
-    let root = ROOT.get_or_init(|| tempfile::tempdir().unwrap());
-    let mut made = MADE.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
-    made.entry(name.to_string())
-        .or_insert_with(|| {
-            let g = rpt_golden();
-            let init: InitSpec = serde_json::from_value(g["init"].clone()).unwrap();
-            // Folder names like the published ones, so heads can be inferred.
-            let dir = root.path().join(format!("DialogRPT-{name}"));
-            if name == "mmi" {
-                let config: Gpt2Config = serde_json::from_value(g["mmi"]["config"].clone()).unwrap();
-                let seed = g["mmi"]["seed"].as_u64().unwrap();
-                write_checkpoint(&dir, &config, seed, &init, &fixtures().join("gpt2")).unwrap();
-            } else {
-                let spec = &g["rankers"][name];
-                let config: Gpt2Config = serde_json::from_value(spec["config"].clone()).unwrap();
-                let seed = spec["seed"].as_u64().unwrap();
-                dialogd::model::synthetic::write_ranker_checkpoint(&dir, &config, seed, &init, &fixtures().join("gpt2")).unwrap();
-            }
-            dir
-        })
-        .clone()
+    let g = rpt_golden();
+    let spec = if name == "mmi" { &g["mmi"] } else { &g["rankers"][name] };
+    let key = format!("{name}{}{}{}", spec["config"], spec["seed"], g["init"]);
+    // Folder names like the published ones, so heads can be inferred.
+    cached_checkpoint(&key, &format!("DialogRPT-{name}"), |dir| {
+        let init: InitSpec = serde_json::from_value(g["init"].clone()).unwrap();
+        let config: Gpt2Config = serde_json::from_value(spec["config"].clone()).unwrap();
+        let seed = spec["seed"].as_u64().unwrap();
+        if name == "mmi" {
+            write_checkpoint(dir, &config, seed, &init, &fixtures().join("gpt2")).unwrap();
+        } else {
+            dialogd::model::synthetic::write_ranker_checkpoint(dir, &config, seed, &init, &fixtures().join("gpt2")).unwrap();
+        }
+    })
 }
 
 pub fn floats(v: &Value) -> Vec<f64> {
@@ -246,6 +247,7 @@ pub fn daemon_toml(redis: Option<&RedisServer>, extra: &[(&str, &str)]) -> Strin
         ("telemetry", vec!["metrics_listen = \"127.0.0.1:0\"".into()]),
         ("safety", vec![]),
         ("ranking", vec![]),
+        ("collect", vec![]),
     ];
     for (section, line) in extra {
         let key = line.split('=').next().unwrap().trim();
