@@ -101,6 +101,18 @@ pub enum PoolError {
     Failed(String),
 }
 
+/// What travels to the engine: requests, and model swaps in their order.
+pub(crate) enum Work {
+    Job(Job),
+    Swap(Swap),
+}
+
+/// A new model to serve from, once the requests in the batch have finished.
+pub(crate) struct Swap {
+    pub model: Gpt2,
+    pub done: oneshot::Sender<Result<u64, PoolError>>,
+}
+
 /// A request on its way to the engine.
 pub(crate) struct Job {
     pub request: GenerationRequest,
@@ -111,7 +123,7 @@ pub(crate) struct Job {
 /// The cheap, cloneable way in to the pool.
 #[derive(Clone)]
 pub struct PoolHandle {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Work>,
     metrics: Arc<PoolMetrics>,
     config: PoolConfig,
     n_positions: usize,
@@ -131,7 +143,7 @@ impl PoolHandle {
         self.check(&request)?;
         let (reply, answer) = oneshot::channel();
         let job = Job { request, submitted: Instant::now(), reply };
-        match self.tx.try_send(job) {
+        match self.tx.try_send(Work::Job(job)) {
             Ok(()) => self.metrics.queued(),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.metrics.refused();
@@ -139,6 +151,23 @@ impl PoolHandle {
             }
             Err(mpsc::error::TrySendError::Closed(_)) => return Err(PoolError::Closed),
         }
+        answer.await.unwrap_or(Err(PoolError::Closed))
+    }
+
+    /// Serves from `model` from now on: requests already in the batch
+    /// finish on the old model, requests still queued (and all later ones)
+    /// run on the new one; none is dropped. While the batch drains no new
+    /// request is admitted. Returns the new model version (1, 2, …).
+    pub async fn swap_model(&self, model: Gpt2) -> Result<u64, PoolError> {
+        let cfg = model.config();
+        if cfg.n_positions != self.n_positions || cfg.vocab_size != self.vocab_size {
+            return Err(PoolError::Invalid(format!(
+                "the new model has {} positions and {} ids; the pool serves {} and {}",
+                cfg.n_positions, cfg.vocab_size, self.n_positions, self.vocab_size
+            )));
+        }
+        let (done, answer) = oneshot::channel();
+        self.tx.send(Work::Swap(Swap { model, done })).await.map_err(|_| PoolError::Closed)?;
         answer.await.unwrap_or(Err(PoolError::Closed))
     }
 

@@ -186,6 +186,11 @@ impl Metrics {
                 "# HELP dialogd_pool_active_sequences Sequences in the current batch.\n# TYPE dialogd_pool_active_sequences gauge\ndialogd_pool_active_sequences {}",
                 p.active_sequences
             );
+            let _ = writeln!(
+                out,
+                "# HELP dialogd_model_version Model version served (0 at start, +1 per swap).\n# TYPE dialogd_model_version gauge\ndialogd_model_version {}",
+                p.model_version
+            );
             let _ = writeln!(out, "# HELP dialogd_pool_decode_seconds_total Time spent in decode steps.\n# TYPE dialogd_pool_decode_seconds_total counter\ndialogd_pool_decode_seconds_total {}", p.decode_seconds_total);
             let _ = writeln!(out, "# HELP dialogd_time_to_first_token_seconds Submission to first token.\n# TYPE dialogd_time_to_first_token_seconds histogram");
             for (bound, count) in crate::pool::metrics::TTFT_BUCKETS_MS.iter().zip(&p.ttft_buckets) {

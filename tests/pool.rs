@@ -247,3 +247,49 @@ fn bad_requests_are_refused_before_queueing() {
     assert_eq!(r.candidates[0].finish, FinishReason::ContextFull);
     assert_eq!(r.candidates[0].output_ids.len(), 3);
 }
+
+/// A model swap under load: requests in the batch finish on the old model,
+/// queued and later ones run on the new one, and none is lost.
+#[test]
+fn a_model_swap_under_load_loses_no_request() {
+    let (model_a, tok) = tiny();
+    let g = crate::support::golden("tiny");
+    let (config, seed, init) = crate::support::golden_model_spec(&g);
+    let tensors: std::collections::HashMap<String, candle_core::Tensor> =
+        dialogd::model::synthetic::synthetic_tensors(&config, seed + 1, &init).unwrap().into_iter().collect();
+    let mut store = dialogd::model::weights::TensorStore::from_tensors("tiny-b", tensors);
+    let model_b = Gpt2::from_store(config, &mut store, &Device::Cpu).unwrap();
+    let params = SamplingParams::greedy(12);
+    let all = prompts(&tok);
+    let by = |m: &Gpt2| -> Vec<Vec<u32>> { all.iter().map(|p| generate(m, p, &params, |_| true).unwrap().output_ids).collect() };
+    let (out_a, out_b) = (by(&model_a), by(&model_b));
+    assert_ne!(out_a, out_b, "the two models must differ for this test to mean anything");
+
+    let pool = GenerationPool::start(model_a, PoolConfig { max_batch: 3, queue_capacity: 32, max_candidates: 1 }).unwrap();
+    let handle = pool.handle();
+    runtime().block_on(async {
+        let submit = |i: usize| {
+            let handle = handle.clone();
+            let request = GenerationRequest::new(all[i].clone(), params.clone());
+            tokio::spawn(async move { (i, handle.generate(request).await) })
+        };
+        let before: Vec<_> = (0..all.len()).map(submit).collect();
+        let version = handle.swap_model(model_b).await.unwrap();
+        assert_eq!(version, 1);
+        let after: Vec<_> = (0..all.len()).map(submit).collect();
+        for task in before {
+            let (i, result) = task.await.unwrap();
+            let ids = result.expect("no request may be lost").candidates.remove(0).output_ids;
+            assert!(ids == out_a[i] || ids == out_b[i], "request {i} matches neither model");
+        }
+        for task in after {
+            let (i, result) = task.await.unwrap();
+            assert_eq!(result.unwrap().candidates.remove(0).output_ids, out_b[i], "request {i} after the swap");
+        }
+    });
+    let m = handle.metrics().snapshot();
+    assert_eq!((m.requests_completed, m.model_version), (2 * all.len() as u64, 1));
+    // A model of another shape is refused.
+    let (pico, _) = (Gpt2::load(&crate::support::model_dir("pico-bin"), DType::F32, &Device::Cpu).unwrap(), ());
+    assert!(matches!(runtime().block_on(handle.swap_model(pico)), Err(PoolError::Invalid(_))));
+}

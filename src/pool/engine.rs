@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use super::{Candidate, GenerationRequest, GenerationResult, Job, PoolConfig, PoolError, PoolMetrics};
+use super::{Candidate, GenerationRequest, GenerationResult, Job, PoolConfig, PoolError, PoolMetrics, Swap, Work};
 use crate::generate::FinishReason;
 use crate::model::gpt2::SeqCache;
 use crate::model::{Gpt2, ModelError};
@@ -75,27 +75,41 @@ impl Engine {
     }
 
     /// Serves until every handle is dropped and the last request answered.
-    pub fn run(self, mut rx: mpsc::Receiver<Job>) {
+    pub fn run(mut self, mut rx: mpsc::Receiver<Work>) {
         let mut active: Vec<Active> = Vec::new();
-        let mut pending: Option<Job> = None;
+        let mut pending: Option<Work> = None;
         let mut open = true;
+        let mut version = 0u64;
         loop {
             // Take work: block only when there is nothing else to do.
             if open && active.is_empty() && pending.is_none() {
                 match rx.blocking_recv() {
-                    Some(job) => pending = Some(job),
+                    Some(work) => pending = Some(work),
                     None => open = false,
                 }
             }
             loop {
                 if pending.is_none() && open {
                     match rx.try_recv() {
-                        Ok(job) => pending = Some(job),
+                        Ok(work) => pending = Some(work),
                         Err(mpsc::error::TryRecvError::Empty) => {}
                         Err(mpsc::error::TryRecvError::Disconnected) => open = false,
                     }
                 }
-                let Some(job) = pending.take() else { break };
+                let job = match pending.take() {
+                    None => break,
+                    Some(Work::Swap(swap)) if active.is_empty() => {
+                        version += 1;
+                        self.swap(swap, version);
+                        continue;
+                    }
+                    Some(swap @ Work::Swap(_)) => {
+                        // Let the batch drain on the old model; admit nothing.
+                        pending = Some(swap);
+                        break;
+                    }
+                    Some(Work::Job(job)) => job,
+                };
                 if job.reply.is_closed() {
                     self.metrics.dequeued();
                     self.metrics.cancelled();
@@ -103,7 +117,7 @@ impl Engine {
                 }
                 let in_batch: usize = active.iter().map(Active::unfinished).sum();
                 if in_batch + job.request.n_candidates > self.config.max_batch {
-                    pending = Some(job);
+                    pending = Some(Work::Job(job));
                     break;
                 }
                 self.metrics.dequeued();
@@ -120,6 +134,16 @@ impl Engine {
             self.step(&mut active);
             self.finish(&mut active);
         }
+    }
+
+    /// Replaces the model (the batch is empty).
+    fn swap(&mut self, swap: Swap, version: u64) {
+        let Swap { model, done } = swap;
+        self.eos = model.config().eos_token_id;
+        self.model = model;
+        self.metrics.swapped(version);
+        tracing::info!(version, "generation pool now serves the new model");
+        let _ = done.send(Ok(version));
     }
 
     /// Prefills a request once and forks its cache per candidate.

@@ -22,6 +22,7 @@ pub struct PoolMetrics {
     prefill_tokens: AtomicU64,
     ttft_buckets: [AtomicU64; TTFT_BUCKETS_MS.len() + 1],
     ttft_micros_sum: AtomicU64,
+    model_version: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -40,6 +41,8 @@ pub struct PoolMetricsSnapshot {
     /// Cumulative counts per bucket of [`TTFT_BUCKETS_MS`], then +Inf.
     pub ttft_buckets: Vec<u64>,
     pub ttft_seconds_sum: f64,
+    /// 0 for the model the pool started with, then 1, 2, … per swap.
+    pub model_version: u64,
 }
 
 impl PoolMetrics {
@@ -74,6 +77,9 @@ impl PoolMetrics {
         self.decode_steps.fetch_add(1, Relaxed);
         self.decode_micros.fetch_add(took.as_micros() as u64, Relaxed);
     }
+    pub(crate) fn swapped(&self, version: u64) {
+        self.model_version.store(version, Relaxed);
+    }
     pub(crate) fn first_token(&self, ttft: Duration) {
         let ms = ttft.as_millis() as u64;
         let idx = TTFT_BUCKETS_MS.iter().position(|&b| ms <= b).unwrap_or(TTFT_BUCKETS_MS.len());
@@ -104,6 +110,7 @@ impl PoolMetrics {
             prefill_tokens: self.prefill_tokens.load(Relaxed),
             ttft_buckets,
             ttft_seconds_sum: self.ttft_micros_sum.load(Relaxed) as f64 / 1e6,
+            model_version: self.model_version.load(Relaxed),
         }
     }
 }
