@@ -88,6 +88,11 @@ fn banded(k: usize, rows: usize, n: usize, band: impl Fn(usize, usize, &mut [f32
 }
 
 /// `acc[r] += Σ_kk xs[r, k0 + kk] · band[kk]` over the band's rows.
+///
+/// Each kernel has its own small `#[target_feature]` wrapper on purpose: a
+/// generic "run this closure with AVX2" helper was tried and measured 10×
+/// slower, because the kernel inside the closure is then compiled without
+/// the features (and `mul_add` becomes a libm call).
 fn band_axpy(xs: &[f32], k: usize, band: &[f32], k0: usize, n: usize, rows: usize, acc: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -105,38 +110,18 @@ unsafe fn band_axpy_avx2(xs: &[f32], k: usize, band: &[f32], k0: usize, n: usize
     band_axpy_portable(xs, k, band, k0, n, rows, acc)
 }
 
+/// Streams the band row by row. Only weights that cannot be packed (a
+/// column count that is not a multiple of 16) come here; packed ones take
+/// [`rows_times_packed`]. Every output element is `fma(x[r, kk], w[kk, c], ·)`
+/// over the band's rows in order, starting from 0, exactly as the packed
+/// kernel computes it.
 #[inline(always)]
 fn band_axpy_portable(xs: &[f32], k: usize, band: &[f32], k0: usize, n: usize, rows: usize, acc: &mut [f32]) {
-    // Every output element is `fma(x[r, kk], w[kk, c], ·)` over the band's
-    // rows in order, starting from 0, whichever loop below computes it: the
-    // register-tiled loop for whole 16-column tiles, the streaming loop for
-    // the rest. So results are the same for every row count.
-    let band_rows = band.len() / n;
-    // One or two rows: stream the band row by row (bandwidth is all that
-    // matters); more: register tiles, so each weight load feeds several rows.
-    let tiles = if rows <= 2 { 0 } else { n / TILE };
-    for t in 0..tiles {
-        let c0 = t * TILE;
-        let mut r = 0;
-        while r < rows {
-            let group = (rows - r).min(4);
-            match group {
-                4 => tile::<4>(xs, k, band, k0, n, band_rows, r, c0, acc),
-                3 => tile::<3>(xs, k, band, k0, n, band_rows, r, c0, acc),
-                2 => tile::<2>(xs, k, band, k0, n, band_rows, r, c0, acc),
-                _ => tile::<1>(xs, k, band, k0, n, band_rows, r, c0, acc),
-            }
-            r += group;
-        }
-    }
-    let c0 = tiles * TILE;
-    if c0 < n {
-        for (i, wrow) in band.chunks_exact(n).enumerate() {
-            for r in 0..rows {
-                let xv = xs[r * k + k0 + i];
-                for (d, &wv) in acc[r * n + c0..(r + 1) * n].iter_mut().zip(&wrow[c0..]) {
-                    *d = xv.mul_add(wv, *d);
-                }
+    for (i, wrow) in band.chunks_exact(n).enumerate() {
+        for r in 0..rows {
+            let xv = xs[r * k + k0 + i];
+            for (d, &wv) in acc[r * n..(r + 1) * n].iter_mut().zip(wrow) {
+                *d = xv.mul_add(wv, *d);
             }
         }
     }
@@ -144,35 +129,6 @@ fn band_axpy_portable(xs: &[f32], k: usize, band: &[f32], k0: usize, n: usize, r
 
 /// Output columns per register tile.
 const TILE: usize = 16;
-
-/// `G` rows × 16 columns accumulated in registers over the band's rows.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn tile<const G: usize>(
-    xs: &[f32],
-    k: usize,
-    band: &[f32],
-    k0: usize,
-    n: usize,
-    band_rows: usize,
-    r0: usize,
-    c0: usize,
-    acc: &mut [f32],
-) {
-    let mut a = [[0f32; TILE]; G];
-    for i in 0..band_rows {
-        let w: &[f32; TILE] = band[i * n + c0..i * n + c0 + TILE].try_into().unwrap_or_else(|_| unreachable!());
-        for g in 0..G {
-            let xv = xs[(r0 + g) * k + k0 + i];
-            for j in 0..TILE {
-                a[g][j] = xv.mul_add(w[j], a[g][j]);
-            }
-        }
-    }
-    for g in 0..G {
-        acc[(r0 + g) * n + c0..(r0 + g) * n + c0 + TILE].copy_from_slice(&a[g]);
-    }
-}
 
 fn add_assign(out: &mut [f32], p: &[f32]) {
     for (o, v) in out.iter_mut().zip(p) {
@@ -386,7 +342,7 @@ fn packed_band(xs: &[f32], k: usize, band: &[f32], k0: usize, n: usize, rows: us
 }
 
 /// `G` rows × 16 columns over one contiguous strip, in registers; the same
-/// fused multiply-adds in the same order as [`tile`].
+/// fused multiply-adds in the same order as [`band_axpy_portable`].
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn packed_tile<const G: usize>(xs: &[f32], k: usize, strip: &[f32], k0: usize, n: usize, r0: usize, c0: usize, acc: &mut [f32]) {
