@@ -7,10 +7,13 @@
 //! - [`moderate`]: `dialogd moderate`, the safety filter's verdict on a text.
 //! - [`run`]: `dialogd run`, the daemon, and `dialogd check-config`.
 //! - [`train`]: `dialogd train`, fine-tuning (full or a LoRA persona adapter).
+//! - [`jobs`]: `dialogd jobs`, the daemon's fine-tuning jobs (list, run,
+//!   cancel, rollback).
 
 pub mod bench;
 pub mod chat;
 pub mod generate;
+pub mod jobs;
 pub mod moderate;
 pub mod rank;
 pub mod run;
@@ -56,6 +59,8 @@ pub enum Command {
     CheckConfig(run::RunArgs),
     /// Fine-tune a model, or a LoRA persona adapter, on dialogue files.
     Train(train::TrainArgs),
+    /// The daemon's fine-tuning jobs: list, show, run, cancel, rollback.
+    Jobs(jobs::JobsArgs),
 }
 
 /// Where the model comes from and where it runs.
@@ -208,6 +213,7 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::CheckConfig(args) => run::check_config(args),
         Command::Train(args) => train::run(args),
+        Command::Jobs(args) => jobs::run(args),
     };
     match result {
         Ok(code) => code,

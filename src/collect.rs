@@ -28,6 +28,11 @@ pub enum CollectError {
     Io { path: PathBuf, source: std::io::Error },
 }
 
+/// Moderators' channel choices, beside the segments.
+const CHOICES_FILE: &str = "channels.json";
+/// Opted-out authors' hashes, beside the segments.
+pub const OPTED_OUT_FILE: &str = "opted-out.txt";
+
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CollectError + '_ {
     move |source| CollectError::Io { path: path.to_path_buf(), source }
 }
@@ -56,10 +61,24 @@ struct Segment {
     opened: SystemTime,
 }
 
+/// Channel choices moderators made (`/collect on|off`), kept beside the
+/// segments in `channels.json`; they override `[collect] channels`.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct ChannelChoices {
+    on: Vec<String>,
+    off: Vec<String>,
+}
+
 /// The collector: one open segment at a time.
 pub struct Collector {
     dir: PathBuf,
-    channels: HashSet<String>,
+    /// `[collect] channels`.
+    configured: HashSet<String>,
+    /// Moderators' choices; a std mutex held only to look up or change.
+    choices: Mutex<ChannelChoices>,
+    /// Keyed hashes of authors who opted out (`opted-out.txt`, one per
+    /// line): their exchanges are never collected or trained on.
+    opted_out: Mutex<HashSet<String>>,
     key: Vec<u8>,
     max_bytes: u64,
     max_age: Duration,
@@ -70,7 +89,7 @@ pub struct Collector {
 
 impl std::fmt::Debug for Collector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Collector").field("dir", &self.dir).field("channels", &self.channels).finish_non_exhaustive()
+        f.debug_struct("Collector").field("dir", &self.dir).field("channels", &self.configured).finish_non_exhaustive()
     }
 }
 
@@ -78,9 +97,21 @@ impl Collector {
     /// Opens (creating) the segment folder.
     pub fn open(settings: &CollectSettings) -> Result<Self, CollectError> {
         std::fs::create_dir_all(&settings.dir).map_err(io_err(&settings.dir))?;
+        let choices_path = settings.dir.join(CHOICES_FILE);
+        let choices = match std::fs::read_to_string(&choices_path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| CollectError::Io {
+                path: choices_path.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => ChannelChoices::default(),
+            Err(e) => return Err(io_err(&choices_path)(e)),
+        };
+        let opted_out = read_opted_out(&settings.dir)?;
         Ok(Self {
             dir: settings.dir.clone(),
-            channels: settings.channels.iter().cloned().collect(),
+            configured: settings.channels.iter().cloned().collect(),
+            choices: Mutex::new(choices),
+            opted_out: Mutex::new(opted_out),
             key: settings.author_key.expose().as_bytes().to_vec(),
             max_bytes: settings.segment_max_bytes,
             max_age: Duration::from_secs(settings.segment_max_secs),
@@ -91,7 +122,70 @@ impl Collector {
 
     /// Whether this channel (`platform:channel_id`) opted in.
     pub fn wants(&self, channel: &str) -> bool {
-        self.channels.contains(channel)
+        let choices = self.choices.lock().unwrap_or_else(|e| e.into_inner());
+        let channel = channel.to_string();
+        choices.on.contains(&channel) || (self.configured.contains(&channel) && !choices.off.contains(&channel))
+    }
+
+    /// A moderator's choice for a channel (`/collect on|off`), kept across
+    /// restarts.
+    pub fn set_channel(&self, channel: &str, on: bool) -> Result<(), CollectError> {
+        let mut choices = self.choices.lock().unwrap_or_else(|e| e.into_inner());
+        let channel = channel.to_string();
+        choices.on.retain(|c| *c != channel);
+        choices.off.retain(|c| *c != channel);
+        if on {
+            choices.on.push(channel);
+        } else {
+            choices.off.push(channel);
+        }
+        let path = self.dir.join(CHOICES_FILE);
+        let tmp = path.with_extension("json.tmp");
+        let body = serde_json::to_string_pretty(&*choices).unwrap_or_default();
+        std::fs::write(&tmp, body).map_err(io_err(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io_err(&path))
+    }
+
+    /// The folder of the segments.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Opts an author out: nothing of theirs is collected from now on, and
+    /// what was collected is deleted. Returns the exchanges deleted.
+    pub fn opt_out(&self, author: &str) -> Result<usize, CollectError> {
+        let hash = self.author_hash(author);
+        {
+            let mut opted_out = self.opted_out.lock().unwrap_or_else(|e| e.into_inner());
+            if opted_out.insert(hash.clone()) {
+                let path = self.dir.join(OPTED_OUT_FILE);
+                let mut file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&path))?;
+                file.write_all(format!("{hash}\n").as_bytes()).map_err(io_err(&path))?;
+                file.sync_data().map_err(io_err(&path))?;
+            }
+        }
+        self.forget(author)
+    }
+
+    /// Takes an author's opt-out back (later exchanges are collected).
+    pub fn opt_in(&self, author: &str) -> Result<bool, CollectError> {
+        let hash = self.author_hash(author);
+        let mut opted_out = self.opted_out.lock().unwrap_or_else(|e| e.into_inner());
+        if !opted_out.remove(&hash) {
+            return Ok(false);
+        }
+        let path = self.dir.join(OPTED_OUT_FILE);
+        let tmp = path.with_extension("txt.tmp");
+        let mut body: Vec<&str> = opted_out.iter().map(String::as_str).collect();
+        body.sort_unstable();
+        std::fs::write(&tmp, body.iter().map(|h| format!("{h}\n")).collect::<String>()).map_err(io_err(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        Ok(true)
+    }
+
+    /// The opted-out authors' keyed hashes.
+    pub fn opted_out(&self) -> HashSet<String> {
+        self.opted_out.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The keyed hash stored in place of an author id.
@@ -100,7 +194,13 @@ impl Collector {
     }
 
     /// Appends one exchange. `turns` are `(author id, text, is_bot)`.
-    pub fn record(&self, channel: &str, turns: &[(&str, &str, bool)]) -> Result<(), CollectError> {
+    pub fn record(&self, channel: &str, turns: &[(&str, &str, bool)]) -> Result<bool, CollectError> {
+        {
+            let opted_out = self.opted_out.lock().unwrap_or_else(|e| e.into_inner());
+            if turns.iter().any(|(author, _, bot)| !bot && opted_out.contains(&self.author_hash(author))) {
+                return Ok(false);
+            }
+        }
         let record = Record {
             channel: channel.to_string(),
             time: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
@@ -126,7 +226,7 @@ impl Collector {
         segment.file.write_all(line.as_bytes()).map_err(io_err(&segment.path))?;
         segment.file.sync_data().map_err(io_err(&segment.path))?;
         segment.bytes += line.len() as u64;
-        Ok(())
+        Ok(true)
     }
 
     fn new_segment(&self) -> Result<Segment, CollectError> {
@@ -208,6 +308,17 @@ impl Collector {
 }
 
 /// HMAC-SHA256 (RFC 2104).
+/// The opted-out authors' hashes kept in a collection folder (none when
+/// the file is missing).
+pub fn read_opted_out(dir: &Path) -> Result<HashSet<String>, CollectError> {
+    let path = dir.join(OPTED_OUT_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HashSet::new()),
+        Err(e) => Err(io_err(&path)(e)),
+    }
+}
+
 fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
     let mut block = [0u8; 64];
     if key.len() > 64 {
@@ -279,5 +390,30 @@ mod tests {
         c.record("http:c", &[("bob", "again", false)]).unwrap();
         assert_eq!(c.retention, Some(Duration::from_secs(30 * 86_400)));
         assert_eq!(c.enforce_retention().unwrap(), 0);
+    }
+
+    #[test]
+    fn opted_out_authors_are_not_collected_and_choices_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Collector::open(&settings(dir.path(), 1 << 20)).unwrap();
+        assert!(c.record("http:c", &[("ann", "one", false), ("bot", "hi", true)]).unwrap());
+        assert_eq!(c.opt_out("ann").unwrap(), 1, "opting out deletes what was collected");
+        assert!(!c.record("http:c", &[("ann", "two", false), ("bot", "hi", true)]).unwrap());
+        assert!(!c.record("http:c", &[("bob", "hey", false), ("ann", "three", false)]).unwrap());
+        assert!(c.record("http:c", &[("bob", "four", false), ("bot", "hi", true)]).unwrap());
+        c.set_channel("http:d", true).unwrap();
+        c.set_channel("http:c", false).unwrap();
+        assert!(c.wants("http:d") && !c.wants("http:c"));
+
+        let c = Collector::open(&settings(dir.path(), 1 << 20)).unwrap();
+        assert!(c.opted_out().contains(&c.author_hash("ann")));
+        assert!(c.wants("http:d") && !c.wants("http:c"));
+        let text: String = c.segments().unwrap().iter().map(|p| std::fs::read_to_string(p).unwrap()).collect();
+        assert!(!text.contains("one") && !text.contains("two") && !text.contains("three") && text.contains("four"), "{text}");
+        assert!(c.opt_in("ann").unwrap());
+        assert!(!c.opt_in("ann").unwrap());
+        assert!(c.record("http:d", &[("ann", "five", false), ("bot", "hi", true)]).unwrap());
+        let c = Collector::open(&settings(dir.path(), 1 << 20)).unwrap();
+        assert!(c.opted_out().is_empty());
     }
 }

@@ -29,7 +29,10 @@ use crate::context::{ContextError, ContextStore, Limits};
 use crate::collect::Collector;
 use crate::pipeline::rank::Ranker;
 use crate::pipeline::engine::ReplyEngine;
-use crate::pipeline::Pipeline;
+use crate::jobs::personas::Personas;
+use crate::jobs::runner::{BaseModel, Runner};
+use crate::jobs::JobStore;
+use crate::pipeline::{Jobs, Parts, Pipeline};
 use crate::settings::{self, Settings, SettingsError, StoreKind};
 use crate::telemetry::{serve_metrics, Metrics, MetricsServer};
 use crate::tokenizer::DialogTokenizer;
@@ -47,6 +50,8 @@ pub enum DaemonError {
     Ranking(String),
     #[error("collect.dir: {0}")]
     Collect(String),
+    #[error("jobs: {0}")]
+    Jobs(String),
 }
 
 /// A started daemon, sockets bound, not yet serving.
@@ -58,6 +63,8 @@ pub struct Daemon {
     metrics_addr: Option<SocketAddr>,
     settings: Settings,
     metrics: Arc<Metrics>,
+    /// The job runner, when `[jobs]` is enabled.
+    runner: Option<Runner>,
 }
 
 impl Daemon {
@@ -100,18 +107,48 @@ impl Daemon {
         } else {
             None
         };
-        let pipeline = Pipeline::new(
+        let job_store = if settings.jobs.enabled {
+            let store = JobStore::connect(c.redis_url.expose(), &c.key_prefix, c.redis_timeout)
+                .await
+                .map_err(|e| DaemonError::Jobs(e.to_string()))?;
+            std::fs::create_dir_all(&settings.jobs.dir)
+                .map_err(|e| DaemonError::Jobs(format!("{}: {e}", settings.jobs.dir.display())))?;
+            Some(store)
+        } else {
+            None
+        };
+        let personas = Personas::new(settings.personas.clone(), job_store.clone());
+        let pool = engine.pool().cloned();
+        let pipeline = Pipeline::new(Parts {
             engine,
             store,
             tokenizer,
-            settings.generation.clone(),
-            c.max_tokens,
-            settings.rate_limit,
-            settings.safety.clone(),
+            generation: settings.generation.clone(),
+            max_tokens: c.max_tokens,
+            rate_limit: settings.rate_limit,
+            safety: settings.safety.clone(),
             ranker,
             collector,
-            metrics.clone(),
-        );
+            personas: personas.clone(),
+            jobs: job_store.clone().map(|store| Jobs { store, settings: settings.jobs.clone() }),
+            metrics: metrics.clone(),
+        });
+        let runner = match job_store {
+            Some(store) => {
+                let dir = crate::model::hub::resolve_model(&settings.model.path).map_err(|e| DaemonError::Jobs(format!("{e:#}")))?;
+                let base = BaseModel { dir, device: settings.model.device.clone(), dtype: settings.model.dtype.clone() };
+                Some(Runner::new(
+                    store,
+                    settings.jobs.clone(),
+                    settings.collect.dir.clone(),
+                    base,
+                    pool,
+                    pipeline.clone(),
+                    personas,
+                ))
+            }
+            None => None,
+        };
 
         let mut adapters: Vec<Box<dyn Adapter>> = Vec::new();
         let mut http_addr = None;
@@ -164,7 +201,7 @@ impl Daemon {
             }
             None => (None, None),
         };
-        Ok(Self { pipeline, adapters, metrics_server, http_addr, metrics_addr, settings, metrics })
+        Ok(Self { pipeline, adapters, metrics_server, http_addr, metrics_addr, settings, metrics, runner })
     }
 
     /// Where the HTTP adapter listens (the real port when 0 was asked for).
@@ -184,7 +221,7 @@ impl Daemon {
     /// drains. Returns once in-flight messages are answered or the drain
     /// bound has passed.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
-        let Self { pipeline, adapters, metrics_server, settings, metrics, .. } = self;
+        let Self { pipeline, adapters, metrics_server, settings, metrics, runner, .. } = self;
         let (trigger, listener) = Shutdown::new();
         let core: Arc<dyn Core> = Arc::new(pipeline.clone());
         let mut tasks = JoinSet::new();
@@ -193,6 +230,7 @@ impl Daemon {
             let run = adapter.run(core.clone(), listener.clone());
             tasks.spawn(async move { (name, run.await) });
         }
+        let mut runner_task = runner.map(|runner| tokio::spawn(runner.run(listener.clone())));
         let mut metrics_task = metrics_server.map(|server| {
             tokio::spawn(serve_metrics(server, metrics.clone(), listener.clone().wait()))
         });
@@ -221,6 +259,9 @@ impl Daemon {
                 log_adapter_end(joined);
             }
             if let Some(task) = metrics_task.take() {
+                let _ = task.await;
+            }
+            if let Some(task) = runner_task.take() {
                 let _ = task.await;
             }
         };

@@ -27,6 +27,7 @@ pub mod collect;
 pub mod context;
 pub mod daemon;
 pub mod generate;
+pub mod jobs;
 pub mod model;
 pub mod pool;
 pub mod pipeline;

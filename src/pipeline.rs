@@ -34,6 +34,9 @@ use crate::context::{Appended, ContextError, ContextStore, Turn};
 use crate::prompt::build_prompt;
 use self::rank::Ranker;
 use crate::collect::Collector;
+use crate::jobs::personas::{group_scope, Personas};
+use crate::jobs::{JobState, JobStore, Target};
+use crate::settings::JobSettings;
 use crate::safety::{Filter, WordList};
 use crate::settings::{GenerationSettings, SafetySettings, ToxicInput};
 use self::limits::{RateLimiter, Verdict};
@@ -49,12 +52,13 @@ const CHANNEL_QUEUE: usize = 32;
 
 const HELP: &str = "I'm a DialoGPT chat bot. Commands: /ask TEXT asks me something (in groups you can \
 also mention me or reply to me); /reset forgets this channel's conversation; /forget deletes everything \
-stored about you; /help shows this. Moderators: /mute, /unmute, /persona, /train.";
+stored about you; /optout stops me learning from your messages (/optin allows it again); /help shows this. \
+Moderators: /mute, /unmute, /persona (list, show, use NAME [server], create NAME SEED | SEED…, off), \
+/train (status, cancel, rollback), /collect (on, off, status).";
 
 const START: &str = "Hello! I'm a DialoGPT chat bot: talk to me and I'll answer. /help lists the commands.";
 
-/// Commands only moderators may use.
-const MODERATOR_COMMANDS: &[&str] = &["mute", "unmute", "persona", "train"];
+use dialogd_adapters::text::MODERATOR_COMMANDS;
 
 /// One accepted message on its way through a channel's queue.
 struct Work {
@@ -91,6 +95,10 @@ struct Shared {
     ranker: Option<Arc<Ranker>>,
     /// Consented log collection, when `[collect]` is enabled.
     collector: Option<Arc<Collector>>,
+    /// Which persona each channel speaks as.
+    personas: Arc<Personas>,
+    /// Fine-tuning jobs, when `[jobs]` is enabled.
+    jobs: Option<Jobs>,
     metrics: Arc<Metrics>,
     /// Channels with queued or running work. A std mutex: held only to
     /// look up, insert or remove, never across an await.
@@ -129,19 +137,33 @@ pub struct Pipeline {
     shared: Arc<Shared>,
 }
 
+/// The jobs side of the pipeline: where `/train` queues jobs.
+#[derive(Clone, Debug)]
+pub struct Jobs {
+    pub store: JobStore,
+    pub settings: JobSettings,
+}
+
+/// What a pipeline is built from.
+pub struct Parts {
+    pub engine: Arc<dyn ReplyEngine>,
+    pub store: Arc<dyn ContextStore>,
+    pub tokenizer: DialogTokenizer,
+    pub generation: GenerationSettings,
+    /// The context's token budget (`context.max_tokens`).
+    pub max_tokens: usize,
+    pub rate_limit: RateLimitSettings,
+    pub safety: SafetySettings,
+    pub ranker: Option<Arc<Ranker>>,
+    pub collector: Option<Arc<Collector>>,
+    pub personas: Arc<Personas>,
+    pub jobs: Option<Jobs>,
+    pub metrics: Arc<Metrics>,
+}
+
 impl Pipeline {
-    pub fn new(
-        engine: Arc<dyn ReplyEngine>,
-        store: Arc<dyn ContextStore>,
-        tokenizer: DialogTokenizer,
-        generation: GenerationSettings,
-        max_tokens: usize,
-        rate_limit: RateLimitSettings,
-        safety: SafetySettings,
-        ranker: Option<Arc<Ranker>>,
-        collector: Option<Arc<Collector>>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub fn new(parts: Parts) -> Self {
+        let Parts { engine, store, tokenizer, generation, max_tokens, rate_limit, safety, ranker, collector, personas, jobs, metrics } = parts;
         Self {
             shared: Arc::new(Shared {
                 engine,
@@ -153,6 +175,8 @@ impl Pipeline {
                 filter: Filter::new(),
                 ranker,
                 collector,
+                personas,
+                jobs,
                 metrics,
                 channels: Mutex::new(HashMap::new()),
                 accepting: AtomicBool::new(true),
@@ -161,6 +185,24 @@ impl Pipeline {
                 muted: Mutex::new(HashSet::new()),
                 limiter: RateLimiter::new(rate_limit),
             }),
+        }
+    }
+
+    /// Why a new model's answer to a probe prompt fails the promotion gate
+    /// (empty, an echo of the prompt, flagged by the safety filter as now
+    /// configured), or `None` if it passes.
+    pub fn judge_probe(&self, prompt: &str, reply: &str) -> Option<String> {
+        if reply.trim().is_empty() {
+            return Some("empty reply".into());
+        }
+        if let Some(Some(why)) = crate::ranking::degeneration::screen(&[reply.to_string()], prompt, &[]).first() {
+            return Some(format!("{why:?}"));
+        }
+        let safety = self.shared.safety.read().unwrap_or_else(|e| e.into_inner()).clone();
+        match self.shared.filter.check(reply, safety.settings.policy, Some(&safety.blocked)) {
+            Ok(verdict) if verdict.flagged => Some(format!("flagged by the safety filter: {:?}", verdict.categories)),
+            Ok(_) => None,
+            Err(e) => Some(format!("safety filter failed: {e}")),
         }
     }
 
@@ -383,11 +425,28 @@ async fn process(shared: Arc<Shared>, inbound: Inbound) -> Result<Answer, CoreEr
         return Err(CoreError::Invalid("the message encodes to no tokens".into()));
     }
     encoded.push(message_ids);
+    // The channel's persona: its seed turns go before the context (always
+    // kept; the context gets what they leave of the budget).
+    let persona = shared.personas.for_channel(channel, inbound.group.as_deref()).await.unwrap_or_else(|e| {
+        tracing::warn!(%channel, error = %e, "cannot look up the channel's persona; answering without one");
+        None
+    });
+    let mut seed_ids = Vec::new();
+    for turn in persona.iter().flat_map(|p| p.seed.iter()) {
+        if let Ok(ids) = tokenizer.encode(turn) {
+            seed_ids.extend(ids);
+            seed_ids.push(tokenizer.eos_id());
+        }
+    }
     let room = shared.engine.n_positions().saturating_sub(params.max_new_tokens);
-    let budget = shared.max_tokens.min(room);
-    let prompt = build_prompt(&encoded, tokenizer.eos_id(), budget).map_err(|e| {
-        CoreError::Internal(format!("{e} (generation.max_new_tokens leaves {room} tokens of context)"))
+    let budget = shared.max_tokens.min(room).saturating_sub(seed_ids.len());
+    let mut prompt = build_prompt(&encoded, tokenizer.eos_id(), budget).map_err(|e| {
+        CoreError::Internal(format!("{e} (generation.max_new_tokens and the persona's seed turns leave {budget} tokens of context)"))
     })?;
+    if !seed_ids.is_empty() {
+        seed_ids.extend_from_slice(&prompt.ids);
+        prompt.ids = seed_ids;
+    }
 
     // Draw candidates; drop empty ones, echoes, repeats and toxic ones;
     // try again up to the bound; never send a flagged reply.
@@ -500,7 +559,7 @@ async fn process(shared: Arc<Shared>, inbound: Inbound) -> Result<Answer, CoreEr
             })
             .await;
             match written {
-                Ok(Ok(())) => {}
+                Ok(Ok(_)) => {}
                 Ok(Err(e)) => tracing::warn!(%channel, error = %e, "could not collect the exchange"),
                 Err(e) => tracing::warn!(%channel, error = %e, "could not collect the exchange"),
             }
@@ -529,8 +588,42 @@ async fn run_command(shared: &Shared, inbound: &Inbound, word: &str) -> Result<A
             shared.muted.lock().unwrap_or_else(|e| e.into_inner()).remove(channel);
             Ok(reply(inbound, "Unmuted: I'm listening again."))
         }
-        "persona" => Ok(reply(inbound, "Personas are not available yet.")),
-        "train" => Ok(reply(inbound, "Training on this channel's conversations is not available yet.")),
+        "persona" => persona_command(shared, inbound).await,
+        "train" => train_command(shared, inbound).await,
+        "collect" => {
+            let Some(collector) = shared.collector.clone() else {
+                return Ok(reply(inbound, "Collection is off on this bot ([collect] enabled = false)."));
+            };
+            let key = channel.to_string();
+            let answer = match argument(inbound).as_str() {
+                "on" => {
+                    let (c, k) = (collector.clone(), key.clone());
+                    tokio::task::spawn_blocking(move || c.set_channel(&k, true)).await.map_err(internal)?.map_err(internal)?;
+                    "Collecting: this channel's conversations may now be used to train me (members can /optout)."
+                }
+                "off" => {
+                    let (c, k) = (collector.clone(), key.clone());
+                    tokio::task::spawn_blocking(move || c.set_channel(&k, false)).await.map_err(internal)?.map_err(internal)?;
+                    "Not collecting: nothing more from this channel will be used for training."
+                }
+                _ if collector.wants(&key) => "This channel's conversations are collected for training (/collect off stops it).",
+                _ => "This channel's conversations are not collected (/collect on starts it).",
+            };
+            Ok(reply(inbound, answer))
+        }
+        "optout" | "optin" => {
+            let Some(collector) = shared.collector.clone() else {
+                return Ok(reply(inbound, "Nothing is collected for training on this bot."));
+            };
+            let author = inbound.author.clone();
+            if word == "optout" {
+                let n = tokio::task::spawn_blocking(move || collector.opt_out(&author)).await.map_err(internal)?.map_err(internal)?;
+                Ok(reply(inbound, format!("Done: I won't learn from your messages, and I've deleted {n} collected exchanges you were part of. /optin undoes this.")))
+            } else {
+                let was = tokio::task::spawn_blocking(move || collector.opt_in(&author)).await.map_err(internal)?.map_err(internal)?;
+                Ok(reply(inbound, if was { "Done: your messages in collecting channels may be used for training again." } else { "You had not opted out." }))
+            }
+        }
         "start" => Ok(reply(inbound, START)),
         "reset" => {
             shared.store.clear(&inbound.channel).await.map_err(unavailable)?;
@@ -553,6 +646,187 @@ async fn run_command(shared: &Shared, inbound: &Inbound, word: &str) -> Result<A
         }
         _ => Ok(reply(inbound, HELP)),
     }
+}
+
+fn internal(e: impl std::fmt::Display) -> CoreError {
+    CoreError::Internal(e.to_string())
+}
+
+/// The text after a command word, trimmed and lower-cased first word kept
+/// as typed after it.
+fn argument(inbound: &Inbound) -> String {
+    dialogd_adapters::text::command_argument(inbound.text.trim()).trim().to_string()
+}
+
+/// `/persona [show | list | use NAME [server] | create NAME SEED | SEED… | off [server]]`.
+async fn persona_command(shared: &Shared, inbound: &Inbound) -> Result<Answer, CoreError> {
+    let personas = &shared.personas;
+    let channel = &inbound.channel;
+    let arg = argument(inbound);
+    let mut words = arg.split_whitespace();
+    let verb = words.next().unwrap_or("show").to_ascii_lowercase();
+    let scope_of = |word: Option<&str>| -> Result<String, String> {
+        match (word, inbound.group.as_deref()) {
+            (None, _) => Ok(channel.to_string()),
+            (Some("server" | "guild"), Some(group)) => Ok(group_scope(channel, group)),
+            (Some("server" | "guild"), None) => Err("this channel belongs to no server: choose for the channel".into()),
+            (Some(other), _) => Err(format!("{other:?}: say `server` to choose for the whole server, or nothing for this channel")),
+        }
+    };
+    let text = match verb.as_str() {
+        "show" => match personas.chosen(channel, inbound.group.as_deref()).await.map_err(unavailable_text)? {
+            None => "I speak as myself here (no persona). /persona list shows the personas.".to_string(),
+            Some(name) => match personas.for_channel(channel, inbound.group.as_deref()).await.map_err(unavailable_text)? {
+                Some(p) => format!(
+                    "I speak as {} here ({} seed turn(s); adapter: {}).",
+                    p.name,
+                    p.seed.len(),
+                    match (p.version, &p.adapter_dir) {
+                        (Some(v), _) => format!("trained by job #{v}"),
+                        (None, Some(_)) => "configured".into(),
+                        (None, None) => "none yet".into(),
+                    }
+                ),
+                None => format!("The persona chosen here, {name}, no longer exists; I speak as myself."),
+            },
+        },
+        "list" => {
+            let all = personas.all().await.map_err(unavailable_text)?;
+            if all.is_empty() {
+                "There are no personas yet: /persona create NAME first turn | second turn".to_string()
+            } else {
+                format!("Personas: {}.", all.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "))
+            }
+        }
+        "use" => {
+            let Some(name) = words.next() else { return Ok(reply(inbound, "Which one? /persona use NAME")) };
+            let name = name.to_ascii_lowercase();
+            let scope = match scope_of(words.next()) {
+                Ok(scope) => scope,
+                Err(why) => return Ok(reply(inbound, why)),
+            };
+            match personas.choose(&scope, Some(&name)).await {
+                Ok(()) => format!("From now on I speak as {name} {}.", if scope.contains(":group:") { "on this server" } else { "in this channel" }),
+                Err(why) => why,
+            }
+        }
+        "off" => {
+            let scope = match scope_of(words.next()) {
+                Ok(scope) => scope,
+                Err(why) => return Ok(reply(inbound, why)),
+            };
+            personas.choose(&scope, None).await.map_err(unavailable_text)?;
+            "Persona cleared: I speak as myself (or the server's persona).".to_string()
+        }
+        "create" => {
+            let Some(name) = words.next() else {
+                return Ok(reply(inbound, "/persona create NAME first seed turn | second seed turn"));
+            };
+            let rest = words.collect::<Vec<_>>().join(" ");
+            let seed: Vec<String> = rest.split('|').map(str::trim).filter(|t| !t.is_empty()).map(str::to_string).collect();
+            match personas.create(&name.to_ascii_lowercase(), seed).await {
+                Ok(spec) => format!(
+                    "Created persona {} with {} seed turn(s). /persona use {} to speak as it here; /train teaches it this channel's ways.",
+                    spec.name,
+                    spec.seed.len(),
+                    spec.name
+                ),
+                Err(why) => why,
+            }
+        }
+        _ => "Usage: /persona [show | list | use NAME [server] | create NAME SEED | SEED… | off [server]]".to_string(),
+    };
+    Ok(reply(inbound, text))
+}
+
+fn unavailable_text(why: String) -> CoreError {
+    CoreError::Unavailable(why)
+}
+
+/// `/train [status | cancel | rollback]`.
+async fn train_command(shared: &Shared, inbound: &Inbound) -> Result<Answer, CoreError> {
+    let Some(jobs) = &shared.jobs else {
+        return Ok(reply(inbound, "Training is off on this bot ([jobs] enabled = false)."));
+    };
+    let channel = inbound.channel.to_string();
+    let unavailable = |e: crate::jobs::StoreError| CoreError::Unavailable(e.to_string());
+    let persona = shared.personas.chosen(&inbound.channel, inbound.group.as_deref()).await.map_err(unavailable_text)?;
+    let target = jobs.settings.mode.target_for(persona.as_deref());
+    let trigger = format!("moderator:{channel}");
+    let text = match argument(inbound).to_ascii_lowercase().as_str() {
+        "" | "start" => {
+            let target = match target {
+                Ok(target) => target,
+                Err(why) => return Ok(reply(inbound, why)),
+            };
+            if !shared.collector.as_ref().is_some_and(|c| c.wants(&channel)) {
+                return Ok(reply(inbound, "This channel's conversations are not collected, so there is nothing to train on: /collect on first."));
+            }
+            let record = jobs.store.create(target, trigger, vec![channel.clone()]).await.map_err(unavailable)?;
+            tracing::info!(job = record.id, target = %record.target, %channel, "training job queued by a moderator");
+            format!(
+                "Training job #{} queued for {} on this channel's collected conversations. /train status shows how it goes; /train cancel stops it.",
+                record.id, record.target
+            )
+        }
+        "status" => {
+            let mine: Vec<_> = jobs
+                .store
+                .list(50)
+                .await
+                .map_err(unavailable)?
+                .into_iter()
+                .filter(|r| r.trigger == trigger || target.as_ref().is_ok_and(|t| *t == r.target))
+                .take(3)
+                .collect();
+            if mine.is_empty() {
+                "No training jobs for this channel yet: /train starts one.".to_string()
+            } else {
+                let mut lines: Vec<String> = mine.iter().map(|r| r.summary()).collect();
+                if let Some(probe) = mine[0].probes.first() {
+                    lines.push(format!("Probe: \"{}\" → \"{}\"", probe.prompt, probe.reply));
+                }
+                lines.join("\n")
+            }
+        }
+        "cancel" => {
+            let open = jobs
+                .store
+                .list(50)
+                .await
+                .map_err(unavailable)?
+                .into_iter()
+                .find(|r| r.trigger == trigger && !r.state.is_final());
+            match open {
+                None => "No queued or running job from this channel.".to_string(),
+                Some(r) => match jobs.store.cancel(r.id).await {
+                    Ok(r) if r.state == JobState::Cancelled => format!("Cancelled job #{}.", r.id),
+                    Ok(r) => format!("Stopping job #{}…", r.id),
+                    Err(e) => e.to_string(),
+                },
+            }
+        }
+        "rollback" => {
+            let target = match target {
+                Ok(target) => target,
+                Err(why) => return Ok(reply(inbound, why)),
+            };
+            rollback_text(&jobs.store, &target).await.map_err(unavailable)?
+        }
+        _ => "Usage: /train [status | cancel | rollback]".to_string(),
+    };
+    Ok(reply(inbound, text))
+}
+
+/// Rolls `target` back one version and says what it serves now.
+pub async fn rollback_text(store: &JobStore, target: &Target) -> Result<String, crate::jobs::StoreError> {
+    Ok(match store.rollback(target).await? {
+        None => format!("{target} already serves its original version."),
+        Some(id) => {
+            let now = store.versions(target).await?.last().map_or("its original version".to_string(), |v| format!("job #{v}"));
+            format!("Rolled back job #{id}: {target} serves {now} again (within a few seconds).")
+        }
+    })
 }
 
 impl Core for Pipeline {

@@ -77,6 +77,60 @@ pub struct RawSettings {
     pub safety: RawSafety,
     pub ranking: RawRanking,
     pub collect: RawCollect,
+    pub jobs: RawJobs,
+    pub personas: RawPersonas,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJobs {
+    pub enabled: bool,
+    pub dir: String,
+    pub trainer: String,
+    pub device: String,
+    pub mode: String,
+    pub lora_rank: usize,
+    pub steps: usize,
+    pub lr: f64,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub max_seq_len: usize,
+    pub eval_fraction: f64,
+    pub checkpoint_every: usize,
+    pub min_examples: usize,
+    pub max_ppl_regression: f64,
+    pub probes: Vec<String>,
+    pub max_attempts: u32,
+    pub poll_ms: u64,
+    pub schedules: Vec<RawSchedule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSchedule {
+    pub name: String,
+    pub cron: String,
+    #[serde(default)]
+    pub persona: String,
+    #[serde(default)]
+    pub channels: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPersonas {
+    pub default: String,
+    pub defined: Vec<RawPersona>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPersona {
+    pub name: String,
+    #[serde(default)]
+    pub adapter: String,
+    #[serde(default)]
+    pub seed: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -263,6 +317,98 @@ pub struct Settings {
     pub safety: SafetySettings,
     pub ranking: RankingSettings,
     pub collect: CollectSettings,
+    pub jobs: JobSettings,
+    pub personas: PersonaSettings,
+}
+
+/// What a job trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainMode {
+    /// A persona's LoRA adapter.
+    Lora,
+    /// Every weight: a new base checkpoint.
+    Full,
+}
+
+/// `[jobs]`: fine-tuning jobs (moderators' `/train`, `dialogd jobs`,
+/// schedules), run as child processes, promoted through a gate.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobSettings {
+    pub enabled: bool,
+    /// One folder per job under this.
+    pub dir: std::path::PathBuf,
+    /// The program run as `TRAINER train …`; `None`: this executable.
+    #[serde(serialize_with = "serialize_opt_path")]
+    pub trainer: Option<std::path::PathBuf>,
+    /// The device jobs train on (one job at a time per device).
+    pub device: String,
+    pub mode: TrainMode,
+    pub lora_rank: usize,
+    pub steps: usize,
+    pub lr: f64,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub max_seq_len: usize,
+    pub eval_fraction: f64,
+    pub checkpoint_every: usize,
+    /// A job with fewer collected exchanges fails at once.
+    pub min_examples: usize,
+    /// Gate: allowed relative rise of held-out perplexity.
+    pub max_ppl_regression: f64,
+    /// Gate: prompts the new model must answer with a non-empty reply that
+    /// passes the safety filter.
+    pub probes: Vec<String>,
+    /// Tries of a job whose trainer was killed (each resumes).
+    pub max_attempts: u32,
+    #[serde(rename = "poll_ms", serialize_with = "serialize_millis")]
+    pub poll: Duration,
+    pub schedules: Vec<Schedule>,
+}
+
+/// One `[[jobs.schedules]]` entry.
+#[derive(Debug, Clone, Serialize)]
+pub struct Schedule {
+    pub name: String,
+    #[serde(serialize_with = "display")]
+    pub cron: crate::jobs::cron::Cron,
+    /// The persona trained (LoRA mode); empty: the base model (full mode).
+    pub persona: String,
+    /// Channels whose collected exchanges are used; empty: all.
+    pub channels: Vec<String>,
+}
+
+fn serialize_opt_path<S: Serializer>(path: &Option<std::path::PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&path.as_ref().map(|p| p.display().to_string()).unwrap_or_default())
+}
+
+fn display<T: fmt::Display, S: Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&value.to_string())
+}
+
+/// `[personas]`: personas the operator defines; moderators add more.
+#[derive(Debug, Clone, Serialize)]
+pub struct PersonaSettings {
+    /// The persona of channels where none was chosen (empty: none).
+    pub default: String,
+    pub defined: Vec<PersonaSpec>,
+}
+
+/// A persona: a name, an optional LoRA adapter, optional seed turns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PersonaSpec {
+    pub name: String,
+    /// A PEFT adapter folder; `None`: the base model.
+    #[serde(default)]
+    pub adapter: Option<std::path::PathBuf>,
+    /// Turns placed before every conversation's context, oldest first.
+    #[serde(default)]
+    pub seed: Vec<String>,
+}
+
+/// Whether a persona name is acceptable: 1-32 of `a-z 0-9 _ -`.
+pub fn persona_name_ok(name: &str) -> bool {
+    (1..=32).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
 /// `[collect]`: consented log collection for fine-tuning.
@@ -549,6 +695,7 @@ impl RawSettings {
         if c.redis_timeout_ms == 0 {
             return Err(invalid("context.redis_timeout_ms", "must be at least 1"));
         }
+        let store_is_redis = store == StoreKind::Redis;
         let context = ContextSettings {
             store,
             redis_url: Secret(c.redis_url),
@@ -651,6 +798,8 @@ impl RawSettings {
             safety: self.safety.validate()?,
             ranking: self.ranking.validate()?,
             collect: self.collect.validate()?,
+            jobs: self.jobs.validate(store_is_redis)?,
+            personas: self.personas.validate()?,
         })
     }
 }
@@ -767,6 +916,116 @@ impl RawCollect {
     }
 }
 
+impl RawJobs {
+    fn validate(self, store_is_redis: bool) -> Result<JobSettings, SettingsError> {
+        if self.enabled {
+            if !store_is_redis {
+                return Err(invalid("jobs.enabled", "jobs keep their records in Redis: set context.store = \"redis\""));
+            }
+            if self.dir.trim().is_empty() {
+                return Err(invalid("jobs.dir", "must name a folder when jobs are enabled"));
+            }
+        }
+        let mode = match self.mode.as_str() {
+            "lora" => TrainMode::Lora,
+            "full" => TrainMode::Full,
+            other => return Err(invalid("jobs.mode", format!("{other:?} is not \"lora\" or \"full\""))),
+        };
+        crate::model::parse_device(&self.device).map_err(|e| invalid("jobs.device", e.to_string()))?;
+        if self.lora_rank == 0 || self.lora_rank > 256 {
+            return Err(invalid("jobs.lora_rank", format!("{} is not in 1..=256", self.lora_rank)));
+        }
+        if self.steps == 0 {
+            return Err(invalid("jobs.steps", "must be at least 1"));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(invalid("jobs.lr", format!("{} is not positive", self.lr)));
+        }
+        if self.batch_size == 0 || self.grad_accum == 0 {
+            return Err(invalid("jobs.batch_size", "batch_size and grad_accum must be at least 1"));
+        }
+        if self.max_seq_len < 2 {
+            return Err(invalid("jobs.max_seq_len", "must be at least 2"));
+        }
+        if !(self.eval_fraction > 0.0 && self.eval_fraction < 1.0) {
+            return Err(invalid("jobs.eval_fraction", format!("{} is not in (0, 1): the gate needs held-out data", self.eval_fraction)));
+        }
+        if !(self.max_ppl_regression.is_finite() && self.max_ppl_regression >= 0.0) {
+            return Err(invalid("jobs.max_ppl_regression", "must be 0 or more"));
+        }
+        if self.max_attempts == 0 {
+            return Err(invalid("jobs.max_attempts", "must be at least 1"));
+        }
+        if self.poll_ms < 10 {
+            return Err(invalid("jobs.poll_ms", "must be at least 10"));
+        }
+        if let Some(p) = self.probes.iter().find(|p| p.trim().is_empty() || p.len() > 1000) {
+            return Err(invalid("jobs.probes", format!("{p:?}: a probe must be 1-1000 bytes")));
+        }
+        let mut schedules = Vec::new();
+        for s in self.schedules {
+            let cron = crate::jobs::cron::Cron::parse(&s.cron).map_err(|e| invalid("jobs.schedules", format!("{}: {e}", s.name)))?;
+            if s.name.trim().is_empty() {
+                return Err(invalid("jobs.schedules", "every schedule needs a name"));
+            }
+            if !s.persona.is_empty() && !persona_name_ok(&s.persona) {
+                return Err(invalid("jobs.schedules", format!("{}: {:?} is not a persona name", s.name, s.persona)));
+            }
+            if mode == TrainMode::Lora && s.persona.is_empty() {
+                return Err(invalid("jobs.schedules", format!("{}: LoRA jobs (jobs.mode = \"lora\") train a persona: set persona", s.name)));
+            }
+            if let Some(c) = s.channels.iter().find(|c| dialogd_adapters::ChannelKey::parse(c).is_none()) {
+                return Err(invalid("jobs.schedules", format!("{}: {c:?} is not platform:channel_id", s.name)));
+            }
+            schedules.push(Schedule { name: s.name, cron, persona: s.persona, channels: s.channels });
+        }
+        Ok(JobSettings {
+            enabled: self.enabled,
+            dir: self.dir.into(),
+            trainer: (!self.trainer.trim().is_empty()).then(|| self.trainer.trim().into()),
+            device: self.device,
+            mode,
+            lora_rank: self.lora_rank,
+            steps: self.steps,
+            lr: self.lr,
+            batch_size: self.batch_size,
+            grad_accum: self.grad_accum,
+            max_seq_len: self.max_seq_len,
+            eval_fraction: self.eval_fraction,
+            checkpoint_every: self.checkpoint_every,
+            min_examples: self.min_examples,
+            max_ppl_regression: self.max_ppl_regression,
+            probes: self.probes,
+            max_attempts: self.max_attempts,
+            poll: Duration::from_millis(self.poll_ms),
+            schedules,
+        })
+    }
+}
+
+impl RawPersonas {
+    fn validate(self) -> Result<PersonaSettings, SettingsError> {
+        let mut defined: Vec<PersonaSpec> = Vec::new();
+        for p in self.defined {
+            if !persona_name_ok(&p.name) {
+                return Err(invalid("personas.defined", format!("{:?} is not a persona name (1-32 of a-z, 0-9, _ and -)", p.name)));
+            }
+            if defined.iter().any(|d| d.name == p.name) {
+                return Err(invalid("personas.defined", format!("{:?} is defined twice", p.name)));
+            }
+            if let Some(s) = p.seed.iter().find(|s| s.trim().is_empty() || s.len() > 2000) {
+                return Err(invalid("personas.defined", format!("{}: seed turn {s:?} must be 1-2000 bytes", p.name)));
+            }
+            let adapter = (!p.adapter.trim().is_empty()).then(|| std::path::PathBuf::from(p.adapter.trim()));
+            defined.push(PersonaSpec { name: p.name, adapter, seed: p.seed });
+        }
+        if !self.default.is_empty() && !defined.iter().any(|d| d.name == self.default) {
+            return Err(invalid("personas.default", format!("{:?} is not in personas.defined", self.default)));
+        }
+        Ok(PersonaSettings { default: self.default, defined })
+    }
+}
+
 impl RawRanking {
     fn validate(self) -> Result<RankingSettings, SettingsError> {
         for spec in &self.rankers {
@@ -842,6 +1101,16 @@ mod tests {
             ("[adapters.discord]\nenabled = true\n", "adapters.discord.token"),
             ("[adapters.telegram]\npoll_timeout_secs = 60\n", "adapters.telegram.poll_timeout_secs"),
             ("[rate_limit]\nwindow_secs = 0\n", "rate_limit.window_secs"),
+            ("[context]\nstore = \"memory\"\n[jobs]\nenabled = true\n", "jobs.enabled"),
+            ("[jobs]\nmode = \"half\"\n", "jobs.mode"),
+            ("[jobs]\neval_fraction = 0.0\n", "jobs.eval_fraction"),
+            ("[jobs]\ndevice = \"tpu\"\n", "jobs.device"),
+            ("[jobs]\nschedules = [{ name = \"n\", cron = \"61 * * * *\", persona = \"p\" }]\n", "jobs.schedules: n: minute: 61"),
+            ("[jobs]\nschedules = [{ name = \"n\", cron = \"@daily\" }]\n", "train a persona: set persona"),
+            ("[jobs]\nprobes = [\" \"]\n", "jobs.probes"),
+            ("[personas]\ndefault = \"pirate\"\n", "personas.default"),
+            ("[personas]\ndefined = [{ name = \"Pirate Bob\" }]\n", "personas.defined"),
+            ("[personas]\ndefined = [{ name = \"a\" }, { name = \"a\" }]\n", "defined twice"),
         ];
         for (text, key) in cases {
             let err = load_env(Some(text), &[]).unwrap_err().to_string();

@@ -56,7 +56,7 @@ async fn dms_mentions_slash_commands_moderators_and_resume() {
     let registered =
         wait_for(WAIT, || fake.calls("PUT", &format!("/guilds/{GUILD}/commands")).pop()).await.expect("command registration");
     let names: Vec<&str> = registered.as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["help", "ask", "reset", "forget", "mute", "unmute", "persona", "train"]);
+    assert_eq!(names, ["help", "ask", "reset", "forget", "optout", "optin", "mute", "unmute", "persona", "train", "collect"]);
 
     // A DM is answered, as a reply, with typing and no pings.
     let dm = fake.next_id();
@@ -98,8 +98,11 @@ async fn dms_mentions_slash_commands_moderators_and_resume() {
     let muted = fake.next_id();
     fake.dispatch("MESSAGE_CREATE", message(muted, 2, Some(GUILD), 2, &format!("<@{BOT_ID}> hello?"), vec![user(BOT_ID, "dialogd", true)], None));
     assert!(slash(55, "0", "unmute", None).await.contains("Unmuted"), "the allowlist makes a moderator");
-    assert!(slash(55, "0", "persona", Some(("description", "a pirate"))).await.contains("not available yet"));
-    assert!(slash(4, "8", "train", None).await.contains("not available yet"));
+    assert!(slash(3, "0", "persona", Some(("what", "list"))).await.contains("only moderators"));
+    assert!(slash(55, "0", "persona", Some(("what", "create pirate Arr, matey!"))).await.contains("Created persona pirate"));
+    assert!(slash(55, "0", "persona", Some(("what", "use pirate server"))).await.contains("speak as pirate on this server"));
+    assert!(slash(55, "0", "persona", None).await.contains("I speak as pirate here (1 seed turn"));
+    assert!(slash(4, "8", "train", None).await.contains("Training is off"));
     assert!(slash(2, "0", "reset", None).await.contains("forgotten"));
     assert_eq!(fake.posted(2).len(), 2, "nothing answered the muted mention");
     assert!(!fake.calls("POST", "/callback").is_empty(), "commands are acknowledged");

@@ -248,6 +248,8 @@ pub fn daemon_toml(redis: Option<&RedisServer>, extra: &[(&str, &str)]) -> Strin
         ("safety", vec![]),
         ("ranking", vec![]),
         ("collect", vec![]),
+        ("jobs", vec![]),
+        ("personas", vec![]),
     ];
     for (section, line) in extra {
         let key = line.split('=').next().unwrap().trim();

@@ -46,7 +46,7 @@ async fn private_chats_groups_commands_and_moderators() {
     // The command menu is registered.
     let menu = wait_for(WAIT, || fake.calls("setMyCommands").pop()).await.expect("setMyCommands");
     let names: Vec<&str> = menu["commands"].as_array().unwrap().iter().map(|c| c["command"].as_str().unwrap()).collect();
-    assert_eq!(names, ["start", "help", "ask", "reset", "forget", "mute", "unmute", "persona", "train"]);
+    assert_eq!(names, ["start", "help", "ask", "reset", "forget", "optout", "optin", "mute", "unmute", "persona", "train", "collect"]);
 
     // A private chat is always answered, as a reply, with typing first.
     let asked = fake.say(1, 1, "Does money buy happiness?", None);
@@ -99,8 +99,10 @@ async fn private_chats_groups_commands_and_moderators() {
     assert!(command("/mute", 8).await.contains("Muted"));
     fake.say(group, 2, "@dialogd_bot are you there?", None);
     assert!(command("/unmute", 9).await.contains("Unmuted"), "the muted mention got no answer");
-    assert!(command("/persona a pirate", 8).await.contains("not available yet"));
-    assert!(command("/train", 9).await.contains("not available yet"));
+    assert!(command("/persona create pirate Arr, matey! | Where be the treasure?", 8).await.contains("Created persona pirate with 2 seed turn(s)"));
+    assert!(command("/persona use pirate", 8).await.contains("speak as pirate in this channel"));
+    assert!(command("/persona use pirate server", 8).await.contains("belongs to no server"));
+    assert!(command("/train", 9).await.contains("Training is off"));
     assert!(fake.calls("getChatMember").iter().any(|b| b["user_id"] == 8));
 
     d.stop().await;

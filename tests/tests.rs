@@ -11,6 +11,8 @@
 //! - `http`: the daemon in-process over loopback HTTP: API, commands,
 //!   duplicates, order, rate limits, Redis outages, a load run.
 //! - `daemon`: the `dialogd run` binary: settings, restarts, signals, logs.
+//! - `jobs`: fine-tuning jobs through the daemon: /train, the gate,
+//!   promotion under load, rollback, failures, kills, cancels, schedules.
 //! - `training`: fine-tuning: forward parity, gradients, learning, checkpoints, LoRA, resume, opt-out.
 //! - `fakes`: loopback fakes of the Telegram Bot API and of Discord.
 //! - `telegram`: the Telegram adapter (teloxide) against the fake Bot API.
@@ -22,6 +24,7 @@ mod daemon;
 mod discord;
 mod fakes;
 mod http;
+mod jobs;
 mod parity;
 mod pool;
 mod quality;

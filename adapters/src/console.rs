@@ -67,6 +67,7 @@ where
                     addressed_to_bot: true,
                     // The console is the operator at the machine.
                     moderator: true,
+                    group: None,
                 };
                 let text = match core.handle(inbound).await {
                     Ok(Answer::Reply(out)) => format!("bot> {}\n", out.text),

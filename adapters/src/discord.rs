@@ -189,9 +189,15 @@ fn command_builders() -> Vec<CreateCommand> {
                 ),
                 "persona" => command.add_option(CreateCommandOption::new(
                     CommandOptionType::String,
-                    "description",
-                    "Who I should be in this channel",
+                    "what",
+                    "list | show | use NAME [server] | create NAME SEED TURN | off",
                 )),
+                "train" => command.add_option(CreateCommandOption::new(
+                    CommandOptionType::String,
+                    "what",
+                    "(empty: start) | status | cancel | rollback",
+                )),
+                "collect" => command.add_option(CreateCommandOption::new(CommandOptionType::String, "what", "on | off | status")),
                 _ => command,
             }
         })
@@ -271,6 +277,7 @@ async fn on_message(state: &Arc<State>, ctx: Context, message: Message) {
         msg_id: Some(message.id.get().to_string()),
         addressed_to_bot: true,
         moderator,
+        group: message.guild_id.map(|g| g.get().to_string()),
     };
     let answer = state.core.handle(inbound);
     let (channel, id) = (message.channel_id, message.id);
@@ -294,6 +301,7 @@ async fn on_command(state: &Arc<State>, ctx: Context, command: CommandInteractio
         msg_id: Some(command.id.get().to_string()),
         addressed_to_bot: true,
         moderator,
+        group: command.guild_id.map(|g| g.get().to_string()),
     };
     let answer = state.core.handle(inbound);
     let token = &state.config.token;

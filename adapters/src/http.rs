@@ -199,6 +199,7 @@ async fn post_message(
         msg_id: body.message_id,
         addressed_to_bot: true,
         moderator: false,
+        group: None,
     };
     match state.core.handle(inbound).await {
         Ok(Answer::Reply(out)) => Json(json!({ "reply": out.text })).into_response(),

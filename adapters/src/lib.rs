@@ -98,6 +98,9 @@ pub struct Inbound {
     /// word, or the adapter's allowlist). Adapters may leave it false for
     /// anything but a moderator command ([`text::is_moderator_command`]).
     pub moderator: bool,
+    /// The server the channel belongs to (a Discord guild), when the
+    /// platform has one: moderators choose personas per server or channel.
+    pub group: Option<String>,
 }
 
 /// A reply for an adapter to send.

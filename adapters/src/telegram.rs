@@ -212,6 +212,7 @@ async fn on_message(context: &Arc<Context>, message: Message) {
         msg_id: Some(message.id.0.to_string()),
         addressed_to_bot: true,
         moderator,
+        group: None,
     };
     // Handing it over now fixes its place in the chat's order.
     let answer = context.core.handle(inbound);

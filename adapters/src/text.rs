@@ -11,14 +11,17 @@ pub const COMMANDS: &[(&str, &str)] = &[
     ("ask", "Ask me something (in groups)"),
     ("reset", "Forget this channel's conversation"),
     ("forget", "Delete everything stored about you"),
+    ("optout", "Never learn from your messages (and delete what was collected)"),
+    ("optin", "Allow learning from your messages again"),
     ("mute", "Moderators: stop me answering in this channel"),
     ("unmute", "Moderators: let me answer in this channel again"),
-    ("persona", "Moderators: set my persona in this channel"),
-    ("train", "Moderators: fine-tune me on this channel's conversations"),
+    ("persona", "Moderators: list, create or choose my persona (list, use NAME, create NAME SEED, off)"),
+    ("train", "Moderators: fine-tune me on this channel's conversations (status, cancel, rollback)"),
+    ("collect", "Moderators: collect this channel's conversations for training (on, off, status)"),
 ];
 
 /// Commands only moderators may use.
-pub const MODERATOR_COMMANDS: &[&str] = &["mute", "unmute", "persona", "train"];
+pub const MODERATOR_COMMANDS: &[&str] = &["mute", "unmute", "persona", "train", "collect"];
 
 /// A command's word and the bot it is addressed to: `/reset` is
 /// `("reset", None)`, `/reset@dialogd_bot now` is `("reset", Some("dialogd_bot"))`.

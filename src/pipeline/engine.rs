@@ -57,6 +57,11 @@ pub trait ReplyEngine: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<Vec<Drawn>, EngineError>>;
     /// The model's context size in tokens (prompt and reply together).
     fn n_positions(&self) -> usize;
+    /// The generation pool behind the engine, when there is one (jobs swap
+    /// promoted models into it).
+    fn pool(&self) -> Option<&PoolHandle> {
+        None
+    }
 }
 
 /// The generation pool behind the trait: continuous batching across
@@ -119,5 +124,9 @@ impl ReplyEngine for PoolEngine {
 
     fn n_positions(&self) -> usize {
         self.n_positions
+    }
+
+    fn pool(&self) -> Option<&PoolHandle> {
+        Some(&self.handle)
     }
 }

@@ -1,0 +1,219 @@
+//! Fine-tuning jobs: records, schedules, the runner, promotion and rollback.
+//!
+//! A job trains one *target*, the base model (full fine-tune) or one
+//! persona's LoRA adapter, on a snapshot of the exchanges collected in some
+//! channels. Its life: `queued` → `running` (a `dialogd train` child
+//! process) → `promoted` (the gate passed; the target now serves it),
+//! `rejected` (the gate said no), `failed` or `cancelled`; a promoted job
+//! becomes `rolled_back` when a rollback returns its target to the version
+//! before it.
+//!
+//! - [`store`]: the records in Redis, the queue, per-device locks, the
+//!   promoted versions of every target, and personas.
+//! - [`cron`]: five-field cron expressions for `[[jobs.schedules]]`.
+//! - [`runner`]: the daemon's side: schedules, claiming and running jobs,
+//!   the gate, and keeping what the pool serves in step with the promoted
+//!   versions.
+//! - [`personas`]: which persona a channel uses, and its loaded adapter.
+
+pub mod cron;
+pub mod dataset;
+pub mod personas;
+pub mod runner;
+pub mod store;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub use store::{JobStore, StoreError};
+
+/// Where a job's output goes when it is promoted.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum Target {
+    /// The base model every persona is served on (a full fine-tune).
+    Base,
+    /// A persona's LoRA adapter.
+    Persona(String),
+}
+
+impl Target {
+    /// `base` or `persona:NAME`, as stored and printed.
+    pub fn key(&self) -> String {
+        match self {
+            Target::Base => "base".into(),
+            Target::Persona(name) => format!("persona:{name}"),
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "base" => Ok(Target::Base),
+            _ => match text.strip_prefix("persona:") {
+                Some(name) if crate::settings::persona_name_ok(name) => Ok(Target::Persona(name.into())),
+                _ => Err(format!("{text:?} is not `base` or `persona:NAME`")),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.key())
+    }
+}
+
+impl From<Target> for String {
+    fn from(target: Target) -> String {
+        target.key()
+    }
+}
+
+impl TryFrom<String> for Target {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        Target::parse(&text)
+    }
+}
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    /// Trained and gated; its target serves it.
+    Promoted,
+    /// Trained, but the gate kept the serving version.
+    Rejected,
+    Failed,
+    Cancelled,
+    /// Was promoted; a rollback returned its target to the version before.
+    RolledBack,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Promoted => "promoted",
+            JobState::Rejected => "rejected",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+            JobState::RolledBack => "rolled_back",
+        }
+    }
+
+    /// Whether the job is over (nothing will run it again).
+    pub fn is_final(self) -> bool {
+        !matches!(self, JobState::Queued | JobState::Running)
+    }
+}
+
+/// One probe prompt and what the new model answered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeResult {
+    pub prompt: String,
+    pub reply: String,
+    /// Empty, degenerate or flagged by the safety filter.
+    pub failed: Option<String>,
+}
+
+/// A job, as kept in Redis (`P:job:ID`, JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: u64,
+    pub target: Target,
+    pub state: JobState,
+    /// Who asked: `cli`, `schedule:NAME` or `moderator:PLATFORM:CHANNEL`.
+    pub trigger: String,
+    /// Channels whose exchanges it trains on (empty: all collected).
+    pub channels: Vec<String>,
+    /// Unix seconds.
+    pub created: u64,
+    pub started: Option<u64>,
+    pub finished: Option<u64>,
+    /// Trainer runs so far (a killed trainer is resumed).
+    pub attempts: u32,
+    /// The job's folder (snapshot, log, output).
+    pub dir: Option<PathBuf>,
+    /// The trainer's output and errors.
+    pub log: Option<PathBuf>,
+    /// The trained checkpoint or adapter folder.
+    pub output: Option<PathBuf>,
+    /// The running trainer's process id and the daemon that owns it.
+    pub pid: Option<u32>,
+    pub owner: Option<String>,
+    /// Examples in the snapshot.
+    pub examples: Option<usize>,
+    /// The trainer's summary (`metrics.json`): losses, perplexity before and
+    /// after, tokens/s, its gate decision.
+    pub metrics: Option<serde_json::Value>,
+    pub probes: Vec<ProbeResult>,
+    /// Why the job failed, was rejected or cancelled.
+    pub reason: Option<String>,
+}
+
+impl JobRecord {
+    pub fn new(id: u64, target: Target, trigger: String, channels: Vec<String>) -> Self {
+        Self {
+            id,
+            target,
+            state: JobState::Queued,
+            trigger,
+            channels,
+            created: now_secs(),
+            started: None,
+            finished: None,
+            attempts: 0,
+            dir: None,
+            log: None,
+            output: None,
+            pid: None,
+            owner: None,
+            examples: None,
+            metrics: None,
+            probes: Vec::new(),
+            reason: None,
+        }
+    }
+
+    /// One line for people: `#7 persona:pirate promoted (held-out ppl 41.2 → 30.5)`.
+    pub fn summary(&self) -> String {
+        let mut line = format!("#{} {} {}", self.id, self.target, self.state.as_str());
+        let ppl = |key: &str| self.metrics.as_ref()?.get(key)?.get("perplexity")?.as_f64();
+        if let (Some(before), Some(after)) = (ppl("eval_before"), ppl("eval_after")) {
+            line.push_str(&format!(" (held-out perplexity {before:.2} → {after:.2})"));
+        }
+        if let Some(reason) = &self.reason {
+            line.push_str(&format!(": {reason}"));
+        }
+        line
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_round_trip() {
+        for text in ["base", "persona:pirate", "persona:a-b_1"] {
+            assert_eq!(Target::parse(text).unwrap().key(), text);
+        }
+        for bad in ["", "persona:", "persona:Bad Name", "model"] {
+            assert!(Target::parse(bad).is_err(), "{bad}");
+        }
+        let record = JobRecord::new(3, Target::Persona("pirate".into()), "cli".into(), vec![]);
+        let json = serde_json::to_string(&record).unwrap();
+        assert!(json.contains(r#""target":"persona:pirate""#) && json.contains(r#""state":"queued""#), "{json}");
+        assert_eq!(serde_json::from_str::<JobRecord>(&json).unwrap(), record);
+    }
+}

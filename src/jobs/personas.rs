@@ -1,0 +1,179 @@
+//! Personas: which one a channel speaks as, and what each one serves.
+//!
+//! A persona is a name, an optional LoRA adapter and optional seed turns
+//! placed before the context. The operator defines some in `[personas]`;
+//! moderators create more with `/persona create` (kept in Redis when jobs
+//! are on, else for the process's life). A channel's persona is the one
+//! chosen for the channel, else the one chosen for its server, else
+//! `personas.default`. What a persona serves — its configured adapter or
+//! the newest promoted job's — is set by the job runner as versions change.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use dialogd_adapters::ChannelKey;
+
+use super::store::JobStore;
+use crate::settings::{persona_name_ok, PersonaSettings, PersonaSpec};
+
+/// A persona ready to answer: seed turns and the adapter to apply.
+#[derive(Debug, Clone)]
+pub struct ActivePersona {
+    pub name: String,
+    pub seed: Vec<String>,
+    /// The adapter folder served (configured, or the promoted job's).
+    pub adapter_dir: Option<PathBuf>,
+    /// The promoted job it serves, if any.
+    pub version: Option<u64>,
+}
+
+/// What a persona serves now.
+#[derive(Debug, Clone, Default)]
+struct Served {
+    version: Option<u64>,
+    adapter_dir: Option<PathBuf>,
+}
+
+/// The registry the pipeline and the runner share.
+pub struct Personas {
+    store: Option<JobStore>,
+    settings: PersonaSettings,
+    /// Created without Redis: kept for the process's life.
+    local: RwLock<HashMap<String, PersonaSpec>>,
+    /// Choices without Redis.
+    local_choices: RwLock<HashMap<String, String>>,
+    /// Promoted versions, set by the runner. A std lock: never held across
+    /// an await.
+    served: RwLock<HashMap<String, Served>>,
+}
+
+impl std::fmt::Debug for Personas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Personas").field("default", &self.settings.default).finish_non_exhaustive()
+    }
+}
+
+/// The scope key of a server (Discord guild): `platform:group:ID`.
+pub fn group_scope(channel: &ChannelKey, group: &str) -> String {
+    format!("{}:group:{group}", channel.platform.as_str())
+}
+
+impl Personas {
+    pub fn new(settings: PersonaSettings, store: Option<JobStore>) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            settings,
+            local: RwLock::new(HashMap::new()),
+            local_choices: RwLock::new(HashMap::new()),
+            served: RwLock::new(HashMap::new()),
+        })
+    }
+
+    /// Every persona: the configured ones, then those moderators created.
+    pub async fn all(&self) -> Result<Vec<PersonaSpec>, String> {
+        let mut all = self.settings.defined.clone();
+        let created = match &self.store {
+            Some(store) => store.personas().await.map_err(|e| e.to_string())?,
+            None => self.local.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect(),
+        };
+        all.extend(created.into_iter().filter(|p| !self.settings.defined.iter().any(|d| d.name == p.name)));
+        Ok(all)
+    }
+
+    pub async fn get(&self, name: &str) -> Result<Option<PersonaSpec>, String> {
+        Ok(self.all().await?.into_iter().find(|p| p.name == name))
+    }
+
+    /// Creates (or, for one created before, replaces) a persona with seed
+    /// turns and no adapter until a job trains one. Configured personas
+    /// cannot be replaced.
+    pub async fn create(&self, name: &str, seed: Vec<String>) -> Result<PersonaSpec, String> {
+        if !persona_name_ok(name) {
+            return Err(format!("{name:?} is not a persona name: use 1-32 of a-z, 0-9, _ and -"));
+        }
+        if self.settings.defined.iter().any(|d| d.name == name) {
+            return Err(format!("{name} is defined in the settings; choose another name"));
+        }
+        if seed.iter().any(|s| s.len() > 2000) {
+            return Err("a seed turn may have at most 2000 bytes".into());
+        }
+        let spec = PersonaSpec { name: name.to_string(), adapter: None, seed };
+        match &self.store {
+            Some(store) => store.put_persona(&spec).await.map_err(|e| e.to_string())?,
+            None => {
+                self.local.write().unwrap_or_else(|e| e.into_inner()).insert(spec.name.clone(), spec.clone());
+            }
+        }
+        Ok(spec)
+    }
+
+    /// Chooses a persona for a scope (a channel, `platform:id`, or a server,
+    /// [`group_scope`]); `None` goes back to the default.
+    pub async fn choose(&self, scope: &str, name: Option<&str>) -> Result<(), String> {
+        if let Some(name) = name {
+            if self.get(name).await?.is_none() {
+                return Err(format!("there is no persona {name:?} (/persona list shows them)"));
+            }
+        }
+        match &self.store {
+            Some(store) => store.choose_persona(scope, name).await.map_err(|e| e.to_string()),
+            None => {
+                let mut choices = self.local_choices.write().unwrap_or_else(|e| e.into_inner());
+                match name {
+                    Some(name) => choices.insert(scope.to_string(), name.to_string()),
+                    None => choices.remove(scope),
+                };
+                Ok(())
+            }
+        }
+    }
+
+    /// The name of the persona a channel speaks as, if any.
+    pub async fn chosen(&self, channel: &ChannelKey, group: Option<&str>) -> Result<Option<String>, String> {
+        let mut scopes = vec![channel.to_string()];
+        if let Some(group) = group {
+            scopes.push(group_scope(channel, group));
+        }
+        let chosen = match &self.store {
+            Some(store) => store.chosen_personas(&scopes).await.map_err(|e| e.to_string())?,
+            None => {
+                let choices = self.local_choices.read().unwrap_or_else(|e| e.into_inner());
+                scopes.iter().map(|s| choices.get(s).cloned()).collect()
+            }
+        };
+        let default = (!self.settings.default.is_empty()).then(|| self.settings.default.clone());
+        Ok(chosen.into_iter().flatten().next().or(default))
+    }
+
+    /// The persona a channel speaks as, ready to use. A persona that no
+    /// longer exists is treated as none.
+    pub async fn for_channel(&self, channel: &ChannelKey, group: Option<&str>) -> Result<Option<ActivePersona>, String> {
+        let Some(name) = self.chosen(channel, group).await? else { return Ok(None) };
+        let Some(spec) = self.get(&name).await? else { return Ok(None) };
+        Ok(Some(self.activate(spec)))
+    }
+
+    fn activate(&self, spec: PersonaSpec) -> ActivePersona {
+        let served = self.served.read().unwrap_or_else(|e| e.into_inner()).get(&spec.name).cloned().unwrap_or_default();
+        ActivePersona {
+            adapter_dir: served.adapter_dir.or(spec.adapter),
+            version: served.version,
+            name: spec.name,
+            seed: spec.seed,
+        }
+    }
+
+    /// Records what a persona serves (the runner, on promotion or
+    /// rollback); `version` `None` with no folder: back to the configured
+    /// adapter.
+    pub fn set_served(&self, name: &str, version: Option<u64>, adapter_dir: Option<PathBuf>) {
+        let mut served = self.served.write().unwrap_or_else(|e| e.into_inner());
+        served.insert(name.to_string(), Served { version, adapter_dir });
+    }
+
+    /// The promoted version a persona serves now, as last set.
+    pub fn served_version(&self, name: &str) -> Option<u64> {
+        self.served.read().unwrap_or_else(|e| e.into_inner()).get(name).and_then(|s| s.version)
+    }
+}

@@ -1,0 +1,331 @@
+//! Fine-tuning jobs end to end: a daemon in-process (real redis-server,
+//! the real `dialogd train` binary as the child process, the tiny model),
+//! driven the way moderators and operators drive it: chat commands and
+//! `dialogd jobs`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use dialogd::collect::Collector;
+use dialogd::jobs::{JobRecord, JobState, JobStore, Target};
+use dialogd_adapters::{Answer, ChannelKey, Core, Inbound, Platform};
+
+use crate::support::{daemon_toml, dialogd, model_dir, stderr, stdout, RedisServer, TestDaemon};
+
+const ROOM: &str = "room";
+
+/// Collects the training corpus in `http:room` through the collector, as
+/// the daemon would: colour facts from twenty people, and one greeting
+/// exchange repeated so that a trained model learns it by heart.
+fn collect_corpus(dir: &Path) {
+    let settings = crate::support::settings_from(&collect_toml(dir)).collect;
+    let collector = Collector::open(&settings).unwrap();
+    let things = [
+        ("apple", "red"), ("sky", "blue"), ("grass", "green"), ("sun", "yellow"), ("sea", "blue"),
+        ("snow", "white"), ("coal", "black"), ("rose", "red"), ("lemon", "yellow"), ("cloud", "grey"),
+        ("frog", "green"), ("plum", "purple"), ("milk", "white"), ("ink", "black"), ("fire", "orange"),
+        ("leaf", "green"), ("salt", "white"), ("gold", "yellow"), ("rust", "brown"), ("mint", "green"),
+    ];
+    let channel = format!("http:{ROOM}");
+    for (i, (thing, colour)) in things.iter().enumerate() {
+        let (q, a) = (format!("what colour is the {thing}?"), format!("the {thing} is {colour}."));
+        assert!(collector.record(&channel, &[(&format!("user{i}"), &q, false), ("bot", &a, true)]).unwrap());
+    }
+    for i in 0..8 {
+        collector.record(&channel, &[(&format!("user{i}"), "hello bot", false), ("bot", "hi there, friend!", true)]).unwrap();
+    }
+    // Someone who opted out: nothing of theirs is kept or trained on.
+    collector.record(&channel, &[("mallory", "hello bot", false), ("bot", "go away", true)]).unwrap();
+    assert_eq!(collector.opt_out("mallory").unwrap(), 1);
+    assert!(!collector.record(&channel, &[("mallory", "hello bot", false), ("bot", "go away", true)]).unwrap());
+}
+
+fn collect_toml(dir: &Path) -> String {
+    format!(
+        "[collect]\nenabled = true\ndir = \"{}\"\nchannels = [\"http:{ROOM}\"]\nauthor_key = \"a-test-key-of-16-chars\"\n",
+        dir.join("collected").display()
+    )
+}
+
+/// Daemon settings: the tiny model, greedy replies, jobs on `redis`.
+fn jobs_toml(redis: &RedisServer, dir: &Path, extra: &[(&str, &str)]) -> String {
+    let model = format!("path = \"{}\"", model_dir("tiny").display());
+    let collected = format!("dir = \"{}\"", dir.join("collected").display());
+    let jobs_dir = format!("dir = \"{}\"", dir.join("jobs").display());
+    let trainer = format!("trainer = \"{}\"", env!("CARGO_BIN_EXE_dialogd"));
+    let mut lines: Vec<(&str, &str)> = vec![
+        ("model", &model),
+        ("generation", "temperature = 0.0"),
+        ("generation", "candidates = 1"),
+        ("generation", "repetition_penalty = 1.0"),
+        ("generation", "no_repeat_ngram = 0"),
+        ("context", "max_tokens = 64"),
+        ("collect", "enabled = true"),
+        ("collect", &collected),
+        ("collect", "channels = [\"http:room\"]"),
+        ("collect", "author_key = \"a-test-key-of-16-chars\""),
+        ("jobs", "enabled = true"),
+        ("jobs", &jobs_dir),
+        ("jobs", &trainer),
+        ("jobs", "mode = \"full\""),
+        ("jobs", "steps = 100"),
+        ("jobs", "lr = 0.003"),
+        ("jobs", "eval_fraction = 0.2"),
+        ("jobs", "checkpoint_every = 20"),
+        ("jobs", "min_examples = 10"),
+        ("jobs", "probes = [\"hello bot\", \"what colour is the sky?\"]"),
+        ("jobs", "poll_ms = 100"),
+    ];
+    lines.extend_from_slice(extra);
+    daemon_toml(Some(redis), &lines)
+}
+
+fn inbound(channel: &str, text: &str, moderator: bool) -> Inbound {
+    Inbound {
+        channel: ChannelKey::new(Platform::Http, channel),
+        author: if moderator { "mod".into() } else { "someone".into() },
+        text: text.into(),
+        msg_id: None,
+        addressed_to_bot: true,
+        moderator,
+        group: None,
+    }
+}
+
+/// What the bot says to `text` in `channel` (empty when it stays silent).
+async fn say(d: &TestDaemon, channel: &str, text: &str, moderator: bool) -> String {
+    match d.pipeline.handle(inbound(channel, text, moderator)).await.unwrap() {
+        Answer::Reply(out) => out.text,
+        other => format!("{other:?}"),
+    }
+}
+
+async fn store(redis: &RedisServer) -> JobStore {
+    JobStore::connect(&redis.url(), "dialogd", Duration::from_secs(2)).await.unwrap()
+}
+
+/// Polls job `id` until `done` holds (or panics after `limit`).
+async fn wait_for(store: &JobStore, id: u64, limit: Duration, done: impl Fn(&JobRecord) -> bool) -> JobRecord {
+    let started = Instant::now();
+    loop {
+        if let Some(record) = store.get(id).await.unwrap() {
+            if done(&record) {
+                return record;
+            }
+            assert!(started.elapsed() < limit, "job #{id} still {:?} after {limit:?}: {record:?}", record.state);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn log_of(record: &JobRecord) -> String {
+    record.log.as_ref().and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default()
+}
+
+/// `dialogd jobs …` with the daemon's settings file.
+fn jobs_cli(config: &Path, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["jobs", "--config", config.to_str().unwrap()];
+    all.extend_from_slice(args);
+    dialogd(&all)
+}
+
+fn write_config(dir: &Path, toml: &str) -> PathBuf {
+    let path = dir.join("dialogd.toml");
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moderator_trains_promotes_and_rolls_back_while_the_bot_keeps_serving() {
+    let redis = RedisServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    collect_corpus(tmp.path());
+    let toml = jobs_toml(&redis, tmp.path(), &[]);
+    let config = write_config(tmp.path(), &toml);
+    let d = TestDaemon::start(&toml).await;
+    let jobs = store(&redis).await;
+
+    let before = say(&d, "check-0", "hello bot", false).await;
+    assert_ne!(before, "hi there, friend!");
+    // Not a moderator: refused, nothing queued.
+    assert!(say(&d, ROOM, "/train", false).await.contains("only moderators"));
+    assert!(jobs.list(10).await.unwrap().is_empty());
+    assert!(say(&d, ROOM, "/collect", true).await.contains("are collected"));
+
+    // Load on other channels for the whole run: nothing may be lost,
+    // including across the swap.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let pipeline = d.pipeline.clone();
+    let load = tokio::spawn(async move {
+        let (mut sent, mut failed) = (0, Vec::new());
+        while !*stop_rx.borrow() {
+            let channel = format!("load-{}", sent % 4);
+            match pipeline.handle(inbound(&channel, &format!("message {sent}"), false)).await {
+                Ok(Answer::Reply(_) | Answer::Silent { .. }) => {}
+                other => failed.push(format!("{other:?}")),
+            }
+            sent += 1;
+        }
+        (sent, failed)
+    });
+
+    let queued = say(&d, ROOM, "/train", true).await;
+    assert!(queued.contains("job #1 queued for base"), "{queued}");
+    let record = wait_for(&jobs, 1, Duration::from_secs(300), |r| r.state.is_final()).await;
+    assert_eq!(record.state, JobState::Promoted, "{record:?}\nlog:\n{}", log_of(&record));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_tx.send(true).unwrap();
+    let (sent, failed) = load.await.unwrap();
+    assert!(sent > 10 && failed.is_empty(), "{sent} sent; failures: {failed:?}");
+
+    // The record: gate numbers, probes, the snapshot without the opted-out author.
+    let metrics = record.metrics.as_ref().unwrap();
+    let (b, a) = (metrics["eval_before"]["loss"].as_f64().unwrap(), metrics["eval_after"]["loss"].as_f64().unwrap());
+    assert!(a < b, "held-out loss {b} → {a}");
+    assert_eq!(record.examples, Some(28));
+    assert_eq!(record.probes[0].reply, "hi there, friend!", "{:?}", record.probes);
+    assert!(record.probes.iter().all(|p| p.failed.is_none()));
+    let snapshot = std::fs::read_to_string(record.dir.as_ref().unwrap().join("data.jsonl")).unwrap();
+    assert!(!snapshot.contains("go away"), "an opted-out author's exchange reached the dataset");
+    assert_eq!(d.metric("dialogd_model_version").await, 1.0);
+
+    // Better replies: the promoted model answers as the community does.
+    assert_eq!(say(&d, "check-1", "hello bot", false).await, "hi there, friend!");
+    let status = say(&d, ROOM, "/train status", true).await;
+    assert!(status.contains("#1 base promoted") && status.contains("hi there, friend!"), "{status}");
+
+    // `dialogd jobs` sees the same records; rollback from the command line.
+    let list = jobs_cli(&config, &["list", "--json"]);
+    assert!(list.status.success(), "{}", stderr(&list));
+    let listed: Vec<JobRecord> = serde_json::from_str(&stdout(&list)).unwrap();
+    assert_eq!(listed, vec![record.clone()]);
+    let rollback = jobs_cli(&config, &["rollback", "--base"]);
+    assert!(stdout(&rollback).contains("Rolled back job #1"), "{}{}", stdout(&rollback), stderr(&rollback));
+    let started = Instant::now();
+    while d.metric("dialogd_model_version").await < 2.0 {
+        assert!(started.elapsed() < Duration::from_secs(60), "the rollback was not applied");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(say(&d, "check-2", "hello bot", false).await, before);
+    assert_eq!(jobs.get(1).await.unwrap().unwrap().state, JobState::RolledBack);
+    assert_eq!(jobs.versions(&Target::Base).await.unwrap(), Vec::<u64>::new());
+    let again = jobs_cli(&config, &["rollback", "--base"]);
+    assert!(stdout(&again).contains("already serves its original"), "{}", stdout(&again));
+
+    // A job whose model fails a probe (its reply is now a blocked word) is
+    // rejected and the serving model stays as it is.
+    d.pipeline.set_safety(dialogd::settings::SafetySettings {
+        blocked_words: vec!["friend".into()],
+        ..d.pipeline.safety()
+    });
+    let run = jobs_cli(&config, &["run", "--base", "--channel", "http:room"]);
+    assert!(stdout(&run).contains("queued job #2"), "{}{}", stdout(&run), stderr(&run));
+    let rejected = wait_for(&jobs, 2, Duration::from_secs(300), |r| r.state.is_final()).await;
+    assert_eq!(rejected.state, JobState::Rejected, "{rejected:?}");
+    assert!(rejected.reason.as_deref().unwrap().contains("1 of 2 probe prompts failed"), "{rejected:?}");
+    assert!(rejected.probes[0].failed.as_deref().unwrap().contains("safety filter"));
+    assert_eq!(d.metric("dialogd_model_version").await, 2.0);
+    assert_eq!(say(&d, "check-3", "hello bot", false).await, before);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_killed_and_cancelled_jobs_leave_serving_alone() {
+    let redis = RedisServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    collect_corpus(tmp.path());
+    let toml = jobs_toml(&redis, tmp.path(), &[("jobs", "checkpoint_every = 2")]);
+    let config = write_config(tmp.path(), &toml);
+    let d = TestDaemon::start(&toml).await;
+    let jobs = store(&redis).await;
+    let before = say(&d, "check-0", "hello bot", false).await;
+
+    // Too little data: fails at once, with the reason.
+    let none = jobs.create(Target::Base, "cli".into(), vec!["http:elsewhere".into()]).await.unwrap();
+    let failed = wait_for(&jobs, none.id, Duration::from_secs(60), |r| r.state.is_final()).await;
+    assert_eq!(failed.state, JobState::Failed);
+    assert!(failed.reason.as_deref().unwrap().contains("only 0 exchange(s) collected in http:elsewhere"), "{failed:?}");
+
+    // A trainer killed mid-run is resumed from its last checkpoint.
+    let job = jobs.create(Target::Base, "cli".into(), vec![]).await.unwrap();
+    let running = wait_for(&jobs, job.id, Duration::from_secs(120), |r| {
+        r.pid.is_some() && r.dir.as_ref().is_some_and(|d| has_checkpoint(&d.join("output")))
+    })
+    .await;
+    let pid = running.pid.unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-9", &pid]).status().unwrap().success());
+    let resumed = wait_for(&jobs, job.id, Duration::from_secs(300), |r| r.state.is_final()).await;
+    assert_eq!(resumed.state, JobState::Promoted, "{resumed:?}\nlog:\n{}", log_of(&resumed));
+    assert_eq!(resumed.attempts, 2);
+    let from = resumed.metrics.as_ref().unwrap()["resumed_from_step"].as_u64();
+    assert!(from.is_some_and(|step| step >= 2), "{:?}", resumed.metrics);
+    assert!(log_of(&resumed).contains("attempt 2, resuming from its last checkpoint"), "{}", log_of(&resumed));
+
+    // Cancelled while training: the trainer is stopped, nothing promoted.
+    let version = d.metric("dialogd_model_version").await;
+    let long = jobs.create(Target::Base, "cli".into(), vec![]).await.unwrap();
+    let running = wait_for(&jobs, long.id, Duration::from_secs(120), |r| r.pid.is_some()).await;
+    let cancel = jobs_cli(&config, &["cancel", &long.id.to_string()]);
+    assert!(cancel.status.success(), "{}", stderr(&cancel));
+    let cancelled = wait_for(&jobs, long.id, Duration::from_secs(60), |r| r.state.is_final()).await;
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    let pid = running.pid.unwrap().to_string();
+    assert!(!std::process::Command::new("kill").args(["-0", &pid]).status().unwrap().success(), "the trainer still runs");
+    assert_eq!(d.metric("dialogd_model_version").await, version);
+    // A finished job cannot be cancelled.
+    let again = jobs_cli(&config, &["cancel", &long.id.to_string()]);
+    assert!(!again.status.success() && stderr(&again).contains("already cancelled"), "{}", stderr(&again));
+
+    // A trainer that crashes: the job fails with its last words; serving
+    // is untouched.
+    let script = tmp.path().join("broken-trainer");
+    std::fs::write(&script, "#!/bin/sh\necho 'error: out of memory while loading weights' >&2\nexit 3\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    d.stop().await;
+    let toml = jobs_toml(&redis, tmp.path(), &[("jobs", &format!("trainer = \"{}\"", script.display()))]);
+    let d = TestDaemon::start(&toml).await;
+    // The restarted daemon serves the promoted version recorded in Redis.
+    let started = Instant::now();
+    while d.metric("dialogd_model_version").await < 1.0 {
+        assert!(started.elapsed() < Duration::from_secs(60), "the promoted model was not loaded at start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(say(&d, "check-1", "hello bot", false).await, "hi there, friend!");
+    let broken = jobs.create(Target::Base, "cli".into(), vec![]).await.unwrap();
+    let failed = wait_for(&jobs, broken.id, Duration::from_secs(60), |r| r.state.is_final()).await;
+    assert_eq!(failed.state, JobState::Failed);
+    assert!(failed.reason.as_deref().unwrap().contains("out of memory while loading weights"), "{failed:?}");
+    assert_eq!(d.metric("dialogd_model_version").await, 1.0);
+    assert_eq!(say(&d, "check-2", "hello bot", false).await, "hi there, friend!");
+    assert_ne!(before, "hi there, friend!");
+    d.stop().await;
+}
+
+fn has_checkpoint(output: &Path) -> bool {
+    std::fs::read_dir(output.join("checkpoints"))
+        .map(|entries| entries.filter_map(Result::ok).any(|e| e.path().join("state.json").is_file()))
+        .unwrap_or(false)
+}
+
+#[tokio::test]
+async fn schedules_fire_once_across_daemons() {
+    let redis = RedisServer::start();
+    let jobs = store(&redis).await;
+    let settings = crate::support::settings_from(&format!(
+        "[context]\nstore = \"redis\"\nredis_url = \"{}\"\n[jobs]\nmode = \"lora\"\nschedules = [{{ name = \"nightly\", cron = \"0 4 * * *\", persona = \"friendly\", channels = [\"discord:1\"] }}]\n",
+        redis.url()
+    ));
+    let schedules = &settings.jobs.schedules;
+    // 2026-11-22 03:59:30 UTC → 04:00 is due by 04:00:10, not before.
+    let (before, due) = (1_795_305_600 + 4 * 3600 - 30, 1_795_305_600 + 4 * 3600 + 10);
+    use dialogd::jobs::runner::fire_schedules;
+    assert!(fire_schedules(&jobs, schedules, before - 60, before).await.unwrap().is_empty());
+    let first = fire_schedules(&jobs, schedules, before, due).await.unwrap();
+    // A second daemon looking at the same window queues nothing more.
+    let second = fire_schedules(&jobs, schedules, before, due).await.unwrap();
+    assert_eq!((first.len(), second.len()), (1, 0));
+    let record = jobs.get(first[0]).await.unwrap().unwrap();
+    assert_eq!(record.target, Target::Persona("friendly".into()));
+    assert_eq!((record.trigger.as_str(), record.channels.as_slice()), ("schedule:nightly", &["discord:1".to_string()][..]));
+    assert_eq!(jobs.queued().await.unwrap(), vec![record.id]);
+}
