@@ -149,6 +149,12 @@ impl Daemon {
             }
             None => None,
         };
+        if let Some(runner) = &runner {
+            // Serve the promoted versions from the first message on.
+            if let Err(e) = runner.sync_served().await {
+                tracing::warn!(error = %e, "could not load the promoted versions; serving the configured model until it works");
+            }
+        }
 
         let mut adapters: Vec<Box<dyn Adapter>> = Vec::new();
         let mut http_addr = None;

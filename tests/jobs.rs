@@ -270,8 +270,18 @@ async fn failed_killed_and_cancelled_jobs_leave_serving_alone() {
     let cancelled = wait_for(&jobs, long.id, Duration::from_secs(60), |r| r.state.is_final()).await;
     assert_eq!(cancelled.state, JobState::Cancelled);
     let pid = running.pid.unwrap().to_string();
-    assert!(!std::process::Command::new("kill").args(["-0", &pid]).status().unwrap().success(), "the trainer still runs");
+    let alive = std::process::Command::new("kill").args(["-0", &pid]).stderr(std::process::Stdio::null()).status().unwrap();
+    assert!(!alive.success(), "the trainer still runs");
     assert_eq!(d.metric("dialogd_model_version").await, version);
+    // The command line refuses what it cannot do, clearly.
+    let missing = jobs_cli(&config, &["show", "99"]);
+    assert!(!missing.status.success() && stderr(&missing).contains("there is no job #99"), "{}", stderr(&missing));
+    let no_persona = jobs_cli(&config, &["run", "--persona", "nobody"]);
+    assert!(stderr(&no_persona).contains("there is no persona \"nobody\""), "{}", stderr(&no_persona));
+    let bad_channel = jobs_cli(&config, &["run", "--base", "--channel", "room"]);
+    assert!(stderr(&bad_channel).contains("not platform:channel_id"), "{}", stderr(&bad_channel));
+    let show = jobs_cli(&config, &["show", &job.id.to_string()]);
+    assert!(stdout(&show).contains("attempts: 2") && stdout(&show).contains("probe \"hello bot\""), "{}", stdout(&show));
     // A finished job cannot be cancelled.
     let again = jobs_cli(&config, &["cancel", &long.id.to_string()]);
     assert!(!again.status.success() && stderr(&again).contains("already cancelled"), "{}", stderr(&again));
@@ -284,12 +294,9 @@ async fn failed_killed_and_cancelled_jobs_leave_serving_alone() {
     d.stop().await;
     let toml = jobs_toml(&redis, tmp.path(), &[("jobs", &format!("trainer = \"{}\"", script.display()))]);
     let d = TestDaemon::start(&toml).await;
-    // The restarted daemon serves the promoted version recorded in Redis.
-    let started = Instant::now();
-    while d.metric("dialogd_model_version").await < 1.0 {
-        assert!(started.elapsed() < Duration::from_secs(60), "the promoted model was not loaded at start");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // The restarted daemon serves the promoted version recorded in Redis
+    // before it takes its first message.
+    assert_eq!(d.metric("dialogd_model_version").await, 1.0);
     assert_eq!(say(&d, "check-1", "hello bot", false).await, "hi there, friend!");
     let broken = jobs.create(Target::Base, "cli".into(), vec![]).await.unwrap();
     let failed = wait_for(&jobs, broken.id, Duration::from_secs(60), |r| r.state.is_final()).await;
@@ -328,4 +335,10 @@ async fn schedules_fire_once_across_daemons() {
     assert_eq!(record.target, Target::Persona("friendly".into()));
     assert_eq!((record.trigger.as_str(), record.channels.as_slice()), ("schedule:nightly", &["discord:1".to_string()][..]));
     assert_eq!(jobs.queued().await.unwrap(), vec![record.id]);
+
+    // `dialogd jobs` without a reachable Redis says so and where.
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(tmp.path(), "[context]\nredis_url = \"redis://127.0.0.1:1/0\"\nredis_timeout_ms = 300\n");
+    let out = jobs_cli(&config, &["list"]);
+    assert!(!out.status.success() && stderr(&out).contains("connecting to redis://127.0.0.1:1/0"), "{}", stderr(&out));
 }
