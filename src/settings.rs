@@ -1089,6 +1089,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_settings_are_valid() {
+        let s = load_env(Some(include_str!("../config/example.toml")), &[("DIALOGD__COLLECT__AUTHOR_KEY", "0123456789abcdef")]).unwrap();
+        assert!(s.jobs.enabled && s.collect.enabled);
+        assert_eq!(s.jobs.schedules[0].cron.next_after(0), Some(3 * 86_400 + 4 * 3600), "1970-01-04 was a Sunday");
+        assert_eq!(s.personas.defined[0].name, "friendly");
+    }
+
+    #[test]
     fn bad_values_name_their_key() {
         let cases: &[(&str, &str)] = &[
             ("[generation]\ntop_p = 1.5\n", "generation.top_p"),
