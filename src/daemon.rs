@@ -145,6 +145,7 @@ impl Daemon {
                     pool,
                     pipeline.clone(),
                     personas,
+                    metrics.clone(),
                 ))
             }
             None => None,

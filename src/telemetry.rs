@@ -86,6 +86,9 @@ impl Refusal {
     }
 }
 
+/// How jobs end, as counted in `dialogd_jobs_ended_total{state}`.
+const JOB_ENDS: [&str; 4] = ["promoted", "rejected", "failed", "cancelled"];
+
 /// Upper bounds of the generation latency histogram, in seconds.
 const LATENCY_BUCKETS: [f64; 11] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
@@ -113,6 +116,12 @@ pub struct Metrics {
     pub candidates_flagged: AtomicU64,
     pub candidates_screened: AtomicU64,
     pub candidates_ranked: AtomicU64,
+    /// Training job attempts this daemon started, and how its jobs ended
+    /// (promoted, rejected, failed, cancelled).
+    pub jobs_started: AtomicU64,
+    jobs_ended: [AtomicU64; 4],
+    /// Whether a trainer runs under this daemon now.
+    pub job_running: AtomicBool,
     /// The generation pool's own counters, once it runs.
     pub pool: std::sync::OnceLock<Arc<crate::pool::PoolMetrics>>,
 }
@@ -132,6 +141,13 @@ impl Metrics {
     pub fn refusals(&self, why: Refusal) -> u64 {
         let idx = Refusal::ALL.iter().position(|r| *r == why).unwrap_or(0);
         self.refusals[idx].load(Ordering::Relaxed)
+    }
+
+    /// Counts a job's end (`promoted`, `rejected`, `failed`, `cancelled`).
+    pub fn job_ended(&self, state: &str) {
+        if let Some(idx) = JOB_ENDS.iter().position(|s| *s == state) {
+            self.jobs_ended[idx].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     pub fn observe_generation(&self, took: Duration) {
@@ -171,6 +187,16 @@ impl Metrics {
             counter("dialogd_pool_requests_failed_total", "Pool requests that failed.", p.requests_failed);
             counter("dialogd_pool_requests_cancelled_total", "Pool requests whose caller went away.", p.requests_cancelled);
         }
+        let _ = writeln!(out, "# HELP dialogd_jobs_started_total Training job attempts started here.\n# TYPE dialogd_jobs_started_total counter\ndialogd_jobs_started_total {}", load(&self.jobs_started));
+        let _ = writeln!(out, "# HELP dialogd_jobs_ended_total Training jobs run here, by how they ended.\n# TYPE dialogd_jobs_ended_total counter");
+        for (state, value) in JOB_ENDS.iter().zip(&self.jobs_ended) {
+            let _ = writeln!(out, "dialogd_jobs_ended_total{{state=\"{state}\"}} {}", load(value));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP dialogd_job_running Whether a trainer runs under this daemon.\n# TYPE dialogd_job_running gauge\ndialogd_job_running {}",
+            u8::from(self.job_running.load(Ordering::Relaxed))
+        );
         let _ = writeln!(out, "# HELP dialogd_refusals_total Messages not answered, by reason.\n# TYPE dialogd_refusals_total counter");
         for (why, value) in Refusal::ALL.iter().zip(&self.refusals) {
             let _ = writeln!(out, "dialogd_refusals_total{{reason=\"{}\"}} {}", why.as_str(), load(value));

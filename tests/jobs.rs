@@ -188,6 +188,8 @@ async fn a_moderator_trains_promotes_and_rolls_back_while_the_bot_keeps_serving(
     let snapshot = std::fs::read_to_string(record.dir.as_ref().unwrap().join("data.jsonl")).unwrap();
     assert!(!snapshot.contains("go away"), "an opted-out author's exchange reached the dataset");
     assert_eq!(d.metric("dialogd_model_version").await, 1.0);
+    assert_eq!(d.metric("dialogd_jobs_ended_total{state=\"promoted\"}").await, 1.0);
+    assert_eq!(d.metric("dialogd_job_running").await, 0.0);
 
     // Better replies: the promoted model answers as the community does.
     assert_eq!(say(&d, "check-1", "hello bot", false).await, "hi there, friend!");
@@ -257,6 +259,7 @@ async fn failed_killed_and_cancelled_jobs_leave_serving_alone() {
     let resumed = wait_for(&jobs, job.id, Duration::from_secs(300), |r| r.state.is_final()).await;
     assert_eq!(resumed.state, JobState::Promoted, "{resumed:?}\nlog:\n{}", log_of(&resumed));
     assert_eq!(resumed.attempts, 2);
+    assert_eq!(d.metric("dialogd_jobs_started_total").await, 2.0, "the failed job started no trainer; the killed one two");
     let from = resumed.metrics.as_ref().unwrap()["resumed_from_step"].as_u64();
     assert!(from.is_some_and(|step| step >= 2), "{:?}", resumed.metrics);
     assert!(log_of(&resumed).contains("attempt 2, resuming from its last checkpoint"), "{}", log_of(&resumed));

@@ -33,6 +33,7 @@ use crate::model::Gpt2;
 use crate::pipeline::Pipeline;
 use crate::pool::PoolHandle;
 use crate::settings::{JobSettings, Schedule, TrainMode};
+use crate::telemetry::Metrics;
 
 /// What the runner needs to know about the model it trains and serves.
 #[derive(Debug, Clone)]
@@ -59,6 +60,7 @@ pub struct Runner {
     owner: String,
     /// The promoted base version served here (`None`: the original).
     served_base: tokio::sync::Mutex<Option<u64>>,
+    metrics: Arc<Metrics>,
 }
 
 /// How a trainer run ended.
@@ -77,10 +79,11 @@ impl Runner {
         pool: Option<PoolHandle>,
         pipeline: Pipeline,
         personas: Arc<Personas>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
         let owner = format!("{host}:{}:{}", std::process::id(), now_secs());
-        Self { store, settings, collect_dir, base, pool, pipeline, personas, owner, served_base: tokio::sync::Mutex::new(None) }
+        Self { store, settings, collect_dir, base, pool, pipeline, personas, owner, served_base: tokio::sync::Mutex::new(None), metrics }
     }
 
     fn lock_ttl(&self) -> Duration {
@@ -170,6 +173,9 @@ impl Runner {
             record.pid = None;
         }
         tracing::info!(job = record.id, state = record.state.as_str(), reason = ?record.reason, "job ended");
+        if record.state.is_final() {
+            self.metrics.job_ended(record.state.as_str());
+        }
         if record.state == JobState::Promoted {
             return; // recorded at promotion
         }
@@ -219,7 +225,10 @@ impl Runner {
         self.store.put(record).await.map_err(|e| e.to_string())?;
         tracing::info!(job = record.id, target = %record.target, attempt = record.attempts, resume, pid = ?record.pid, "training job started");
 
+        self.metrics.jobs_started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.job_running.store(true, std::sync::atomic::Ordering::Relaxed);
         let ended = self.watch(record.id, &mut child, shutdown).await;
+        self.metrics.job_running.store(false, std::sync::atomic::Ordering::Relaxed);
         record.pid = None;
         match ended {
             Ended::ShuttingDown => {
