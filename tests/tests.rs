@@ -11,6 +11,8 @@
 //! - `http`: the daemon in-process over loopback HTTP: API, commands,
 //!   duplicates, order, rate limits, Redis outages, a load run.
 //! - `daemon`: the `dialogd run` binary: settings, restarts, signals, logs.
+//! - `persona_runtime`: LoRA persona adapters applied per sequence at run
+//!   time: against the merged persona, mixed batches, refusals, 8-bit, CLI.
 //! - `training`: fine-tuning: forward parity, gradients, learning, checkpoints, LoRA, resume, opt-out.
 //! - `fakes`: loopback fakes of the Telegram Bot API and of Discord.
 //! - `telegram`: the Telegram adapter (teloxide) against the fake Bot API.
@@ -23,6 +25,7 @@ mod discord;
 mod fakes;
 mod http;
 mod parity;
+mod persona_runtime;
 mod pool;
 mod quality;
 mod ranking;
