@@ -349,7 +349,8 @@ impl InplaceOp1 for AddRowDeltas<'_> {
 }
 
 /// `y += (x · A) · B` for one row: `x` `[in]`, `A` `[in, r]`, `B` `[r, out]`.
-/// Sums run in a fixed order (over `in`, then over `r`), whatever the batch.
+/// Sums run in a fixed order (fused multiply-adds over `in`, then over `r`,
+/// into `y`), whatever the batch.
 fn row_delta(x: &[f32], a: &[f32], b: &[f32], rank: usize, y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -382,12 +383,12 @@ fn row_delta_portable(x: &[f32], a: &[f32], b: &[f32], rank: usize, y: &mut [f32
     };
     for (&xi, a_row) in x.iter().zip(a.chunks_exact(rank)) {
         for (uj, &aij) in u.iter_mut().zip(a_row) {
-            *uj += xi * aij;
+            *uj = xi.mul_add(aij, *uj);
         }
     }
     for (&uj, b_row) in u.iter().zip(b.chunks_exact(y.len())) {
         for (yk, &bjk) in y.iter_mut().zip(b_row) {
-            *yk += uj * bjk;
+            *yk = uj.mul_add(bjk, *yk);
         }
     }
 }
