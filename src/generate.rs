@@ -3,7 +3,7 @@
 //! This is the single-sequence loop behind `dialogd generate` and
 //! `dialogd chat`; the generation pool batches many of these.
 
-use crate::model::{Gpt2, ModelError};
+use crate::model::{Gpt2, LoraRuntime, ModelError};
 use crate::sampling::{Sampler, SamplingParams};
 
 /// Why generation stopped.
@@ -34,6 +34,18 @@ pub fn generate(
     model: &Gpt2,
     prompt_ids: &[u32],
     params: &SamplingParams,
+    on_token: impl FnMut(u32) -> bool,
+) -> Result<Generation, ModelError> {
+    generate_with_adapter(model, None, prompt_ids, params, on_token)
+}
+
+/// [`generate`] through a persona's LoRA adapter applied at run time (see
+/// [`LoraRuntime`]); `None` is the base model.
+pub fn generate_with_adapter(
+    model: &Gpt2,
+    adapter: Option<&LoraRuntime>,
+    prompt_ids: &[u32],
+    params: &SamplingParams,
     mut on_token: impl FnMut(u32) -> bool,
 ) -> Result<Generation, ModelError> {
     params.validate().map_err(|e| ModelError::Input(e.to_string()))?;
@@ -52,7 +64,7 @@ pub fn generate(
     let mut cache = model.new_seq_cache((prompt_ids.len() + params.max_new_tokens).min(n_positions))?;
     let mut history = prompt_ids.to_vec();
     let mut output_ids = Vec::new();
-    let mut logits = model.forward_seqs(&[prompt_ids], &mut [&mut cache])?;
+    let mut logits = model.forward_seqs_with(&[prompt_ids], &mut [&mut cache], &[adapter])?;
     loop {
         let mut row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
         let next = sampler.next_token(&mut row, &history, output_ids.len());
@@ -70,6 +82,6 @@ pub fn generate(
         if history.len() >= n_positions {
             return Ok(Generation { output_ids, finish: FinishReason::ContextFull });
         }
-        logits = model.forward_seqs(&[&[next]], &mut [&mut cache])?;
+        logits = model.forward_seqs_with(&[&[next]], &mut [&mut cache], &[adapter])?;
     }
 }

@@ -6,6 +6,7 @@
 //!   shape-checked tensors, with every naming variant the published
 //!   checkpoints use.
 //! - [`gpt2`]: the network itself, with a KV cache.
+//! - [`lora`]: persona adapters applied per sequence at run time.
 //! - [`hub`]: a `--model` argument (local folder or hub id) to a local folder.
 //! - [`synthetic`]: deterministic random weights for tests and benchmarks.
 
@@ -13,6 +14,7 @@ pub mod config;
 pub mod gpt2;
 pub mod hub;
 pub mod kernels;
+pub mod lora;
 pub mod synthetic;
 pub mod weights;
 
@@ -22,6 +24,7 @@ use candle_core::{DType, Device};
 
 pub use config::{Gpt2Config, EOS_TOKEN_ID};
 pub use gpt2::{Gpt2, KvCache};
+pub use lora::LoraRuntime;
 
 /// Everything that can go wrong while finding, reading or running a model.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +45,10 @@ pub enum ModelError {
     Device(String),
     #[error("input: {0}")]
     Input(String),
+    /// A LoRA adapter that does not fit the model; the message names the
+    /// tensor or the shape that differs.
+    #[error("LoRA adapter: {0}")]
+    Adapter(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -7,7 +7,9 @@
 //! request may ask for several candidates of one prompt: the prompt is
 //! prefilled once and its cache forked. A full queue is an immediate, counted
 //! [`PoolError::Busy`]; a caller that goes away (drops the future) has its
-//! sequences dropped at the next step.
+//! sequences dropped at the next step. A request may name a persona's LoRA
+//! adapter ([`GenerationRequest::adapter`]): its sequences run through it
+//! while the rest of the batch runs on the base weights or other adapters.
 //!
 //! - [`engine`]: the thread and its step loop.
 //! - [`metrics`]: counters and gauges the daemon exports.
@@ -15,13 +17,13 @@
 pub(crate) mod engine;
 pub mod metrics;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::generate::FinishReason;
-use crate::model::Gpt2;
+use crate::model::{Gpt2, Gpt2Config, LoraRuntime};
 use crate::sampling::SamplingParams;
 
 pub use metrics::{PoolMetrics, PoolMetricsSnapshot};
@@ -55,6 +57,10 @@ pub struct GenerationRequest {
     /// Keep generating through `<|endoftext|>` (benchmarks: every request
     /// then makes exactly `max_new_tokens`).
     pub ignore_eos: bool,
+    /// The persona's LoRA adapter, applied at run time to this request's
+    /// sequences only; `None`: the base model. It must fit the served
+    /// model's shape.
+    pub adapter: Option<Arc<LoraRuntime>>,
     /// Test hook: panic while sampling this request's n-th token, to prove
     /// that a failing request fails alone.
     #[doc(hidden)]
@@ -63,7 +69,7 @@ pub struct GenerationRequest {
 
 impl GenerationRequest {
     pub fn new(prompt_ids: Vec<u32>, params: SamplingParams) -> Self {
-        Self { prompt_ids, params, n_candidates: 1, ignore_eos: false, fault_at_token: None }
+        Self { prompt_ids, params, n_candidates: 1, ignore_eos: false, adapter: None, fault_at_token: None }
     }
 }
 
@@ -128,6 +134,9 @@ pub struct PoolHandle {
     config: PoolConfig,
     n_positions: usize,
     vocab_size: usize,
+    /// The served model's config, replaced by the engine on a swap, so
+    /// adapters are checked against the model that will run them.
+    served: Arc<RwLock<Gpt2Config>>,
 }
 
 impl std::fmt::Debug for PoolHandle {
@@ -214,6 +223,10 @@ impl PoolHandle {
         if let Some(&bad) = request.prompt_ids.iter().find(|&&id| id as usize >= self.vocab_size) {
             return invalid(format!("token id {bad} is outside the vocabulary of {}", self.vocab_size));
         }
+        if let Some(adapter) = &request.adapter {
+            let served = self.served.read().unwrap_or_else(|e| e.into_inner());
+            adapter.check_fits(&served).map_err(|e| PoolError::Invalid(e.to_string()))?;
+        }
         Ok(())
     }
 }
@@ -229,16 +242,18 @@ impl GenerationPool {
     pub fn start(model: Gpt2, config: PoolConfig) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let metrics = Arc::new(PoolMetrics::default());
+        let served = Arc::new(RwLock::new(model.config().clone()));
         let handle = PoolHandle {
             tx,
             metrics: metrics.clone(),
             config: config.clone(),
             n_positions: model.config().n_positions,
             vocab_size: model.config().vocab_size,
+            served: served.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("dialogd-engine".into())
-            .spawn(move || engine::Engine::new(model, config, metrics).run(rx))?;
+            .spawn(move || engine::Engine::new(model, config, metrics, served).run(rx))?;
         Ok(Self { handle, thread: Some(thread) })
     }
 

@@ -13,8 +13,9 @@
 //!   ops only (candle's fused `layer_norm` and `softmax_last_dim` carry no
 //!   gradient), with every weight a `Var` (full fine-tune) or frozen weights
 //!   plus LoRA adapters.
-//! - [`lora`]: LoRA settings, PEFT's adapter layout on disk, and merging an
-//!   adapter into a [`crate::model::Gpt2`] for serving a persona.
+//! - [`lora`]: LoRA settings, PEFT's adapter layout on disk, and serving a
+//!   persona: an adapter readied for run time
+//!   ([`crate::model::LoraRuntime`]) or merged into a [`crate::model::Gpt2`].
 //! - [`optim`]: AdamW, the warm-up/decay schedule, global-norm clipping,
 //!   with state that can be saved and restored.
 //! - [`checkpoint`]: the Hugging Face checkpoint folder a job writes, and the
@@ -35,7 +36,7 @@ use std::path::PathBuf;
 
 pub use data::{Dialogue, Example, OptOut, Turn};
 pub use eval::{gate, EvalMetrics, GateDecision};
-pub use lora::{load_persona, LoraSettings};
+pub use lora::{load_persona, load_runtime, LoraSettings};
 pub use model::TrainableGpt2;
 pub use trainer::{train, TrainConfig, TrainLength, TrainSummary};
 

@@ -13,6 +13,8 @@
 //! - `daemon`: the `dialogd run` binary: settings, restarts, signals, logs.
 //! - `jobs`: fine-tuning jobs through the daemon: /train, the gate,
 //!   promotion under load, rollback, failures, kills, cancels, schedules.
+//! - `persona_runtime`: LoRA persona adapters applied per sequence at run
+//!   time: against the merged persona, mixed batches, refusals, 8-bit, CLI.
 //! - `training`: fine-tuning: forward parity, gradients, learning, checkpoints, LoRA, resume, opt-out.
 //! - `fakes`: loopback fakes of the Telegram Bot API and of Discord.
 //! - `telegram`: the Telegram adapter (teloxide) against the fake Bot API.
@@ -26,6 +28,7 @@ mod fakes;
 mod http;
 mod jobs;
 mod parity;
+mod persona_runtime;
 mod pool;
 mod quality;
 mod ranking;

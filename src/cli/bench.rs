@@ -5,10 +5,14 @@
 //! ignored so each makes exactly `--new-tokens`) and prints one JSON line:
 //! time to first token (p50, p99), one sequence's decode speed after its first
 //! token (median over the requests), aggregate tokens per second over the
-//! wall time including prefill, and the process's peak RSS so far.
+//! wall time including prefill, and the process's peak RSS so far. With
+//! `--adapter`, every request runs through that LoRA adapter at run time
+//! (the cost of serving a persona without merging it).
 
 use std::io::Write as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -16,6 +20,7 @@ use clap::Args;
 use super::{load, ModelArgs};
 use crate::pool::{GenerationPool, GenerationRequest, PoolConfig};
 use crate::sampling::{Rng, SamplingParams};
+use crate::training::lora::LoraAdapter;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -34,6 +39,10 @@ pub struct BenchArgs {
     /// One JSON object per level on its own line (otherwise a table).
     #[arg(long)]
     pub json: bool,
+    /// Run every request through this LoRA adapter folder, applied at run
+    /// time over the base model (not merged).
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
 }
 
 /// One level's measurements.
@@ -54,7 +63,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if args.prompt_tokens == 0 || args.new_tokens < 2 {
         anyhow::bail!("--prompt-tokens must be at least 1 and --new-tokens at least 2");
     }
+    let adapter = args.adapter.as_deref().map(LoraAdapter::load).transpose()?;
     let loaded = load(&args.model, !args.json)?;
+    let adapter = match adapter {
+        Some(adapter) => {
+            let runtime = adapter.runtime(loaded.model.config())?;
+            if !args.json {
+                eprintln!("serving through the LoRA adapter {} (rank {})", adapter.dir.display(), runtime.rank());
+            }
+            Some(Arc::new(runtime))
+        }
+        None => None,
+    };
     let model = match args.quantize.as_str() {
         "none" | "f32" => loaded.model,
         "q8" => loaded.model.quantize_q8()?,
@@ -78,6 +98,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     };
     let request = |seed: u64, new_tokens: usize| GenerationRequest {
         ignore_eos: true,
+        adapter: adapter.clone(),
         ..GenerationRequest::new(prompt(seed), SamplingParams::greedy(new_tokens))
     };
     // Warm-up: page the weights in, size the caches and thread pools.

@@ -1,13 +1,15 @@
 //! `dialogd generate`: one reply to turns given on the command line.
 
 use std::io::Write as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
 
 use super::{encode_turn, load, prompt_budget, ModelArgs, SamplingArgs};
-use crate::generate::generate;
+use crate::generate::generate_with_adapter;
 use crate::prompt::build_prompt;
+use crate::training::lora::LoraAdapter;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -18,6 +20,10 @@ pub struct GenerateArgs {
     /// Print {"prompt_ids":[…],"output_ids":[…],"text":"…"} on one line.
     #[arg(long)]
     pub json: bool,
+    /// Reply as a persona: a LoRA adapter folder (`dialogd train
+    /// --lora-rank`), applied at run time over the base model.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
     /// The conversation, oldest turn first; the last is the user's message.
     #[arg(value_name = "TURN", required = true, allow_hyphen_values = false)]
     pub turns: Vec<String>,
@@ -37,7 +43,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     if let Some(idx) = args.turns.iter().position(|t| t.trim().is_empty()) {
         anyhow::bail!("turn {} is empty", idx + 1);
     }
+    // Read the adapter before the (slow) model load; its shapes are
+    // checked against the model once that is loaded.
+    let adapter = args.adapter.as_deref().map(LoraAdapter::load).transpose()?;
     let loaded = load(&args.model, false)?;
+    let adapter = adapter.map(|a| a.runtime(loaded.model.config())).transpose()?;
     let turns = args
         .turns
         .iter()
@@ -48,7 +58,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     if prompt.truncated || prompt.turns_kept < turns.len() {
         tracing::warn!(kept = prompt.turns_kept, given = turns.len(), truncated = prompt.truncated, "prompt cut to fit the context");
     }
-    let generation = generate(&loaded.model, &prompt.ids, &params, |_| true)?;
+    let generation = generate_with_adapter(&loaded.model, adapter.as_ref(), &prompt.ids, &params, |_| true)?;
     let text = loaded.tokenizer.decode(&generation.output_ids)?;
     let mut stdout = std::io::stdout().lock();
     if args.json {

@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::{Activation, Gpt2Config};
 use super::kernels;
+use super::lora::{self, LoraRuntime, SpanDelta, Target};
 use super::weights::{TensorStore, WeightsFile};
 use super::ModelError;
 
@@ -140,6 +141,13 @@ impl Conv1D {
             ProjWeight::Dense(w) => x.matmul(w)?,
         };
         Ok(y.broadcast_add(&self.bias)?)
+    }
+
+    /// [`Conv1D::forward_2d`] plus each span's LoRA update (none: the
+    /// plain product, nothing else).
+    fn forward_2d_lora(&self, x: &Tensor, deltas: &[SpanDelta]) -> Result<Tensor> {
+        let y = self.forward_2d(x)?;
+        lora::add_deltas(x, y, deltas)
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -291,10 +299,25 @@ impl Block {
 
 impl Block {
     /// One layer over the rows of several sequences (`spans[i]` = rows of
-    /// sequence i, in order), each attending over its own cache.
-    fn forward_rows(&self, x: &Tensor, spans: &[(usize, usize)], caches: &mut [&mut SeqCache], layer_idx: usize) -> Result<Tensor> {
+    /// sequence i, in order), each attending over its own cache. `adapted`
+    /// lists the spans that run through a LoRA adapter (rows, adapter), in
+    /// row order; each projection adds their updates to those rows only.
+    fn forward_rows(
+        &self,
+        x: &Tensor,
+        spans: &[(usize, usize)],
+        caches: &mut [&mut SeqCache],
+        layer_idx: usize,
+        adapted: &[AdaptedSpan],
+    ) -> Result<Tensor> {
+        let deltas = |target: Target| -> Vec<SpanDelta> {
+            adapted
+                .iter()
+                .filter_map(|s| s.adapter.pair(layer_idx, target).map(|pair| SpanDelta { start: s.start, len: s.len, pair }))
+                .collect()
+        };
         let h = self.ln_1.forward(x)?;
-        let qkv = self.attn.c_attn.forward_2d(&h)?;
+        let qkv = self.attn.c_attn.forward_2d_lora(&h, &deltas(Target::AttnCAttn))?;
         let mut outs = Vec::with_capacity(spans.len());
         for (&(start, t), cache) in spans.iter().zip(caches.iter_mut()) {
             let (q, k, v) = self.attn.split_rows(&qkv, start, t)?;
@@ -302,15 +325,15 @@ impl Block {
             outs.push(self.attn.attend_cached(&q, &k, &v, &mut cache.layers[layer_idx], past)?);
         }
         let attn = if outs.len() == 1 { outs.pop().unwrap_or_else(|| unreachable!()) } else { Tensor::cat(&outs, 0)? };
-        let x = (x + self.attn.c_proj.forward_2d(&attn)?)?;
+        let x = (x + self.attn.c_proj.forward_2d_lora(&attn, &deltas(Target::AttnCProj))?)?;
         let h = self.ln_2.forward(&x)?;
-        let h = self.mlp.c_fc.forward_2d(&h)?;
+        let h = self.mlp.c_fc.forward_2d_lora(&h, &deltas(Target::MlpCFc))?;
         let h = match self.mlp.activation {
             Activation::GeluNew => h.gelu()?,
             Activation::Gelu => h.gelu_erf()?,
             Activation::Relu => h.relu()?,
         };
-        Ok((&x + self.mlp.c_proj.forward_2d(&h)?)?)
+        Ok((&x + self.mlp.c_proj.forward_2d_lora(&h, &deltas(Target::MlpCProj))?)?)
     }
 
     fn quantized(&self) -> Result<Self> {
@@ -321,6 +344,13 @@ impl Block {
         block.mlp.c_proj = self.mlp.c_proj.quantized()?;
         Ok(block)
     }
+}
+
+/// A sequence's rows in a batch that runs through an adapter.
+struct AdaptedSpan<'a> {
+    start: usize,
+    len: usize,
+    adapter: &'a LoraRuntime,
 }
 
 /// One layer's keys and values, `[n_head, capacity, head_dim]` each.
@@ -536,13 +566,35 @@ impl Gpt2 {
     /// attends only over its own cache, so sequences of different lengths
     /// sit side by side with no padding and no mask built from token ids.
     pub fn forward_seqs(&self, tokens: &[&[u32]], caches: &mut [&mut SeqCache]) -> Result<Tensor> {
+        self.forward_seqs_with(tokens, caches, &[])
+    }
+
+    /// [`Gpt2::forward_seqs`] with a LoRA adapter per sequence:
+    /// `adapters[i]` (if any) changes sequence i's projections, computed
+    /// from its own rows only, so a sequence's output does not depend on
+    /// the adapters of the others. `adapters` is empty (no adapter at all)
+    /// or has one entry per sequence; each adapter must fit this model.
+    pub fn forward_seqs_with(
+        &self,
+        tokens: &[&[u32]],
+        caches: &mut [&mut SeqCache],
+        adapters: &[Option<&LoraRuntime>],
+    ) -> Result<Tensor> {
         if tokens.len() != caches.len() || tokens.is_empty() {
             return Err(ModelError::Input("forward_seqs needs one cache per sequence".into()));
+        }
+        if !adapters.is_empty() && adapters.len() != tokens.len() {
+            return Err(ModelError::Input(format!(
+                "{} adapters for {} sequences: give one (or None) per sequence, or none at all",
+                adapters.len(),
+                tokens.len()
+            )));
         }
         let mut ids = Vec::new();
         let mut positions = Vec::new();
         let mut spans = Vec::with_capacity(tokens.len());
-        for (seq, cache) in tokens.iter().zip(caches.iter()) {
+        let mut adapted = Vec::new();
+        for (i, (seq, cache)) in tokens.iter().zip(caches.iter()).enumerate() {
             if seq.is_empty() {
                 return Err(ModelError::Input("a sequence with no new tokens".into()));
             }
@@ -556,6 +608,10 @@ impl Gpt2 {
             if let Some(&bad) = seq.iter().find(|&&id| id as usize >= self.config.vocab_size) {
                 return Err(ModelError::Input(format!("token id {bad} is outside the vocabulary of {}", self.config.vocab_size)));
             }
+            if let Some(adapter) = adapters.get(i).copied().flatten() {
+                adapter.check_fits(&self.config)?;
+                adapted.push(AdaptedSpan { start: ids.len(), len: seq.len(), adapter });
+            }
             spans.push((ids.len(), seq.len()));
             ids.extend_from_slice(seq);
             positions.extend((cache.len..cache.len + seq.len()).map(|p| p as u32));
@@ -565,7 +621,7 @@ impl Gpt2 {
         let dtype = self.activation_dtype();
         let mut x = (self.wte.index_select(&ids, 0)? + self.wpe.index_select(&positions, 0)?)?.to_dtype(dtype)?;
         for (layer_idx, block) in self.blocks.iter().enumerate() {
-            x = block.forward_rows(&x, &spans, caches, layer_idx)?;
+            x = block.forward_rows(&x, &spans, caches, layer_idx, &adapted)?;
         }
         for (cache, seq) in caches.iter_mut().zip(tokens) {
             cache.len += seq.len();

@@ -8,7 +8,7 @@
 //! so that only the request at fault fails.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use super::{Candidate, GenerationRequest, GenerationResult, Job, PoolConfig, PoolError, PoolMetrics, Swap, Work};
 use crate::generate::FinishReason;
 use crate::model::gpt2::SeqCache;
-use crate::model::{Gpt2, ModelError};
+use crate::model::{Gpt2, Gpt2Config, LoraRuntime, ModelError};
 use crate::sampling::Sampler;
 
 /// One candidate being generated.
@@ -66,12 +66,14 @@ pub(crate) struct Engine {
     config: PoolConfig,
     metrics: Arc<PoolMetrics>,
     eos: u32,
+    /// The served model's config as the handles see it (updated on a swap).
+    served: Arc<RwLock<Gpt2Config>>,
 }
 
 impl Engine {
-    pub fn new(model: Gpt2, config: PoolConfig, metrics: Arc<PoolMetrics>) -> Self {
+    pub fn new(model: Gpt2, config: PoolConfig, metrics: Arc<PoolMetrics>, served: Arc<RwLock<Gpt2Config>>) -> Self {
         let eos = model.config().eos_token_id;
-        Self { model, config, metrics, eos }
+        Self { model, config, metrics, eos, served }
     }
 
     /// Serves until every handle is dropped and the last request answered.
@@ -140,6 +142,7 @@ impl Engine {
     fn swap(&mut self, swap: Swap, version: u64) {
         let Swap { model, done } = swap;
         self.eos = model.config().eos_token_id;
+        *self.served.write().unwrap_or_else(|e| e.into_inner()) = model.config().clone();
         self.model = model;
         self.metrics.swapped(version);
         tracing::info!(version, "generation pool now serves the new model");
@@ -174,7 +177,9 @@ impl Engine {
         let n_positions = self.model.config().n_positions;
         let capacity = (prompt.len() + request.params.max_new_tokens).min(n_positions);
         let mut cache = self.model.new_seq_cache(capacity)?;
-        let logits = self.model.forward_seqs(&[prompt], &mut [&mut cache])?;
+        // The adapter was checked against the model at submission; the
+        // forward pass checks again (a swap may have come in between).
+        let logits = self.model.forward_seqs_with(&[prompt], &mut [&mut cache], &[request.adapter.as_deref()])?;
         self.metrics.prefilled(prompt.len());
         let row: Vec<f32> = logits.get(0)?.to_vec1()?;
         let n = request.n_candidates;
@@ -269,20 +274,28 @@ impl Engine {
     fn forward(&self, active: &mut [Active], which: &[usize]) -> Result<Vec<Vec<f32>>, String> {
         let mut tokens: Vec<[u32; 1]> = Vec::new();
         let mut caches: Vec<&mut SeqCache> = Vec::new();
+        // Each candidate's adapter (its request's); empty when no request
+        // in the step has one, so a plain batch pays nothing.
+        let mut adapters: Vec<Option<&LoraRuntime>> = Vec::new();
         let mut chosen = which.iter().peekable();
         for (i, a) in active.iter_mut().enumerate() {
             if chosen.peek() != Some(&&i) {
                 continue;
             }
             chosen.next();
+            let adapter = a.request.adapter.as_deref();
             for seq in a.seqs.iter_mut().filter(|s| s.finish.is_none()) {
                 tokens.push([seq.next]);
                 caches.push(&mut seq.cache);
+                adapters.push(adapter);
             }
+        }
+        if adapters.iter().all(Option::is_none) {
+            adapters.clear();
         }
         let token_refs: Vec<&[u32]> = tokens.iter().map(|t| t.as_slice()).collect();
         let result = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<Vec<f32>>, ModelError> {
-            Ok(self.model.forward_seqs(&token_refs, &mut caches)?.to_vec2()?)
+            Ok(self.model.forward_seqs_with(&token_refs, &mut caches, &adapters)?.to_vec2()?)
         }));
         match result {
             Ok(Ok(rows)) => Ok(rows),

@@ -1,5 +1,7 @@
 //! LoRA persona adapters: settings, PEFT's layout on disk, and serving an
-//! adapter by merging it into a [`Gpt2`].
+//! adapter, at run time over a shared base model ([`LoraAdapter::runtime`],
+//! [`load_runtime`]: a [`LoraRuntime`] for the pool) or merged into a copy of
+//! the base weights ([`load_persona`]).
 //!
 //! On disk an adapter is what PEFT's `save_pretrained` writes for a GPT-2:
 //! `adapter_config.json` (`peft_type: LORA`, `r`, `lora_alpha`,
@@ -19,11 +21,11 @@ use serde::{Deserialize, Serialize};
 use super::model::{load_weights, lora_delta, lora_prefixes, TrainableGpt2};
 use super::{file_error, Result, TrainingError};
 use crate::model::gpt2::Gpt2;
+use crate::model::lora::LoraRuntime;
 use crate::model::weights::TensorStore;
+use crate::model::{Gpt2Config, ModelError};
 
-/// The projections an adapter changes, relative to `h.N.` (PEFT's
-/// `target_modules` `c_attn`, `c_proj`, `c_fc` match exactly these four).
-pub const LORA_TARGETS: [&str; 4] = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"];
+pub use crate::model::lora::LORA_TARGETS;
 
 /// PEFT's key prefix for a causal LM's weights.
 const PEFT_PREFIX: &str = "base_model.model.transformer.";
@@ -196,6 +198,20 @@ impl LoraAdapter {
         Ok(Self { settings, pairs, dir: dir.to_path_buf() })
     }
 
+    /// The adapter ready to serve at run time over a base model of
+    /// `config`'s shape (see [`LoraRuntime`]); a pair that does not fit is
+    /// refused, the error naming the folder and the tensor.
+    pub fn runtime(&self, config: &Gpt2Config) -> Result<LoraRuntime> {
+        let pairs = self.pairs.iter().map(|(prefix, (a, b))| (prefix.as_str(), a, b));
+        LoraRuntime::from_peft_pairs(config, self.settings.rank, self.settings.scaling(), pairs).map_err(|e| {
+            let message = match e {
+                ModelError::Adapter(message) => message,
+                other => other.to_string(),
+            };
+            TrainingError::Adapter { path: self.dir.clone(), message }
+        })
+    }
+
     /// Adds the adapter's updates to weights in canonical naming, checking
     /// that each target exists and fits.
     pub fn merge_into(&self, weights: &mut BTreeMap<String, Tensor>) -> Result<()> {
@@ -219,6 +235,13 @@ impl LoraAdapter {
     }
 }
 
+/// Reads a persona's adapter folder and readies it for a base model of
+/// `config`'s shape: what the pool serves per request, next to requests of
+/// other personas, over one copy of the base weights.
+pub fn load_runtime(adapter_dir: &Path, config: &Gpt2Config) -> Result<LoraRuntime> {
+    LoraAdapter::load(adapter_dir)?.runtime(config)
+}
+
 /// Loads a base checkpoint with a persona's LoRA adapter merged into its
 /// weights: the model the pool serves for that persona.
 pub fn load_persona(base_dir: &Path, adapter_dir: &Path, dtype: DType, device: &Device) -> Result<Gpt2> {
@@ -237,7 +260,7 @@ pub fn load_persona(base_dir: &Path, adapter_dir: &Path, dtype: DType, device: &
 
 /// A [`Gpt2`] over weights in canonical naming.
 pub fn gpt2_from_weights(
-    config: crate::model::Gpt2Config,
+    config: Gpt2Config,
     weights: BTreeMap<String, Tensor>,
     dtype: DType,
     device: &Device,
