@@ -118,6 +118,15 @@ impl Daemon {
             None
         };
         let personas = Personas::new(settings.personas.clone(), job_store.clone());
+        let base_dir = crate::model::hub::resolve_model(&settings.model.path);
+        match (&base_dir, crate::model::parse_device(&settings.model.device)) {
+            (Ok(dir), Ok(device)) => match crate::model::gpt2::read_config(dir) {
+                Ok(config) => personas.set_model(config, device),
+                Err(e) => tracing::warn!(error = %e, "persona adapters disabled"),
+            },
+            (Err(e), _) => tracing::warn!(error = %e, "persona adapters disabled"),
+            (_, Err(e)) => tracing::warn!(error = %e, "persona adapters disabled"),
+        }
         let pool = engine.pool().cloned();
         let pipeline = Pipeline::new(Parts {
             engine,
@@ -135,7 +144,7 @@ impl Daemon {
         });
         let runner = match job_store {
             Some(store) => {
-                let dir = crate::model::hub::resolve_model(&settings.model.path).map_err(|e| DaemonError::Jobs(format!("{e:#}")))?;
+                let dir = base_dir.map_err(|e| DaemonError::Jobs(format!("{e:#}")))?;
                 let base = BaseModel { dir, device: settings.model.device.clone(), dtype: settings.model.dtype.clone() };
                 Some(Runner::new(
                     store,

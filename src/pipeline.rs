@@ -454,7 +454,8 @@ async fn process(shared: Arc<Shared>, inbound: Inbound) -> Result<Answer, CoreEr
     let n_candidates = generation.candidates.max(1);
     let mut chosen: Option<(String, Vec<u32>, usize)> = None;
     for attempt in 1..=safety.settings.max_attempts {
-        let drawn = match shared.engine.reply(prompt.ids.clone(), params.clone(), n_candidates).await {
+        let adapter = persona.as_ref().and_then(|p| p.adapter.clone());
+        let drawn = match shared.engine.reply(prompt.ids.clone(), params.clone(), n_candidates, adapter).await {
             Ok(drawn) => drawn,
             Err(EngineError::Busy) => return Err(CoreError::Busy),
             Err(e) => {

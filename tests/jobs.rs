@@ -14,6 +14,10 @@ use crate::support::{daemon_toml, dialogd, model_dir, stderr, stdout, RedisServe
 
 const ROOM: &str = "room";
 
+/// The tests that train take turns: each runs trainer processes that use
+/// every core, and the rest of the suite runs beside them.
+static TRAINING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Collects the training corpus in `http:room` through the collector, as
 /// the daemon would: colour facts from twenty people, and one greeting
 /// exchange repeated so that a trained model learns it by heart.
@@ -137,6 +141,7 @@ fn write_config(dir: &Path, toml: &str) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_moderator_trains_promotes_and_rolls_back_while_the_bot_keeps_serving() {
+    let _turn = TRAINING.lock().await;
     let redis = RedisServer::start();
     let tmp = tempfile::tempdir().unwrap();
     collect_corpus(tmp.path());
@@ -233,6 +238,7 @@ async fn a_moderator_trains_promotes_and_rolls_back_while_the_bot_keeps_serving(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_killed_and_cancelled_jobs_leave_serving_alone() {
+    let _turn = TRAINING.lock().await;
     let redis = RedisServer::start();
     let tmp = tempfile::tempdir().unwrap();
     collect_corpus(tmp.path());
@@ -344,4 +350,51 @@ async fn schedules_fire_once_across_daemons() {
     let config = write_config(tmp.path(), "[context]\nredis_url = \"redis://127.0.0.1:1/0\"\nredis_timeout_ms = 300\n");
     let out = jobs_cli(&config, &["list"]);
     assert!(!out.status.success() && stderr(&out).contains("connecting to redis://127.0.0.1:1/0"), "{}", stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persona_learns_its_channel_while_other_channels_keep_the_base_model() {
+    let _turn = TRAINING.lock().await;
+    let redis = RedisServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    collect_corpus(tmp.path());
+    let extra = [("jobs", "mode = \"lora\""), ("jobs", "steps = 60"), ("jobs", "lr = 0.01"), ("jobs", "probes = [\"hello bot\"]")];
+    let toml = jobs_toml(&redis, tmp.path(), &extra);
+    let d = TestDaemon::start(&toml).await;
+    let jobs = store(&redis).await;
+    let before = say(&d, "check-0", "hello bot", false).await;
+    assert!(!before.starts_with("hi there, friend"), "{before}");
+
+    // LoRA jobs train a persona: the channel needs one first.
+    assert!(say(&d, ROOM, "/train", true).await.contains("/persona create NAME"));
+    let created = say(&d, ROOM, "/persona create friendly", true).await;
+    assert!(created.contains("Created persona friendly with 0 seed turn(s)"), "{created}");
+    assert!(say(&d, ROOM, "/persona use friendly", true).await.contains("speak as friendly in this channel"));
+    assert!(say(&d, ROOM, "/persona list", true).await.contains("friendly"));
+    let queued = say(&d, ROOM, "/train", true).await;
+    assert!(queued.contains("job #1 queued for persona:friendly"), "{queued}");
+    let record = wait_for(&jobs, 1, Duration::from_secs(300), |r| r.state.is_final()).await;
+    assert_eq!(record.state, JobState::Promoted, "{record:?}\nlog:\n{}", log_of(&record));
+    assert!(record.output.as_ref().unwrap().join("adapter_model.safetensors").is_file());
+
+    // The persona's channel and a plain channel, answered side by side by
+    // the same pool: only the persona's sequence runs through its adapter.
+    assert!(say(&d, "check-p", "/persona use friendly", true).await.contains("friendly"));
+    let (persona, plain) = tokio::join!(say(&d, "check-p", "hello bot", false), say(&d, "check-n", "hello bot", false));
+    assert!(persona.starts_with("hi there, friend"), "the persona did not learn: {persona:?}");
+    assert_eq!(plain, before);
+    assert!(say(&d, "check-p", "/persona", true).await.contains("adapter: trained by job #1"));
+    assert_eq!(d.metric("dialogd_model_version").await, 0.0, "a persona job leaves the base model alone");
+
+    // Rollback from chat: the persona goes back to no adapter.
+    let rolled = say(&d, ROOM, "/train rollback", true).await;
+    assert!(rolled.contains("Rolled back job #1: persona:friendly serves its original version"), "{rolled}");
+    let started = Instant::now();
+    while !say(&d, "check-p", "/persona", true).await.contains("adapter: none yet") {
+        assert!(started.elapsed() < Duration::from_secs(30), "the rollback was not applied");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(say(&d, "check-p2", "/persona use friendly", true).await.contains("friendly"));
+    assert_eq!(say(&d, "check-p2", "hello bot", false).await, before);
+    d.stop().await;
 }

@@ -15,6 +15,7 @@ use std::sync::{Arc, RwLock};
 use dialogd_adapters::ChannelKey;
 
 use super::store::JobStore;
+use crate::model::{Gpt2Config, LoraRuntime};
 use crate::settings::{persona_name_ok, PersonaSettings, PersonaSpec};
 
 /// A persona ready to answer: seed turns and the adapter to apply.
@@ -24,6 +25,9 @@ pub struct ActivePersona {
     pub seed: Vec<String>,
     /// The adapter folder served (configured, or the promoted job's).
     pub adapter_dir: Option<PathBuf>,
+    /// That adapter, loaded for the served model (`None` when there is no
+    /// adapter, or it could not be loaded: then the base model answers).
+    pub adapter: Option<Arc<LoraRuntime>>,
     /// The promoted job it serves, if any.
     pub version: Option<u64>,
 }
@@ -46,6 +50,12 @@ pub struct Personas {
     /// Promoted versions, set by the runner. A std lock: never held across
     /// an await.
     served: RwLock<HashMap<String, Served>>,
+    /// The served model's shape and device, which adapters are loaded for;
+    /// unset (the command line): adapters are not loaded.
+    model: RwLock<Option<(Gpt2Config, candle_core::Device)>>,
+    /// Loaded adapters by folder; a folder that failed to load maps to
+    /// `None` (logged once, not retried on every message).
+    adapters: RwLock<HashMap<PathBuf, Option<Arc<LoraRuntime>>>>,
 }
 
 impl std::fmt::Debug for Personas {
@@ -67,7 +77,47 @@ impl Personas {
             local: RwLock::new(HashMap::new()),
             local_choices: RwLock::new(HashMap::new()),
             served: RwLock::new(HashMap::new()),
+            model: RwLock::new(None),
+            adapters: RwLock::new(HashMap::new()),
         })
+    }
+
+    /// Sets the model adapters are loaded for (the daemon, at start).
+    pub fn set_model(&self, config: Gpt2Config, device: candle_core::Device) {
+        *self.model.write().unwrap_or_else(|e| e.into_inner()) = Some((config, device));
+        self.adapters.write().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// The adapter in `dir`, loaded once (on a blocking thread) and cached.
+    pub async fn adapter(&self, dir: &std::path::Path) -> Option<Arc<LoraRuntime>> {
+        if let Some(cached) = self.adapters.read().unwrap_or_else(|e| e.into_inner()).get(dir) {
+            return cached.clone();
+        }
+        let (config, device) = self.model.read().unwrap_or_else(|e| e.into_inner()).clone()?;
+        let path = dir.to_path_buf();
+        let loaded = tokio::task::spawn_blocking(move || -> Result<LoraRuntime, String> {
+            let runtime = crate::training::lora::load_runtime(&path, &config).map_err(|e| e.to_string())?;
+            if device.is_cpu() {
+                Ok(runtime)
+            } else {
+                runtime.to_device(&device).map_err(|e| e.to_string())
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        let adapter = match loaded {
+            Ok(runtime) => {
+                tracing::info!(adapter = %dir.display(), rank = runtime.rank(), "persona adapter loaded");
+                Some(Arc::new(runtime))
+            }
+            Err(e) => {
+                tracing::error!(adapter = %dir.display(), error = %e, "cannot load a persona adapter; the persona answers with the base model");
+                None
+            }
+        };
+        self.adapters.write().unwrap_or_else(|e| e.into_inner()).insert(dir.to_path_buf(), adapter.clone());
+        adapter
     }
 
     /// Every persona: the configured ones, then those moderators created.
@@ -151,17 +201,13 @@ impl Personas {
     pub async fn for_channel(&self, channel: &ChannelKey, group: Option<&str>) -> Result<Option<ActivePersona>, String> {
         let Some(name) = self.chosen(channel, group).await? else { return Ok(None) };
         let Some(spec) = self.get(&name).await? else { return Ok(None) };
-        Ok(Some(self.activate(spec)))
-    }
-
-    fn activate(&self, spec: PersonaSpec) -> ActivePersona {
         let served = self.served.read().unwrap_or_else(|e| e.into_inner()).get(&spec.name).cloned().unwrap_or_default();
-        ActivePersona {
-            adapter_dir: served.adapter_dir.or(spec.adapter),
-            version: served.version,
-            name: spec.name,
-            seed: spec.seed,
-        }
+        let adapter_dir = served.adapter_dir.or(spec.adapter);
+        let adapter = match &adapter_dir {
+            Some(dir) => self.adapter(dir).await,
+            None => None,
+        };
+        Ok(Some(ActivePersona { adapter_dir, adapter, version: served.version, name: spec.name, seed: spec.seed }))
     }
 
     /// Records what a persona serves (the runner, on promotion or

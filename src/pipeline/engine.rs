@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use dialogd_adapters::BoxFuture;
 
-use crate::model::Gpt2;
+use crate::model::{Gpt2, LoraRuntime};
 use crate::pool::{GenerationPool, GenerationRequest, PoolConfig, PoolError, PoolHandle};
 use crate::sampling::SamplingParams;
 use crate::settings::GenerationSettings;
@@ -49,11 +49,13 @@ pub struct Drawn {
 pub trait ReplyEngine: Send + Sync + 'static {
     /// `n_candidates` replies (new ids, excluding `<|endoftext|>`) to a prompt
     /// that fits [`Self::n_positions`] with room for `params.max_new_tokens`.
+    /// `adapter`: the persona's LoRA adapter, applied to this request only.
     fn reply(
         &self,
         prompt_ids: Vec<u32>,
         params: SamplingParams,
         n_candidates: usize,
+        adapter: Option<Arc<LoraRuntime>>,
     ) -> BoxFuture<'static, Result<Vec<Drawn>, EngineError>>;
     /// The model's context size in tokens (prompt and reply together).
     fn n_positions(&self) -> usize;
@@ -100,10 +102,11 @@ impl ReplyEngine for PoolEngine {
         prompt_ids: Vec<u32>,
         params: SamplingParams,
         n_candidates: usize,
+        adapter: Option<Arc<LoraRuntime>>,
     ) -> BoxFuture<'static, Result<Vec<Drawn>, EngineError>> {
         let handle = self.handle.clone();
         let metrics = self.metrics.clone();
-        let request = GenerationRequest { n_candidates, ..GenerationRequest::new(prompt_ids, params) };
+        let request = GenerationRequest { n_candidates, adapter, ..GenerationRequest::new(prompt_ids, params) };
         Box::pin(async move {
             let started = Instant::now();
             let result = handle.generate(request).await;
