@@ -45,7 +45,7 @@ const PARALLEL_ROWS: usize = 8;
 
 /// One projection's low-rank update, ready to use.
 #[derive(Debug, Clone)]
-pub struct LoraPair {
+pub(crate) struct LoraPair {
     /// `[in, r]`, f32, contiguous.
     a: Tensor,
     /// `[r, out]`, f32, contiguous, scaled by `alpha / r`.
