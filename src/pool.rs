@@ -59,7 +59,8 @@ pub struct GenerationRequest {
     pub ignore_eos: bool,
     /// The persona's LoRA adapter, applied at run time to this request's
     /// sequences only; `None`: the base model. It must fit the served
-    /// model's shape.
+    /// model's shape, and should live on its device
+    /// ([`LoraRuntime::to_device`]; otherwise it is copied there per use).
     pub adapter: Option<Arc<LoraRuntime>>,
     /// Test hook: panic while sampling this request's n-th token, to prove
     /// that a failing request fails alone.

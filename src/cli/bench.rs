@@ -67,7 +67,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let loaded = load(&args.model, !args.json)?;
     let adapter = match adapter {
         Some(adapter) => {
-            let runtime = adapter.runtime(loaded.model.config())?;
+            let runtime = adapter.runtime(loaded.model.config())?.to_device(loaded.model.device())?;
             if !args.json {
                 eprintln!("serving through the LoRA adapter {} (rank {})", adapter.dir.display(), runtime.rank());
             }

@@ -47,7 +47,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     // checked against the model once that is loaded.
     let adapter = args.adapter.as_deref().map(LoraAdapter::load).transpose()?;
     let loaded = load(&args.model, false)?;
-    let adapter = adapter.map(|a| a.runtime(loaded.model.config())).transpose()?;
+    let adapter = match adapter {
+        Some(adapter) => Some(adapter.runtime(loaded.model.config())?.to_device(loaded.model.device())?),
+        None => None,
+    };
     let turns = args
         .turns
         .iter()
