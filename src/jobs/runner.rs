@@ -128,11 +128,13 @@ impl Runner {
     }
 
     /// Puts back jobs recorded as running whose device lock has lapsed (the
-    /// daemon running them died): they resume from their last checkpoint.
+    /// daemon running them died, or Redis was away when this one finished
+    /// and could not record the end; this runner runs nothing while it
+    /// looks): they resume from their last checkpoint.
     async fn recover_orphans(&self) -> Result<(), String> {
         let err = |e: super::StoreError| e.to_string();
         for record in self.store.list(50).await.map_err(err)? {
-            if record.state != JobState::Running || record.owner.as_deref() == Some(&self.owner) {
+            if record.state != JobState::Running {
                 continue;
             }
             if self.store.lock_holder(&self.settings.device).await.map_err(err)?.is_some() {
