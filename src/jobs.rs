@@ -187,8 +187,12 @@ impl JobRecord {
         if let (Some(before), Some(after)) = (ppl("eval_before"), ppl("eval_after")) {
             line.push_str(&format!(" (held-out perplexity {before:.2} → {after:.2})"));
         }
-        if let Some(reason) = &self.reason {
-            line.push_str(&format!(": {reason}"));
+        // A promotion's reason is the gate's numbers, already on the line.
+        match &self.reason {
+            Some(reason) if !matches!(self.state, JobState::Promoted | JobState::RolledBack) => {
+                line.push_str(&format!(": {reason}"));
+            }
+            _ => {}
         }
         line
     }
