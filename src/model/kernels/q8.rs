@@ -249,25 +249,90 @@ fn quantize_row_dispatch(x: &[f32], q: &mut [i8], scales: &mut [f32], offsets: &
     quantize_row(x, q, scales, offsets)
 }
 
+/// [`quantize_row`] with AVX2 intrinsics for the whole blocks (the
+/// compiler vectorises the portable loop only in part), the same bits: the
+/// largest magnitude of finite values does not depend on the order, and
+/// `vcvtps2dq` rounds ties to even under the default rounding mode.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn quantize_row_avx2(x: &[f32], q: &mut [i8], scales: &mut [f32], offsets: &mut [i32]) {
-    quantize_row(x, q, scales, offsets)
+    use std::arch::x86_64::*;
+    let whole = x.len() / Q8_BLOCK;
+    for b in 0..whole {
+        let at = x.as_ptr().add(b * Q8_BLOCK);
+        let v = [_mm256_loadu_ps(at), _mm256_loadu_ps(at.add(8)), _mm256_loadu_ps(at.add(16)), _mm256_loadu_ps(at.add(24))];
+        let sign = _mm256_set1_ps(-0.0);
+        let a = v.map(|v| _mm256_andnot_ps(sign, v));
+        let limit = _mm256_set1_ps(f32::MAX);
+        let finite = a.iter().fold(_mm256_castsi256_ps(_mm256_set1_epi32(-1)), |ok, &a| _mm256_and_ps(ok, _mm256_cmp_ps::<_CMP_LE_OQ>(a, limit)));
+        let block = &mut q[b * Q8_BLOCK..(b + 1) * Q8_BLOCK];
+        if _mm256_movemask_ps(finite) != 0xff {
+            block.fill(0);
+            scales[b] = f32::NAN;
+            offsets[b] = 0;
+            continue;
+        }
+        let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let max = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)));
+        let (scale, inverse) = if max > 0.0 { (max / 127.0, 127.0 / max) } else { (0.0, 0.0) };
+        let inverse = _mm256_set1_ps(inverse);
+        let qi = v.map(|v| _mm256_cvtps_epi32(_mm256_mul_ps(v, inverse)));
+        let total = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
+        let total = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256::<1>(total));
+        let total = _mm_add_epi32(total, _mm_unpackhi_epi64(total, total));
+        let sum = _mm_cvtsi128_si32(_mm_add_epi32(total, _mm_shuffle_epi32::<1>(total)));
+        // Packing works within 128-bit halves; the permutation puts the
+        // 4-byte groups back in order.
+        let packed = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
+        let packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(block.as_mut_ptr().cast(), packed);
+        scales[b] = scale;
+        offsets[b] = -128 * sum;
+    }
+    if whole * Q8_BLOCK < x.len() {
+        quantize_row(&x[whole * Q8_BLOCK..], &mut q[whole * Q8_BLOCK..], &mut scales[whole..], &mut offsets[whole..]);
+    }
 }
 
 /// One row: per block, `scale = max|x| / 127`, `q = round(x · 127 / max|x|)`
 /// (ties to even). Plain IEEE operations in a fixed order, so the bits do not
-/// depend on which wrapper compiled it.
+/// depend on which wrapper compiled it. A block holding an infinity or a NaN
+/// gets a NaN scale (and zero values), so the outputs it touches are NaN, as
+/// they would be in f32.
 #[inline(always)]
 fn quantize_row(x: &[f32], q: &mut [i8], scales: &mut [f32], offsets: &mut [i32]) {
     for (b, chunk) in x.chunks(Q8_BLOCK).enumerate() {
-        let max = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        // A fixed-length copy (zero-padded): constant trip counts vectorise.
+        let mut values = [0f32; Q8_BLOCK];
+        values[..chunk.len()].copy_from_slice(chunk);
+        // The largest magnitude, in 8 lanes then across them (a maximum is
+        // the same in any order once non-finite values are set aside).
+        let (mut lanes, mut finite) = ([0f32; 8], true);
+        for (i, v) in values.iter().enumerate() {
+            let a = v.abs();
+            lanes[i % 8] = if a > lanes[i % 8] { a } else { lanes[i % 8] };
+            finite &= a <= f32::MAX;
+        }
+        let max = lanes.iter().fold(0f32, |m, &a| if a > m { a } else { m });
+        let block = &mut q[b * Q8_BLOCK..(b + 1) * Q8_BLOCK];
+        if !finite {
+            block.fill(0);
+            scales[b] = f32::NAN;
+            offsets[b] = 0;
+            continue;
+        }
         let (scale, inverse) = if max > 0.0 { (max / 127.0, 127.0 / max) } else { (0.0, 0.0) };
+        // |v · inverse| ≤ 127 (+ rounding), so the conversion never saturates.
+        let mut quantised = [0i32; Q8_BLOCK];
+        for (o, v) in quantised.iter_mut().zip(values) {
+            *o = (v * inverse).round_ties_even() as i32;
+        }
         let mut sum = 0i32;
-        for (o, &v) in q[b * Q8_BLOCK..].iter_mut().zip(chunk) {
-            let qv = (v * inverse).round_ties_even().clamp(-127.0, 127.0) as i32;
-            *o = qv as i8;
-            sum += qv;
+        for (o, v) in block.iter_mut().zip(quantised) {
+            *o = v as i8;
+            sum += v;
         }
         scales[b] = scale;
         offsets[b] = -128 * sum;
@@ -712,5 +777,51 @@ mod tests {
         assert_eq!(none.dims(), &[0, 32]);
         let zeros = rows_times_packed_q8(&Tensor::zeros((2, 64), DType::F32, &dev).unwrap(), &w).unwrap();
         assert_eq!(max_abs(&zeros), 0.0);
+    }
+
+    #[test]
+    fn a_non_finite_activation_gives_nan_in_its_row_only() {
+        let dev = Device::Cpu;
+        let w = PackedQ8::quantize(&Tensor::randn(0f32, 0.1, (64, 32), &dev).unwrap()).unwrap();
+        for bad in [f32::NAN, f32::INFINITY] {
+            let mut xs = vec![0.5f32; 3 * 64];
+            xs[64 + 40] = bad;
+            let out: Vec<Vec<f32>> = rows_times_packed_q8(&Tensor::from_vec(xs, (3, 64), &dev).unwrap(), &w).unwrap().to_vec2().unwrap();
+            assert!(out[1].iter().all(|v| v.is_nan()), "{bad}");
+            assert!(out[0].iter().chain(&out[2]).all(|v| v.is_finite()), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_activation_quantisers_agree() {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+            for k in [32usize, 100, 768] {
+                let mut x: Vec<f32> = (0..k)
+                    .map(|_| {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        f32::from_bits((rng >> 32) as u32 & 0x3fff_ffff | (rng as u32 & 0x8000_0000)) * 1e-3
+                    })
+                    .collect();
+                x[5] = 0.0;
+                x[7] = 127.5 / 127.0 * x[9];
+                if k > 64 {
+                    x[40..72].fill(0.0);
+                    x[80] = f32::NAN;
+                }
+                let blocks = k.div_ceil(Q8_BLOCK);
+                let run = |f: &dyn Fn(&mut [i8], &mut [f32], &mut [i32])| {
+                    let (mut q, mut s, mut o) = (vec![0i8; blocks * Q8_BLOCK], vec![0f32; blocks], vec![0i32; blocks]);
+                    f(&mut q, &mut s, &mut o);
+                    (q, s.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), o)
+                };
+                // SAFETY: AVX2 and FMA detected above.
+                let vector = run(&|q, s, o| unsafe { quantize_row_avx2(&x, q, s, o) });
+                assert_eq!(vector, run(&|q, s, o| quantize_row(&x, q, s, o)), "k = {k}");
+            }
+        }
     }
 }
