@@ -348,11 +348,12 @@ enum Path {
     /// AVX-512 VNNI: `vpdpbusd` on 512-bit registers, 4 rows × 2 tiles.
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
-    /// AVX-VNNI: the same instruction on 256-bit registers, 2 rows × 1 tile.
+    /// AVX-VNNI: the same instruction on 256-bit registers, 3 rows × 1 tile
+    /// (16 registers).
     #[cfg(target_arch = "x86_64")]
     AvxVnni,
-    /// AVX2 + FMA without VNNI: the portable code, vectorised by the
-    /// compiler.
+    /// AVX2 without VNNI: `vpmaddubsw` + `vpmaddwd`, with the signs moved
+    /// onto the weights (`vpsignb`), 2 rows × 1 tile.
     #[cfg(target_arch = "x86_64")]
     Avx2,
     Portable,
@@ -426,13 +427,13 @@ unsafe fn tiles_avx512vnni(act: &QuantRows, w: &Q8Weights, t0: usize, t1: usize,
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,avxvnni")]
 unsafe fn tiles_avxvnni(act: &QuantRows, w: &Q8Weights, t0: usize, t1: usize, dst: Dst) {
-    drive::<AvxVnni, 2, 1>(act, w, t0, t1, dst)
+    drive::<AvxVnni, 3, 1>(act, w, t0, t1, dst)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tiles_avx2(act: &QuantRows, w: &Q8Weights, t0: usize, t1: usize, dst: Dst) {
-    drive::<Portable, 4, 1>(act, w, t0, t1, dst)
+    drive::<Avx2, 2, 1>(act, w, t0, t1, dst)
 }
 
 /// The output matrix `[rows, n]`, shared by the tasks of one product, each
@@ -646,6 +647,73 @@ impl Micro for AvxVnni {
                     for t in 0..T {
                         for h in 0..2 {
                             acc[t][h] = _mm256_dpbusd_avx_epi32(acc[t][h], wv[t][h], x);
+                        }
+                    }
+                }
+            }
+            for t in 0..T {
+                for h in 0..2 {
+                    let wscale = _mm256_loadu_ps(ws.add((t * blocks + b) * TILE + h * TILE / 2));
+                    for g in 0..G {
+                        let scale = _mm256_mul_ps(wscale, _mm256_set1_ps(*xs.add(g * blocks + b)));
+                        sum[g][t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[g][t][h]), scale, sum[g][t][h]);
+                    }
+                }
+            }
+        }
+        for g in 0..G {
+            for t in 0..T {
+                for h in 0..2 {
+                    _mm256_storeu_ps(out[g][t].as_mut_ptr().add(h * TILE / 2), sum[g][t][h]);
+                }
+            }
+        }
+    }
+}
+
+/// AVX2 without VNNI. `vpmaddubsw` (unsigned × signed bytes, pairs summed
+/// into i16) would saturate on offset weights (2 · 255 · 127 > 32767), so
+/// this path takes llama.cpp's other route: the weights back to signed
+/// (`u ^ 0x80 = q`), the activation's sign moved onto them (`vpsignb`), its
+/// magnitude as the unsigned operand. Pairs then stay within
+/// 2 · 127 · 127, and `vpmaddwd` by ones widens them to i32. The sum is
+/// `Σ q·x` directly (no offset), the same integers as the other paths.
+#[cfg(target_arch = "x86_64")]
+struct Avx2;
+
+#[cfg(target_arch = "x86_64")]
+impl Micro for Avx2 {
+    #[inline(always)]
+    unsafe fn run<const G: usize, const T: usize>(act: &QuantRows, r0: usize, w: &Q8Weights, t0: usize, out: &mut [[[f32; TILE]; T]; G]) {
+        use std::arch::x86_64::*;
+        let blocks = w.blocks;
+        let stride = blocks * Q8_BLOCK;
+        assert!(r0 + G <= act.rows && t0 + T <= w.tiles && act.blocks == blocks);
+        let wq = w.q.as_ptr().add(t0 * blocks * TILE_BLOCK);
+        let ws = w.scales.as_ptr().add(t0 * blocks * TILE);
+        let xq = act.q.as_ptr().add(r0 * stride);
+        let xs = act.scales.as_ptr().add(r0 * blocks);
+        let ones = _mm256_set1_epi16(1);
+        let flip = _mm256_set1_epi8(-128);
+        let mut sum = [[[_mm256_setzero_ps(); 2]; T]; G];
+        for b in 0..blocks {
+            let mut acc = [[[_mm256_setzero_si256(); 2]; T]; G];
+            for group in 0..Q8_BLOCK / GROUP {
+                let mut wv = [[_mm256_setzero_si256(); 2]; T];
+                for (t, wv) in wv.iter_mut().enumerate() {
+                    let at = wq.add((t * blocks + b) * TILE_BLOCK + group * TILE * GROUP);
+                    *wv = [
+                        _mm256_xor_si256(_mm256_loadu_si256(at.cast()), flip),
+                        _mm256_xor_si256(_mm256_loadu_si256(at.add(TILE * GROUP / 2).cast()), flip),
+                    ];
+                }
+                for (g, acc) in acc.iter_mut().enumerate() {
+                    let x = _mm256_set1_epi32(xq.add(g * stride + b * Q8_BLOCK + group * GROUP).cast::<i32>().read_unaligned());
+                    let magnitude = _mm256_abs_epi8(x);
+                    for t in 0..T {
+                        for h in 0..2 {
+                            let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(wv[t][h], x));
+                            acc[t][h] = _mm256_add_epi32(acc[t][h], _mm256_madd_epi16(pairs, ones));
                         }
                     }
                 }
