@@ -12,6 +12,9 @@
 //!
 //! Weights are plain row-major f32 slices read straight from the tensor's
 //! storage; the few activation rows are copied out and the result copied back.
+//!
+//! The 8-bit products (integer dot products on quantised activations) are
+//! in `kernels/q8.rs`.
 
 use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;

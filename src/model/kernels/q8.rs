@@ -33,7 +33,13 @@
 //! (The other usual choice, activations + 128 and a correction per weight
 //! column and block, streams a second per-block array with the weights; this
 //! one costs no bandwidth.) A block's sum is at most 32 · 255 · 127 in size:
-//! no overflow, and exact in f32 (below 2²⁴).
+//! no overflow, and exact in f32 (below 2²⁴). Without VNNI, the AVX2 path
+//! reaches the same integers by llama.cpp's other route (see `Avx2`):
+//! weights back to signed, the activation's sign moved onto them.
+//!
+//! Activations are quantised per row and block of 32: `scale = max|x| / 127`,
+//! `q = round(x · 127 / max|x|)` (ties to even); an infinity or NaN makes its row's
+//! outputs NaN.
 //!
 //! ## Order of operations, and why every path gives the same bits
 //!
@@ -45,6 +51,10 @@
 //! the number of threads. The work is split over the rayon pool by column
 //! ranges (every task computes all rows of its columns), so one row still
 //! uses both cores.
+
+// The micro-kernels index several register arrays by the same row and
+// tile; indices say that more plainly than zipped iterators.
+#![allow(clippy::needless_range_loop)]
 
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
@@ -219,9 +229,8 @@ fn quantize_rows(xs: &[f32], rows: usize, k: usize) -> QuantRows {
     let mut q = vec![0i8; rows * stride];
     let mut scales = vec![0f32; rows * blocks];
     let mut offsets = vec![0i32; rows * blocks];
-    let one_row = |(r, ((q, scales), offsets)): (usize, ((&mut [i8], &mut [f32]), &mut [i32]))| {
-        quantize_row_dispatch(&xs[r * k..(r + 1) * k], q, scales, offsets)
-    };
+    type Row<'a> = (usize, ((&'a mut [i8], &'a mut [f32]), &'a mut [i32]));
+    let one_row = |(r, ((q, scales), offsets)): Row| quantize_row_dispatch(&xs[r * k..(r + 1) * k], q, scales, offsets);
     if rows <= SERIAL_ROWS || k == 0 {
         q.chunks_mut(stride.max(1))
             .zip(scales.chunks_mut(blocks.max(1)))
@@ -881,7 +890,8 @@ mod tests {
                     x[80] = f32::NAN;
                 }
                 let blocks = k.div_ceil(Q8_BLOCK);
-                let run = |f: &dyn Fn(&mut [i8], &mut [f32], &mut [i32])| {
+                type Quantiser<'a> = &'a dyn Fn(&mut [i8], &mut [f32], &mut [i32]);
+                let run = |f: Quantiser| {
                     let (mut q, mut s, mut o) = (vec![0i8; blocks * Q8_BLOCK], vec![0f32; blocks], vec![0i32; blocks]);
                     f(&mut q, &mut s, &mut o);
                     (q, s.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), o)
