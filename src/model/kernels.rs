@@ -12,9 +12,16 @@
 //!
 //! Weights are plain row-major f32 slices read straight from the tensor's
 //! storage; the few activation rows are copied out and the result copied back.
+//!
+//! The 8-bit products (integer dot products on quantised activations) are
+//! in `kernels/q8.rs`.
 
 use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;
+
+mod q8;
+
+pub use q8::{rows_times_packed_q8, rows_times_q8_t, PackedQ8, Q8Matrix, Q8_BLOCK};
 
 /// Rows up to which decode steps use these kernels rather than gemm. Every
 /// batch size up to this bound computes a row's sums in the same order, so
@@ -361,216 +368,6 @@ fn packed_tile<const G: usize>(xs: &[f32], k: usize, strip: &[f32], k0: usize, n
     }
 }
 
-// ---- 8-bit weights -------------------------------------------------------
-
-/// Columns sharing one scale in a [`Q8Matrix`].
-pub const Q8_BLOCK: usize = 32;
-
-/// A weight matrix in 8 bits: `w[r, c] ≈ q[r, c] · scale[r, c / 32]`, one
-/// scale per 32 consecutive values of a row (symmetric, round to nearest).
-/// A quarter of the bytes of f32, so a bandwidth-bound decode step reads a
-/// quarter as much.
-#[derive(Debug)]
-pub struct Q8Matrix {
-    rows: usize,
-    cols: usize,
-    q: Vec<i8>,
-    scales: Vec<f32>,
-}
-
-impl Q8Matrix {
-    /// Quantises a row-major `[rows, cols]` f32 tensor; `cols` must be a
-    /// multiple of 32.
-    pub fn quantize(w: &Tensor) -> candle_core::Result<Self> {
-        let (rows, cols) = w.dims2()?;
-        if cols % Q8_BLOCK != 0 {
-            candle_core::bail!("8-bit weights need a multiple of {Q8_BLOCK} columns, not {cols}")
-        }
-        let values: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let mut q = vec![0i8; rows * cols];
-        let mut scales = vec![0f32; rows * cols / Q8_BLOCK];
-        for (b, (chunk, out)) in values.chunks_exact(Q8_BLOCK).zip(q.chunks_exact_mut(Q8_BLOCK)).enumerate() {
-            let max = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
-            scales[b] = scale;
-            for (o, v) in out.iter_mut().zip(chunk) {
-                *o = (v / scale).round().clamp(-127.0, 127.0) as i8;
-            }
-        }
-        Ok(Self { rows, cols, q, scales })
-    }
-
-    pub fn dims(&self) -> (usize, usize) {
-        (self.rows, self.cols)
-    }
-
-    pub fn bytes(&self) -> usize {
-        self.q.len() + 4 * self.scales.len()
-    }
-}
-
-/// `x @ wᵀ` for `x: [rows, k]` and an 8-bit `w: [n, k]` (the tied head).
-pub fn rows_times_q8_t(x: &Tensor, w: &Q8Matrix) -> candle_core::Result<Tensor> {
-    let (rows, k) = x.dims2()?;
-    let (n, wk) = w.dims();
-    if wk != k {
-        candle_core::bail!("rows_times_q8_t: x is [{rows}, {k}] but w is [{n}, {wk}]")
-    }
-    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let mut by_col = vec![0f32; n * rows];
-    by_col.par_chunks_mut(COLUMN_BLOCK * rows).enumerate().for_each(|(block, dst)| {
-        let v0 = block * COLUMN_BLOCK;
-        let mut deq = vec![0f32; k];
-        for (i, out_v) in dst.chunks_mut(rows).enumerate() {
-            dequantize_row(w, v0 + i, &mut deq);
-            dots_dispatch(&xs, k, &deq, out_v);
-        }
-    });
-    let mut out = vec![0f32; rows * n];
-    for v in 0..n {
-        for r in 0..rows {
-            out[r * n + v] = by_col[v * rows + r];
-        }
-    }
-    Tensor::from_vec(out, (rows, n), x.device())
-}
-
-/// An 8-bit `[k, n]` projection in the packed tile layout of
-/// [`PackedMatrix`]: `w[r, c] ≈ q · scale[r, c / 32]`. The kernel converts
-/// and multiplies in registers, so a decode step reads a quarter of the
-/// bytes of f32 and does little more arithmetic.
-#[derive(Debug)]
-pub struct PackedQ8 {
-    k: usize,
-    n: usize,
-    q: Vec<i8>,
-    scales: Vec<f32>,
-}
-
-impl PackedQ8 {
-    /// Quantises a row-major `[k, n]` f32 tensor; `n` must be a multiple of 32.
-    pub fn quantize(w: &Tensor) -> candle_core::Result<Self> {
-        let (k, n) = w.dims2()?;
-        if n % Q8_BLOCK != 0 {
-            candle_core::bail!("8-bit weights need a multiple of {Q8_BLOCK} columns, not {n}")
-        }
-        let src: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let blocks = n / Q8_BLOCK;
-        let mut scales = vec![0f32; k * blocks];
-        for (b, chunk) in src.chunks_exact(Q8_BLOCK).enumerate() {
-            let max = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
-            scales[b] = if max > 0.0 { max / 127.0 } else { 1.0 };
-        }
-        let mut q = vec![0i8; k * n];
-        for k0 in (0..k).step_by(K_BLOCK) {
-            let band_rows = (k0 + K_BLOCK).min(k) - k0;
-            for t in 0..n / TILE {
-                let base = k0 * n + t * band_rows * TILE;
-                for i in 0..band_rows {
-                    let row = k0 + i;
-                    let scale = scales[row * blocks + t * TILE / Q8_BLOCK];
-                    for j in 0..TILE {
-                        let v = src[row * n + t * TILE + j];
-                        q[base + i * TILE + j] = (v / scale).round().clamp(-127.0, 127.0) as i8;
-                    }
-                }
-            }
-        }
-        Ok(Self { k, n, q, scales })
-    }
-
-    pub fn dims(&self) -> (usize, usize) {
-        (self.k, self.n)
-    }
-}
-
-/// `x @ w` for `x: [rows, k]` and a packed 8-bit `w`.
-pub fn rows_times_packed_q8(x: &Tensor, w: &PackedQ8) -> candle_core::Result<Tensor> {
-    let (rows, k) = x.dims2()?;
-    let (wk, n) = w.dims();
-    if wk != k {
-        candle_core::bail!("rows_times_packed_q8: x is [{rows}, {k}] but w is [{wk}, {n}]")
-    }
-    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let out = banded(k, rows, n, |k0, k1, acc| packed_q8_dispatch(&xs, k, w, k0, k1, rows, acc));
-    Tensor::from_vec(out, (rows, n), x.device())
-}
-
-fn packed_q8_dispatch(xs: &[f32], k: usize, w: &PackedQ8, k0: usize, k1: usize, rows: usize, acc: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports AVX2 and FMA (checked above).
-            return unsafe { packed_q8_avx2(xs, k, w, k0, k1, rows, acc) };
-        }
-    }
-    packed_q8_band(xs, k, w, k0, k1, rows, acc)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn packed_q8_avx2(xs: &[f32], k: usize, w: &PackedQ8, k0: usize, k1: usize, rows: usize, acc: &mut [f32]) {
-    packed_q8_band(xs, k, w, k0, k1, rows, acc)
-}
-
-#[inline(always)]
-fn packed_q8_band(xs: &[f32], k: usize, w: &PackedQ8, k0: usize, k1: usize, rows: usize, acc: &mut [f32]) {
-    let n = w.n;
-    let band_rows = k1 - k0;
-    let band = &w.q[k0 * n..k1 * n];
-    for t in 0..n / TILE {
-        let strip = &band[t * band_rows * TILE..(t + 1) * band_rows * TILE];
-        let mut r = 0;
-        while r < rows {
-            let group = (rows - r).min(4);
-            match group {
-                4 => packed_q8_tile::<4>(xs, k, w, strip, k0, r, t, acc),
-                3 => packed_q8_tile::<3>(xs, k, w, strip, k0, r, t, acc),
-                2 => packed_q8_tile::<2>(xs, k, w, strip, k0, r, t, acc),
-                _ => packed_q8_tile::<1>(xs, k, w, strip, k0, r, t, acc),
-            }
-            r += group;
-        }
-    }
-}
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn packed_q8_tile<const G: usize>(xs: &[f32], k: usize, w: &PackedQ8, strip: &[i8], k0: usize, r0: usize, t: usize, acc: &mut [f32]) {
-    let (n, blocks) = (w.n, w.n / Q8_BLOCK);
-    let block = t * TILE / Q8_BLOCK;
-    let mut a = [[0f32; TILE]; G];
-    for (i, q) in strip.chunks_exact(TILE).enumerate() {
-        let q: &[i8; TILE] = q.try_into().unwrap_or_else(|_| unreachable!());
-        let mut wf = [0f32; TILE];
-        for j in 0..TILE {
-            wf[j] = q[j] as f32;
-        }
-        let scale = w.scales[(k0 + i) * blocks + block];
-        for g in 0..G {
-            let xv = xs[(r0 + g) * k + k0 + i] * scale;
-            for j in 0..TILE {
-                a[g][j] = xv.mul_add(wf[j], a[g][j]);
-            }
-        }
-    }
-    let c0 = t * TILE;
-    for g in 0..G {
-        acc[(r0 + g) * n + c0..(r0 + g) * n + c0 + TILE].copy_from_slice(&a[g]);
-    }
-}
-
-fn dequantize_row(w: &Q8Matrix, row: usize, out: &mut [f32]) {
-    let k = w.cols;
-    let qrow = &w.q[row * k..(row + 1) * k];
-    let srow = &w.scales[row * k / Q8_BLOCK..(row + 1) * k / Q8_BLOCK];
-    for ((o, q), &s) in out.chunks_exact_mut(Q8_BLOCK).zip(qrow.chunks_exact(Q8_BLOCK)).zip(srow) {
-        for (d, &qv) in o.iter_mut().zip(q) {
-            *d = qv as f32 * s;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -593,20 +390,6 @@ mod tests {
     }
 
     #[test]
-    fn q8_head_is_close_to_f32() {
-        let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (5, 96), &dev).unwrap();
-        let w = Tensor::randn(0f32, 0.1, (96, 320), &dev).unwrap();
-        let scale = x.matmul(&w).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        let err = Q8Matrix::quantize(&Tensor::zeros((10, 50), DType::F32, &dev).unwrap()).unwrap_err();
-        assert!(err.to_string().contains("multiple of 32"));
-        let wt = Tensor::randn(0f32, 0.1, (70, 96), &dev).unwrap();
-        let qt = Q8Matrix::quantize(&wt).unwrap();
-        let reference = x.matmul(&wt.t().unwrap()).unwrap();
-        assert!(close(&rows_times_q8_t(&x, &qt).unwrap(), &reference) < 0.02 * scale);
-    }
-
-    #[test]
     fn packed_weights_give_the_same_bits_as_the_banded_kernel() {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1.0, (300, 96), &dev).unwrap();
@@ -623,20 +406,6 @@ mod tests {
             assert_eq!(close(&packed.narrow(0, rows - 1, 1).unwrap(), &one), 0.0);
         }
         assert!(PackedMatrix::pack(&Tensor::zeros((4, 20), DType::F32, &dev).unwrap()).is_err());
-    }
-
-    #[test]
-    fn packed_q8_is_close_to_f32_and_batch_invariant() {
-        let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (6, 300), &dev).unwrap();
-        let w = Tensor::randn(0f32, 0.1, (300, 96), &dev).unwrap();
-        let q = PackedQ8::quantize(&w).unwrap();
-        let reference = x.matmul(&w).unwrap();
-        let got = rows_times_packed_q8(&x, &q).unwrap();
-        let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(close(&got, &reference) < 0.02 * scale, "{} vs {scale}", close(&got, &reference));
-        let one = rows_times_packed_q8(&x.narrow(0, 4, 1).unwrap(), &q).unwrap();
-        assert_eq!(close(&got.narrow(0, 4, 1).unwrap(), &one), 0.0);
     }
 
     #[test]
