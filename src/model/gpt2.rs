@@ -259,7 +259,7 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.c_fc.forward(x)?;
         let h = match self.activation {
-            Activation::GeluNew => h.gelu()?,
+            Activation::GeluNew => kernels::gelu_new(&h)?,
             Activation::Gelu => h.gelu_erf()?,
             Activation::Relu => h.relu()?,
         };
@@ -329,7 +329,7 @@ impl Block {
         let h = self.ln_2.forward(&x)?;
         let h = self.mlp.c_fc.forward_2d_lora(&h, &deltas(Target::MlpCFc))?;
         let h = match self.mlp.activation {
-            Activation::GeluNew => h.gelu()?,
+            Activation::GeluNew => kernels::gelu_new(&h)?,
             Activation::Gelu => h.gelu_erf()?,
             Activation::Relu => h.relu()?,
         };
