@@ -725,7 +725,13 @@ async fn persona_command(shared: &Shared, inbound: &Inbound) -> Result<Answer, C
             };
             let rest = words.collect::<Vec<_>>().join(" ");
             let seed: Vec<String> = rest.split('|').map(str::trim).filter(|t| !t.is_empty()).map(str::to_string).collect();
-            match personas.create(&name.to_ascii_lowercase(), seed).await {
+            // Whoever moderates this server (or, outside one, this channel)
+            // owns what they create.
+            let owner = match inbound.group.as_deref() {
+                Some(group) => group_scope(channel, group),
+                None => channel.to_string(),
+            };
+            match personas.create(&name.to_ascii_lowercase(), seed, &owner).await {
                 Ok(spec) => format!(
                     "Created persona {} with {} seed turn(s). /persona use {} to speak as it here; /train teaches it this channel's ways.",
                     spec.name,

@@ -404,6 +404,10 @@ pub struct PersonaSpec {
     /// Turns placed before every conversation's context, oldest first.
     #[serde(default)]
     pub seed: Vec<String>,
+    /// Where a moderator created it (a channel, or a server's scope); only
+    /// moderators there may replace it. `None`: defined in the settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_in: Option<String>,
 }
 
 /// Whether a persona name is acceptable: 1-32 of `a-z 0-9 _ -`.
@@ -1017,7 +1021,7 @@ impl RawPersonas {
                 return Err(invalid("personas.defined", format!("{}: seed turn {s:?} must be 1-2000 bytes", p.name)));
             }
             let adapter = (!p.adapter.trim().is_empty()).then(|| std::path::PathBuf::from(p.adapter.trim()));
-            defined.push(PersonaSpec { name: p.name, adapter, seed: p.seed });
+            defined.push(PersonaSpec { name: p.name, adapter, seed: p.seed, created_in: None });
         }
         if !self.default.is_empty() && !defined.iter().any(|d| d.name == self.default) {
             return Err(invalid("personas.default", format!("{:?} is not in personas.defined", self.default)));

@@ -370,6 +370,9 @@ async fn a_persona_learns_its_channel_while_other_channels_keep_the_base_model()
     let created = say(&d, ROOM, "/persona create friendly", true).await;
     assert!(created.contains("Created persona friendly with 0 seed turn(s)"), "{created}");
     assert!(say(&d, ROOM, "/persona use friendly", true).await.contains("speak as friendly in this channel"));
+    // Another channel's moderators cannot replace it; its own can.
+    assert!(say(&d, "elsewhere", "/persona create friendly Arr!", true).await.contains("friendly was created elsewhere"));
+    assert!(say(&d, ROOM, "/persona create friendly", true).await.contains("Created persona friendly"));
     assert!(say(&d, ROOM, "/persona list", true).await.contains("friendly"));
     let queued = say(&d, ROOM, "/train", true).await;
     assert!(queued.contains("job #1 queued for persona:friendly"), "{queued}");

@@ -135,10 +135,11 @@ impl Personas {
         Ok(self.all().await?.into_iter().find(|p| p.name == name))
     }
 
-    /// Creates (or, for one created before, replaces) a persona with seed
-    /// turns and no adapter until a job trains one. Configured personas
+    /// Creates (or, for one created before in the same `scope`, replaces)
+    /// a persona with seed turns and no adapter until a job trains one.
+    /// Configured personas, and those another channel or server created,
     /// cannot be replaced.
-    pub async fn create(&self, name: &str, seed: Vec<String>) -> Result<PersonaSpec, String> {
+    pub async fn create(&self, name: &str, seed: Vec<String>, scope: &str) -> Result<PersonaSpec, String> {
         if !persona_name_ok(name) {
             return Err(format!("{name:?} is not a persona name: use 1-32 of a-z, 0-9, _ and -"));
         }
@@ -148,7 +149,12 @@ impl Personas {
         if seed.iter().any(|s| s.len() > 2000) {
             return Err("a seed turn may have at most 2000 bytes".into());
         }
-        let spec = PersonaSpec { name: name.to_string(), adapter: None, seed };
+        if let Some(existing) = self.get(name).await? {
+            if existing.created_in.as_deref() != Some(scope) {
+                return Err(format!("{name} was created elsewhere; choose another name"));
+            }
+        }
+        let spec = PersonaSpec { name: name.to_string(), adapter: None, seed, created_in: Some(scope.to_string()) };
         match &self.store {
             Some(store) => store.put_persona(&spec).await.map_err(|e| e.to_string())?,
             None => {
