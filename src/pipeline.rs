@@ -596,19 +596,23 @@ async fn run_command(shared: &Shared, inbound: &Inbound, word: &str) -> Result<A
                 return Ok(reply(inbound, "Collection is off on this bot ([collect] enabled = false)."));
             };
             let key = channel.to_string();
-            let answer = match argument(inbound).as_str() {
-                "on" => {
+            let choice = match argument(inbound).as_str() {
+                "on" => Some(true),
+                "off" => Some(false),
+                _ => None,
+            };
+            let answer = match choice {
+                Some(on) => {
                     let (c, k) = (collector.clone(), key.clone());
-                    tokio::task::spawn_blocking(move || c.set_channel(&k, true)).await.map_err(internal)?.map_err(internal)?;
-                    "Collecting: this channel's conversations may now be used to train me (members can /optout)."
+                    tokio::task::spawn_blocking(move || c.set_channel(&k, on)).await.map_err(internal)?.map_err(internal)?;
+                    if on {
+                        "Collecting: this channel's conversations may now be used to train me (members can /optout)."
+                    } else {
+                        "Not collecting: nothing more from this channel will be used for training."
+                    }
                 }
-                "off" => {
-                    let (c, k) = (collector.clone(), key.clone());
-                    tokio::task::spawn_blocking(move || c.set_channel(&k, false)).await.map_err(internal)?.map_err(internal)?;
-                    "Not collecting: nothing more from this channel will be used for training."
-                }
-                _ if collector.wants(&key) => "This channel's conversations are collected for training (/collect off stops it).",
-                _ => "This channel's conversations are not collected (/collect on starts it).",
+                None if collector.wants(&key) => "This channel's conversations are collected for training (/collect off stops it).",
+                None => "This channel's conversations are not collected (/collect on starts it).",
             };
             Ok(reply(inbound, answer))
         }

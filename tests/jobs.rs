@@ -365,6 +365,13 @@ async fn a_persona_learns_its_channel_while_other_channels_keep_the_base_model()
     let before = say(&d, "check-0", "hello bot", false).await;
     assert!(!before.starts_with("hi there, friend"), "{before}");
 
+    // Moderators opt a channel in and out of collection.
+    assert!(say(&d, "check-c", "/collect", true).await.contains("are not collected"));
+    assert!(say(&d, "check-c", "/collect on", true).await.starts_with("Collecting:"));
+    assert!(say(&d, "check-c", "/collect", true).await.contains("are collected"));
+    assert!(say(&d, "check-c", "/collect off", true).await.starts_with("Not collecting:"));
+    assert!(say(&d, "check-c", "/collect", true).await.contains("are not collected"));
+
     // LoRA jobs train a persona: the channel needs one first.
     assert!(say(&d, ROOM, "/train", true).await.contains("/persona create NAME"));
     let created = say(&d, ROOM, "/persona create friendly", true).await;
