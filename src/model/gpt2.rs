@@ -219,13 +219,16 @@ impl Attention {
     /// over everything cached. Returns `[t, n_embd]`.
     fn attend_cached(&self, q: &Tensor, k: &Tensor, v: &Tensor, layer: &mut LayerCache, past: usize) -> Result<Tensor> {
         let t = q.dim(1)?;
-        layer.k.slice_set(k, 1, past)?;
-        layer.v.slice_set(v, 1, past)?;
+        let LayerCache::Device { k: cache_k, v: cache_v } = layer else {
+            return Err(ModelError::Input("a host cache reached the tensor attention path".into()));
+        };
+        cache_k.slice_set(k, 1, past)?;
+        cache_v.slice_set(v, 1, past)?;
         let total = past + t;
         // Views over the first `total` positions: batch stride is the
         // capacity, which candle's matmul accepts without a copy.
-        let keys = layer.k.narrow(1, 0, total)?;
-        let values = layer.v.narrow(1, 0, total)?;
+        let keys = cache_k.narrow(1, 0, total)?;
+        let values = cache_v.narrow(1, 0, total)?;
         let mut scores = (q.matmul(&keys.t()?)? * self.scale)?;
         if t > 1 {
             let bias = causal_bias(t, past, scores.dtype(), scores.device())?.squeeze(0)?;
@@ -234,6 +237,35 @@ impl Attention {
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = probs.matmul(&values)?; // [n_head, t, head_dim]
         Ok(out.transpose(0, 1)?.reshape((t, self.n_head * self.head_dim))?)
+    }
+
+    /// Attention for every sequence of a batch at once over host caches
+    /// (see [`kernels::attention`]): `qkv` is `[rows, 3 * n_embd]` f32 on
+    /// the CPU. `None` when the caches or `qkv` are not of that kind; the
+    /// per-sequence tensor path runs then.
+    fn attend_host(&self, qkv: &Tensor, spans: &[(usize, usize)], caches: &mut [&mut SeqCache], layer_idx: usize) -> Result<Option<Tensor>> {
+        if !qkv.device().is_cpu() || qkv.dtype() != DType::F32 || !qkv.is_contiguous() {
+            return Ok(None);
+        }
+        let mut seqs = Vec::with_capacity(spans.len());
+        for (&(start, len), cache) in spans.iter().zip(caches.iter_mut()) {
+            let past = cache.len;
+            let LayerCache::Host { k, v } = &mut cache.layers[layer_idx] else {
+                return Ok(None);
+            };
+            seqs.push(kernels::attention::SeqAttention { start, len, past, keys: k, values: v });
+        }
+        let heads = kernels::attention::Heads { n_head: self.n_head, head_dim: self.head_dim, scale: self.scale as f32 };
+        let (storage, layout) = qkv.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            return Ok(None);
+        };
+        let Some((lo, hi)) = layout.contiguous_offsets() else {
+            return Ok(None);
+        };
+        let out = kernels::attention::attend(&cpu.as_slice::<f32>()?[lo..hi], heads, seqs).map_err(ModelError::Input)?;
+        let rows = qkv.dim(0)?;
+        Ok(Some(Tensor::from_vec(out, (rows, self.n_head * self.head_dim), qkv.device())?))
     }
 
     /// `[rows, 3 * n_embd]` projections to one sequence's q, k, v, each
@@ -318,13 +350,22 @@ impl Block {
         };
         let h = self.ln_1.forward(x)?;
         let qkv = self.attn.c_attn.forward_2d_lora(&h, &deltas(Target::AttnCAttn))?;
-        let mut outs = Vec::with_capacity(spans.len());
-        for (&(start, t), cache) in spans.iter().zip(caches.iter_mut()) {
-            let (q, k, v) = self.attn.split_rows(&qkv, start, t)?;
-            let past = cache.len;
-            outs.push(self.attn.attend_cached(&q, &k, &v, &mut cache.layers[layer_idx], past)?);
-        }
-        let attn = if outs.len() == 1 { outs.pop().unwrap_or_else(|| unreachable!()) } else { Tensor::cat(&outs, 0)? };
+        let attn = match self.attn.attend_host(&qkv, spans, caches, layer_idx)? {
+            Some(attn) => attn,
+            None => {
+                let mut outs = Vec::with_capacity(spans.len());
+                for (&(start, t), cache) in spans.iter().zip(caches.iter_mut()) {
+                    let (q, k, v) = self.attn.split_rows(&qkv, start, t)?;
+                    let past = cache.len;
+                    outs.push(self.attn.attend_cached(&q, &k, &v, &mut cache.layers[layer_idx], past)?);
+                }
+                if outs.len() == 1 {
+                    outs.pop().unwrap_or_else(|| unreachable!())
+                } else {
+                    Tensor::cat(&outs, 0)?
+                }
+            }
+        };
         let x = (x + self.attn.c_proj.forward_2d_lora(&attn, &deltas(Target::AttnCProj))?)?;
         let h = self.ln_2.forward(&x)?;
         let h = self.mlp.c_fc.forward_2d_lora(&h, &deltas(Target::MlpCFc))?;
@@ -354,10 +395,13 @@ struct AdaptedSpan<'a> {
 }
 
 /// One layer's keys and values, `[n_head, capacity, head_dim]` each.
-#[derive(Debug)]
-struct LayerCache {
-    k: Tensor,
-    v: Tensor,
+#[derive(Debug, Clone)]
+enum LayerCache {
+    /// f32 buffers on the host, written and read in place by the batched
+    /// attention kernel (CPU models with f32 activations).
+    Host { k: Vec<f32>, v: Vec<f32> },
+    /// Tensors on the model's device (GPUs, half-precision models).
+    Device { k: Tensor, v: Tensor },
 }
 
 /// A preallocated KV cache for one sequence, as the generation pool uses
@@ -389,14 +433,23 @@ impl SeqCache {
         let layers = self
             .layers
             .iter()
-            .map(|l| Ok(LayerCache { k: l.k.copy()?, v: l.v.copy()? }))
+            .map(|l| match l {
+                LayerCache::Host { .. } => Ok(l.clone()),
+                LayerCache::Device { k, v } => Ok(LayerCache::Device { k: k.copy()?, v: v.copy()? }),
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { layers, len: self.len, capacity: self.capacity })
     }
 
     /// Bytes held by the cache.
     pub fn bytes(&self) -> usize {
-        self.layers.iter().map(|l| 2 * l.k.elem_count() * l.k.dtype().size_in_bytes()).sum()
+        self.layers
+            .iter()
+            .map(|l| match l {
+                LayerCache::Host { k, v } => (k.len() + v.len()) * std::mem::size_of::<f32>(),
+                LayerCache::Device { k, v } => (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes(),
+            })
+            .sum()
     }
 }
 
@@ -538,9 +591,14 @@ impl Gpt2 {
         }
         let (h, d) = (self.config.n_head, self.config.head_dim());
         let dtype = self.activation_dtype();
+        let host = self.device.is_cpu() && dtype == DType::F32;
         let layers = (0..self.config.n_layer)
             .map(|_| {
-                Ok(LayerCache {
+                if host {
+                    // Zeroed pages are only touched as positions fill.
+                    return Ok(LayerCache::Host { k: vec![0f32; h * capacity * d], v: vec![0f32; h * capacity * d] });
+                }
+                Ok(LayerCache::Device {
                     k: Tensor::zeros((h, capacity, d), dtype, &self.device)?,
                     v: Tensor::zeros((h, capacity, d), dtype, &self.device)?,
                 })

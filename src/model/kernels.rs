@@ -14,11 +14,13 @@
 //! storage; the few activation rows are copied out and the result copied back.
 //!
 //! The 8-bit products (integer dot products on quantised activations) are
-//! in `kernels/q8.rs`.
+//! in `kernels/q8.rs`; attention over the per-sequence caches of a batched
+//! step is in `kernels/attention.rs`.
 
 use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
+pub mod attention;
 mod q8;
 
 pub use q8::{rows_times_packed_q8, rows_times_q8_t, PackedQ8, Q8Matrix, Q8_BLOCK};

@@ -1,0 +1,306 @@
+//! Attention over per-sequence key/value caches, every sequence of a batch
+//! in one call.
+//!
+//! A batched step holds sequences of different lengths, each with its own
+//! cache. Doing their attention with tensor ops costs about ten small ops
+//! per sequence per layer (split, copy into the cache, two products, mask,
+//! softmax, transpose), each with an allocation, on the engine thread while
+//! the other cores wait. Here one rayon task per (sequence, head) writes
+//! the new keys and values into the cache in place and attends its query
+//! rows over the cached positions, straight from the fused `qkv`
+//! projection to the `[rows, n_embd]` output.
+//!
+//! A task's arithmetic depends only on its own sequence and head (same
+//! operations in the same order whatever else is in the batch and however
+//! many threads run), so a sequence's output does not depend on its batch.
+
+use rayon::prelude::*;
+
+/// The attention layout of a layer.
+#[derive(Debug, Clone, Copy)]
+pub struct Heads {
+    pub n_head: usize,
+    pub head_dim: usize,
+    /// Multiplies every query-key dot product.
+    pub scale: f32,
+}
+
+impl Heads {
+    fn n_embd(&self) -> usize {
+        self.n_head * self.head_dim
+    }
+}
+
+/// One sequence's part of a batched attention call.
+#[derive(Debug)]
+pub struct SeqAttention<'a> {
+    /// First row of this sequence in `qkv` and in the output.
+    pub start: usize,
+    /// Its new tokens (rows), written to the cache at `past..past + len`.
+    pub len: usize,
+    /// Positions already cached.
+    pub past: usize,
+    /// Keys and values, `[n_head, capacity, head_dim]` each.
+    pub keys: &'a mut [f32],
+    pub values: &'a mut [f32],
+}
+
+/// The output pointer shared by the tasks; each writes only its own
+/// (row, head) slices, which no other task touches.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: tasks write disjoint ranges (see `attend`), and the buffer
+// outlives the parallel section.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+/// Causal attention for every sequence: `qkv` is `[rows, 3 * n_embd]`
+/// (queries, keys, values side by side, as GPT-2's `c_attn` gives them)
+/// and the result is `[rows, n_embd]`, heads side by side. Row `start + j`
+/// of a sequence sees its cached positions and its own new tokens up to
+/// `j`. Fails (writing nothing) when a sequence's rows or cache do not fit.
+pub fn attend(qkv: &[f32], heads: Heads, seqs: Vec<SeqAttention<'_>>) -> Result<Vec<f32>, String> {
+    let e = heads.n_embd();
+    if e == 0 || qkv.len() % (3 * e) != 0 {
+        return Err(format!("qkv of {} values is not rows of 3 × {e}", qkv.len()));
+    }
+    let rows = qkv.len() / (3 * e);
+    let per_head = |buf: &[f32]| buf.len() / e;
+    for s in &seqs {
+        let capacity = per_head(s.keys);
+        if s.keys.len() != capacity * e || s.values.len() != s.keys.len() {
+            return Err(format!("a cache of {} keys and {} values is not [{}, capacity, {}]", s.keys.len(), s.values.len(), heads.n_head, heads.head_dim));
+        }
+        if s.len == 0 || s.start + s.len > rows {
+            return Err(format!("rows {}..{} are outside the {rows} rows given", s.start, s.start + s.len));
+        }
+        if s.past + s.len > capacity {
+            return Err(format!("{} positions exceed the sequence's cache of {capacity}", s.past + s.len));
+        }
+    }
+    let mut out = vec![0f32; rows * e];
+    let out_ptr = Out(out.as_mut_ptr());
+    let d = heads.head_dim;
+    let tasks: Vec<(usize, usize, usize, usize, &mut [f32], &mut [f32])> = seqs
+        .into_iter()
+        .flat_map(|s| {
+            let capacity = per_head(s.keys);
+            let (start, len, past) = (s.start, s.len, s.past);
+            s.keys
+                .chunks_mut(capacity * d)
+                .zip(s.values.chunks_mut(capacity * d))
+                .enumerate()
+                .map(move |(h, (k, v))| (start, len, past, h, k, v))
+        })
+        .collect();
+    tasks.into_par_iter().with_max_len(4).for_each(|(start, len, past, h, keys, values)| {
+        let out = out_ptr;
+        head_dispatch(qkv, heads, start, len, past, h, keys, values, out);
+    });
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn head_dispatch(qkv: &[f32], heads: Heads, start: usize, len: usize, past: usize, h: usize, keys: &mut [f32], values: &mut [f32], out: Out) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked above).
+            return unsafe { head_avx2(qkv, heads, start, len, past, h, keys, values, out) };
+        }
+    }
+    head(qkv, heads, start, len, past, h, keys, values, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn head_avx2(qkv: &[f32], heads: Heads, start: usize, len: usize, past: usize, h: usize, keys: &mut [f32], values: &mut [f32], out: Out) {
+    head(qkv, heads, start, len, past, h, keys, values, out)
+}
+
+/// One head of one sequence: store its new keys and values, then attend
+/// each new row causally. Plain multiplies and adds (no fused
+/// multiply-add), so every code path rounds the same way.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn head(qkv: &[f32], heads: Heads, start: usize, len: usize, past: usize, h: usize, keys: &mut [f32], values: &mut [f32], out: Out) {
+    let (d, e) = (heads.head_dim, heads.n_embd());
+    for j in 0..len {
+        let row = &qkv[(start + j) * 3 * e..(start + j + 1) * 3 * e];
+        keys[(past + j) * d..(past + j + 1) * d].copy_from_slice(&row[e + h * d..e + (h + 1) * d]);
+        values[(past + j) * d..(past + j + 1) * d].copy_from_slice(&row[2 * e + h * d..2 * e + (h + 1) * d]);
+    }
+    let mut scores = vec![0f32; past + len];
+    let mut acc = vec![0f32; d];
+    for j in 0..len {
+        let row = start + j;
+        let q = &qkv[row * 3 * e + h * d..row * 3 * e + (h + 1) * d];
+        let total = past + j + 1;
+        let scores = &mut scores[..total];
+        let mut max = f32::NEG_INFINITY;
+        for (i, s) in scores.iter_mut().enumerate() {
+            *s = dot(q, &keys[i * d..(i + 1) * d]) * heads.scale;
+            max = max.max(*s);
+        }
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        acc.iter_mut().for_each(|a| *a = 0.0);
+        for (i, &p) in scores.iter().enumerate() {
+            for (a, &v) in acc.iter_mut().zip(&values[i * d..(i + 1) * d]) {
+                *a += p * v;
+            }
+        }
+        // SAFETY: `row` belongs to this task's sequence and `h` to this
+        // task, so no other task writes `out[row * e + h * d..][..d]`; the
+        // range lies inside the `rows * e` buffer (`attend` checked rows).
+        let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(row * e + h * d), d) };
+        for (o, &a) in dst.iter_mut().zip(&acc) {
+            *o = a / sum;
+        }
+    }
+}
+
+/// Lanes of the dot product: independent partial sums the compiler keeps
+/// in vector registers.
+const LANES: usize = 16;
+
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let chunks = a.len() / LANES;
+    for c in 0..chunks {
+        let (x, y) = (&a[c * LANES..(c + 1) * LANES], &b[c * LANES..(c + 1) * LANES]);
+        for l in 0..LANES {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    let mut sum = 0f32;
+    for l in lanes {
+        sum += l;
+    }
+    for i in chunks * LANES..a.len() {
+        sum += a[i] * b[i];
+    }
+    sum
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The textbook computation, one query at a time, in f64.
+    fn reference(q: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>], scale: f32) -> Vec<f32> {
+        let scores: Vec<f64> = keys.iter().map(|k| q.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * scale as f64).collect();
+        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+        let sum: f64 = exps.iter().sum();
+        (0..q.len()).map(|c| (exps.iter().zip(values).map(|(p, v)| p * v[c] as f64).sum::<f64>() / sum) as f32).collect()
+    }
+
+    fn pseudo(n: usize, seed: u32) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(2_654_435_761).max(1);
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_the_textbook_causal_attention_and_fills_the_caches() {
+        let heads = Heads { n_head: 3, head_dim: 20, scale: 0.3 };
+        let e = heads.n_embd();
+        // Two sequences: 5 new tokens after 2 cached, and 1 new after 6 cached.
+        let plan = [(5usize, 2usize), (1, 6)];
+        let rows: usize = plan.iter().map(|p| p.0).sum();
+        let qkv = pseudo(rows * 3 * e, 7);
+        let capacity = 8;
+        let mut caches: Vec<(Vec<f32>, Vec<f32>)> = (0..plan.len())
+            .map(|i| (pseudo(heads.n_head * capacity * heads.head_dim, 100 + i as u32), pseudo(heads.n_head * capacity * heads.head_dim, 200 + i as u32)))
+            .collect();
+        let before = caches.clone();
+        let mut start = 0;
+        let mut seqs = Vec::new();
+        for ((len, past), (k, v)) in plan.iter().zip(caches.iter_mut()) {
+            seqs.push(SeqAttention { start, len: *len, past: *past, keys: k, values: v });
+            start += len;
+        }
+        let out = attend(&qkv, heads, seqs).unwrap();
+        let d = heads.head_dim;
+        let mut start = 0;
+        for (s, &(len, past)) in plan.iter().enumerate() {
+            for h in 0..heads.n_head {
+                let at = |buf: &Vec<f32>, p: usize| buf[h * capacity * d + p * d..h * capacity * d + (p + 1) * d].to_vec();
+                // The new keys and values landed at past..past + len; the rest is untouched.
+                for p in 0..capacity {
+                    let (k, v) = (at(&caches[s].0, p), at(&caches[s].1, p));
+                    if p >= past && p < past + len {
+                        let r = start + p - past;
+                        assert_eq!(k, qkv[r * 3 * e + e + h * d..r * 3 * e + e + (h + 1) * d].to_vec());
+                        assert_eq!(v, qkv[r * 3 * e + 2 * e + h * d..r * 3 * e + 2 * e + (h + 1) * d].to_vec());
+                    } else {
+                        assert_eq!((k, v), (at(&before[s].0, p), at(&before[s].1, p)), "position {p} changed");
+                    }
+                }
+                for j in 0..len {
+                    let r = start + j;
+                    let q = &qkv[r * 3 * e + h * d..r * 3 * e + (h + 1) * d];
+                    let seen = past + j + 1;
+                    let keys: Vec<Vec<f32>> = (0..seen).map(|p| at(&caches[s].0, p)).collect();
+                    let values: Vec<Vec<f32>> = (0..seen).map(|p| at(&caches[s].1, p)).collect();
+                    let want = reference(q, &keys, &values, heads.scale);
+                    let got = &out[r * e + h * d..r * e + (h + 1) * d];
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!((g - w).abs() < 1e-5, "seq {s} head {h} row {j}: {g} vs {w}");
+                    }
+                }
+            }
+            start += len;
+        }
+    }
+
+    #[test]
+    fn a_sequence_gives_the_same_bits_alone_and_in_a_batch() {
+        let heads = Heads { n_head: 2, head_dim: 32, scale: 0.125 };
+        let e = heads.n_embd();
+        let capacity = 10;
+        let cache = || (vec![0f32; heads.n_head * capacity * heads.head_dim], vec![0f32; heads.n_head * capacity * heads.head_dim]);
+        let mine = pseudo(4 * 3 * e, 1);
+        let (mut k1, mut v1) = cache();
+        let alone = attend(&mine, heads, vec![SeqAttention { start: 0, len: 4, past: 0, keys: &mut k1, values: &mut v1 }]).unwrap();
+        let mut batch = pseudo(3 * 3 * e, 2);
+        batch.extend_from_slice(&mine);
+        let (mut k0, mut v0) = cache();
+        let (mut k2, mut v2) = cache();
+        let together = attend(
+            &batch,
+            heads,
+            vec![
+                SeqAttention { start: 0, len: 3, past: 0, keys: &mut k0, values: &mut v0 },
+                SeqAttention { start: 3, len: 4, past: 0, keys: &mut k2, values: &mut v2 },
+            ],
+        )
+        .unwrap();
+        assert_eq!(alone, together[3 * e..].to_vec());
+        assert_eq!((k1, v1), (k2, v2));
+    }
+
+    #[test]
+    fn rows_or_positions_that_do_not_fit_are_refused() {
+        let heads = Heads { n_head: 1, head_dim: 4, scale: 1.0 };
+        let qkv = vec![0f32; 2 * 12];
+        let (mut k, mut v) = (vec![0f32; 3 * 4], vec![0f32; 3 * 4]);
+        let err = attend(&qkv, heads, vec![SeqAttention { start: 0, len: 2, past: 2, keys: &mut k, values: &mut v }]).unwrap_err();
+        assert!(err.contains("exceed the sequence's cache of 3"), "{err}");
+        let err = attend(&qkv, heads, vec![SeqAttention { start: 1, len: 2, past: 0, keys: &mut k, values: &mut v }]).unwrap_err();
+        assert!(err.contains("outside the 2 rows"), "{err}");
+        assert!(k.iter().chain(&v).all(|&x| x == 0.0), "a refused call wrote to the cache");
+    }
+}
