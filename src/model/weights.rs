@@ -151,15 +151,7 @@ impl TensorStore {
         if tensor.dims() != shape {
             return Err(self.error(name, &format!("has shape {:?}, expected {:?}", tensor.dims(), shape)));
         }
-        // A sum is NaN or infinite when any value is (max would skip NaN);
-        // summing in f32 keeps large half-precision tensors from overflowing.
-        let finite = tensor
-            .to_dtype(DType::F32)
-            .and_then(|t| t.abs())
-            .and_then(|t| t.sum_all())
-            .and_then(|t| t.to_scalar::<f32>())
-            .map_err(|e| self.error(name, &e.to_string()))?;
-        if !finite.is_finite() {
+        if !all_finite(&tensor).map_err(|e| self.error(name, &e.to_string()))? {
             return Err(self.error(name, "holds NaN or infinite values (corrupt checkpoint?)"));
         }
         Ok(tensor)
@@ -175,6 +167,29 @@ impl TensorStore {
     pub fn error(&self, tensor: &str, message: &str) -> ModelError {
         ModelError::Tensor { file: self.file.clone(), tensor: tensor.to_string(), message: message.to_string() }
     }
+}
+
+/// Values checked per chunk in [`all_finite`].
+const FINITE_CHUNK: usize = 1 << 20;
+
+/// Whether every value is finite, checked a chunk at a time: a whole-tensor
+/// `abs` would hold a second copy of the largest tensor (the 154 MB token
+/// embedding of DialoGPT-small) at the peak of loading. A chunk's sum of
+/// magnitudes is NaN or infinite when any value is (a max would skip NaN);
+/// summing in f32 keeps half-precision chunks from overflowing.
+fn all_finite(tensor: &Tensor) -> candle_core::Result<bool> {
+    let flat = tensor.flatten_all()?;
+    let n = flat.elem_count();
+    let mut start = 0;
+    while start < n {
+        let len = FINITE_CHUNK.min(n - start);
+        let sum = flat.narrow(0, start, len)?.to_dtype(DType::F32)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+        if !sum.is_finite() {
+            return Ok(false);
+        }
+        start += len;
+    }
+    Ok(true)
 }
 
 fn read_safetensors(paths: &[PathBuf]) -> Result<Vec<(String, Tensor)>, ModelError> {
@@ -318,5 +333,19 @@ mod tests {
         assert!(err.contains("NaN"), "{err}");
         let err = store.take("c", &[1]).unwrap_err().to_string();
         assert!(err.contains("missing"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_value_in_any_chunk_is_found() {
+        let n = 2 * FINITE_CHUNK + 7;
+        assert!(all_finite(&Tensor::zeros((n / 7, 7), DType::F32, &Device::Cpu).unwrap()).unwrap());
+        for (at, bad) in [(0, f32::NAN), (FINITE_CHUNK + 3, f32::INFINITY), (n - 1, f32::NAN)] {
+            let mut values = vec![0.5f32; n];
+            values[at] = bad;
+            let t = Tensor::from_vec(values, (n / 7, 7), &Device::Cpu).unwrap();
+            assert!(!all_finite(&t).unwrap(), "{bad} at {at} not found");
+            let half = t.to_dtype(DType::F16).unwrap();
+            assert!(!all_finite(&half).unwrap(), "{bad} at {at} not found in f16");
+        }
     }
 }
