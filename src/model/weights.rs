@@ -337,12 +337,13 @@ mod tests {
 
     #[test]
     fn a_bad_value_in_any_chunk_is_found() {
-        let n = 2 * FINITE_CHUNK + 7;
-        assert!(all_finite(&Tensor::zeros((n / 7, 7), DType::F32, &Device::Cpu).unwrap()).unwrap());
+        let rows = 2 * FINITE_CHUNK / 8 + 3;
+        let n = rows * 8;
+        assert!(all_finite(&Tensor::zeros((rows, 8), DType::F32, &Device::Cpu).unwrap()).unwrap());
         for (at, bad) in [(0, f32::NAN), (FINITE_CHUNK + 3, f32::INFINITY), (n - 1, f32::NAN)] {
             let mut values = vec![0.5f32; n];
             values[at] = bad;
-            let t = Tensor::from_vec(values, (n / 7, 7), &Device::Cpu).unwrap();
+            let t = Tensor::from_vec(values, (rows, 8), &Device::Cpu).unwrap();
             assert!(!all_finite(&t).unwrap(), "{bad} at {at} not found");
             let half = t.to_dtype(DType::F16).unwrap();
             assert!(!all_finite(&half).unwrap(), "{bad} at {at} not found in f16");
