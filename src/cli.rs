@@ -75,6 +75,13 @@ pub struct ModelArgs {
     /// auto (f32 on CPU, bf16 on GPU), f32, f16 or bf16.
     #[arg(long, default_value = "auto", value_name = "T")]
     pub dtype: String,
+    /// Weights for the projections and head: none (as loaded) or q8 (8-bit, CPU).
+    #[arg(long, default_value = "none", value_name = "none|q8")]
+    pub quantize: String,
+    /// What each sequence's key/value cache holds: auto (f16 on CPU, the
+    /// model's dtype on a GPU), f32 (exactly transformers' numbers) or f16.
+    #[arg(long, default_value = "auto", value_name = "auto|f32|f16")]
+    pub kv_cache: String,
 }
 
 /// Sampling flags; anything not given keeps the mode's default.
@@ -139,12 +146,13 @@ pub fn load(args: &ModelArgs, progress: bool) -> anyhow::Result<Loaded> {
     let started = Instant::now();
     let device = model::parse_device(&args.device)?;
     let dtype = model::parse_dtype(&args.dtype, &device)?;
+    let serving = model::ServingOptions::parse(&args.quantize, &args.kv_cache).map_err(|e| anyhow::anyhow!("--{e}").context("bad model options"))?;
     let dir = model::hub::resolve_model(&args.model)?;
     if progress {
         eprintln!("loading {} ({dtype:?} on {})…", dir.display(), args.device);
     }
     let tokenizer = DialogTokenizer::from_dir(&dir)?;
-    let model = Gpt2::load(&dir, dtype, &device)?;
+    let model = serving.apply(Gpt2::load(&dir, dtype, &device)?)?;
     let cfg = model.config();
     if tokenizer.eos_id() != cfg.eos_token_id || tokenizer.vocab_size() > cfg.vocab_size {
         anyhow::bail!(

@@ -145,7 +145,13 @@ impl Daemon {
         let runner = match job_store {
             Some(store) => {
                 let dir = base_dir.map_err(|e| DaemonError::Jobs(format!("{e:#}")))?;
-                let base = BaseModel { dir, device: settings.model.device.clone(), dtype: settings.model.dtype.clone() };
+                let base = BaseModel {
+                    dir,
+                    device: settings.model.device.clone(),
+                    dtype: settings.model.dtype.clone(),
+                    quantize: settings.model.quantize.clone(),
+                    kv_cache: settings.model.kv_cache.clone(),
+                };
                 Some(Runner::new(
                     store,
                     settings.jobs.clone(),

@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device};
 
 pub use config::{Gpt2Config, EOS_TOKEN_ID};
-pub use gpt2::{Gpt2, KvCache};
+pub use gpt2::{Gpt2, KvCache, KvPrecision};
 pub use lora::LoraRuntime;
 
 /// Everything that can go wrong while finding, reading or running a model.
@@ -83,6 +83,79 @@ pub fn parse_dtype(spec: &str, device: &Device) -> Result<DType, ModelError> {
         "f16" | "fp16" | "float16" | "half" => Ok(DType::F16),
         "bf16" | "bfloat16" => Ok(DType::BF16),
         other => Err(ModelError::Device(format!("`{other}` is not a dtype: use auto, f32, f16 or bf16"))),
+    }
+}
+
+/// How a loaded model is served: its projection weights and what its
+/// per-sequence caches hold. The settings keys `model.quantize` and
+/// `model.kv_cache` and the flags `--quantize` and `--kv-cache` name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ServingOptions {
+    /// 8-bit projection and head weights (CPU, f32 models).
+    pub quantize_q8: bool,
+    /// The cache's precision; `None` is `auto`: f16 where the model keeps
+    /// host caches (CPU, f32 or 8-bit), the model's own dtype on a GPU.
+    pub kv_cache: Option<KvPrecision>,
+}
+
+impl ServingOptions {
+    /// `quantize`: `none` or `q8`; `kv_cache`: `auto`, `f32` or `f16`. The
+    /// error says which value is wrong.
+    pub fn parse(quantize: &str, kv_cache: &str) -> Result<Self, String> {
+        let quantize_q8 = match quantize {
+            "none" | "f32" => false,
+            "q8" => true,
+            other => return Err(format!("quantize: {other:?} is not none or q8")),
+        };
+        let kv_cache = match kv_cache {
+            "auto" => None,
+            other => Some(KvPrecision::parse(other).map_err(|e| format!("kv_cache: {e} or auto"))?),
+        };
+        Ok(Self { quantize_q8, kv_cache })
+    }
+
+    /// Applies the options to a freshly loaded model.
+    pub fn apply(self, model: Gpt2) -> Result<Gpt2, ModelError> {
+        let model = if self.quantize_q8 { model.quantize_q8()? } else { model };
+        match self.kv_cache {
+            Some(kv) => model.with_kv_precision(kv),
+            None if model.device().is_cpu() && (model.dtype() == DType::F32 || model.is_quantized()) => model.with_kv_precision(KvPrecision::F16),
+            None => Ok(model),
+        }
+    }
+}
+
+#[cfg(test)]
+mod serving_tests {
+    use super::*;
+
+    #[test]
+    fn options_parse_and_apply() {
+        assert_eq!(ServingOptions::parse("none", "auto").unwrap(), ServingOptions::default());
+        let q8 = ServingOptions::parse("q8", "f32").unwrap();
+        assert!(q8.quantize_q8 && q8.kv_cache == Some(KvPrecision::F32));
+        assert!(ServingOptions::parse("q4", "auto").unwrap_err().contains("quantize"));
+        assert!(ServingOptions::parse("none", "bf16").unwrap_err().contains("kv_cache"));
+
+        let cfg = Gpt2Config::with_shape(64, 2, 4);
+        let load = |dtype: DType| {
+            let tensors = synthetic::synthetic_tensors(&cfg, 1, &synthetic::default_init()).unwrap();
+            let tensors = tensors.into_iter().map(|(n, t)| (n, t.to_dtype(dtype).unwrap())).collect();
+            let mut store = weights::TensorStore::from_tensors("synthetic", tensors);
+            Gpt2::from_store(cfg.clone(), &mut store, &Device::Cpu).unwrap()
+        };
+        let model = load(DType::F32);
+        let auto = ServingOptions::default().apply(model.clone()).unwrap();
+        assert_eq!(auto.kv_precision(), KvPrecision::F16, "auto is f16 on the CPU");
+        let exact = ServingOptions::parse("none", "f32").unwrap().apply(model.clone()).unwrap();
+        assert_eq!(exact.kv_precision(), KvPrecision::F32);
+        let both = q8.apply(model).unwrap();
+        assert!(both.is_quantized() && both.kv_precision() == KvPrecision::F32);
+        // A half-precision model caches in its own dtype.
+        let f16_model = load(DType::F16);
+        assert_eq!(ServingOptions::default().apply(f16_model.clone()).unwrap().kv_precision(), KvPrecision::F32);
+        let err = ServingOptions::parse("none", "f16").unwrap().apply(f16_model).unwrap_err().to_string();
+        assert!(err.contains("CPU option"), "{err}");
     }
 }
 

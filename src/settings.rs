@@ -147,6 +147,8 @@ pub struct RawModel {
     pub path: String,
     pub device: String,
     pub dtype: String,
+    pub quantize: String,
+    pub kv_cache: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -494,6 +496,10 @@ pub struct ModelSettings {
     pub path: String,
     pub device: String,
     pub dtype: String,
+    /// `none` or `q8` (see [`crate::model::ServingOptions`]).
+    pub quantize: String,
+    /// `auto`, `f32` or `f16`.
+    pub kv_cache: String,
 }
 
 /// The settings SIGHUP can change live.
@@ -676,6 +682,15 @@ impl RawSettings {
         if !["auto", "f32", "f16", "bf16"].contains(&m.dtype.as_str()) {
             return Err(invalid("model.dtype", format!("{:?} is not one of auto, f32, f16, bf16", m.dtype)));
         }
+        if !["none", "q8"].contains(&m.quantize.as_str()) {
+            return Err(invalid("model.quantize", format!("{:?} is not none or q8", m.quantize)));
+        }
+        if m.quantize == "q8" && (m.device != "cpu" || !["auto", "f32"].contains(&m.dtype.as_str())) {
+            return Err(invalid("model.quantize", "q8 (8-bit weights) is a CPU option for f32 models: set model.device = \"cpu\" and model.dtype = \"auto\" or \"f32\""));
+        }
+        if !["auto", "f32", "f16"].contains(&m.kv_cache.as_str()) {
+            return Err(invalid("model.kv_cache", format!("{:?} is not one of auto, f32, f16", m.kv_cache)));
+        }
         let generation = self.generation.validate()?;
 
         let c = self.context;
@@ -792,7 +807,7 @@ impl RawSettings {
             return Err(invalid("daemon.drain_secs", "must be at least 1"));
         }
         Ok(Settings {
-            model: ModelSettings { path: m.path, device: m.device, dtype: m.dtype },
+            model: ModelSettings { path: m.path, device: m.device, dtype: m.dtype, quantize: m.quantize, kv_cache: m.kv_cache },
             generation,
             context,
             adapters: AdapterSettings { http, console, discord, telegram },
@@ -1104,6 +1119,9 @@ mod tests {
     fn bad_values_name_their_key() {
         let cases: &[(&str, &str)] = &[
             ("[generation]\ntop_p = 1.5\n", "generation.top_p"),
+            ("[model]\nquantize = \"q4\"\n", "model.quantize"),
+            ("[model]\nquantize = \"q8\"\ndtype = \"bf16\"\n", "model.quantize"),
+            ("[model]\nkv_cache = \"bf16\"\n", "model.kv_cache"),
             ("[context]\nstore = \"sqlite\"\n", "context.store"),
             ("[adapters.http]\nlisten = \"nowhere\"\n", "adapters.http.listen"),
             ("[telemetry]\nlog_format = \"xml\"\n", "telemetry.log_format"),

@@ -286,3 +286,37 @@ async fn rate_limits_give_one_notice_then_drop_quietly() {
     assert_eq!(d.metric("dialogd_refusals_total{reason=\"rate_limited\"}").await, 2.0);
     d.stop().await;
 }
+
+/// `model.quantize = "q8"` and `model.kv_cache` are taken by the daemon,
+/// which answers; the loader it shares with the CLI applies them (and
+/// names a bad value's flag).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_serves_8_bit_weights_when_configured() {
+    let tiny = crate::support::model_dir("tiny");
+    let path = format!("path = \"{}\"", tiny.display());
+    let extra = [
+        ("model", path.as_str()),
+        ("model", "quantize = \"q8\""),
+        ("model", "kv_cache = \"f16\""),
+        ("generation", "temperature = 0.0"),
+    ];
+    let d = TestDaemon::start(&daemon_toml(None, &extra)).await;
+    let (status, body) = d.say("q", "ann", "Does money buy happiness?", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["reply"].is_string(), "{body}");
+    d.stop().await;
+
+    let args = |quantize: &str| dialogd::cli::ModelArgs {
+        model: tiny.display().to_string(),
+        device: "cpu".into(),
+        dtype: "auto".into(),
+        quantize: quantize.into(),
+        kv_cache: "f16".into(),
+    };
+    let served = dialogd::cli::load(&args("q8"), false).unwrap().model;
+    assert!(served.is_quantized());
+    assert_eq!(served.kv_precision(), dialogd::model::KvPrecision::F16);
+    assert!(!dialogd::cli::load(&args("none"), false).unwrap().model.is_quantized());
+    let err = dialogd::cli::load(&args("q4"), false).err().unwrap();
+    assert!(format!("{err:#}").contains("--quantize"), "{err:#}");
+}

@@ -194,6 +194,43 @@ fn half_precision_stays_close_to_f32() {
     }
 }
 
+/// The quality cost of f16 key/value caches (the CPU default), against f32
+/// caches: each golden prompt is continued greedily for 24 tokens with f32
+/// caches, and the f16 model is fed the same tokens; at every step the next
+/// token must mostly agree and the logits stay close.
+#[test]
+fn f16_caches_stay_close_to_f32() {
+    use dialogd::model::gpt2::argmax;
+    use dialogd::model::KvPrecision;
+    for name in ["tiny", "small"] {
+        let dir = model_dir(name);
+        let full = Gpt2::load(&dir, DType::F32, &Device::Cpu).unwrap();
+        let half = full.clone().with_kv_precision(KvPrecision::F16).unwrap();
+        assert_eq!(full.kv_precision(), KvPrecision::F32);
+        let tok = DialogTokenizer::from_dir(&dir).unwrap();
+        let (mut agree, mut total, mut worst) = (0, 0, 0f32);
+        for case in golden(name)["logits"].as_array().unwrap() {
+            let prompt = prompt_for(&tok, &strings(&case["turns"]));
+            let mut a_cache = full.new_seq_cache(prompt.len() + 24).unwrap();
+            let mut b_cache = half.new_seq_cache(prompt.len() + 24).unwrap();
+            assert_eq!(b_cache.bytes() * 2, a_cache.bytes());
+            let mut feed = prompt.clone();
+            for _ in 0..24 {
+                let a: Vec<f32> = full.forward_seqs(&[&feed], &mut [&mut a_cache]).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+                let b: Vec<f32> = half.forward_seqs(&[&feed], &mut [&mut b_cache]).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+                let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+                worst = worst.max(a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale);
+                agree += usize::from(argmax(&a) == argmax(&b));
+                total += 1;
+                feed = vec![argmax(&a) as u32];
+            }
+        }
+        eprintln!("{name}: f16 cache top-1 agreement {agree}/{total}, worst logit error {:.3}% of the largest logit", worst * 100.0);
+        assert!(agree * 20 >= total * 19, "{name}: top-1 agreement {agree}/{total}");
+        assert!(worst < 0.01, "{name}: logit error {worst}");
+    }
+}
+
 /// The quality cost of 8-bit weights, against f32 on the same prompts:
 /// top-1 agreement of the next token and the largest logit error.
 #[test]

@@ -53,6 +53,16 @@ fn batched_greedy_equals_unbatched_with_8_bit_weights() {
     batched_equals_unbatched(model.quantize_q8().unwrap(), &tok);
 }
 
+/// Half-precision caches are written and read per sequence; batching must
+/// not change a sequence's answer either.
+#[test]
+fn batched_greedy_equals_unbatched_with_f16_caches() {
+    let (model, tok) = tiny();
+    let model = model.with_kv_precision(dialogd::model::KvPrecision::F16).unwrap();
+    batched_equals_unbatched(model.clone(), &tok);
+    batched_equals_unbatched(model.quantize_q8().unwrap(), &tok);
+}
+
 fn batched_equals_unbatched(model: Gpt2, tok: &DialogTokenizer) {
     let params = SamplingParams::greedy(20);
     let alone: Vec<Vec<u32>> =

@@ -283,6 +283,8 @@ impl TestDaemon {
             model: settings.model.path.clone(),
             device: "cpu".into(),
             dtype: "auto".into(),
+            quantize: settings.model.quantize.clone(),
+            kv_cache: settings.model.kv_cache.clone(),
         };
         let loaded = dialogd::cli::load(&args, false).unwrap();
         let metrics = dialogd::telemetry::Metrics::new();

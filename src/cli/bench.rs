@@ -26,9 +26,6 @@ use crate::training::lora::LoraAdapter;
 pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Weights for the projections and head: f32 (as loaded) or q8 (8-bit).
-    #[arg(long, default_value = "none", value_name = "none|q8")]
-    pub quantize: String,
     #[arg(long, default_value_t = 64)]
     pub prompt_tokens: usize,
     #[arg(long, default_value_t = 64)]
@@ -75,11 +72,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
-    let model = match args.quantize.as_str() {
-        "none" | "f32" => loaded.model,
-        "q8" => loaded.model.quantize_q8()?,
-        other => anyhow::bail!("--quantize takes none or q8, not {other}"),
-    };
+    let model = loaded.model;
     let n_positions = model.config().n_positions;
     if args.prompt_tokens + args.new_tokens > n_positions {
         anyhow::bail!("{} + {} tokens do not fit the model's context of {n_positions}", args.prompt_tokens, args.new_tokens);

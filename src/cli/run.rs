@@ -41,6 +41,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             model: settings.model.path.clone(),
             device: settings.model.device.clone(),
             dtype: settings.model.dtype.clone(),
+            quantize: settings.model.quantize.clone(),
+            kv_cache: settings.model.kv_cache.clone(),
         };
         tracing::info!(model = %model_args.model, device = %model_args.device, "loading model");
         let loaded = tokio::task::spawn_blocking(move || load(&model_args, false)).await??;

@@ -42,6 +42,10 @@ pub struct BaseModel {
     pub dir: PathBuf,
     pub device: String,
     pub dtype: String,
+    /// `model.quantize` and `model.kv_cache`: a promoted base model is
+    /// served as the original was.
+    pub quantize: String,
+    pub kv_cache: String,
 }
 
 /// The runner of one daemon.
@@ -410,7 +414,12 @@ impl Runner {
             let dtype = crate::model::parse_dtype(&base.dtype, &device).map_err(|e| e.to_string())?;
             let tokenizer = crate::tokenizer::DialogTokenizer::from_dir(&base_dir).map_err(|e| e.to_string())?;
             let model = match &target {
-                Target::Base => Gpt2::load(&output, dtype, &device).map_err(|e| format!("loading the new model: {e}"))?,
+                Target::Base => {
+                    let serving = crate::model::ServingOptions::parse(&base.quantize, &base.kv_cache)?;
+                    Gpt2::load(&output, dtype, &device)
+                        .and_then(|m| serving.apply(m))
+                        .map_err(|e| format!("loading the new model: {e}"))?
+                }
                 Target::Persona(_) => crate::training::load_persona(&base_dir, &output, dtype, &device)
                     .map_err(|e| format!("loading the new adapter: {e}"))?,
             };
@@ -460,6 +469,8 @@ impl Runner {
                     model: self.base_dir_of(version).await?.display().to_string(),
                     device: self.base.device.clone(),
                     dtype: self.base.dtype.clone(),
+                    quantize: self.base.quantize.clone(),
+                    kv_cache: self.base.kv_cache.clone(),
                 };
                 tokio::task::spawn_blocking(move || crate::cli::load(&args, false))
                     .await

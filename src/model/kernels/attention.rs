@@ -31,9 +31,43 @@ impl Heads {
     }
 }
 
+/// A number a cache holds: f32, or f16 to halve the cache's memory and the
+/// bytes each step reads (attention over long caches is bound by memory
+/// bandwidth). Values are widened to f32 for the arithmetic.
+pub trait KvValue: Copy + Send + Sync + std::fmt::Debug + 'static {
+    /// Stores f32 values in this precision.
+    fn put(src: &[f32], dst: &mut [Self]);
+    /// `src` as f32: itself when already f32, otherwise widened into `scratch`.
+    fn view<'a>(src: &'a [Self], scratch: &'a mut Vec<f32>) -> &'a [f32];
+}
+
+impl KvValue for f32 {
+    fn put(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+
+    fn view<'a>(src: &'a [f32], _scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        src
+    }
+}
+
+impl KvValue for half::f16 {
+    fn put(src: &[f32], dst: &mut [half::f16]) {
+        use half::slice::HalfFloatSliceExt;
+        dst.convert_from_f32_slice(src);
+    }
+
+    fn view<'a>(src: &'a [half::f16], scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        use half::slice::HalfFloatSliceExt;
+        scratch.resize(src.len(), 0.0);
+        src.convert_to_f32_slice(scratch);
+        scratch
+    }
+}
+
 /// One sequence's part of a batched attention call.
 #[derive(Debug)]
-pub struct SeqAttention<'a> {
+pub struct SeqAttention<'a, T> {
     /// First row of this sequence in `qkv` and in the output.
     pub start: usize,
     /// Its new tokens (rows), written to the cache at `past..past + len`.
@@ -41,8 +75,8 @@ pub struct SeqAttention<'a> {
     /// Positions already cached.
     pub past: usize,
     /// Keys and values, `[n_head, capacity, head_dim]` each.
-    pub keys: &'a mut [f32],
-    pub values: &'a mut [f32],
+    pub keys: &'a mut [T],
+    pub values: &'a mut [T],
 }
 
 /// The output pointer shared by the tasks; each writes only its own
@@ -59,13 +93,13 @@ unsafe impl Sync for Out {}
 /// and the result is `[rows, n_embd]`, heads side by side. Row `start + j`
 /// of a sequence sees its cached positions and its own new tokens up to
 /// `j`. Fails (writing nothing) when a sequence's rows or cache do not fit.
-pub fn attend(qkv: &[f32], heads: Heads, seqs: Vec<SeqAttention<'_>>) -> Result<Vec<f32>, String> {
+pub fn attend<T: KvValue>(qkv: &[f32], heads: Heads, seqs: Vec<SeqAttention<'_, T>>) -> Result<Vec<f32>, String> {
     let e = heads.n_embd();
     if e == 0 || qkv.len() % (3 * e) != 0 {
         return Err(format!("qkv of {} values is not rows of 3 × {e}", qkv.len()));
     }
     let rows = qkv.len() / (3 * e);
-    let per_head = |buf: &[f32]| buf.len() / e;
+    let per_head = |buf: &[T]| buf.len() / e;
     for s in &seqs {
         let capacity = per_head(s.keys);
         if s.keys.len() != capacity * e || s.values.len() != s.keys.len() {
@@ -81,7 +115,7 @@ pub fn attend(qkv: &[f32], heads: Heads, seqs: Vec<SeqAttention<'_>>) -> Result<
     let mut out = vec![0f32; rows * e];
     let out_ptr = Out(out.as_mut_ptr());
     let d = heads.head_dim;
-    let tasks: Vec<(usize, usize, usize, usize, &mut [f32], &mut [f32])> = seqs
+    let tasks: Vec<(usize, usize, usize, usize, &mut [T], &mut [T])> = seqs
         .into_iter()
         .flat_map(|s| {
             let capacity = per_head(s.keys);
@@ -101,7 +135,7 @@ pub fn attend(qkv: &[f32], heads: Heads, seqs: Vec<SeqAttention<'_>>) -> Result<
 }
 
 #[allow(clippy::too_many_arguments)]
-fn head_dispatch(qkv: &[f32], heads: Heads, start: usize, len: usize, past: usize, h: usize, keys: &mut [f32], values: &mut [f32], out: Out) {
+fn head_dispatch<T: KvValue>(qkv: &[f32], heads: Heads, start: usize, len: usize, past: usize, h: usize, keys: &mut [T], values: &mut [T], out: Out) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") {
@@ -115,7 +149,7 @@ fn head_dispatch(qkv: &[f32], heads: Heads, start: usize, len: usize, past: usiz
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn head_avx2(qkv: &[f32], heads: Heads, start: usize, len: usize, past: usize, h: usize, keys: &mut [f32], values: &mut [f32], out: Out) {
+unsafe fn head_avx2<T: KvValue>(qkv: &[f32], heads: Heads, start: usize, len: usize, past: usize, h: usize, keys: &mut [T], values: &mut [T], out: Out) {
     head(qkv, heads, start, len, past, h, keys, values, out)
 }
 
@@ -124,13 +158,16 @@ unsafe fn head_avx2(qkv: &[f32], heads: Heads, start: usize, len: usize, past: u
 /// multiply-add), so every code path rounds the same way.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn head(qkv: &[f32], heads: Heads, start: usize, len: usize, past: usize, h: usize, keys: &mut [f32], values: &mut [f32], out: Out) {
+fn head<T: KvValue>(qkv: &[f32], heads: Heads, start: usize, len: usize, past: usize, h: usize, keys: &mut [T], values: &mut [T], out: Out) {
     let (d, e) = (heads.head_dim, heads.n_embd());
     for j in 0..len {
         let row = &qkv[(start + j) * 3 * e..(start + j + 1) * 3 * e];
-        keys[(past + j) * d..(past + j + 1) * d].copy_from_slice(&row[e + h * d..e + (h + 1) * d]);
-        values[(past + j) * d..(past + j + 1) * d].copy_from_slice(&row[2 * e + h * d..2 * e + (h + 1) * d]);
+        T::put(&row[e + h * d..e + (h + 1) * d], &mut keys[(past + j) * d..(past + j + 1) * d]);
+        T::put(&row[2 * e + h * d..2 * e + (h + 1) * d], &mut values[(past + j) * d..(past + j + 1) * d]);
     }
+    let (mut key_scratch, mut value_scratch) = (Vec::new(), Vec::new());
+    let keys = T::view(&keys[..(past + len) * d], &mut key_scratch);
+    let values = T::view(&values[..(past + len) * d], &mut value_scratch);
     let mut scores = vec![0f32; past + len];
     let mut acc = vec![0f32; d];
     for j in 0..len {
@@ -290,6 +327,30 @@ mod tests {
         .unwrap();
         assert_eq!(alone, together[3 * e..].to_vec());
         assert_eq!((k1, v1), (k2, v2));
+    }
+
+    #[test]
+    fn half_precision_caches_stay_close_to_f32() {
+        let heads = Heads { n_head: 2, head_dim: 32, scale: 0.2 };
+        let e = heads.n_embd();
+        let capacity = 12;
+        let size = heads.n_head * capacity * heads.head_dim;
+        let (mut k32, mut v32) = (vec![0f32; size], vec![0f32; size]);
+        let (mut k16, mut v16) = (vec![half::f16::ZERO; size], vec![half::f16::ZERO; size]);
+        // A prefill of 6 tokens, then 3 decode steps, on both.
+        let mut past = 0;
+        for (step, len) in [6usize, 1, 1, 1].into_iter().enumerate() {
+            let qkv = pseudo(len * 3 * e, 40 + step as u32);
+            let full = attend(&qkv, heads, vec![SeqAttention { start: 0, len, past, keys: &mut k32, values: &mut v32 }]).unwrap();
+            let half = attend(&qkv, heads, vec![SeqAttention { start: 0, len, past, keys: &mut k16, values: &mut v16 }]).unwrap();
+            for (a, b) in full.iter().zip(&half) {
+                assert!((a - b).abs() < 2e-3, "step {step}: {a} vs {b}");
+            }
+            past += len;
+        }
+        for (a, b) in k32.iter().zip(&k16).chain(v32.iter().zip(&v16)) {
+            assert_eq!(half::f16::from_f32(*a), *b);
+        }
     }
 
     #[test]
