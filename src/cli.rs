@@ -152,7 +152,7 @@ pub fn load(args: &ModelArgs, progress: bool) -> anyhow::Result<Loaded> {
         eprintln!("loading {} ({dtype:?} on {})…", dir.display(), args.device);
     }
     let tokenizer = DialogTokenizer::from_dir(&dir)?;
-    let model = serving.apply(Gpt2::load(&dir, dtype, &device)?)?;
+    let model = serving.load(&dir, dtype, &device)?;
     let cfg = model.config();
     if tokenizer.eos_id() != cfg.eos_token_id || tokenizer.vocab_size() > cfg.vocab_size {
         anyhow::bail!(

@@ -114,7 +114,20 @@ impl ServingOptions {
         Ok(Self { quantize_q8, kv_cache })
     }
 
-    /// Applies the options to a freshly loaded model.
+    /// Loads a checkpoint folder served with these options (8-bit weights
+    /// are quantised as they are read, see [`Gpt2::load_q8`]).
+    pub fn load(self, dir: &std::path::Path, dtype: DType, device: &Device) -> Result<Gpt2, ModelError> {
+        if self.quantize_q8 {
+            if dtype != DType::F32 {
+                return Err(ModelError::Input(format!("8-bit weights are made from f32 weights, not {dtype:?}")));
+            }
+            let model = Gpt2::load_q8(dir, device)?;
+            return Self { quantize_q8: false, ..self }.apply(model);
+        }
+        self.apply(Gpt2::load(dir, dtype, device)?)
+    }
+
+    /// Applies the options to a loaded model.
     pub fn apply(self, model: Gpt2) -> Result<Gpt2, ModelError> {
         let model = if self.quantize_q8 { model.quantize_q8()? } else { model };
         match self.kv_cache {

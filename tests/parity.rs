@@ -239,6 +239,8 @@ fn q8_weights_stay_close_to_f32() {
         let dir = model_dir(name);
         let model = Gpt2::load(&dir, DType::F32, &Device::Cpu).unwrap();
         let q8 = model.quantize_q8().unwrap();
+        // Quantised while loading: the same weights, bit for bit.
+        let loaded_q8 = Gpt2::load_q8(&dir, &Device::Cpu).unwrap();
         let tok = DialogTokenizer::from_dir(&dir).unwrap();
         let g = golden(name);
         let (mut agree, mut total, mut worst) = (0, 0, 0f32);
@@ -247,6 +249,9 @@ fn q8_weights_stay_close_to_f32() {
             let a: Vec<f32> = model.forward(&model.tokens_tensor(&prompt).unwrap(), &mut model.new_cache()).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
             let mut cache = q8.new_seq_cache(prompt.len()).unwrap();
             let b: Vec<f32> = q8.forward_seqs(&[&prompt], &mut [&mut cache]).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+            let mut cache = loaded_q8.new_seq_cache(prompt.len()).unwrap();
+            let c: Vec<f32> = loaded_q8.forward_seqs(&[&prompt], &mut [&mut cache]).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+            assert_eq!(b, c, "{name}: quantised while loading differs from quantised after");
             let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
             worst = worst.max(a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale);
             agree += usize::from(dialogd::model::gpt2::argmax(&a) == dialogd::model::gpt2::argmax(&b));

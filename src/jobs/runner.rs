@@ -416,9 +416,7 @@ impl Runner {
             let model = match &target {
                 Target::Base => {
                     let serving = crate::model::ServingOptions::parse(&base.quantize, &base.kv_cache)?;
-                    Gpt2::load(&output, dtype, &device)
-                        .and_then(|m| serving.apply(m))
-                        .map_err(|e| format!("loading the new model: {e}"))?
+                    serving.load(&output, dtype, &device).map_err(|e| format!("loading the new model: {e}"))?
                 }
                 Target::Persona(_) => crate::training::load_persona(&base_dir, &output, dtype, &device)
                     .map_err(|e| format!("loading the new adapter: {e}"))?,

@@ -111,10 +111,13 @@ struct Conv1D {
 }
 
 impl Conv1D {
-    fn load(store: &mut TensorStore, prefix: &str, n_in: usize, n_out: usize) -> Result<Self> {
+    /// `quantize`: 8-bit weights straight from the checkpoint's f32.
+    fn load(store: &mut TensorStore, prefix: &str, n_in: usize, n_out: usize, quantize: bool) -> Result<Self> {
         let weight = store.take(&format!("{prefix}.weight"), &[n_in, n_out])?;
-        // f32 on the CPU: repack once for the kernels (same memory).
-        let weight = if weight.device().is_cpu() && weight.dtype() == DType::F32 && n_out % 16 == 0 {
+        let weight = if quantize {
+            ProjWeight::Quantized(Arc::new(kernels::PackedQ8::quantize(&weight)?))
+        } else if weight.device().is_cpu() && weight.dtype() == DType::F32 && n_out % 16 == 0 {
+            // f32 on the CPU: repack once for the kernels (same memory).
             ProjWeight::Packed(Arc::new(kernels::PackedMatrix::pack(&weight)?))
         } else {
             ProjWeight::Dense(weight)
@@ -167,7 +170,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(store: &mut TensorStore, prefix: &str, cfg: &Gpt2Config, layer_idx: usize) -> Result<Self> {
+    fn load(store: &mut TensorStore, prefix: &str, cfg: &Gpt2Config, layer_idx: usize, quantize: bool) -> Result<Self> {
         let e = cfg.n_embd;
         let mut scale = 1.0;
         if cfg.scale_attn_weights {
@@ -177,8 +180,8 @@ impl Attention {
             scale /= (layer_idx + 1) as f64;
         }
         Ok(Self {
-            c_attn: Conv1D::load(store, &format!("{prefix}.c_attn"), e, 3 * e)?,
-            c_proj: Conv1D::load(store, &format!("{prefix}.c_proj"), e, e)?,
+            c_attn: Conv1D::load(store, &format!("{prefix}.c_attn"), e, 3 * e, quantize)?,
+            c_proj: Conv1D::load(store, &format!("{prefix}.c_proj"), e, e, quantize)?,
             n_head: cfg.n_head,
             head_dim: cfg.head_dim(),
             scale,
@@ -315,16 +318,16 @@ struct Block {
 }
 
 impl Block {
-    fn load(store: &mut TensorStore, idx: usize, cfg: &Gpt2Config) -> Result<Self> {
+    fn load(store: &mut TensorStore, idx: usize, cfg: &Gpt2Config, quantize: bool) -> Result<Self> {
         let p = format!("h.{idx}");
         let (e, inner) = (cfg.n_embd, cfg.inner_dim());
         Ok(Self {
             ln_1: LayerNorm::load(store, &format!("{p}.ln_1"), e, cfg.layer_norm_epsilon)?,
-            attn: Attention::load(store, &format!("{p}.attn"), cfg, idx)?,
+            attn: Attention::load(store, &format!("{p}.attn"), cfg, idx, quantize)?,
             ln_2: LayerNorm::load(store, &format!("{p}.ln_2"), e, cfg.layer_norm_epsilon)?,
             mlp: Mlp {
-                c_fc: Conv1D::load(store, &format!("{p}.mlp.c_fc"), e, inner)?,
-                c_proj: Conv1D::load(store, &format!("{p}.mlp.c_proj"), inner, e)?,
+                c_fc: Conv1D::load(store, &format!("{p}.mlp.c_fc"), e, inner, quantize)?,
+                c_proj: Conv1D::load(store, &format!("{p}.mlp.c_proj"), inner, e, quantize)?,
                 activation: cfg.activation_function,
             },
         })
@@ -539,19 +542,43 @@ impl Gpt2 {
 
     /// Builds the model from a store, taking the tensors it needs.
     pub fn from_store(config: Gpt2Config, store: &mut TensorStore, device: &Device) -> Result<Self> {
+        Self::from_store_with(config, store, device, false)
+    }
+
+    /// Loads a checkpoint folder with 8-bit projection and head weights,
+    /// quantising each matrix as it is read: the f32 copy of a projection
+    /// lives only until its 8-bit copy exists, so loading never holds the
+    /// whole model in f32 (what [`Gpt2::quantize_q8`] on a loaded model
+    /// does). Same result as `load` then `quantize_q8`.
+    pub fn load_q8(dir: &Path, device: &Device) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(ModelError::MissingFolder(dir.to_path_buf()));
+        }
+        let config = read_config(dir)?;
+        check_q8(&config, DType::F32, device)?;
+        let weights = WeightsFile::find(dir)?;
+        let mut store = TensorStore::load(&weights, DType::F32, device)?;
+        Self::from_store_with(config, &mut store, device, true)
+    }
+
+    fn from_store_with(config: Gpt2Config, store: &mut TensorStore, device: &Device, quantize: bool) -> Result<Self> {
         config.validate()?;
         let e = config.n_embd;
         let wte = store.take("wte.weight", &[config.vocab_size, e])?;
         let dtype = wte.dtype();
+        if quantize {
+            check_q8(&config, dtype, device)?;
+        }
         let wpe = store.take("wpe.weight", &[config.n_positions, e])?;
-        let blocks = (0..config.n_layer).map(|i| Block::load(store, i, &config)).collect::<Result<Vec<_>>>()?;
+        let blocks = (0..config.n_layer).map(|i| Block::load(store, i, &config, quantize)).collect::<Result<Vec<_>>>()?;
         let ln_f = LayerNorm::load(store, "ln_f", e, config.layer_norm_epsilon)?;
         // The head is tied to `wte` (as transformers ties it on load); a stored
         // copy is only checked for shape.
         if store.contains("lm_head.weight") {
-            store.take("lm_head.weight", &[config.vocab_size, e])?;
+            store.discard("lm_head.weight", &[config.vocab_size, e])?;
         }
-        Ok(Self { config, wte, wpe, blocks, ln_f, head_q: None, kv: KvPrecision::F32, device: device.clone(), dtype })
+        let head_q = if quantize { Some(Arc::new(kernels::Q8Matrix::quantize(&wte)?)) } else { None };
+        Ok(Self { config, wte, wpe, blocks, ln_f, head_q, kv: KvPrecision::F32, device: device.clone(), dtype })
     }
 
     pub fn config(&self) -> &Gpt2Config {
@@ -610,17 +637,7 @@ impl Gpt2 {
     /// CPU decoding where memory bandwidth is the limit. Needs f32 weights
     /// and `n_embd` a multiple of 32.
     pub fn quantize_q8(&self) -> Result<Self> {
-        if self.dtype != DType::F32 || self.config.n_embd % 32 != 0 || self.config.inner_dim() % 32 != 0 {
-            return Err(ModelError::Input(format!(
-                "8-bit weights need an f32 model with n_embd and the MLP width multiples of 32 (have {:?}, {}, {})",
-                self.dtype,
-                self.config.n_embd,
-                self.config.inner_dim()
-            )));
-        }
-        if !self.device.is_cpu() {
-            return Err(ModelError::Input("8-bit weights are a CPU option; GPUs use f16/bf16".into()));
-        }
+        check_q8(&self.config, self.dtype, &self.device)?;
         let blocks = self.blocks.iter().map(|b| b.quantized()).collect::<Result<Vec<_>>>()?;
         let head = Arc::new(kernels::Q8Matrix::quantize(&self.wte)?);
         Ok(Self { blocks, head_q: Some(head), ..self.clone() })
@@ -807,6 +824,22 @@ impl Gpt2 {
         let bias = if t > 1 { Some(causal_bias(t, past, self.dtype, &self.device)?) } else { None };
         self.hidden_states(input_ids, &positions, bias.as_ref(), cache)
     }
+}
+
+/// Whether a model of this shape, dtype and device can have 8-bit weights.
+fn check_q8(config: &Gpt2Config, dtype: DType, device: &Device) -> Result<()> {
+    if dtype != DType::F32 || config.n_embd % 32 != 0 || config.inner_dim() % 32 != 0 {
+        return Err(ModelError::Input(format!(
+            "8-bit weights need an f32 model with n_embd and the MLP width multiples of 32 (have {:?}, {}, {})",
+            dtype,
+            config.n_embd,
+            config.inner_dim()
+        )));
+    }
+    if !device.is_cpu() {
+        return Err(ModelError::Input("8-bit weights are a CPU option; GPUs use f16/bf16".into()));
+    }
+    Ok(())
 }
 
 /// The additive causal mask `[1, 1, len, past + len]`: query `i` sees keys

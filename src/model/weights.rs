@@ -101,39 +101,90 @@ pub fn canonical_name(raw: &str) -> Option<String> {
 }
 
 /// A checkpoint's tensors, by canonical name, on one device and dtype.
+///
+/// Safetensors files are indexed when the store opens (header, dtypes,
+/// shapes and byte ranges checked) and each tensor is read only when it is
+/// taken, so loading holds the tensors taken so far plus one, and a model
+/// that converts what it takes (8-bit weights) never holds the whole
+/// checkpoint in f32.
 pub struct TensorStore {
     file: PathBuf,
-    tensors: HashMap<String, Tensor>,
+    tensors: HashMap<String, Entry>,
+    dtype: DType,
+    device: Device,
+}
+
+/// A tensor in memory, or where to read it from.
+enum Entry {
+    Ready(Tensor),
+    OnDisk(DiskTensor),
+}
+
+/// One tensor's place in a safetensors file, checked against the file.
+struct DiskTensor {
+    path: PathBuf,
+    raw_name: String,
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Absolute byte offset of the data.
+    offset: u64,
+    n_bytes: usize,
+}
+
+impl DiskTensor {
+    fn read(&self) -> Result<Tensor, ModelError> {
+        use std::io::{Read, Seek, SeekFrom};
+        let err = |message: String| ModelError::Tensor { file: self.path.clone(), tensor: self.raw_name.clone(), message };
+        let mut file = std::fs::File::open(&self.path).map_err(|e| err(format!("cannot open: {e}")))?;
+        file.seek(SeekFrom::Start(self.offset)).map_err(|e| err(e.to_string()))?;
+        let numel = self.n_bytes / self.dtype.size_in_bytes();
+        if self.dtype == DType::F32 && cfg!(target_endian = "little") {
+            // Read straight into the tensor's own buffer.
+            let mut values = vec![0f32; numel];
+            file.read_exact(bytemuck::cast_slice_mut(&mut values)).map_err(|e| err(format!("cannot read: {e}")))?;
+            Tensor::from_vec(values, self.shape.clone(), &Device::Cpu)
+        } else {
+            let mut bytes = vec![0u8; self.n_bytes];
+            file.read_exact(&mut bytes).map_err(|e| err(format!("cannot read: {e}")))?;
+            Tensor::from_raw_buffer(&bytes, self.dtype, &self.shape, &Device::Cpu)
+        }
+        .map_err(|e| err(root_message(&e)))
+    }
 }
 
 impl TensorStore {
-    /// Reads every tensor of a checkpoint, converted to `dtype` on `device`.
+    /// Opens a checkpoint whose tensors are handed out converted to
+    /// `dtype` on `device`. Safetensors are indexed now and read as taken;
+    /// PyTorch checkpoints are read whole.
     pub fn load(weights: &WeightsFile, dtype: DType, device: &Device) -> Result<Self, ModelError> {
         let file = weights.display_path().to_path_buf();
-        let raw = match weights {
-            WeightsFile::Safetensors(path) => read_safetensors(std::slice::from_ref(path))?,
-            WeightsFile::ShardedSafetensors { shards, .. } => read_safetensors(shards)?,
-            WeightsFile::PyTorch(path) => read_pytorch(path)?,
-        };
-        let mut tensors = HashMap::with_capacity(raw.len());
-        for (raw_name, tensor) in raw {
-            let Some(name) = canonical_name(&raw_name) else { continue };
-            let tensor = tensor
-                .to_device(device)
-                .and_then(|t| t.to_dtype(dtype))
-                .map_err(|e| ModelError::Tensor { file: file.clone(), tensor: raw_name.clone(), message: e.to_string() })?;
-            tensors.insert(name, tensor);
+        let mut tensors = HashMap::new();
+        match weights {
+            WeightsFile::Safetensors(path) => index_safetensors(std::slice::from_ref(path), &mut tensors)?,
+            WeightsFile::ShardedSafetensors { shards, .. } => index_safetensors(shards, &mut tensors)?,
+            WeightsFile::PyTorch(path) => {
+                for (raw_name, tensor) in read_pytorch(path)? {
+                    let Some(name) = canonical_name(&raw_name) else { continue };
+                    let tensor = convert(tensor, dtype, device)
+                        .map_err(|e| ModelError::Tensor { file: file.clone(), tensor: raw_name.clone(), message: e.to_string() })?;
+                    tensors.insert(name, Entry::Ready(tensor));
+                }
+            }
         }
-        Ok(Self { file, tensors })
+        Ok(Self { file, tensors, dtype, device: device.clone() })
     }
 
     /// A store over tensors already in memory (tests and synthetic models).
     pub fn from_tensors(file: impl Into<PathBuf>, tensors: HashMap<String, Tensor>) -> Self {
-        let tensors = tensors
+        let tensors: HashMap<String, Entry> = tensors
             .into_iter()
-            .filter_map(|(name, t)| canonical_name(&name).map(|n| (n, t)))
+            .filter_map(|(name, t)| canonical_name(&name).map(|n| (n, Entry::Ready(t))))
             .collect();
-        Self { file: file.into(), tensors }
+        let (dtype, device) = match tensors.values().next() {
+            Some(Entry::Ready(t)) => (t.dtype(), t.device().clone()),
+            _ => (DType::F32, Device::Cpu),
+        };
+        Self { file: file.into(), tensors, dtype, device }
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -147,14 +198,37 @@ impl TensorStore {
     /// Takes a tensor out of the store, checking its shape and that its
     /// values are finite.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
-        let tensor = self.tensors.remove(name).ok_or_else(|| self.error(name, "missing from the checkpoint"))?;
-        if tensor.dims() != shape {
-            return Err(self.error(name, &format!("has shape {:?}, expected {:?}", tensor.dims(), shape)));
+        let entry = self.tensors.remove(name).ok_or_else(|| self.error(name, "missing from the checkpoint"))?;
+        let dims = match &entry {
+            Entry::Ready(t) => t.dims(),
+            Entry::OnDisk(d) => &d.shape[..],
+        };
+        if dims != shape {
+            return Err(self.error(name, &format!("has shape {:?}, expected {:?}", dims, shape)));
         }
+        let tensor = match entry {
+            Entry::Ready(t) => t,
+            Entry::OnDisk(d) => convert(d.read()?, self.dtype, &self.device).map_err(|e| self.error(name, &e.to_string()))?,
+        };
         if !all_finite(&tensor).map_err(|e| self.error(name, &e.to_string()))? {
             return Err(self.error(name, "holds NaN or infinite values (corrupt checkpoint?)"));
         }
         Ok(tensor)
+    }
+
+    /// Takes a tensor out without its values (only its shape is checked):
+    /// for copies the model does not use, such as a stored tied head. A
+    /// tensor still on disk is never read.
+    pub fn discard(&mut self, name: &str, shape: &[usize]) -> Result<(), ModelError> {
+        let entry = self.tensors.remove(name).ok_or_else(|| self.error(name, "missing from the checkpoint"))?;
+        let dims = match &entry {
+            Entry::Ready(t) => t.dims(),
+            Entry::OnDisk(d) => &d.shape[..],
+        };
+        if dims != shape {
+            return Err(self.error(name, &format!("has shape {:?}, expected {:?}", dims, shape)));
+        }
+        Ok(())
     }
 
     /// Names left after the model took what it needs.
@@ -192,19 +266,26 @@ fn all_finite(tensor: &Tensor) -> candle_core::Result<bool> {
     Ok(true)
 }
 
-fn read_safetensors(paths: &[PathBuf]) -> Result<Vec<(String, Tensor)>, ModelError> {
-    let mut out = Vec::new();
-    for path in paths {
-        out.extend(read_safetensors_file(path)?);
-    }
-    Ok(out)
+fn convert(tensor: Tensor, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    tensor.to_device(device)?.to_dtype(dtype)
 }
 
-/// Reads a safetensors file tensor by tensor with plain reads (no memory
-/// map), so that at any moment the process holds the weights read so far
-/// plus one tensor, not the whole file twice.
-fn read_safetensors_file(path: &Path) -> Result<Vec<(String, Tensor)>, ModelError> {
-    use std::io::{Read, Seek, SeekFrom};
+fn index_safetensors(paths: &[PathBuf], into: &mut HashMap<String, Entry>) -> Result<(), ModelError> {
+    for path in paths {
+        for tensor in index_safetensors_file(path)? {
+            if let Some(name) = canonical_name(&tensor.raw_name) {
+                into.insert(name, Entry::OnDisk(tensor));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads a safetensors file's header and checks every tensor's entry
+/// against the file (dtype known, byte range matching the shape and inside
+/// the file); the data is read later, a tensor at a time.
+fn index_safetensors_file(path: &Path) -> Result<Vec<DiskTensor>, ModelError> {
+    use std::io::Read;
     let file_err = |message: String| ModelError::File { path: path.to_path_buf(), message };
     let mut file = std::fs::File::open(path).map_err(|e| file_err(format!("cannot open: {e}")))?;
     let file_len = file.metadata().map_err(|e| file_err(e.to_string()))?.len();
@@ -261,19 +342,7 @@ fn read_safetensors_file(path: &Path) -> Result<Vec<(String, Tensor)>, ModelErro
                 data_start + end
             )));
         }
-        file.seek(SeekFrom::Start(data_start + begin)).map_err(|e| tensor_err(e.to_string()))?;
-        let tensor = if dtype == DType::F32 && cfg!(target_endian = "little") {
-            // Read straight into the tensor's own buffer.
-            let mut values = vec![0f32; numel];
-            file.read_exact(bytemuck::cast_slice_mut(&mut values)).map_err(|e| tensor_err(format!("cannot read: {e}")))?;
-            Tensor::from_vec(values, shape, &Device::Cpu)
-        } else {
-            let mut bytes = vec![0u8; n_bytes];
-            file.read_exact(&mut bytes).map_err(|e| tensor_err(format!("cannot read: {e}")))?;
-            Tensor::from_raw_buffer(&bytes, dtype, &shape, &Device::Cpu)
-        }
-        .map_err(|e| tensor_err(root_message(&e)))?;
-        out.push((name.clone(), tensor));
+        out.push(DiskTensor { path: path.to_path_buf(), raw_name: name.clone(), dtype, shape, offset: data_start + begin, n_bytes });
     }
     if out.is_empty() {
         return Err(file_err("holds no tensors".into()));
@@ -333,6 +402,31 @@ mod tests {
         assert!(err.contains("NaN"), "{err}");
         let err = store.take("c", &[1]).unwrap_err().to_string();
         assert!(err.contains("missing"), "{err}");
+    }
+
+    #[test]
+    fn safetensors_values_are_read_when_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        let mut map = HashMap::new();
+        map.insert("transformer.wte.weight".to_string(), Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu).unwrap());
+        map.insert("lm_head.weight".to_string(), Tensor::new(&[[f32::NAN, 0.0], [0.0, 0.0]], &Device::Cpu).unwrap());
+        candle_core::safetensors::save(&map, &path).unwrap();
+        let mut store = TensorStore::load(&WeightsFile::Safetensors(path.clone()), DType::F16, &Device::Cpu).unwrap();
+        // Converted as asked, on the way out.
+        let wte = store.take("wte.weight", &[2, 2]).unwrap();
+        assert_eq!(wte.dtype(), DType::F16);
+        assert_eq!(wte.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap(), [[1.0, 2.0], [3.0, 4.0]]);
+        // A discarded tensor's values are never read (its NaN goes unseen);
+        // its shape is still checked.
+        let err = store.discard("lm_head.weight", &[4]).unwrap_err().to_string();
+        assert!(err.contains("[2, 2]"), "{err}");
+        let mut store = TensorStore::load(&WeightsFile::Safetensors(path.clone()), DType::F32, &Device::Cpu).unwrap();
+        store.discard("lm_head.weight", &[2, 2]).unwrap();
+        assert_eq!(store.leftover(), ["wte.weight"]);
+        let mut store = TensorStore::load(&WeightsFile::Safetensors(path), DType::F32, &Device::Cpu).unwrap();
+        let err = store.take("lm_head.weight", &[2, 2]).unwrap_err().to_string();
+        assert!(err.contains("NaN"), "{err}");
     }
 
     #[test]

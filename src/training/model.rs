@@ -93,7 +93,7 @@ pub fn load_weights(dir: &Path, device: &Device) -> Result<(Gpt2Config, BTreeMap
     }
     if store.contains("lm_head.weight") {
         // Tied to wte; only its shape is checked.
-        store.take("lm_head.weight", &[config.vocab_size, config.n_embd])?;
+        store.discard("lm_head.weight", &[config.vocab_size, config.n_embd])?;
     }
     Ok((config, weights))
 }
