@@ -116,7 +116,7 @@ impl Conv1D {
         let weight = store.take(&format!("{prefix}.weight"), &[n_in, n_out])?;
         let weight = if quantize {
             ProjWeight::Quantized(Arc::new(kernels::PackedQ8::quantize(&weight)?))
-        } else if weight.device().is_cpu() && weight.dtype() == DType::F32 && n_out % 16 == 0 {
+        } else if weight.device().is_cpu() && weight.dtype() == DType::F32 && n_out.is_multiple_of(16) {
             // f32 on the CPU: repack once for the kernels (same memory).
             ProjWeight::Packed(Arc::new(kernels::PackedMatrix::pack(&weight)?))
         } else {
@@ -828,7 +828,7 @@ impl Gpt2 {
 
 /// Whether a model of this shape, dtype and device can have 8-bit weights.
 fn check_q8(config: &Gpt2Config, dtype: DType, device: &Device) -> Result<()> {
-    if dtype != DType::F32 || config.n_embd % 32 != 0 || config.inner_dim() % 32 != 0 {
+    if dtype != DType::F32 || !config.n_embd.is_multiple_of(32) || !config.inner_dim().is_multiple_of(32) {
         return Err(ModelError::Input(format!(
             "8-bit weights need an f32 model with n_embd and the MLP width multiples of 32 (have {:?}, {}, {})",
             dtype,

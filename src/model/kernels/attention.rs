@@ -79,6 +79,10 @@ pub struct SeqAttention<'a, T> {
     pub values: &'a mut [T],
 }
 
+/// One (sequence, head) task: first row, new rows, cached positions, head,
+/// and that head's keys and values.
+type HeadTask<'a, T> = (usize, usize, usize, usize, &'a mut [T], &'a mut [T]);
+
 /// The output pointer shared by the tasks; each writes only its own
 /// (row, head) slices, which no other task touches.
 #[derive(Clone, Copy)]
@@ -95,7 +99,7 @@ unsafe impl Sync for Out {}
 /// `j`. Fails (writing nothing) when a sequence's rows or cache do not fit.
 pub fn attend<T: KvValue>(qkv: &[f32], heads: Heads, seqs: Vec<SeqAttention<'_, T>>) -> Result<Vec<f32>, String> {
     let e = heads.n_embd();
-    if e == 0 || qkv.len() % (3 * e) != 0 {
+    if e == 0 || !qkv.len().is_multiple_of(3 * e) {
         return Err(format!("qkv of {} values is not rows of 3 × {e}", qkv.len()));
     }
     let rows = qkv.len() / (3 * e);
@@ -115,7 +119,7 @@ pub fn attend<T: KvValue>(qkv: &[f32], heads: Heads, seqs: Vec<SeqAttention<'_, 
     let mut out = vec![0f32; rows * e];
     let out_ptr = Out(out.as_mut_ptr());
     let d = heads.head_dim;
-    let tasks: Vec<(usize, usize, usize, usize, &mut [T], &mut [T])> = seqs
+    let tasks: Vec<HeadTask<'_, T>> = seqs
         .into_iter()
         .flat_map(|s| {
             let capacity = per_head(s.keys);
