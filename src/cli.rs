@@ -224,10 +224,30 @@ fn pin_thread_count() {
     }
 }
 
+/// Keeps candle's element-wise thread pool to the calling thread (when
+/// `CANDLE_NUM_THREADS` is unset) for the commands that serve a model.
+///
+/// candle splits element-wise ops of 64K values or more (bias and residual
+/// adds of a prefill or a batched step) over its own "barrier pool", whose
+/// workers spin for 25,000 iterations after each op and whose caller spins
+/// until they finish. Beside the rayon pool that runs the products and
+/// attention, on few cores the spinners take turns off the workers doing
+/// the real work (measured with `dialogd bench --quantize q8` on 2 vCPUs:
+/// batch-1 time to first token 31-110 ms with the pool, a steady 33-35 ms
+/// without; see BENCHMARKS.md). Training (`dialogd train`), whose big
+/// element-wise ops are most of its work, keeps candle's default.
+fn pin_candle_pool(command: &Command) {
+    if !matches!(command, Command::Train(_)) && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // Single-threaded still: no thread has been started.
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
 /// Runs the command line; errors are reported once, here.
 pub fn main() -> ExitCode {
     pin_thread_count();
     let cli = Cli::parse();
+    pin_candle_pool(&cli.command);
     // The daemon sets up its own logging from its settings.
     if !matches!(cli.command, Command::Run(_)) {
         init_tracing();
