@@ -1,11 +1,14 @@
 //! The generation pool: one model, many channels, continuous batching.
 //!
 //! An engine owns the model on a dedicated OS thread (never a tokio worker)
-//! and takes requests from a bounded queue. Every decode step advances all
-//! active sequences in one forward pass; new requests are prefilled and join
-//! at step boundaries; finished sequences leave without stalling the rest. A
-//! request may ask for several candidates of one prompt: the prompt is
-//! prefilled once and its cache forked. A full queue is an immediate, counted
+//! and takes requests from a bounded queue. Every step advances all active
+//! sequences in one forward pass, and the prompts of the requests admitted
+//! at that step run in the same pass (up to
+//! [`PoolConfig::max_prefill_tokens`] prompt tokens per step), so a new
+//! request has its first token at the end of the step that admits it;
+//! finished sequences leave without stalling the rest. A request may ask
+//! for several candidates of one prompt: the prompt is prefilled once and
+//! its cache forked. A full queue is an immediate, counted
 //! [`PoolError::Busy`]; a caller that goes away (drops the future) has its
 //! sequences dropped at the next step. A request may name a persona's LoRA
 //! adapter ([`GenerationRequest::adapter`]): its sequences run through it
@@ -37,11 +40,16 @@ pub struct PoolConfig {
     pub queue_capacity: usize,
     /// Most candidates one request may ask for.
     pub max_candidates: usize,
+    /// Most prompt tokens prefilled in one step, so that a burst of new
+    /// requests cannot stretch one step without limit (the rest wait for
+    /// the next step). The first prompt of a step is always taken, however
+    /// long.
+    pub max_prefill_tokens: usize,
 }
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        Self { max_batch: 32, queue_capacity: 64, max_candidates: 8 }
+        Self { max_batch: 32, queue_capacity: 64, max_candidates: 8, max_prefill_tokens: 2048 }
     }
 }
 
@@ -66,11 +74,23 @@ pub struct GenerationRequest {
     /// that a failing request fails alone.
     #[doc(hidden)]
     pub fault_at_token: Option<usize>,
+    /// Test hook: feed an id outside the vocabulary in place of this
+    /// request's prompt, so that every forward pass that prefills it fails.
+    #[doc(hidden)]
+    pub fault_in_prefill: bool,
 }
 
 impl GenerationRequest {
     pub fn new(prompt_ids: Vec<u32>, params: SamplingParams) -> Self {
-        Self { prompt_ids, params, n_candidates: 1, ignore_eos: false, adapter: None, fault_at_token: None }
+        Self {
+            prompt_ids,
+            params,
+            n_candidates: 1,
+            ignore_eos: false,
+            adapter: None,
+            fault_at_token: None,
+            fault_in_prefill: false,
+        }
     }
 }
 
@@ -89,7 +109,8 @@ pub struct Candidate {
 #[derive(Debug, Clone)]
 pub struct GenerationResult {
     pub candidates: Vec<Candidate>,
-    /// From submission to the first token of the first candidate.
+    /// From submission to the end of the draws of the step that prefilled
+    /// the prompt (every candidate's first token).
     pub time_to_first_token: Duration,
     /// From submission to the last token.
     pub total: Duration,

@@ -126,7 +126,7 @@ fn ignore_eos_makes_exactly_max_new_tokens() {
 #[test]
 fn a_full_queue_refuses_at_once_and_counts_it() {
     let (model, tok) = tiny();
-    let pool = GenerationPool::start(model, PoolConfig { max_batch: 1, queue_capacity: 1, max_candidates: 1 }).unwrap();
+    let pool = GenerationPool::start(model, PoolConfig { max_batch: 1, queue_capacity: 1, max_candidates: 1, ..PoolConfig::default() }).unwrap();
     let handle = pool.handle();
     let prompt = prompts(&tok).remove(0);
     let (ok, busy) = runtime().block_on(async {
@@ -159,7 +159,7 @@ fn a_full_queue_refuses_at_once_and_counts_it() {
 #[test]
 fn a_caller_that_goes_away_frees_its_slot() {
     let (model, tok) = tiny();
-    let pool = GenerationPool::start(model, PoolConfig { max_batch: 1, queue_capacity: 4, max_candidates: 1 }).unwrap();
+    let pool = GenerationPool::start(model, PoolConfig { max_batch: 1, queue_capacity: 4, max_candidates: 1, ..PoolConfig::default() }).unwrap();
     let handle = pool.handle();
     let prompt = prompts(&tok).remove(0);
     runtime().block_on(async {
@@ -183,6 +183,17 @@ fn a_caller_that_goes_away_frees_its_slot() {
 
 #[test]
 fn a_failing_request_fails_alone() {
+    one_request_fails_alone(|request| request.fault_at_token = Some(3));
+}
+
+/// A prompt whose forward pass fails, in a step it may share with other
+/// prompts and decode rows, fails alone too.
+#[test]
+fn a_failing_prefill_fails_alone() {
+    one_request_fails_alone(|request| request.fault_in_prefill = true);
+}
+
+fn one_request_fails_alone(inject: impl Fn(&mut GenerationRequest)) {
     let (model, tok) = tiny();
     let params = SamplingParams::greedy(15);
     let all = prompts(&tok);
@@ -197,7 +208,7 @@ fn a_failing_request_fails_alone() {
                 let handle = handle.clone();
                 let mut request = GenerationRequest::new(p.clone(), params.clone());
                 if i == 2 {
-                    request.fault_at_token = Some(3);
+                    inject(&mut request);
                 }
                 tokio::spawn(async move { handle.generate(request).await })
             })
@@ -223,7 +234,7 @@ fn a_failing_request_fails_alone() {
 #[test]
 fn many_concurrent_submitters_all_complete() {
     let (model, tok) = tiny();
-    let pool = GenerationPool::start(model, PoolConfig { max_batch: 8, queue_capacity: 64, max_candidates: 4 }).unwrap();
+    let pool = GenerationPool::start(model, PoolConfig { max_batch: 8, queue_capacity: 64, max_candidates: 4, ..PoolConfig::default() }).unwrap();
     let handle = pool.handle();
     let all = prompts(&tok);
     let done = runtime().block_on(async {
@@ -287,7 +298,7 @@ fn a_model_swap_under_load_loses_no_request() {
     let (out_a, out_b) = (by(&model_a), by(&model_b));
     assert_ne!(out_a, out_b, "the two models must differ for this test to mean anything");
 
-    let pool = GenerationPool::start(model_a, PoolConfig { max_batch: 3, queue_capacity: 32, max_candidates: 1 }).unwrap();
+    let pool = GenerationPool::start(model_a, PoolConfig { max_batch: 3, queue_capacity: 32, max_candidates: 1, ..PoolConfig::default() }).unwrap();
     let handle = pool.handle();
     runtime().block_on(async {
         let submit = |i: usize| {

@@ -79,7 +79,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     let eos = model.config().eos_token_id;
     let max_level = *args.concurrency.iter().max().unwrap_or(&1);
-    let pool = GenerationPool::start(model, PoolConfig { max_batch: max_level, queue_capacity: max_level, max_candidates: 1 })?;
+    let pool = GenerationPool::start(model, PoolConfig { max_batch: max_level, queue_capacity: max_level, max_candidates: 1, ..PoolConfig::default() })?;
     let handle = pool.handle();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let prompt = |seed: u64| -> Vec<u32> {

@@ -1,16 +1,29 @@
-//! The engine thread: admit, prefill, step every active sequence, answer.
+//! The engine thread: admit, step every sequence, answer.
+//!
+//! Each turn of the loop takes the jobs that fit off the queue and runs one
+//! step: a single forward pass over the next token of every unfinished
+//! candidate *and* the whole prompt of every request admitted this turn, so
+//! the matrix products see all those rows at once and a new request has
+//! its first token at the end of the step that admits it. A prompt is run
+//! once; its cache is then forked per candidate. The step's rows are then
+//! sampled in parallel: each candidate owns its sampler, and each row is
+//! drawn by one thread in a fixed order, so the results do not depend on
+//! the number of threads.
 //!
 //! Backpressure: a job is taken off the bounded queue only when its
-//! candidates fit in the batch, so at most one job waits outside the queue
-//! and a full queue refuses new work at once. Failures are contained: a
-//! request whose prefill or sampling fails (or panics) is answered with an
-//! error and leaves; a failed batched step is retried one request at a time
+//! candidates fit in the batch and its prompt fits the step's prompt-token
+//! budget (`max_prefill_tokens`; the first prompt of a step always fits),
+//! so at most one job waits outside the queue and a full queue refuses new
+//! work at once. Failures are contained: a request whose sampling fails
+//! (or panics) is answered with an error and leaves; a failed step is
+//! retried one request at a time (each one's decode rows, or its prompt)
 //! so that only the request at fault fails.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use rayon::prelude::*;
 use tokio::sync::mpsc;
 
 use super::{Candidate, GenerationRequest, GenerationResult, Job, PoolConfig, PoolError, PoolMetrics, Swap, Work};
@@ -18,6 +31,9 @@ use crate::generate::FinishReason;
 use crate::model::gpt2::SeqCache;
 use crate::model::{Gpt2, Gpt2Config, LoraRuntime, ModelError};
 use crate::sampling::Sampler;
+
+#[cfg(test)]
+mod tests;
 
 /// One candidate being generated.
 struct Seq {
@@ -30,22 +46,57 @@ struct Seq {
     next: u32,
     finish: Option<FinishReason>,
     logprob: f32,
+    /// The copy of its logits row that the sampler's processors change (the
+    /// model's row stays as it was, for the log-probability); kept from one
+    /// draw to the next so that a draw allocates nothing.
+    scratch: Vec<f32>,
 }
 
 /// One admitted request.
 struct Active {
     request: GenerationRequest,
+    /// The prompt's cache, from admission until the step that prefills it;
+    /// after that each candidate in `seqs` holds a fork of it.
+    prompt_cache: Option<SeqCache>,
     seqs: Vec<Seq>,
     reply: Option<tokio::sync::oneshot::Sender<Result<GenerationResult, PoolError>>>,
     submitted: Instant,
     ttft: Duration,
-    /// Tokens sampled for this request so far (for the fault hook).
+    /// Tokens drawn for this request so far (for the fault hook).
     sampled: usize,
 }
 
 impl Active {
+    /// Admitted, but its prompt has not run yet.
+    fn awaiting_prefill(&self) -> bool {
+        self.prompt_cache.is_some()
+    }
+
     fn unfinished(&self) -> usize {
         self.seqs.iter().filter(|s| s.finish.is_none()).count()
+    }
+
+    /// Places it takes in the batch: every candidate until the prefill,
+    /// then its unfinished ones.
+    fn in_batch(&self) -> usize {
+        if self.awaiting_prefill() {
+            self.request.n_candidates
+        } else {
+            self.unfinished()
+        }
+    }
+
+    /// Has rows in the next step.
+    fn runs(&self) -> bool {
+        self.reply.is_some() && (self.awaiting_prefill() || self.unfinished() > 0)
+    }
+
+    /// Every cache holds exactly what was fed before this step: nothing for
+    /// a prompt still to run, and all but the last drawn id for a candidate.
+    /// A failed forward pass that left this true can be retried.
+    fn caches_unmoved(&self) -> bool {
+        self.prompt_cache.as_ref().is_none_or(|c| c.is_empty())
+            && self.seqs.iter().filter(|s| s.finish.is_none()).all(|s| s.cache.len() + 1 == s.history.len())
     }
 
     fn cancelled(&self) -> bool {
@@ -58,6 +109,81 @@ impl Active {
         if let Some(reply) = self.reply.take() {
             let _ = reply.send(Err(PoolError::Failed(why)));
         }
+    }
+}
+
+/// What the loop carries from one turn to the next.
+struct State {
+    /// Admitted requests.
+    active: Vec<Active>,
+    /// Work taken off the queue that cannot start yet: a job that does not
+    /// fit this step, or a swap waiting for the batch to drain.
+    pending: Option<Work>,
+    /// False once every handle is gone.
+    open: bool,
+    /// The served model's version: 0, then one more per swap.
+    version: u64,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self { active: Vec::new(), pending: None, open: true, version: 0 }
+    }
+}
+
+/// A step's logits: one row of `vocab` values per sequence, in the order
+/// the step fed them.
+struct Rows {
+    data: Vec<f32>,
+    vocab: usize,
+}
+
+impl Rows {
+    fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.vocab..(r + 1) * self.vocab]
+    }
+}
+
+/// One candidate's draw in a step.
+struct Draw<'a> {
+    seq: &'a mut Seq,
+    request: &'a GenerationRequest,
+    /// Its logits row, as the model gave it.
+    row: &'a [f32],
+    /// Which of its request's draws this is (the fault hook counts them).
+    draw_idx: usize,
+}
+
+impl Draw<'_> {
+    /// Draws the candidate's next id; true when that is a new token (not
+    /// the end of the reply).
+    fn run(self, eos: u32, n_positions: usize) -> bool {
+        let Draw { seq, request, row, draw_idx } = self;
+        if request.fault_at_token == Some(draw_idx) {
+            panic!("injected fault at token {draw_idx}");
+        }
+        seq.scratch.clear();
+        seq.scratch.extend_from_slice(row);
+        if request.ignore_eos {
+            if let Some(l) = seq.scratch.get_mut(eos as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        let id = seq.sampler.next_token(&mut seq.scratch, &seq.history, seq.output.len());
+        if id == eos {
+            seq.finish = Some(FinishReason::EndOfText);
+            return false;
+        }
+        seq.logprob += row.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY) - log_sum_exp(row);
+        seq.output.push(id);
+        seq.history.push(id);
+        seq.next = id;
+        if seq.output.len() >= request.params.max_new_tokens {
+            seq.finish = Some(FinishReason::MaxTokens);
+        } else if seq.history.len() >= n_positions {
+            seq.finish = Some(FinishReason::ContextFull);
+        }
+        true
     }
 }
 
@@ -78,63 +204,73 @@ impl Engine {
 
     /// Serves until every handle is dropped and the last request answered.
     pub fn run(mut self, mut rx: mpsc::Receiver<Work>) {
-        let mut active: Vec<Active> = Vec::new();
-        let mut pending: Option<Work> = None;
-        let mut open = true;
-        let mut version = 0u64;
+        let mut state = State::default();
+        while self.turn(&mut state, &mut rx) {}
+    }
+
+    /// One turn of the loop: wait for work if there is nothing else to do,
+    /// admit what fits, run one step, answer what finished. False once the
+    /// queue is closed and everything taken from it has been answered.
+    fn turn(&mut self, state: &mut State, rx: &mut mpsc::Receiver<Work>) -> bool {
+        if state.open && state.active.is_empty() && state.pending.is_none() {
+            match rx.blocking_recv() {
+                Some(work) => state.pending = Some(work),
+                None => state.open = false,
+            }
+        }
+        self.admit(state, rx);
+        if state.active.is_empty() {
+            return state.open || state.pending.is_some();
+        }
+        self.step(&mut state.active);
+        self.finish(&mut state.active);
+        true
+    }
+
+    /// Takes jobs off the queue while their candidates fit in the batch and
+    /// their prompts in this step's budget, and swaps the model when a swap
+    /// reaches the front with the batch empty.
+    fn admit(&mut self, state: &mut State, rx: &mut mpsc::Receiver<Work>) {
+        let mut prompt_tokens = 0;
         loop {
-            // Take work: block only when there is nothing else to do.
-            if open && active.is_empty() && pending.is_none() {
-                match rx.blocking_recv() {
-                    Some(work) => pending = Some(work),
-                    None => open = false,
+            if state.pending.is_none() && state.open {
+                match rx.try_recv() {
+                    Ok(work) => state.pending = Some(work),
+                    Err(mpsc::error::TryRecvError::Empty) => {}
+                    Err(mpsc::error::TryRecvError::Disconnected) => state.open = false,
                 }
             }
-            loop {
-                if pending.is_none() && open {
-                    match rx.try_recv() {
-                        Ok(work) => pending = Some(work),
-                        Err(mpsc::error::TryRecvError::Empty) => {}
-                        Err(mpsc::error::TryRecvError::Disconnected) => open = false,
-                    }
-                }
-                let job = match pending.take() {
-                    None => break,
-                    Some(Work::Swap(swap)) if active.is_empty() => {
-                        version += 1;
-                        self.swap(swap, version);
-                        continue;
-                    }
-                    Some(swap @ Work::Swap(_)) => {
-                        // Let the batch drain on the old model; admit nothing.
-                        pending = Some(swap);
-                        break;
-                    }
-                    Some(Work::Job(job)) => job,
-                };
-                if job.reply.is_closed() {
-                    self.metrics.dequeued();
-                    self.metrics.cancelled();
+            let job = match state.pending.take() {
+                None => break,
+                Some(Work::Swap(swap)) if state.active.is_empty() => {
+                    state.version += 1;
+                    self.swap(swap, state.version);
                     continue;
                 }
-                let in_batch: usize = active.iter().map(Active::unfinished).sum();
-                if in_batch + job.request.n_candidates > self.config.max_batch {
-                    pending = Some(Work::Job(job));
+                Some(swap @ Work::Swap(_)) => {
+                    // Let the batch drain on the old model; admit nothing.
+                    state.pending = Some(swap);
                     break;
                 }
+                Some(Work::Job(job)) => job,
+            };
+            if job.reply.is_closed() {
                 self.metrics.dequeued();
-                if let Some(admitted) = self.admit(job) {
-                    active.push(admitted);
-                }
-            }
-            if active.is_empty() {
-                if !open && pending.is_none() {
-                    return;
-                }
+                self.metrics.cancelled();
                 continue;
             }
-            self.step(&mut active);
-            self.finish(&mut active);
+            let in_batch: usize = state.active.iter().map(Active::in_batch).sum();
+            let prompt = job.request.prompt_ids.len();
+            let over_budget = prompt_tokens > 0 && prompt_tokens + prompt > self.config.max_prefill_tokens;
+            if in_batch + job.request.n_candidates > self.config.max_batch || over_budget {
+                state.pending = Some(Work::Job(job));
+                break;
+            }
+            self.metrics.dequeued();
+            prompt_tokens += prompt;
+            if let Some(admitted) = self.start(job) {
+                state.active.push(admitted);
+            }
         }
     }
 
@@ -149,15 +285,25 @@ impl Engine {
         let _ = done.send(Ok(version));
     }
 
-    /// Prefills a request once and forks its cache per candidate.
-    fn admit(&self, job: Job) -> Option<Active> {
+    /// A job taken off the queue, with its prompt's cache, ready for the
+    /// next step.
+    fn start(&self, job: Job) -> Option<Active> {
         let Job { request, submitted, reply } = job;
-        let mut active = Active { request, seqs: Vec::new(), reply: Some(reply), submitted, ttft: Duration::ZERO, sampled: 0 };
-        let result = catch_unwind(AssertUnwindSafe(|| self.prefill(&mut active)));
-        match result {
-            Ok(Ok(())) => {
-                active.ttft = active.submitted.elapsed();
-                self.metrics.first_token(active.ttft);
+        let n_positions = self.model.config().n_positions;
+        let capacity = (request.prompt_ids.len() + request.params.max_new_tokens).min(n_positions);
+        let cache = catch_unwind(AssertUnwindSafe(|| self.model.new_seq_cache(capacity)));
+        let mut active = Active {
+            request,
+            prompt_cache: None,
+            seqs: Vec::new(),
+            reply: Some(reply),
+            submitted,
+            ttft: Duration::ZERO,
+            sampled: 0,
+        };
+        match cache {
+            Ok(Ok(cache)) => {
+                active.prompt_cache = Some(cache);
                 Some(active)
             }
             Ok(Err(e)) => {
@@ -165,23 +311,169 @@ impl Engine {
                 None
             }
             Err(_) => {
-                active.fail(&self.metrics, "prefill panicked".into());
+                active.fail(&self.metrics, "allocating the prompt's cache panicked".into());
                 None
             }
         }
     }
 
-    fn prefill(&self, active: &mut Active) -> Result<(), ModelError> {
+    /// One step: a forward pass over the prompt of every request admitted
+    /// this turn and the next token of every unfinished candidate, then a
+    /// draw for each candidate.
+    fn step(&self, active: &mut [Active]) {
+        for a in active.iter_mut().filter(|a| a.reply.is_some() && a.cancelled()) {
+            self.metrics.cancelled();
+            a.reply = None;
+        }
+        let started = Instant::now();
+        let all: Vec<usize> = (0..active.len()).filter(|&i| active[i].runs()).collect();
+        if all.is_empty() {
+            return;
+        }
+        match self.forward(active, &all) {
+            Ok(rows) => self.sample_rows(active, &all, &rows),
+            Err(why) if all.len() > 1 => {
+                // Find the request at fault: retry each on its own.
+                tracing::warn!(error = %why, "batched step failed; retrying requests one at a time");
+                for &i in &all {
+                    if !active[i].caches_unmoved() {
+                        // The failed pass wrote this request's caches on;
+                        // feeding the same ids again would be wrong.
+                        active[i].fail(&self.metrics, format!("{why} (after its cache had moved on)"));
+                        continue;
+                    }
+                    match self.forward(active, &[i]) {
+                        Ok(rows) => self.sample_rows(active, &[i], &rows),
+                        Err(why) => active[i].fail(&self.metrics, why),
+                    }
+                }
+            }
+            Err(why) => active[all[0]].fail(&self.metrics, why),
+        }
+        self.metrics.step(started.elapsed());
+    }
+
+    /// Runs one forward pass over the given requests (indices in ascending
+    /// order): the whole prompt of each that awaits its prefill, the next
+    /// id of each unfinished candidate of the others. One logits row per
+    /// sequence, in that order.
+    fn forward(&self, active: &mut [Active], which: &[usize]) -> Result<Rows, String> {
+        let mut tokens: Vec<&[u32]> = Vec::new();
+        let mut caches: Vec<&mut SeqCache> = Vec::new();
+        // Each sequence's adapter (its request's); empty when no request
+        // in the step has one, so a plain batch pays nothing.
+        let mut adapters: Vec<Option<&LoraRuntime>> = Vec::new();
+        for a in chosen(active, which) {
+            let Active { request, prompt_cache, seqs, .. } = a;
+            let request: &GenerationRequest = request;
+            let adapter = request.adapter.as_deref();
+            if let Some(cache) = prompt_cache {
+                tokens.push(if request.fault_in_prefill { &[u32::MAX] } else { &request.prompt_ids });
+                caches.push(cache);
+                adapters.push(adapter);
+                continue;
+            }
+            for seq in seqs.iter_mut().filter(|s| s.finish.is_none()) {
+                let Seq { next, cache, .. } = seq;
+                let next: &u32 = next;
+                tokens.push(std::slice::from_ref(next));
+                caches.push(cache);
+                adapters.push(adapter);
+            }
+        }
+        if adapters.iter().all(Option::is_none) {
+            adapters.clear();
+        }
+        let n_rows = tokens.len();
+        let result = catch_unwind(AssertUnwindSafe(|| -> Result<Rows, ModelError> {
+            let logits = self.model.forward_seqs_with(&tokens, &mut caches, &adapters)?;
+            let (rows, vocab) = logits.dims2()?;
+            if rows != n_rows {
+                return Err(ModelError::Input(format!("the forward pass gave {rows} rows of logits for {n_rows} sequences")));
+            }
+            Ok(Rows { data: logits.flatten_all()?.to_vec1()?, vocab })
+        }));
+        match result {
+            Ok(Ok(rows)) => Ok(rows),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("forward pass panicked".into()),
+        }
+    }
+
+    /// Draws the next id of every unfinished candidate of the given
+    /// requests from `rows` (in [`Engine::forward`]'s order). A request
+    /// prefilled in this step first forks its prompt's cache per candidate;
+    /// all its candidates draw from its one row, and its first token is
+    /// out when the draws end. Draws run in parallel.
+    fn sample_rows(&self, active: &mut [Active], which: &[usize], rows: &Rows) {
+        let mut requests = chosen(active, which);
+        // Each request's first row, and whether this step prefilled it.
+        let mut first_rows = Vec::with_capacity(requests.len());
+        let mut next_row = 0;
+        for a in requests.iter_mut() {
+            match a.prompt_cache.take() {
+                Some(cache) => {
+                    first_rows.push((next_row, true));
+                    next_row += 1;
+                    self.metrics.prefilled(a.request.prompt_ids.len());
+                    match catch_unwind(AssertUnwindSafe(|| self.fork_candidates(a, cache))) {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => a.fail(&self.metrics, e.to_string()),
+                        Err(_) => a.fail(&self.metrics, "forking the prompt's cache panicked".into()),
+                    }
+                }
+                None => {
+                    first_rows.push((next_row, false));
+                    next_row += a.unfinished();
+                }
+            }
+        }
+
+        let mut draws = Vec::new();
+        // The request (index into `requests`) of each draw.
+        let mut owners = Vec::new();
+        for (r, (a, &(first_row, prefilled))) in requests.iter_mut().zip(&first_rows).enumerate() {
+            if a.reply.is_none() {
+                continue;
+            }
+            let Active { request, seqs, sampled, .. } = &mut **a;
+            let request: &GenerationRequest = request;
+            let mut k = 0;
+            for seq in seqs.iter_mut().filter(|s| s.finish.is_none()) {
+                let row = rows.row(if prefilled { first_row } else { first_row + k });
+                draws.push(Draw { seq, request, row, draw_idx: *sampled + k });
+                owners.push(r);
+                k += 1;
+            }
+            *sampled += k;
+        }
+        let (eos, n_positions) = (self.eos, self.model.config().n_positions);
+        let outcomes: Vec<Option<bool>> =
+            draws.into_par_iter().map(|draw| catch_unwind(AssertUnwindSafe(|| draw.run(eos, n_positions))).ok()).collect();
+
+        let mut failed = vec![false; requests.len()];
+        let mut tokens = 0;
+        for (&r, outcome) in owners.iter().zip(&outcomes) {
+            match outcome {
+                Some(new_token) => tokens += usize::from(*new_token),
+                None => failed[r] = true,
+            }
+        }
+        self.metrics.tokens(tokens);
+        for ((a, &(_, prefilled)), failed) in requests.iter_mut().zip(&first_rows).zip(failed) {
+            if failed {
+                a.fail(&self.metrics, "sampling panicked".into());
+            } else if prefilled && a.reply.is_some() {
+                a.ttft = a.submitted.elapsed();
+                self.metrics.first_token(a.ttft);
+            }
+        }
+    }
+
+    /// Gives a request one candidate per `n_candidates`, each with its own
+    /// fork of the prefilled prompt's cache and its own seed.
+    fn fork_candidates(&self, active: &mut Active, cache: SeqCache) -> Result<(), ModelError> {
         let request = &active.request;
-        let prompt = &request.prompt_ids;
-        let n_positions = self.model.config().n_positions;
-        let capacity = (prompt.len() + request.params.max_new_tokens).min(n_positions);
-        let mut cache = self.model.new_seq_cache(capacity)?;
-        // The adapter was checked against the model at submission; the
-        // forward pass checks again (a swap may have come in between).
-        let logits = self.model.forward_seqs_with(&[prompt], &mut [&mut cache], &[request.adapter.as_deref()])?;
-        self.metrics.prefilled(prompt.len());
-        let row: Vec<f32> = logits.get(0)?.to_vec1()?;
         let n = request.n_candidates;
         let mut caches = Vec::with_capacity(n);
         for _ in 1..n {
@@ -193,138 +485,16 @@ impl Engine {
             params.seed = params.seed.map(|s| s.wrapping_add(i as u64));
             active.seqs.push(Seq {
                 cache,
-                history: prompt.clone(),
+                history: request.prompt_ids.clone(),
                 output: Vec::new(),
                 sampler: Sampler::new(params, self.eos),
                 next: self.eos,
                 finish: None,
                 logprob: 0.0,
+                scratch: Vec::new(),
             });
         }
-        for i in 0..active.seqs.len() {
-            self.sample_into(active, i, row.clone())?;
-        }
         Ok(())
-    }
-
-    /// Draws the next id of one candidate from its logits row.
-    fn sample_into(&self, active: &mut Active, seq_idx: usize, mut row: Vec<f32>) -> Result<(), ModelError> {
-        if active.request.fault_at_token == Some(active.sampled) {
-            panic!("injected fault at token {}", active.sampled);
-        }
-        active.sampled += 1;
-        let ignore_eos = active.request.ignore_eos;
-        let max_new = active.request.params.max_new_tokens;
-        let seq = &mut active.seqs[seq_idx];
-        let lse = log_sum_exp(&row);
-        let raw = row.clone();
-        if ignore_eos {
-            if let Some(l) = row.get_mut(self.eos as usize) {
-                *l = f32::NEG_INFINITY;
-            }
-        }
-        let id = seq.sampler.next_token(&mut row, &seq.history, seq.output.len());
-        if id == self.eos {
-            seq.finish = Some(FinishReason::EndOfText);
-            return Ok(());
-        }
-        seq.logprob += raw.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY) - lse;
-        seq.output.push(id);
-        seq.history.push(id);
-        seq.next = id;
-        self.metrics.tokens(1);
-        if seq.output.len() >= max_new {
-            seq.finish = Some(FinishReason::MaxTokens);
-        } else if seq.history.len() >= self.model.config().n_positions {
-            seq.finish = Some(FinishReason::ContextFull);
-        }
-        Ok(())
-    }
-
-    /// One decode step over every unfinished candidate of every request.
-    fn step(&self, active: &mut [Active]) {
-        for a in active.iter_mut().filter(|a| a.reply.is_some() && a.cancelled()) {
-            self.metrics.cancelled();
-            a.reply = None;
-        }
-        let started = Instant::now();
-        let all: Vec<usize> = (0..active.len()).filter(|&i| active[i].reply.is_some() && active[i].unfinished() > 0).collect();
-        if all.is_empty() {
-            return;
-        }
-        match self.forward(active, &all) {
-            Ok(rows) => self.sample_rows(active, &all, rows),
-            Err(why) if all.len() > 1 => {
-                // Find the request at fault: retry each on its own.
-                tracing::warn!(error = %why, "batched step failed; retrying requests one at a time");
-                for &i in &all {
-                    match self.forward(active, &[i]) {
-                        Ok(rows) => self.sample_rows(active, &[i], rows),
-                        Err(why) => active[i].fail(&self.metrics, why),
-                    }
-                }
-            }
-            Err(why) => active[all[0]].fail(&self.metrics, why),
-        }
-        self.metrics.step(started.elapsed());
-    }
-
-    /// Runs the unfinished candidates of the given requests; one logits row
-    /// each, in order.
-    fn forward(&self, active: &mut [Active], which: &[usize]) -> Result<Vec<Vec<f32>>, String> {
-        let mut tokens: Vec<[u32; 1]> = Vec::new();
-        let mut caches: Vec<&mut SeqCache> = Vec::new();
-        // Each candidate's adapter (its request's); empty when no request
-        // in the step has one, so a plain batch pays nothing.
-        let mut adapters: Vec<Option<&LoraRuntime>> = Vec::new();
-        let mut chosen = which.iter().peekable();
-        for (i, a) in active.iter_mut().enumerate() {
-            if chosen.peek() != Some(&&i) {
-                continue;
-            }
-            chosen.next();
-            let adapter = a.request.adapter.as_deref();
-            for seq in a.seqs.iter_mut().filter(|s| s.finish.is_none()) {
-                tokens.push([seq.next]);
-                caches.push(&mut seq.cache);
-                adapters.push(adapter);
-            }
-        }
-        if adapters.iter().all(Option::is_none) {
-            adapters.clear();
-        }
-        let token_refs: Vec<&[u32]> = tokens.iter().map(|t| t.as_slice()).collect();
-        let result = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<Vec<f32>>, ModelError> {
-            Ok(self.model.forward_seqs_with(&token_refs, &mut caches, &adapters)?.to_vec2()?)
-        }));
-        match result {
-            Ok(Ok(rows)) => Ok(rows),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("decode step panicked".into()),
-        }
-    }
-
-    fn sample_rows(&self, active: &mut [Active], which: &[usize], rows: Vec<Vec<f32>>) {
-        let mut rows = rows.into_iter();
-        for &i in which {
-            let a = &mut active[i];
-            let seq_ids: Vec<usize> = (0..a.seqs.len()).filter(|&s| a.seqs[s].finish.is_none()).collect();
-            let mut failure = None;
-            for s in seq_ids {
-                let Some(row) = rows.next() else { return };
-                if failure.is_some() {
-                    continue;
-                }
-                match catch_unwind(AssertUnwindSafe(|| self.sample_into(a, s, row))) {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => failure = Some(e.to_string()),
-                    Err(_) => failure = Some("sampling panicked".into()),
-                }
-            }
-            if let Some(why) = failure {
-                a.fail(&self.metrics, why);
-            }
-        }
     }
 
     /// Answers finished requests and drops failed or cancelled ones. The
@@ -360,6 +530,21 @@ impl Engine {
             }
         }
     }
+}
+
+/// The requests at the given indices (ascending), borrowed together.
+fn chosen<'a>(active: &'a mut [Active], which: &[usize]) -> Vec<&'a mut Active> {
+    let mut which = which.iter().peekable();
+    active
+        .iter_mut()
+        .enumerate()
+        .filter_map(|(i, a)| {
+            (which.peek() == Some(&&i)).then(|| {
+                which.next();
+                a
+            })
+        })
+        .collect()
 }
 
 fn log_sum_exp(row: &[f32]) -> f32 {

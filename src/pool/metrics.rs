@@ -35,7 +35,10 @@ pub struct PoolMetricsSnapshot {
     pub requests_cancelled: u64,
     pub refusals: u64,
     pub tokens_generated: u64,
+    /// Engine steps: one forward pass over every unfinished candidate's
+    /// next token and the prompts admitted with them.
     pub decode_steps: u64,
+    /// Time spent in those steps, the prefills in them included.
     pub decode_seconds_total: f64,
     pub prefill_tokens: u64,
     /// Cumulative counts per bucket of [`TTFT_BUCKETS_MS`], then +Inf.
