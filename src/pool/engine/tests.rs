@@ -9,7 +9,7 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{log_sum_exp, Engine, State};
+use super::{exp_nonpositive, log_sum_exp, log_sum_exp_portable, Engine, State};
 use crate::generate::generate;
 use crate::model::Gpt2;
 use crate::pool::{GenerationRequest, GenerationResult, Job, PoolConfig, PoolError, PoolMetrics, PoolMetricsSnapshot, Work};
@@ -261,4 +261,31 @@ fn log_sum_exp_matches_a_double_precision_sum() {
     assert_eq!(log_sum_exp(&[]), f32::NEG_INFINITY);
     assert_eq!(log_sum_exp(&[f32::NEG_INFINITY; 3]), f32::NEG_INFINITY);
     assert!(log_sum_exp(&[1.0, f32::NAN, 2.0]).is_nan());
+}
+
+#[test]
+fn exp_nonpositive_is_within_a_few_ulp_of_exp() {
+    let mut worst = 0f64;
+    for i in 0..=870_000 {
+        let x = -(i as f32) * 1e-4;
+        let want = (x as f64).exp();
+        let got = exp_nonpositive(x) as f64;
+        worst = worst.max((got - want).abs() / want);
+    }
+    assert!(worst < 3e-7, "worst relative error {worst}");
+    assert_eq!(exp_nonpositive(0.0), 1.0);
+    assert_eq!(exp_nonpositive(-88.0), 0.0);
+    assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
+    assert!(exp_nonpositive(f32::NAN).is_nan());
+}
+
+/// The vector path (picked at run time) and the portable one must agree to
+/// the bit, or a log-probability would depend on the machine.
+#[test]
+fn log_sum_exp_gives_the_same_bits_on_every_path() {
+    let mut rng = crate::sampling::Rng::new(11);
+    for len in [3, 16, 50257] {
+        let row: Vec<f32> = (0..len).map(|_| (rng.next_f64() as f32 - 0.5) * 60.0).collect();
+        assert_eq!(log_sum_exp(&row).to_bits(), log_sum_exp_portable(&row).to_bits(), "len {len}");
+    }
 }
