@@ -173,10 +173,31 @@ impl Sampler {
             }
         }
         if p.is_greedy() {
-            return crate::model::gpt2::argmax(logits) as u32;
+            return argmax(logits) as u32;
         }
         sample(logits, p.temperature, p.top_k, p.top_p, &mut self.rng)
     }
+}
+
+/// The index of the first largest value (NaN never wins; 0 when the first
+/// value is NaN or there are none), as `model::gpt2::argmax` finds it, but
+/// over 16 lanes the compiler can vectorise: the maximum first, then the
+/// first place it occurs.
+fn argmax(values: &[f32]) -> usize {
+    const LANES: usize = 16;
+    if values.first().is_none_or(|v| v.is_nan()) {
+        return 0;
+    }
+    let (chunks, rest) = values.as_chunks::<LANES>();
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    for chunk in chunks {
+        for (m, &v) in lanes.iter_mut().zip(chunk) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    let max = lanes.iter().chain(rest).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    let chunk = chunks.iter().position(|c| c.iter().fold(false, |seen, &v| seen | (v == max))).unwrap_or(chunks.len());
+    values[chunk * LANES..].iter().position(|&v| v == max).map_or(0, |i| chunk * LANES + i)
 }
 
 /// Divides positive logits (multiplies negative ones) of seen tokens.
@@ -217,23 +238,10 @@ pub fn ban_repeated_ngrams(logits: &mut [f32], history: &[u32], n: usize) {
 
 /// Temperature, top-k, top-p, then a draw.
 fn sample(logits: &[f32], temperature: f32, top_k: usize, top_p: f32, rng: &mut Rng) -> u32 {
-    // Candidates: (id, scaled logit), finite only.
-    let mut cands: Vec<(u32, f32)> = logits
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| l.is_finite())
-        .map(|(i, &l)| (i as u32, l / temperature))
-        .collect();
+    let mut cands = candidates(logits, temperature, top_k);
     if cands.is_empty() {
         // Everything was banned; fall back to the least bad token.
-        return crate::model::gpt2::argmax(logits) as u32;
-    }
-    if top_k > 0 && top_k < cands.len() {
-        // Keep values >= the k-th largest (ties kept, as transformers does).
-        let mut values: Vec<f32> = cands.iter().map(|c| c.1).collect();
-        let (_, kth, _) = values.select_nth_unstable_by(top_k - 1, |a, b| b.total_cmp(a));
-        let kth = *kth;
-        cands.retain(|c| c.1 >= kth);
+        return argmax(logits) as u32;
     }
     cands.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     let max = cands[0].1;
@@ -265,6 +273,32 @@ fn sample(logits: &[f32], temperature: f32, top_k: usize, top_p: f32, rng: &mut 
         u -= p;
     }
     cands[cands.len() - 1].0
+}
+
+/// `(id, logit / temperature)` for every finite logit, in id order; with
+/// `top_k > 0`, only those at or above the k-th largest (ties kept, as
+/// transformers does). Dividing by a positive temperature never reorders
+/// values, so the k-th largest scaled value is the k-th largest logit
+/// scaled, and only the kept ones become candidates.
+fn candidates(logits: &[f32], temperature: f32, top_k: usize) -> Vec<(u32, f32)> {
+    let floor = kth_largest_finite(logits, top_k).map(|kth| kth / temperature);
+    logits
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.is_finite())
+        .map(|(i, &l)| (i as u32, l / temperature))
+        .filter(|c| floor.is_none_or(|floor| c.1 >= floor))
+        .collect()
+}
+
+/// The k-th largest finite value, when more than k values are finite (so
+/// that top-k drops some); `None` otherwise.
+fn kth_largest_finite(logits: &[f32], k: usize) -> Option<f32> {
+    let mut values: Vec<f32> = logits.iter().copied().filter(|l| l.is_finite()).collect();
+    if k == 0 || k >= values.len() {
+        return None;
+    }
+    Some(*values.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a)).1)
 }
 
 #[cfg(test)]
@@ -324,6 +358,66 @@ mod tests {
         assert_eq!(seen, HashSet::from([0, 1]));
         for _ in 0..200 {
             assert_eq!(sample(&logits, 1.0, 0, 0.5, &mut rng), 0);
+        }
+    }
+
+    /// Rows with ties, banned (−∞) values, a NaN, signed zeros and lengths
+    /// on and off the 16-lane chunks.
+    fn awkward_rows() -> Vec<Vec<f32>> {
+        let mut rng = Rng::new(9);
+        let mut rows = vec![vec![], vec![f32::NAN, 1.0], vec![f32::NEG_INFINITY; 40], vec![-0.0, 0.0, -0.0]];
+        for trial in 0..400 {
+            let len = 1 + (rng.next_u64() % 300) as usize;
+            let mut row: Vec<f32> = (0..len)
+                .map(|_| if trial % 3 == 0 { (rng.next_u64() % 6) as f32 - 3.0 } else { (rng.next_f64() as f32 - 0.5) * 30.0 })
+                .collect();
+            if trial % 4 == 0 {
+                for _ in 0..len / 3 {
+                    row[(rng.next_u64() % len as u64) as usize] = f32::NEG_INFINITY;
+                }
+            }
+            if trial % 7 == 0 {
+                row[(rng.next_u64() % len as u64) as usize] = f32::NAN;
+            }
+            if trial % 5 == 0 {
+                row.iter_mut().filter(|v| **v == 0.0).for_each(|v| *v = -0.0);
+            }
+            rows.push(row);
+        }
+        rows
+    }
+
+    #[test]
+    fn argmax_finds_the_first_maximum_as_the_model_does() {
+        for row in awkward_rows() {
+            assert_eq!(argmax(&row), crate::model::gpt2::argmax(&row), "{row:?}");
+        }
+    }
+
+    /// How `sample` chose its candidates before: every finite logit scaled,
+    /// then those below the k-th largest scaled value dropped.
+    fn candidates_reference(logits: &[f32], temperature: f32, top_k: usize) -> Vec<(u32, f32)> {
+        let mut cands: Vec<(u32, f32)> =
+            logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (i as u32, l / temperature)).collect();
+        if top_k > 0 && top_k < cands.len() {
+            let mut values: Vec<f32> = cands.iter().map(|c| c.1).collect();
+            let kth = *values.select_nth_unstable_by(top_k - 1, |a, b| b.total_cmp(a)).1;
+            cands.retain(|c| c.1 >= kth);
+        }
+        cands
+    }
+
+    #[test]
+    fn top_k_keeps_the_candidates_it_kept_before() {
+        let bits = |c: Vec<(u32, f32)>| c.into_iter().map(|(id, v)| (id, v.to_bits())).collect::<Vec<_>>();
+        for row in awkward_rows() {
+            for (temperature, top_k) in [(0.8, 50), (1.0, 0), (1.0, 1), (1.3, 7), (1e-30, 7), (0.7, 3), (2.0, 200)] {
+                assert_eq!(
+                    bits(candidates(&row, temperature, top_k)),
+                    bits(candidates_reference(&row, temperature, top_k)),
+                    "temperature {temperature}, top_k {top_k}: {row:?}"
+                );
+            }
         }
     }
 
