@@ -33,6 +33,10 @@ pub struct BenchArgs {
     /// Comma-separated numbers of simultaneous requests.
     #[arg(long, default_value = "1,8,32", value_delimiter = ',')]
     pub concurrency: Vec<usize>,
+    /// Most prompt tokens the pool prefills in one step (the pool's
+    /// default when not given).
+    #[arg(long, value_name = "TOKENS")]
+    pub max_prefill_tokens: Option<usize>,
     /// One JSON object per level on its own line (otherwise a table).
     #[arg(long)]
     pub json: bool,
@@ -79,7 +83,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     let eos = model.config().eos_token_id;
     let max_level = *args.concurrency.iter().max().unwrap_or(&1);
-    let pool = GenerationPool::start(model, PoolConfig { max_batch: max_level, queue_capacity: max_level, max_candidates: 1, ..PoolConfig::default() })?;
+    let mut config = PoolConfig { max_batch: max_level, queue_capacity: max_level, max_candidates: 1, ..PoolConfig::default() };
+    if let Some(tokens) = args.max_prefill_tokens {
+        config.max_prefill_tokens = tokens;
+    }
+    let pool = GenerationPool::start(model, config)?;
     let handle = pool.handle();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let prompt = |seed: u64| -> Vec<u32> {
