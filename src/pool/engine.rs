@@ -29,6 +29,7 @@ use tokio::sync::mpsc;
 use super::{Candidate, GenerationRequest, GenerationResult, Job, PoolConfig, PoolError, PoolMetrics, Swap, Work};
 use crate::generate::FinishReason;
 use crate::model::gpt2::SeqCache;
+use crate::model::kernels::exp_approx;
 use crate::model::{Gpt2, Gpt2Config, LoraRuntime, ModelError};
 use crate::sampling::Sampler;
 
@@ -592,7 +593,7 @@ fn log_sum_exp_portable(row: &[f32]) -> f32 {
     let mut lanes = [0f32; LANES];
     for chunk in chunks {
         for (s, &v) in lanes.iter_mut().zip(chunk) {
-            *s += exp_nonpositive(v - max);
+            *s += exp_approx(v - max);
         }
     }
     let mut width = LANES / 2;
@@ -602,37 +603,7 @@ fn log_sum_exp_portable(row: &[f32]) -> f32 {
         }
         width /= 2;
     }
-    let sum = rest.iter().fold(lanes[0], |s, &v| s + exp_nonpositive(v - max));
+    let sum = rest.iter().fold(lanes[0], |s, &v| s + exp_approx(v - max));
     max + sum.ln()
 }
 
-/// `e^x` for `x ≤ 0`, within about 2 ulp of `f32::exp`, in plain
-/// arithmetic that vectorises: Cephes' `expf` (a split `ln 2` for the range
-/// reduction, a degree-7 polynomial on `|r| ≤ ln 2 / 2`), `2^n` built from
-/// its bits. Below −87 (under `f32`'s normal range) it gives 0; NaN stays
-/// NaN.
-#[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
-    // Adding 1.5 · 2^23 rounds to an integer, which the low bits then hold.
-    const ROUND: f32 = 12_582_912.0;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let clamped = if x < -87.0 { -87.0 } else { x };
-    let shifted = clamped * std::f32::consts::LOG2_E + ROUND;
-    let n = shifted - ROUND;
-    let k = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
-    let r = clamped - n * LN2_HI - n * LN2_LO;
-    let p = 1.987_569_1e-4;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 0.166_666_66;
-    let p = p * r + 0.5;
-    let e = p * (r * r) + r + 1.0;
-    let scale = f32::from_bits((k.wrapping_add(127) as u32) << 23);
-    if x < -87.0 {
-        0.0
-    } else {
-        e * scale
-    }
-}

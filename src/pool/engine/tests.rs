@@ -9,7 +9,7 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{exp_nonpositive, log_sum_exp, log_sum_exp_portable, Engine, State};
+use super::{log_sum_exp, log_sum_exp_portable, Engine, State};
 use crate::generate::generate;
 use crate::model::Gpt2;
 use crate::pool::{GenerationRequest, GenerationResult, Job, PoolConfig, PoolError, PoolMetrics, PoolMetricsSnapshot, Work};
@@ -261,22 +261,6 @@ fn log_sum_exp_matches_a_double_precision_sum() {
     assert_eq!(log_sum_exp(&[]), f32::NEG_INFINITY);
     assert_eq!(log_sum_exp(&[f32::NEG_INFINITY; 3]), f32::NEG_INFINITY);
     assert!(log_sum_exp(&[1.0, f32::NAN, 2.0]).is_nan());
-}
-
-#[test]
-fn exp_nonpositive_is_within_a_few_ulp_of_exp() {
-    let mut worst = 0f64;
-    for i in 0..=870_000 {
-        let x = -(i as f32) * 1e-4;
-        let want = (x as f64).exp();
-        let got = exp_nonpositive(x) as f64;
-        worst = worst.max((got - want).abs() / want);
-    }
-    assert!(worst < 3e-7, "worst relative error {worst}");
-    assert_eq!(exp_nonpositive(0.0), 1.0);
-    assert_eq!(exp_nonpositive(-88.0), 0.0);
-    assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
-    assert!(exp_nonpositive(f32::NAN).is_nan());
 }
 
 /// The vector path (picked at run time) and the portable one must agree to
