@@ -163,6 +163,7 @@ pub struct RawGeneration {
     pub candidates: usize,
     pub queue_depth: usize,
     pub max_batch: usize,
+    pub max_prefill_tokens: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -514,6 +515,7 @@ pub struct GenerationSettings {
     pub candidates: usize,
     pub queue_depth: usize,
     pub max_batch: usize,
+    pub max_prefill_tokens: usize,
 }
 
 impl GenerationSettings {
@@ -842,6 +844,7 @@ impl RawGeneration {
             candidates: self.candidates,
             queue_depth: self.queue_depth,
             max_batch: self.max_batch,
+            max_prefill_tokens: self.max_prefill_tokens,
         };
         if g.max_new_tokens == 0 || g.max_new_tokens > 1000 {
             return Err(invalid("generation.max_new_tokens", format!("{} is not in 1..=1000", g.max_new_tokens)));
@@ -863,6 +866,9 @@ impl RawGeneration {
         }
         if g.max_batch < g.candidates || g.max_batch > 256 {
             return Err(invalid("generation.max_batch", format!("{} is not in generation.candidates..=256", g.max_batch)));
+        }
+        if g.max_prefill_tokens == 0 || g.max_prefill_tokens > 65_536 {
+            return Err(invalid("generation.max_prefill_tokens", format!("{} is not in 1..=65536", g.max_prefill_tokens)));
         }
         Ok(g)
     }
@@ -1120,6 +1126,7 @@ mod tests {
         let cases: &[(&str, &str)] = &[
             ("[generation]\ntop_p = 1.5\n", "generation.top_p"),
             ("[model]\nquantize = \"q4\"\n", "model.quantize"),
+            ("[generation]\nmax_prefill_tokens = 0\n", "generation.max_prefill_tokens"),
             ("[model]\nquantize = \"q8\"\ndtype = \"bf16\"\n", "model.quantize"),
             ("[model]\nkv_cache = \"bf16\"\n", "model.kv_cache"),
             ("[context]\nstore = \"sqlite\"\n", "context.store"),

@@ -82,7 +82,7 @@ impl PoolEngine {
             max_batch: generation.max_batch,
             queue_capacity: generation.queue_depth,
             max_candidates: generation.candidates.max(1),
-            ..PoolConfig::default()
+            max_prefill_tokens: generation.max_prefill_tokens,
         };
         let pool = GenerationPool::start(model, config)?;
         let handle = pool.handle();
