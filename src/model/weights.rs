@@ -198,15 +198,7 @@ impl TensorStore {
     /// Takes a tensor out of the store, checking its shape and that its
     /// values are finite.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
-        let entry = self.tensors.remove(name).ok_or_else(|| self.error(name, "missing from the checkpoint"))?;
-        let dims = match &entry {
-            Entry::Ready(t) => t.dims(),
-            Entry::OnDisk(d) => &d.shape[..],
-        };
-        if dims != shape {
-            return Err(self.error(name, &format!("has shape {:?}, expected {:?}", dims, shape)));
-        }
-        let tensor = match entry {
+        let tensor = match self.remove_shaped(name, shape)? {
             Entry::Ready(t) => t,
             Entry::OnDisk(d) => convert(d.read()?, self.dtype, &self.device).map_err(|e| self.error(name, &e.to_string()))?,
         };
@@ -220,6 +212,11 @@ impl TensorStore {
     /// for copies the model does not use, such as a stored tied head. A
     /// tensor still on disk is never read.
     pub fn discard(&mut self, name: &str, shape: &[usize]) -> Result<(), ModelError> {
+        self.remove_shaped(name, shape).map(drop)
+    }
+
+    /// Removes an entry, checking that it is there and has `shape`.
+    fn remove_shaped(&mut self, name: &str, shape: &[usize]) -> Result<Entry, ModelError> {
         let entry = self.tensors.remove(name).ok_or_else(|| self.error(name, "missing from the checkpoint"))?;
         let dims = match &entry {
             Entry::Ready(t) => t.dims(),
@@ -228,7 +225,7 @@ impl TensorStore {
         if dims != shape {
             return Err(self.error(name, &format!("has shape {:?}, expected {:?}", dims, shape)));
         }
-        Ok(())
+        Ok(entry)
     }
 
     /// Names left after the model took what it needs.

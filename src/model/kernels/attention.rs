@@ -57,12 +57,38 @@ impl KvValue for half::f16 {
         dst.convert_from_f32_slice(src);
     }
 
+    #[inline(always)]
     fn view<'a>(src: &'a [half::f16], scratch: &'a mut Vec<f32>) -> &'a [f32] {
-        use half::slice::HalfFloatSliceExt;
-        scratch.resize(src.len(), 0.0);
-        src.convert_to_f32_slice(scratch);
-        scratch
+        // The scratch is the task thread's own and keeps its size, so this
+        // is one pass over the cache, inlined into the caller's
+        // vectorised (AVX2) code, not a call per 8 values.
+        if scratch.len() < src.len() {
+            scratch.resize(src.len(), 0.0);
+        }
+        let out = &mut scratch[..src.len()];
+        for (o, h) in out.iter_mut().zip(src) {
+            *o = f16_bits_to_f32(h.to_bits());
+        }
+        out
     }
+}
+
+/// An f16's value as f32, exactly (f16 ⊂ f32), in branch-free integer and
+/// float steps that vectorise: the exponent and mantissa moved into f32's
+/// places and scaled by 2^112 (which also normalises f16 subnormals), the
+/// exponent saturated for infinities and NaNs, the sign put back.
+#[inline(always)]
+fn f16_bits_to_f32(h: u16) -> f32 {
+    let h = u32::from(h);
+    let sign = (h & 0x8000) << 16;
+    let scaled = f32::from_bits((h & 0x7fff) << 13) * f32::from_bits(0x7780_0000);
+    let inf_nan = if h & 0x7c00 == 0x7c00 { 0x7f80_0000 } else { 0 };
+    f32::from_bits(scaled.to_bits() | inf_nan | sign)
+}
+
+thread_local! {
+    /// Widened keys and values of the task running on this thread.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// One sequence's part of a batched attention call.
@@ -169,9 +195,22 @@ fn head<T: KvValue>(qkv: &[f32], heads: Heads, start: usize, len: usize, past: u
         T::put(&row[e + h * d..e + (h + 1) * d], &mut keys[(past + j) * d..(past + j + 1) * d]);
         T::put(&row[2 * e + h * d..2 * e + (h + 1) * d], &mut values[(past + j) * d..(past + j + 1) * d]);
     }
-    let (mut key_scratch, mut value_scratch) = (Vec::new(), Vec::new());
+    // The thread's buffers are moved out and back (no allocation once they
+    // have grown), so the widening and the attention below stay in this
+    // function's code (compiled for AVX2 by `head_avx2`), not a closure's.
+    let (mut key_scratch, mut value_scratch) = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
     let keys = T::view(&keys[..(past + len) * d], &mut key_scratch);
     let values = T::view(&values[..(past + len) * d], &mut value_scratch);
+    attend_rows(qkv, heads, start, len, past, h, keys, values, out);
+    SCRATCH.with(|s| *s.borrow_mut() = (key_scratch, value_scratch));
+}
+
+/// The attention of one head's new rows over `keys`/`values` (f32, every
+/// cached position and the new ones).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attend_rows(qkv: &[f32], heads: Heads, start: usize, len: usize, past: usize, h: usize, keys: &[f32], values: &[f32], out: Out) {
+    let (d, e) = (heads.head_dim, heads.n_embd());
     let mut scores = vec![0f32; past + len];
     let mut acc = vec![0f32; d];
     for j in 0..len {
@@ -354,6 +393,19 @@ mod tests {
         }
         for (a, b) in k32.iter().zip(&k16).chain(v32.iter().zip(&v16)) {
             assert_eq!(half::f16::from_f32(*a), *b);
+        }
+    }
+
+    #[test]
+    fn f16_widening_is_exact_for_every_value() {
+        for bits in 0..=u16::MAX {
+            let h = half::f16::from_bits(bits);
+            let got = f16_bits_to_f32(bits);
+            if h.is_nan() {
+                assert!(got.is_nan(), "{bits:#06x}");
+            } else {
+                assert_eq!(got.to_bits(), h.to_f32().to_bits(), "{bits:#06x}");
+            }
         }
     }
 
