@@ -91,7 +91,7 @@ async fn dms_mentions_slash_commands_moderators_and_resume() {
         }
     };
     assert!(slash(3, "0", "help", None).await.contains("/reset"));
-    assert!(slash(3, "0", "ask", Some(("text", "what's up?"))).await.len() > 0);
+    assert!(!slash(3, "0", "ask", Some(("text", "what's up?"))).await.is_empty());
     assert!(slash(3, "0", "forget", None).await.contains("deleted"));
     assert!(slash(3, "0", "mute", None).await.contains("only moderators"));
     assert!(slash(4, "32", "mute", None).await.contains("Muted"), "Manage Server makes a moderator");

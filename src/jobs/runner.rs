@@ -75,6 +75,7 @@ enum Ended {
 }
 
 impl Runner {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: JobStore,
         settings: JobSettings,

@@ -133,13 +133,14 @@ impl Gpt2Config {
         if self.n_embd == 0 || self.n_layer == 0 || self.n_head == 0 || self.vocab_size == 0 || self.n_positions == 0 {
             return bad("n_embd, n_layer, n_head, vocab_size and n_positions must all be positive".into());
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return bad(format!("n_embd ({}) is not a multiple of n_head ({})", self.n_embd, self.n_head));
         }
         if self.eos_token_id as usize >= self.vocab_size {
             return bad(format!("eos_token_id {} is outside the vocabulary of {}", self.eos_token_id, self.vocab_size));
         }
-        if !(self.layer_norm_epsilon > 0.0) {
+        // Written so that NaN fails too.
+        if self.layer_norm_epsilon.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
             return bad(format!("layer_norm_epsilon must be positive, not {}", self.layer_norm_epsilon));
         }
         Ok(())

@@ -115,7 +115,7 @@ pub(crate) fn exp_approx(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    let clamped = if x < -87.0 { -87.0 } else if x > 88.0 { 88.0 } else { x };
+    let clamped = x.clamp(-87.0, 88.0);
     let shifted = clamped * std::f32::consts::LOG2_E + ROUND;
     let n = shifted - ROUND;
     let k = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);

@@ -305,11 +305,14 @@ fn cpu_slice<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
 }
 
 /// The in-place update: `spans` are `(start, len, A [in, r], B [r, out], r)`.
+/// One span's rows and its pair: first row, row count, `A`, `B`, rank.
+type RowSpan<'a> = (usize, usize, &'a [f32], &'a [f32], usize);
+
 struct AddRowDeltas<'a> {
     xs: &'a [f32],
     n_in: usize,
     n_out: usize,
-    spans: Vec<(usize, usize, &'a [f32], &'a [f32], usize)>,
+    spans: Vec<RowSpan<'a>>,
 }
 
 impl InplaceOp1 for AddRowDeltas<'_> {
