@@ -138,7 +138,8 @@ impl Conv1D {
     fn forward_2d(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.dim(0)?;
         let y = match &self.weight {
-            ProjWeight::Quantized(q) => kernels::rows_times_packed_q8(x, q)?,
+            // The bias goes in inside the kernel's tasks (same bits).
+            ProjWeight::Quantized(q) => return Ok(kernels::rows_times_packed_q8_plus(x, q, &self.bias)?),
             ProjWeight::Packed(p) => kernels::rows_times_packed(x, p)?,
             ProjWeight::Dense(w) if kernels::wants_small_path(x, w, rows) => kernels::rows_times_matrix(x, w)?,
             ProjWeight::Dense(w) => x.matmul(w)?,

@@ -23,7 +23,7 @@ use rayon::prelude::*;
 pub mod attention;
 mod q8;
 
-pub use q8::{rows_times_packed_q8, rows_times_q8_t, PackedQ8, Q8Matrix, Q8_BLOCK};
+pub use q8::{rows_times_packed_q8, rows_times_packed_q8_plus, rows_times_q8_t, PackedQ8, Q8Matrix, Q8_BLOCK};
 
 /// Rows up to which decode steps use these kernels rather than gemm. Every
 /// batch size up to this bound computes a row's sums in the same order, so

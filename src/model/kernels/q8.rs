@@ -194,7 +194,22 @@ pub fn rows_times_packed_q8(x: &Tensor, w: &PackedQ8) -> candle_core::Result<Ten
         candle_core::bail!("rows_times_packed_q8: x is [{rows}, {k}] but w is [{wk}, {n}]")
     }
     let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    Tensor::from_vec(product(&xs, rows, &w.weights, Path::best()), (rows, n), x.device())
+    Tensor::from_vec(product(&xs, rows, &w.weights, Path::best(), None), (rows, n), x.device())
+}
+
+/// `x @ w + bias` (bias `[n]`, f32), the bias added by each task to the
+/// columns it has just written: the same bits as adding it afterwards, one
+/// pass over the output fewer, and off the engine thread.
+pub fn rows_times_packed_q8_plus(x: &Tensor, w: &PackedQ8, bias: &Tensor) -> candle_core::Result<Tensor> {
+    let (rows, k) = x.dims2()?;
+    let (wk, n) = w.dims();
+    if wk != k || bias.dims() != [n] {
+        candle_core::bail!("rows_times_packed_q8_plus: x is [{rows}, {k}], w [{wk}, {n}], bias {:?}", bias.dims())
+    }
+    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let bias = bias.to_dtype(DType::F32)?;
+    let out = super::with_f32(&bias, |b| product(&xs, rows, &w.weights, Path::best(), Some(b)))?;
+    Tensor::from_vec(out, (rows, n), x.device())
 }
 
 /// `x @ wᵀ` for `x: [rows, k]` and an 8-bit `w: [n, k]` (the tied head).
@@ -205,7 +220,7 @@ pub fn rows_times_q8_t(x: &Tensor, w: &Q8Matrix) -> candle_core::Result<Tensor> 
         candle_core::bail!("rows_times_q8_t: x is [{rows}, {k}] but w is [{n}, {wk}]")
     }
     let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    Tensor::from_vec(product(&xs, rows, &w.weights, Path::best()), (rows, n), x.device())
+    Tensor::from_vec(product(&xs, rows, &w.weights, Path::best(), None), (rows, n), x.device())
 }
 
 // ---- activations -----------------------------------------------------------
@@ -395,7 +410,7 @@ impl Path {
 }
 
 /// `[rows, n]` = the `rows` rows of `xs` (`[rows, k]`) times `w`.
-fn product(xs: &[f32], rows: usize, w: &Q8Weights, path: Path) -> Vec<f32> {
+fn product(xs: &[f32], rows: usize, w: &Q8Weights, path: Path, bias: Option<&[f32]>) -> Vec<f32> {
     let act = quantize_rows(xs, rows, w.k);
     let mut out = vec![0f32; rows * w.n];
     let dst = Dst { ptr: out.as_mut_ptr(), rows, n: w.n };
@@ -405,6 +420,17 @@ fn product(xs: &[f32], rows: usize, w: &Q8Weights, path: Path) -> Vec<f32> {
         // SAFETY: each task writes only the columns of its own tiles, and
         // the chosen path's CPU features were detected by `Path::available`.
         unsafe { run_tiles(path, &act, w, t0, t1, dst) }
+        if let Some(bias) = bias {
+            let (c0, c1) = (t0 * TILE, (t1 * TILE).min(w.n));
+            for r in 0..rows {
+                // SAFETY: columns c0..c1 of every row are this task's own
+                // (as in `run_tiles`), inside the `rows × n` buffer.
+                let row = unsafe { std::slice::from_raw_parts_mut(dst.ptr.add(r * w.n + c0), c1 - c0) };
+                for (o, b) in row.iter_mut().zip(&bias[c0..c1]) {
+                    *o += b;
+                }
+            }
+        }
     });
     out
 }
@@ -761,6 +787,27 @@ mod tests {
     }
 
     #[test]
+    fn the_fused_bias_gives_the_same_bits_as_adding_it_after() {
+        let dev = Device::Cpu;
+        // 40 columns: two whole tiles and a padded one, several tasks' worth.
+        for (rows, k, n) in [(1, 64, 40), (5, 96, 48), (33, 64, 2304)] {
+            let w = Tensor::randn(0f32, 0.05, (k, n), &dev).unwrap();
+            let q = PackedQ8::quantize(&w).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+            let want = rows_times_packed_q8(&x, &q).unwrap().broadcast_add(&bias).unwrap().to_vec2::<f32>().unwrap();
+            let got = rows_times_packed_q8_plus(&x, &q, &bias).unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(got, want, "{rows}×{k}×{n}");
+        }
+        let bad = rows_times_packed_q8_plus(
+            &Tensor::zeros((1, 64), DType::F32, &dev).unwrap(),
+            &PackedQ8::quantize(&Tensor::zeros((64, 32), DType::F32, &dev).unwrap()).unwrap(),
+            &Tensor::zeros(31, DType::F32, &dev).unwrap(),
+        );
+        assert!(bad.is_err());
+    }
+
+    #[test]
     fn projections_are_close_to_f32_and_batch_invariant() {
         let dev = Device::Cpu;
         // 300 inputs and 70 outputs: padding in both dimensions, and an odd
@@ -796,9 +843,9 @@ mod tests {
             let xs: Vec<f32> = (0..rows * k).map(|_| next()).collect();
             let wv: Vec<f32> = (0..k * n).map(|_| next() * 0.2).collect();
             let w = Q8Weights::quantize(k, n, |i, c| wv[i * n + c]);
-            let reference = product(&xs, rows, &w, Path::Portable);
+            let reference = product(&xs, rows, &w, Path::Portable, None);
             for &path in &paths {
-                assert_eq!(product(&xs, rows, &w, path), reference, "{path:?}, {rows}×{k}×{n}");
+                assert_eq!(product(&xs, rows, &w, path, None), reference, "{path:?}, {rows}×{k}×{n}");
             }
         }
     }
