@@ -171,6 +171,10 @@ async fn a_restart_keeps_context_and_logs_hold_no_secret() {
     assert_eq!(first.wait_exit().await, 0, "{}", first.log_text());
     let log = first.log_text();
     assert!(log.contains("reloaded generation settings"), "{log}");
+    // The log says how the model is served.
+    let loading = log.lines().find(|l| l.contains("loading model")).unwrap_or_else(|| panic!("no loading line: {log}"));
+    let loading: Value = serde_json::from_str(loading).unwrap();
+    assert_eq!((&loading["quantize"], &loading["kv_cache"]), (&Value::from("none"), &Value::from("auto")), "{loading}");
     for line in log.lines() {
         serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
     }

@@ -44,7 +44,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             quantize: settings.model.quantize.clone(),
             kv_cache: settings.model.kv_cache.clone(),
         };
-        tracing::info!(model = %model_args.model, device = %model_args.device, "loading model");
+        tracing::info!(
+            model = %model_args.model,
+            device = %model_args.device,
+            dtype = %model_args.dtype,
+            quantize = %model_args.quantize,
+            kv_cache = %model_args.kv_cache,
+            "loading model"
+        );
         let loaded = tokio::task::spawn_blocking(move || load(&model_args, false)).await??;
         let engine = PoolEngine::start(loaded.model, &settings.generation, metrics.clone())
             .context("starting the generation pool")?;
