@@ -79,8 +79,9 @@ pub struct ModelArgs {
     #[arg(long, default_value = "none", value_name = "none|q8")]
     pub quantize: String,
     /// What each sequence's key/value cache holds: auto (f16 on CPU, the
-    /// model's dtype on a GPU), f32 (exactly transformers' numbers) or f16.
-    #[arg(long, default_value = "auto", value_name = "auto|f32|f16")]
+    /// model's dtype on a GPU), f32 (exactly transformers' numbers), f16, or
+    /// q8 (8 bits and a scale per row, CPU).
+    #[arg(long, default_value = "auto", value_name = "auto|f32|f16|q8")]
     pub kv_cache: String,
 }
 

@@ -149,6 +149,7 @@ mod serving_tests {
         assert!(q8.quantize_q8 && q8.kv_cache == Some(KvPrecision::F32));
         assert!(ServingOptions::parse("q4", "auto").unwrap_err().contains("quantize"));
         assert!(ServingOptions::parse("none", "bf16").unwrap_err().contains("kv_cache"));
+        assert_eq!(ServingOptions::parse("q8", "q8").unwrap().kv_cache, Some(KvPrecision::Q8));
 
         let cfg = Gpt2Config::with_shape(64, 2, 4);
         let load = |dtype: DType| {

@@ -690,8 +690,8 @@ impl RawSettings {
         if m.quantize == "q8" && (m.device != "cpu" || !["auto", "f32"].contains(&m.dtype.as_str())) {
             return Err(invalid("model.quantize", "q8 (8-bit weights) is a CPU option for f32 models: set model.device = \"cpu\" and model.dtype = \"auto\" or \"f32\""));
         }
-        if !["auto", "f32", "f16"].contains(&m.kv_cache.as_str()) {
-            return Err(invalid("model.kv_cache", format!("{:?} is not one of auto, f32, f16", m.kv_cache)));
+        if !["auto", "f32", "f16", "q8"].contains(&m.kv_cache.as_str()) {
+            return Err(invalid("model.kv_cache", format!("{:?} is not one of auto, f32, f16, q8", m.kv_cache)));
         }
         let generation = self.generation.validate()?;
 

@@ -200,12 +200,26 @@ fn half_precision_stays_close_to_f32() {
 /// token must mostly agree and the logits stay close.
 #[test]
 fn f16_caches_stay_close_to_f32() {
+    cache_precision_stays_close_to_f32(dialogd::model::KvPrecision::F16, 19, 20, 0.01);
+}
+
+/// The same for 8-bit caches (`kv_cache = "q8"`), with looser bounds.
+#[test]
+fn q8_caches_stay_close_to_f32() {
+    cache_precision_stays_close_to_f32(dialogd::model::KvPrecision::Q8, 19, 20, 0.02);
+}
+
+/// Continues each golden prompt greedily with f32 caches and feeds the same
+/// tokens to a model caching in `kv`; checks the cache's size, that the
+/// next tokens agree at least `agree_num / agree_den` of the time and that
+/// no logit is off by more than `max_error` of the largest.
+fn cache_precision_stays_close_to_f32(kv: dialogd::model::KvPrecision, agree_num: usize, agree_den: usize, max_error: f32) {
     use dialogd::model::gpt2::argmax;
     use dialogd::model::KvPrecision;
     for name in ["tiny", "small"] {
         let dir = model_dir(name);
         let full = Gpt2::load(&dir, DType::F32, &Device::Cpu).unwrap();
-        let half = full.clone().with_kv_precision(KvPrecision::F16).unwrap();
+        let half = full.clone().with_kv_precision(kv).unwrap();
         assert_eq!(full.kv_precision(), KvPrecision::F32);
         let tok = DialogTokenizer::from_dir(&dir).unwrap();
         let (mut agree, mut total, mut worst) = (0, 0, 0f32);
@@ -213,7 +227,14 @@ fn f16_caches_stay_close_to_f32() {
             let prompt = prompt_for(&tok, &strings(&case["turns"]));
             let mut a_cache = full.new_seq_cache(prompt.len() + 24).unwrap();
             let mut b_cache = half.new_seq_cache(prompt.len() + 24).unwrap();
-            assert_eq!(b_cache.bytes() * 2, a_cache.bytes());
+            // f32 values are 4 bytes; f16 2; 8-bit rows 1 a value plus a
+            // 4-byte scale per row of head_dim values.
+            let d = full.config().head_dim();
+            let want = match kv {
+                KvPrecision::F16 => a_cache.bytes() / 2,
+                _ => a_cache.bytes() / 4 / d * (d + 4),
+            };
+            assert_eq!(b_cache.bytes(), want);
             let mut feed = prompt.clone();
             for _ in 0..24 {
                 let a: Vec<f32> = full.forward_seqs(&[&feed], &mut [&mut a_cache]).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
@@ -225,9 +246,9 @@ fn f16_caches_stay_close_to_f32() {
                 feed = vec![argmax(&a) as u32];
             }
         }
-        eprintln!("{name}: f16 cache top-1 agreement {agree}/{total}, worst logit error {:.3}% of the largest logit", worst * 100.0);
-        assert!(agree * 20 >= total * 19, "{name}: top-1 agreement {agree}/{total}");
-        assert!(worst < 0.01, "{name}: logit error {worst}");
+        eprintln!("{name}: {} cache top-1 agreement {agree}/{total}, worst logit error {:.3}% of the largest logit", kv.as_str(), worst * 100.0);
+        assert!(agree * agree_den >= total * agree_num, "{name}: top-1 agreement {agree}/{total}");
+        assert!(worst < max_error, "{name}: logit error {worst}");
     }
 }
 

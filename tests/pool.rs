@@ -61,6 +61,8 @@ fn batched_greedy_equals_unbatched_with_f16_caches() {
     let model = model.with_kv_precision(dialogd::model::KvPrecision::F16).unwrap();
     batched_equals_unbatched(model.clone(), &tok);
     batched_equals_unbatched(model.quantize_q8().unwrap(), &tok);
+    let eight = model.with_kv_precision(dialogd::model::KvPrecision::Q8).unwrap();
+    batched_equals_unbatched(eight, &tok);
 }
 
 fn batched_equals_unbatched(model: Gpt2, tok: &DialogTokenizer) {

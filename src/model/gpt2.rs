@@ -254,16 +254,18 @@ impl Attention {
         }
         let mut full = Vec::new();
         let mut half = Vec::new();
+        let mut eight = Vec::new();
         for (&(start, len), cache) in spans.iter().zip(caches.iter_mut()) {
             let past = cache.len;
             match &mut cache.layers[layer_idx] {
                 LayerCache::Host(HostKv::F32 { k, v }) => full.push(SeqAttention { start, len, past, keys: k, values: v }),
                 LayerCache::Host(HostKv::F16 { k, v }) => half.push(SeqAttention { start, len, past, keys: k, values: v }),
+                LayerCache::Host(HostKv::Q8 { k, v }) => eight.push(SeqAttention { start, len, past, keys: k, values: v }),
                 LayerCache::Device { .. } => return Ok(None),
             }
         }
-        if !full.is_empty() && !half.is_empty() {
-            return Err(ModelError::Input("one batch mixes f32 and f16 caches".into()));
+        if [full.is_empty(), half.is_empty(), eight.is_empty()].iter().filter(|&&e| !e).count() > 1 {
+            return Err(ModelError::Input("one batch mixes caches of different precisions".into()));
         }
         let heads = Heads { n_head: self.n_head, head_dim: self.head_dim, scale: self.scale as f32 };
         let (storage, layout) = qkv.storage_and_layout();
@@ -274,7 +276,14 @@ impl Attention {
             return Ok(None);
         };
         let qkv_values = &cpu.as_slice::<f32>()?[lo..hi];
-        let out = if half.is_empty() { attend(qkv_values, heads, full) } else { attend(qkv_values, heads, half) }.map_err(ModelError::Input)?;
+        let out = if !half.is_empty() {
+            attend(qkv_values, heads, half)
+        } else if !eight.is_empty() {
+            attend(qkv_values, heads, eight)
+        } else {
+            attend(qkv_values, heads, full)
+        }
+        .map_err(ModelError::Input)?;
         let rows = qkv.dim(0)?;
         Ok(Some(Tensor::from_vec(out, (rows, self.n_head * self.head_dim), qkv.device())?))
     }
@@ -420,6 +429,8 @@ enum LayerCache {
 enum HostKv {
     F32 { k: Vec<f32>, v: Vec<f32> },
     F16 { k: Vec<half::f16>, v: Vec<half::f16> },
+    /// Rows of `head_dim` bytes and a 4-byte scale (see [`kernels::attention::KvQ8`]).
+    Q8 { k: Vec<kernels::attention::KvQ8>, v: Vec<kernels::attention::KvQ8> },
 }
 
 /// The precision of the keys and values a CPU model caches per sequence.
@@ -434,6 +445,9 @@ pub enum KvPrecision {
     #[default]
     F32,
     F16,
+    /// 8 bits and a scale per cached row (a position of one head): about a
+    /// quarter of f32.
+    Q8,
 }
 
 impl KvPrecision {
@@ -442,7 +456,8 @@ impl KvPrecision {
         match s {
             "f32" => Ok(Self::F32),
             "f16" => Ok(Self::F16),
-            other => Err(format!("{other:?} is not a cache precision (f32 or f16)")),
+            "q8" => Ok(Self::Q8),
+            other => Err(format!("{other:?} is not a cache precision (f32, f16 or q8)")),
         }
     }
 
@@ -450,6 +465,7 @@ impl KvPrecision {
         match self {
             Self::F32 => "f32",
             Self::F16 => "f16",
+            Self::Q8 => "q8",
         }
     }
 }
@@ -498,6 +514,7 @@ impl SeqCache {
             .map(|l| match l {
                 LayerCache::Host(HostKv::F32 { k, v }) => (k.len() + v.len()) * std::mem::size_of::<f32>(),
                 LayerCache::Host(HostKv::F16 { k, v }) => (k.len() + v.len()) * std::mem::size_of::<half::f16>(),
+                LayerCache::Host(HostKv::Q8 { k, v }) => k.len() + v.len(),
                 LayerCache::Device { k, v } => (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes(),
             })
             .sum()
@@ -686,6 +703,11 @@ impl Gpt2 {
                     (true, KvPrecision::F32) => return Ok(LayerCache::Host(HostKv::F32 { k: vec![0f32; n], v: vec![0f32; n] })),
                     (true, KvPrecision::F16) => {
                         return Ok(LayerCache::Host(HostKv::F16 { k: vec![half::f16::ZERO; n], v: vec![half::f16::ZERO; n] }))
+                    }
+                    (true, KvPrecision::Q8) => {
+                        use kernels::attention::{KvQ8, KvValue};
+                        let n = h * capacity * (d + KvQ8::ROW_EXTRA);
+                        return Ok(LayerCache::Host(HostKv::Q8 { k: vec![KvQ8(0); n], v: vec![KvQ8(0); n] }));
                     }
                     (false, _) => {}
                 }

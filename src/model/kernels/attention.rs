@@ -31,14 +31,19 @@ impl Heads {
     }
 }
 
-/// A number a cache holds: f32, or f16 to halve the cache's memory and the
-/// bytes each step reads (attention over long caches is bound by memory
-/// bandwidth). Values are widened to f32 for the arithmetic.
+/// A number a cache holds: f32, f16 (half the memory and the bytes each
+/// step reads; attention over long caches is bound by memory bandwidth) or
+/// 8-bit with a scale per row ([`KvQ8`], a quarter). Values are widened to
+/// f32 for the arithmetic. A cached row (one position of one head) is
+/// `head_dim + ROW_EXTRA` values.
 pub trait KvValue: Copy + Send + Sync + std::fmt::Debug + 'static {
-    /// Stores f32 values in this precision.
+    /// Values a row stores beside its `head_dim` (a scale, for 8 bits).
+    const ROW_EXTRA: usize = 0;
+    /// Stores one row of f32 values (`dst` is `src.len() + ROW_EXTRA` long).
     fn put(src: &[f32], dst: &mut [Self]);
-    /// `src` as f32: itself when already f32, otherwise widened into `scratch`.
-    fn view<'a>(src: &'a [Self], scratch: &'a mut Vec<f32>) -> &'a [f32];
+    /// Whole rows as f32, `head_dim` values each: `src` itself when already
+    /// f32, otherwise widened into `scratch`.
+    fn view<'a>(src: &'a [Self], head_dim: usize, scratch: &'a mut Vec<f32>) -> &'a [f32];
 }
 
 impl KvValue for f32 {
@@ -46,8 +51,52 @@ impl KvValue for f32 {
         dst.copy_from_slice(src);
     }
 
-    fn view<'a>(src: &'a [f32], _scratch: &'a mut Vec<f32>) -> &'a [f32] {
+    fn view<'a>(src: &'a [f32], _head_dim: usize, _scratch: &'a mut Vec<f32>) -> &'a [f32] {
         src
+    }
+}
+
+/// One byte of an 8-bit cache row: `head_dim` values `q` (−127..=127) and
+/// then the row's f32 scale in four bytes; a value is `q · scale`, with
+/// `scale = max|x| / 127` over the row (so the largest keeps full 8 bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(transparent)]
+pub struct KvQ8(pub i8);
+
+impl KvValue for KvQ8 {
+    const ROW_EXTRA: usize = 4;
+
+    fn put(src: &[f32], dst: &mut [KvQ8]) {
+        let max = src.iter().fold(0f32, |m, v| if v.abs() > m { v.abs() } else { m });
+        // A NaN or infinite value makes the whole row NaN, as in f32.
+        let finite = src.iter().all(|v| v.is_finite());
+        let scale = if !finite { f32::NAN } else if max > 0.0 { max / 127.0 } else { 0.0 };
+        let inverse = if finite && max > 0.0 { 127.0 / max } else { 0.0 };
+        let (values, tail) = dst.split_at_mut(src.len());
+        for (q, &v) in values.iter_mut().zip(src) {
+            *q = KvQ8((v * inverse).round_ties_even().clamp(-127.0, 127.0) as i8);
+        }
+        for (q, b) in tail.iter_mut().zip(scale.to_le_bytes()) {
+            *q = KvQ8(b as i8);
+        }
+    }
+
+    #[inline(always)]
+    fn view<'a>(src: &'a [KvQ8], head_dim: usize, scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        let stride = head_dim + Self::ROW_EXTRA;
+        let rows = src.len() / stride;
+        if scratch.len() < rows * head_dim {
+            scratch.resize(rows * head_dim, 0.0);
+        }
+        let out = &mut scratch[..rows * head_dim];
+        for (o, row) in out.chunks_exact_mut(head_dim).zip(src.chunks_exact(stride)) {
+            let b = &row[head_dim..];
+            let scale = f32::from_le_bytes([b[0].0 as u8, b[1].0 as u8, b[2].0 as u8, b[3].0 as u8]);
+            for (o, q) in o.iter_mut().zip(&row[..head_dim]) {
+                *o = f32::from(q.0) * scale;
+            }
+        }
+        out
     }
 }
 
@@ -58,7 +107,7 @@ impl KvValue for half::f16 {
     }
 
     #[inline(always)]
-    fn view<'a>(src: &'a [half::f16], scratch: &'a mut Vec<f32>) -> &'a [f32] {
+    fn view<'a>(src: &'a [half::f16], _head_dim: usize, scratch: &'a mut Vec<f32>) -> &'a [f32] {
         // The scratch is the task thread's own and keeps its size, so this
         // is one pass over the cache, inlined into the caller's
         // vectorised (AVX2) code, not a call per 8 values.
@@ -129,10 +178,12 @@ pub fn attend<T: KvValue>(qkv: &[f32], heads: Heads, seqs: Vec<SeqAttention<'_, 
         return Err(format!("qkv of {} values is not rows of 3 × {e}", qkv.len()));
     }
     let rows = qkv.len() / (3 * e);
-    let per_head = |buf: &[T]| buf.len() / e;
+    // Values a cached position of one head takes.
+    let stride = heads.head_dim + T::ROW_EXTRA;
+    let per_head = |buf: &[T]| buf.len() / (heads.n_head * stride);
     for s in &seqs {
         let capacity = per_head(s.keys);
-        if s.keys.len() != capacity * e || s.values.len() != s.keys.len() {
+        if s.keys.len() != capacity * heads.n_head * stride || s.values.len() != s.keys.len() {
             return Err(format!("a cache of {} keys and {} values is not [{}, capacity, {}]", s.keys.len(), s.values.len(), heads.n_head, heads.head_dim));
         }
         if s.len == 0 || s.start + s.len > rows {
@@ -144,15 +195,14 @@ pub fn attend<T: KvValue>(qkv: &[f32], heads: Heads, seqs: Vec<SeqAttention<'_, 
     }
     let mut out = vec![0f32; rows * e];
     let out_ptr = Out(out.as_mut_ptr());
-    let d = heads.head_dim;
     let tasks: Vec<HeadTask<'_, T>> = seqs
         .into_iter()
         .flat_map(|s| {
             let capacity = per_head(s.keys);
             let (start, len, past) = (s.start, s.len, s.past);
             s.keys
-                .chunks_mut(capacity * d)
-                .zip(s.values.chunks_mut(capacity * d))
+                .chunks_mut(capacity * stride)
+                .zip(s.values.chunks_mut(capacity * stride))
                 .enumerate()
                 .map(move |(h, (k, v))| (start, len, past, h, k, v))
         })
@@ -190,17 +240,19 @@ unsafe fn head_avx2<T: KvValue>(qkv: &[f32], heads: Heads, start: usize, len: us
 #[allow(clippy::too_many_arguments)]
 fn head<T: KvValue>(qkv: &[f32], heads: Heads, start: usize, len: usize, past: usize, h: usize, keys: &mut [T], values: &mut [T], out: Out) {
     let (d, e) = (heads.head_dim, heads.n_embd());
+    let stride = d + T::ROW_EXTRA;
     for j in 0..len {
         let row = &qkv[(start + j) * 3 * e..(start + j + 1) * 3 * e];
-        T::put(&row[e + h * d..e + (h + 1) * d], &mut keys[(past + j) * d..(past + j + 1) * d]);
-        T::put(&row[2 * e + h * d..2 * e + (h + 1) * d], &mut values[(past + j) * d..(past + j + 1) * d]);
+        let at = (past + j) * stride..(past + j + 1) * stride;
+        T::put(&row[e + h * d..e + (h + 1) * d], &mut keys[at.clone()]);
+        T::put(&row[2 * e + h * d..2 * e + (h + 1) * d], &mut values[at]);
     }
     // The thread's buffers are moved out and back (no allocation once they
     // have grown), so the widening and the attention below stay in this
     // function's code (compiled for AVX2 by `head_avx2`), not a closure's.
     let (mut key_scratch, mut value_scratch) = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    let keys = T::view(&keys[..(past + len) * d], &mut key_scratch);
-    let values = T::view(&values[..(past + len) * d], &mut value_scratch);
+    let keys = T::view(&keys[..(past + len) * stride], d, &mut key_scratch);
+    let values = T::view(&values[..(past + len) * stride], d, &mut value_scratch);
     attend_rows(qkv, heads, start, len, past, h, keys, values, out);
     SCRATCH.with(|s| *s.borrow_mut() = (key_scratch, value_scratch));
 }
@@ -394,6 +446,42 @@ mod tests {
         for (a, b) in k32.iter().zip(&k16).chain(v32.iter().zip(&v16)) {
             assert_eq!(half::f16::from_f32(*a), *b);
         }
+    }
+
+    #[test]
+    fn eight_bit_caches_stay_close_to_f32_and_keep_a_scale_per_row() {
+        let heads = Heads { n_head: 2, head_dim: 32, scale: 0.2 };
+        let e = heads.n_embd();
+        let capacity = 12;
+        let (mut k32, mut v32) = (vec![0f32; heads.n_head * capacity * heads.head_dim], vec![0f32; heads.n_head * capacity * heads.head_dim]);
+        let size8 = heads.n_head * capacity * (heads.head_dim + KvQ8::ROW_EXTRA);
+        let (mut k8, mut v8) = (vec![KvQ8(0); size8], vec![KvQ8(0); size8]);
+        let mut past = 0;
+        for (step, len) in [6usize, 1, 1, 1].into_iter().enumerate() {
+            let qkv = pseudo(len * 3 * e, 60 + step as u32);
+            let full = attend(&qkv, heads, vec![SeqAttention { start: 0, len, past, keys: &mut k32, values: &mut v32 }]).unwrap();
+            let eight = attend(&qkv, heads, vec![SeqAttention { start: 0, len, past, keys: &mut k8, values: &mut v8 }]).unwrap();
+            for (a, b) in full.iter().zip(&eight) {
+                assert!((a - b).abs() < 2e-2, "step {step}: {a} vs {b}");
+            }
+            past += len;
+        }
+        // Each stored row widens back to within half a step of its scale.
+        let mut scratch = Vec::new();
+        let stride = heads.head_dim + KvQ8::ROW_EXTRA;
+        let widened = KvQ8::view(&k8[..past * stride], heads.head_dim, &mut scratch).to_vec();
+        for (row, (w, x)) in widened.chunks(heads.head_dim).zip(k32[..past * heads.head_dim].chunks(heads.head_dim)).enumerate() {
+            let max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (a, b) in w.iter().zip(x) {
+                assert!((a - b).abs() <= max / 254.0 * 1.001, "row {row}: {a} vs {b}");
+            }
+        }
+        // A row with a NaN widens to NaN; an all-zero row to zeros.
+        let mut row = vec![KvQ8(0); 8 + KvQ8::ROW_EXTRA];
+        KvQ8::put(&[1.0, f32::NAN, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], &mut row);
+        assert!(KvQ8::view(&row, 8, &mut scratch).iter().all(|v| v.is_nan()));
+        KvQ8::put(&[0.0; 8], &mut row);
+        assert!(KvQ8::view(&row, 8, &mut scratch).iter().all(|&v| v == 0.0));
     }
 
     #[test]
