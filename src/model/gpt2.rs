@@ -268,21 +268,15 @@ impl Attention {
             return Err(ModelError::Input("one batch mixes caches of different precisions".into()));
         }
         let heads = Heads { n_head: self.n_head, head_dim: self.head_dim, scale: self.scale as f32 };
-        let (storage, layout) = qkv.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else {
-            return Ok(None);
-        };
-        let Some((lo, hi)) = layout.contiguous_offsets() else {
-            return Ok(None);
-        };
-        let qkv_values = &cpu.as_slice::<f32>()?[lo..hi];
-        let out = if !half.is_empty() {
-            attend(qkv_values, heads, half)
-        } else if !eight.is_empty() {
-            attend(qkv_values, heads, eight)
-        } else {
-            attend(qkv_values, heads, full)
-        }
+        let out = kernels::with_f32(qkv, |qkv_values| {
+            if !half.is_empty() {
+                attend(qkv_values, heads, half)
+            } else if !eight.is_empty() {
+                attend(qkv_values, heads, eight)
+            } else {
+                attend(qkv_values, heads, full)
+            }
+        })?
         .map_err(ModelError::Input)?;
         let rows = qkv.dim(0)?;
         Ok(Some(Tensor::from_vec(out, (rows, self.n_head * self.head_dim), qkv.device())?))
@@ -451,7 +445,7 @@ pub enum KvPrecision {
 }
 
 impl KvPrecision {
-    /// `f32` or `f16`.
+    /// `f32`, `f16` or `q8`.
     pub fn parse(s: &str) -> std::result::Result<Self, String> {
         match s {
             "f32" => Ok(Self::F32),
@@ -544,13 +538,19 @@ impl Gpt2 {
     /// Loads a Hugging Face checkpoint folder (`config.json` plus
     /// `model.safetensors` or `pytorch_model.bin`).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with(dir, dtype, device, false)
+    }
+
+    /// [`Gpt2::load`], with 8-bit weights made as each matrix is read when
+    /// `quantize` is set.
+    fn load_with(dir: &Path, dtype: DType, device: &Device, quantize: bool) -> Result<Self> {
         if !dir.is_dir() {
             return Err(ModelError::MissingFolder(dir.to_path_buf()));
         }
         let config = read_config(dir)?;
         let weights = WeightsFile::find(dir)?;
         let mut store = TensorStore::load(&weights, dtype, device)?;
-        let model = Self::from_store(config, &mut store, device)?;
+        let model = Self::from_store_with(config, &mut store, device, quantize)?;
         let leftover = store.leftover();
         if !leftover.is_empty() {
             tracing::debug!(file = %weights.display_path().display(), ?leftover, "tensors not used by GPT-2");
@@ -569,14 +569,7 @@ impl Gpt2 {
     /// whole model in f32 (what [`Gpt2::quantize_q8`] on a loaded model
     /// does). Same result as `load` then `quantize_q8`.
     pub fn load_q8(dir: &Path, device: &Device) -> Result<Self> {
-        if !dir.is_dir() {
-            return Err(ModelError::MissingFolder(dir.to_path_buf()));
-        }
-        let config = read_config(dir)?;
-        check_q8(&config, DType::F32, device)?;
-        let weights = WeightsFile::find(dir)?;
-        let mut store = TensorStore::load(&weights, DType::F32, device)?;
-        Self::from_store_with(config, &mut store, device, true)
+        Self::load_with(dir, DType::F32, device, true)
     }
 
     fn from_store_with(config: Gpt2Config, store: &mut TensorStore, device: &Device, quantize: bool) -> Result<Self> {

@@ -42,7 +42,9 @@ pub fn wants_small_path(x: &Tensor, w: &Tensor, rows: usize) -> bool {
         && w.is_contiguous()
 }
 
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+/// Runs `f` over a contiguous CPU f32 tensor's values (an error for any
+/// other tensor).
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
         candle_core::bail!("few-rows kernel needs a CPU tensor")
