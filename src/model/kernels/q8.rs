@@ -188,39 +188,37 @@ impl PackedQ8 {
 
 /// `x @ w` for `x: [rows, k]` (any number of rows) and an 8-bit `w: [k, n]`.
 pub fn rows_times_packed_q8(x: &Tensor, w: &PackedQ8) -> candle_core::Result<Tensor> {
-    let (rows, k) = x.dims2()?;
-    let (wk, n) = w.dims();
-    if wk != k {
-        candle_core::bail!("rows_times_packed_q8: x is [{rows}, {k}] but w is [{wk}, {n}]")
-    }
-    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    Tensor::from_vec(product(&xs, rows, &w.weights, Path::best(), None), (rows, n), x.device())
+    apply("rows_times_packed_q8", x, &w.weights, None)
 }
 
 /// `x @ w + bias` (bias `[n]`, f32), the bias added by each task to the
 /// columns it has just written: the same bits as adding it afterwards, one
 /// pass over the output fewer, and off the engine thread.
 pub fn rows_times_packed_q8_plus(x: &Tensor, w: &PackedQ8, bias: &Tensor) -> candle_core::Result<Tensor> {
-    let (rows, k) = x.dims2()?;
-    let (wk, n) = w.dims();
-    if wk != k || bias.dims() != [n] {
-        candle_core::bail!("rows_times_packed_q8_plus: x is [{rows}, {k}], w [{wk}, {n}], bias {:?}", bias.dims())
-    }
-    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let bias = bias.to_dtype(DType::F32)?;
-    let out = super::with_f32(&bias, |b| product(&xs, rows, &w.weights, Path::best(), Some(b)))?;
-    Tensor::from_vec(out, (rows, n), x.device())
+    apply("rows_times_packed_q8_plus", x, &w.weights, Some(bias))
 }
 
 /// `x @ wᵀ` for `x: [rows, k]` and an 8-bit `w: [n, k]` (the tied head).
 pub fn rows_times_q8_t(x: &Tensor, w: &Q8Matrix) -> candle_core::Result<Tensor> {
+    apply("rows_times_q8_t", x, &w.weights, None)
+}
+
+/// `x: [rows, k]` times weights of `k` inputs and `n` outputs, plus an
+/// optional bias `[n]`; `name` says who asked in a shape error.
+fn apply(name: &str, x: &Tensor, w: &Q8Weights, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
     let (rows, k) = x.dims2()?;
-    let (n, wk) = w.dims();
-    if wk != k {
-        candle_core::bail!("rows_times_q8_t: x is [{rows}, {k}] but w is [{n}, {wk}]")
+    if w.k != k {
+        candle_core::bail!("{name}: x is [{rows}, {k}] but the weights take {} inputs ({} outputs)", w.k, w.n)
+    }
+    if let Some(bias) = bias.filter(|b| b.dims() != [w.n]) {
+        candle_core::bail!("{name}: a bias of shape {:?} for {} outputs", bias.dims(), w.n)
     }
     let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    Tensor::from_vec(product(&xs, rows, &w.weights, Path::best(), None), (rows, n), x.device())
+    let out = match bias {
+        None => product(&xs, rows, w, Path::best(), None),
+        Some(bias) => super::with_f32(&bias.to_dtype(DType::F32)?, |b| product(&xs, rows, w, Path::best(), Some(b)))?,
+    };
+    Tensor::from_vec(out, (rows, w.n), x.device())
 }
 
 // ---- activations -----------------------------------------------------------
