@@ -424,25 +424,34 @@ mod tests {
         assert_eq!((k1, v1), (k2, v2));
     }
 
-    #[test]
-    fn half_precision_caches_stay_close_to_f32() {
+    /// Runs a 6-token prefill and 3 decode steps through f32 caches and
+    /// through caches of `T`, checking every output is within `tolerance`;
+    /// returns both caches' keys and values and the positions filled.
+    #[allow(clippy::type_complexity)]
+    fn beside_f32<T: KvValue>(zero: T, seed: u32, tolerance: f32) -> ((Vec<f32>, Vec<f32>), (Vec<T>, Vec<T>), usize) {
         let heads = Heads { n_head: 2, head_dim: 32, scale: 0.2 };
         let e = heads.n_embd();
         let capacity = 12;
         let size = heads.n_head * capacity * heads.head_dim;
         let (mut k32, mut v32) = (vec![0f32; size], vec![0f32; size]);
-        let (mut k16, mut v16) = (vec![half::f16::ZERO; size], vec![half::f16::ZERO; size]);
-        // A prefill of 6 tokens, then 3 decode steps, on both.
+        let size_t = heads.n_head * capacity * (heads.head_dim + T::ROW_EXTRA);
+        let (mut kt, mut vt) = (vec![zero; size_t], vec![zero; size_t]);
         let mut past = 0;
         for (step, len) in [6usize, 1, 1, 1].into_iter().enumerate() {
-            let qkv = pseudo(len * 3 * e, 40 + step as u32);
+            let qkv = pseudo(len * 3 * e, seed + step as u32);
             let full = attend(&qkv, heads, vec![SeqAttention { start: 0, len, past, keys: &mut k32, values: &mut v32 }]).unwrap();
-            let half = attend(&qkv, heads, vec![SeqAttention { start: 0, len, past, keys: &mut k16, values: &mut v16 }]).unwrap();
-            for (a, b) in full.iter().zip(&half) {
-                assert!((a - b).abs() < 2e-3, "step {step}: {a} vs {b}");
+            let other = attend(&qkv, heads, vec![SeqAttention { start: 0, len, past, keys: &mut kt, values: &mut vt }]).unwrap();
+            for (a, b) in full.iter().zip(&other) {
+                assert!((a - b).abs() < tolerance, "step {step}: {a} vs {b}");
             }
             past += len;
         }
+        ((k32, v32), (kt, vt), past)
+    }
+
+    #[test]
+    fn half_precision_caches_stay_close_to_f32() {
+        let ((k32, v32), (k16, v16), _) = beside_f32(half::f16::ZERO, 40, 2e-3);
         for (a, b) in k32.iter().zip(&k16).chain(v32.iter().zip(&v16)) {
             assert_eq!(half::f16::from_f32(*a), *b);
         }
@@ -450,27 +459,13 @@ mod tests {
 
     #[test]
     fn eight_bit_caches_stay_close_to_f32_and_keep_a_scale_per_row() {
-        let heads = Heads { n_head: 2, head_dim: 32, scale: 0.2 };
-        let e = heads.n_embd();
-        let capacity = 12;
-        let (mut k32, mut v32) = (vec![0f32; heads.n_head * capacity * heads.head_dim], vec![0f32; heads.n_head * capacity * heads.head_dim]);
-        let size8 = heads.n_head * capacity * (heads.head_dim + KvQ8::ROW_EXTRA);
-        let (mut k8, mut v8) = (vec![KvQ8(0); size8], vec![KvQ8(0); size8]);
-        let mut past = 0;
-        for (step, len) in [6usize, 1, 1, 1].into_iter().enumerate() {
-            let qkv = pseudo(len * 3 * e, 60 + step as u32);
-            let full = attend(&qkv, heads, vec![SeqAttention { start: 0, len, past, keys: &mut k32, values: &mut v32 }]).unwrap();
-            let eight = attend(&qkv, heads, vec![SeqAttention { start: 0, len, past, keys: &mut k8, values: &mut v8 }]).unwrap();
-            for (a, b) in full.iter().zip(&eight) {
-                assert!((a - b).abs() < 2e-2, "step {step}: {a} vs {b}");
-            }
-            past += len;
-        }
+        let ((k32, _), (k8, _), past) = beside_f32(KvQ8(0), 60, 2e-2);
+        let head_dim = 32;
         // Each stored row widens back to within half a step of its scale.
         let mut scratch = Vec::new();
-        let stride = heads.head_dim + KvQ8::ROW_EXTRA;
-        let widened = KvQ8::view(&k8[..past * stride], heads.head_dim, &mut scratch).to_vec();
-        for (row, (w, x)) in widened.chunks(heads.head_dim).zip(k32[..past * heads.head_dim].chunks(heads.head_dim)).enumerate() {
+        let stride = head_dim + KvQ8::ROW_EXTRA;
+        let widened = KvQ8::view(&k8[..past * stride], head_dim, &mut scratch).to_vec();
+        for (row, (w, x)) in widened.chunks(head_dim).zip(k32[..past * head_dim].chunks(head_dim)).enumerate() {
             let max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
             for (a, b) in w.iter().zip(x) {
                 assert!((a - b).abs() <= max / 254.0 * 1.001, "row {row}: {a} vs {b}");
