@@ -167,9 +167,13 @@ async fn long_replies_split_in_order_and_429_then_5xx_lose_nothing() {
 
     let asked = fake.next_id();
     fake.dispatch("MESSAGE_CREATE", message(asked, 1, None, 1, "long please", vec![], None));
+    // Wait for the piece that ends the reply: waiting for three pieces
+    // raced the later posts on a loaded machine.
+    let last_line = long.trim().lines().last().unwrap_or_default().to_string();
     let pieces = wait_for(WAIT, || {
         let posted = fake.posted(1);
-        (posted.len() >= 3).then_some(posted)
+        let done = posted.last().and_then(|p| p["content"].as_str()).is_some_and(|t| t.ends_with(&last_line));
+        (posted.len() >= 3 && done).then_some(posted)
     })
     .await
     .expect("the long reply");

@@ -158,9 +158,12 @@ async fn long_replies_split_in_order_and_429_then_5xx_lose_nothing() {
     let running = tokio::spawn(adapter.run(core, shutdown));
 
     let asked = fake.say(5, 5, "long please", None);
+    // Wait for the piece that ends the reply: waiting for three pieces
+    // raced the later sends on a loaded machine.
     let pieces: Vec<Value> = wait_for(WAIT, || {
         let sent = fake.sent_to(5);
-        (sent.len() >= 3).then_some(sent)
+        let done = sent.last().and_then(|p| p["text"].as_str()).is_some_and(|t| long.trim().ends_with(t));
+        (sent.len() >= 3 && done).then_some(sent)
     })
     .await
     .expect("the long reply");
