@@ -36,7 +36,8 @@ pub fn is_hub_id(spec: &str) -> bool {
 pub fn resolve_model(spec: &str) -> Result<PathBuf, ModelError> {
     let path = Path::new(spec);
     if path.exists() {
-        if !path.is_dir() && !(path.is_file() && super::weights::is_weights_file(path)) {
+        let weights_file = path.is_file() && super::weights::is_weights_file(path);
+        if !path.is_dir() && !weights_file {
             return Err(ModelError::File {
                 path: path.to_path_buf(),
                 message: "is a file; --model takes the checkpoint folder that contains it (or the weights file itself)".into(),

@@ -669,7 +669,7 @@ impl Unpickler {
     }
 
     fn set_items(&mut self, items: Vec<Value>) -> Result<(), String> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err("a dict update with a key and no value".into());
         }
         let depth = nest(&items)? + 1;
