@@ -25,18 +25,21 @@ use tokio::task::JoinSet;
 use crate::context::memory::MemoryStore;
 use crate::context::redis::RedisStore;
 use crate::context::{ContextError, ContextStore, Limits};
-use crate::collect::Collector;
+use crate::collect::{CollectError, Collector};
+use crate::model::ModelError;
 use crate::pipeline::rank::Ranker;
+use crate::ranking::RankingError;
 use crate::pipeline::engine::ReplyEngine;
 use crate::jobs::personas::Personas;
 use crate::jobs::runner::{BaseModel, Runner};
-use crate::jobs::JobStore;
+use crate::jobs::{JobStore, StoreError};
 use crate::pipeline::{Jobs, Parts, Pipeline};
 use crate::settings::{self, Settings, SettingsError, StoreKind};
 use crate::telemetry::{serve_metrics, Metrics, MetricsServer};
 use crate::tokenizer::DialogTokenizer;
 
-/// Why the daemon could not start.
+/// Why the daemon could not start. Each keeps the error behind it as its
+/// `source`.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error(transparent)]
@@ -46,11 +49,17 @@ pub enum DaemonError {
     #[error("context.redis_url: {0}")]
     Store(#[from] ContextError),
     #[error("ranking: {0}")]
-    Ranking(String),
+    Ranking(#[source] RankingError),
+    #[error("ranking: the loader panicked: {0}")]
+    RankingPanicked(#[source] tokio::task::JoinError),
     #[error("collect.dir: {0}")]
-    Collect(String),
+    Collect(#[source] CollectError),
     #[error("jobs: {0}")]
-    Jobs(String),
+    JobStore(#[source] StoreError),
+    #[error("jobs: {}: {source}", path.display())]
+    JobsDir { path: PathBuf, source: std::io::Error },
+    #[error("jobs: {0}")]
+    BaseModel(#[source] ModelError),
 }
 
 /// A started daemon, sockets bound, not yet serving.
@@ -92,11 +101,11 @@ impl Daemon {
         let ranking = settings.ranking.clone();
         let ranker = tokio::task::spawn_blocking(move || Ranker::load(&ranking))
             .await
-            .map_err(|e| DaemonError::Ranking(e.to_string()))?
-            .map_err(|e| DaemonError::Ranking(format!("{e:#}")))?
+            .map_err(DaemonError::RankingPanicked)?
+            .map_err(DaemonError::Ranking)?
             .map(Arc::new);
         let collector = if settings.collect.enabled {
-            let collector = Collector::open(&settings.collect).map_err(|e| DaemonError::Collect(e.to_string()))?;
+            let collector = Collector::open(&settings.collect).map_err(DaemonError::Collect)?;
             match collector.enforce_retention() {
                 Ok(n) if n > 0 => tracing::info!(deleted = n, "collected segments past retention deleted"),
                 Ok(_) => {}
@@ -109,9 +118,9 @@ impl Daemon {
         let job_store = if settings.jobs.enabled {
             let store = JobStore::connect(c.redis_url.expose(), &c.key_prefix, c.redis_timeout)
                 .await
-                .map_err(|e| DaemonError::Jobs(e.to_string()))?;
+                .map_err(DaemonError::JobStore)?;
             std::fs::create_dir_all(&settings.jobs.dir)
-                .map_err(|e| DaemonError::Jobs(format!("{}: {e}", settings.jobs.dir.display())))?;
+                .map_err(|source| DaemonError::JobsDir { path: settings.jobs.dir.clone(), source })?;
             Some(store)
         } else {
             None
@@ -143,7 +152,7 @@ impl Daemon {
         });
         let runner = match job_store {
             Some(store) => {
-                let dir = base_dir.map_err(|e| DaemonError::Jobs(format!("{e:#}")))?;
+                let dir = base_dir.map_err(DaemonError::BaseModel)?;
                 let base = BaseModel {
                     dir,
                     device: settings.model.device.clone(),

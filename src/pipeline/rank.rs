@@ -8,7 +8,7 @@ use candle_core::{DType, Device};
 use dialogd_adapters::BoxFuture;
 use tokio::sync::oneshot;
 
-use crate::ranking::{DialogRpt, Ensemble, Member, MmiScorer, Weights};
+use crate::ranking::{DialogRpt, Ensemble, Member, MmiScorer, RankingError, Weights};
 use crate::settings::RankingSettings;
 
 /// The scores behind one candidate's rank.
@@ -36,7 +36,10 @@ pub struct Ranker {
 
 impl Ranker {
     /// Loads the rankers named in `[ranking]`; `None` when none are.
-    pub fn load(settings: &RankingSettings) -> anyhow::Result<Option<Self>> {
+    ///
+    /// # Errors
+    /// A bad spec, a checkpoint that does not load, no thread.
+    pub fn load(settings: &RankingSettings) -> Result<Option<Self>, RankingError> {
         if settings.rankers.is_empty() && settings.mmi.is_empty() {
             return Ok(None);
         }
@@ -67,7 +70,8 @@ impl Ranker {
                 .unwrap_or_else(|_| Err("ranker panicked".into()));
                 let _ = job.answer.send(result);
             }
-        })?;
+        })
+        .map_err(RankingError::Thread)?;
         Ok(Some(Self { queue }))
     }
 
