@@ -359,6 +359,28 @@ mod tests {
         assert_eq!(hex, "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
     }
 
+    /// Hashes already in collected data and opt-out lists: the keyed hash
+    /// must never change for a key and an author. Computed with the
+    /// hand-written HMAC this module had before the `hmac` crate (and equal
+    /// to Python's `hmac.new(key, author, sha256).hexdigest()[:32]`).
+    #[test]
+    fn author_hashes_stay_what_collected_data_holds() {
+        let long_key = "long-key-".repeat(12);
+        let cases = [
+            ("k3y", "ann", "a28a4f76284d6d9bbf480fddd7693b76"),
+            ("0123456789abcdef", "123456789012345678", "667a3d7cfeb1730f0d69bcdc8f93b711"),
+            ("0123456789abcdef", "", "496dc93fa2d26eae500ec0bc37a12270"),
+            (&"x".repeat(64), "telegram user 42", "c4e4b7a51174a921bb375d3e1fe3c78a"),
+            (&long_key, "Ünïcödé 😀", "bc91ad551ec44045541b7a4c944d0676"),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        for (key, author, expected) in cases {
+            let mut s = settings(dir.path(), 1 << 20);
+            s.author_key = Secret::new(key);
+            assert_eq!(Collector::open(&s).unwrap().author_hash(author), expected, "key {key:?}, author {author:?}");
+        }
+    }
+
     #[test]
     fn records_rotate_and_forget_removes_an_authors_lines() {
         let dir = tempfile::tempdir().unwrap();
