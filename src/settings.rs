@@ -7,6 +7,8 @@
 //! [`Settings`], with an error naming the key for every bad value. Secrets
 //! are [`Secret`]s: they print as `[redacted]` everywhere.
 
+pub mod live;
+
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
