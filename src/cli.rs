@@ -156,7 +156,11 @@ pub fn load(args: &ModelArgs, progress: bool) -> anyhow::Result<Loaded> {
     if progress {
         eprintln!("loading {} ({} on {})…", args.model, args.dtype, args.device);
     }
-    let loaded = serving::load(&args.spec())?;
+    let loaded = serving::load(&args.spec()).map_err(|e| match e {
+        // On the command line the options are flags.
+        serving::ServingError::Options(what) => anyhow::anyhow!("--{what}").context("bad model options"),
+        other => other.into(),
+    })?;
     if progress {
         let cfg = loaded.model.config();
         eprintln!(

@@ -107,7 +107,7 @@ fn text_of(answer: Answer) -> String {
 #[tokio::test]
 async fn a_message_is_answered_and_the_exchange_becomes_context() {
     let f = fixture(|_| {});
-    f.engine.then(vec![f.drawn(" Hello there", -2.0), f.drawn(" Good day to you", -2.5)]);
+    f.engine.then(vec![f.drawn(" Hello there", -2.0), f.drawn(" Good day to you", -6.0)]);
     assert_eq!(text_of(f.say("c", "hi bot").await.unwrap()), "Hello there", "the likelier by mean log-probability");
     f.engine.then(vec![f.drawn(" Fine, thanks", -1.0)]);
     assert_eq!(text_of(f.say("c", "how are you?").await.unwrap()), "Fine, thanks");
