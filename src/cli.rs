@@ -30,7 +30,7 @@ use crate::serving::{self, ModelSpec};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::DialogTokenizer;
 
-pub use crate::prompt::MAX_TURN_BYTES;
+use crate::prompt::MAX_TURN_BYTES;
 
 #[derive(Debug, Parser)]
 #[command(name = "dialogd", version, about = "DialoGPT chat bot daemon", propagate_version = true)]

@@ -10,14 +10,14 @@
 //!
 //! - [`store`]: the records in Redis, the queue, per-device locks, the
 //!   promoted versions of every target, and personas.
-//! - [`cron`]: five-field cron expressions for `[[jobs.schedules]]`.
+//!
+//! Schedules are parsed by [`crate::cron`].
 //! - [`runner`]: the daemon's side: schedules, claiming and running jobs,
 //!   the gate, and keeping what the pool serves in step with the promoted
 //!   versions.
 //! - [`gate`]: the promotion decision on a trained job (probe replies
 //!   judged like served ones) and the rollback message.
 
-pub mod cron;
 pub mod dataset;
 pub mod gate;
 pub mod runner;

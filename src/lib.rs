@@ -17,6 +17,7 @@
 //! - [`personas`]: which persona a channel speaks as (Redis or memory), its prompt.
 //! - [`pipeline`]: the path of one message, and the door to generation.
 //! - [`settings`]: layered raw settings validated into typed ones.
+//! - [`cron`]: five-field cron expressions for the job schedules.
 //! - [`telemetry`]: logs and Prometheus metrics.
 //! - [`daemon`]: start, serve, drain, reload.
 //! - [`training`]: fine-tuning (full or LoRA persona adapters), evaluation gate.
@@ -27,6 +28,7 @@
 pub mod cli;
 pub mod collect;
 pub mod context;
+pub mod cron;
 pub mod daemon;
 pub mod generate;
 pub mod jobs;
