@@ -56,9 +56,4 @@ pub enum RankingError {
     Input(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
-    /// A bad `[HEAD=]DIR[:WEIGHT]` spec.
-    #[error(transparent)]
-    Spec(#[from] SpecError),
-    #[error("cannot start the ranker thread: {0}")]
-    Thread(#[source] std::io::Error),
 }

@@ -295,8 +295,9 @@ impl TestDaemon {
         let loaded = dialogd::cli::load(&args, false).unwrap();
         let metrics = dialogd::telemetry::Metrics::new();
         let engine = PoolEngine::start(loaded.model, &settings.generation, metrics.clone()).unwrap();
+        let pool = Some(engine.handle().clone());
         let daemon =
-            dialogd::daemon::Daemon::start(settings, std::sync::Arc::new(engine), loaded.tokenizer, metrics).await?;
+            dialogd::daemon::Daemon::start(settings, std::sync::Arc::new(engine), pool, loaded.tokenizer, metrics).await?;
         let base = format!("http://{}", daemon.http_addr().unwrap());
         let metrics_url = format!("http://{}/metrics", daemon.metrics_addr().unwrap());
         let pipeline = daemon.pipeline().clone();

@@ -8,7 +8,7 @@ use candle_core::{DType, Device};
 use dialogd_adapters::BoxFuture;
 use tokio::sync::oneshot;
 
-use crate::ranking::{DialogRpt, Ensemble, Member, MmiScorer, RankingError, Weights};
+use crate::ranking::{DialogRpt, Ensemble, Member, MmiScorer, Weights};
 use crate::settings::RankingSettings;
 
 /// The scores behind one candidate's rank.
@@ -29,6 +29,19 @@ struct Job {
     answer: oneshot::Sender<Result<Vec<Scored>, String>>,
 }
 
+/// Why the rankers named in `[ranking]` could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum RankerError {
+    #[error(transparent)]
+    Spec(#[from] crate::ranking::SpecError),
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    #[error(transparent)]
+    Ranking(#[from] crate::ranking::RankingError),
+    #[error("cannot start the ranker thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
 /// A loaded ranker on its thread.
 pub struct Ranker {
     queue: mpsc::SyncSender<Job>,
@@ -36,10 +49,7 @@ pub struct Ranker {
 
 impl Ranker {
     /// Loads the rankers named in `[ranking]`; `None` when none are.
-    ///
-    /// # Errors
-    /// A bad spec, a checkpoint that does not load, no thread.
-    pub fn load(settings: &RankingSettings) -> Result<Option<Self>, RankingError> {
+    pub fn load(settings: &RankingSettings) -> Result<Option<Self>, RankerError> {
         if settings.rankers.is_empty() && settings.mmi.is_empty() {
             return Ok(None);
         }
@@ -70,8 +80,7 @@ impl Ranker {
                 .unwrap_or_else(|_| Err("ranker panicked".into()));
                 let _ = job.answer.send(result);
             }
-        })
-        .map_err(RankingError::Thread)?;
+        })?;
         Ok(Some(Self { queue }))
     }
 
