@@ -8,7 +8,36 @@ use std::time::Duration;
 use dialogd_adapters::{Answer, ChannelKey, Core, Inbound, Platform};
 use serde_json::Value;
 
-use crate::support::{daemon_toml, RedisServer, TestDaemon};
+use crate::support::{daemon_toml, parse_exposition, RedisServer, TestDaemon};
+
+/// `/metrics` is valid Prometheus text with every documented family, the
+/// pool's included (a parser would refuse the whole scrape over one bad
+/// line).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_exposition_parses() {
+    let d = TestDaemon::start(&daemon_toml(None, &[])).await;
+    let (status, body) = d.say("metrics", "ann", "Hello there", None).await;
+    assert_eq!(status, 200, "{body}");
+    let text = d.http.get(&d.metrics_url).send().await.unwrap().text().await.unwrap();
+    let samples = parse_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    for wanted in [
+        "dialogd_messages_in_total",
+        "dialogd_messages_out_total",
+        "dialogd_replies_total",
+        "dialogd_refusals_total{reason=\"invalid\"}",
+        "dialogd_generation_seconds_bucket{le=\"+Inf\"}",
+        "dialogd_pool_tokens_total",
+        "dialogd_time_to_first_token_seconds_count",
+        "dialogd_store_up",
+    ] {
+        assert!(samples.iter().any(|s| s == wanted), "{wanted} missing from\n{text}");
+    }
+    assert_eq!(d.metric("dialogd_messages_in_total").await, 1.0);
+    for bad in ["dialogd_x 1 2", "dialogd_y{a=\"1\" 3", "# TYPE dialogd_z counter\ndialogd_z{a=1} 1", "dialogd_w 1"] {
+        assert!(parse_exposition(bad).is_err(), "{bad:?} must not parse");
+    }
+    d.stop().await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conversation_round_trips_through_the_context() {
