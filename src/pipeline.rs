@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use self::engine::{EngineError, ReplyEngine};
 use crate::context::{Appended, ContextError, ContextStore, Turn};
 use crate::prompt::build_prompt;
+use crate::ranking::select::{choose, Contender};
 use self::rank::Ranker;
 use crate::collect::Collector;
 use crate::jobs::personas::{group_scope, Personas};
@@ -490,7 +491,7 @@ async fn process(shared: Arc<Shared>, inbound: Inbound) -> Result<Answer, CoreEr
             continue;
         }
         let mean_logprob = |i: usize| drawn[i].logprob / drawn[i].ids.len().max(1) as f32;
-        let best = match &shared.ranker {
+        let scores: Vec<f32> = match &shared.ranker {
             Some(ranker) if survivors.len() > 1 => {
                 let context = encoded[encoded.len() - prompt.turns_kept..].to_vec();
                 let ids: Vec<Vec<u32>> = survivors.iter().map(|&i| drawn[i].ids.clone()).collect();
@@ -498,19 +499,26 @@ async fn process(shared: Arc<Shared>, inbound: Inbound) -> Result<Answer, CoreEr
                 match ranker.score(context, ids, logprobs).await {
                     Ok(scores) => {
                         metrics.candidates_ranked.fetch_add(scores.len() as u64, Ordering::Relaxed);
-                        let top = (0..scores.len()).max_by(|&a, &b| scores[a].score.total_cmp(&scores[b].score)).unwrap_or(0);
-                        tracing::debug!(%channel, candidates = survivors.len(), chosen = survivors[top],
-                            score = scores[top].score, dialogrpt = ?scores[top].dialogrpt, mmi = ?scores[top].mmi, "ranked");
-                        survivors[top]
+                        tracing::debug!(%channel, candidates = survivors.len(), scores = ?scores, "ranked");
+                        scores.iter().map(|s| s.score as f32).collect()
                     }
                     Err(e) => {
                         tracing::warn!(%channel, error = %e, "ranking failed; taking the likeliest candidate");
-                        *survivors.iter().max_by(|&&a, &&b| mean_logprob(a).total_cmp(&mean_logprob(b))).unwrap_or(&survivors[0])
+                        survivors.iter().map(|&i| mean_logprob(i)).collect()
                     }
                 }
             }
-            _ => *survivors.iter().max_by(|&&a, &&b| mean_logprob(a).total_cmp(&mean_logprob(b))).unwrap_or(&survivors[0]),
+            _ => survivors.iter().map(|&i| mean_logprob(i)).collect(),
         };
+        // A finished candidate beats a cut-off one whatever the scores.
+        let contenders: Vec<Contender> =
+            survivors.iter().zip(&scores).map(|(&i, &score)| Contender { finished: drawn[i].finished, score }).collect();
+        let (top, cut_off) = choose(&contenders).unwrap_or((0, false));
+        let best = survivors[top];
+        if cut_off {
+            metrics.replies_cut_off.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%channel, tokens = drawn[best].ids.len(), "reply cut off by max_new_tokens: no candidate finished");
+        }
         let ids = drawn[best].ids.clone();
         chosen = Some((texts[best].clone(), ids, attempt));
         break;
@@ -527,12 +535,8 @@ async fn process(shared: Arc<Shared>, inbound: Inbound) -> Result<Answer, CoreEr
         return Ok(silent("no_safe_candidate"));
     };
     let user_turn = Turn::user(&inbound.author, text, inbound.msg_id.clone());
-    let (turns, answer) = if reply_text.is_empty() {
-        metrics.refused(Refusal::EmptyReply);
-        (vec![user_turn], silent("empty_reply"))
-    } else {
-        (vec![user_turn, Turn::bot(&reply_text, &inbound.author)], reply(&inbound, &reply_text))
-    };
+    // Screening drops candidates without content, so the reply has some.
+    let (turns, answer) = (vec![user_turn, Turn::bot(&reply_text, &inbound.author)], reply(&inbound, &reply_text));
     match store.append(channel, &turns, msg_id).await {
         Ok(Appended::Stored) => {}
         Ok(Appended::Duplicate) => {

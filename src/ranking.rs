@@ -9,7 +9,10 @@
 //!   all candidates in one batched forward pass, combined as
 //!   prior × cond.
 //! - [`MmiScorer::scores`] (optional): the DialoGPT paper's reverse model.
-//! - [`Weights::mix`]: one number per candidate; the highest is sent.
+//! - [`Weights::mix`]: one number per candidate.
+//! - [`select::choose`]: the reply to send: a finished candidate (one that
+//!   ended with `<|endoftext|>`) before a cut-off one, then the highest
+//!   score.
 //!
 //! Everything takes token ids (context turns without separators, candidates
 //! as generated, without their end-of-text); separators are placed by
@@ -20,6 +23,7 @@ pub mod degeneration;
 pub mod dialogrpt;
 pub mod ensemble;
 pub mod mmi;
+pub mod select;
 
 use std::path::PathBuf;
 

@@ -1053,9 +1053,13 @@ impl RawPersonas {
 
 impl RawRanking {
     fn validate(self) -> Result<RankingSettings, SettingsError> {
+        let mut specs = Vec::new();
         for spec in &self.rankers {
-            crate::cli::rank::parse_ranker(spec).map_err(|e| invalid("ranking.rankers", format!("{e:#}")))?;
+            specs.push(crate::cli::rank::parse_ranker(spec).map_err(|e| invalid("ranking.rankers", format!("{e:#}")))?);
         }
+        // What `run` would refuse when it builds the ensemble.
+        crate::ranking::ensemble::check_weights(specs.iter().map(|s| (s.name.as_str(), s.group, s.weight)))
+            .map_err(|e| invalid("ranking.rankers", e.to_string()))?;
         let weights = crate::ranking::Weights {
             dialogrpt: self.dialogrpt_weight,
             generator: self.generator_weight,
