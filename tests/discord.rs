@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dialogd_adapters::discord::{DiscordAdapter, DiscordConfig};
+use dialogd_adapters::discord::{DiscordAdapter, DiscordSettings};
+use dialogd_adapters::settings::Secret;
 use dialogd_adapters::retry::RetryPolicy;
 use dialogd_adapters::{Adapter, Answer, BoxFuture, ChannelKey, ContextTurn, Core, CoreError, Health, Inbound, Outbound, Shutdown};
 use serde_json::{json, Value};
@@ -164,8 +165,9 @@ fn start_scripted(
     max_wait: Duration,
 ) -> (tokio::sync::watch::Sender<bool>, tokio::task::JoinHandle<Result<(), dialogd_adapters::AdapterError>>) {
     let core: Arc<dyn Core> = Arc::new(ScriptedCore { long: long.to_string() });
-    let config = DiscordConfig {
-        token: TOKEN.into(),
+    let config = DiscordSettings {
+        enabled: true,
+        token: Some(Secret::new(TOKEN)),
         proxy_url: Some(fake.rest_url.clone()),
         retry: RetryPolicy { attempts: 4, backoff: Duration::from_millis(50), max_wait },
         ..Default::default()
