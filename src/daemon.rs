@@ -180,6 +180,9 @@ impl Daemon {
                 listen: h.listen,
                 token: h.token.as_ref().map(|t| t.expose().to_string()),
                 max_body_bytes: h.max_body_bytes,
+                header_timeout: h.header_timeout,
+                body_timeout: h.body_timeout,
+                max_connections: h.max_connections,
             };
             let adapter = HttpAdapter::bind(config).await?;
             http_addr = Some(adapter.local_addr());

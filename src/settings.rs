@@ -227,6 +227,9 @@ pub struct RawHttp {
     pub listen: String,
     pub token: String,
     pub max_body_bytes: usize,
+    pub header_timeout_secs: u64,
+    pub body_timeout_secs: u64,
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -572,6 +575,11 @@ pub struct HttpSettings {
     #[serde(serialize_with = "serialize_opt_secret")]
     pub token: Option<Secret>,
     pub max_body_bytes: usize,
+    #[serde(rename = "header_timeout_secs", serialize_with = "serialize_secs")]
+    pub header_timeout: Duration,
+    #[serde(rename = "body_timeout_secs", serialize_with = "serialize_secs")]
+    pub body_timeout: Duration,
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -733,9 +741,23 @@ impl RawSettings {
             listen: socket_addr("adapters.http.listen", &a.http.listen)?,
             token: secret(a.http.token),
             max_body_bytes: a.http.max_body_bytes,
+            header_timeout: Duration::from_secs(a.http.header_timeout_secs),
+            body_timeout: Duration::from_secs(a.http.body_timeout_secs),
+            max_connections: a.http.max_connections,
         };
         if http.max_body_bytes < 1024 {
             return Err(invalid("adapters.http.max_body_bytes", "must be at least 1024"));
+        }
+        for (key, secs) in [
+            ("adapters.http.header_timeout_secs", a.http.header_timeout_secs),
+            ("adapters.http.body_timeout_secs", a.http.body_timeout_secs),
+        ] {
+            if !(1..=3600).contains(&secs) {
+                return Err(invalid(key, format!("{secs} is not in 1-3600")));
+            }
+        }
+        if http.max_connections == 0 {
+            return Err(invalid("adapters.http.max_connections", "must be at least 1"));
         }
         let d = a.discord;
         let discord = DiscordSettings {

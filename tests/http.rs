@@ -320,3 +320,87 @@ async fn the_daemon_serves_8_bit_weights_when_configured() {
     let err = dialogd::cli::load(&args("q4"), false).err().unwrap();
     assert!(format!("{err:#}").contains("--quantize"), "{err:#}");
 }
+
+/// Reads until the server closes the connection; `Err` if it is still open
+/// after `within`. Whatever the server sent before closing is returned.
+async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> Result<String, String> {
+    use tokio::io::AsyncReadExt as _;
+    let mut got = Vec::new();
+    let read_all = async {
+        let mut buf = [0u8; 1024];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    match tokio::time::timeout(within, read_all).await {
+        Ok(()) => Ok(String::from_utf8_lossy(&got).into_owned()),
+        Err(_) => Err(format!("still open after {within:?}; got {:?}", String::from_utf8_lossy(&got))),
+    }
+}
+
+/// Clients that open connections and never finish a request cannot take
+/// the API down: with twice `max_connections` idle sockets open, `/healthz`
+/// still answers (once the header timeout frees slots), every idle socket
+/// is closed by the server, and so are a half-sent header, a body that
+/// stops coming (408) and a kept-alive connection left idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slow_connections_are_capped_and_closed_and_healthz_answers() {
+    use tokio::io::AsyncWriteExt as _;
+    use tokio::net::TcpStream;
+    let extra = [
+        ("adapters.http", "max_connections = 4"),
+        ("adapters.http", "header_timeout_secs = 1"),
+        ("adapters.http", "body_timeout_secs = 1"),
+    ];
+    let d = TestDaemon::start(&daemon_toml(None, &extra)).await;
+    let addr = d.base.trim_start_matches("http://").to_string();
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        idle.push(TcpStream::connect(&addr).await.unwrap());
+    }
+    // A fresh client without pooling: every request on its own connection.
+    let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let started = std::time::Instant::now();
+    let health = tokio::time::timeout(Duration::from_secs(6), async {
+        client.get(d.url("/healthz")).send().await.unwrap().json::<Value>().await.unwrap()
+    })
+    .await
+    .expect("/healthz did not answer with the connection cap full of idle sockets");
+    assert_eq!(health["status"], "ok", "{health}");
+    // It waited for slots: the first four idle sockets held them for the
+    // header timeout.
+    assert!(started.elapsed() >= Duration::from_millis(900), "{:?}: the cap did not hold", started.elapsed());
+    for (i, stream) in idle.iter_mut().enumerate() {
+        let sent = closed_within(stream, Duration::from_secs(4)).await.unwrap_or_else(|e| panic!("idle socket {i}: {e}"));
+        assert!(sent.is_empty() || sent.starts_with("HTTP/1.1 408"), "idle socket {i} got {sent:?}");
+    }
+
+    // Half a header, then nothing.
+    let mut slow_header = TcpStream::connect(&addr).await.unwrap();
+    slow_header.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    closed_within(&mut slow_header, Duration::from_secs(3)).await.unwrap();
+
+    // A body that stops after 10 of its 100 bytes: 408, then closed.
+    let mut slow_body = TcpStream::connect(&addr).await.unwrap();
+    slow_body
+        .write_all(b"POST /v1/channels/c/messages HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"author\":")
+        .await
+        .unwrap();
+    let answer = closed_within(&mut slow_body, Duration::from_secs(3)).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
+    // A kept-alive connection: answered, then closed once idle.
+    let mut kept = TcpStream::connect(&addr).await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let answer = closed_within(&mut kept, Duration::from_secs(3)).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // A body over the limit is refused, not buffered.
+    let big = serde_json::json!({ "author": "ann", "text": "x".repeat(70_000) });
+    let response = client.post(d.url("/v1/channels/c/messages")).json(&big).send().await.unwrap();
+    assert_eq!(response.status(), 413);
+    d.stop().await;
+}
