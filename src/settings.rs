@@ -658,18 +658,9 @@ fn serialize_millis<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error
     s.serialize_u64(d.as_millis() as u64)
 }
 
-/// A URL with any password (`redis://user:PASSWORD@host`) replaced.
+/// A Redis URL with its secrets replaced (see [`crate::context::redis::redact_url`]).
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or("", |(u, _)| u);
-            let user = if userinfo.contains(':') { user } else { "" };
-            format!("{scheme}://{user}:[redacted]@{host}{tail}")
-        }
-        None => url.to_string(),
-    }
+    crate::context::redis::redact_url(url)
 }
 
 fn secret(value: String) -> Option<Secret> {
@@ -851,7 +842,8 @@ fn redis_url_ok(url: &str) -> Result<(), String> {
     if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
         return Err(format!("{:?} is not a redis://, rediss:// or unix:// URL", redact_url(url)));
     }
-    Ok(())
+    // The URLs `run` would refuse are refused here too.
+    crate::context::redis::check_url(url)
 }
 
 impl RawGeneration {

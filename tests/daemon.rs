@@ -121,6 +121,19 @@ fn check_config_redacts_secrets_and_names_bad_keys() {
     assert_eq!(shown["adapters"]["http"]["token"].as_str(), Some("[redacted]"));
     assert!(!text.contains("pa55word") && !text.contains("tok-abcdef"), "{text}");
 
+    // Every URL form: a unix socket's password is a query parameter.
+    std::fs::write(&path, "[context]\nredis_url = \"unix:///run/redis.sock?db=1&pass=unix-pa55\"\n").unwrap();
+    let out = dialogd(&["check-config", "--config", config]);
+    assert!(out.status.success(), "{}", crate::support::stderr(&out));
+    let shown: toml::Table = stdout(&out).parse().unwrap();
+    assert_eq!(shown["context"]["redis_url"].as_str(), Some("unix:///run/redis.sock?db=1&pass=[redacted]"));
+    assert!(!stdout(&out).contains("unix-pa55"));
+    // A URL `run` would refuse is refused here, redacted.
+    std::fs::write(&path, "[context]\nredis_url = \"redis://:pw-x1@db:6379/notadb\"\n").unwrap();
+    let out = dialogd(&["check-config", "--config", config]);
+    assert_fails_with(&out, "context.redis_url");
+    assert!(!crate::support::stderr(&out).contains("pw-x1"), "{}", crate::support::stderr(&out));
+
     std::fs::write(&path, "[generation]\ntop_p = 3.0\n").unwrap();
     assert_fails_with(&dialogd(&["check-config", "--config", config]), "generation.top_p");
     std::fs::write(&path, "[context]\nsotre = \"redis\"\n").unwrap();
