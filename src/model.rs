@@ -2,9 +2,9 @@
 //! they come from.
 //!
 //! - [`config`]: `config.json` as Hugging Face writes it.
-//! - [`weights`]: reading `model.safetensors` / `pytorch_model.bin` into named,
-//!   shape-checked tensors, with every naming variant the published
-//!   checkpoints use.
+//! - [`weights`]: reading `model.safetensors` / `pytorch_model.bin` / the
+//!   original legacy `.pkl` files into named, shape-checked tensors, with
+//!   every naming variant the published checkpoints use.
 //! - [`gpt2`]: the network itself, with a KV cache.
 //! - [`lora`]: persona adapters applied per sequence at run time.
 //! - [`hub`]: a `--model` argument (local folder or hub id) to a local folder.
@@ -37,7 +37,7 @@ pub enum ModelError {
     Config(String),
     #[error("{file}: tensor `{tensor}`: {message}")]
     Tensor { file: PathBuf, tensor: String, message: String },
-    #[error("no weights in {0}: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin")]
+    #[error("no weights in {0}: expected model.safetensors, model.safetensors.index.json, pytorch_model.bin or one .pkl, .pt or .pth file")]
     NoWeights(PathBuf),
     #[error("{0}")]
     Hub(String),

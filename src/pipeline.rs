@@ -45,7 +45,7 @@ use crate::telemetry::{Metrics, Refusal};
 use crate::tokenizer::DialogTokenizer;
 
 /// The longest message accepted, in bytes (as `dialogd chat`).
-pub const MAX_TURN_BYTES: usize = crate::cli::MAX_TURN_BYTES;
+pub use crate::prompt::MAX_TURN_BYTES;
 
 /// Messages waiting per channel at most; more are refused as busy.
 const CHANNEL_QUEUE: usize = 32;

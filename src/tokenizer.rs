@@ -41,8 +41,10 @@ impl std::fmt::Debug for DialogTokenizer {
 
 impl DialogTokenizer {
     /// Loads `tokenizer.json`, or else `vocab.json` + `merges.txt`, from a
-    /// checkpoint folder.
+    /// checkpoint folder (or the folder of a weights file).
     pub fn from_dir(dir: &Path) -> Result<Self, TokenizerError> {
+        // A weights file given for a model: its tokenizer is beside it.
+        let dir = if dir.is_file() { dir.parent().unwrap_or(Path::new(".")) } else { dir };
         let json = dir.join("tokenizer.json");
         if json.is_file() {
             return Self::from_tokenizer_json(&json);

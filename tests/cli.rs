@@ -24,7 +24,7 @@ fn generate_json(model: &Path, extra: &[&str], turns: &[String]) -> Value {
 /// prompt_ids and output_ids as transformers' generate(do_sample=False).
 #[test]
 fn generate_greedy_json_matches_transformers() {
-    for (model, golden_name) in [("pico-safetensors", "pico"), ("pico-bin", "pico"), ("tiny", "tiny"), ("small", "small")] {
+    for (model, golden_name) in [("pico-safetensors", "pico"), ("pico-bin", "pico"), ("pico-pkl", "pico"), ("tiny", "tiny"), ("small", "small")] {
         let g = golden(golden_name);
         let dir = model_dir(model);
         for case in g["greedy"].as_array().unwrap() {

@@ -35,11 +35,12 @@ pub fn golden_model_spec(golden: &Value) -> (Gpt2Config, u64, InitSpec) {
 }
 
 /// A checkpoint folder for a golden model. The committed `pico` model comes
-/// in both file formats; the others are written once per test run from the
+/// in three file formats (safetensors, zip `pytorch_model.bin`, a legacy
+/// DialoGPT-style `.pkl`); the others are written once per test run from the
 /// deterministic formula into a temporary folder.
 pub fn model_dir(name: &str) -> PathBuf {
     match name {
-        "pico-safetensors" | "pico-bin" => fixtures().join(name),
+        "pico-safetensors" | "pico-bin" | "pico-pkl" => fixtures().join(name),
         _ => synthetic_dir(name),
     }
 }

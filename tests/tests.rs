@@ -5,6 +5,7 @@
 //! - `quality`: safety and ranking end to end through the daemon's HTTP adapter.
 //! - `pool`: the generation pool (batching, candidates, refusals, cancellation, failures).
 //! - `cli`: `dialogd generate` and `dialogd chat` as users run them, bad input included.
+//! - `legacy`: legacy (pre-1.6) `torch.save` files: tensors, views, refusals, commands.
 //! - `ranking`: DialogRPT and MMI against transformers, the ensemble, `dialogd rank`.
 //! - `safety`: the filter on a labelled set, obfuscation, innocents, `dialogd moderate`.
 //! - `context`: the Redis context store against a real redis-server.
@@ -27,6 +28,7 @@ mod discord;
 mod fakes;
 mod http;
 mod jobs;
+mod legacy;
 mod parity;
 mod persona_runtime;
 mod pool;

@@ -28,6 +28,7 @@
 use std::collections::HashSet;
 use std::sync::{Arc, OnceLock};
 
+use serde::{Deserialize, Serialize};
 use serenity::all::{
     ChannelId, Command, CommandInteraction, CommandOptionType, Context, CreateAllowedMentions, CreateCommand,
     CreateCommandOption, CreateInteractionResponseFollowup, CreateMessage, EventHandler, GatewayIntents, GuildId,
@@ -38,19 +39,40 @@ use serenity::http::{Http, HttpError};
 
 use crate::outbox::Outbox;
 use crate::retry::{with_retries, Failure, RetryPolicy};
+use crate::settings::{invalid, serialize_opt_secret, Secret, SettingsError};
 use crate::text::{chars, is_moderator_command, scrub, split_message, COMMANDS};
 use crate::{Adapter, AdapterError, Answer, BoxFuture, ChannelKey, Core, CoreError, Inbound, Platform, Shutdown};
 
 /// Discord's longest message, in characters.
 pub const MESSAGE_LIMIT: usize = 2000;
 
-/// What the adapter needs.
-#[derive(Clone, Default)]
-pub struct DiscordConfig {
-    /// The bot token from the developer portal. Never logged.
+/// `[adapters.discord]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDiscord {
+    pub enabled: bool,
     pub token: String,
+    pub proxy_url: String,
+    pub allowed_guilds: Vec<u64>,
+    pub allowed_channels: Vec<u64>,
+    pub open_channels: Vec<u64>,
+    pub command_guilds: Vec<u64>,
+    pub moderator_roles: Vec<u64>,
+    pub moderators: Vec<u64>,
+}
+
+/// `[adapters.discord]` validated: what the adapter runs with.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DiscordSettings {
+    pub enabled: bool,
+    /// The bot token from the developer portal. Never logged; `None`:
+    /// unset (the adapter is then off).
+    #[serde(serialize_with = "serialize_opt_secret")]
+    pub token: Option<Secret>,
     /// A REST proxy (`http://host:port`) that every API call goes through;
-    /// serenity's own rate limiter is then off (the proxy limits).
+    /// serenity's own rate limiter is then off (the proxy limits). Shown as
+    /// `""` when unset.
+    #[serde(serialize_with = "serialize_opt_str")]
     pub proxy_url: Option<String>,
     /// Guilds the bot works in (empty: every guild it is in).
     pub allowed_guilds: Vec<u64>,
@@ -64,33 +86,61 @@ pub struct DiscordConfig {
     pub moderator_roles: Vec<u64>,
     /// User ids that are moderators everywhere.
     pub moderators: Vec<u64>,
-    /// Retries of sends.
+    /// Retries of sends (not a settings key: the default, or a test's).
+    #[serde(skip)]
     pub retry: RetryPolicy,
 }
 
-impl std::fmt::Debug for DiscordConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DiscordConfig")
-            .field("token", &"[redacted]")
-            .field("proxy_url", &self.proxy_url)
-            .field("allowed_guilds", &self.allowed_guilds)
-            .field("allowed_channels", &self.allowed_channels)
-            .field("open_channels", &self.open_channels)
-            .field("command_guilds", &self.command_guilds)
-            .field("moderator_roles", &self.moderator_roles)
-            .field("moderators", &self.moderators)
-            .finish()
+fn serialize_opt_str<S: serde::Serializer>(value: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(value.as_deref().unwrap_or_default())
+}
+
+impl RawDiscord {
+    /// # Errors
+    /// No token while enabled, a `proxy_url` that is neither empty nor
+    /// http(s).
+    pub fn validate(self) -> Result<DiscordSettings, SettingsError> {
+        let proxy_url = self.proxy_url.trim();
+        let settings = DiscordSettings {
+            enabled: self.enabled,
+            token: Secret::non_empty(&self.token),
+            proxy_url: (!proxy_url.is_empty()).then(|| proxy_url.to_string()),
+            allowed_guilds: self.allowed_guilds,
+            allowed_channels: self.allowed_channels,
+            open_channels: self.open_channels,
+            command_guilds: self.command_guilds,
+            moderator_roles: self.moderator_roles,
+            moderators: self.moderators,
+            retry: RetryPolicy::default(),
+        };
+        if settings.enabled && settings.token.is_none() {
+            return Err(invalid(
+                "adapters.discord.token",
+                "the Discord adapter is enabled but has no token (set DIALOGD__ADAPTERS__DISCORD__TOKEN)",
+            ));
+        }
+        if !(proxy_url.is_empty() || proxy_url.starts_with("http://") || proxy_url.starts_with("https://")) {
+            return Err(invalid("adapters.discord.proxy_url", "must be empty or an http(s) URL"));
+        }
+        Ok(settings)
+    }
+}
+
+impl DiscordSettings {
+    /// The token, or `""` when unset (for scrubbing error text).
+    fn bot_token(&self) -> &str {
+        self.token.as_ref().map_or("", Secret::expose)
     }
 }
 
 /// The Discord bot.
 pub struct DiscordAdapter {
-    config: DiscordConfig,
+    config: DiscordSettings,
 }
 
 impl DiscordAdapter {
-    pub fn new(config: DiscordConfig) -> Result<Self, AdapterError> {
-        if config.token.trim().is_empty() {
+    pub fn new(config: DiscordSettings) -> Result<Self, AdapterError> {
+        if config.bot_token().trim().is_empty() {
             return Err(AdapterError::Platform { adapter: "discord", message: "no bot token".into() });
         }
         Ok(Self { config })
@@ -105,7 +155,7 @@ pub fn intents() -> GatewayIntents {
 /// What the event handlers share.
 struct State {
     core: Arc<dyn Core>,
-    config: DiscordConfig,
+    config: DiscordSettings,
     /// Set from the Ready event.
     bot_id: OnceLock<UserId>,
     outbox: Outbox,
@@ -121,7 +171,7 @@ impl Adapter for DiscordAdapter {
     fn run(self: Box<Self>, core: Arc<dyn Core>, shutdown: Shutdown) -> BoxFuture<'static, Result<(), AdapterError>> {
         Box::pin(async move {
             let config = self.config;
-            let token = config.token.clone();
+            let token = config.bot_token().to_string();
             let mut http = HttpBuilder::new(&token);
             if let Some(proxy) = &config.proxy_url {
                 http = http.proxy(proxy.clone()).ratelimiter_disabled(true);
@@ -205,7 +255,7 @@ fn command_builders() -> Vec<CreateCommand> {
 }
 
 async fn register_commands(state: &State, http: &Arc<Http>) {
-    let token = &state.config.token;
+    let token = state.config.bot_token();
     let commands = command_builders();
     if state.config.command_guilds.is_empty() {
         let done = with_retries(
@@ -238,7 +288,7 @@ async fn register_commands(state: &State, http: &Arc<Http>) {
 }
 
 /// Whether the bot works in this place at all.
-fn allowed(config: &DiscordConfig, guild: Option<GuildId>, channel: ChannelId) -> bool {
+fn allowed(config: &DiscordSettings, guild: Option<GuildId>, channel: ChannelId) -> bool {
     let Some(guild) = guild else { return true };
     (config.allowed_guilds.is_empty() || config.allowed_guilds.contains(&guild.get()))
         && (config.allowed_channels.is_empty()
@@ -304,7 +354,7 @@ async fn on_command(state: &Arc<State>, ctx: Context, command: CommandInteractio
         group: command.guild_id.map(|g| g.get().to_string()),
     };
     let answer = state.core.handle(inbound);
-    let token = &state.config.token;
+    let token = state.config.bot_token();
     // Discord wants an answer within 3 s: say "thinking…" first.
     let deferred = with_retries(
         state.config.retry,
@@ -362,7 +412,7 @@ async fn deliver(
             "Sorry, something went wrong with that message.".to_string()
         }
     };
-    let token = &state.config.token;
+    let token = state.config.bot_token();
     let pieces = split_message(&text, MESSAGE_LIMIT, chars);
     for (n, piece) in pieces.iter().enumerate() {
         let sent = match &reply {
@@ -433,7 +483,7 @@ async fn message_author_is_moderator(state: &State, ctx: &Context, message: &Mes
     }
     // Manage Server comes from the member's roles (and @everyone, whose id
     // is the guild's).
-    let token = &config.token;
+    let token = config.bot_token();
     let roles = with_retries(config.retry, "guild roles", || guild.roles(&ctx.http), classify, |e| scrub(&e.to_string(), token)).await;
     match roles {
         Ok(roles) => {
@@ -466,7 +516,7 @@ mod tests {
 
     #[test]
     fn places_outside_the_allowlists_are_ignored() {
-        let config = DiscordConfig {
+        let config = DiscordSettings {
             allowed_guilds: vec![1],
             allowed_channels: vec![10],
             open_channels: vec![11],

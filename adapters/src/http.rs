@@ -31,56 +31,99 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::settings::{invalid, serialize_opt_secret, Secret, SettingsError};
 use crate::{Adapter, AdapterError, Answer, BoxFuture, ChannelKey, Core, CoreError, Inbound, Platform, Shutdown};
 
 /// The longest channel id and author accepted, in bytes.
 const MAX_ID_BYTES: usize = 128;
 
-/// How the HTTP adapter listens.
-#[derive(Clone)]
-pub struct HttpConfig {
+/// `[adapters.http]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttp {
+    pub enabled: bool,
+    pub listen: String,
+    pub token: String,
+    pub max_body_bytes: usize,
+    pub header_timeout_secs: u64,
+    pub body_timeout_secs: u64,
+    pub max_connections: usize,
+}
+
+/// `[adapters.http]` validated: how the HTTP adapter listens.
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpSettings {
+    pub enabled: bool,
     pub listen: SocketAddr,
     /// The bearer token `/v1` requests must carry; `None` lets anyone in
     /// (keep `listen` on loopback then).
-    pub token: Option<String>,
+    #[serde(serialize_with = "serialize_opt_secret")]
+    pub token: Option<Secret>,
     /// The largest request body accepted, in bytes.
     pub max_body_bytes: usize,
     /// How long a connection may take to send a request's headers, counted
     /// from its opening or from the end of its previous response (the idle
     /// keep-alive timeout too).
+    #[serde(rename = "header_timeout_secs", serialize_with = "serialize_secs")]
     pub header_timeout: Duration,
     /// How long a request's whole body may take to arrive (408 after).
+    #[serde(rename = "body_timeout_secs", serialize_with = "serialize_secs")]
     pub body_timeout: Duration,
     /// Connections served at once; more wait until one closes.
     pub max_connections: usize,
 }
 
-impl std::fmt::Debug for HttpConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HttpConfig")
-            .field("listen", &self.listen)
-            .field("token", &self.token.as_ref().map(|_| "[redacted]"))
-            .field("max_body_bytes", &self.max_body_bytes)
-            .field("header_timeout", &self.header_timeout)
-            .field("body_timeout", &self.body_timeout)
-            .field("max_connections", &self.max_connections)
-            .finish()
+fn serialize_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_secs())
+}
+
+impl RawHttp {
+    /// # Errors
+    /// `adapters.http.listen` that is not an address, `max_body_bytes`
+    /// under 1024, a timeout outside 1-3600 s, `max_connections` 0.
+    pub fn validate(self) -> Result<HttpSettings, SettingsError> {
+        let listen = self.listen.parse().map_err(|_| {
+            invalid("adapters.http.listen", format!("{:?} is not an address such as 127.0.0.1:8080", self.listen))
+        })?;
+        if self.max_body_bytes < 1024 {
+            return Err(invalid("adapters.http.max_body_bytes", "must be at least 1024"));
+        }
+        for (key, secs) in [
+            ("adapters.http.header_timeout_secs", self.header_timeout_secs),
+            ("adapters.http.body_timeout_secs", self.body_timeout_secs),
+        ] {
+            if !(1..=3600).contains(&secs) {
+                return Err(invalid(key, format!("{secs} is not in 1-3600")));
+            }
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("adapters.http.max_connections", "must be at least 1"));
+        }
+        Ok(HttpSettings {
+            enabled: self.enabled,
+            listen,
+            token: Secret::non_empty(&self.token),
+            max_body_bytes: self.max_body_bytes,
+            header_timeout: Duration::from_secs(self.header_timeout_secs),
+            body_timeout: Duration::from_secs(self.body_timeout_secs),
+            max_connections: self.max_connections,
+        })
     }
 }
 
 /// A bound HTTP adapter, ready to run.
 pub struct HttpAdapter {
     listener: tokio::net::TcpListener,
-    config: HttpConfig,
+    config: HttpSettings,
 }
 
 impl HttpAdapter {
     /// Binds the listening socket (so a bad address fails at start, and
     /// port 0 can be asked for and read back with [`Self::local_addr`]).
-    pub async fn bind(config: HttpConfig) -> Result<Self, AdapterError> {
+    pub async fn bind(config: HttpSettings) -> Result<Self, AdapterError> {
         let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|source| AdapterError::Bind {
             adapter: "http",
             addr: config.listen.to_string(),
@@ -130,7 +173,7 @@ impl Adapter for HttpAdapter {
 /// The accept loop: one task per connection (hyper's HTTP/1 with a header
 /// timeout), at most `max_connections` at once, until shutdown; then idle
 /// connections close at once and busy ones after their response.
-async fn serve(listener: tokio::net::TcpListener, app: Router, config: &HttpConfig, shutdown: Shutdown) {
+async fn serve(listener: tokio::net::TcpListener, app: Router, config: &HttpSettings, shutdown: Shutdown) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
 
@@ -184,10 +227,10 @@ async fn serve(listener: tokio::net::TcpListener, app: Router, config: &HttpConf
 }
 
 /// The routes, for tests that serve them on their own listener.
-pub fn router(core: Arc<dyn Core>, config: &HttpConfig) -> Router {
+pub fn router(core: Arc<dyn Core>, config: &HttpSettings) -> Router {
     let state = AppState {
         core,
-        expected_auth: config.token.as_ref().map(|t| Arc::from(format!("Bearer {t}"))),
+        expected_auth: config.token.as_ref().map(|t| Arc::from(format!("Bearer {}", t.expose()))),
         body_timeout: config.body_timeout,
         max_body_bytes: config.max_body_bytes,
     };

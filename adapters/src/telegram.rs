@@ -28,6 +28,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
 use teloxide::adaptors::throttle::{Limits, Settings as ThrottleSettings};
 use teloxide::adaptors::Throttle;
 use teloxide::prelude::*;
@@ -36,6 +37,7 @@ use teloxide::{ApiError, RequestError};
 
 use crate::outbox::Outbox;
 use crate::retry::{with_retries, Failure, RetryPolicy};
+use crate::settings::{invalid, serialize_opt_secret, serialize_secs, Secret, SettingsError};
 use crate::text::{command_word, is_moderator_command, scrub, split_message, utf16_units, COMMANDS};
 use crate::{Adapter, AdapterError, Answer, BoxFuture, ChannelKey, Core, CoreError, Inbound, Platform, Shutdown};
 
@@ -52,42 +54,89 @@ pub const MODERATOR_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// kept for a fifth of it, so a failing API is not asked on every command.
 pub const MODERATOR_CACHE_TTL: Duration = Duration::from_secs(60);
 
-/// What the adapter needs.
-#[derive(Clone)]
-pub struct TelegramConfig {
-    /// The bot token from BotFather. Never logged.
+/// `[adapters.telegram]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTelegram {
+    pub enabled: bool,
     pub token: String,
-    /// The Bot API server (`https://api.telegram.org`, or a self-hosted one).
+    pub api_url: String,
+    pub moderators: Vec<u64>,
+    pub poll_timeout_secs: u64,
+}
+
+/// `[adapters.telegram]` validated: what the adapter runs with.
+#[derive(Debug, Clone, Serialize)]
+pub struct TelegramSettings {
+    pub enabled: bool,
+    /// The bot token from BotFather. Never logged; `None`: unset (the
+    /// adapter is then off).
+    #[serde(serialize_with = "serialize_opt_secret")]
+    pub token: Option<Secret>,
+    /// The Bot API server (`https://api.telegram.org`, or a self-hosted
+    /// one), without a trailing `/`.
     pub api_url: String,
     /// User ids that are moderators in every chat.
     pub moderators: Vec<u64>,
-    /// How long one `getUpdates` waits for news (long polling).
+    /// How long one `getUpdates` waits for news (long polling), 1-15 s.
+    #[serde(rename = "poll_timeout_secs", serialize_with = "serialize_secs")]
     pub poll_timeout: Duration,
-    /// Retries of every Bot API call.
+    /// Retries of every Bot API call (not a settings key: the default, or
+    /// a test's).
+    #[serde(skip)]
     pub retry: RetryPolicy,
 }
 
-impl std::fmt::Debug for TelegramConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TelegramConfig")
-            .field("token", &"[redacted]")
-            .field("api_url", &self.api_url)
-            .field("moderators", &self.moderators)
-            .field("poll_timeout", &self.poll_timeout)
-            .finish()
+impl RawTelegram {
+    /// # Errors
+    /// No token while enabled, an `api_url` that is not http(s), a
+    /// `poll_timeout_secs` outside 1..=15.
+    pub fn validate(self) -> Result<TelegramSettings, SettingsError> {
+        let settings = TelegramSettings {
+            enabled: self.enabled,
+            token: Secret::non_empty(&self.token),
+            api_url: self.api_url.trim().trim_end_matches('/').to_string(),
+            moderators: self.moderators,
+            poll_timeout: Duration::from_secs(self.poll_timeout_secs),
+            retry: RetryPolicy::default(),
+        };
+        if settings.enabled && settings.token.is_none() {
+            return Err(invalid(
+                "adapters.telegram.token",
+                "the Telegram adapter is enabled but has no token (set DIALOGD__ADAPTERS__TELEGRAM__TOKEN)",
+            ));
+        }
+        if !(settings.api_url.starts_with("https://") || settings.api_url.starts_with("http://")) {
+            return Err(invalid("adapters.telegram.api_url", "must be an http(s) URL"));
+        }
+        // teloxide's HTTP client gives up on a request after 17 s.
+        if !(1..=15).contains(&self.poll_timeout_secs) {
+            return Err(invalid(
+                "adapters.telegram.poll_timeout_secs",
+                format!("{} is not in 1..=15", self.poll_timeout_secs),
+            ));
+        }
+        Ok(settings)
+    }
+}
+
+impl TelegramSettings {
+    /// The token, or `""` when unset (for scrubbing error text).
+    fn bot_token(&self) -> &str {
+        self.token.as_ref().map_or("", Secret::expose)
     }
 }
 
 /// The Telegram bot.
 pub struct TelegramAdapter {
-    config: TelegramConfig,
+    config: TelegramSettings,
 }
 
 impl TelegramAdapter {
-    pub fn new(config: TelegramConfig) -> Result<Self, AdapterError> {
+    pub fn new(config: TelegramSettings) -> Result<Self, AdapterError> {
         url::Url::parse(&config.api_url)
             .map_err(|e| AdapterError::Platform { adapter: "telegram", message: format!("api_url: {e}") })?;
-        if config.token.trim().is_empty() {
+        if config.bot_token().trim().is_empty() {
             return Err(AdapterError::Platform { adapter: "telegram", message: "no bot token".into() });
         }
         Ok(Self { config })
@@ -101,7 +150,7 @@ struct Context {
     bot: TgBot,
     me: Me,
     core: Arc<dyn Core>,
-    config: TelegramConfig,
+    config: TelegramSettings,
     outbox: Outbox,
     /// Answers of `getChatMember` per (chat, user): privileged, and until when.
     moderators: Mutex<HashMap<(i64, u64), (bool, Instant)>>,
@@ -121,16 +170,16 @@ impl Adapter for TelegramAdapter {
             let config = self.config;
             let url = url::Url::parse(&config.api_url)
                 .map_err(|e| AdapterError::Platform { adapter: "telegram", message: format!("api_url: {e}") })?;
-            let plain = Bot::new(config.token.clone()).set_api_url(url);
+            let plain = Bot::new(config.bot_token()).set_api_url(url);
             let stop = shutdown.clone().wait();
             tokio::pin!(stop);
             let me = tokio::select! {
                 _ = &mut stop => return Ok(()),
-                me = with_retries(config.retry, "getMe", || plain.get_me().send(), classify, |e| describe(e, &config.token)) => me,
+                me = with_retries(config.retry, "getMe", || plain.get_me().send(), classify, |e| describe(e, config.bot_token())) => me,
             };
             let me = me.map_err(|e| AdapterError::Platform {
                 adapter: "telegram",
-                message: format!("getMe failed (is the token right?): {}", describe(&e, &config.token)),
+                message: format!("getMe failed (is the token right?): {}", describe(&e, config.bot_token())),
             })?;
             // Our own bounded retries replace Throttle's unbounded ones.
             let bot = Throttle::spawn_with_settings(plain, ThrottleSettings::default().limits(Limits::default()).no_retry());
@@ -141,11 +190,11 @@ impl Adapter for TelegramAdapter {
                 "setMyCommands",
                 || bot.set_my_commands(commands.clone()).send(),
                 classify,
-                |e| describe(e, &config.token),
+                |e| describe(e, config.bot_token()),
             )
             .await;
             if let Err(e) = registered {
-                tracing::warn!(error = %describe(&e, &config.token), "telegram: cannot register the command menu");
+                tracing::warn!(error = %describe(&e, config.bot_token()), "telegram: cannot register the command menu");
             }
             tracing::info!(bot = %me.username(), "telegram adapter polling");
             let context = Arc::new(Context {
@@ -183,7 +232,7 @@ impl Adapter for TelegramAdapter {
                             _ => backoff,
                         }
                         .min(context.config.retry.max_wait);
-                        tracing::warn!(error = %describe(&e, &context.config.token), wait_ms = wait.as_millis() as u64, "telegram: getUpdates failed");
+                        tracing::warn!(error = %describe(&e, context.config.bot_token()), wait_ms = wait.as_millis() as u64, "telegram: getUpdates failed");
                         backoff = (backoff * 2).min(context.config.retry.max_wait);
                         tokio::select! {
                             _ = &mut stop => break,
@@ -289,7 +338,7 @@ async fn deliver(
     let typing = async {
         loop {
             if let Err(e) = context.bot.send_chat_action(chat, ChatAction::Typing).send().await {
-                tracing::debug!(error = %describe(&e, &context.config.token), "telegram: typing action failed");
+                tracing::debug!(error = %describe(&e, context.config.bot_token()), "telegram: typing action failed");
             }
             tokio::time::sleep(TYPING_EVERY).await;
         }
@@ -321,7 +370,7 @@ async fn deliver(
 async fn send_text(context: &Context, chat: ChatId, text: &str, reply_to: Option<MessageId>) {
     let pieces = split_message(text, MESSAGE_LIMIT, utf16_units);
     for (n, piece) in pieces.iter().enumerate() {
-        let token = &context.config.token;
+        let token = context.config.bot_token();
         let sent = with_retries(
             context.config.retry,
             "sendMessage",
@@ -360,7 +409,7 @@ fn known_moderator(context: &Context, message: &Message) -> Option<bool> {
 /// Asks Telegram whether the user is an administrator or owner of the
 /// chat, within [`MODERATOR_CHECK_TIMEOUT`], and caches the answer.
 async fn ask_moderator(context: &Context, chat: ChatId, user: UserId) -> bool {
-    let token = &context.config.token;
+    let token = context.config.bot_token();
     let asked = tokio::time::timeout(
         MODERATOR_CHECK_TIMEOUT,
         with_retries(

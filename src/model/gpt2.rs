@@ -536,20 +536,35 @@ pub struct Gpt2 {
 
 impl Gpt2 {
     /// Loads a Hugging Face checkpoint folder (`config.json` plus
-    /// `model.safetensors` or `pytorch_model.bin`).
+    /// `model.safetensors`, `pytorch_model.bin` or a `.pkl`/`.pt`/`.pth`
+    /// file), or a weights file itself: its configuration is the
+    /// `config.json` beside it or, when there is none, inferred from its
+    /// shapes ([`TensorStore::infer_gpt2_config`]).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         Self::load_with(dir, dtype, device, false)
     }
 
     /// [`Gpt2::load`], with 8-bit weights made as each matrix is read when
     /// `quantize` is set.
-    fn load_with(dir: &Path, dtype: DType, device: &Device, quantize: bool) -> Result<Self> {
-        if !dir.is_dir() {
-            return Err(ModelError::MissingFolder(dir.to_path_buf()));
-        }
-        let config = read_config(dir)?;
-        let weights = WeightsFile::find(dir)?;
+    fn load_with(path: &Path, dtype: DType, device: &Device, quantize: bool) -> Result<Self> {
+        let (config, weights) = if path.is_dir() {
+            (Some(read_config(path)?), WeightsFile::find(path)?)
+        } else if path.is_file() {
+            let beside = path.parent().unwrap_or(Path::new("."));
+            let config = if beside.join("config.json").is_file() { Some(read_config(beside)?) } else { None };
+            (config, WeightsFile::at(path))
+        } else {
+            return Err(ModelError::MissingFolder(path.to_path_buf()));
+        };
         let mut store = TensorStore::load(&weights, dtype, device)?;
+        let config = match config {
+            Some(config) => config,
+            None => {
+                let config = store.infer_gpt2_config()?;
+                tracing::info!(file = %path.display(), n_embd = config.n_embd, n_layer = config.n_layer, n_head = config.n_head, "no config.json beside the weights: shape inferred");
+                config
+            }
+        };
         let model = Self::from_store_with(config, &mut store, device, quantize)?;
         let leftover = store.leftover();
         if !leftover.is_empty() {

@@ -29,14 +29,18 @@ pub fn is_hub_id(spec: &str) -> bool {
     ok(owner) && ok(name)
 }
 
-/// Resolves `--model` to a folder, downloading from the hub if needed.
+/// Resolves `--model` to a folder, downloading from the hub if needed. An
+/// existing weights file (`.safetensors`, `.bin`, `.pkl`, `.pt`, `.pth`) is
+/// taken as it is: `Gpt2::load` reads a file, and its tokenizer is looked
+/// for beside it (or given apart, as `dialogd rank --tokenizer`).
 pub fn resolve_model(spec: &str) -> Result<PathBuf, ModelError> {
     let path = Path::new(spec);
     if path.exists() {
-        if !path.is_dir() {
+        let weights_file = path.is_file() && super::weights::is_weights_file(path);
+        if !path.is_dir() && !weights_file {
             return Err(ModelError::File {
                 path: path.to_path_buf(),
-                message: "is a file; --model takes the checkpoint folder that contains it".into(),
+                message: "is a file; --model takes the checkpoint folder that contains it (or the weights file itself)".into(),
             });
         }
         return Ok(path.to_path_buf());

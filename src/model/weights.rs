@@ -8,6 +8,13 @@
 //! or not at all. [`TensorStore`] folds all of them into one canonical naming
 //! (that of `GPT2Model`'s state dict) and hands tensors out with their shapes
 //! checked, so that a bad file fails with the file and tensor named.
+//!
+//! Formats: safetensors (one file or shards), PyTorch's zip format (what
+//! `torch.save` writes since 1.6, read by candle) and its legacy format
+//! (before 1.6, as the original DialoGPT `.pkl` files are: [`legacy`], read
+//! as data with only the globals a state dict needs allowed).
+
+pub mod legacy;
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -15,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use super::ModelError;
+use super::{Gpt2Config, ModelError};
 
 /// The file formats a checkpoint folder may hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,12 +31,27 @@ pub enum WeightsFile {
     Safetensors(PathBuf),
     /// `model.safetensors.index.json` and its shards.
     ShardedSafetensors { index: PathBuf, shards: Vec<PathBuf> },
-    /// A PyTorch zip-format `pytorch_model.bin` (what `torch.save` writes).
+    /// A `torch.save` file: `pytorch_model.bin`, or a `.pkl`/`.pt`/`.pth`
+    /// file, in the zip format (torch 1.6 and later) or the legacy one
+    /// (told apart by their first bytes).
     PyTorch(PathBuf),
 }
 
+/// File extensions of weights files other than `pytorch_model.bin`.
+const TORCH_EXTENSIONS: &[&str] = &["pkl", "pt", "pth"];
+
+/// Whether a path names a weights file (by its extension): `.safetensors`,
+/// `.bin`, `.pkl`, `.pt` or `.pth`.
+pub fn is_weights_file(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e == "safetensors" || e == "bin" || TORCH_EXTENSIONS.contains(&e))
+}
+
 impl WeightsFile {
-    /// Finds the weights in a checkpoint folder, preferring safetensors.
+    /// Finds the weights in a checkpoint folder, preferring safetensors,
+    /// then `pytorch_model.bin`, then the folder's one `.pkl`, `.pt` or
+    /// `.pth` file (several are an error naming them).
     pub fn find(dir: &Path) -> Result<Self, ModelError> {
         let single = dir.join("model.safetensors");
         if single.is_file() {
@@ -44,7 +66,33 @@ impl WeightsFile {
         if bin.is_file() {
             return Ok(Self::PyTorch(bin));
         }
-        Err(ModelError::NoWeights(dir.to_path_buf()))
+        let mut others: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| ModelError::File { path: dir.to_path_buf(), message: format!("cannot list: {e}") })?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && p.extension().and_then(|e| e.to_str()).is_some_and(|e| TORCH_EXTENSIONS.contains(&e)))
+            .collect();
+        others.sort();
+        match others.len() {
+            0 => Err(ModelError::NoWeights(dir.to_path_buf())),
+            1 => Ok(Self::PyTorch(others.remove(0))),
+            _ => {
+                let names: Vec<String> = others.iter().filter_map(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).collect();
+                Err(ModelError::File {
+                    path: dir.to_path_buf(),
+                    message: format!("holds several PyTorch weight files ({}): keep one, or pass the file itself", names.join(", ")),
+                })
+            }
+        }
+    }
+
+    /// A weights file named directly: safetensors by its extension,
+    /// anything else read as a `torch.save` file.
+    pub fn at(path: &Path) -> Self {
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            Self::Safetensors(path.to_path_buf())
+        } else {
+            Self::PyTorch(path.to_path_buf())
+        }
     }
 
     /// The file named in errors.
@@ -120,15 +168,21 @@ enum Entry {
     OnDisk(DiskTensor),
 }
 
-/// One tensor's place in a safetensors file, checked against the file.
+/// One tensor's place in a safetensors or legacy PyTorch file, checked
+/// against the file.
 struct DiskTensor {
     path: PathBuf,
     raw_name: String,
     dtype: DType,
     shape: Vec<usize>,
-    /// Absolute byte offset of the data.
+    /// Absolute byte offset of the first element.
     offset: u64,
+    /// Bytes to read from `offset`: the tensor, or the span a strided view
+    /// covers.
     n_bytes: usize,
+    /// Element strides of a view that is not row-major (a transposed
+    /// tensor in a PyTorch file); `None` when the bytes are in order.
+    strides: Option<Vec<usize>>,
 }
 
 impl DiskTensor {
@@ -138,7 +192,12 @@ impl DiskTensor {
         let mut file = std::fs::File::open(&self.path).map_err(|e| err(format!("cannot open: {e}")))?;
         file.seek(SeekFrom::Start(self.offset)).map_err(|e| err(e.to_string()))?;
         let numel = self.n_bytes / self.dtype.size_in_bytes();
-        if self.dtype == DType::F32 && cfg!(target_endian = "little") {
+        if let Some(strides) = &self.strides {
+            let mut span = vec![0u8; self.n_bytes];
+            file.read_exact(&mut span).map_err(|e| err(format!("cannot read: {e}")))?;
+            let bytes = legacy::gather(&span, &self.shape, strides, self.dtype.size_in_bytes());
+            Tensor::from_raw_buffer(&bytes, self.dtype, &self.shape, &Device::Cpu)
+        } else if self.dtype == DType::F32 && cfg!(target_endian = "little") {
             // Read straight into the tensor's own buffer.
             let mut values = vec![0f32; numel];
             file.read_exact(bytemuck::cast_slice_mut(&mut values)).map_err(|e| err(format!("cannot read: {e}")))?;
@@ -154,14 +213,21 @@ impl DiskTensor {
 
 impl TensorStore {
     /// Opens a checkpoint whose tensors are handed out converted to
-    /// `dtype` on `device`. Safetensors are indexed now and read as taken;
-    /// PyTorch checkpoints are read whole.
+    /// `dtype` on `device`. Safetensors and legacy PyTorch files are indexed
+    /// now and read as taken; zip-format PyTorch files are read whole.
     pub fn load(weights: &WeightsFile, dtype: DType, device: &Device) -> Result<Self, ModelError> {
         let file = weights.display_path().to_path_buf();
         let mut tensors = HashMap::new();
         match weights {
             WeightsFile::Safetensors(path) => index_safetensors(std::slice::from_ref(path), &mut tensors)?,
             WeightsFile::ShardedSafetensors { shards, .. } => index_safetensors(shards, &mut tensors)?,
+            WeightsFile::PyTorch(path) if legacy::is_legacy(path)? => {
+                for tensor in legacy::index(path)? {
+                    if let Some(name) = canonical_name(&tensor.raw_name) {
+                        tensors.insert(name, Entry::OnDisk(tensor));
+                    }
+                }
+            }
             WeightsFile::PyTorch(path) => {
                 for (raw_name, tensor) in read_pytorch(path)? {
                     let Some(name) = canonical_name(&raw_name) else { continue };
@@ -193,6 +259,41 @@ impl TensorStore {
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(|s| s.as_str())
+    }
+
+    /// A tensor's shape, without reading it.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|entry| match entry {
+            Entry::Ready(t) => t.dims(),
+            Entry::OnDisk(d) => &d.shape[..],
+        })
+    }
+
+    /// The GPT-2 configuration a checkpoint's shapes imply, for weights
+    /// files that come without a `config.json` (the original DialoGPT
+    /// `.pkl` files): vocabulary, context, width, depth and MLP width from
+    /// the tensors, `n_head = n_embd / 64` (the head width of every
+    /// published GPT-2 and DialoGPT size), everything else at transformers'
+    /// defaults. Errors name what is missing; a width that is not a
+    /// multiple of 64 needs a `config.json`.
+    pub fn infer_gpt2_config(&self) -> Result<Gpt2Config, ModelError> {
+        let need = |name: &str| self.shape(name).ok_or_else(|| self.error(name, "missing, so the model's shape cannot be inferred (put a config.json beside the weights)"));
+        let &[vocab_size, n_embd] = need("wte.weight")? else { return Err(self.error("wte.weight", "is not a matrix")) };
+        let &[n_positions, _] = need("wpe.weight")? else { return Err(self.error("wpe.weight", "is not a matrix")) };
+        let n_layer = (0..).take_while(|i| self.contains(&format!("h.{i}.ln_1.weight"))).count();
+        let inner = need("h.0.mlp.c_fc.weight")?.get(1).copied().unwrap_or(0);
+        if !n_embd.is_multiple_of(64) {
+            return Err(ModelError::File {
+                path: self.file.clone(),
+                message: format!("a width of {n_embd} is not a multiple of 64, so the head count cannot be inferred: put the model's config.json beside the weights"),
+            });
+        }
+        let mut config = Gpt2Config::with_shape(n_embd, n_layer, n_embd / 64);
+        config.vocab_size = vocab_size;
+        config.n_positions = n_positions;
+        config.n_inner = (inner != 4 * n_embd).then_some(inner);
+        config.validate()?;
+        Ok(config)
     }
 
     /// Takes a tensor out of the store, checking its shape and that its
@@ -339,7 +440,15 @@ fn index_safetensors_file(path: &Path) -> Result<Vec<DiskTensor>, ModelError> {
                 data_start + end
             )));
         }
-        out.push(DiskTensor { path: path.to_path_buf(), raw_name: name.clone(), dtype, shape, offset: data_start + begin, n_bytes });
+        out.push(DiskTensor {
+            path: path.to_path_buf(),
+            raw_name: name.clone(),
+            dtype,
+            shape,
+            offset: data_start + begin,
+            n_bytes,
+            strides: None,
+        });
     }
     if out.is_empty() {
         return Err(file_err("holds no tensors".into()));
@@ -356,7 +465,7 @@ fn read_pytorch(path: &Path) -> Result<Vec<(String, Tensor)>, ModelError> {
         Ok(Ok(tensors)) if tensors.is_empty() => Err(file_err("holds no tensors".into())),
         Ok(Ok(tensors)) => Ok(tensors),
         Ok(Err(e)) => Err(file_err(format!(
-            "not a readable PyTorch checkpoint ({}); legacy non-zip pickles must be re-saved with a current torch.save or converted to safetensors",
+            "not a readable PyTorch checkpoint ({})",
             root_message(&e)
         ))),
         Err(_) => Err(file_err("the PyTorch checkpoint is malformed (its reader failed)".into())),
@@ -424,6 +533,23 @@ mod tests {
         let mut store = TensorStore::load(&WeightsFile::Safetensors(path), DType::F32, &Device::Cpu).unwrap();
         let err = store.take("lm_head.weight", &[2, 2]).unwrap_err().to_string();
         assert!(err.contains("NaN"), "{err}");
+    }
+
+    #[test]
+    fn a_config_is_inferred_from_the_shapes() {
+        use crate::model::synthetic::{default_init, synthetic_tensors};
+        // One 64-wide head (DialoGPT's head width), a short context.
+        let mut cfg = Gpt2Config::with_shape(64, 3, 1);
+        cfg.n_positions = 32;
+        let tensors = synthetic_tensors(&cfg, 1, &default_init()).unwrap().into_iter().collect();
+        let store = TensorStore::from_tensors("x.pkl", tensors);
+        assert_eq!(store.infer_gpt2_config().unwrap(), cfg);
+        let narrow = Gpt2Config::with_shape(8, 1, 2);
+        let tensors = synthetic_tensors(&narrow, 1, &default_init()).unwrap().into_iter().collect();
+        let err = TensorStore::from_tensors("x.pkl", tensors).infer_gpt2_config().unwrap_err().to_string();
+        assert!(err.contains("config.json"), "{err}");
+        let err = TensorStore::from_tensors("x.pkl", HashMap::new()).infer_gpt2_config().unwrap_err().to_string();
+        assert!(err.contains("wte.weight") && err.contains("missing"), "{err}");
     }
 
     #[test]
