@@ -96,13 +96,14 @@ impl Daemon {
             .map_err(|e| DaemonError::Ranking(format!("{e:#}")))?
             .map(Arc::new);
         let collector = if settings.collect.enabled {
-            let collector = Collector::open(&settings.collect).map_err(|e| DaemonError::Collect(e.to_string()))?;
-            match collector.enforce_retention() {
-                Ok(n) if n > 0 => tracing::info!(deleted = n, "collected segments past retention deleted"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "retention check failed"),
+            let mut collector = Collector::open(&settings.collect).map_err(|e| DaemonError::Collect(e.to_string()))?;
+            if settings.jobs.enabled {
+                collector = collector.with_jobs_dir(settings.jobs.dir.clone());
             }
-            Some(Arc::new(collector))
+            let collector = Arc::new(collector);
+            // At start, then hourly while the collector lives.
+            tokio::spawn(crate::collect::enforce_retention_every(Arc::downgrade(&collector), crate::collect::RETENTION_EVERY));
+            Some(collector)
         } else {
             None
         };

@@ -620,10 +620,11 @@ async fn run_command(shared: &Shared, inbound: &Inbound, word: &str) -> Result<A
             let Some(collector) = shared.collector.clone() else {
                 return Ok(reply(inbound, "Nothing is collected for training on this bot."));
             };
-            let author = inbound.author.clone();
+            // The collector keys people by `platform:user`.
+            let author = format!("{}:{}", inbound.channel.platform.as_str(), inbound.author);
             if word == "optout" {
                 let n = tokio::task::spawn_blocking(move || collector.opt_out(&author)).await.map_err(internal)?.map_err(internal)?;
-                Ok(reply(inbound, format!("Done: I won't learn from your messages, and I've deleted {n} collected exchanges you were part of. /optin undoes this.")))
+                Ok(reply(inbound, format!("Done: I won't learn from your messages, and I've deleted {n} collected exchanges you were part of. Models already trained keep what they learned (weights cannot forget); no later training uses your messages. /optin undoes this.")))
             } else {
                 let was = tokio::task::spawn_blocking(move || collector.opt_in(&author)).await.map_err(internal)?.map_err(internal)?;
                 Ok(reply(inbound, if was { "Done: your messages in collecting channels may be used for training again." } else { "You had not opted out." }))
@@ -638,7 +639,7 @@ async fn run_command(shared: &Shared, inbound: &Inbound, word: &str) -> Result<A
             let n = shared.store.forget_author(inbound.channel.platform, &inbound.author).await.map_err(unavailable)?;
             let mut collected = 0;
             if let Some(collector) = shared.collector.clone() {
-                let author = inbound.author.clone();
+                let author = format!("{}:{}", inbound.channel.platform.as_str(), inbound.author);
                 collected = tokio::task::spawn_blocking(move || collector.forget(&author))
                     .await
                     .map_err(|e| CoreError::Internal(e.to_string()))?

@@ -300,3 +300,78 @@ fn the_console_adapter_talks_on_stdin_and_stdout() {
     assert!(lines[1].contains("/forget"), "{text}");
     assert!(lines[2].contains("forgotten"), "{text}");
 }
+
+/// Makes a throwaway CA and a server certificate for 127.0.0.1 in `dir`
+/// with the `openssl` command: (ca.crt, server.crt, server.key).
+fn throwaway_certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("the openssl command");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    run(&[&["req", "-x509"][..], &ec, &["-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=dialogd test CA"]].concat());
+    run(&[&["req"][..], &ec, &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]].concat());
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.crt", "-days", "2",
+        "-extfile", "server.ext",
+    ]);
+    // redis-server runs as this user and reads the key itself.
+    (dir.join("ca.crt"), dir.join("server.crt"), dir.join("server.key"))
+}
+
+/// `rediss://` URLs work: the daemon stores and reads a conversation in a
+/// redis-server that it reaches only over TLS (rustls), trusting a private
+/// CA given with `SSL_CERT_FILE`. Skipped, saying so, where redis-server
+/// was built without TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_urls_reach_redis_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = throwaway_certificates(dir.path());
+    let tls_port = free_port().to_string();
+    let tls_args = [
+        "--tls-port", &tls_port, "--tls-cert-file", cert.to_str().unwrap(), "--tls-key-file", key.to_str().unwrap(),
+        "--tls-ca-cert-file", ca.to_str().unwrap(), "--tls-auth-clients", "no",
+    ];
+    // A redis-server without TLS refuses the tls-* options at once.
+    let mut probe = Command::new("redis-server")
+        .args(["--port", "0", "--save", ""])
+        .args(tls_args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    if let Some(status) = probe.try_wait().unwrap() {
+        let out = probe.wait_with_output().unwrap();
+        eprintln!(
+            "SKIPPED rediss_urls_reach_redis_over_tls: redis-server exited ({status}) with TLS options, so it lacks TLS support: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        return;
+    }
+    let _ = probe.kill();
+    let _ = probe.wait();
+
+    let redis = RedisServer::start_with(&tls_args);
+    let (http_port, metrics_port) = (free_port(), free_port());
+    let config = write_config(dir.path(), &model_dir("pico-bin"), &redis, http_port, metrics_port, "");
+    let text = std::fs::read_to_string(&config).unwrap().replace(&redis.url(), &format!("rediss://127.0.0.1:{tls_port}/0"));
+    std::fs::write(&config, text).unwrap();
+    let d = Running::start(&config, &[("SSL_CERT_FILE", ca.to_str().unwrap())], http_port, metrics_port).await;
+    let health: Value = d.http.get(format!("{}/healthz", d.base)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(health["health"]["store_up"], true, "{health}: {}", d.log_text());
+    let (status, body) = d.say("tls", "Hello over TLS", None).await;
+    assert_eq!(status, 200, "{body}");
+    let context: Value =
+        d.http.get(format!("{}/v1/channels/tls/context", d.base)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(context["turns"][0]["text"], "Hello over TLS", "{context}");
+    // It is in that Redis (read here on the server's plain port).
+    use redis::Commands as _;
+    assert_eq!(redis.client().llen::<_, usize>("dialogd:ctx:http:tls").unwrap(), context["turns"].as_array().unwrap().len());
+    assert_eq!(d.metric("dialogd_redis_errors_total").await, 0.0);
+}
