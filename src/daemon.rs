@@ -364,13 +364,30 @@ pub async fn stop_signal() {
     }
 }
 
-/// Reloads on every SIGHUP, for as long as the task runs.
-pub async fn reload_on_sighup(pipeline: Pipeline, config: Option<PathBuf>, metrics: Arc<Metrics>) {
+/// Starts catching SIGHUP. Call it before anything slow (model loading):
+/// from then on a SIGHUP no longer kills the process (its default action)
+/// and one received before [`reload_on_sighup`] runs is applied then.
+/// `None` (logged) when the handler cannot be installed.
+pub fn sighup_listener() -> Option<tokio::signal::unix::Signal> {
     use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP: reload disabled");
-        return;
-    };
+    match signal(SignalKind::hangup()) {
+        Ok(hup) => Some(hup),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: reload disabled");
+            None
+        }
+    }
+}
+
+/// Reloads on every SIGHUP caught by `hup` (see [`sighup_listener`]), for
+/// as long as the task runs.
+pub async fn reload_on_sighup(
+    hup: Option<tokio::signal::unix::Signal>,
+    pipeline: Pipeline,
+    config: Option<PathBuf>,
+    metrics: Arc<Metrics>,
+) {
+    let Some(mut hup) = hup else { return };
     while hup.recv().await.is_some() {
         notify_systemd("RELOADING=1");
         if let Err(e) = reload(&pipeline, config.as_deref(), &metrics) {

@@ -20,6 +20,13 @@ struct Running {
 
 impl Running {
     async fn start(config: &Path, env: &[(&str, &str)], http_port: u16, metrics_port: u16) -> Self {
+        let mut running = Self::spawn(config, env, http_port, metrics_port);
+        running.wait_ready().await;
+        running
+    }
+
+    /// Starts the process without waiting for it to serve.
+    fn spawn(config: &Path, env: &[(&str, &str)], http_port: u16, metrics_port: u16) -> Self {
         let log = config.with_extension(format!("{http_port}.log"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_dialogd"));
         cmd.args(["run", "--config"]).arg(config).env_remove("RUST_LOG").stdin(Stdio::null()).stdout(Stdio::null());
@@ -27,20 +34,26 @@ impl Running {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut running = Self {
+        let running = Self {
             child: cmd.spawn().unwrap(),
             log,
             base: format!("http://127.0.0.1:{http_port}"),
             metrics_url: format!("http://127.0.0.1:{metrics_port}/metrics"),
             http: reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap(),
         };
+        running
+    }
+
+    /// Waits (up to 30 s) for `/healthz` to answer 200.
+    async fn wait_ready(&mut self) {
+        let running = self;
         for _ in 0..300 {
             if let Some(status) = running.child.try_wait().unwrap() {
                 panic!("dialogd exited early ({status}): {}", running.log_text());
             }
             if let Ok(r) = running.http.get(format!("{}/healthz", running.base)).send().await {
                 if r.status() == 200 {
-                    return running;
+                    return;
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -133,6 +146,13 @@ fn check_config_redacts_secrets_and_names_bad_keys() {
     let out = dialogd(&["check-config", "--config", config]);
     assert_fails_with(&out, "context.redis_url");
     assert!(!crate::support::stderr(&out).contains("pw-x1"), "{}", crate::support::stderr(&out));
+
+    // A misspelled override (one underscore) is named, not silently dropped.
+    std::fs::write(&path, "").unwrap();
+    let out = dialogd_with_env(&["check-config", "--config", config], &[("DIALOGD_ADAPTERS__HTTP__TOKEN", "tok-lost-1")]);
+    assert!(out.status.success());
+    let err = crate::support::stderr(&out);
+    assert!(err.contains("DIALOGD_ADAPTERS__HTTP__TOKEN is ignored") && !err.contains("tok-lost-1"), "{err}");
 
     std::fs::write(&path, "[generation]\ntop_p = 3.0\n").unwrap();
     assert_fails_with(&dialogd(&["check-config", "--config", config]), "generation.top_p");
@@ -378,4 +398,39 @@ async fn rediss_urls_reach_redis_over_tls() {
     use redis::Commands as _;
     assert_eq!(redis.client().llen::<_, usize>("dialogd:ctx:http:tls").unwrap(), context["turns"].as_array().unwrap().len());
     assert_eq!(d.metric("dialogd_redis_errors_total").await, 0.0);
+}
+
+/// SIGHUP while the model loads (systemd's `ExecReload` can send it at any
+/// time) neither kills the daemon nor is lost: the reload is applied once
+/// the daemon serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_during_model_loading_is_applied_after_it() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (http_port, metrics_port) = (free_port(), free_port());
+    let config = write_config(dir.path(), &model_dir("tiny"), &redis, http_port, metrics_port, "");
+    let mut d = Running::spawn(&config, &[], http_port, metrics_port);
+    let mut loading = false;
+    for _ in 0..600 {
+        if d.log_text().contains("loading model") {
+            loading = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(loading, "no 'loading model' line: {}", d.log_text());
+    let text = std::fs::read_to_string(&config).unwrap().replace("max_new_tokens = 16", "max_new_tokens = 8");
+    std::fs::write(&config, text).unwrap();
+    d.signal("HUP");
+    d.wait_ready().await;
+    let mut reloaded = false;
+    for _ in 0..100 {
+        if d.metric("dialogd_reloads_total").await == 1.0 {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reloaded, "the SIGHUP sent during loading was not applied: {}", d.log_text());
+    assert!(d.child.try_wait().unwrap().is_none(), "the daemon died");
 }

@@ -119,11 +119,19 @@ async fn private_chats_groups_commands_and_moderators() {
 /// A core that answers from a script, to drive the adapter's sending.
 struct ScriptedCore {
     long: String,
+    /// Add whether the adapter took the author for a moderator.
+    show_moderator: bool,
 }
 
 impl Core for ScriptedCore {
     fn handle(&self, inbound: Inbound) -> BoxFuture<'static, Result<Answer, CoreError>> {
-        let text = if inbound.text == "long please" { self.long.clone() } else { format!("echo: {}", inbound.text) };
+        let text = if inbound.text == "long please" {
+            self.long.clone()
+        } else if self.show_moderator {
+            format!("echo: {} (moderator: {})", inbound.text, inbound.moderator)
+        } else {
+            format!("echo: {}", inbound.text)
+        };
         let out = Outbound { channel: inbound.channel, text, reply_to: inbound.msg_id };
         Box::pin(async move { Ok(Answer::Reply(out)) })
     }
@@ -146,7 +154,7 @@ async fn long_replies_split_in_order_and_429_then_5xx_lose_nothing() {
     // Sentences of varied length, some non-BMP characters (two UTF-16
     // units each): about 10 000 units, three pieces.
     let long: String = (0..260).map(|i| format!("Sentence {i} says {} 😀. ", "la ".repeat(i % 7))).collect();
-    let core: Arc<dyn Core> = Arc::new(ScriptedCore { long: long.trim().to_string() });
+    let core: Arc<dyn Core> = Arc::new(ScriptedCore { long: long.trim().to_string(), show_moderator: false });
     let config = TelegramSettings {
         enabled: true,
         token: Some(Secret::new(TOKEN)),
@@ -215,27 +223,6 @@ async fn long_replies_split_in_order_and_429_then_5xx_lose_nothing() {
     assert!(!text.contains(TOKEN) && !text.contains("TEST-secret-token-abcdef"), "a log line carries the token");
 }
 
-/// A core that echoes, saying whether the adapter took the author for a
-/// moderator.
-struct ModeratorEcho;
-
-impl Core for ModeratorEcho {
-    fn handle(&self, inbound: Inbound) -> BoxFuture<'static, Result<Answer, CoreError>> {
-        let text = format!("echo: {} (moderator: {})", inbound.text, inbound.moderator);
-        let out = Outbound { channel: inbound.channel, text, reply_to: inbound.msg_id };
-        Box::pin(async move { Ok(Answer::Reply(out)) })
-    }
-    fn turns(&self, _: ChannelKey) -> BoxFuture<'static, Result<Vec<ContextTurn>, CoreError>> {
-        Box::pin(async { Ok(Vec::new()) })
-    }
-    fn clear(&self, _: ChannelKey) -> BoxFuture<'static, Result<(), CoreError>> {
-        Box::pin(async { Ok(()) })
-    }
-    fn health(&self) -> Health {
-        Health { ready: true, store: "memory".into(), store_up: true }
-    }
-}
-
 /// While `getChatMember` hangs (or fails), a moderator command waits in
 /// its own chat only: other chats are answered at once, the command is
 /// answered (as not from a moderator) after the check's timeout, the
@@ -256,7 +243,7 @@ async fn a_hanging_or_failing_moderator_check_stalls_no_other_chat() {
         retry: RetryPolicy { attempts: 3, backoff: Duration::from_millis(50), max_wait: Duration::from_secs(1) },
     };
     let (stop, shutdown) = Shutdown::new();
-    let running = tokio::spawn(Box::new(TelegramAdapter::new(config).unwrap()).run(Arc::new(ModeratorEcho), shutdown));
+    let running = tokio::spawn(Box::new(TelegramAdapter::new(config).unwrap()).run(Arc::new(ScriptedCore { long: String::new(), show_moderator: true }), shutdown));
     wait_for(WAIT, || fake.calls("setMyCommands").pop()).await.expect("the adapter polls");
 
     fake.hang("getChatMember", true);
