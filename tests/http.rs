@@ -53,6 +53,28 @@ async fn a_message_delivered_twice_is_answered_once() {
     d.stop().await;
 }
 
+/// A command delivered twice runs once, like a message (a re-delivered
+/// `/train` would queue a second job).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_delivered_twice_runs_once() {
+    let redis = RedisServer::start();
+    let d = TestDaemon::start(&daemon_toml(Some(&redis), &[])).await;
+    d.say("cmd", "ann", "hello there", Some("m-1")).await;
+    let (_, first) = d.say("cmd", "ann", "/reset", Some("m-2")).await;
+    assert!(first["reply"].as_str().unwrap_or_default().contains("forgotten"), "{first}");
+    d.say("cmd", "ann", "hello again", Some("m-3")).await;
+    let (status, again) = d.say("cmd", "ann", "/reset", Some("m-2")).await;
+    assert_eq!(status, 200);
+    assert_eq!(again, serde_json::json!({ "reply": null, "reason": "duplicate" }));
+    // The second delivery did not reset: the later turn is still there.
+    assert_eq!(d.turns("cmd").await.first().map(|t| t.1.clone()).as_deref(), Some("hello again"));
+    // Without an id a command runs each time.
+    let (_, help) = d.say("cmd", "ann", "/help", None).await;
+    let (_, help_again) = d.say("cmd", "ann", "/help", None).await;
+    assert!(help["reply"].is_string() && help == help_again, "{help} {help_again}");
+    d.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_reset_forget_and_help() {
     let redis = RedisServer::start();

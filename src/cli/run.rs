@@ -23,6 +23,12 @@ pub struct RunArgs {
 /// `dialogd check-config`: validates and prints the effective settings.
 pub fn check_config(args: RunArgs) -> anyhow::Result<ExitCode> {
     let settings = settings::load(Some(&args.config))?;
+    // The Redis URLs `run` would refuse (the redis crate's parse) are
+    // refused here too.
+    if settings.context.store == settings::StoreKind::Redis {
+        crate::context::redis::check_url(settings.context.redis_url.expose())
+            .map_err(|e| anyhow::anyhow!("context.redis_url: {e}"))?;
+    }
     for name in settings::stray_env_vars(std::env::vars_os()) {
         eprintln!("warning: {name} is ignored: settings come from DIALOGD__SECTION__KEY variables (two underscores after DIALOGD)");
     }

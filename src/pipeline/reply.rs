@@ -72,7 +72,12 @@ pub(super) async fn process(shared: Arc<Shared>, inbound: Inbound) -> Result<Ans
     match Command::parse(text) {
         Some(Command::Ask(question)) if question.is_empty() => return Ok(say(&inbound, "Ask me something: /ask how are you?")),
         Some(Command::Ask(question)) => text = question,
-        Some(command) => return commands::run(&shared, &inbound, command).await,
+        Some(command) => {
+            if let Some(answer) = claim_command(&shared, &inbound).await {
+                return Ok(answer);
+            }
+            return commands::run(&shared, &inbound, command).await;
+        }
         None if !inbound.addressed_to_bot => return Ok(silent("not_addressed")),
         None => {}
     }
@@ -88,6 +93,25 @@ pub(super) async fn process(shared: Arc<Shared>, inbound: Inbound) -> Result<Ans
     let prepared = prepare(&shared, &inbound, text, &mut degraded).await?;
     let chosen = choose(&shared, &inbound, text, &prepared, &safety, &blocked, policy).await?;
     finish(&shared, &inbound, text, &prepared, chosen, &safety, &mut degraded).await
+}
+
+/// Claims a command's message id before it runs (an append of no turn
+/// that records the id), so a command delivered twice runs once: the
+/// second gets `duplicate`. With the store down it runs unclaimed, as
+/// messages are answered then.
+async fn claim_command(shared: &Shared, inbound: &Inbound) -> Option<Answer> {
+    let id = inbound.msg_id.as_deref()?;
+    match shared.store.append(&inbound.channel, &[], Some(id)).await {
+        Ok(Appended::Duplicate) => {
+            shared.metrics.refused(Refusal::Duplicate);
+            Some(silent("duplicate"))
+        }
+        Ok(Appended::Stored) => None,
+        Err(e) => {
+            tracing::debug!(channel = %inbound.channel, error = %e, "command duplicate check failed");
+            None
+        }
+    }
 }
 
 /// Duplicate check, rate limits and the input filter. `Some(answer)` ends
