@@ -38,7 +38,7 @@ use teloxide::{ApiError, RequestError};
 use crate::outbox::Outbox;
 use crate::retry::{with_retries, Failure, RetryPolicy};
 use crate::settings::{invalid, serialize_opt_secret, serialize_secs, Secret, SettingsError};
-use crate::text::{command_word, is_moderator_command, scrub, split_message, utf16_units, COMMANDS};
+use crate::text::{command_word, is_moderator_command, scrub, split_message, strip_addressing, utf16_units, COMMANDS};
 use crate::{Adapter, AdapterError, Answer, BoxFuture, ChannelKey, Core, CoreError, Inbound, Platform, Shutdown};
 
 /// Telegram's longest message, in UTF-16 code units.
@@ -271,7 +271,7 @@ async fn on_message(context: &Arc<Context>, message: Message) {
         }
     }
     let mention = format!("@{username}");
-    let mentioned = find_ignore_case(text, &mention).is_some();
+    let mentioned = text.to_ascii_lowercase().contains(&mention.to_ascii_lowercase());
     let replied_to_bot =
         message.reply_to_message().and_then(|m| m.from.as_ref()).is_some_and(|author| author.id == me.user.id);
     if !(private || command.is_some() || mentioned || replied_to_bot) {
@@ -465,18 +465,10 @@ fn describe(error: &RequestError, token: &str) -> String {
     scrub(&error.to_string(), token)
 }
 
-fn find_ignore_case(haystack: &str, needle: &str) -> Option<usize> {
-    haystack.to_ascii_lowercase().find(&needle.to_ascii_lowercase())
-}
-
-/// The text without the bot's `@mention` (ASCII case-insensitive).
+/// The text without the bot's `@mention` (ASCII case-insensitive); the
+/// text itself when nothing else is left.
 fn strip_mention(text: &str, mention: &str) -> String {
-    let mut rest = text.to_string();
-    while let Some(at) = find_ignore_case(&rest, mention) {
-        rest.replace_range(at..at + mention.len(), "");
-    }
-    let cleaned = rest.split_whitespace().collect::<Vec<_>>().join(" ");
-    let cleaned = cleaned.trim_start_matches([',', ':']).trim().to_string();
+    let cleaned = strip_addressing(text, &[mention]);
     if cleaned.is_empty() {
         text.to_string()
     } else {

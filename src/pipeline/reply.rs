@@ -25,7 +25,7 @@ use super::limits::Verdict;
 use super::{say, silent, Shared};
 use crate::context::{Appended, ContextError, Turn};
 use crate::personas::{persona_prompt, ActivePersona};
-use crate::prompt::{Prompt, MAX_TURN_BYTES};
+use crate::prompt::{normalize_turn, Prompt, MAX_TURN_BYTES};
 use crate::ranking::select::{self, Contender};
 use crate::safety::{Policy, WordList};
 use crate::settings::{GenerationSettings, SafetySettings, ToxicInput};
@@ -62,7 +62,9 @@ struct Prepared {
 /// Handles one message: a command, or a turn of conversation.
 pub(super) async fn process(shared: Arc<Shared>, inbound: Inbound) -> Result<Answer, CoreError> {
     let metrics = &shared.metrics;
-    let mut text = inbound.text.trim();
+    // The form every path encodes (NFC, no outer whitespace); stored so.
+    let normalized = normalize_turn(&inbound.text);
+    let mut text = normalized.as_str();
     if text.is_empty() {
         metrics.refused(Refusal::Invalid);
         return Err(CoreError::Invalid("the message is empty".into()));
@@ -173,7 +175,7 @@ async fn prepare(shared: &Shared, inbound: &Inbound, text: &str, degraded: &mut 
     let tokenizer = &shared.tokenizer;
     let mut encoded: Vec<Vec<u32>> = history
         .iter()
-        .filter_map(|turn| tokenizer.encode(&turn.text).ok().filter(|ids| !ids.is_empty()))
+        .filter_map(|turn| tokenizer.encode(&normalize_turn(&turn.text)).ok().filter(|ids| !ids.is_empty()))
         .collect();
     let message_ids = tokenizer.encode(text).map_err(|e| CoreError::Invalid(e.to_string()))?;
     if message_ids.is_empty() {
