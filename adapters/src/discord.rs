@@ -46,7 +46,7 @@ use crate::outbox::Outbox;
 use crate::retry::RetryPolicy;
 use crate::settings::{invalid, serialize_opt_secret, Secret, SettingsError};
 use rest::{Rest, RestError};
-use crate::text::{chars, is_moderator_command, scrub, split_message, COMMANDS};
+use crate::text::{chars, is_moderator_command, scrub, split_message, strip_addressing, COMMANDS};
 use crate::{Adapter, AdapterError, Answer, BoxFuture, ChannelKey, Core, CoreError, Inbound, Platform, Shutdown};
 
 /// Discord's longest message, in characters.
@@ -316,12 +316,7 @@ async fn on_message(state: &Arc<State>, ctx: Context, message: Message) {
     if !(direct || mentioned || replied_to_bot || open) {
         return;
     }
-    let mut text = message.content.clone();
-    for m in &mention {
-        text = text.replace(m.as_str(), " ");
-    }
-    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    let text = text.trim_start_matches([',', ':']).trim().to_string();
+    let text = strip_addressing(&message.content, &[mention[0].as_str(), mention[1].as_str()]);
     if text.is_empty() {
         return;
     }
