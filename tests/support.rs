@@ -366,14 +366,32 @@ impl TestDaemon {
     }
 }
 
-/// A sample's value from Prometheus text (`name` may include labels).
+/// A sample's value from Prometheus text. `name` with labels
+/// (`x{a="b"}`) is one series; a bare name sums every series of that name,
+/// as PromQL's `sum(x)` would (e.g. all platforms of
+/// `dialogd_messages_in_total`). Panics when no series matches.
 pub fn metric_value(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
-        .trim()
-        .parse()
-        .unwrap()
+    let values: Vec<f64> = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let rest = if name.contains('{') { rest } else { rest.split_once('}').map_or(rest, |(labels, after)| if labels.starts_with('{') { after } else { rest }) };
+            rest.strip_prefix(' ')
+        })
+        .map(|v| v.trim().parse().unwrap())
+        .collect();
+    assert!(!values.is_empty(), "no metric {name} in:\n{text}");
+    values.iter().sum()
+}
+
+/// `promtool` from `$DIALOGD_PROMTOOL` or the `PATH`; `None` when it is not
+/// installed, except under CI (`CI` set), where its absence is a failure.
+pub fn promtool() -> Option<PathBuf> {
+    let found = std::env::var_os("DIALOGD_PROMTOOL").map(PathBuf::from).or_else(|| {
+        std::env::split_paths(&std::env::var_os("PATH")?).map(|dir| dir.join("promtool")).find(|p| p.is_file())
+    });
+    assert!(found.is_some() || std::env::var_os("CI").is_none(), "CI must install promtool (see .ci/run)");
+    found
 }
 
 /// Checks Prometheus text (format 0.0.4): every line is `# HELP name …`,
