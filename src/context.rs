@@ -65,6 +65,34 @@ pub enum Appended {
     Duplicate,
 }
 
+/// A change an edited message makes to its stored turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EditChange<'a> {
+    /// The turn's text becomes this.
+    Replace(&'a str),
+    /// The turn goes, with the bot turns stored right after it that answer
+    /// its author (the reply it got): the edit failed the input filter, or
+    /// the message is answered again.
+    Remove,
+}
+
+/// What [`ContextStore::edit_turn`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Edited {
+    Replaced,
+    /// The turn and this many bot turns after it were removed.
+    Removed { replies: usize },
+    /// The message is not its author's latest stored turn in the channel
+    /// (an older message, a command, or one never stored): nothing changed.
+    Ignored,
+}
+
+/// Whether a stored turn is the message `msg_id`: its own id, or the id a
+/// re-answered edit stored it under (`msg_id` + `#` + a suffix).
+pub fn is_message(turn: &Turn, msg_id: &str) -> bool {
+    turn.msg_id.as_deref().is_some_and(|id| id == msg_id || id.strip_prefix(msg_id).is_some_and(|rest| rest.starts_with('#')))
+}
+
 /// Context store failures. The pipeline answers without context on any of
 /// them; none stops the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +136,17 @@ pub trait ContextStore: Send + Sync + 'static {
         turns: &'a [Turn],
         msg_id: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Appended, ContextError>>;
+    /// Applies an edit of message `msg_id` by `author`, atomically: only
+    /// when that message is the author's latest user turn in the channel
+    /// ([`is_message`]); an edit of anything older is [`Edited::Ignored`].
+    /// The TTL is left as it was.
+    fn edit_turn<'a>(
+        &'a self,
+        channel: &'a ChannelKey,
+        author: &'a str,
+        msg_id: &'a str,
+        change: EditChange<'a>,
+    ) -> BoxFuture<'a, Result<Edited, ContextError>>;
     /// Forgets the channel's turns (its message ids stay, so a late
     /// duplicate is still recognised).
     fn clear<'a>(&'a self, channel: &'a ChannelKey) -> BoxFuture<'a, Result<(), ContextError>>;

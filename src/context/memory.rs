@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use dialogd_adapters::{BoxFuture, ChannelKey, Platform};
 use tokio::time::Instant;
 
-use super::{Appended, ContextError, ContextStore, Limits, Turn};
+use super::{is_message, Appended, ContextError, ContextStore, EditChange, Edited, Limits, Turn};
 
 /// One channel's state.
 #[derive(Default)]
@@ -83,6 +83,33 @@ impl ContextStore for MemoryStore {
         Box::pin(async move { Ok(outcome) })
     }
 
+    fn edit_turn<'a>(
+        &'a self,
+        channel: &'a ChannelKey,
+        author: &'a str,
+        msg_id: &'a str,
+        change: EditChange<'a>,
+    ) -> BoxFuture<'a, Result<Edited, ContextError>> {
+        let edited = self.with_channel(channel, |c| {
+            let Some(at) = c.turns.iter().rposition(|t| !t.bot && t.author == author) else { return Edited::Ignored };
+            if !is_message(&c.turns[at], msg_id) {
+                return Edited::Ignored;
+            }
+            match change {
+                EditChange::Replace(text) => {
+                    c.turns[at].text = text.to_string();
+                    Edited::Replaced
+                }
+                EditChange::Remove => {
+                    let replies = c.turns.iter().skip(at + 1).take_while(|t| t.bot && t.reply_to.as_deref() == Some(author)).count();
+                    c.turns.drain(at..at + 1 + replies);
+                    Edited::Removed { replies }
+                }
+            }
+        });
+        Box::pin(async move { Ok(edited) })
+    }
+
     fn clear<'a>(&'a self, channel: &'a ChannelKey) -> BoxFuture<'a, Result<(), ContextError>> {
         self.with_channel(channel, |c| c.turns.clear());
         Box::pin(async { Ok(()) })
@@ -143,6 +170,25 @@ mod tests {
         store.append(&a, &[Turn::user("bob", "yo", None), Turn::bot("hey", "bob")], None).await.unwrap();
         assert_eq!(store.forget_author(Platform::Http, "bob").await.unwrap(), 2);
         assert_eq!(store.forget_author(Platform::Discord, "ann").await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn edits_touch_only_the_authors_latest_turn() {
+        let store = MemoryStore::new(Limits::new(10, None));
+        let a = key("a");
+        store.append(&a, &[Turn::user("ann", "one", Some("m1".into())), Turn::bot("re one", "ann")], Some("m1")).await.unwrap();
+        store.append(&a, &[Turn::user("ann", "two", Some("m2".into())), Turn::bot("re two", "ann")], Some("m2")).await.unwrap();
+        store.append(&a, &[Turn::user("bob", "three", Some("m3".into()))], Some("m3")).await.unwrap();
+        // m1 is older than ann's latest turn; bob cannot edit ann's.
+        assert_eq!(store.edit_turn(&a, "ann", "m1", EditChange::Replace("x")).await.unwrap(), Edited::Ignored);
+        assert_eq!(store.edit_turn(&a, "bob", "m2", EditChange::Replace("x")).await.unwrap(), Edited::Ignored);
+        assert_eq!(store.edit_turn(&a, "ann", "m2", EditChange::Replace("two!")).await.unwrap(), Edited::Replaced);
+        let texts = |turns: Vec<Turn>| turns.into_iter().map(|t| t.text).collect::<Vec<_>>();
+        assert_eq!(texts(store.turns(&a).await.unwrap()), ["one", "re one", "two!", "re two", "three"]);
+        assert_eq!(store.edit_turn(&a, "ann", "m2", EditChange::Remove).await.unwrap(), Edited::Removed { replies: 1 });
+        assert_eq!(texts(store.turns(&a).await.unwrap()), ["one", "re one", "three"]);
+        // Now m1 is ann's latest turn.
+        assert_eq!(store.edit_turn(&a, "ann", "m1", EditChange::Replace("uno")).await.unwrap(), Edited::Replaced);
     }
 
     #[tokio::test(start_paused = true)]
