@@ -136,6 +136,7 @@ async fn each_channel_keeps_its_order_under_concurrency() {
                 addressed_to_bot: true,
                 moderator: false,
                 group: None,
+                edit: None,
             };
             pending.push(d.pipeline.handle(inbound));
         }

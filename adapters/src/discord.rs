@@ -278,6 +278,7 @@ async fn on_message(state: &Arc<State>, ctx: Context, message: Message) {
         addressed_to_bot: true,
         moderator,
         group: message.guild_id.map(|g| g.get().to_string()),
+        edit: None,
     };
     let answer = state.core.handle(inbound);
     let (channel, id) = (message.channel_id, message.id);
@@ -302,6 +303,7 @@ async fn on_command(state: &Arc<State>, ctx: Context, command: CommandInteractio
         addressed_to_bot: true,
         moderator,
         group: command.guild_id.map(|g| g.get().to_string()),
+        edit: None,
     };
     let answer = state.core.handle(inbound);
     let token = &state.config.token;

@@ -213,6 +213,7 @@ async fn on_message(context: &Arc<Context>, message: Message) {
         addressed_to_bot: true,
         moderator,
         group: None,
+        edit: None,
     };
     // Handing it over now fixes its place in the chat's order.
     let answer = context.core.handle(inbound);
