@@ -93,6 +93,48 @@ pub fn is_message(turn: &Turn, msg_id: &str) -> bool {
     turn.msg_id.as_deref().is_some_and(|id| id == msg_id || id.strip_prefix(msg_id).is_some_and(|rest| rest.starts_with('#')))
 }
 
+/// What to do after [`apply_edit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EditOutcome {
+    /// Nothing to send; the reason is a short snake_case word
+    /// (`edit_ignored`, `edited`, `edit_flagged`).
+    Done(&'static str),
+    /// Answer the edited text as a new message stored under this id
+    /// (`msg_id#…`, one per text, so a repeated delivery of the same edit
+    /// is still a duplicate and a later edit still finds the turn).
+    AnswerAs(String),
+}
+
+/// An edited message's effect on the context, for the pipeline (which
+/// runs the input filter and passes its verdict as `flagged`). A flagged
+/// edit removes the turn and its reply (toxic text is never stored); with
+/// `answer` the turn and its reply make way for a new exchange; otherwise
+/// the turn's text is replaced. Only the author's latest turn is touched.
+pub async fn apply_edit(
+    store: &dyn ContextStore,
+    channel: &ChannelKey,
+    author: &str,
+    msg_id: &str,
+    text: &str,
+    flagged: bool,
+    answer: bool,
+) -> Result<EditOutcome, ContextError> {
+    // FNV-1a of the text: the same id for the same edit on every daemon.
+    let digest = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+    let answer_as = format!("{msg_id}#{digest:016x}");
+    if answer && !flagged && store.seen(channel, &answer_as).await? {
+        // This edit was answered already (a repeated delivery).
+        return Ok(EditOutcome::Done("duplicate"));
+    }
+    let change = if flagged || answer { EditChange::Remove } else { EditChange::Replace(text) };
+    Ok(match store.edit_turn(channel, author, msg_id, change).await? {
+        Edited::Ignored => EditOutcome::Done("edit_ignored"),
+        Edited::Replaced => EditOutcome::Done("edited"),
+        Edited::Removed { .. } if flagged => EditOutcome::Done("edit_flagged"),
+        Edited::Removed { .. } => EditOutcome::AnswerAs(answer_as),
+    })
+}
+
 /// Context store failures. The pipeline answers without context on any of
 /// them; none stops the daemon.
 #[derive(Debug, thiserror::Error)]

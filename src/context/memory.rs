@@ -191,6 +191,28 @@ mod tests {
         assert_eq!(store.edit_turn(&a, "ann", "m1", EditChange::Replace("uno")).await.unwrap(), Edited::Replaced);
     }
 
+    #[tokio::test]
+    async fn apply_edit_replaces_drops_or_makes_way() {
+        use crate::context::{apply_edit, EditOutcome};
+        let store = MemoryStore::new(Limits::new(10, None));
+        let a = key("a");
+        let texts = |turns: Vec<Turn>| turns.into_iter().map(|t| t.text).collect::<Vec<_>>();
+        store.append(&a, &[Turn::user("ann", "hi", Some("m1".into())), Turn::bot("hello", "ann")], Some("m1")).await.unwrap();
+        assert_eq!(apply_edit(&store, &a, "ann", "m1", "hi!", false, false).await.unwrap(), EditOutcome::Done("edited"));
+        assert_eq!(texts(store.turns(&a).await.unwrap()), ["hi!", "hello"]);
+        let EditOutcome::AnswerAs(id) = apply_edit(&store, &a, "ann", "m1", "hey", false, true).await.unwrap() else { panic!() };
+        assert!(id.starts_with("m1#"));
+        assert!(store.turns(&a).await.unwrap().is_empty(), "the turn and its reply make way");
+        store.append(&a, &[Turn::user("ann", "hey", Some(id.clone())), Turn::bot("yo", "ann")], Some(&id)).await.unwrap();
+        // The same edit again: already answered, nothing removed.
+        assert_eq!(apply_edit(&store, &a, "ann", "m1", "hey", false, true).await.unwrap(), EditOutcome::Done("duplicate"));
+        assert_eq!(texts(store.turns(&a).await.unwrap()), ["hey", "yo"]);
+        // A flagged edit takes the exchange out.
+        assert_eq!(apply_edit(&store, &a, "ann", "m1", "bad", true, false).await.unwrap(), EditOutcome::Done("edit_flagged"));
+        assert!(store.turns(&a).await.unwrap().is_empty());
+        assert_eq!(apply_edit(&store, &a, "ann", "m1", "x", false, false).await.unwrap(), EditOutcome::Done("edit_ignored"));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn idle_channels_expire() {
         let store = MemoryStore::new(Limits::new(10, Some(Duration::from_secs(60))));
