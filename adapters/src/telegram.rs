@@ -1,18 +1,25 @@
 //! The Telegram adapter: a bot on the Bot API through teloxide, by long
-//! polling.
+//! polling or by webhook ([`webhook`]).
 //!
 //! Who is answered: everyone in a private chat; in groups, a message that
 //! mentions the bot (`@botname`), replies to one of its messages, or is a
 //! command (`/ask …`, `/reset`; `/cmd@otherbot` is left alone). Other group
 //! messages are not handed to the core at all.
 //!
-//! How: `getMe` once (the bot's id and username), `setMyCommands`, then a
-//! `getUpdates` loop. Each message is handed to the core in update order;
+//! How: `getMe` once (the bot's id and username), `setMyCommands`, then
+//! either `deleteWebhook` and a `getUpdates` loop, or `setWebhook` and the
+//! updates Telegram POSTs (each update once, by update id). Each message is
+//! handed to the core in update order;
 //! its answer is sent through the [`Outbox`] (one chat's answers in order)
 //! with a typing action while the core works, as a reply to the
 //! triggering message, split at 4096 UTF-16 units. Requests go through
 //! teloxide's `Throttle` (Telegram's per-chat and global limits); a 429's
 //! `retry_after` and server errors are retried within a [`RetryPolicy`].
+//!
+//! Forum topics: a message in a topic is in channel `chat:topic` (its own
+//! context; commands act on the topic) and every piece of its answer goes
+//! to that topic. Edited messages go to the core as edits
+//! ([`crate::Edit`]), answered again only with `answer_edits`.
 //!
 //! Moderators: the allowlist of user ids, and in groups the chat's
 //! administrators and owner (`getChatMember`), asked only for moderator
@@ -21,19 +28,21 @@
 //! The token is part of every Bot API URL; errors are scrubbed of it
 //! before they are logged.
 
+pub mod webhook;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use teloxide::adaptors::throttle::{Limits, Settings as ThrottleSettings};
 use teloxide::adaptors::Throttle;
 use teloxide::prelude::*;
-use teloxide::types::{BotCommand, ChatAction, Me, Message, MessageId, ReplyParameters, UpdateKind};
+use teloxide::types::{AllowedUpdate, BotCommand, ChatAction, Me, Message, MessageId, ReplyParameters, ThreadId, Update, UpdateKind};
 use teloxide::{ApiError, RequestError};
 
 use crate::outbox::Outbox;
 use crate::retry::{with_retries, Failure, RetryPolicy};
 use crate::text::{command_word, is_moderator_command, scrub, split_message, utf16_units, COMMANDS};
-use crate::{Adapter, AdapterError, Answer, BoxFuture, ChannelKey, Core, CoreError, Inbound, Platform, Shutdown};
+use crate::{Adapter, AdapterError, Answer, BoxFuture, ChannelKey, Core, CoreError, Edit, Inbound, Platform, Shutdown};
 
 /// Telegram's longest message, in UTF-16 code units.
 pub const MESSAGE_LIMIT: usize = 4096;
@@ -54,6 +63,35 @@ pub struct TelegramConfig {
     pub poll_timeout: Duration,
     /// Retries of every Bot API call.
     pub retry: RetryPolicy,
+    /// Long polling, or a webhook.
+    pub mode: TelegramMode,
+    /// Answer edited messages again.
+    pub answer_edits: bool,
+}
+
+/// How updates reach the bot.
+#[derive(Clone, Default)]
+pub enum TelegramMode {
+    /// `getUpdates` (any webhook is deleted first).
+    #[default]
+    Polling,
+    Webhook(WebhookConfig),
+}
+
+/// Webhook mode's settings.
+#[derive(Clone)]
+pub struct WebhookConfig {
+    /// The public HTTPS URL given to `setWebhook`; its path is served.
+    pub url: String,
+    /// The local address the server listens on.
+    pub listen: String,
+    /// Checked against `X-Telegram-Bot-Api-Secret-Token`. Never logged.
+    pub secret: String,
+}
+
+/// The updates the bot asks Telegram for.
+fn allowed_updates() -> Vec<AllowedUpdate> {
+    vec![AllowedUpdate::Message, AllowedUpdate::EditedMessage]
 }
 
 impl std::fmt::Debug for TelegramConfig {
@@ -63,6 +101,11 @@ impl std::fmt::Debug for TelegramConfig {
             .field("api_url", &self.api_url)
             .field("moderators", &self.moderators)
             .field("poll_timeout", &self.poll_timeout)
+            .field("mode", &match &self.mode {
+                TelegramMode::Polling => "polling".to_string(),
+                TelegramMode::Webhook(w) => format!("webhook {} on {}", w.url, w.listen),
+            })
+            .field("answer_edits", &self.answer_edits)
             .finish()
     }
 }
@@ -130,8 +173,20 @@ impl Adapter for TelegramAdapter {
             if let Err(e) = registered {
                 tracing::warn!(error = %describe(&e, &config.token), "telegram: cannot register the command menu");
             }
-            tracing::info!(bot = %me.username(), "telegram adapter polling");
             let context = Arc::new(Context { bot, me, core, config, outbox: Outbox::new() });
+            if let TelegramMode::Webhook(hook) = context.config.mode.clone() {
+                let outcome = run_webhook(&context, hook, shutdown, &mut stop).await;
+                context.outbox.flush().await;
+                tracing::info!("telegram adapter stopped");
+                return outcome;
+            }
+            // A webhook left set (webhook mode before) blocks getUpdates.
+            let token = &context.config.token;
+            let deleted = with_retries(context.config.retry, "deleteWebhook", || context.bot.inner().delete_webhook().send(), classify, |e| describe(e, token)).await;
+            if let Err(e) = deleted {
+                tracing::warn!(error = %describe(&e, token), "telegram: cannot delete the webhook; polling may be refused");
+            }
+            tracing::info!(bot = %context.me.username(), "telegram adapter polling");
             let mut offset: i32 = 0;
             let mut backoff = context.config.retry.backoff;
             loop {
@@ -141,7 +196,7 @@ impl Adapter for TelegramAdapter {
                     .get_updates()
                     .offset(offset)
                     .timeout(context.config.poll_timeout.as_secs() as u32)
-                    .allowed_updates(vec![teloxide::types::AllowedUpdate::Message])
+                    .allowed_updates(allowed_updates())
                     .send();
                 let updates = tokio::select! {
                     _ = &mut stop => break,
@@ -168,9 +223,7 @@ impl Adapter for TelegramAdapter {
                 };
                 for update in updates {
                     offset = offset.max(update.id.0 as i32 + 1);
-                    if let UpdateKind::Message(message) = update.kind {
-                        on_message(&context, message).await;
-                    }
+                    on_update(&context, update).await;
                 }
             }
             // Let the answers already accepted go out (the daemon bounds this).
@@ -181,8 +234,96 @@ impl Adapter for TelegramAdapter {
     }
 }
 
+/// Webhook mode: `setWebhook`, then the updates Telegram POSTs, each
+/// once, in arrival order, until shutdown.
+async fn run_webhook(
+    context: &Arc<Context>,
+    hook: WebhookConfig,
+    shutdown: Shutdown,
+    stop: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> Result<(), AdapterError> {
+    let path = url::Url::parse(&hook.url)
+        .map_err(|e| AdapterError::Platform { adapter: "telegram", message: format!("webhook_url: {e}") })?
+        .path()
+        .to_string();
+    // Listen before Telegram is told where to send.
+    let listener = webhook::bind(&hook.listen).await?;
+    let (queue, mut updates) = tokio::sync::mpsc::channel::<Update>(1024);
+    let server = tokio::spawn(webhook::serve(listener, path, hook.secret.clone(), queue, shutdown));
+    let token = &context.config.token;
+    let set = with_retries(
+        context.config.retry,
+        "setWebhook",
+        || {
+            let url = url::Url::parse(&hook.url).expect("checked above");
+            context
+                .bot
+                .inner()
+                .set_webhook(url)
+                .secret_token(hook.secret.clone())
+                .allowed_updates(allowed_updates())
+                .max_connections(1)
+                .send()
+        },
+        classify,
+        |e| scrub(&describe(e, token), &hook.secret),
+    )
+    .await;
+    if let Err(e) = set {
+        server.abort();
+        return Err(AdapterError::Platform {
+            adapter: "telegram",
+            message: format!("setWebhook failed: {}", scrub(&describe(&e, token), &hook.secret)),
+        });
+    }
+    tracing::info!(bot = %context.me.username(), url = %hook.url, listen = %hook.listen, "telegram adapter on its webhook");
+    // Telegram redelivers an update whose answer it did not see: each
+    // update id is handled once (they arrive in increasing order).
+    let mut last: Option<u32> = None;
+    loop {
+        let update = tokio::select! {
+            _ = &mut *stop => break,
+            update = updates.recv() => match update {
+                Some(update) => update,
+                None => break,
+            },
+        };
+        if last.is_some_and(|last| update.id.0 <= last) {
+            tracing::debug!(update = update.id.0, "telegram: a repeated update was dropped");
+            continue;
+        }
+        last = Some(update.id.0);
+        on_update(context, update).await;
+    }
+    match server.await {
+        Ok(outcome) => outcome,
+        Err(e) => Err(AdapterError::Platform { adapter: "telegram", message: format!("webhook server: {e}") }),
+    }
+}
+
+/// A message, or an edit of one, to the core.
+async fn on_update(context: &Arc<Context>, update: Update) {
+    match update.kind {
+        UpdateKind::Message(message) => on_message(context, message, None).await,
+        UpdateKind::EditedMessage(message) => {
+            let edit = Edit { answer: context.config.answer_edits };
+            on_message(context, message, Some(edit)).await
+        }
+        _ => {}
+    }
+}
+
+/// The channel of a message: the chat, or `chat:topic` for a forum topic.
+fn channel_of(message: &Message) -> (String, Option<ThreadId>) {
+    let topic = message.thread_id.filter(|_| message.is_topic_message);
+    match topic {
+        Some(thread) => (format!("{}:{}", message.chat.id.0, thread.0 .0), Some(thread)),
+        None => (message.chat.id.0.to_string(), None),
+    }
+}
+
 /// Decides whether a message is for the bot and hands it to the core.
-async fn on_message(context: &Arc<Context>, message: Message) {
+async fn on_message(context: &Arc<Context>, message: Message, edit: Option<Edit>) {
     let (Some(text), Some(from)) = (message.text(), message.from.as_ref()) else { return };
     if from.is_bot {
         return;
@@ -196,6 +337,9 @@ async fn on_message(context: &Arc<Context>, message: Message) {
             return; // A command for another bot in this group.
         }
     }
+    if edit.is_some() && command.is_some() {
+        return; // An edited command is not run again, and was never a turn.
+    }
     let mention = format!("@{username}");
     let mentioned = find_ignore_case(text, &mention).is_some();
     let replied_to_bot =
@@ -205,33 +349,46 @@ async fn on_message(context: &Arc<Context>, message: Message) {
     }
     let text = if command.is_none() && mentioned { strip_mention(text, &mention) } else { text.to_string() };
     let moderator = is_moderator_command(&text) && is_moderator(context, &message).await;
+    let (key, thread) = channel_of(&message);
     let inbound = Inbound {
-        channel: ChannelKey::new(Platform::Telegram, message.chat.id.0.to_string()),
+        channel: ChannelKey::new(Platform::Telegram, key.clone()),
         author: from.id.0.to_string(),
         text,
         msg_id: Some(message.id.0.to_string()),
         addressed_to_bot: true,
         moderator,
         group: None,
-        edit: None,
+        edit,
     };
-    // Handing it over now fixes its place in the chat's order.
+    // Handing it over now fixes its place in the channel's order.
     let answer = context.core.handle(inbound);
-    let key = message.chat.id.0.to_string();
     let context = context.clone();
-    context.outbox.clone().push(&key, Box::pin(deliver(context, message.chat.id, message.id, answer)));
+    let to = Target { chat: message.chat.id, thread };
+    context.outbox.clone().push(&key, Box::pin(deliver(context, to, message.id, answer)));
+}
+
+/// Where an answer goes: a chat, and a forum topic in it.
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    chat: ChatId,
+    thread: Option<ThreadId>,
 }
 
 /// Waits for the core (typing meanwhile) and sends what it answered.
 async fn deliver(
     context: Arc<Context>,
-    chat: ChatId,
+    to: Target,
     reply_to: MessageId,
     answer: BoxFuture<'static, Result<Answer, CoreError>>,
 ) {
+    let chat = to.chat;
     let typing = async {
         loop {
-            if let Err(e) = context.bot.send_chat_action(chat, ChatAction::Typing).send().await {
+            let mut action = context.bot.send_chat_action(chat, ChatAction::Typing);
+            if let Some(thread) = to.thread {
+                action = action.message_thread_id(thread);
+            }
+            if let Err(e) = action.send().await {
                 tracing::debug!(error = %describe(&e, &context.config.token), "telegram: typing action failed");
             }
             tokio::time::sleep(TYPING_EVERY).await;
@@ -255,13 +412,14 @@ async fn deliver(
             "Sorry, something went wrong with that message.".to_string()
         }
     };
-    send_text(&context, chat, &text, Some(reply_to)).await;
+    send_text(&context, to, &text, Some(reply_to)).await;
 }
 
 /// Sends `text` in pieces within Telegram's limit, the first as a reply.
 /// A piece that still fails after the retries is logged and the rest are
 /// not sent (they would read out of context).
-async fn send_text(context: &Context, chat: ChatId, text: &str, reply_to: Option<MessageId>) {
+async fn send_text(context: &Context, to: Target, text: &str, reply_to: Option<MessageId>) {
+    let chat = to.chat;
     let pieces = split_message(text, MESSAGE_LIMIT, utf16_units);
     for (n, piece) in pieces.iter().enumerate() {
         let token = &context.config.token;
@@ -270,6 +428,10 @@ async fn send_text(context: &Context, chat: ChatId, text: &str, reply_to: Option
             "sendMessage",
             || {
                 let mut request = context.bot.send_message(chat, piece.clone());
+                // Every piece to the topic: without it Telegram posts to General.
+                if let Some(thread) = to.thread {
+                    request = request.message_thread_id(thread);
+                }
                 if let (0, Some(id)) = (n, reply_to) {
                     request = request.reply_parameters(ReplyParameters::new(id).allow_sending_without_reply());
                 }
