@@ -27,12 +27,9 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use crate::model::{self, Gpt2};
+use crate::prompt::MAX_TURN_BYTES;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::DialogTokenizer;
-
-/// The longest turn accepted, in bytes. Longer turns are refused rather
-/// than silently cut (cutting to the token budget happens below this size).
-pub const MAX_TURN_BYTES: usize = 32 * 1024;
 
 #[derive(Debug, Parser)]
 #[command(name = "dialogd", version, about = "DialoGPT chat bot daemon", propagate_version = true)]

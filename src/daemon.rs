@@ -16,10 +16,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use dialogd_adapters::console::ConsoleAdapter;
-use dialogd_adapters::discord::{DiscordAdapter, DiscordConfig};
-use dialogd_adapters::http::{HttpAdapter, HttpConfig};
-use dialogd_adapters::retry::RetryPolicy;
-use dialogd_adapters::telegram::{TelegramAdapter, TelegramConfig};
+use dialogd_adapters::discord::DiscordAdapter;
+use dialogd_adapters::http::HttpAdapter;
+use dialogd_adapters::telegram::TelegramAdapter;
 use dialogd_adapters::{Adapter, AdapterError, Core, Shutdown};
 use tokio::task::JoinSet;
 
@@ -172,47 +171,23 @@ impl Daemon {
             }
         }
 
+        // Each adapter is started with its own validated settings.
         let mut adapters: Vec<Box<dyn Adapter>> = Vec::new();
         let mut http_addr = None;
-        let h = &settings.adapters.http;
-        if h.enabled {
-            let config = HttpConfig {
-                listen: h.listen,
-                token: h.token.as_ref().map(|t| t.expose().to_string()),
-                max_body_bytes: h.max_body_bytes,
-            };
-            let adapter = HttpAdapter::bind(config).await?;
+        let a = &settings.adapters;
+        if a.http.enabled {
+            let adapter = HttpAdapter::bind(a.http.clone()).await?;
             http_addr = Some(adapter.local_addr());
             adapters.push(Box::new(adapter));
         }
-        if settings.adapters.console.enabled {
+        if a.console.enabled {
             adapters.push(Box::new(ConsoleAdapter::stdio()));
         }
-        let t = &settings.adapters.telegram;
-        if t.enabled {
-            let config = TelegramConfig {
-                token: t.token.as_ref().map(|s| s.expose().to_string()).unwrap_or_default(),
-                api_url: t.api_url.clone(),
-                moderators: t.moderators.clone(),
-                poll_timeout: t.poll_timeout,
-                retry: RetryPolicy::default(),
-            };
-            adapters.push(Box::new(TelegramAdapter::new(config)?));
+        if a.telegram.enabled {
+            adapters.push(Box::new(TelegramAdapter::new(a.telegram.clone())?));
         }
-        let d = &settings.adapters.discord;
-        if d.enabled {
-            let config = DiscordConfig {
-                token: d.token.as_ref().map(|s| s.expose().to_string()).unwrap_or_default(),
-                proxy_url: (!d.proxy_url.is_empty()).then(|| d.proxy_url.clone()),
-                allowed_guilds: d.allowed_guilds.clone(),
-                allowed_channels: d.allowed_channels.clone(),
-                open_channels: d.open_channels.clone(),
-                command_guilds: d.command_guilds.clone(),
-                moderator_roles: d.moderator_roles.clone(),
-                moderators: d.moderators.clone(),
-                retry: RetryPolicy::default(),
-            };
-            adapters.push(Box::new(DiscordAdapter::new(config)?));
+        if a.discord.enabled {
+            adapters.push(Box::new(DiscordAdapter::new(a.discord.clone())?));
         }
         let (metrics_server, metrics_addr) = match settings.telemetry.metrics_listen {
             Some(addr) => {

@@ -10,13 +10,13 @@
 //!
 //! - [`store`]: the records in Redis, the queue, per-device locks, the
 //!   promoted versions of every target, and personas.
-//! - [`cron`]: five-field cron expressions for `[[jobs.schedules]]`.
+//!
+//! Schedules are parsed by [`crate::cron`].
 //! - [`runner`]: the daemon's side: schedules, claiming and running jobs,
 //!   the gate, and keeping what the pool serves in step with the promoted
 //!   versions.
 //! - [`personas`]: which persona a channel uses, and its loaded adapter.
 
-pub mod cron;
 pub mod dataset;
 pub mod personas;
 pub mod runner;

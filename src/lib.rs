@@ -15,6 +15,7 @@
 //! - [`context`]: each channel's recent turns (Redis, or memory).
 //! - [`pipeline`]: the path of one message, and the door to generation.
 //! - [`settings`]: layered raw settings validated into typed ones.
+//! - [`cron`]: five-field cron expressions for the job schedules.
 //! - [`telemetry`]: logs and Prometheus metrics.
 //! - [`daemon`]: start, serve, drain, reload.
 //! - [`training`]: fine-tuning (full or LoRA persona adapters), evaluation gate.
@@ -25,6 +26,7 @@
 pub mod cli;
 pub mod collect;
 pub mod context;
+pub mod cron;
 pub mod daemon;
 pub mod generate;
 pub mod jobs;

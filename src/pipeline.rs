@@ -30,7 +30,7 @@ use dialogd_adapters::{Answer, BoxFuture, ChannelKey, ContextTurn, Core, CoreErr
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use self::engine::{EngineError, ReplyEngine};
-use crate::context::{Appended, ContextError, ContextStore, Turn};
+use crate::context::{Appended, ContextError, ContextStore, EditOutcome, Turn};
 use crate::prompt::build_prompt;
 use self::rank::Ranker;
 use crate::collect::Collector;
@@ -45,7 +45,7 @@ use crate::telemetry::{Metrics, Refusal};
 use crate::tokenizer::DialogTokenizer;
 
 /// The longest message accepted, in bytes (as `dialogd chat`).
-pub const MAX_TURN_BYTES: usize = crate::cli::MAX_TURN_BYTES;
+pub use crate::prompt::MAX_TURN_BYTES;
 
 /// Messages waiting per channel at most; more are refused as busy.
 const CHANNEL_QUEUE: usize = 32;
@@ -341,7 +341,29 @@ fn silent(reason: &str) -> Answer {
     Answer::Silent { reason: reason.into() }
 }
 
-async fn process(shared: Arc<Shared>, inbound: Inbound) -> Result<Answer, CoreError> {
+/// An edited message (`Inbound::edit`): the input filter's verdict on the
+/// new text, then `context::apply_edit` does the rest.
+async fn edited(shared: &Shared, inbound: &Inbound) -> Result<EditOutcome, CoreError> {
+    let (Some(id), Some(edit)) = (inbound.msg_id.as_deref(), inbound.edit) else { return Ok(EditOutcome::Done("edit_ignored")) };
+    let text = inbound.text.trim();
+    if text.is_empty() || text.len() > MAX_TURN_BYTES {
+        return Ok(EditOutcome::Done("edit_ignored"));
+    }
+    let safety = shared.safety.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let policy = safety.settings.policy_for(&inbound.channel.to_string());
+    let flagged = shared.filter.check(text, policy, Some(&safety.blocked)).map_err(internal)?.flagged;
+    crate::context::apply_edit(&*shared.store, &inbound.channel, &inbound.author, id, text, flagged, edit.answer)
+        .await
+        .map_err(|e| CoreError::Unavailable(e.to_string()))
+}
+
+async fn process(shared: Arc<Shared>, mut inbound: Inbound) -> Result<Answer, CoreError> {
+    if inbound.edit.is_some() {
+        match edited(&shared, &inbound).await? {
+            EditOutcome::Done(reason) => return Ok(silent(reason)),
+            EditOutcome::AnswerAs(id) => inbound.msg_id = Some(id),
+        }
+    }
     let metrics = &shared.metrics;
     let channel = &inbound.channel;
     let text = inbound.text.trim();

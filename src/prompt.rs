@@ -6,6 +6,10 @@
 //! oldest end; a single turn longer than the budget keeps its end, which is
 //! the part the reply answers.
 
+/// The longest turn accepted, in bytes. Longer turns are refused rather
+/// than silently cut (cutting to the token budget happens below this size).
+pub const MAX_TURN_BYTES: usize = 32 * 1024;
+
 /// A prompt ready for the model.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Prompt {

@@ -11,6 +11,9 @@
 //! - [`MmiScorer::scores`] (optional): the DialoGPT paper's reverse model.
 //! - [`Weights::mix`]: one number per candidate; the highest is sent.
 //!
+//! [`spec`] parses the `[HEAD=]DIR[:WEIGHT]` ranker specs of the settings
+//! and the CLI.
+//!
 //! Everything takes token ids (context turns without separators, candidates
 //! as generated, without their end-of-text); separators are placed by
 //! [`crate::prompt::build_prompt`] only.
@@ -20,12 +23,14 @@ pub mod degeneration;
 pub mod dialogrpt;
 pub mod ensemble;
 pub mod mmi;
+pub mod spec;
 
 use std::path::PathBuf;
 
 pub use dialogrpt::DialogRpt;
 pub use ensemble::{Ensemble, EnsembleScores, Group, Head, Member, Weights};
 pub use mmi::MmiScorer;
+pub use spec::{parse_ranker, RankerSpec, SpecError};
 
 use crate::model::ModelError;
 use crate::prompt::PromptError;

@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dialogd_adapters::discord::{DiscordAdapter, DiscordConfig};
+use dialogd_adapters::discord::{DiscordAdapter, DiscordSettings};
+use dialogd_adapters::settings::Secret;
 use dialogd_adapters::retry::RetryPolicy;
 use dialogd_adapters::{Adapter, Answer, BoxFuture, ChannelKey, ContextTurn, Core, CoreError, Health, Inbound, Outbound, Shutdown};
 use serde_json::{json, Value};
@@ -154,8 +155,9 @@ async fn long_replies_split_in_order_and_429_then_5xx_lose_nothing() {
     let fake = FakeDiscord::start(TOKEN).await;
     let long: String = (0..150).map(|i| format!("Line {i} of a long answer, {}.\n", "more ".repeat(i % 9))).collect();
     let core: Arc<dyn Core> = Arc::new(ScriptedCore { long: long.trim().to_string() });
-    let config = DiscordConfig {
-        token: TOKEN.into(),
+    let config = DiscordSettings {
+        enabled: true,
+        token: Some(Secret::new(TOKEN)),
         proxy_url: Some(fake.rest_url.clone()),
         retry: RetryPolicy { attempts: 4, backoff: Duration::from_millis(50), max_wait: Duration::from_secs(2) },
         ..Default::default()

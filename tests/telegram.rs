@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dialogd_adapters::retry::RetryPolicy;
-use dialogd_adapters::telegram::{TelegramAdapter, TelegramConfig};
+use dialogd_adapters::settings::Secret;
+use dialogd_adapters::telegram::{TelegramAdapter, TelegramSettings};
 use dialogd_adapters::{Adapter, Answer, BoxFuture, ChannelKey, ContextTurn, Core, CoreError, Health, Inbound, Outbound, Shutdown};
 use serde_json::{json, Value};
 
@@ -146,12 +147,14 @@ async fn long_replies_split_in_order_and_429_then_5xx_lose_nothing() {
     // units each): about 10 000 units, three pieces.
     let long: String = (0..260).map(|i| format!("Sentence {i} says {} 😀. ", "la ".repeat(i % 7))).collect();
     let core: Arc<dyn Core> = Arc::new(ScriptedCore { long: long.trim().to_string() });
-    let config = TelegramConfig {
-        token: TOKEN.into(),
+    let config = TelegramSettings {
+        enabled: true,
+        token: Some(Secret::new(TOKEN)),
         api_url: fake.url.clone(),
         moderators: vec![],
         poll_timeout: Duration::from_secs(1),
         retry: RetryPolicy { attempts: 4, backoff: Duration::from_millis(50), max_wait: Duration::from_secs(2) },
+        ..Default::default()
     };
     let (stop, shutdown) = Shutdown::new();
     let adapter = Box::new(TelegramAdapter::new(config).unwrap());

@@ -6,12 +6,33 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use crate::{Adapter, AdapterError, Answer, BoxFuture, ChannelKey, Core, Inbound, Platform, Shutdown};
 
 /// The console's one channel id.
 pub const CONSOLE_CHANNEL: &str = "local";
+
+/// `[adapters.console]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConsole {
+    pub enabled: bool,
+}
+
+/// `[adapters.console]` validated.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConsoleSettings {
+    pub enabled: bool,
+}
+
+impl RawConsole {
+    /// Every value is valid.
+    pub fn validate(self) -> ConsoleSettings {
+        ConsoleSettings { enabled: self.enabled }
+    }
+}
 
 /// Reads messages from `input`, writes answers to `output`.
 pub struct ConsoleAdapter<R, W> {

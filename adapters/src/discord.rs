@@ -22,35 +22,63 @@
 //! limiting) it is off. Failed sends (429, 5xx, network) are retried within
 //! a [`RetryPolicy`].
 //!
+//! Threads: a thread is its own channel (its own context) and belongs to
+//! its parent for `allowed_channels` and `open_channels`. Edited messages
+//! go to the core as edits ([`crate::Edit`]), answered again only with
+//! `answer_edits`.
+//!
 //! Moderators: the allowlist of user ids, members holding a configured
 //! role, and members with the Manage Server (or Administrator) permission.
 
-use std::collections::HashSet;
-use std::sync::{Arc, OnceLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock};
 
+use serde::{Deserialize, Serialize};
 use serenity::all::{
-    ChannelId, Command, CommandInteraction, CommandOptionType, Context, CreateAllowedMentions, CreateCommand,
+    ChannelId, ChannelType, Command, CommandInteraction, CommandOptionType, Context, CreateAllowedMentions, CreateCommand,
     CreateCommandOption, CreateInteractionResponseFollowup, CreateMessage, EventHandler, GatewayIntents, GuildId,
-    HttpBuilder, Interaction, Message, MessageId, MessageReference, Permissions, Ready, ResumedEvent, RoleId,
-    UserId,
+    HttpBuilder, Interaction, Message, MessageId, MessageReference, MessageUpdateEvent, Permissions, Ready,
+    ResumedEvent, RoleId, UserId,
 };
 use serenity::http::{Http, HttpError};
 
 use crate::outbox::Outbox;
 use crate::retry::{with_retries, Failure, RetryPolicy};
+use crate::settings::{invalid, serialize_opt_secret, Secret, SettingsError};
 use crate::text::{chars, is_moderator_command, scrub, split_message, COMMANDS};
-use crate::{Adapter, AdapterError, Answer, BoxFuture, ChannelKey, Core, CoreError, Inbound, Platform, Shutdown};
+use crate::{Adapter, AdapterError, Answer, BoxFuture, ChannelKey, Core, CoreError, Edit, Inbound, Platform, Shutdown};
 
 /// Discord's longest message, in characters.
 pub const MESSAGE_LIMIT: usize = 2000;
 
-/// What the adapter needs.
-#[derive(Clone, Default)]
-pub struct DiscordConfig {
-    /// The bot token from the developer portal. Never logged.
+/// `[adapters.discord]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDiscord {
+    pub enabled: bool,
     pub token: String,
+    pub proxy_url: String,
+    pub allowed_guilds: Vec<u64>,
+    pub allowed_channels: Vec<u64>,
+    pub open_channels: Vec<u64>,
+    pub command_guilds: Vec<u64>,
+    pub moderator_roles: Vec<u64>,
+    pub moderators: Vec<u64>,
+    pub answer_edits: bool,
+}
+
+/// `[adapters.discord]` validated: what the adapter runs with.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DiscordSettings {
+    pub enabled: bool,
+    /// The bot token from the developer portal. Never logged; `None`:
+    /// unset (the adapter is then off).
+    #[serde(serialize_with = "serialize_opt_secret")]
+    pub token: Option<Secret>,
     /// A REST proxy (`http://host:port`) that every API call goes through;
-    /// serenity's own rate limiter is then off (the proxy limits).
+    /// serenity's own rate limiter is then off (the proxy limits). Shown as
+    /// `""` when unset.
+    #[serde(serialize_with = "serialize_opt_str")]
     pub proxy_url: Option<String>,
     /// Guilds the bot works in (empty: every guild it is in).
     pub allowed_guilds: Vec<u64>,
@@ -64,33 +92,64 @@ pub struct DiscordConfig {
     pub moderator_roles: Vec<u64>,
     /// User ids that are moderators everywhere.
     pub moderators: Vec<u64>,
-    /// Retries of sends.
+    /// Answer edited messages again.
+    pub answer_edits: bool,
+    /// Retries of sends (not a settings key: the default, or a test's).
+    #[serde(skip)]
     pub retry: RetryPolicy,
 }
 
-impl std::fmt::Debug for DiscordConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DiscordConfig")
-            .field("token", &"[redacted]")
-            .field("proxy_url", &self.proxy_url)
-            .field("allowed_guilds", &self.allowed_guilds)
-            .field("allowed_channels", &self.allowed_channels)
-            .field("open_channels", &self.open_channels)
-            .field("command_guilds", &self.command_guilds)
-            .field("moderator_roles", &self.moderator_roles)
-            .field("moderators", &self.moderators)
-            .finish()
+fn serialize_opt_str<S: serde::Serializer>(value: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(value.as_deref().unwrap_or_default())
+}
+
+impl RawDiscord {
+    /// # Errors
+    /// No token while enabled, a `proxy_url` that is neither empty nor
+    /// http(s).
+    pub fn validate(self) -> Result<DiscordSettings, SettingsError> {
+        let proxy_url = self.proxy_url.trim();
+        let settings = DiscordSettings {
+            enabled: self.enabled,
+            token: Secret::non_empty(&self.token),
+            proxy_url: (!proxy_url.is_empty()).then(|| proxy_url.to_string()),
+            allowed_guilds: self.allowed_guilds,
+            allowed_channels: self.allowed_channels,
+            open_channels: self.open_channels,
+            command_guilds: self.command_guilds,
+            moderator_roles: self.moderator_roles,
+            moderators: self.moderators,
+            answer_edits: self.answer_edits,
+            retry: RetryPolicy::default(),
+        };
+        if settings.enabled && settings.token.is_none() {
+            return Err(invalid(
+                "adapters.discord.token",
+                "the Discord adapter is enabled but has no token (set DIALOGD__ADAPTERS__DISCORD__TOKEN)",
+            ));
+        }
+        if !(proxy_url.is_empty() || proxy_url.starts_with("http://") || proxy_url.starts_with("https://")) {
+            return Err(invalid("adapters.discord.proxy_url", "must be empty or an http(s) URL"));
+        }
+        Ok(settings)
+    }
+}
+
+impl DiscordSettings {
+    /// The token, or `""` when unset (for scrubbing error text).
+    fn bot_token(&self) -> &str {
+        self.token.as_ref().map_or("", Secret::expose)
     }
 }
 
 /// The Discord bot.
 pub struct DiscordAdapter {
-    config: DiscordConfig,
+    config: DiscordSettings,
 }
 
 impl DiscordAdapter {
-    pub fn new(config: DiscordConfig) -> Result<Self, AdapterError> {
-        if config.token.trim().is_empty() {
+    pub fn new(config: DiscordSettings) -> Result<Self, AdapterError> {
+        if config.bot_token().trim().is_empty() {
             return Err(AdapterError::Platform { adapter: "discord", message: "no bot token".into() });
         }
         Ok(Self { config })
@@ -105,10 +164,12 @@ pub fn intents() -> GatewayIntents {
 /// What the event handlers share.
 struct State {
     core: Arc<dyn Core>,
-    config: DiscordConfig,
+    config: DiscordSettings,
     /// Set from the Ready event.
     bot_id: OnceLock<UserId>,
     outbox: Outbox,
+    /// Threads' parents (`None`: not a thread), looked up once each.
+    parents: Mutex<HashMap<ChannelId, Option<ChannelId>>>,
 }
 
 struct Handler(Arc<State>);
@@ -121,12 +182,12 @@ impl Adapter for DiscordAdapter {
     fn run(self: Box<Self>, core: Arc<dyn Core>, shutdown: Shutdown) -> BoxFuture<'static, Result<(), AdapterError>> {
         Box::pin(async move {
             let config = self.config;
-            let token = config.token.clone();
+            let token = config.bot_token().to_string();
             let mut http = HttpBuilder::new(&token);
             if let Some(proxy) = &config.proxy_url {
                 http = http.proxy(proxy.clone()).ratelimiter_disabled(true);
             }
-            let state = Arc::new(State { core, config, bot_id: OnceLock::new(), outbox: Outbox::new() });
+            let state = Arc::new(State { core, config, bot_id: OnceLock::new(), outbox: Outbox::new(), parents: Mutex::new(HashMap::new()) });
             let client = serenity::client::ClientBuilder::new_with_http(http.build(), intents())
                 .event_handler(Handler(state.clone()))
                 .await;
@@ -169,6 +230,10 @@ impl EventHandler for Handler {
         on_message(&self.0, ctx, message).await;
     }
 
+    async fn message_update(&self, ctx: Context, _old: Option<Message>, _new: Option<Message>, event: MessageUpdateEvent) {
+        on_edit(&self.0, ctx, event).await;
+    }
+
     async fn interaction_create(&self, ctx: Context, interaction: Interaction) {
         if let Interaction::Command(command) = interaction {
             on_command(&self.0, ctx, command).await;
@@ -205,7 +270,7 @@ fn command_builders() -> Vec<CreateCommand> {
 }
 
 async fn register_commands(state: &State, http: &Arc<Http>) {
-    let token = &state.config.token;
+    let token = state.config.bot_token();
     let commands = command_builders();
     if state.config.command_guilds.is_empty() {
         let done = with_retries(
@@ -237,8 +302,38 @@ async fn register_commands(state: &State, http: &Arc<Http>) {
     }
 }
 
-/// Whether the bot works in this place at all.
-fn allowed(config: &DiscordConfig, guild: Option<GuildId>, channel: ChannelId) -> bool {
+/// The channel whose `allowed_channels`/`open_channels` membership
+/// `channel` has: itself, or for a thread not listed itself, its parent
+/// (asked once per thread with `GET /channels/{id}`, then remembered).
+async fn listed_as(state: &State, http: &Http, guild: Option<GuildId>, channel: ChannelId) -> ChannelId {
+    let config = &state.config;
+    let listed = |c: ChannelId| config.allowed_channels.contains(&c.get()) || config.open_channels.contains(&c.get());
+    if guild.is_none() || (config.allowed_channels.is_empty() && config.open_channels.is_empty()) || listed(channel) {
+        return channel;
+    }
+    if let Some(known) = state.parents.lock().unwrap_or_else(|e| e.into_inner()).get(&channel) {
+        return known.unwrap_or(channel);
+    }
+    let token = config.bot_token();
+    let parent = match with_retries(config.retry, "get channel", || channel.to_channel(http), classify, |e| scrub(&e.to_string(), token)).await {
+        Ok(serenity::all::Channel::Guild(found)) => {
+            let thread = matches!(found.kind, ChannelType::PublicThread | ChannelType::PrivateThread | ChannelType::NewsThread);
+            if thread { found.parent_id } else { None }
+        }
+        Ok(_) => None,
+        Err(e) => {
+            // Not remembered: asked again with the next message.
+            tracing::warn!(channel = channel.get(), error = %scrub(&e.to_string(), token), "discord: cannot look up a channel's parent");
+            return channel;
+        }
+    };
+    state.parents.lock().unwrap_or_else(|e| e.into_inner()).insert(channel, parent);
+    parent.unwrap_or(channel)
+}
+
+/// Whether the bot works in this place at all (`channel` as [`listed_as`]
+/// gives it).
+fn allowed(config: &DiscordSettings, guild: Option<GuildId>, channel: ChannelId) -> bool {
     let Some(guild) = guild else { return true };
     (config.allowed_guilds.is_empty() || config.allowed_guilds.contains(&guild.get()))
         && (config.allowed_channels.is_empty()
@@ -246,29 +341,38 @@ fn allowed(config: &DiscordConfig, guild: Option<GuildId>, channel: ChannelId) -
             || config.open_channels.contains(&channel.get()))
 }
 
-async fn on_message(state: &Arc<State>, ctx: Context, message: Message) {
-    if message.author.bot || !allowed(&state.config, message.guild_id, message.channel_id) {
-        return;
-    }
-    let Some(&bot_id) = state.bot_id.get() else { return };
-    let direct = message.guild_id.is_none();
+/// Whether a message (or its edit) is addressed to the bot: its text
+/// without the bot's mention, or `None`.
+fn addressed_text(state: &State, listed: ChannelId, guild: Option<GuildId>, content: &str, mentions: &[serenity::all::User], replied_to_bot: bool) -> Option<String> {
+    let &bot_id = state.bot_id.get()?;
+    let direct = guild.is_none();
     let mention = [format!("<@{bot_id}>"), format!("<@!{bot_id}>")];
-    let mentioned =
-        message.mentions.iter().any(|user| user.id == bot_id) || mention.iter().any(|m| message.content.contains(m));
-    let replied_to_bot = message.referenced_message.as_ref().is_some_and(|m| m.author.id == bot_id);
-    let open = state.config.open_channels.contains(&message.channel_id.get());
+    let mentioned = mentions.iter().any(|user| user.id == bot_id) || mention.iter().any(|m| content.contains(m));
+    let open = state.config.open_channels.contains(&listed.get());
     if !(direct || mentioned || replied_to_bot || open) {
-        return;
+        return None;
     }
-    let mut text = message.content.clone();
+    let mut text = content.to_string();
     for m in &mention {
         text = text.replace(m.as_str(), " ");
     }
     let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
     let text = text.trim_start_matches([',', ':']).trim().to_string();
-    if text.is_empty() {
+    (!text.is_empty()).then_some(text)
+}
+
+async fn on_message(state: &Arc<State>, ctx: Context, message: Message) {
+    if message.author.bot {
         return;
     }
+    let listed = listed_as(state, &ctx.http, message.guild_id, message.channel_id).await;
+    if !allowed(&state.config, message.guild_id, listed) {
+        return;
+    }
+    let replied_to_bot = message.referenced_message.as_ref().is_some_and(|m| Some(&m.author.id) == state.bot_id.get());
+    let Some(text) = addressed_text(state, listed, message.guild_id, &message.content, &message.mentions, replied_to_bot) else {
+        return;
+    };
     let moderator = is_moderator_command(&text) && message_author_is_moderator(state, &ctx, &message).await;
     let inbound = Inbound {
         channel: ChannelKey::new(Platform::Discord, message.channel_id.get().to_string()),
@@ -287,8 +391,46 @@ async fn on_message(state: &Arc<State>, ctx: Context, message: Message) {
     state.outbox.push(&channel.get().to_string(), Box::pin(task));
 }
 
+/// An edited message: to the core as an edit of the same message id (a
+/// thread's or channel's own context), answered only with `answer_edits`.
+async fn on_edit(state: &Arc<State>, ctx: Context, event: MessageUpdateEvent) {
+    let (Some(author), Some(content)) = (event.author.as_ref(), event.content.as_deref()) else { return };
+    if author.bot {
+        return;
+    }
+    let listed = listed_as(state, &ctx.http, event.guild_id, event.channel_id).await;
+    if !allowed(&state.config, event.guild_id, listed) {
+        return;
+    }
+    let replied_to_bot = event
+        .referenced_message
+        .as_ref()
+        .and_then(|m| m.as_ref())
+        .is_some_and(|m| Some(&m.author.id) == state.bot_id.get());
+    let mentions = event.mentions.clone().unwrap_or_default();
+    let Some(text) = addressed_text(state, listed, event.guild_id, content, &mentions, replied_to_bot) else { return };
+    if crate::text::command_word(&text).is_some() {
+        return; // An edited command is not run again, and was never a turn.
+    }
+    let inbound = Inbound {
+        channel: ChannelKey::new(Platform::Discord, event.channel_id.get().to_string()),
+        author: author.id.get().to_string(),
+        text,
+        msg_id: Some(event.id.get().to_string()),
+        addressed_to_bot: true,
+        moderator: false,
+        group: event.guild_id.map(|g| g.get().to_string()),
+        edit: Some(Edit { answer: state.config.answer_edits }),
+    };
+    let answer = state.core.handle(inbound);
+    let (channel, id) = (event.channel_id, event.id);
+    let task = deliver(state.clone(), ctx.http.clone(), channel, Reply::Message(id), answer);
+    state.outbox.push(&channel.get().to_string(), Box::pin(task));
+}
+
 async fn on_command(state: &Arc<State>, ctx: Context, command: CommandInteraction) {
-    if !allowed(&state.config, command.guild_id, command.channel_id) {
+    let listed = listed_as(state, &ctx.http, command.guild_id, command.channel_id).await;
+    if !allowed(&state.config, command.guild_id, listed) {
         return;
     }
     let name = command.data.name.clone();
@@ -306,7 +448,7 @@ async fn on_command(state: &Arc<State>, ctx: Context, command: CommandInteractio
         edit: None,
     };
     let answer = state.core.handle(inbound);
-    let token = &state.config.token;
+    let token = state.config.bot_token();
     // Discord wants an answer within 3 s: say "thinking…" first.
     let deferred = with_retries(
         state.config.retry,
@@ -364,7 +506,7 @@ async fn deliver(
             "Sorry, something went wrong with that message.".to_string()
         }
     };
-    let token = &state.config.token;
+    let token = state.config.bot_token();
     let pieces = split_message(&text, MESSAGE_LIMIT, chars);
     for (n, piece) in pieces.iter().enumerate() {
         let sent = match &reply {
@@ -435,7 +577,7 @@ async fn message_author_is_moderator(state: &State, ctx: &Context, message: &Mes
     }
     // Manage Server comes from the member's roles (and @everyone, whose id
     // is the guild's).
-    let token = &config.token;
+    let token = config.bot_token();
     let roles = with_retries(config.retry, "guild roles", || guild.roles(&ctx.http), classify, |e| scrub(&e.to_string(), token)).await;
     match roles {
         Ok(roles) => {
@@ -468,7 +610,7 @@ mod tests {
 
     #[test]
     fn places_outside_the_allowlists_are_ignored() {
-        let config = DiscordConfig {
+        let config = DiscordSettings {
             allowed_guilds: vec![1],
             allowed_channels: vec![10],
             open_channels: vec![11],

@@ -22,45 +22,68 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::settings::{invalid, serialize_opt_secret, Secret, SettingsError};
 use crate::{Adapter, AdapterError, Answer, BoxFuture, ChannelKey, Core, CoreError, Inbound, Platform, Shutdown};
 
 /// The longest channel id and author accepted, in bytes.
 const MAX_ID_BYTES: usize = 128;
 
-/// How the HTTP adapter listens.
-#[derive(Clone)]
-pub struct HttpConfig {
+/// `[adapters.http]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttp {
+    pub enabled: bool,
+    pub listen: String,
+    pub token: String,
+    pub max_body_bytes: usize,
+}
+
+/// `[adapters.http]` validated: how the HTTP adapter listens.
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpSettings {
+    pub enabled: bool,
     pub listen: SocketAddr,
     /// The bearer token `/v1` requests must carry; `None` lets anyone in
     /// (keep `listen` on loopback then).
-    pub token: Option<String>,
+    #[serde(serialize_with = "serialize_opt_secret")]
+    pub token: Option<Secret>,
     /// The largest request body accepted, in bytes.
     pub max_body_bytes: usize,
 }
 
-impl std::fmt::Debug for HttpConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HttpConfig")
-            .field("listen", &self.listen)
-            .field("token", &self.token.as_ref().map(|_| "[redacted]"))
-            .field("max_body_bytes", &self.max_body_bytes)
-            .finish()
+impl RawHttp {
+    /// # Errors
+    /// `adapters.http.listen` that is not an address, `max_body_bytes`
+    /// under 1024.
+    pub fn validate(self) -> Result<HttpSettings, SettingsError> {
+        let listen = self.listen.parse().map_err(|_| {
+            invalid("adapters.http.listen", format!("{:?} is not an address such as 127.0.0.1:8080", self.listen))
+        })?;
+        if self.max_body_bytes < 1024 {
+            return Err(invalid("adapters.http.max_body_bytes", "must be at least 1024"));
+        }
+        Ok(HttpSettings {
+            enabled: self.enabled,
+            listen,
+            token: Secret::non_empty(&self.token),
+            max_body_bytes: self.max_body_bytes,
+        })
     }
 }
 
 /// A bound HTTP adapter, ready to run.
 pub struct HttpAdapter {
     listener: tokio::net::TcpListener,
-    config: HttpConfig,
+    config: HttpSettings,
 }
 
 impl HttpAdapter {
     /// Binds the listening socket (so a bad address fails at start, and
     /// port 0 can be asked for and read back with [`Self::local_addr`]).
-    pub async fn bind(config: HttpConfig) -> Result<Self, AdapterError> {
+    pub async fn bind(config: HttpSettings) -> Result<Self, AdapterError> {
         let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|source| AdapterError::Bind {
             adapter: "http",
             addr: config.listen.to_string(),
@@ -102,8 +125,8 @@ impl Adapter for HttpAdapter {
 }
 
 /// The routes, for tests that serve them on their own listener.
-pub fn router(core: Arc<dyn Core>, config: &HttpConfig) -> Router {
-    let state = AppState { core, expected_auth: config.token.as_ref().map(|t| Arc::from(format!("Bearer {t}"))) };
+pub fn router(core: Arc<dyn Core>, config: &HttpSettings) -> Router {
+    let state = AppState { core, expected_auth: config.token.as_ref().map(|t| Arc::from(format!("Bearer {}", t.expose()))) };
     let v1 = Router::new()
         .route("/v1/channels/{channel}/messages", post(post_message))
         .route("/v1/channels/{channel}/context", get(get_context).delete(delete_context))

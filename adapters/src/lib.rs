@@ -4,7 +4,8 @@
 //! the daemon's core knows dialogue. They meet at [`ChannelKey`],
 //! [`Inbound`] and [`Outbound`], and at two traits: an [`Adapter`] is run by
 //! the daemon and hands every message to the [`Core`]. Adding a platform
-//! touches only this crate.
+//! touches only this crate (its module, its settings, and a field of
+//! [`settings::AdapterSettings`]) and the one line that starts it.
 //!
 //! - [`http`]: a JSON API for web widgets, other bots and integration.
 //! - [`console`]: stdin/stdout, one channel.
@@ -14,12 +15,15 @@
 //!   replies, keeping secrets out of log lines.
 //! - [`outbox`]: sends each channel's answers in order, one at a time.
 //! - [`retry`]: bounded retries of platform calls (rate limits, 5xx).
+//! - [`settings`]: the `[adapters]` settings section; each adapter module
+//!   owns its platform's raw and validated settings.
 
 pub mod console;
 pub mod discord;
 pub mod http;
 pub mod outbox;
 pub mod retry;
+pub mod settings;
 pub mod telegram;
 pub mod text;
 

@@ -33,6 +33,7 @@ pub mod webhook;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use teloxide::adaptors::throttle::{Limits, Settings as ThrottleSettings};
 use teloxide::adaptors::Throttle;
 use teloxide::prelude::*;
@@ -41,6 +42,7 @@ use teloxide::{ApiError, RequestError};
 
 use crate::outbox::Outbox;
 use crate::retry::{with_retries, Failure, RetryPolicy};
+use crate::settings::{invalid, serialize_opt_secret, serialize_secs, Secret, SettingsError};
 use crate::text::{command_word, is_moderator_command, scrub, split_message, utf16_units, COMMANDS};
 use crate::{Adapter, AdapterError, Answer, BoxFuture, ChannelKey, Core, CoreError, Edit, Inbound, Platform, Shutdown};
 
@@ -50,43 +52,66 @@ pub const MESSAGE_LIMIT: usize = 4096;
 /// How often the typing action is repeated (Telegram shows it for ~5 s).
 const TYPING_EVERY: Duration = Duration::from_secs(4);
 
-/// What the adapter needs.
-#[derive(Clone)]
-pub struct TelegramConfig {
-    /// The bot token from BotFather. Never logged.
+/// `[adapters.telegram]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTelegram {
+    pub enabled: bool,
     pub token: String,
-    /// The Bot API server (`https://api.telegram.org`, or a self-hosted one).
+    pub api_url: String,
+    pub moderators: Vec<u64>,
+    pub poll_timeout_secs: u64,
+    pub mode: String,
+    pub webhook_url: String,
+    pub webhook_listen: String,
+    pub webhook_secret: String,
+    pub answer_edits: bool,
+}
+
+/// `[adapters.telegram]` validated: what the adapter runs with.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TelegramSettings {
+    pub enabled: bool,
+    /// The bot token from BotFather. Never logged; `None`: unset (the
+    /// adapter is then off).
+    #[serde(serialize_with = "serialize_opt_secret")]
+    pub token: Option<Secret>,
+    /// The Bot API server (`https://api.telegram.org`, or a self-hosted
+    /// one), without a trailing `/`.
     pub api_url: String,
     /// User ids that are moderators in every chat.
     pub moderators: Vec<u64>,
-    /// How long one `getUpdates` waits for news (long polling).
+    /// How long one `getUpdates` waits for news (long polling), 1-15 s.
+    #[serde(rename = "poll_timeout_secs", serialize_with = "serialize_secs")]
     pub poll_timeout: Duration,
-    /// Retries of every Bot API call.
+    /// Retries of every Bot API call (not a settings key: the default, or
+    /// a test's).
+    #[serde(skip)]
     pub retry: RetryPolicy,
     /// Long polling, or a webhook.
     pub mode: TelegramMode,
+    /// Webhook mode: the public HTTPS URL given to `setWebhook` (its path
+    /// is the path served).
+    pub webhook_url: String,
+    /// Webhook mode: the local address the server listens on.
+    pub webhook_listen: String,
+    /// Webhook mode: checked against `X-Telegram-Bot-Api-Secret-Token`
+    /// (required there). Never logged.
+    #[serde(serialize_with = "serialize_opt_secret")]
+    pub webhook_secret: Option<Secret>,
     /// Answer edited messages again.
     pub answer_edits: bool,
 }
 
-/// How updates reach the bot.
-#[derive(Clone, Default)]
+/// How updates reach the bot (`adapters.telegram.mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum TelegramMode {
     /// `getUpdates` (any webhook is deleted first).
     #[default]
     Polling,
-    Webhook(WebhookConfig),
-}
-
-/// Webhook mode's settings.
-#[derive(Clone)]
-pub struct WebhookConfig {
-    /// The public HTTPS URL given to `setWebhook`; its path is served.
-    pub url: String,
-    /// The local address the server listens on.
-    pub listen: String,
-    /// Checked against `X-Telegram-Bot-Api-Secret-Token`. Never logged.
-    pub secret: String,
+    /// Telegram POSTs updates to `webhook_url`.
+    Webhook,
 }
 
 /// The updates the bot asks Telegram for.
@@ -94,32 +119,91 @@ fn allowed_updates() -> Vec<AllowedUpdate> {
     vec![AllowedUpdate::Message, AllowedUpdate::EditedMessage]
 }
 
-impl std::fmt::Debug for TelegramConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TelegramConfig")
-            .field("token", &"[redacted]")
-            .field("api_url", &self.api_url)
-            .field("moderators", &self.moderators)
-            .field("poll_timeout", &self.poll_timeout)
-            .field("mode", &match &self.mode {
-                TelegramMode::Polling => "polling".to_string(),
-                TelegramMode::Webhook(w) => format!("webhook {} on {}", w.url, w.listen),
-            })
-            .field("answer_edits", &self.answer_edits)
-            .finish()
+impl RawTelegram {
+    /// # Errors
+    /// No token while enabled, an `api_url` that is not http(s), a
+    /// `poll_timeout_secs` outside 1..=15.
+    pub fn validate(self) -> Result<TelegramSettings, SettingsError> {
+        let settings = TelegramSettings {
+            enabled: self.enabled,
+            token: Secret::non_empty(&self.token),
+            api_url: self.api_url.trim().trim_end_matches('/').to_string(),
+            moderators: self.moderators,
+            poll_timeout: Duration::from_secs(self.poll_timeout_secs),
+            retry: RetryPolicy::default(),
+            mode: match self.mode.trim() {
+                "polling" => TelegramMode::Polling,
+                "webhook" => TelegramMode::Webhook,
+                other => return Err(invalid("adapters.telegram.mode", format!("{other:?} is not \"polling\" or \"webhook\""))),
+            },
+            webhook_url: self.webhook_url.trim().to_string(),
+            webhook_listen: self.webhook_listen.trim().to_string(),
+            webhook_secret: Secret::non_empty(&self.webhook_secret),
+            answer_edits: self.answer_edits,
+        };
+        if settings.enabled && settings.mode == TelegramMode::Webhook {
+            settings.check_webhook()?;
+        }
+        if settings.enabled && settings.token.is_none() {
+            return Err(invalid(
+                "adapters.telegram.token",
+                "the Telegram adapter is enabled but has no token (set DIALOGD__ADAPTERS__TELEGRAM__TOKEN)",
+            ));
+        }
+        if !(settings.api_url.starts_with("https://") || settings.api_url.starts_with("http://")) {
+            return Err(invalid("adapters.telegram.api_url", "must be an http(s) URL"));
+        }
+        // teloxide's HTTP client gives up on a request after 17 s.
+        if !(1..=15).contains(&self.poll_timeout_secs) {
+            return Err(invalid(
+                "adapters.telegram.poll_timeout_secs",
+                format!("{} is not in 1..=15", self.poll_timeout_secs),
+            ));
+        }
+        Ok(settings)
+    }
+}
+
+impl TelegramSettings {
+    /// Webhook mode's keys: an https URL (Telegram posts only there), a
+    /// socket address, a secret Telegram accepts.
+    fn check_webhook(&self) -> Result<(), SettingsError> {
+        match url::Url::parse(&self.webhook_url) {
+            Ok(url) if url.scheme() == "https" && url.host().is_some() => {}
+            Ok(_) => return Err(invalid("adapters.telegram.webhook_url", "must be the bot's public https:// URL")),
+            Err(e) => return Err(invalid("adapters.telegram.webhook_url", format!("{e} (the bot's public https:// URL)"))),
+        }
+        if self.webhook_listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid("adapters.telegram.webhook_listen", format!("{:?} is not an address such as 127.0.0.1:8443", self.webhook_listen)));
+        }
+        match &self.webhook_secret {
+            None => Err(invalid(
+                "adapters.telegram.webhook_secret",
+                "webhook mode needs a secret (set DIALOGD__ADAPTERS__TELEGRAM__WEBHOOK_SECRET)",
+            )),
+            Some(secret) if !webhook::valid_secret(secret.expose()) => {
+                Err(invalid("adapters.telegram.webhook_secret", "must be 1-256 of A-Z a-z 0-9 _ -"))
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// The token, or `""` when unset (for scrubbing error text).
+    fn bot_token(&self) -> &str {
+        self.token.as_ref().map_or("", Secret::expose)
     }
 }
 
 /// The Telegram bot.
 pub struct TelegramAdapter {
-    config: TelegramConfig,
+    config: TelegramSettings,
 }
 
 impl TelegramAdapter {
-    pub fn new(config: TelegramConfig) -> Result<Self, AdapterError> {
+    pub fn new(config: TelegramSettings) -> Result<Self, AdapterError> {
         url::Url::parse(&config.api_url)
             .map_err(|e| AdapterError::Platform { adapter: "telegram", message: format!("api_url: {e}") })?;
-        if config.token.trim().is_empty() {
+        if config.bot_token().trim().is_empty() {
             return Err(AdapterError::Platform { adapter: "telegram", message: "no bot token".into() });
         }
         Ok(Self { config })
@@ -133,7 +217,7 @@ struct Context {
     bot: TgBot,
     me: Me,
     core: Arc<dyn Core>,
-    config: TelegramConfig,
+    config: TelegramSettings,
     outbox: Outbox,
 }
 
@@ -147,16 +231,16 @@ impl Adapter for TelegramAdapter {
             let config = self.config;
             let url = url::Url::parse(&config.api_url)
                 .map_err(|e| AdapterError::Platform { adapter: "telegram", message: format!("api_url: {e}") })?;
-            let plain = Bot::new(config.token.clone()).set_api_url(url);
+            let plain = Bot::new(config.bot_token()).set_api_url(url);
             let stop = shutdown.clone().wait();
             tokio::pin!(stop);
             let me = tokio::select! {
                 _ = &mut stop => return Ok(()),
-                me = with_retries(config.retry, "getMe", || plain.get_me().send(), classify, |e| describe(e, &config.token)) => me,
+                me = with_retries(config.retry, "getMe", || plain.get_me().send(), classify, |e| describe(e, config.bot_token())) => me,
             };
             let me = me.map_err(|e| AdapterError::Platform {
                 adapter: "telegram",
-                message: format!("getMe failed (is the token right?): {}", describe(&e, &config.token)),
+                message: format!("getMe failed (is the token right?): {}", describe(&e, config.bot_token())),
             })?;
             // Our own bounded retries replace Throttle's unbounded ones.
             let bot = Throttle::spawn_with_settings(plain, ThrottleSettings::default().limits(Limits::default()).no_retry());
@@ -167,21 +251,21 @@ impl Adapter for TelegramAdapter {
                 "setMyCommands",
                 || bot.set_my_commands(commands.clone()).send(),
                 classify,
-                |e| describe(e, &config.token),
+                |e| describe(e, config.bot_token()),
             )
             .await;
             if let Err(e) = registered {
-                tracing::warn!(error = %describe(&e, &config.token), "telegram: cannot register the command menu");
+                tracing::warn!(error = %describe(&e, config.bot_token()), "telegram: cannot register the command menu");
             }
             let context = Arc::new(Context { bot, me, core, config, outbox: Outbox::new() });
-            if let TelegramMode::Webhook(hook) = context.config.mode.clone() {
-                let outcome = run_webhook(&context, hook, shutdown, &mut stop).await;
+            if context.config.mode == TelegramMode::Webhook {
+                let outcome = run_webhook(&context, shutdown, &mut stop).await;
                 context.outbox.flush().await;
                 tracing::info!("telegram adapter stopped");
                 return outcome;
             }
             // A webhook left set (webhook mode before) blocks getUpdates.
-            let token = &context.config.token;
+            let token = context.config.bot_token();
             let deleted = with_retries(context.config.retry, "deleteWebhook", || context.bot.inner().delete_webhook().send(), classify, |e| describe(e, token)).await;
             if let Err(e) = deleted {
                 tracing::warn!(error = %describe(&e, token), "telegram: cannot delete the webhook; polling may be refused");
@@ -213,7 +297,7 @@ impl Adapter for TelegramAdapter {
                             _ => backoff,
                         }
                         .min(context.config.retry.max_wait);
-                        tracing::warn!(error = %describe(&e, &context.config.token), wait_ms = wait.as_millis() as u64, "telegram: getUpdates failed");
+                        tracing::warn!(error = %describe(&e, context.config.bot_token()), wait_ms = wait.as_millis() as u64, "telegram: getUpdates failed");
                         backoff = (backoff * 2).min(context.config.retry.max_wait);
                         tokio::select! {
                             _ = &mut stop => break,
@@ -238,45 +322,47 @@ impl Adapter for TelegramAdapter {
 /// once, in arrival order, until shutdown.
 async fn run_webhook(
     context: &Arc<Context>,
-    hook: WebhookConfig,
     shutdown: Shutdown,
     stop: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
 ) -> Result<(), AdapterError> {
-    let path = url::Url::parse(&hook.url)
+    let config = &context.config;
+    let secret = config.webhook_secret.as_ref().map(Secret::expose).unwrap_or_default().to_string();
+    let (hook_url, listen) = (&config.webhook_url, &config.webhook_listen);
+    let path = url::Url::parse(hook_url)
         .map_err(|e| AdapterError::Platform { adapter: "telegram", message: format!("webhook_url: {e}") })?
         .path()
         .to_string();
     // Listen before Telegram is told where to send.
-    let listener = webhook::bind(&hook.listen).await?;
+    let listener = webhook::bind(listen).await?;
     let (queue, mut updates) = tokio::sync::mpsc::channel::<Update>(1024);
-    let server = tokio::spawn(webhook::serve(listener, path, hook.secret.clone(), queue, shutdown));
-    let token = &context.config.token;
+    let server = tokio::spawn(webhook::serve(listener, path, secret.clone(), queue, shutdown));
+    let token = context.config.bot_token();
     let set = with_retries(
         context.config.retry,
         "setWebhook",
         || {
-            let url = url::Url::parse(&hook.url).expect("checked above");
+            let url = url::Url::parse(hook_url).expect("checked above");
             context
                 .bot
                 .inner()
                 .set_webhook(url)
-                .secret_token(hook.secret.clone())
+                .secret_token(secret.clone())
                 .allowed_updates(allowed_updates())
                 .max_connections(1)
                 .send()
         },
         classify,
-        |e| scrub(&describe(e, token), &hook.secret),
+        |e| scrub(&describe(e, token), &secret),
     )
     .await;
     if let Err(e) = set {
         server.abort();
         return Err(AdapterError::Platform {
             adapter: "telegram",
-            message: format!("setWebhook failed: {}", scrub(&describe(&e, token), &hook.secret)),
+            message: format!("setWebhook failed: {}", scrub(&describe(&e, token), &secret)),
         });
     }
-    tracing::info!(bot = %context.me.username(), url = %hook.url, listen = %hook.listen, "telegram adapter on its webhook");
+    tracing::info!(bot = %context.me.username(), url = %hook_url, %listen, "telegram adapter on its webhook");
     // Telegram redelivers an update whose answer it did not see: each
     // update id is handled once (they arrive in increasing order).
     let mut last: Option<u32> = None;
@@ -389,7 +475,7 @@ async fn deliver(
                 action = action.message_thread_id(thread);
             }
             if let Err(e) = action.send().await {
-                tracing::debug!(error = %describe(&e, &context.config.token), "telegram: typing action failed");
+                tracing::debug!(error = %describe(&e, context.config.bot_token()), "telegram: typing action failed");
             }
             tokio::time::sleep(TYPING_EVERY).await;
         }
@@ -422,7 +508,7 @@ async fn send_text(context: &Context, to: Target, text: &str, reply_to: Option<M
     let chat = to.chat;
     let pieces = split_message(text, MESSAGE_LIMIT, utf16_units);
     for (n, piece) in pieces.iter().enumerate() {
-        let token = &context.config.token;
+        let token = context.config.bot_token();
         let sent = with_retries(
             context.config.retry,
             "sendMessage",
@@ -457,7 +543,7 @@ async fn is_moderator(context: &Context, message: &Message) -> bool {
     if message.chat.is_private() {
         return false;
     }
-    let token = &context.config.token;
+    let token = context.config.bot_token();
     let member = with_retries(
         context.config.retry,
         "getChatMember",

@@ -15,9 +15,11 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Args;
 
-use super::{encode_turn, MAX_TURN_BYTES};
+use super::encode_turn;
 use crate::model::{self, hub};
-use crate::ranking::{DialogRpt, Ensemble, Group, Head, Member, MmiScorer, Weights};
+use crate::prompt::MAX_TURN_BYTES;
+use crate::ranking::spec::{parse_ranker, split_weight};
+use crate::ranking::{DialogRpt, Ensemble, Member, MmiScorer, Weights};
 use crate::tokenizer::DialogTokenizer;
 
 #[derive(Debug, Args)]
@@ -48,58 +50,6 @@ pub struct RankArgs {
     pub turns: Vec<String>,
 }
 
-/// A parsed `--ranker` value.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RankerSpec {
-    pub name: String,
-    pub path: String,
-    pub group: Group,
-    pub weight: f64,
-}
-
-/// Splits `X:WEIGHT` when what follows the last colon is a number.
-fn split_weight(spec: &str) -> (&str, Option<f64>) {
-    match spec.rsplit_once(':') {
-        Some((path, w)) => match w.trim().parse::<f64>() {
-            Ok(weight) => (path, Some(weight)),
-            Err(_) => (spec, None),
-        },
-        None => (spec, None),
-    }
-}
-
-/// Parses `[HEAD=]DIR[:WEIGHT]`.
-pub fn parse_ranker(spec: &str) -> anyhow::Result<RankerSpec> {
-    let (head, rest) = match spec.split_once('=') {
-        Some((h, rest)) if !h.contains(['/', '\\']) => (Some(h), rest),
-        _ => (None, spec),
-    };
-    let (path, weight) = split_weight(rest);
-    if path.trim().is_empty() {
-        anyhow::bail!("--ranker `{spec}` names no folder");
-    }
-    let folder_name = std::path::Path::new(path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let (name, group, default_weight) = match head {
-        Some(h) => match (Head::parse(h), h.trim().to_ascii_lowercase().as_str()) {
-            (Some(head), _) => (head.name().to_string(), head.group(), head.default_weight()),
-            (None, "prior") => (folder_name, Group::Prior, 1.0),
-            (None, "cond") => (folder_name, Group::Cond, 1.0),
-            _ => anyhow::bail!(
-                "--ranker `{spec}`: `{h}` is not a head (use updown, depth, width, human-vs-rand, human-vs-machine, prior or cond)"
-            ),
-        },
-        None => match Head::from_folder_name(&folder_name) {
-            Some(head) => (head.name().to_string(), head.group(), head.default_weight()),
-            None => (folder_name, Group::Cond, 1.0),
-        },
-    };
-    let weight = weight.unwrap_or(default_weight);
-    if !weight.is_finite() {
-        anyhow::bail!("--ranker `{spec}`: the weight is not a number");
-    }
-    Ok(RankerSpec { name, path: path.to_string(), group, weight })
-}
-
 /// The `--json` output.
 #[derive(Debug, serde::Serialize)]
 struct JsonOutput<'a> {
@@ -108,7 +58,7 @@ struct JsonOutput<'a> {
 
 pub fn run(args: RankArgs) -> anyhow::Result<ExitCode> {
     // Check everything cheap before the (slow) model loads.
-    let specs = args.rankers.iter().map(|s| parse_ranker(s)).collect::<anyhow::Result<Vec<_>>>()?;
+    let specs = args.rankers.iter().map(|s| parse_ranker(s)).collect::<Result<Vec<_>, _>>()?;
     let mmi_spec = args.mmi.as_deref().map(|s| {
         let (path, weight) = split_weight(s);
         (path.to_string(), weight.unwrap_or(1.0))
@@ -182,26 +132,4 @@ pub fn run(args: RankArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ranker_specs_parse() {
-        let s = parse_ranker("models/DialogRPT-width").unwrap();
-        assert_eq!((s.name.as_str(), s.path.as_str(), s.group, s.weight), ("width", "models/DialogRPT-width", Group::Cond, -0.5));
-        let s = parse_ranker("human-vs-rand=./a:0.25").unwrap();
-        assert_eq!((s.path.as_str(), s.group, s.weight), ("./a", Group::Prior, 0.25));
-        let s = parse_ranker("prior=/x/y").unwrap();
-        assert_eq!((s.group, s.weight), (Group::Prior, 1.0));
-        let s = parse_ranker("./mine:2").unwrap();
-        assert_eq!((s.path.as_str(), s.group, s.weight), ("./mine", Group::Cond, 2.0));
-        // A colon not followed by a number belongs to the path.
-        assert_eq!(parse_ranker("C:dir").unwrap().path, "C:dir");
-        assert!(parse_ranker("karma=./x").unwrap_err().to_string().contains("not a head"));
-        assert!(parse_ranker("updown=:1").is_err());
-        assert!(parse_ranker("./x:NaN").is_err());
-    }
 }

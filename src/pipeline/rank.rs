@@ -43,7 +43,7 @@ impl Ranker {
         let device = Device::Cpu;
         let mut members = Vec::new();
         for spec in &settings.rankers {
-            let spec = crate::cli::rank::parse_ranker(spec)?;
+            let spec = crate::ranking::parse_ranker(spec)?;
             let dir = crate::model::hub::resolve_model(&spec.path)?;
             let ranker = DialogRpt::load(&dir, DType::F32, &device)?;
             members.push(Member { name: spec.name, group: spec.group, weight: spec.weight, ranker });

@@ -34,7 +34,7 @@ use crate::tokenizer::DialogTokenizer;
 
 /// The longest turn accepted, in bytes (the limit `dialogd generate` puts
 /// on a turn); a longer one makes its line malformed.
-pub const MAX_TURN_BYTES: usize = 32 * 1024;
+pub use crate::prompt::MAX_TURN_BYTES;
 
 /// One turn of a dialogue with its loss weight.
 #[derive(Debug, Clone, PartialEq)]

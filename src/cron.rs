@@ -1,5 +1,6 @@
 //! Five-field cron expressions (minute hour day-of-month month day-of-week),
-//! in UTC, for `[[jobs.schedules]]`.
+//! in UTC, for `[[jobs.schedules]]` (a bottom-floor module: the settings
+//! parse schedules with it, the job runner fires them).
 //!
 //! Each field takes `*`, a number, a range `a-b`, a step `*/n` or `a-b/n`,
 //! and comma-separated lists of these. Day of week is 0-7 (0 and 7 are
@@ -8,6 +9,23 @@
 //! are accepted as shorthands.
 
 use std::fmt;
+
+/// Why a cron expression was refused; each names the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CronError {
+    #[error("{expression:?} has {count} fields; a cron expression has 5 (minute hour day month weekday)")]
+    FieldCount { expression: String, count: usize },
+    #[error("{field}: step {step:?} is not a number")]
+    BadStep { field: &'static str, step: String },
+    #[error("{field}: a step of 0")]
+    ZeroStep { field: &'static str },
+    #[error("{field}: {text:?} is not a number")]
+    NotANumber { field: &'static str, text: String },
+    #[error("{field}: {value} is not in {min}-{max}")]
+    OutOfRange { field: &'static str, value: u32, min: u32, max: u32 },
+    #[error("{field}: the range {lo}-{hi} is backwards")]
+    Backwards { field: &'static str, lo: u32, hi: u32 },
+}
 
 /// A parsed schedule.
 #[derive(Clone, PartialEq, Eq)]
@@ -35,23 +53,24 @@ impl fmt::Display for Cron {
 }
 
 /// Parses one field into a bit set of the values it allows.
-fn field(text: &str, name: &str, min: u32, max: u32) -> Result<u64, String> {
+fn field(text: &str, name: &'static str, min: u32, max: u32) -> Result<u64, CronError> {
     let mut bits = 0u64;
     for part in text.split(',') {
         let (range, step) = match part.split_once('/') {
             Some((range, step)) => {
-                let step: u32 = step.parse().map_err(|_| format!("{name}: step {step:?} is not a number"))?;
+                let step: u32 =
+                    step.parse().map_err(|_| CronError::BadStep { field: name, step: step.to_string() })?;
                 if step == 0 {
-                    return Err(format!("{name}: a step of 0"));
+                    return Err(CronError::ZeroStep { field: name });
                 }
                 (range, step)
             }
             None => (part, 1),
         };
-        let number = |t: &str| -> Result<u32, String> {
-            let n: u32 = t.parse().map_err(|_| format!("{name}: {t:?} is not a number"))?;
+        let number = |t: &str| -> Result<u32, CronError> {
+            let n: u32 = t.parse().map_err(|_| CronError::NotANumber { field: name, text: t.to_string() })?;
             if n < min || n > max {
-                return Err(format!("{name}: {n} is not in {min}-{max}"));
+                return Err(CronError::OutOfRange { field: name, value: n, min, max });
             }
             Ok(n)
         };
@@ -67,7 +86,7 @@ fn field(text: &str, name: &str, min: u32, max: u32) -> Result<u64, String> {
             },
         };
         if lo > hi {
-            return Err(format!("{name}: the range {lo}-{hi} is backwards"));
+            return Err(CronError::Backwards { field: name, lo, hi });
         }
         for v in (lo..=hi).step_by(step as usize) {
             bits |= 1 << v;
@@ -77,7 +96,11 @@ fn field(text: &str, name: &str, min: u32, max: u32) -> Result<u64, String> {
 }
 
 impl Cron {
-    pub fn parse(text: &str) -> Result<Self, String> {
+    /// Parses an expression (surrounding spaces ignored).
+    ///
+    /// # Errors
+    /// [`CronError`] naming the field that is wrong and why.
+    pub fn parse(text: &str) -> Result<Self, CronError> {
         let source = text.trim().to_string();
         let expanded = match source.as_str() {
             "@hourly" => "0 * * * *",
@@ -88,7 +111,7 @@ impl Cron {
         };
         let fields: Vec<&str> = expanded.split_whitespace().collect();
         let [minute, hour, dom, month, dow] = fields[..] else {
-            return Err(format!("{source:?} has {} fields; a cron expression has 5 (minute hour day month weekday)", fields.len()));
+            return Err(CronError::FieldCount { expression: source.clone(), count: fields.len() });
         };
         let mut weekdays = field(dow, "day of week", 0, 7)? as u8;
         if weekdays & 0x80 != 0 {
@@ -205,7 +228,7 @@ mod tests {
             ("5-1 * * * *", "backwards"),
             ("x * * * *", "not a number"),
         ] {
-            let err = Cron::parse(text).unwrap_err();
+            let err = Cron::parse(text).unwrap_err().to_string();
             assert!(err.contains(why), "{text}: {err}");
         }
     }
