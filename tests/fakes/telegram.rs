@@ -227,6 +227,20 @@ async fn deliver_webhooks(inner: std::sync::Weak<Inner>) {
     }
 }
 
+/// The fields of a multipart form, each value as JSON when it parses
+/// (`allowed_updates`, numbers) and as a string otherwise.
+fn form_fields(body: &str) -> Value {
+    let mut fields = serde_json::Map::new();
+    for part in body.split("Content-Disposition: form-data; name=\"").skip(1) {
+        let Some((name, rest)) = part.split_once('"') else { continue };
+        let Some((_, value)) = rest.split_once("\r\n\r\n") else { continue };
+        let value = value.split("\r\n--").next().unwrap_or("").to_string();
+        let parsed = serde_json::from_str(&value).unwrap_or(Value::String(value));
+        fields.insert(name.to_string(), parsed);
+    }
+    Value::Object(fields)
+}
+
 fn chat_json(chat: i64) -> Value {
     if chat < 0 {
         json!({ "id": chat, "type": "group", "title": "A group" })
@@ -249,7 +263,9 @@ async fn handle(State(inner): State<Arc<Inner>>, Path((bot, method)): Path<(Stri
             .into_response();
     }
     let method = method.to_ascii_lowercase();
-    let mut body: Value = serde_json::from_str(&body).unwrap_or(json!({}));
+    // teloxide sends JSON, or multipart forms for methods that may carry
+    // files (setWebhook).
+    let mut body: Value = serde_json::from_str(&body).unwrap_or_else(|_| form_fields(&body));
     let failure = inner.failures.lock().unwrap().get_mut(&method).and_then(|q| q.pop_front());
     if let Some((status, answer)) = failure {
         body["_failed"] = json!(status);
