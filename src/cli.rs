@@ -19,17 +19,18 @@ pub mod rank;
 pub mod run;
 pub mod train;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
-use crate::model::{self, Gpt2};
-use crate::prompt::MAX_TURN_BYTES;
+use crate::model::Gpt2;
+use crate::serving::{self, ModelSpec};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::DialogTokenizer;
+
+use crate::prompt::MAX_TURN_BYTES;
 
 #[derive(Debug, Parser)]
 #[command(name = "dialogd", version, about = "DialoGPT chat bot daemon", propagate_version = true)]
@@ -132,37 +133,36 @@ impl SamplingArgs {
     }
 }
 
-/// A loaded model and its tokenizer.
-pub struct Loaded {
-    pub model: Gpt2,
-    pub tokenizer: DialogTokenizer,
-    pub dir: PathBuf,
+pub use crate::serving::Loaded;
+
+impl ModelArgs {
+    /// The flags as a serving spec.
+    pub fn spec(&self) -> ModelSpec {
+        ModelSpec {
+            model: self.model.clone(),
+            device: self.device.clone(),
+            dtype: self.dtype.clone(),
+            quantize: self.quantize.clone(),
+            kv_cache: self.kv_cache.clone(),
+        }
+    }
 }
 
-/// Resolves, loads and checks a model and its tokenizer.
+/// Resolves, loads and checks a model and its tokenizer
+/// ([`crate::serving::load`]), saying what it does on stderr with
+/// `progress`.
 pub fn load(args: &ModelArgs, progress: bool) -> anyhow::Result<Loaded> {
     let started = Instant::now();
-    let device = model::parse_device(&args.device)?;
-    let dtype = model::parse_dtype(&args.dtype, &device)?;
-    let serving = model::ServingOptions::parse(&args.quantize, &args.kv_cache).map_err(|e| anyhow::anyhow!("--{e}").context("bad model options"))?;
-    let dir = model::hub::resolve_model(&args.model)?;
     if progress {
-        eprintln!("loading {} ({dtype:?} on {})…", dir.display(), args.device);
+        eprintln!("loading {} ({} on {})…", args.model, args.dtype, args.device);
     }
-    let tokenizer = DialogTokenizer::from_dir(&dir)?;
-    let model = serving.load(&dir, dtype, &device)?;
-    let cfg = model.config();
-    if tokenizer.eos_id() != cfg.eos_token_id || tokenizer.vocab_size() > cfg.vocab_size {
-        anyhow::bail!(
-            "{}: tokenizer ({} ids, end-of-text {}) does not fit the model ({} ids, end-of-text {})",
-            dir.display(),
-            tokenizer.vocab_size(),
-            tokenizer.eos_id(),
-            cfg.vocab_size,
-            cfg.eos_token_id
-        );
-    }
+    let loaded = serving::load(&args.spec()).map_err(|e| match e {
+        // On the command line the options are flags.
+        serving::ServingError::Options(what) => anyhow::anyhow!("--{what}").context("bad model options"),
+        other => other.into(),
+    })?;
     if progress {
+        let cfg = loaded.model.config();
         eprintln!(
             "ready: {:.0}M parameters, {} layers, context {} tokens, loaded in {:.1}s",
             cfg.n_params() as f64 / 1e6,
@@ -171,7 +171,7 @@ pub fn load(args: &ModelArgs, progress: bool) -> anyhow::Result<Loaded> {
             started.elapsed().as_secs_f64()
         );
     }
-    Ok(Loaded { model, tokenizer, dir })
+    Ok(loaded)
 }
 
 /// Encodes a turn after checking it is not empty or oversized.

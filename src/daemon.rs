@@ -22,17 +22,22 @@ use dialogd_adapters::telegram::TelegramAdapter;
 use dialogd_adapters::{Adapter, AdapterError, Core, Shutdown};
 use tokio::task::JoinSet;
 
+use crate::collect::Collector;
 use crate::context::memory::MemoryStore;
 use crate::context::redis::RedisStore;
 use crate::context::{ContextError, ContextStore, Limits};
-use crate::collect::Collector;
-use crate::pipeline::rank::Ranker;
-use crate::pipeline::engine::ReplyEngine;
-use crate::jobs::personas::Personas;
-use crate::jobs::runner::{BaseModel, Runner};
+use crate::jobs::runner::{BaseModel, Runner, RunnerParts};
 use crate::jobs::JobStore;
+use crate::personas::memory::MemoryPersonaStore;
+use crate::personas::redis::RedisPersonaStore;
+use crate::personas::{PersonaError, PersonaStore, Personas};
+use crate::pipeline::engine::ReplyEngine;
+use crate::pipeline::rank::Ranker;
 use crate::pipeline::{Jobs, Parts, Pipeline};
-use crate::settings::{self, Settings, SettingsError, StoreKind};
+use crate::pool::PoolHandle;
+use crate::serving::ModelSpec;
+use crate::settings::live::LiveSettings;
+use crate::settings::{self, ModelSettings, Settings, SettingsError, StoreKind};
 use crate::telemetry::{serve_metrics, Metrics, MetricsServer};
 use crate::tokenizer::DialogTokenizer;
 
@@ -51,6 +56,8 @@ pub enum DaemonError {
     Collect(String),
     #[error("jobs: {0}")]
     Jobs(String),
+    #[error("personas: {0}")]
+    Personas(#[from] PersonaError),
 }
 
 /// A started daemon, sockets bound, not yet serving.
@@ -67,74 +74,35 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Connects the store, builds the pipeline and binds the sockets.
+    /// Connects the stores, builds the pipeline and the job runner, and
+    /// binds the sockets. `pool` is the generation pool behind `engine`,
+    /// when there is one: promoted base models are swapped into it.
     pub async fn start(
         settings: Settings,
         engine: Arc<dyn ReplyEngine>,
+        pool: Option<PoolHandle>,
         tokenizer: DialogTokenizer,
         metrics: Arc<Metrics>,
     ) -> Result<Self, DaemonError> {
-        let c = &settings.context;
-        let limits = Limits::new(c.max_turns, c.ttl);
-        let store: Arc<dyn ContextStore> = match c.store {
-            StoreKind::Memory => Arc::new(MemoryStore::new(limits)),
-            StoreKind::Redis => Arc::new(
-                RedisStore::connect(c.redis_url.expose(), &c.key_prefix, limits, c.redis_timeout, metrics.clone())
-                    .await?,
-            ),
-        };
-        tracing::info!(
-            store = store.kind(),
-            redis = %if c.store == StoreKind::Redis { settings::redact_url(c.redis_url.expose()) } else { "-".into() },
-            up = store.is_up(),
-            "context store ready"
-        );
+        let store = open_context(&settings, &metrics).await?;
         let ranking = settings.ranking.clone();
         let ranker = tokio::task::spawn_blocking(move || Ranker::load(&ranking))
             .await
             .map_err(|e| DaemonError::Ranking(e.to_string()))?
             .map_err(|e| DaemonError::Ranking(format!("{e:#}")))?
             .map(Arc::new);
-        let collector = if settings.collect.enabled {
-            let collector = Collector::open(&settings.collect).map_err(|e| DaemonError::Collect(e.to_string()))?;
-            match collector.enforce_retention() {
-                Ok(n) if n > 0 => tracing::info!(deleted = n, "collected segments past retention deleted"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "retention check failed"),
-            }
-            Some(Arc::new(collector))
-        } else {
-            None
-        };
-        let job_store = if settings.jobs.enabled {
-            let store = JobStore::connect(c.redis_url.expose(), &c.key_prefix, c.redis_timeout)
-                .await
-                .map_err(|e| DaemonError::Jobs(e.to_string()))?;
-            std::fs::create_dir_all(&settings.jobs.dir)
-                .map_err(|e| DaemonError::Jobs(format!("{}: {e}", settings.jobs.dir.display())))?;
-            Some(store)
-        } else {
-            None
-        };
-        let personas = Personas::new(settings.personas.clone(), job_store.clone());
-        let base_dir = crate::model::hub::resolve_model(&settings.model.path);
-        match (&base_dir, crate::model::parse_device(&settings.model.device)) {
-            (Ok(dir), Ok(device)) => match crate::model::gpt2::read_config(dir) {
-                Ok(config) => personas.set_model(config, device),
-                Err(e) => tracing::warn!(error = %e, "persona adapters disabled"),
-            },
-            (Err(e), _) => tracing::warn!(error = %e, "persona adapters disabled"),
-            (_, Err(e)) => tracing::warn!(error = %e, "persona adapters disabled"),
-        }
-        let pool = engine.pool().cloned();
+        let collector = open_collector(&settings)?;
+        let job_store = open_jobs(&settings).await?;
+        let personas = open_personas(&settings).await?;
+        let live = Arc::new(LiveSettings::new(settings.generation.clone(), settings.safety.clone()));
+        let c = &settings.context;
         let pipeline = Pipeline::new(Parts {
             engine,
             store,
             tokenizer,
-            generation: settings.generation.clone(),
+            live: live.clone(),
             max_tokens: c.max_tokens,
             rate_limit: settings.rate_limit,
-            safety: settings.safety.clone(),
             ranker,
             collector,
             personas: personas.clone(),
@@ -143,33 +111,26 @@ impl Daemon {
         });
         let runner = match job_store {
             Some(store) => {
-                let dir = base_dir.map_err(|e| DaemonError::Jobs(format!("{e:#}")))?;
-                let base = BaseModel {
-                    dir,
-                    device: settings.model.device.clone(),
-                    dtype: settings.model.dtype.clone(),
-                    quantize: settings.model.quantize.clone(),
-                    kv_cache: settings.model.kv_cache.clone(),
-                };
-                Some(Runner::new(
+                let dir = crate::model::hub::resolve_model(&settings.model.path).map_err(|e| DaemonError::Jobs(format!("{e:#}")))?;
+                let runner = Runner::new(RunnerParts {
                     store,
-                    settings.jobs.clone(),
-                    settings.collect.dir.clone(),
-                    base,
+                    settings: settings.jobs.clone(),
+                    collect_dir: settings.collect.dir.clone(),
+                    base: BaseModel { dir, spec: model_spec(&settings.model) },
                     pool,
-                    pipeline.clone(),
+                    generation: live.watch_generation(),
+                    safety: live.watch_safety(),
                     personas,
-                    metrics.clone(),
-                ))
+                    metrics: metrics.clone(),
+                });
+                // Serve the promoted versions from the first message on.
+                if let Err(e) = runner.sync_served().await {
+                    tracing::warn!(error = %e, "could not load the promoted versions; serving the configured model until it works");
+                }
+                Some(runner)
             }
             None => None,
         };
-        if let Some(runner) = &runner {
-            // Serve the promoted versions from the first message on.
-            if let Err(e) = runner.sync_served().await {
-                tracing::warn!(error = %e, "could not load the promoted versions; serving the configured model until it works");
-            }
-        }
 
         // Each adapter is started with its own validated settings.
         let mut adapters: Vec<Box<dyn Adapter>> = Vec::new();
@@ -275,6 +236,84 @@ impl Daemon {
             );
         }
     }
+}
+
+/// The `[model]` settings as a serving spec.
+pub fn model_spec(model: &ModelSettings) -> ModelSpec {
+    ModelSpec {
+        model: model.path.clone(),
+        device: model.device.clone(),
+        dtype: model.dtype.clone(),
+        quantize: model.quantize.clone(),
+        kv_cache: model.kv_cache.clone(),
+    }
+}
+
+/// The context store `[context]` names.
+async fn open_context(settings: &Settings, metrics: &Arc<Metrics>) -> Result<Arc<dyn ContextStore>, DaemonError> {
+    let c = &settings.context;
+    let limits = Limits::new(c.max_turns, c.ttl);
+    let store: Arc<dyn ContextStore> = match c.store {
+        StoreKind::Memory => Arc::new(MemoryStore::new(limits)),
+        StoreKind::Redis => Arc::new(
+            RedisStore::connect(c.redis_url.expose(), &c.key_prefix, limits, c.redis_timeout, metrics.clone()).await?,
+        ),
+    };
+    tracing::info!(
+        store = store.kind(),
+        redis = %if c.store == StoreKind::Redis { settings::redact_url(c.redis_url.expose()) } else { "-".into() },
+        up = store.is_up(),
+        "context store ready"
+    );
+    Ok(store)
+}
+
+/// The log collector, when `[collect]` is enabled (old segments deleted).
+fn open_collector(settings: &Settings) -> Result<Option<Arc<Collector>>, DaemonError> {
+    if !settings.collect.enabled {
+        return Ok(None);
+    }
+    let collector = Collector::open(&settings.collect).map_err(|e| DaemonError::Collect(e.to_string()))?;
+    match collector.enforce_retention() {
+        Ok(n) if n > 0 => tracing::info!(deleted = n, "collected segments past retention deleted"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "retention check failed"),
+    }
+    Ok(Some(Arc::new(collector)))
+}
+
+/// The job store, when `[jobs]` is enabled.
+async fn open_jobs(settings: &Settings) -> Result<Option<JobStore>, DaemonError> {
+    if !settings.jobs.enabled {
+        return Ok(None);
+    }
+    let c = &settings.context;
+    let store = JobStore::connect(c.redis_url.expose(), &c.key_prefix, c.redis_timeout)
+        .await
+        .map_err(|e| DaemonError::Jobs(e.to_string()))?;
+    std::fs::create_dir_all(&settings.jobs.dir).map_err(|e| DaemonError::Jobs(format!("{}: {e}", settings.jobs.dir.display())))?;
+    Ok(Some(store))
+}
+
+/// The persona registry: its choices in Redis whenever the context is
+/// (with `[jobs]` on or off), else in memory; adapters are loaded for the
+/// served model's shape and device.
+async fn open_personas(settings: &Settings) -> Result<Arc<Personas>, DaemonError> {
+    let c = &settings.context;
+    let store: Arc<dyn PersonaStore> = match c.store {
+        StoreKind::Redis => Arc::new(RedisPersonaStore::connect(c.redis_url.expose(), &c.key_prefix, c.redis_timeout).await?),
+        StoreKind::Memory => Arc::new(MemoryPersonaStore::new()),
+    };
+    let personas = Personas::new(settings.personas.clone(), store);
+    let shape = crate::model::hub::resolve_model(&settings.model.path)
+        .map_err(|e| e.to_string())
+        .and_then(|dir| crate::model::gpt2::read_config(&dir).map_err(|e| e.to_string()));
+    match (shape, crate::serving::device(&settings.model.device)) {
+        (Ok(config), Ok(device)) => personas.set_model(config, device),
+        (Err(e), _) => tracing::warn!(error = %e, "persona adapters disabled"),
+        (_, Err(e)) => tracing::warn!(error = %e, "persona adapters disabled"),
+    }
+    Ok(personas)
 }
 
 fn log_adapter_end(joined: Result<(&'static str, Result<(), AdapterError>), tokio::task::JoinError>) {

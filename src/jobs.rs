@@ -15,16 +15,19 @@
 //! - [`runner`]: the daemon's side: schedules, claiming and running jobs,
 //!   the gate, and keeping what the pool serves in step with the promoted
 //!   versions.
-//! - [`personas`]: which persona a channel uses, and its loaded adapter.
+//! - [`gate`]: the promotion decision on a trained job (probe replies
+//!   judged like served ones) and the rollback message.
 
 pub mod dataset;
-pub mod personas;
+pub mod gate;
 pub mod runner;
 pub mod store;
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+
+use crate::settings::TrainMode;
 
 pub use store::{JobStore, StoreError};
 
@@ -195,6 +198,22 @@ impl JobRecord {
             _ => {}
         }
         line
+    }
+}
+
+/// `/train` in a channel without a persona while `jobs.mode = "lora"`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("jobs train a persona's adapter here, and this channel has none: /persona create NAME, then /persona use NAME")]
+pub struct NoPersona;
+
+impl TrainMode {
+    /// The target a moderator's `/train` trains in this mode.
+    pub fn target_for(self, persona: Option<&str>) -> Result<Target, NoPersona> {
+        match (self, persona) {
+            (TrainMode::Full, _) => Ok(Target::Base),
+            (TrainMode::Lora, Some(name)) => Ok(Target::Persona(name.to_string())),
+            (TrainMode::Lora, None) => Err(NoPersona),
+        }
     }
 }
 

@@ -143,6 +143,17 @@ impl Policy {
     }
 }
 
+/// A word list that blocks each of `words` (the operator's
+/// `safety.blocked_words`); a word the list refuses is skipped (the
+/// settings validate them first).
+pub fn blocked_list<'a>(words: impl IntoIterator<Item = &'a str>) -> WordList {
+    let mut lists = WordLists::default();
+    for word in words {
+        let _ = lists.block("global", word);
+    }
+    lists.get("global").cloned().unwrap_or_default()
+}
+
 /// The longest text the filter reads; platform messages are far shorter.
 pub const MAX_TEXT_BYTES: usize = 64 * 1024;
 

@@ -24,6 +24,8 @@ mod rate_limit;
 mod safety;
 mod telemetry;
 
+pub mod live;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;

@@ -321,3 +321,38 @@ async fn the_daemon_serves_8_bit_weights_when_configured() {
     let err = dialogd::cli::load(&args("q4"), false).err().unwrap();
     assert!(format!("{err:#}").contains("--quantize"), "{err:#}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persona_choice_survives_a_restart_with_jobs_off() {
+    let redis = RedisServer::start();
+    let toml = daemon_toml(Some(&redis), &[]);
+    assert!(!toml.contains("[jobs]\nenabled = true"), "[jobs] stays off");
+    let moderator = |text: &str| Inbound {
+        channel: ChannelKey::new(Platform::Http, "deck"),
+        author: "captain".into(),
+        text: text.into(),
+        msg_id: None,
+        addressed_to_bot: true,
+        moderator: true,
+        group: None,
+        edit: None,
+    };
+    let say = |d: &TestDaemon, text: &str| {
+        let answer = d.pipeline.handle(moderator(text));
+        async move {
+            match answer.await.unwrap() {
+                Answer::Reply(out) => out.text,
+                other => format!("{other:?}"),
+            }
+        }
+    };
+    let d = TestDaemon::start(&toml).await;
+    assert!(say(&d, "/persona create pirate Ahoy! | What be yer business?").await.starts_with("Created persona pirate"));
+    assert!(say(&d, "/persona use pirate").await.contains("speak as pirate"));
+    d.stop().await;
+
+    let d = TestDaemon::start(&toml).await;
+    let shown = say(&d, "/persona").await;
+    assert!(shown.contains("I speak as pirate here (2 seed turn(s)"), "{shown}");
+    d.stop().await;
+}

@@ -272,7 +272,17 @@ async fn failed_killed_and_cancelled_jobs_leave_serving_alone() {
     assert!(log_of(&resumed).contains("attempt 2, resuming from its last checkpoint"), "{}", log_of(&resumed));
 
     // Cancelled while training: the trainer is stopped, nothing promoted.
-    let version = d.metric("dialogd_model_version").await;
+    // The resumed job's record turns final just before its model is swapped
+    // in here: wait for the swap, so the version read is the one served.
+    let mut version = d.metric("dialogd_model_version").await;
+    for _ in 0..600 {
+        if version >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        version = d.metric("dialogd_model_version").await;
+    }
+    assert_eq!(version, 1.0, "the resumed job's model is served");
     let long = jobs.create(Target::Base, "cli".into(), vec![]).await.unwrap();
     let running = wait_for(&jobs, long.id, Duration::from_secs(120), |r| r.pid.is_some()).await;
     let cancel = jobs_cli(&config, &["cancel", &long.id.to_string()]);

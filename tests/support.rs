@@ -290,7 +290,8 @@ impl TestDaemon {
         let loaded = dialogd::cli::load(&args, false).unwrap();
         let metrics = dialogd::telemetry::Metrics::new();
         let engine = PoolEngine::start(loaded.model, &settings.generation, metrics.clone()).unwrap();
-        let daemon = dialogd::daemon::Daemon::start(settings, std::sync::Arc::new(engine), loaded.tokenizer, metrics)
+        let pool = Some(engine.handle().clone());
+        let daemon = dialogd::daemon::Daemon::start(settings, std::sync::Arc::new(engine), pool, loaded.tokenizer, metrics)
             .await
             .unwrap();
         let base = format!("http://{}", daemon.http_addr().unwrap());

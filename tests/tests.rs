@@ -17,6 +17,7 @@
 //! - `persona_runtime`: LoRA persona adapters applied per sequence at run
 //!   time: against the merged persona, mixed batches, refusals, 8-bit, CLI.
 //! - `training`: fine-tuning: forward parity, gradients, learning, checkpoints, LoRA, resume, opt-out.
+//! - `floors`: the crate's module floors and the absence of import cycles.
 //! - `fakes`: loopback fakes of the Telegram Bot API and of Discord.
 //! - `telegram`: the Telegram adapter (teloxide) against the fake Bot API.
 //! - `discord`: the Discord adapter (serenity) against the fake Discord.
@@ -26,6 +27,7 @@ mod context;
 mod daemon;
 mod discord;
 mod fakes;
+mod floors;
 mod http;
 mod jobs;
 mod legacy;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 
-use crate::jobs::personas::Personas;
+use crate::personas::{redis::RedisPersonaStore, Personas};
 use crate::jobs::{JobRecord, JobState, JobStore, Target};
 use crate::settings::{self, Settings, TrainMode};
 
@@ -109,7 +109,7 @@ async fn run_async(settings: Settings, command: JobsCommand) -> anyhow::Result<E
             if let Some(bad) = channels.iter().find(|c| dialogd_adapters::ChannelKey::parse(c).is_none()) {
                 anyhow::bail!("--channel {bad:?} is not platform:channel_id");
             }
-            let target = target_of(&settings, &store, persona, base).await?;
+            let target = target_of(&settings, persona, base).await?;
             let record = store.create(target, "cli".into(), channels).await?;
             if !wait {
                 if json {
@@ -149,20 +149,22 @@ async fn run_async(settings: Settings, command: JobsCommand) -> anyhow::Result<E
             Ok(ExitCode::SUCCESS)
         }
         JobsCommand::Rollback { persona, base } => {
-            let target = target_of(&settings, &store, persona, base).await?;
-            println!("{}", crate::pipeline::rollback_text(&store, &target).await?);
+            let target = target_of(&settings, persona, base).await?;
+            println!("{}", crate::jobs::gate::rollback_text(&store, &target).await?);
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
 /// `--persona NAME` / `--base`, or what `jobs.mode` implies.
-async fn target_of(settings: &Settings, store: &JobStore, persona: Option<String>, base: bool) -> anyhow::Result<Target> {
+async fn target_of(settings: &Settings, persona: Option<String>, base: bool) -> anyhow::Result<Target> {
     match (persona, base) {
         (_, true) => Ok(Target::Base),
         (Some(name), false) => {
-            let personas = Personas::new(settings.personas.clone(), Some(store.clone()));
-            if personas.get(&name).await.map_err(anyhow::Error::msg)?.is_none() {
+            let c = &settings.context;
+            let store = RedisPersonaStore::connect(c.redis_url.expose(), &c.key_prefix, c.redis_timeout).await?;
+            let personas = Personas::new(settings.personas.clone(), std::sync::Arc::new(store));
+            if personas.get(&name).await?.is_none() {
                 anyhow::bail!("there is no persona {name:?} (define it in [personas] or with /persona create)");
             }
             Ok(Target::Persona(name))

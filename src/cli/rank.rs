@@ -74,7 +74,7 @@ pub fn run(args: RankArgs) -> anyhow::Result<ExitCode> {
             anyhow::bail!("response {} is {} bytes, more than the {MAX_TURN_BYTES} a turn may have", idx + 1, response.len());
         }
     }
-    let device = model::parse_device(&args.device)?;
+    let device = crate::serving::device(&args.device)?;
     let dtype = model::parse_dtype(&args.dtype, &device)?;
     let mut members = Vec::with_capacity(specs.len());
     let mut first_dir = None;

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Args;
 
-use super::{load, ModelArgs};
 use crate::daemon::{self, Daemon};
 use crate::pipeline::engine::PoolEngine;
+use crate::serving;
 use crate::settings;
 use crate::telemetry::{self, Metrics};
 
@@ -37,25 +37,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         // is not lost (the default action would kill the process).
         let stop = tokio::spawn(daemon::stop_signal());
         let metrics = Metrics::new();
-        let model_args = ModelArgs {
-            model: settings.model.path.clone(),
-            device: settings.model.device.clone(),
-            dtype: settings.model.dtype.clone(),
-            quantize: settings.model.quantize.clone(),
-            kv_cache: settings.model.kv_cache.clone(),
-        };
+        let spec = daemon::model_spec(&settings.model);
         tracing::info!(
-            model = %model_args.model,
-            device = %model_args.device,
-            dtype = %model_args.dtype,
-            quantize = %model_args.quantize,
-            kv_cache = %model_args.kv_cache,
+            model = %spec.model,
+            device = %spec.device,
+            dtype = %spec.dtype,
+            quantize = %spec.quantize,
+            kv_cache = %spec.kv_cache,
             "loading model"
         );
-        let loaded = tokio::task::spawn_blocking(move || load(&model_args, false)).await??;
+        let loaded = tokio::task::spawn_blocking(move || serving::load(&spec)).await??;
         let engine = PoolEngine::start(loaded.model, &settings.generation, metrics.clone())
             .context("starting the generation pool")?;
-        let daemon = Daemon::start(settings, Arc::new(engine), loaded.tokenizer, metrics.clone()).await?;
+        let pool = engine.handle().clone();
+        let daemon = Daemon::start(settings, Arc::new(engine), Some(pool), loaded.tokenizer, metrics.clone()).await?;
         let reload = tokio::spawn(daemon::reload_on_sighup(daemon.pipeline().clone(), Some(args.config), metrics));
         daemon
             .serve(async move {

@@ -84,7 +84,7 @@ pub struct TrainArgs {
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
-    let device = model::parse_device(&args.device)?;
+    let device = crate::serving::device(&args.device)?;
     let base = model::hub::resolve_model(&args.base)?;
     let opt_out = match &args.opt_out {
         Some(path) => OptOut::from_file(path).with_context(|| "reading --opt-out")?,

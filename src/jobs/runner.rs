@@ -24,41 +24,87 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dialogd_adapters::Shutdown;
+use tokio::sync::watch;
 
-use super::personas::Personas;
-use super::store::JobStore;
+use super::gate::{trainer_decision, GateError, Probe};
+use super::store::{JobStore, StoreError};
 use super::{now_secs, JobRecord, JobState, ProbeResult, Target};
-use crate::cli::ModelArgs;
 use crate::model::Gpt2;
-use crate::pipeline::Pipeline;
+use crate::personas::{PersonaError, Personas};
 use crate::pool::PoolHandle;
-use crate::settings::{JobSettings, Schedule, TrainMode};
+use crate::serving::ModelSpec;
+use crate::settings::{GenerationSettings, JobSettings, SafetySettings, Schedule};
 use crate::telemetry::Metrics;
+
+/// Why a job (or the runner's bookkeeping) failed; a job's error becomes
+/// its record's `reason`.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Persona(#[from] PersonaError),
+    #[error(transparent)]
+    Gate(#[from] GateError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    /// The job cannot run as asked (too little data, a missing output);
+    /// the message says why.
+    #[error("{0}")]
+    Refused(String),
+    /// The trainer process failed or could not be started.
+    #[error("{0}")]
+    Trainer(String),
+    /// A model could not be loaded into, or swapped into, the pool.
+    #[error("serving: {0}")]
+    Serve(String),
+    #[error("a blocking task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> RunnerError + '_ {
+    move |source| RunnerError::Io { path: path.to_path_buf(), source }
+}
+
+type Result<T> = std::result::Result<T, RunnerError>;
 
 /// What the runner needs to know about the model it trains and serves.
 #[derive(Debug, Clone)]
 pub struct BaseModel {
     /// The original base checkpoint (a resolved local folder).
     pub dir: PathBuf,
-    pub device: String,
-    pub dtype: String,
-    /// `model.quantize` and `model.kv_cache`: a promoted base model is
-    /// served as the original was.
-    pub quantize: String,
-    pub kv_cache: String,
+    /// How it is served (`[model]`): a promoted base model is served the
+    /// same way.
+    pub spec: ModelSpec,
+}
+
+/// What a runner is built from.
+pub struct RunnerParts {
+    pub store: JobStore,
+    pub settings: JobSettings,
+    /// Where the collected exchanges are (`collect.dir`).
+    pub collect_dir: PathBuf,
+    pub base: BaseModel,
+    /// The pool whose base model promotions replace; `None`: base
+    /// promotions are recorded but not served here.
+    pub pool: Option<PoolHandle>,
+    /// The served `[generation]` and `[safety]` settings, as SIGHUP
+    /// reloads them: probes sample and are judged like served replies.
+    pub generation: watch::Receiver<Arc<GenerationSettings>>,
+    pub safety: watch::Receiver<Arc<SafetySettings>>,
+    pub personas: Arc<Personas>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// The runner of one daemon.
 pub struct Runner {
     store: JobStore,
     settings: JobSettings,
-    /// Where the collected exchanges are (`collect.dir`).
     collect_dir: PathBuf,
     base: BaseModel,
-    /// The pool whose base model promotions replace; `None`: base
-    /// promotions are recorded but not served here.
     pool: Option<PoolHandle>,
-    pipeline: Pipeline,
+    generation: watch::Receiver<Arc<GenerationSettings>>,
+    safety: watch::Receiver<Arc<SafetySettings>>,
     personas: Arc<Personas>,
     /// This daemon's name in locks and records.
     owner: String,
@@ -75,20 +121,23 @@ enum Ended {
 }
 
 impl Runner {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        store: JobStore,
-        settings: JobSettings,
-        collect_dir: PathBuf,
-        base: BaseModel,
-        pool: Option<PoolHandle>,
-        pipeline: Pipeline,
-        personas: Arc<Personas>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub fn new(parts: RunnerParts) -> Self {
+        let RunnerParts { store, settings, collect_dir, base, pool, generation, safety, personas, metrics } = parts;
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
         let owner = format!("{host}:{}:{}", std::process::id(), now_secs());
-        Self { store, settings, collect_dir, base, pool, pipeline, personas, owner, served_base: tokio::sync::Mutex::new(None), metrics }
+        Self {
+            store,
+            settings,
+            collect_dir,
+            base,
+            pool,
+            generation,
+            safety,
+            personas,
+            owner,
+            served_base: tokio::sync::Mutex::new(None),
+            metrics,
+        }
     }
 
     fn lock_ttl(&self) -> Duration {
@@ -136,13 +185,12 @@ impl Runner {
     /// daemon running them died, or Redis was away when this one finished
     /// and could not record the end; this runner runs nothing while it
     /// looks): they resume from their last checkpoint.
-    async fn recover_orphans(&self) -> Result<(), String> {
-        let err = |e: super::StoreError| e.to_string();
-        for record in self.store.list(50).await.map_err(err)? {
+    async fn recover_orphans(&self) -> Result<()> {
+        for record in self.store.list(50).await? {
             if record.state != JobState::Running {
                 continue;
             }
-            if self.store.lock_holder(&self.settings.device).await.map_err(err)?.is_some() {
+            if self.store.lock_holder(&self.settings.device).await?.is_some() {
                 continue;
             }
             let mut record = record;
@@ -150,8 +198,8 @@ impl Runner {
             record.state = JobState::Queued;
             record.pid = None;
             record.owner = None;
-            self.store.put(&record).await.map_err(err)?;
-            self.store.requeue_front(record.id).await.map_err(err)?;
+            self.store.put(&record).await?;
+            self.store.requeue_front(record.id).await?;
         }
         Ok(())
     }
@@ -173,7 +221,7 @@ impl Runner {
         let result = self.attempt(&mut record, shutdown).await;
         if let Err(why) = result {
             record.state = JobState::Failed;
-            record.reason = Some(why);
+            record.reason = Some(why.to_string());
         }
         if record.state.is_final() {
             record.finished = Some(now_secs());
@@ -196,29 +244,15 @@ impl Runner {
 
     /// One try: snapshot, train, gate, promote. Leaves the record in its
     /// new state; `Err` is a failure with its reason.
-    async fn attempt(&self, record: &mut JobRecord, shutdown: &Shutdown) -> Result<(), String> {
+    async fn attempt(&self, record: &mut JobRecord, shutdown: &Shutdown) -> Result<()> {
         let dir = self.settings.dir.join(format!("job-{}", record.id));
         let output = dir.join("output");
         let log = dir.join("train.log");
-        std::fs::create_dir_all(&output).map_err(|e| format!("{}: {e}", output.display()))?;
+        std::fs::create_dir_all(&output).map_err(io_error(&output))?;
         let data = dir.join("data.jsonl");
         let base_dir = self.served_base_dir().await?;
         if !data.exists() {
-            let opted_out = self.opted_out();
-            let (collect_dir, channels, path) = (self.collect_dir.clone(), record.channels.clone(), data.clone());
-            let snap = tokio::task::spawn_blocking(move || super::dataset::snapshot(&collect_dir, &channels, &opted_out, &path))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("taking the data snapshot: {e}"))?;
-            record.examples = Some(snap.exchanges);
-            if snap.exchanges < self.settings.min_examples {
-                let _ = std::fs::remove_file(&data);
-                let whose = if record.channels.is_empty() { "collected".to_string() } else { format!("collected in {}", record.channels.join(", ")) };
-                return Err(format!(
-                    "only {} exchange(s) {whose}; a job needs at least {} (jobs.min_examples)",
-                    snap.exchanges, self.settings.min_examples
-                ));
-            }
+            self.snapshot(record, &data).await?;
         }
         let resume = crate::training::checkpoint::latest_state(&output).ok().flatten().is_some();
         record.state = JobState::Running;
@@ -229,7 +263,7 @@ impl Runner {
         record.owner = Some(self.owner.clone());
         let mut child = self.spawn_trainer(record, &base_dir, &data, &output, &log, resume)?;
         record.pid = child.id();
-        self.store.put(record).await.map_err(|e| e.to_string())?;
+        self.store.put(record).await?;
         tracing::info!(job = record.id, target = %record.target, attempt = record.attempts, resume, pid = ?record.pid, "training job started");
 
         self.metrics.jobs_started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -242,42 +276,72 @@ impl Runner {
                 record.state = JobState::Queued;
                 record.owner = None;
                 record.reason = Some("the daemon stopped; resumes at its next start".into());
-                return Ok(());
+                Ok(())
             }
             Ended::Cancelled => {
                 record.state = JobState::Cancelled;
                 record.reason = Some("cancelled while training".into());
-                return Ok(());
+                Ok(())
             }
-            Ended::Exited(status) if status.success() => {}
+            Ended::Exited(status) if status.success() => self.gate_and_promote(record, &base_dir, &output).await,
             Ended::Exited(status) => {
                 use std::os::unix::process::ExitStatusExt as _;
-                if let Some(signal) = status.signal() {
-                    if record.attempts < self.settings.max_attempts {
-                        tracing::warn!(job = record.id, signal, "trainer was killed; the job resumes from its last checkpoint");
-                        record.state = JobState::Queued;
-                        record.reason = Some(format!("trainer killed by signal {signal}; resuming"));
-                        return Ok(());
-                    }
-                    return Err(format!("trainer killed by signal {signal} on each of {} tries (see {})", record.attempts, log.display()));
+                let Some(signal) = status.signal() else {
+                    return Err(RunnerError::Trainer(format!("trainer failed ({status}): {}", last_error_line(&log))));
+                };
+                if record.attempts < self.settings.max_attempts {
+                    tracing::warn!(job = record.id, signal, "trainer was killed; the job resumes from its last checkpoint");
+                    record.state = JobState::Queued;
+                    record.reason = Some(format!("trainer killed by signal {signal}; resuming"));
+                    return Ok(());
                 }
-                return Err(format!("trainer failed ({status}): {}", last_error_line(&log)));
+                Err(RunnerError::Trainer(format!(
+                    "trainer killed by signal {signal} on each of {} tries (see {})",
+                    record.attempts,
+                    log.display()
+                )))
             }
         }
+    }
+
+    /// Writes the job's data snapshot (the collected exchanges of its
+    /// channels, opted-out authors left out) to `data`; too few is an error.
+    async fn snapshot(&self, record: &mut JobRecord, data: &Path) -> Result<()> {
+        let opted_out = self.opted_out();
+        let (collect_dir, channels, path) = (self.collect_dir.clone(), record.channels.clone(), data.to_path_buf());
+        let snap = tokio::task::spawn_blocking(move || super::dataset::snapshot(&collect_dir, &channels, &opted_out, &path))
+            .await?
+            .map_err(|e| RunnerError::Refused(format!("taking the data snapshot: {e}")))?;
+        record.examples = Some(snap.exchanges);
+        if snap.exchanges < self.settings.min_examples {
+            let _ = std::fs::remove_file(data);
+            let whose = if record.channels.is_empty() { "collected".to_string() } else { format!("collected in {}", record.channels.join(", ")) };
+            return Err(RunnerError::Refused(format!(
+                "only {} exchange(s) {whose}; a job needs at least {} (jobs.min_examples)",
+                snap.exchanges, self.settings.min_examples
+            )));
+        }
+        Ok(())
+    }
+
+    /// The gate on a finished trainer's output ([`super::gate`]); promotes
+    /// (the atomic switch in Redis, then serving here) or rejects.
+    async fn gate_and_promote(&self, record: &mut JobRecord, base_dir: &Path, output: &Path) -> Result<()> {
         record.reason = None;
-        record.output = Some(output.clone());
-        let metrics = std::fs::read_to_string(output.join("metrics.json"))
-            .map_err(|e| format!("the trainer wrote no metrics.json: {e}"))?;
-        let metrics: serde_json::Value = serde_json::from_str(&metrics).map_err(|e| format!("metrics.json: {e}"))?;
-        let gate_passed = metrics.pointer("/gate/promote").and_then(|v| v.as_bool()).unwrap_or(false);
-        let gate_reason = metrics.pointer("/gate/reason").and_then(|v| v.as_str()).unwrap_or("no gate decision").to_string();
+        record.output = Some(output.to_path_buf());
+        let metrics_path = output.join("metrics.json");
+        let metrics = std::fs::read_to_string(&metrics_path)
+            .map_err(|e| RunnerError::Refused(format!("the trainer wrote no metrics.json: {e}")))?;
+        let metrics: serde_json::Value =
+            serde_json::from_str(&metrics).map_err(|e| RunnerError::Refused(format!("metrics.json: {e}")))?;
+        let (gate_passed, gate_reason) = trainer_decision(&metrics);
         record.metrics = Some(metrics);
         if !gate_passed {
             record.state = JobState::Rejected;
             record.reason = Some(gate_reason);
             return Ok(());
         }
-        let (model, probes) = self.probe(&record.target, &base_dir, &output).await?;
+        let (model, probes) = self.probe(&record.target, base_dir, output).await?;
         let failed = probes.iter().filter(|p| p.failed.is_some()).count();
         record.probes = probes;
         if failed > 0 {
@@ -285,20 +349,19 @@ impl Runner {
             record.reason = Some(format!("{failed} of {} probe prompts failed ({gate_reason})", record.probes.len()));
             return Ok(());
         }
-        // Promotion: the atomic switch in Redis, then serving here. The
-        // record is final from here (a rollback may change it later).
-        self.store.push_version(&record.target, record.id).await.map_err(|e| e.to_string())?;
+        // The record is final from here (a rollback may change it later).
+        self.store.push_version(&record.target, record.id).await?;
         record.state = JobState::Promoted;
         record.reason = Some(gate_reason);
         record.finished = Some(now_secs());
-        self.store.put(record).await.map_err(|e| e.to_string())?;
+        self.store.put(record).await?;
         match &record.target {
             Target::Base => {
                 if let Err(e) = self.serve_base(Some(record.id), model).await {
                     tracing::error!(job = record.id, error = %e, "promoted, but not served here yet; retrying at the next poll");
                 }
             }
-            Target::Persona(name) => self.personas.set_served(name, Some(record.id), Some(output)),
+            Target::Persona(name) => self.personas.set_served(name, Some(record.id), Some(output.to_path_buf())),
         }
         Ok(())
     }
@@ -311,24 +374,24 @@ impl Runner {
         output: &Path,
         log: &Path,
         resume: bool,
-    ) -> Result<tokio::process::Child, String> {
+    ) -> Result<tokio::process::Child> {
         let s = &self.settings;
         let trainer = match &s.trainer {
             Some(path) => path.clone(),
-            None => std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?,
+            None => std::env::current_exe().map_err(|e| RunnerError::Trainer(format!("cannot find this executable: {e}")))?,
         };
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
-            .map_err(|e| format!("{}: {e}", log.display()))?;
+            .map_err(io_error(log))?;
         {
             use std::io::Write as _;
             let how = if resume { ", resuming from its last checkpoint" } else { "" };
             let header = format!("--- job #{} attempt {}{how}: {} train (unix time {})\n", record.id, record.attempts, trainer.display(), now_secs());
-            (&log_file).write_all(header.as_bytes()).map_err(|e| format!("{}: {e}", log.display()))?;
+            (&log_file).write_all(header.as_bytes()).map_err(io_error(log))?;
         }
-        let stderr = log_file.try_clone().map_err(|e| format!("{}: {e}", log.display()))?;
+        let stderr = log_file.try_clone().map_err(io_error(log))?;
         let mut command = tokio::process::Command::new(&trainer);
         command
             .arg("train")
@@ -359,7 +422,7 @@ impl Runner {
             command.arg("--resume");
         }
         command.stdin(Stdio::null()).stdout(Stdio::from(log_file)).stderr(Stdio::from(stderr)).kill_on_drop(true);
-        command.spawn().map_err(|e| format!("cannot start the trainer {}: {e}", trainer.display()))
+        command.spawn().map_err(|e| RunnerError::Trainer(format!("cannot start the trainer {}: {e}", trainer.display())))
     }
 
     /// Waits for the trainer, keeping the device lock and watching for a
@@ -397,65 +460,40 @@ impl Runner {
     }
 
     /// Loads the job's model and answers the probe prompts with it (greedy,
-    /// on a blocking thread). Returns the model when it is a new base, so
-    /// promotion need not load it twice.
-    async fn probe(&self, target: &Target, base_dir: &Path, output: &Path) -> Result<(Option<Gpt2>, Vec<ProbeResult>), String> {
-        let (base, target, base_dir, output) = (self.base.clone(), target.clone(), base_dir.to_path_buf(), output.to_path_buf());
-        let probes = self.settings.probes.clone();
-        let seed = match &target {
+    /// on a blocking thread; see [`Probe`]). Returns the model when it is a
+    /// new base, so promotion need not load it twice.
+    async fn probe(&self, target: &Target, base_dir: &Path, output: &Path) -> Result<(Option<Gpt2>, Vec<ProbeResult>)> {
+        let seed = match target {
             Target::Persona(name) => self.personas.get(name).await?.map(|p| p.seed).unwrap_or_default(),
             Target::Base => Vec::new(),
         };
-        let mut params = self.pipeline.generation().sampling();
-        params.temperature = 0.0;
-        params.seed = Some(0);
-        let pipeline = self.pipeline.clone();
-        tokio::task::spawn_blocking(move || -> Result<(Option<Gpt2>, Vec<ProbeResult>), String> {
-            let device = crate::model::parse_device(&base.device).map_err(|e| e.to_string())?;
-            let dtype = crate::model::parse_dtype(&base.dtype, &device).map_err(|e| e.to_string())?;
-            let tokenizer = crate::tokenizer::DialogTokenizer::from_dir(&base_dir).map_err(|e| e.to_string())?;
-            let model = match &target {
-                Target::Base => {
-                    let serving = crate::model::ServingOptions::parse(&base.quantize, &base.kv_cache)?;
-                    serving.load(&output, dtype, &device).map_err(|e| format!("loading the new model: {e}"))?
-                }
-                Target::Persona(_) => crate::training::load_persona(&base_dir, &output, dtype, &device)
-                    .map_err(|e| format!("loading the new adapter: {e}"))?,
-            };
-            let mut results = Vec::new();
-            for prompt in probes {
-                let mut turns: Vec<Vec<u32>> = Vec::new();
-                for text in seed.iter().chain(std::iter::once(&prompt)) {
-                    turns.push(tokenizer.encode(text).map_err(|e| e.to_string())?);
-                }
-                let budget = model.config().n_positions.saturating_sub(params.max_new_tokens);
-                let built = crate::prompt::build_prompt(&turns, tokenizer.eos_id(), budget).map_err(|e| e.to_string())?;
-                let generated = crate::generate::generate(&model, &built.ids, &params, |_| true).map_err(|e| e.to_string())?;
-                let reply = tokenizer.decode(&generated.output_ids).map_err(|e| e.to_string())?.trim().to_string();
-                let failed = pipeline.judge_probe(&prompt, &reply);
-                results.push(ProbeResult { prompt, reply, failed });
-            }
-            Ok((matches!(target, Target::Base).then_some(model), results))
+        let params = self.generation.borrow().sampling();
+        let safety = self.safety.borrow().clone();
+        let (spec, prompts) = (self.base.spec.clone(), self.settings.probes.clone());
+        let (target, base_dir, output) = (target.clone(), base_dir.to_path_buf(), output.to_path_buf());
+        let probed = tokio::task::spawn_blocking(move || {
+            Probe { spec: &spec, base_dir: &base_dir, output: &output, target: &target, seed: &seed, prompts: &prompts, params, safety: &safety }
+                .run()
         })
-        .await
-        .map_err(|e| format!("probing panicked: {e}"))?
+        .await??;
+        Ok(probed)
     }
 
     /// The base checkpoint served now (what jobs train from).
-    async fn served_base_dir(&self) -> Result<PathBuf, String> {
+    async fn served_base_dir(&self) -> Result<PathBuf> {
         let served = *self.served_base.lock().await;
         self.base_dir_of(served).await
     }
 
-    async fn base_dir_of(&self, version: Option<u64>) -> Result<PathBuf, String> {
+    async fn base_dir_of(&self, version: Option<u64>) -> Result<PathBuf> {
         let Some(id) = version else { return Ok(self.base.dir.clone()) };
-        let record = self.store.get(id).await.map_err(|e| e.to_string())?.ok_or_else(|| format!("promoted job #{id} has no record"))?;
-        record.output.ok_or_else(|| format!("promoted job #{id} has no output folder"))
+        let record = self.store.get(id).await?.ok_or_else(|| RunnerError::Refused(format!("promoted job #{id} has no record")))?;
+        record.output.ok_or_else(|| RunnerError::Refused(format!("promoted job #{id} has no output folder")))
     }
 
     /// Serves `version` of the base model in the pool (loading it unless
     /// `model` is given).
-    async fn serve_base(&self, version: Option<u64>, model: Option<Gpt2>) -> Result<(), String> {
+    async fn serve_base(&self, version: Option<u64>, model: Option<Gpt2>) -> Result<()> {
         let mut served = self.served_base.lock().await;
         let Some(pool) = &self.pool else {
             *served = version;
@@ -464,32 +502,24 @@ impl Runner {
         let model = match model {
             Some(model) => model,
             None => {
-                let args = ModelArgs {
-                    model: self.base_dir_of(version).await?.display().to_string(),
-                    device: self.base.device.clone(),
-                    dtype: self.base.dtype.clone(),
-                    quantize: self.base.quantize.clone(),
-                    kv_cache: self.base.kv_cache.clone(),
-                };
-                tokio::task::spawn_blocking(move || crate::cli::load(&args, false))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| format!("{e:#}"))?
-                    .model
+                let (spec, dir) = (self.base.spec.clone(), self.base_dir_of(version).await?);
+                tokio::task::spawn_blocking(move || crate::serving::load_weights(&spec, &dir))
+                    .await?
+                    .map_err(|e| RunnerError::Serve(e.to_string()))?
             }
         };
-        let pool_version = pool.swap_model(model).await.map_err(|e| e.to_string())?;
+        let pool_version = pool.swap_model(model).await.map_err(|e| RunnerError::Serve(e.to_string()))?;
         tracing::info!(job = ?version, pool_version, "the pool now serves base model version {}", version.map_or("original".into(), |v| format!("#{v}")));
         *served = version;
         Ok(())
     }
 
     /// Applies promotions and rollbacks made anywhere.
-    pub async fn sync_served(&self) -> Result<(), String> {
+    pub async fn sync_served(&self) -> Result<()> {
         let personas = self.personas.all().await?;
         let mut targets = vec![Target::Base];
         targets.extend(personas.iter().map(|p| Target::Persona(p.name.clone())));
-        let served = self.store.served(&targets).await.map_err(|e| e.to_string())?;
+        let served = self.store.served(&targets).await?;
         for (target, version) in targets.iter().zip(served) {
             match target {
                 Target::Base => {
@@ -523,18 +553,17 @@ impl Runner {
 /// Queues a job for every schedule that came due in `(after, now]` (Unix
 /// seconds). Each firing is taken once across every daemon sharing Redis.
 /// Returns the ids queued.
-pub async fn fire_schedules(store: &JobStore, schedules: &[Schedule], after: u64, now: u64) -> Result<Vec<u64>, String> {
+pub async fn fire_schedules(store: &JobStore, schedules: &[Schedule], after: u64, now: u64) -> Result<Vec<u64>> {
     let mut queued = Vec::new();
     for schedule in schedules {
         let Some(due) = schedule.cron.next_after(after) else { continue };
-        if due > now || !store.take_firing(&schedule.name, due).await.map_err(|e| e.to_string())? {
+        if due > now || !store.take_firing(&schedule.name, due).await? {
             continue;
         }
         let target = if schedule.persona.is_empty() { Target::Base } else { Target::Persona(schedule.persona.clone()) };
         let record = store
             .create(target, format!("schedule:{}", schedule.name), schedule.channels.clone())
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         tracing::info!(job = record.id, schedule = %schedule.name, "scheduled job queued");
         queued.push(record.id);
     }
@@ -550,17 +579,4 @@ fn last_error_line(log: &Path) -> String {
         .find(|l| !l.is_empty())
         .map(|l| l.chars().take(500).collect())
         .unwrap_or_else(|| format!("no output (see {})", log.display()))
-}
-
-impl TrainMode {
-    /// The target a moderator's `/train` trains in this mode.
-    pub fn target_for(self, persona: Option<&str>) -> Result<Target, String> {
-        match (self, persona) {
-            (TrainMode::Full, _) => Ok(Target::Base),
-            (TrainMode::Lora, Some(name)) => Ok(Target::Persona(name.to_string())),
-            (TrainMode::Lora, None) => Err(
-                "jobs train a persona's adapter here, and this channel has none: /persona create NAME, then /persona use NAME".into(),
-            ),
-        }
-    }
 }

@@ -1,4 +1,4 @@
-//! Job records, the job queue, promoted versions and personas, in Redis.
+//! Job records, the job queue and promoted versions, in Redis.
 //!
 //! Keys (under `context.key_prefix`, `P` below):
 //!
@@ -11,9 +11,7 @@
 //! - `P:versions:TARGET`: promoted job ids of a target (`base`,
 //!   `persona:NAME`), oldest first; the last one is served. Promotion is an
 //!   RPUSH, rollback an RPOP: one atomic pointer switch each.
-//! - `P:personas`: a hash of persona name → [`PersonaSpec`] JSON (those
-//!   moderators created); `P:persona:use:SCOPE`: the persona chosen for a
-//!   channel (`platform:channel_id`) or a server (`platform:group:id`).
+//! - Personas have their own keys (`crate::personas::redis`).
 //! - `P:cron:NAME:TIME`: a schedule's firing, taken once across daemons.
 //!
 //! Records are written whole by the daemon that owns the job; other
@@ -26,7 +24,6 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
 use super::{JobRecord, JobState, Target};
-use crate::settings::PersonaSpec;
 
 /// Redis failures (and records that do not parse).
 #[derive(Debug, thiserror::Error)]
@@ -246,38 +243,6 @@ impl JobStore {
             }
         }
         Ok(id)
-    }
-
-    /// Personas moderators created, by name.
-    pub async fn personas(&self) -> Result<Vec<PersonaSpec>> {
-        let key = self.key("personas");
-        let raw: std::collections::BTreeMap<String, String> = self.conn.clone().hgetall(&key).await?;
-        raw.values().map(|v| from_json(&key, v)).collect()
-    }
-
-    pub async fn put_persona(&self, persona: &PersonaSpec) -> Result<()> {
-        self.conn.clone().hset::<_, _, _, ()>(self.key("personas"), &persona.name, to_json(persona)).await?;
-        Ok(())
-    }
-
-    /// Chooses a persona for a scope (`platform:channel` or
-    /// `platform:group:id`); `None` clears the choice.
-    pub async fn choose_persona(&self, scope: &str, name: Option<&str>) -> Result<()> {
-        let key = self.key(&format!("persona:use:{scope}"));
-        match name {
-            Some(name) => self.conn.clone().set::<_, _, ()>(key, name).await?,
-            None => self.conn.clone().del::<_, ()>(key).await?,
-        }
-        Ok(())
-    }
-
-    /// The personas chosen for each scope, in order.
-    pub async fn chosen_personas(&self, scopes: &[String]) -> Result<Vec<Option<String>>> {
-        let keys: Vec<String> = scopes.iter().map(|s| self.key(&format!("persona:use:{s}"))).collect();
-        if keys.is_empty() {
-            return Ok(Vec::new());
-        }
-        Ok(redis::cmd("MGET").arg(&keys).query_async(&mut self.conn.clone()).await?)
     }
 
     /// True once per (schedule, firing time) across every daemon.

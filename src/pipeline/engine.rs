@@ -59,11 +59,6 @@ pub trait ReplyEngine: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<Vec<Drawn>, EngineError>>;
     /// The model's context size in tokens (prompt and reply together).
     fn n_positions(&self) -> usize;
-    /// The generation pool behind the engine, when there is one (jobs swap
-    /// promoted models into it).
-    fn pool(&self) -> Option<&PoolHandle> {
-        None
-    }
 }
 
 /// The generation pool behind the trait: continuous batching across
@@ -129,8 +124,54 @@ impl ReplyEngine for PoolEngine {
     fn n_positions(&self) -> usize {
         self.n_positions
     }
+}
 
-    fn pool(&self) -> Option<&PoolHandle> {
-        Some(&self.handle)
+/// A [`ReplyEngine`] that answers from a script, for tests of the pipeline
+/// without a model: each `reply` call takes the next scripted round (its
+/// candidates' ids and summed log-probabilities) and records the prompt it
+/// was given. An exhausted script answers [`EngineError::Failed`].
+#[derive(Debug, Default)]
+pub struct ScriptedEngine {
+    rounds: std::sync::Mutex<std::collections::VecDeque<Result<Vec<Drawn>, EngineError>>>,
+    /// Every call's prompt ids and number of candidates asked for.
+    pub calls: std::sync::Mutex<Vec<(Vec<u32>, usize)>>,
+    /// The context size it claims.
+    pub n_positions: usize,
+}
+
+impl ScriptedEngine {
+    /// An engine with an empty script and a context of `n_positions`.
+    pub fn new(n_positions: usize) -> Self {
+        Self { n_positions, ..Self::default() }
+    }
+
+    /// Adds a round that answers these candidates.
+    pub fn then(&self, candidates: Vec<Drawn>) -> &Self {
+        self.rounds.lock().unwrap_or_else(|e| e.into_inner()).push_back(Ok(candidates));
+        self
+    }
+
+    /// Adds a round that fails with `error`.
+    pub fn then_fail(&self, error: EngineError) -> &Self {
+        self.rounds.lock().unwrap_or_else(|e| e.into_inner()).push_back(Err(error));
+        self
+    }
+}
+
+impl ReplyEngine for ScriptedEngine {
+    fn reply(
+        &self,
+        prompt_ids: Vec<u32>,
+        _params: SamplingParams,
+        n_candidates: usize,
+        _adapter: Option<Arc<LoraRuntime>>,
+    ) -> BoxFuture<'static, Result<Vec<Drawn>, EngineError>> {
+        self.calls.lock().unwrap_or_else(|e| e.into_inner()).push((prompt_ids, n_candidates));
+        let next = self.rounds.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+        Box::pin(async move { next.unwrap_or_else(|| Err(EngineError::Failed("the script has no more rounds".into()))) })
+    }
+
+    fn n_positions(&self) -> usize {
+        self.n_positions
     }
 }

@@ -29,6 +29,19 @@ struct Job {
     answer: oneshot::Sender<Result<Vec<Scored>, String>>,
 }
 
+/// Why the rankers named in `[ranking]` could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum RankerError {
+    #[error(transparent)]
+    Spec(#[from] crate::ranking::SpecError),
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    #[error(transparent)]
+    Ranking(#[from] crate::ranking::RankingError),
+    #[error("cannot start the ranker thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
 /// A loaded ranker on its thread.
 pub struct Ranker {
     queue: mpsc::SyncSender<Job>,
@@ -36,7 +49,7 @@ pub struct Ranker {
 
 impl Ranker {
     /// Loads the rankers named in `[ranking]`; `None` when none are.
-    pub fn load(settings: &RankingSettings) -> anyhow::Result<Option<Self>> {
+    pub fn load(settings: &RankingSettings) -> Result<Option<Self>, RankerError> {
         if settings.rankers.is_empty() && settings.mmi.is_empty() {
             return Ok(None);
         }

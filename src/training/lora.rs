@@ -19,6 +19,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::model::{load_weights, lora_delta, lora_prefixes, TrainableGpt2};
+pub use super::model::LoraSettings;
 use super::{file_error, Result, TrainingError};
 use crate::model::gpt2::Gpt2;
 use crate::model::lora::LoraRuntime;
@@ -29,35 +30,6 @@ pub use crate::model::lora::LORA_TARGETS;
 
 /// PEFT's key prefix for a causal LM's weights.
 const PEFT_PREFIX: &str = "base_model.model.transformer.";
-
-/// The adapter's shape: rank and scale.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct LoraSettings {
-    pub rank: usize,
-    /// The update is scaled by `alpha / rank`.
-    pub alpha: f64,
-}
-
-impl LoraSettings {
-    /// Rank `rank` with PEFT's habit of `alpha = 2 × rank`.
-    pub fn with_rank(rank: usize) -> Self {
-        Self { rank, alpha: 2.0 * rank as f64 }
-    }
-
-    pub fn scaling(&self) -> f64 {
-        self.alpha / self.rank as f64
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        if self.rank == 0 || !(self.alpha.is_finite() && self.alpha > 0.0) {
-            return Err(TrainingError::Settings(format!(
-                "LoRA needs a positive rank and alpha (have rank {}, alpha {})",
-                self.rank, self.alpha
-            )));
-        }
-        Ok(())
-    }
-}
 
 /// `adapter_config.json`, with the fields PEFT needs to load it.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -18,13 +18,14 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var, D};
+use serde::{Deserialize, Serialize};
 
-use super::lora::{LoraSettings, LORA_TARGETS};
 use super::{Result, SplitMix, TrainingError};
 use crate::model::config::{Activation, Gpt2Config};
 use crate::model::gpt2::read_config;
 use crate::model::synthetic::tensor_shapes;
 use crate::model::weights::{TensorStore, WeightsFile};
+use crate::model::lora::LORA_TARGETS;
 use crate::model::ModelError;
 
 /// A weight of the network: trained, or held fixed.
@@ -40,6 +41,35 @@ impl Param {
             Param::Trainable(v) => v.as_tensor(),
             Param::Frozen(t) => t,
         }
+    }
+}
+
+/// The adapter's shape: rank and scale.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LoraSettings {
+    pub rank: usize,
+    /// The update is scaled by `alpha / rank`.
+    pub alpha: f64,
+}
+
+impl LoraSettings {
+    /// Rank `rank` with PEFT's habit of `alpha = 2 × rank`.
+    pub fn with_rank(rank: usize) -> Self {
+        Self { rank, alpha: 2.0 * rank as f64 }
+    }
+
+    pub fn scaling(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.rank == 0 || !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return Err(TrainingError::Settings(format!(
+                "LoRA needs a positive rank and alpha (have rank {}, alpha {})",
+                self.rank, self.alpha
+            )));
+        }
+        Ok(())
     }
 }
 

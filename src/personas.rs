@@ -1,22 +1,85 @@
-//! Personas: which one a channel speaks as, and what each one serves.
+//! Personas: which one a channel speaks as, what each one serves, and the
+//! prompt a persona's seed turns make.
 //!
 //! A persona is a name, an optional LoRA adapter and optional seed turns
 //! placed before the context. The operator defines some in `[personas]`;
-//! moderators create more with `/persona create` (kept in Redis when jobs
-//! are on, else for the process's life). A channel's persona is the one
-//! chosen for the channel, else the one chosen for its server, else
+//! moderators create more with `/persona create`. Created personas and
+//! each channel's or server's choice live in a [`PersonaStore`]: Redis
+//! ([`redis::RedisPersonaStore`]) whenever `context.store = "redis"`, so
+//! choices survive restarts and every daemon on that Redis agrees; memory
+//! ([`memory::MemoryPersonaStore`]) otherwise. A channel's persona is the
+//! one chosen for the channel, else the one chosen for its server, else
 //! `personas.default`. What a persona serves — its configured adapter or
 //! the newest promoted job's — is set by the job runner as versions change.
+//!
+//! [`persona_prompt`] is the one place a persona's prompt is built: serving
+//! and the jobs' promotion gate both call it, so the gate tests what users
+//! get.
+
+pub mod memory;
+pub mod redis;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
-use dialogd_adapters::ChannelKey;
+use dialogd_adapters::{BoxFuture, ChannelKey};
 
-use super::store::JobStore;
 use crate::model::{Gpt2Config, LoraRuntime};
+use crate::prompt::{build_prompt, Prompt, PromptError};
 use crate::settings::{persona_name_ok, PersonaSettings, PersonaSpec};
+use crate::tokenizer::DialogTokenizer;
+
+/// The longest seed turn a moderator may give, in bytes.
+pub const MAX_SEED_BYTES: usize = 2000;
+
+/// Why a persona operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PersonaError {
+    /// The store could not be read or written (Redis away, corrupt data).
+    #[error("persona store: {0}")]
+    Store(String),
+    /// A request the rules refuse; the message is for the user.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Where created personas and choices are kept. Implementations: Redis
+/// and memory; the same behaviour (tested against both).
+pub trait PersonaStore: Send + Sync + 'static {
+    /// Every persona moderators created, in no particular order.
+    fn created(&self) -> BoxFuture<'_, Result<Vec<PersonaSpec>, PersonaError>>;
+    /// Creates or replaces a persona by name.
+    fn put(&self, spec: PersonaSpec) -> BoxFuture<'_, Result<(), PersonaError>>;
+    /// Chooses `name` for a scope (a channel `platform:id`, or a server,
+    /// [`group_scope`]); `None` clears the choice.
+    fn choose(&self, scope: &str, name: Option<&str>) -> BoxFuture<'_, Result<(), PersonaError>>;
+    /// The choice of each scope, in order.
+    fn chosen(&self, scopes: &[String]) -> BoxFuture<'_, Result<Vec<Option<String>>, PersonaError>>;
+}
+
+/// A persona's prompt: each seed turn then each context turn, every one
+/// followed by `<|endoftext|>`. The seed turns are always kept; the
+/// context (oldest turns dropped first, see [`build_prompt`]) gets what
+/// they leave of `budget` tokens.
+///
+/// `turns` are the context's encoded turns, oldest first, the user's new
+/// message last. Errors: the budget leaves no room for the last turn.
+pub fn persona_prompt(tokenizer: &DialogTokenizer, seed: &[String], turns: &[Vec<u32>], budget: usize) -> Result<Prompt, PromptError> {
+    let mut seed_ids = Vec::new();
+    for turn in seed {
+        if let Ok(ids) = tokenizer.encode(turn) {
+            seed_ids.extend(ids);
+            seed_ids.push(tokenizer.eos_id());
+        }
+    }
+    let mut prompt = build_prompt(turns, tokenizer.eos_id(), budget.saturating_sub(seed_ids.len()))?;
+    if !seed_ids.is_empty() {
+        seed_ids.extend_from_slice(&prompt.ids);
+        prompt.ids = seed_ids;
+    }
+    Ok(prompt)
+}
 
 /// A persona ready to answer: seed turns and the adapter to apply.
 #[derive(Debug, Clone)]
@@ -41,12 +104,9 @@ struct Served {
 
 /// The registry the pipeline and the runner share.
 pub struct Personas {
-    store: Option<JobStore>,
+    /// Created personas and every scope's choice (Redis, or memory).
+    store: Arc<dyn PersonaStore>,
     settings: PersonaSettings,
-    /// Created without Redis: kept for the process's life.
-    local: RwLock<HashMap<String, PersonaSpec>>,
-    /// Choices without Redis.
-    local_choices: RwLock<HashMap<String, String>>,
     /// Promoted versions, set by the runner. A std lock: never held across
     /// an await.
     served: RwLock<HashMap<String, Served>>,
@@ -70,12 +130,11 @@ pub fn group_scope(channel: &ChannelKey, group: &str) -> String {
 }
 
 impl Personas {
-    pub fn new(settings: PersonaSettings, store: Option<JobStore>) -> Arc<Self> {
+    /// The registry over `store`, with the operator's `[personas]`.
+    pub fn new(settings: PersonaSettings, store: Arc<dyn PersonaStore>) -> Arc<Self> {
         Arc::new(Self {
             store,
             settings,
-            local: RwLock::new(HashMap::new()),
-            local_choices: RwLock::new(HashMap::new()),
             served: RwLock::new(HashMap::new()),
             model: RwLock::new(None),
             adapters: RwLock::new(HashMap::new()),
@@ -105,7 +164,7 @@ impl Personas {
         })
         .await
         .map_err(|e| e.to_string())
-        .and_then(|r| r);
+        .and_then(|loaded| loaded);
         let adapter = match loaded {
             Ok(runtime) => {
                 tracing::info!(adapter = %dir.display(), rank = runtime.rank(), "persona adapter loaded");
@@ -121,17 +180,15 @@ impl Personas {
     }
 
     /// Every persona: the configured ones, then those moderators created.
-    pub async fn all(&self) -> Result<Vec<PersonaSpec>, String> {
+    pub async fn all(&self) -> Result<Vec<PersonaSpec>, PersonaError> {
         let mut all = self.settings.defined.clone();
-        let created = match &self.store {
-            Some(store) => store.personas().await.map_err(|e| e.to_string())?,
-            None => self.local.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect(),
-        };
+        let mut created = self.store.created().await?;
+        created.sort_by(|a, b| a.name.cmp(&b.name));
         all.extend(created.into_iter().filter(|p| !self.settings.defined.iter().any(|d| d.name == p.name)));
         Ok(all)
     }
 
-    pub async fn get(&self, name: &str) -> Result<Option<PersonaSpec>, String> {
+    pub async fn get(&self, name: &str) -> Result<Option<PersonaSpec>, PersonaError> {
         Ok(self.all().await?.into_iter().find(|p| p.name == name))
     }
 
@@ -139,72 +196,51 @@ impl Personas {
     /// a persona with seed turns and no adapter until a job trains one.
     /// Configured personas, and those another channel or server created,
     /// cannot be replaced.
-    pub async fn create(&self, name: &str, seed: Vec<String>, scope: &str) -> Result<PersonaSpec, String> {
+    pub async fn create(&self, name: &str, seed: Vec<String>, scope: &str) -> Result<PersonaSpec, PersonaError> {
         if !persona_name_ok(name) {
-            return Err(format!("{name:?} is not a persona name: use 1-32 of a-z, 0-9, _ and -"));
+            return Err(PersonaError::Refused(format!("{name:?} is not a persona name: use 1-32 of a-z, 0-9, _ and -")));
         }
         if self.settings.defined.iter().any(|d| d.name == name) {
-            return Err(format!("{name} is defined in the settings; choose another name"));
+            return Err(PersonaError::Refused(format!("{name} is defined in the settings; choose another name")));
         }
-        if seed.iter().any(|s| s.len() > 2000) {
-            return Err("a seed turn may have at most 2000 bytes".into());
+        if seed.iter().any(|s| s.len() > MAX_SEED_BYTES) {
+            return Err(PersonaError::Refused(format!("a seed turn may have at most {MAX_SEED_BYTES} bytes")));
         }
         if let Some(existing) = self.get(name).await? {
             if existing.created_in.as_deref() != Some(scope) {
-                return Err(format!("{name} was created elsewhere; choose another name"));
+                return Err(PersonaError::Refused(format!("{name} was created elsewhere; choose another name")));
             }
         }
         let spec = PersonaSpec { name: name.to_string(), adapter: None, seed, created_in: Some(scope.to_string()) };
-        match &self.store {
-            Some(store) => store.put_persona(&spec).await.map_err(|e| e.to_string())?,
-            None => {
-                self.local.write().unwrap_or_else(|e| e.into_inner()).insert(spec.name.clone(), spec.clone());
-            }
-        }
+        self.store.put(spec.clone()).await?;
         Ok(spec)
     }
 
     /// Chooses a persona for a scope (a channel, `platform:id`, or a server,
     /// [`group_scope`]); `None` goes back to the default.
-    pub async fn choose(&self, scope: &str, name: Option<&str>) -> Result<(), String> {
+    pub async fn choose(&self, scope: &str, name: Option<&str>) -> Result<(), PersonaError> {
         if let Some(name) = name {
             if self.get(name).await?.is_none() {
-                return Err(format!("there is no persona {name:?} (/persona list shows them)"));
+                return Err(PersonaError::Refused(format!("there is no persona {name:?} (/persona list shows them)")));
             }
         }
-        match &self.store {
-            Some(store) => store.choose_persona(scope, name).await.map_err(|e| e.to_string()),
-            None => {
-                let mut choices = self.local_choices.write().unwrap_or_else(|e| e.into_inner());
-                match name {
-                    Some(name) => choices.insert(scope.to_string(), name.to_string()),
-                    None => choices.remove(scope),
-                };
-                Ok(())
-            }
-        }
+        self.store.choose(scope, name).await
     }
 
     /// The name of the persona a channel speaks as, if any.
-    pub async fn chosen(&self, channel: &ChannelKey, group: Option<&str>) -> Result<Option<String>, String> {
+    pub async fn chosen(&self, channel: &ChannelKey, group: Option<&str>) -> Result<Option<String>, PersonaError> {
         let mut scopes = vec![channel.to_string()];
         if let Some(group) = group {
             scopes.push(group_scope(channel, group));
         }
-        let chosen = match &self.store {
-            Some(store) => store.chosen_personas(&scopes).await.map_err(|e| e.to_string())?,
-            None => {
-                let choices = self.local_choices.read().unwrap_or_else(|e| e.into_inner());
-                scopes.iter().map(|s| choices.get(s).cloned()).collect()
-            }
-        };
+        let chosen = self.store.chosen(&scopes).await?;
         let default = (!self.settings.default.is_empty()).then(|| self.settings.default.clone());
         Ok(chosen.into_iter().flatten().next().or(default))
     }
 
     /// The persona a channel speaks as, ready to use. A persona that no
     /// longer exists is treated as none.
-    pub async fn for_channel(&self, channel: &ChannelKey, group: Option<&str>) -> Result<Option<ActivePersona>, String> {
+    pub async fn for_channel(&self, channel: &ChannelKey, group: Option<&str>) -> Result<Option<ActivePersona>, PersonaError> {
         let Some(name) = self.chosen(channel, group).await? else { return Ok(None) };
         let Some(spec) = self.get(&name).await? else { return Ok(None) };
         let served = self.served.read().unwrap_or_else(|e| e.into_inner()).get(&spec.name).cloned().unwrap_or_default();

@@ -1,0 +1,344 @@
+//! The reply path of one message, in the order a message meets it:
+//!
+//! 1. [`process`]: a command goes to [`super::commands`]; a message not
+//!    addressed to the bot, or in a muted channel, gets no answer.
+//! 2. [`admit`]: duplicate deliveries, rate limits and the input filter (a
+//!    toxic message is answered per `safety.toxic_input` and never stored,
+//!    so never learned from).
+//! 3. [`prepare`]: the channel's context and persona into a prompt
+//!    ([`persona_prompt`], the function the jobs' gate uses too).
+//! 4. [`choose`]: candidates from the engine; empty ones, echoes, repeats
+//!    and flagged ones are dropped, drawing again up to
+//!    `safety.max_attempts` rounds; the ranker (or the likeliest) picks.
+//! 5. [`finish`]: the user's turn and the bot's stored in one atomic
+//!    append, the exchange collected where the channel consented.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use dialogd_adapters::{Answer, ChannelKey, CoreError, Inbound};
+
+use super::commands::{self, Command};
+use super::engine::{Drawn, EngineError};
+use super::limits::Verdict;
+use super::{say, silent, Shared};
+use crate::context::{Appended, ContextError, EditOutcome, Turn};
+use crate::personas::{persona_prompt, ActivePersona};
+use crate::prompt::{Prompt, MAX_TURN_BYTES};
+use crate::safety::{Policy, WordList};
+use crate::settings::{GenerationSettings, SafetySettings, ToxicInput};
+use crate::telemetry::{Metrics, Refusal};
+
+/// Tracks whether this message had to do without its stored context.
+struct Degraded<'a> {
+    metrics: &'a Metrics,
+    counted: bool,
+}
+
+impl Degraded<'_> {
+    fn note(&mut self, channel: &ChannelKey, what: &str, err: &ContextError) {
+        tracing::debug!(%channel, error = %err, "context {what} failed");
+        if !self.counted {
+            self.counted = true;
+            self.metrics.context_degraded.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A message that passed admission, with what its reply is drawn from.
+struct Prepared {
+    /// The stored turns, oldest first.
+    history: Vec<Turn>,
+    /// Each kept turn encoded, the message last.
+    encoded: Vec<Vec<u32>>,
+    prompt: Prompt,
+    persona: Option<ActivePersona>,
+    /// `[generation]` as it was when the message started.
+    generation: Arc<GenerationSettings>,
+}
+
+/// An edited message (`Inbound::edit`): the input filter's verdict on the
+/// new text, then [`crate::context::apply_edit`] does the rest.
+async fn edited(shared: &Shared, inbound: &Inbound) -> Result<EditOutcome, CoreError> {
+    let (Some(id), Some(edit)) = (inbound.msg_id.as_deref(), inbound.edit) else { return Ok(EditOutcome::Done("edit_ignored")) };
+    let text = inbound.text.trim();
+    if text.is_empty() || text.len() > MAX_TURN_BYTES {
+        return Ok(EditOutcome::Done("edit_ignored"));
+    }
+    let (safety, blocked) = shared.safety();
+    let policy = safety.policy_for(&inbound.channel.to_string());
+    let flagged = shared.filter.check(text, policy, Some(&blocked)).map_err(super::internal)?.flagged;
+    crate::context::apply_edit(&*shared.store, &inbound.channel, &inbound.author, id, text, flagged, edit.answer)
+        .await
+        .map_err(|e| CoreError::Unavailable(e.to_string()))
+}
+
+/// Handles one message: a command, or a turn of conversation. An edit
+/// corrects the stored context and, answered again, goes on as a new
+/// message under the id [`crate::context::apply_edit`] gives it.
+pub(super) async fn process(shared: Arc<Shared>, mut inbound: Inbound) -> Result<Answer, CoreError> {
+    if inbound.edit.is_some() {
+        match edited(&shared, &inbound).await? {
+            EditOutcome::Done(reason) => return Ok(silent(reason)),
+            EditOutcome::AnswerAs(id) => inbound.msg_id = Some(id),
+        }
+    }
+    let metrics = &shared.metrics;
+    let mut text = inbound.text.trim();
+    if text.is_empty() {
+        metrics.refused(Refusal::Invalid);
+        return Err(CoreError::Invalid("the message is empty".into()));
+    }
+    if text.len() > MAX_TURN_BYTES {
+        metrics.refused(Refusal::Invalid);
+        return Err(CoreError::Invalid(format!("the message is over {MAX_TURN_BYTES} bytes")));
+    }
+    match Command::parse(text) {
+        Some(Command::Ask(question)) if question.is_empty() => return Ok(say(&inbound, "Ask me something: /ask how are you?")),
+        Some(Command::Ask(question)) => text = question,
+        Some(command) => return commands::run(&shared, &inbound, command).await,
+        None if !inbound.addressed_to_bot => return Ok(silent("not_addressed")),
+        None => {}
+    }
+    if shared.muted.lock().unwrap_or_else(|e| e.into_inner()).contains(&inbound.channel) {
+        return Ok(silent("muted"));
+    }
+    let mut degraded = Degraded { metrics, counted: false };
+    let (safety, blocked) = shared.safety();
+    let policy = safety.policy_for(&inbound.channel.to_string());
+    if let Some(answer) = admit(&shared, &inbound, text, &safety, &blocked, policy, &mut degraded).await? {
+        return Ok(answer);
+    }
+    let prepared = prepare(&shared, &inbound, text, &mut degraded).await?;
+    let chosen = choose(&shared, &inbound, text, &prepared, &safety, &blocked, policy).await?;
+    finish(&shared, &inbound, text, &prepared, chosen, &safety, &mut degraded).await
+}
+
+/// Duplicate check, rate limits and the input filter. `Some(answer)` ends
+/// the message there.
+async fn admit(
+    shared: &Shared,
+    inbound: &Inbound,
+    text: &str,
+    safety: &SafetySettings,
+    blocked: &WordList,
+    policy: Policy,
+    degraded: &mut Degraded<'_>,
+) -> Result<Option<Answer>, CoreError> {
+    let (metrics, channel) = (&shared.metrics, &inbound.channel);
+    if let Some(id) = inbound.msg_id.as_deref() {
+        match shared.store.seen(channel, id).await {
+            Ok(true) => {
+                metrics.refused(Refusal::Duplicate);
+                return Ok(Some(silent("duplicate")));
+            }
+            Ok(false) => {}
+            Err(e) => degraded.note(channel, "duplicate check", &e),
+        }
+    }
+    match shared.limiter.check(channel, &inbound.author) {
+        Verdict::Allow => {}
+        Verdict::Notice(notice) => {
+            metrics.refused(Refusal::RateLimited);
+            tracing::info!(%channel, author = %inbound.author, "rate limited: notice sent");
+            return Ok(Some(say(inbound, notice)));
+        }
+        Verdict::Drop => {
+            metrics.refused(Refusal::RateLimited);
+            return Ok(Some(silent("rate_limited")));
+        }
+    }
+    let verdict = shared.filter.check(text, policy, Some(blocked)).map_err(super::internal)?;
+    if verdict.flagged {
+        metrics.refused(Refusal::ToxicInput);
+        tracing::info!(%channel, categories = ?verdict.categories, "message failed the safety filter");
+        return Ok(Some(match safety.toxic_input {
+            ToxicInput::Notice => say(inbound, safety.notice.clone()),
+            ToxicInput::Silent => silent("toxic_input"),
+        }));
+    }
+    Ok(None)
+}
+
+/// Reads the context and the persona and builds the prompt within
+/// `min(context.max_tokens, n_positions − max_new_tokens)`.
+async fn prepare(shared: &Shared, inbound: &Inbound, text: &str, degraded: &mut Degraded<'_>) -> Result<Prepared, CoreError> {
+    let channel = &inbound.channel;
+    let history = shared.store.turns(channel).await.unwrap_or_else(|e| {
+        degraded.note(channel, "read", &e);
+        Vec::new()
+    });
+    let tokenizer = &shared.tokenizer;
+    let mut encoded: Vec<Vec<u32>> = history
+        .iter()
+        .filter_map(|turn| tokenizer.encode(&turn.text).ok().filter(|ids| !ids.is_empty()))
+        .collect();
+    let message_ids = tokenizer.encode(text).map_err(|e| CoreError::Invalid(e.to_string()))?;
+    if message_ids.is_empty() {
+        shared.metrics.refused(Refusal::Invalid);
+        return Err(CoreError::Invalid("the message encodes to no tokens".into()));
+    }
+    encoded.push(message_ids);
+    let persona = shared.personas.for_channel(channel, inbound.group.as_deref()).await.unwrap_or_else(|e| {
+        tracing::warn!(%channel, error = %e, "cannot look up the channel's persona; answering without one");
+        None
+    });
+    let generation = shared.live.generation();
+    let budget = shared.max_tokens.min(shared.engine.n_positions().saturating_sub(generation.max_new_tokens));
+    let seed = persona.as_ref().map_or(&[][..], |p| &p.seed[..]);
+    let prompt = persona_prompt(tokenizer, seed, &encoded, budget).map_err(|e| {
+        CoreError::Internal(format!("{e} (generation.max_new_tokens and the persona's seed turns leave too little of {budget} tokens of context)"))
+    })?;
+    Ok(Prepared { history, encoded, prompt, persona, generation })
+}
+
+/// Draws candidates, screens them and picks one; `None` when no candidate
+/// passed in `safety.max_attempts` rounds. Returns the text, its ids and
+/// the round it came from.
+async fn choose(
+    shared: &Shared,
+    inbound: &Inbound,
+    text: &str,
+    prepared: &Prepared,
+    safety: &SafetySettings,
+    blocked: &WordList,
+    policy: Policy,
+) -> Result<Option<(String, Vec<u32>, usize)>, CoreError> {
+    let (metrics, channel, tokenizer) = (&shared.metrics, &inbound.channel, &shared.tokenizer);
+    let generation = &prepared.generation;
+    let recent_bot: Vec<String> = prepared.history.iter().rev().filter(|t| t.bot).take(8).map(|t| t.text.clone()).collect();
+    let adapter = prepared.persona.as_ref().and_then(|p| p.adapter.clone());
+    for attempt in 1..=safety.max_attempts {
+        let request = shared.engine.reply(prepared.prompt.ids.clone(), generation.sampling(), generation.candidates.max(1), adapter.clone());
+        let drawn = match request.await {
+            Ok(drawn) => drawn,
+            Err(EngineError::Busy) => return Err(CoreError::Busy),
+            Err(e) => {
+                metrics.refused(Refusal::Failed);
+                tracing::warn!(%channel, error = %e, "generation failed");
+                return Err(CoreError::Internal(e.to_string()));
+            }
+        };
+        metrics.candidates_drawn.fetch_add(drawn.len() as u64, Ordering::Relaxed);
+        let texts: Vec<String> =
+            drawn.iter().map(|d| tokenizer.decode(&d.ids).map(|t| t.trim().to_string()).unwrap_or_default()).collect();
+        let rejections = crate::ranking::degeneration::screen(&texts, text, &recent_bot);
+        let mut survivors = Vec::new();
+        for (i, rejection) in rejections.iter().enumerate() {
+            if let Some(why) = rejection {
+                metrics.candidates_screened.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%channel, candidate = i, ?why, "candidate screened out");
+                continue;
+            }
+            let verdict = shared.filter.check(&texts[i], policy, Some(blocked)).map_err(super::internal)?;
+            if verdict.flagged {
+                metrics.candidates_flagged.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%channel, candidate = i, categories = ?verdict.categories, "candidate flagged");
+                continue;
+            }
+            survivors.push(i);
+        }
+        if survivors.is_empty() {
+            tracing::debug!(%channel, attempt, "no candidate passed; drawing again");
+            continue;
+        }
+        let best = pick(shared, channel, prepared, &drawn, &survivors).await;
+        return Ok(Some((texts[best].clone(), drawn[best].ids.clone(), attempt)));
+    }
+    Ok(None)
+}
+
+/// The survivor to send: the ranker's choice when `[ranking]` names models
+/// and there is a choice, else the highest mean log-probability.
+async fn pick(shared: &Shared, channel: &ChannelKey, prepared: &Prepared, drawn: &[Drawn], survivors: &[usize]) -> usize {
+    let mean_logprob = |i: usize| drawn[i].logprob / drawn[i].ids.len().max(1) as f32;
+    let likeliest = || *survivors.iter().max_by(|&&a, &&b| mean_logprob(a).total_cmp(&mean_logprob(b))).unwrap_or(&survivors[0]);
+    let Some(ranker) = shared.ranker.as_ref().filter(|_| survivors.len() > 1) else { return likeliest() };
+    let encoded = &prepared.encoded;
+    let context = encoded[encoded.len() - prepared.prompt.turns_kept..].to_vec();
+    let ids: Vec<Vec<u32>> = survivors.iter().map(|&i| drawn[i].ids.clone()).collect();
+    let logprobs: Vec<f32> = survivors.iter().map(|&i| mean_logprob(i)).collect();
+    match ranker.score(context, ids, logprobs).await {
+        Ok(scores) => {
+            shared.metrics.candidates_ranked.fetch_add(scores.len() as u64, Ordering::Relaxed);
+            let top = (0..scores.len()).max_by(|&a, &b| scores[a].score.total_cmp(&scores[b].score)).unwrap_or(0);
+            tracing::debug!(%channel, candidates = survivors.len(), chosen = survivors[top],
+                score = scores[top].score, dialogrpt = ?scores[top].dialogrpt, mmi = ?scores[top].mmi, "ranked");
+            survivors[top]
+        }
+        Err(e) => {
+            tracing::warn!(%channel, error = %e, "ranking failed; taking the likeliest candidate");
+            likeliest()
+        }
+    }
+}
+
+/// Stores the exchange (or the user's turn alone when nothing passed),
+/// collects it where the channel consented, and answers.
+async fn finish(
+    shared: &Shared,
+    inbound: &Inbound,
+    text: &str,
+    prepared: &Prepared,
+    chosen: Option<(String, Vec<u32>, usize)>,
+    safety: &SafetySettings,
+    degraded: &mut Degraded<'_>,
+) -> Result<Answer, CoreError> {
+    let (metrics, channel, store) = (&shared.metrics, &inbound.channel, &shared.store);
+    let msg_id = inbound.msg_id.as_deref();
+    let user_turn = Turn::user(&inbound.author, text, inbound.msg_id.clone());
+    let Some((reply_text, ids, attempt)) = chosen else {
+        // The user's turn was fine: keep it; the bot says nothing.
+        metrics.refused(Refusal::NoSafeCandidate);
+        tracing::info!(%channel, attempts = safety.max_attempts, "no candidate passed the filter; staying silent");
+        if let Err(e) = store.append(channel, &[user_turn], msg_id).await {
+            degraded.note(channel, "append", &e);
+        }
+        return Ok(silent("no_safe_candidate"));
+    };
+    let (turns, answer) = if reply_text.is_empty() {
+        metrics.refused(Refusal::EmptyReply);
+        (vec![user_turn], silent("empty_reply"))
+    } else {
+        (vec![user_turn, Turn::bot(&reply_text, &inbound.author)], say(inbound, &reply_text))
+    };
+    match store.append(channel, &turns, msg_id).await {
+        Ok(Appended::Stored) => {}
+        Ok(Appended::Duplicate) => {
+            // Another daemon sharing the store took this message meanwhile.
+            metrics.refused(Refusal::Duplicate);
+            return Ok(silent("duplicate"));
+        }
+        Err(e) => degraded.note(channel, "append", &e),
+    }
+    if matches!(answer, Answer::Reply(_)) {
+        metrics.replies.fetch_add(1, Ordering::Relaxed);
+        collect(shared, inbound, text, prepared, &reply_text).await;
+    }
+    tracing::debug!(%channel, prompt_turns = prepared.prompt.turns_kept, reply_tokens = ids.len(), attempt, "answered");
+    Ok(answer)
+}
+
+/// Opted-in channels: the exchange (the context the model saw, the
+/// message, the reply) goes to the training logs. Toxic messages never get
+/// this far; flagged replies are never chosen.
+async fn collect(shared: &Shared, inbound: &Inbound, text: &str, prepared: &Prepared, reply_text: &str) {
+    let channel = &inbound.channel;
+    let Some(collector) = shared.collector.as_ref().filter(|c| c.wants(&channel.to_string())) else { return };
+    let history = &prepared.history;
+    let context = history.len().saturating_sub(prepared.prompt.turns_kept.saturating_sub(1));
+    let mut turns: Vec<(String, String, bool)> = history[context..].iter().map(|t| (t.author.clone(), t.text.clone(), t.bot)).collect();
+    turns.push((inbound.author.clone(), text.to_string(), false));
+    turns.push(("bot".to_string(), reply_text.to_string(), true));
+    let (collector, key) = (collector.clone(), channel.to_string());
+    let written = tokio::task::spawn_blocking(move || {
+        let refs: Vec<(&str, &str, bool)> = turns.iter().map(|(a, t, b)| (a.as_str(), t.as_str(), *b)).collect();
+        collector.record(&key, &refs)
+    })
+    .await;
+    match written {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(%channel, error = %e, "could not collect the exchange"),
+        Err(e) => tracing::warn!(%channel, error = %e, "could not collect the exchange"),
+    }
+}
