@@ -21,8 +21,17 @@ transformers picks (older releases counted non-pad tokens, and 50256 is both
 the pad and the turn separator). A batched, right-padded run with an
 attention mask is checked against the one-at-a-time reference here too.
 
-MMI: a reverse GPT-2 LM scores -mean NLL of the source tokens (the context
-turns each followed by <|endoftext|>) given `candidate <|endoftext|>`.
+MMI: a reverse GPT-2 LM scores -mean NLL of the source tokens given
+`candidate <|endoftext|>`. The source is the context turns *newest first*,
+each followed by <|endoftext|>: DialoGPT's reverse models were trained on
+data made by the original `prepro.py --reverse` (microsoft/DialoGPT), which
+reverses the whole list of turns [context..., response] before joining them
+with <|endoftext|>, so the model reads the response, then the turn it
+answered, then the one before. Only whole turns that fit the budget
+(n_positions - longest candidate - 1) are kept, the newest ones, as for a
+forward prompt; a single newest turn too long for it keeps its end. Each
+multi-turn case also records the scores of the oldest-first source, the
+order dialogd used to get wrong, so the test shows the two differ.
 """
 
 import json
@@ -126,20 +135,53 @@ def ranker_cases(model, tok):
     return cases
 
 
-def mmi_cases(model, tok):
+# Multi-turn contexts for MMI beyond CONTEXTS: the issue's example, a
+# four-turn exchange, and one too long for the 128 positions of the tiny
+# reverse model (its oldest turns are dropped).
+MMI_CONTEXTS = CONTEXTS + [
+    ["I like pizza", "why pizza?"],
+    ["hi", "hello there, how are you?", "fine thanks. and you?", "great, just got back from Paris"],
+    ["turn one is about the weather and how cold it was last winter in the mountains near the lake"] * 1
+    + ["turn %d goes on about trains, timetables, platforms and the coffee at the station kiosk" % i for i in range(2, 7)],
+]
+
+
+def reverse_source(tok, turns, budget):
+    """The MMI source: the newest turns that fit `budget`, newest first,
+    each followed by <|endoftext|> (prepro.py --reverse)."""
+    encoded = [mg.encode_user(tok, t) for t in turns]
+    kept, used = [], 0
+    for ids in reversed(encoded):
+        if used + len(ids) + 1 > budget:
+            break
+        kept.append(ids)
+        used += len(ids) + 1
+    if not kept:
+        return encoded[-1][len(encoded[-1]) - (budget - 1):] + [EOS], 1
+    return [i for ids in kept for i in ids + [EOS]], len(kept)
+
+
+def source_score(model, cand_ids, source):
+    ids = cand_ids + [EOS] + source
+    logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+    start = len(cand_ids) + 1
+    nll = [-float(logp[pos - 1, ids[pos]]) for pos in range(start, len(ids))]
+    return -float(np.mean(nll))
+
+
+def mmi_cases(model, tok, n_positions):
     cases = []
     with torch.no_grad():
-        for turns in CONTEXTS:
-            source = mg.prompt_ids(tok, turns)
-            scores = []
-            for cand in CANDIDATES:
-                cand_ids = mg.encode_user(tok, cand)
-                ids = cand_ids + [EOS] + source
-                logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
-                start = len(cand_ids) + 1
-                nll = [-float(logp[pos - 1, ids[pos]]) for pos in range(start, len(ids))]
-                scores.append(-float(np.mean(nll)))
-            cases.append({"turns": turns, "candidates": CANDIDATES, "scores": scores})
+        for turns in MMI_CONTEXTS:
+            cand_ids = [mg.encode_user(tok, c) for c in CANDIDATES]
+            budget = n_positions - max(len(c) for c in cand_ids) - 1
+            source, kept = reverse_source(tok, turns, budget)
+            scores = [source_score(model, c, source) for c in cand_ids]
+            case = {"turns": turns, "candidates": CANDIDATES, "turns_kept": kept, "source_ids": source, "scores": scores}
+            if kept > 1:
+                oldest_first = mg.prompt_ids(tok, turns[len(turns) - kept:])
+                case["scores_oldest_first"] = [source_score(model, c, oldest_first) for c in cand_ids]
+            cases.append(case)
     return cases
 
 
@@ -163,7 +205,7 @@ def main():
     out["ensemble_final"] = final
     cfg = config_for(MMI)
     mmi = mg.build_model(cfg, MMI["seed"])
-    out["mmi"] = {"config": cfg, "seed": MMI["seed"], "cases": mmi_cases(mmi, tok)}
+    out["mmi"] = {"config": cfg, "seed": MMI["seed"], "cases": mmi_cases(mmi, tok, cfg["n_positions"])}
     print("mmi", [["%.3f" % s for s in c["scores"]] for c in out["mmi"]["cases"]])
     path = os.path.join(mg.FIX, "golden", "rpt.json")
     with open(path, "w") as f:

@@ -9,7 +9,10 @@
 //!   all candidates in one batched forward pass, combined as
 //!   prior × cond.
 //! - [`MmiScorer::scores`] (optional): the DialoGPT paper's reverse model.
-//! - [`Weights::mix`]: one number per candidate; the highest is sent.
+//! - [`Weights::mix`]: one number per candidate.
+//! - [`select::choose`]: the reply to send: a finished candidate (one that
+//!   ended with `<|endoftext|>`) before a cut-off one, then the highest
+//!   score.
 //!
 //! [`spec`] parses the `[HEAD=]DIR[:WEIGHT]` ranker specs of the settings
 //! and the CLI.
@@ -23,6 +26,7 @@ pub mod degeneration;
 pub mod dialogrpt;
 pub mod ensemble;
 pub mod mmi;
+pub mod select;
 pub mod spec;
 
 use std::path::PathBuf;

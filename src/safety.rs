@@ -15,6 +15,7 @@
 //!   style multi-label BERT/RoBERTa) implements, and per-label thresholds.
 
 pub mod classifier;
+pub mod markup;
 pub mod rules;
 pub mod words;
 
@@ -197,6 +198,9 @@ impl Filter {
         if let Some(text) = texts.iter().find(|t| t.len() > MAX_TEXT_BYTES) {
             return Err(SafetyError::TooLong { len: text.len(), max: MAX_TEXT_BYTES });
         }
+        // Mentions, emoji ids, URLs and code fences are not words.
+        let texts: Vec<std::borrow::Cow<'_, str>> = texts.iter().map(|t| markup::neutralise(t)).collect();
+        let texts: Vec<&str> = texts.iter().map(|t| t.as_ref()).collect();
         let mut all_hits: Vec<Vec<Hit>> = texts
             .iter()
             .map(|text| {
@@ -210,7 +214,7 @@ impl Filter {
             })
             .collect();
         if let Some((classifier, thresholds)) = &self.classifier {
-            let probabilities = classifier.probabilities(texts)?;
+            let probabilities = classifier.probabilities(&texts)?;
             if probabilities.len() != texts.len() {
                 return Err(SafetyError::Classifier(format!("{} answers for {} texts", probabilities.len(), texts.len())));
             }

@@ -41,8 +41,6 @@ pub enum Refusal {
     Busy,
     /// The message id was seen before.
     Duplicate,
-    /// The model's reply was empty.
-    EmptyReply,
     /// Empty or oversized text.
     Invalid,
     /// The daemon is stopping.
@@ -59,10 +57,9 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    const ALL: [Refusal; 9] = [
+    const ALL: [Refusal; 8] = [
         Refusal::Busy,
         Refusal::Duplicate,
-        Refusal::EmptyReply,
         Refusal::Invalid,
         Refusal::ShuttingDown,
         Refusal::Failed,
@@ -75,7 +72,6 @@ impl Refusal {
         match self {
             Refusal::Busy => "busy",
             Refusal::Duplicate => "duplicate",
-            Refusal::EmptyReply => "empty_reply",
             Refusal::Invalid => "invalid",
             Refusal::ShuttingDown => "shutting_down",
             Refusal::Failed => "failed",
@@ -98,6 +94,9 @@ pub struct Metrics {
     pub messages_in: AtomicU64,
     pub messages_out: AtomicU64,
     pub replies: AtomicU64,
+    /// Replies sent although cut off by `max_new_tokens` (no candidate
+    /// ended with `<|endoftext|>`).
+    pub replies_cut_off: AtomicU64,
     refusals: [AtomicU64; Refusal::ALL.len()],
     /// Jobs waiting for generation.
     pub queue_depth: AtomicI64,
@@ -171,6 +170,7 @@ impl Metrics {
         counter("dialogd_messages_in_total", "Messages received from adapters.", load(&self.messages_in));
         counter("dialogd_messages_out_total", "Answers handed to adapters (replies and command answers).", load(&self.messages_out));
         counter("dialogd_replies_total", "Generated replies.", load(&self.replies));
+        counter("dialogd_replies_cut_off_total", "Replies sent cut off by the token limit (no candidate finished).", load(&self.replies_cut_off));
         counter("dialogd_redis_errors_total", "Failed or timed-out Redis calls.", load(&self.redis_errors));
         counter("dialogd_context_degraded_total", "Messages answered without their stored context.", load(&self.context_degraded));
         counter("dialogd_reloads_total", "Successful SIGHUP reloads.", load(&self.reloads));

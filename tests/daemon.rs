@@ -123,6 +123,10 @@ fn check_config_redacts_secrets_and_names_bad_keys() {
 
     std::fs::write(&path, "[generation]\ntop_p = 3.0\n").unwrap();
     assert_fails_with(&dialogd(&["check-config", "--config", config]), "generation.top_p");
+    // A ranker group whose weights sum to zero: `run` refuses it, and so
+    // does `check-config`, before any model is read.
+    std::fs::write(&path, "[ranking]\nrankers = [\"prior=/a:0.5\", \"prior=/b:-0.5\"]\n").unwrap();
+    assert_fails_with(&dialogd(&["check-config", "--config", config]), "weights sum to 0");
     std::fs::write(&path, "[context]\nsotre = \"redis\"\n").unwrap();
     assert_fails_with(&dialogd(&["check-config", "--config", config]), "sotre");
     std::fs::write(&path, "").unwrap();
@@ -287,7 +291,7 @@ fn the_console_adapter_talks_on_stdin_and_stdout() {
     let text = stdout(&out);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 3, "{text}");
-    assert!(lines[0].starts_with("bot> ") || lines[0] == "(no reply: empty_reply)", "{text}");
+    assert!(lines[0].starts_with("bot> ") || lines[0] == "(no reply: no_safe_candidate)", "{text}");
     assert!(lines[1].contains("/forget"), "{text}");
     assert!(lines[2].contains("forgotten"), "{text}");
 }

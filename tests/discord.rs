@@ -11,7 +11,7 @@ use dialogd_adapters::retry::RetryPolicy;
 use dialogd_adapters::{Adapter, Answer, BoxFuture, ChannelKey, ContextTurn, Core, CoreError, Health, Inbound, Outbound, Shutdown};
 use serde_json::{json, Value};
 
-use crate::fakes::discord::{edited, message, slash_command, user, FakeDiscord, BOT_ID, GUILD};
+use crate::fakes::discord::{edited, message, slash_command, user, FakeDiscord, Limit, BOT_ID, GUILD};
 use crate::fakes::{wait_for, LogCapture};
 use crate::support::{daemon_toml, TestDaemon};
 
@@ -76,10 +76,19 @@ async fn dms_mentions_slash_commands_moderators_and_resume() {
     assert_eq!(referenced(&nth_posted(&fake, 2, 1).await), Some(mention), "{:?}", fake.posted(2));
     let stored = d.pipeline.turns(ChannelKey::new(dialogd_adapters::Platform::Discord, "2")).await.unwrap();
     assert_eq!(stored[0].text, "how are you?", "the mention is stripped");
+    // Naming another member is not abuse: the mention's digits are not read
+    // as leetspeak (`<@455>` read "ass" and was answered with the notice).
+    let naming = fake.next_id();
+    let member = user(123456789012345678, "shital", false);
+    let text = format!("<@{BOT_ID}> say hi to <@123456789012345678> and <@!455>");
+    fake.dispatch("MESSAGE_CREATE", message(naming, 2, Some(GUILD), 2, &text, vec![user(BOT_ID, "dialogd", true), member], None));
+    let answer = nth_posted(&fake, 2, 2).await;
+    assert_eq!(referenced(&answer), Some(naming));
+    assert_ne!(answer["content"], "Let's keep it friendly.", "a mention was taken for abuse");
     let original = message(fake.next_id(), 2, Some(GUILD), BOT_ID, "an earlier reply", vec![], None);
     let replying = fake.next_id();
     fake.dispatch("MESSAGE_CREATE", message(replying, 2, Some(GUILD), 3, "tell me more", vec![], Some(original)));
-    assert_eq!(referenced(&nth_posted(&fake, 2, 2).await), Some(replying));
+    assert_eq!(referenced(&nth_posted(&fake, 2, 3).await), Some(replying));
 
     // Slash commands, moderators from the permission and the allowlist.
     let mut n = 0;
@@ -105,7 +114,7 @@ async fn dms_mentions_slash_commands_moderators_and_resume() {
     assert!(slash(55, "0", "persona", None).await.contains("I speak as pirate here (1 seed turn"));
     assert!(slash(4, "8", "train", None).await.contains("Training is off"));
     assert!(slash(2, "0", "reset", None).await.contains("forgotten"));
-    assert_eq!(fake.posted(2).len(), 2, "nothing answered the muted mention");
+    assert_eq!(fake.posted(2).len(), 3, "nothing answered the muted mention");
     assert!(!fake.calls("POST", "/callback").is_empty(), "commands are acknowledged");
 
     // The gateway drops; serenity resumes the session and gets the
@@ -148,22 +157,32 @@ impl Core for ScriptedCore {
     }
 }
 
+/// The adapter alone against `fake`, over a [`ScriptedCore`]: 4 tries with
+/// a 50 ms backoff, no wait over `max_wait`.
+fn start_scripted(
+    fake: &FakeDiscord,
+    long: &str,
+    max_wait: Duration,
+) -> (tokio::sync::watch::Sender<bool>, tokio::task::JoinHandle<Result<(), dialogd_adapters::AdapterError>>) {
+    let core: Arc<dyn Core> = Arc::new(ScriptedCore { long: long.to_string() });
+    let config = DiscordSettings {
+        enabled: true,
+        token: Some(Secret::new(TOKEN)),
+        proxy_url: Some(fake.rest_url.clone()),
+        retry: RetryPolicy { attempts: 4, backoff: Duration::from_millis(50), max_wait },
+        ..Default::default()
+    };
+    let (stop, shutdown) = Shutdown::new();
+    (stop, tokio::spawn(Box::new(DiscordAdapter::new(config).unwrap()).run(core, shutdown)))
+}
+
 #[tokio::test]
 async fn long_replies_split_in_order_and_429_then_5xx_lose_nothing() {
     let logs = LogCapture::default();
     let _guard = logs.install();
     let fake = FakeDiscord::start(TOKEN).await;
     let long: String = (0..150).map(|i| format!("Line {i} of a long answer, {}.\n", "more ".repeat(i % 9))).collect();
-    let core: Arc<dyn Core> = Arc::new(ScriptedCore { long: long.trim().to_string() });
-    let config = DiscordSettings {
-        enabled: true,
-        token: Some(Secret::new(TOKEN)),
-        proxy_url: Some(fake.rest_url.clone()),
-        retry: RetryPolicy { attempts: 4, backoff: Duration::from_millis(50), max_wait: Duration::from_secs(2) },
-        ..Default::default()
-    };
-    let (stop, shutdown) = Shutdown::new();
-    let running = tokio::spawn(Box::new(DiscordAdapter::new(config).unwrap()).run(core, shutdown));
+    let (stop, running) = start_scripted(&fake, long.trim(), Duration::from_secs(2));
     wait_for(WAIT, || fake.received(2).pop()).await.expect("identify");
     wait_for(WAIT, || fake.calls("PUT", "/commands").pop()).await.expect("global command registration");
 
@@ -210,6 +229,64 @@ async fn long_replies_split_in_order_and_429_then_5xx_lose_nothing() {
     let text = logs.text();
     assert!(text.contains("retrying"));
     assert!(!text.contains(TOKEN) && !text.contains("fake-discord-secret-token"), "a log line carries the token");
+}
+
+/// The gap between the rate-limited call (`method` ending in `suffix`) and
+/// the next one, once both have arrived at the fake.
+async fn gap_after_429(fake: &FakeDiscord, method: &str, suffix: &str) -> Duration {
+    let times = wait_for(WAIT, || {
+        let times = fake.call_times(method, suffix);
+        let at = times.iter().position(|(_, failed)| *failed)?;
+        times.get(at + 1).map(|(next, _)| (times[at].0, *next))
+    })
+    .await
+    .unwrap_or_else(|| panic!("no retry of {method} {suffix}: {:?}", fake.call_times(method, suffix)));
+    times.1 - times.0
+}
+
+#[tokio::test]
+async fn rate_limits_wait_what_discord_asks_for_every_call() {
+    let fake = FakeDiscord::start(TOKEN).await;
+    // Each wait is asked for one way; the adapter's own backoff (50 ms) is
+    // far shorter than all of them, so a call that ignored the answer would
+    // come back too soon.
+    fake.rate_limit_next("PUT", "/commands", Limit { body_retry_after: Some(1.2), ..Default::default() });
+    let (stop, running) = start_scripted(&fake, "", Duration::from_secs(5));
+
+    // Registering commands: the body's `retry_after` (no headers).
+    assert!(gap_after_429(&fake, "PUT", "/commands").await >= Duration::from_millis(1200));
+
+    // A message: `Retry-After: 2` and a body saying 1.5 — the longer wins
+    // (the case from the bug report, which retried after 0.25 s).
+    fake.rate_limit_next("POST", "/channels/21/messages", Limit { body_retry_after: Some(1.5), retry_after: Some("2"), ..Default::default() });
+    fake.dispatch("MESSAGE_CREATE", message(fake.next_id(), 21, None, 21, "hello", vec![], None));
+    assert!(gap_after_429(&fake, "POST", "/channels/21/messages").await >= Duration::from_secs(2));
+    assert_eq!(fake.posted(21)[0]["content"], "echo: hello");
+
+    // `X-RateLimit-Reset-After` alone.
+    fake.rate_limit_next("POST", "/channels/22/messages", Limit { reset_after: Some("1.1"), ..Default::default() });
+    fake.dispatch("MESSAGE_CREATE", message(fake.next_id(), 22, None, 22, "hi", vec![], None));
+    assert!(gap_after_429(&fake, "POST", "/channels/22/messages").await >= Duration::from_millis(1100));
+
+    // A global limit on one channel's post holds another channel's post too.
+    fake.rate_limit_next("POST", "/channels/23/messages", Limit { body_retry_after: Some(1.0), global: true, ..Default::default() });
+    fake.dispatch("MESSAGE_CREATE", message(fake.next_id(), 23, None, 23, "first", vec![], None));
+    let limited_at = wait_for(WAIT, || fake.call_times("POST", "/channels/23/messages").first().map(|(t, _)| *t)).await.unwrap();
+    fake.dispatch("MESSAGE_CREATE", message(fake.next_id(), 24, None, 24, "second", vec![], None));
+    let other = wait_for(WAIT, || fake.call_times("POST", "/channels/24/messages").first().map(|(t, _)| *t)).await.unwrap();
+    assert!(other - limited_at >= Duration::from_secs(1), "the global limit did not hold channel 24: {:?}", other - limited_at);
+    assert!(gap_after_429(&fake, "POST", "/channels/23/messages").await >= Duration::from_secs(1));
+
+    // A slash command: deferring it (`Retry-After` alone), then its
+    // follow-up.
+    fake.rate_limit_next("POST", "/callback", Limit { retry_after: Some("1"), ..Default::default() });
+    fake.dispatch("INTERACTION_CREATE", slash_command(fake.next_id(), 25, 3, "0", "ask", Some(("text", "ping"))));
+    assert!(gap_after_429(&fake, "POST", "/callback").await >= Duration::from_secs(1));
+    let followup = wait_for(WAIT, || fake.followups().first().cloned()).await.expect("the follow-up");
+    assert_eq!(followup["content"], "echo: /ask ping");
+
+    let _ = stop.send(true);
+    tokio::time::timeout(WAIT, running).await.expect("the adapter stops").unwrap().unwrap();
 }
 
 async fn discord_texts(d: &TestDaemon, channel: u64) -> Vec<String> {

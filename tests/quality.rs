@@ -1,8 +1,118 @@
 //! Safety and ranking end to end, through the daemon's HTTP adapter: a toxic
 //! message is neither stored nor echoed, a flagged candidate is never sent,
 //! and candidates are ranked by DialogRPT when rankers are configured.
+//! Scripted models (a GPT-2 built so its next token depends only on the
+//! current one, `synthetic::bigram_tensors`) give replies of a known shape:
+//! a complete reply beats a cut-off repeat, and an emoji-only reply is
+//! sent.
 
-use crate::support::{daemon_toml, ranker_dir, TestDaemon};
+use std::path::PathBuf;
+
+use dialogd::model::synthetic::write_bigram_checkpoint;
+use dialogd::model::Gpt2Config;
+
+use crate::support::{cached_checkpoint, daemon_toml, fixtures, ranker_dir, TestDaemon};
+
+const EOS: u32 = 50256;
+/// GPT-2 tokens: "yes", " no", " 🙂", and ten punctuation tokens ("!", ".",
+/// "?", "...", "?!", "!?", "!!", "!!!", "..", ":").
+const YES: u32 = 8505;
+const NO: u32 = 645;
+const SMILE: u32 = 32485;
+const PUNCT: [u32; 10] = [0, 13, 30, 986, 12248, 22857, 3228, 10185, 492, 25];
+
+/// A one-layer GPT-2 that follows `script` (token → followers and logits).
+fn scripted_model(name: &str, script: &[(u32, Vec<(u32, f32)>)]) -> PathBuf {
+    let mut cfg = Gpt2Config::with_shape(64, 1, 2);
+    cfg.n_positions = 96;
+    cfg.n_inner = Some(64);
+    cached_checkpoint(&format!("bigram {name} {cfg:?} {script:?}"), name, |dir| {
+        write_bigram_checkpoint(dir, &cfg, script, &fixtures().join("gpt2")).unwrap()
+    })
+}
+
+/// "yes" (p 0.9), then one of ten punctuation marks (0.1 each), then the
+/// end of the turn: a finished reply of mean log-probability
+/// (ln 0.9 + ln 0.1) / 2 = −1.20. Or " no" (p 0.1), repeated for sure: cut
+/// off at 3 tokens with mean (ln 0.1) / 3 = −0.77, the higher score.
+fn yes_or_no_model() -> PathBuf {
+    let punct: Vec<(u32, f32)> = PUNCT.iter().map(|&p| (p, 30.0)).collect();
+    let mut script = vec![(EOS, vec![(YES, 30.0 + 9f32.ln()), (NO, 30.0)]), (YES, punct), (NO, vec![(NO, 30.0)])];
+    script.extend(PUNCT.iter().map(|&p| (p, vec![(EOS, 30.0)])));
+    scripted_model("yes-or-no", &script)
+}
+
+/// Plain sampling, `candidates` drawn, at most 3 new tokens.
+fn scripted_toml(model: &std::path::Path, candidates: usize) -> String {
+    let path = format!("path = \"{}\"", model.display());
+    let candidates = format!("candidates = {candidates}");
+    daemon_toml(
+        None,
+        &[
+            ("model", path.as_str()),
+            ("generation", candidates.as_str()),
+            ("generation", "max_new_tokens = 3"),
+            ("generation", "temperature = 1.0"),
+            ("generation", "top_k = 0"),
+            ("generation", "top_p = 1.0"),
+            ("generation", "repetition_penalty = 1.0"),
+            ("generation", "no_repeat_ngram = 0"),
+        ],
+    )
+}
+
+#[test]
+fn the_scripted_model_says_what_its_script_says() {
+    use candle_core::{DType, Device};
+    let dir = yes_or_no_model();
+    let model = dialogd::model::Gpt2::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    // After some user text and the separator; after "yes"; after " no".
+    for (ids, want) in [(vec![40, 588, EOS], vec![(YES, 0.9), (NO, 0.1)]), (vec![EOS, YES], vec![(13, 0.1), (0, 0.1)]), (vec![EOS, NO], vec![(NO, 1.0)])] {
+        let input = model.tokens_tensor(&ids).unwrap();
+        let mut cache = model.new_cache();
+        let logits = model.forward(&input, &mut cache).unwrap().squeeze(0).unwrap();
+        let probs: Vec<f32> = candle_nn::ops::softmax_last_dim(&logits).unwrap().to_vec1().unwrap();
+        for (token, p) in want {
+            assert!((probs[token as usize] - p).abs() < 1e-3, "after {ids:?}: p({token}) = {} not {p}", probs[token as usize]);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_reply_beats_a_cut_off_repeat() {
+    let model = yes_or_no_model();
+    let d = TestDaemon::start(&scripted_toml(&model, 8)).await;
+    // Among 8 candidates a "yes…" comes with probability 1 − 0.1⁸; the
+    // cut-off " no no no" scores higher and used to win every time.
+    for channel in 0..12 {
+        let (status, answer) = d.say(&format!("fresh-{channel}"), "ann", "are you there?", None).await;
+        assert_eq!(status, 200, "{answer}");
+        let reply = answer["reply"].as_str().unwrap_or_else(|| panic!("no reply: {answer}"));
+        assert!(reply.starts_with("yes") && reply.len() > 3, "channel {channel}: {reply:?}");
+    }
+    assert_eq!(d.metric("dialogd_replies_cut_off_total").await, 0.0);
+    d.stop().await;
+
+    // When nothing finishes, the cut-off reply is sent, and counted.
+    let only_no = scripted_model("only-no", &[(EOS, vec![(NO, 30.0)]), (NO, vec![(NO, 30.0)])]);
+    let d = TestDaemon::start(&scripted_toml(&only_no, 8)).await;
+    let (_, answer) = d.say("c", "ann", "are you there?", None).await;
+    assert_eq!(answer["reply"], "no no no", "{answer}");
+    assert_eq!(d.metric("dialogd_replies_cut_off_total").await, 1.0);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emoji_only_reply_is_sent() {
+    // " 🙂" then the end of the turn: the reply is "🙂".
+    let model = scripted_model("smile", &[(EOS, vec![(SMILE, 30.0)]), (SMILE, vec![(EOS, 30.0)])]);
+    let d = TestDaemon::start(&scripted_toml(&model, 2)).await;
+    let (status, answer) = d.say("c", "ann", "how do you feel?", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(answer, serde_json::json!({ "reply": "🙂" }));
+    assert_eq!(d.metric("dialogd_refusals_total{reason=\"no_safe_candidate\"}").await, 0.0);
+    d.stop().await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_toxic_message_is_answered_by_policy_and_never_stored() {
@@ -88,6 +198,9 @@ async fn bad_ranking_and_safety_settings_name_their_key() {
         ("safety", "max_attempts = 0", "safety.max_attempts"),
         ("safety", "channels = { \"nowhere\" = \"strict\" }", "safety.channels"),
         ("ranking", "rankers = [\"sideways=/x\"]", "ranking.rankers"),
+        // A group whose weights sum to zero: `run` refused it, so must
+        // `check-config` (same validation).
+        ("ranking", "rankers = [\"prior=/a:1\", \"prior=/b:-1\", \"updown=/c\"]", "ranking.rankers"),
         ("generation", "max_batch = 1", "generation.max_batch"),
     ] {
         let toml = daemon_toml(None, &[(section, line)]);

@@ -135,12 +135,27 @@ fn mmi_matches_transformers() {
     let scorer = MmiScorer::load(&dir, DType::F32, &Device::Cpu).unwrap();
     let tok = DialogTokenizer::from_dir(&dir).unwrap();
     let mut worst = 0f64;
-    for case in rpt_golden()["mmi"]["cases"].as_array().unwrap() {
+    let cases = rpt_golden()["mmi"]["cases"].as_array().unwrap();
+    // Multi-turn contexts, one of them too long for the model (its oldest
+    // turns are dropped), are in the golden file.
+    assert!(cases.iter().filter(|c| c["turns_kept"].as_u64().unwrap() >= 2).count() >= 4);
+    assert!(cases.iter().any(|c| c["turns_kept"].as_u64().unwrap() < c["turns"].as_array().unwrap().len() as u64));
+    for case in cases {
         let turns = encode_all(&tok, &strings(&case["turns"]));
         let candidates = encode_all(&tok, &strings(&case["candidates"]));
+        // The source is the reference's, newest turn first.
+        let longest = candidates.iter().map(Vec::len).max().unwrap();
+        let source = dialogd::ranking::mmi::reverse_source(&turns, EOS_TOKEN_ID, 128 - longest - 1).unwrap();
+        assert_eq!(source, ids(&case["source_ids"]), "{}", case["turns"]);
         let got = scorer.scores(&turns, &candidates).unwrap();
         for (g, w) in got.iter().zip(floats(&case["scores"])) {
             worst = worst.max((*g as f64 - w).abs() / w.abs().max(1.0));
+        }
+        // Read oldest first, a multi-turn source scores differently: the
+        // golden numbers tell the two orders apart.
+        if let Some(oldest_first) = case.get("scores_oldest_first") {
+            let apart = got.iter().zip(floats(oldest_first)).map(|(g, w)| (*g as f64 - w).abs()).fold(0f64, f64::max);
+            assert!(apart > 1e-2, "{}: the oldest-first scores are within {apart} of ours", case["turns"]);
         }
     }
     eprintln!("MMI parity: worst relative error {worst:.2e}");

@@ -25,7 +25,9 @@ fn labelled() -> Vec<(bool, String)> {
 fn labelled_set_precision_and_recall() {
     let filter = Filter::new();
     let set = labelled();
-    assert!(set.len() >= 100 && set.iter().filter(|(y, _)| *y).count() >= 50);
+    // 100 sentences at first, 50 abusive; issue #20 added 105 innocent
+    // (names, places, word boundaries, platform markup) and 52 abusive.
+    assert!(set.len() >= 257 && set.iter().filter(|(y, _)| *y).count() >= 102);
     for policy in [Policy::Standard, Policy::Strict] {
         let (mut tp, mut fp, mut fn_) = (0, 0, 0);
         for (label, text) in &set {
@@ -46,10 +48,12 @@ fn labelled_set_precision_and_recall() {
         let precision = tp as f64 / (tp + fp) as f64;
         let recall = tp as f64 / (tp + fn_) as f64;
         eprintln!("{policy:?}: precision {precision:.3} recall {recall:.3} (tp {tp}, fp {fp}, fn {fn_}, n {})", set.len());
-        // Floors a little under what the filter measured when this set was
-        // written (see README, "Safety"): a regression fails, noise does not.
-        assert!(precision >= 0.9, "{policy:?} precision {precision}");
-        assert!(recall >= 0.9, "{policy:?} recall {recall}");
+        // Precision: a floor a little under what the filter measured when
+        // the set was last extended (see README, "Safety"; 0.879 standard,
+        // 0.872 strict): a regression fails, noise does not. Recall: every
+        // abusive sentence is caught, as before the set grew.
+        assert!(precision >= 0.86, "{policy:?} precision {precision}");
+        assert_eq!(fn_, 0, "{policy:?} recall {recall}");
     }
 }
 
@@ -75,6 +79,28 @@ fn innocent_words_that_contain_bad_ones_pass() {
     // Known rustrict quirk: "the assassin" reads as mild profanity, which
     // strict (and only strict) blocks.
     assert!(!filter.check("the assassin was never caught", Policy::Standard, None).unwrap().flagged);
+}
+
+#[test]
+fn mentions_markup_names_and_word_boundaries_pass() {
+    let filter = Filter::new();
+    // The cases of issue #20, which the filter used to flag.
+    for text in ["don't I think", "Shital", "Nishit", "(ok)", "<@456>", "<@123456789012345678> hi", "<@&77> <#88> <@!99>",
+        "<:pepeok:1122> and <a:party:455>", "https://example.com/?id=455", "`shiitake`", "isn't it nice"]
+    {
+        for policy in [Policy::Standard, Policy::Strict] {
+            let v = filter.check(text, policy, None).unwrap();
+            assert!(!v.flagged, "{policy:?} flagged {text:?}: {v:?}");
+        }
+    }
+    // Markup does not hide abuse: the words around it, inside code spans and
+    // in an emoji's name are still read.
+    for text in ["<@123456789012345678> you are a fucking idiot", "`fuck you`", "<:fuck_you:1234>", "||you dumb bitch||",
+        "https://example.com read it, you asshole", "Nishit, you shit"]
+    {
+        let v = filter.check(text, Policy::Standard, None).unwrap();
+        assert!(v.flagged, "missed {text:?}: {v:?}");
+    }
 }
 
 #[test]

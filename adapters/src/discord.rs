@@ -17,10 +17,14 @@
 //! Answers go through the [`Outbox`] (one channel's answers in order),
 //! with the typing indicator while the core works, the first piece as a
 //! reply, split at 2000 characters, with mentions disabled (a generated
-//! `@everyone` pings nobody). serenity's rate limiter honours Discord's
-//! buckets and 429s; with a REST proxy (`proxy_url`, which does its own
-//! limiting) it is off. Failed sends (429, 5xx, network) are retried within
-//! a [`RetryPolicy`].
+//! `@everyone` pings nobody). Every REST call the adapter makes goes
+//! through [`rest::Rest`], which honours the waits Discord asks for (a
+//! 429's `retry_after`, `Retry-After`, `X-RateLimit-Reset-After`, global
+//! limits, exhausted buckets), also behind a REST proxy (`proxy_url`);
+//! failed calls (429, 5xx, network) are retried within a [`RetryPolicy`].
+//! Messages are split at 2000 characters as Discord counts them: Unicode
+//! code points (its API is Python 3; discord/discord-api-docs#1315), so an
+//! emoji is one character, not two UTF-16 units.
 //!
 //! Threads: a thread is its own channel (its own context) and belongs to
 //! its parent for `allowed_channels` and `open_channels`. Edited messages
@@ -30,21 +34,23 @@
 //! Moderators: the allowlist of user ids, members holding a configured
 //! role, and members with the Manage Server (or Administrator) permission.
 
+mod rest;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 use serenity::all::{
-    ChannelId, ChannelType, Command, CommandInteraction, CommandOptionType, Context, CreateAllowedMentions, CreateCommand,
-    CreateCommandOption, CreateInteractionResponseFollowup, CreateMessage, EventHandler, GatewayIntents, GuildId,
-    HttpBuilder, Interaction, Message, MessageId, MessageReference, MessageUpdateEvent, Permissions, Ready,
-    ResumedEvent, RoleId, UserId,
+    ChannelId, CommandInteraction, CommandOptionType, Context, CreateAllowedMentions, CreateCommand, CreateCommandOption,
+    CreateInteractionResponseFollowup, CreateMessage, EventHandler, GatewayIntents, GuildId, HttpBuilder, Interaction,
+    Message, MessageId, MessageReference, MessageUpdateEvent, Permissions, Ready, ResumedEvent, RoleId, UserId,
 };
-use serenity::http::{Http, HttpError};
+use serenity::http::{Http, LightMethod, Route};
 
 use crate::outbox::Outbox;
-use crate::retry::{with_retries, Failure, RetryPolicy};
+use crate::retry::RetryPolicy;
 use crate::settings::{invalid, serialize_opt_secret, Secret, SettingsError};
+use rest::{Rest, RestError};
 use crate::text::{chars, is_moderator_command, scrub, split_message, COMMANDS};
 use crate::{Adapter, AdapterError, Answer, BoxFuture, ChannelKey, Core, CoreError, Edit, Inbound, Platform, Shutdown};
 
@@ -94,7 +100,7 @@ pub struct DiscordSettings {
     pub moderators: Vec<u64>,
     /// Answer edited messages again.
     pub answer_edits: bool,
-    /// Retries of sends (not a settings key: the default, or a test's).
+    /// Retries of REST calls (not a settings key: the default, or a test's).
     #[serde(skip)]
     pub retry: RetryPolicy,
 }
@@ -168,6 +174,8 @@ struct State {
     /// Set from the Ready event.
     bot_id: OnceLock<UserId>,
     outbox: Outbox,
+    /// Every REST call goes through it (rate limits honoured).
+    rest: Rest,
     /// Threads' parents (`None`: not a thread), looked up once each.
     parents: Mutex<HashMap<ChannelId, Option<ChannelId>>>,
 }
@@ -187,7 +195,9 @@ impl Adapter for DiscordAdapter {
             if let Some(proxy) = &config.proxy_url {
                 http = http.proxy(proxy.clone()).ratelimiter_disabled(true);
             }
-            let state = Arc::new(State { core, config, bot_id: OnceLock::new(), outbox: Outbox::new(), parents: Mutex::new(HashMap::new()) });
+            let rest = Rest::new(&token, config.proxy_url.clone(), config.retry);
+            let parents = Mutex::new(HashMap::new());
+            let state = Arc::new(State { core, config, bot_id: OnceLock::new(), outbox: Outbox::new(), rest, parents });
             let client = serenity::client::ClientBuilder::new_with_http(http.build(), intents())
                 .event_handler(Handler(state.clone()))
                 .await;
@@ -271,41 +281,38 @@ fn command_builders() -> Vec<CreateCommand> {
 
 async fn register_commands(state: &State, http: &Arc<Http>) {
     let token = state.config.bot_token();
-    let commands = command_builders();
+    let Some(application_id) = http.application_id() else {
+        tracing::warn!("discord: no application id after Ready; slash commands not registered");
+        return;
+    };
+    let commands = json_body(&command_builders());
     if state.config.command_guilds.is_empty() {
-        let done = with_retries(
-            state.config.retry,
-            "register global commands",
-            || Command::set_global_commands(http, commands.clone()),
-            classify,
-            |e| scrub(&e.to_string(), token),
-        )
-        .await;
+        let route = Route::Commands { application_id };
+        let done = state.rest.call("register global commands", route, LightMethod::Put, commands).await;
         if let Err(e) = done {
             tracing::warn!(error = %scrub(&e.to_string(), token), "discord: cannot register slash commands");
         }
         return;
     }
     for guild in &state.config.command_guilds {
-        let guild = GuildId::new(*guild);
-        let done = with_retries(
-            state.config.retry,
-            "register guild commands",
-            || guild.set_commands(http, commands.clone()),
-            classify,
-            |e| scrub(&e.to_string(), token),
-        )
-        .await;
+        let guild_id = GuildId::new(*guild);
+        let route = Route::GuildCommands { application_id, guild_id };
+        let done = state.rest.call("register guild commands", route, LightMethod::Put, commands.clone()).await;
         if let Err(e) = done {
-            tracing::warn!(guild = guild.get(), error = %scrub(&e.to_string(), token), "discord: cannot register slash commands");
+            tracing::warn!(guild = guild_id.get(), error = %scrub(&e.to_string(), token), "discord: cannot register slash commands");
         }
     }
+}
+
+/// A request body as JSON.
+fn json_body(value: &impl Serialize) -> Option<Vec<u8>> {
+    Some(serde_json::to_vec(value).unwrap_or_default())
 }
 
 /// The channel whose `allowed_channels`/`open_channels` membership
 /// `channel` has: itself, or for a thread not listed itself, its parent
 /// (asked once per thread with `GET /channels/{id}`, then remembered).
-async fn listed_as(state: &State, http: &Http, guild: Option<GuildId>, channel: ChannelId) -> ChannelId {
+async fn listed_as(state: &State, guild: Option<GuildId>, channel: ChannelId) -> ChannelId {
     let config = &state.config;
     let listed = |c: ChannelId| config.allowed_channels.contains(&c.get()) || config.open_channels.contains(&c.get());
     if guild.is_none() || (config.allowed_channels.is_empty() && config.open_channels.is_empty()) || listed(channel) {
@@ -314,16 +321,18 @@ async fn listed_as(state: &State, http: &Http, guild: Option<GuildId>, channel: 
     if let Some(known) = state.parents.lock().unwrap_or_else(|e| e.into_inner()).get(&channel) {
         return known.unwrap_or(channel);
     }
-    let token = config.bot_token();
-    let parent = match with_retries(config.retry, "get channel", || channel.to_channel(http), classify, |e| scrub(&e.to_string(), token)).await {
-        Ok(serenity::all::Channel::Guild(found)) => {
-            let thread = matches!(found.kind, ChannelType::PublicThread | ChannelType::PrivateThread | ChannelType::NewsThread);
-            if thread { found.parent_id } else { None }
+    let found = state.rest.call("get channel", Route::Channel { channel_id: channel }, LightMethod::Get, None).await;
+    let parent = match found {
+        Ok(body) => {
+            let found: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            // 10, 11, 12: announcement, public and private threads.
+            let thread = matches!(found["type"].as_u64(), Some(10..=12));
+            let parent = found["parent_id"].as_str().and_then(|id| id.parse::<u64>().ok()).filter(|&id| id != 0);
+            if thread { parent.map(ChannelId::new) } else { None }
         }
-        Ok(_) => None,
         Err(e) => {
             // Not remembered: asked again with the next message.
-            tracing::warn!(channel = channel.get(), error = %scrub(&e.to_string(), token), "discord: cannot look up a channel's parent");
+            tracing::warn!(channel = channel.get(), error = %scrub(&e.to_string(), config.bot_token()), "discord: cannot look up a channel's parent");
             return channel;
         }
     };
@@ -365,7 +374,7 @@ async fn on_message(state: &Arc<State>, ctx: Context, message: Message) {
     if message.author.bot {
         return;
     }
-    let listed = listed_as(state, &ctx.http, message.guild_id, message.channel_id).await;
+    let listed = listed_as(state, message.guild_id, message.channel_id).await;
     if !allowed(&state.config, message.guild_id, listed) {
         return;
     }
@@ -373,7 +382,7 @@ async fn on_message(state: &Arc<State>, ctx: Context, message: Message) {
     let Some(text) = addressed_text(state, listed, message.guild_id, &message.content, &message.mentions, replied_to_bot) else {
         return;
     };
-    let moderator = is_moderator_command(&text) && message_author_is_moderator(state, &ctx, &message).await;
+    let moderator = is_moderator_command(&text) && message_author_is_moderator(state, &message).await;
     let inbound = Inbound {
         channel: ChannelKey::new(Platform::Discord, message.channel_id.get().to_string()),
         author: message.author.id.get().to_string(),
@@ -398,7 +407,7 @@ async fn on_edit(state: &Arc<State>, ctx: Context, event: MessageUpdateEvent) {
     if author.bot {
         return;
     }
-    let listed = listed_as(state, &ctx.http, event.guild_id, event.channel_id).await;
+    let listed = listed_as(state, event.guild_id, event.channel_id).await;
     if !allowed(&state.config, event.guild_id, listed) {
         return;
     }
@@ -429,7 +438,7 @@ async fn on_edit(state: &Arc<State>, ctx: Context, event: MessageUpdateEvent) {
 }
 
 async fn on_command(state: &Arc<State>, ctx: Context, command: CommandInteraction) {
-    let listed = listed_as(state, &ctx.http, command.guild_id, command.channel_id).await;
+    let listed = listed_as(state, command.guild_id, command.channel_id).await;
     if !allowed(&state.config, command.guild_id, listed) {
         return;
     }
@@ -449,15 +458,11 @@ async fn on_command(state: &Arc<State>, ctx: Context, command: CommandInteractio
     };
     let answer = state.core.handle(inbound);
     let token = state.config.bot_token();
-    // Discord wants an answer within 3 s: say "thinking…" first.
-    let deferred = with_retries(
-        state.config.retry,
-        "defer interaction",
-        || command.defer(&ctx.http),
-        classify,
-        |e| scrub(&e.to_string(), token),
-    )
-    .await;
+    // Discord wants an answer within 3 s: say "thinking…" first (type 5,
+    // a deferred channel message).
+    let route = Route::InteractionResponse { interaction_id: command.id, token: &command.token };
+    let defer = json_body(&serde_json::json!({ "type": 5 }));
+    let deferred = state.rest.call("defer interaction", route, LightMethod::Post, defer).await;
     if let Err(e) = deferred {
         tracing::warn!(command = %name, error = %scrub(&e.to_string(), token), "discord: cannot acknowledge a command");
         return;
@@ -509,40 +514,23 @@ async fn deliver(
     let token = state.config.bot_token();
     let pieces = split_message(&text, MESSAGE_LIMIT, chars);
     for (n, piece) in pieces.iter().enumerate() {
-        let sent = match &reply {
+        let sent: Result<Vec<u8>, RestError> = match &reply {
             Reply::Message(id) => {
-                with_retries(
-                    state.config.retry,
-                    "send message",
-                    || {
-                        let mut message = CreateMessage::new()
-                            .content(piece.clone())
-                            .allowed_mentions(CreateAllowedMentions::new());
-                        if n == 0 {
-                            message = message.reference_message(MessageReference::from((channel, *id)));
-                        }
-                        channel.send_message(&http, message)
-                    },
-                    classify,
-                    |e| scrub(&e.to_string(), token),
-                )
-                .await
-                .map(|_| ())
+                let mut message =
+                    CreateMessage::new().content(piece.clone()).allowed_mentions(CreateAllowedMentions::new());
+                if n == 0 {
+                    message = message.reference_message(MessageReference::from((channel, *id)));
+                }
+                let route = Route::ChannelMessages { channel_id: channel };
+                state.rest.call("send message", route, LightMethod::Post, json_body(&message)).await
             }
-            Reply::Interaction(command) => with_retries(
-                state.config.retry,
-                "send follow-up",
-                || {
-                    let followup = CreateInteractionResponseFollowup::new()
-                        .content(piece.clone())
-                        .allowed_mentions(CreateAllowedMentions::new());
-                    command.create_followup(&http, followup)
-                },
-                classify,
-                |e| scrub(&e.to_string(), token),
-            )
-            .await
-            .map(|_| ()),
+            Reply::Interaction(command) => {
+                let followup = CreateInteractionResponseFollowup::new()
+                    .content(piece.clone())
+                    .allowed_mentions(CreateAllowedMentions::new());
+                let route = Route::WebhookFollowupMessages { application_id: command.application_id, token: &command.token };
+                state.rest.call("send follow-up", route, LightMethod::Post, json_body(&followup)).await
+            }
         };
         if let Err(e) = sent {
             tracing::warn!(channel = channel.get(), piece = n, of = pieces.len(), error = %scrub(&e.to_string(), token), "discord: reply lost");
@@ -566,7 +554,7 @@ fn interaction_user_is_moderator(state: &State, command: &CommandInteraction) ->
         || member.permissions.is_some_and(is_moderator_permission)
 }
 
-async fn message_author_is_moderator(state: &State, ctx: &Context, message: &Message) -> bool {
+async fn message_author_is_moderator(state: &State, message: &Message) -> bool {
     let config = &state.config;
     if config.moderators.contains(&message.author.id.get()) {
         return true;
@@ -578,29 +566,24 @@ async fn message_author_is_moderator(state: &State, ctx: &Context, message: &Mes
     // Manage Server comes from the member's roles (and @everyone, whose id
     // is the guild's).
     let token = config.bot_token();
-    let roles = with_retries(config.retry, "guild roles", || guild.roles(&ctx.http), classify, |e| scrub(&e.to_string(), token)).await;
+    /// The part of a role this needs.
+    #[derive(serde::Deserialize)]
+    struct RoleEntry {
+        id: RoleId,
+        permissions: Permissions,
+    }
+    let roles = state.rest.call("guild roles", Route::GuildRoles { guild_id: guild }, LightMethod::Get, None).await.and_then(|body| {
+        serde_json::from_slice::<Vec<RoleEntry>>(&body).map_err(|e| RestError::Invalid(format!("guild roles: {e}")))
+    });
     match roles {
         Ok(roles) => {
             let mine: HashSet<RoleId> = member.roles.iter().copied().chain([RoleId::new(guild.get())]).collect();
-            roles.values().filter(|role| mine.contains(&role.id)).any(|role| is_moderator_permission(role.permissions))
+            roles.iter().filter(|role| mine.contains(&role.id)).any(|role| is_moderator_permission(role.permissions))
         }
         Err(e) => {
             tracing::warn!(guild = guild.get(), error = %scrub(&e.to_string(), token), "discord: cannot read guild roles");
             false
         }
-    }
-}
-
-/// How a REST failure is retried.
-fn classify(error: &serenity::Error) -> Failure {
-    match error {
-        serenity::Error::Http(HttpError::UnsuccessfulRequest(response)) => match response.status_code.as_u16() {
-            429 => Failure::RetryAfter(None),
-            500..=599 => Failure::Transient,
-            _ => Failure::Permanent,
-        },
-        serenity::Error::Http(HttpError::Request(_)) => Failure::Transient,
-        _ => Failure::Permanent,
     }
 }
 

@@ -85,7 +85,9 @@ pub fn split_message(text: &str, limit: usize, measure: fn(char) -> usize) -> Ve
     pieces
 }
 
-/// Counts a character as one (Discord's limit is in characters).
+/// Counts a character as one: Discord's limit is in Unicode code points
+/// (its API is Python 3; discord/discord-api-docs#1315), so an emoji
+/// outside the BMP is one character, not two UTF-16 units.
 pub fn chars(_: char) -> usize {
     1
 }
@@ -114,6 +116,20 @@ pub fn scrub(text: &str, secret: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn discord_counts_code_points() {
+        // 2000 emoji are 4000 UTF-16 units and 8000 bytes, and one Discord
+        // message; the 2001st starts a second one.
+        let emoji = "🙂".repeat(2000);
+        assert_eq!(split_message(&emoji, 2000, chars), vec![emoji.clone()]);
+        let pieces = split_message(&format!("{emoji}🙂"), 2000, chars);
+        assert_eq!(pieces.iter().map(|p| p.chars().count()).collect::<Vec<_>>(), vec![2000, 1]);
+        // Telegram counts UTF-16 units: the same text takes two messages
+        // of 4096.
+        assert_eq!(split_message(&emoji, 4096, utf16_units).len(), 1);
+        assert_eq!(split_message(&"🙂".repeat(2049), 4096, utf16_units).len(), 2);
+    }
 
     #[test]
     fn command_words_and_arguments() {

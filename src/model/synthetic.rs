@@ -197,6 +197,23 @@ fn write_folder(
     tokenizer_dir: &Path,
     ranker: bool,
 ) -> Result<(), ModelError> {
+    let mut tensors = synthetic_tensors(cfg, seed, init)?;
+    if ranker {
+        tensors.insert("score.weight".to_string(), synthetic_score(cfg, seed, init)?);
+    }
+    write_tensors(dir, cfg, tensors, tokenizer_dir, ranker)
+}
+
+/// `config.json`, `model.safetensors` (GPT-2 tensors under `transformer.`,
+/// as `save_pretrained` writes them; `score.weight` as it is) and the
+/// tokenizer files copied from `tokenizer_dir`.
+fn write_tensors(
+    dir: &Path,
+    cfg: &Gpt2Config,
+    tensors: BTreeMap<String, Tensor>,
+    tokenizer_dir: &Path,
+    ranker: bool,
+) -> Result<(), ModelError> {
     let io = |path: &Path, e: std::io::Error| ModelError::File { path: path.to_path_buf(), message: e.to_string() };
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     let mut config = serde_json::to_value(cfg).map_err(|e| ModelError::Config(e.to_string()))?;
@@ -210,19 +227,121 @@ fn write_folder(
     }
     let config_path = dir.join("config.json");
     std::fs::write(&config_path, serde_json::to_string_pretty(&config).unwrap_or_default()).map_err(|e| io(&config_path, e))?;
-    let mut tensors: std::collections::HashMap<String, Tensor> = synthetic_tensors(cfg, seed, init)?
+    let tensors: std::collections::HashMap<String, Tensor> = tensors
         .into_iter()
-        .map(|(name, t)| (format!("transformer.{name}"), t))
+        .map(|(name, t)| if name == "score.weight" { (name, t) } else { (format!("transformer.{name}"), t) })
         .collect();
-    if ranker {
-        tensors.insert("score.weight".to_string(), synthetic_score(cfg, seed, init)?);
-    }
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
     for file in ["vocab.json", "merges.txt"] {
         let from = tokenizer_dir.join(file);
         std::fs::copy(&from, dir.join(file)).map_err(|e| io(&from, e))?;
     }
     Ok(())
+}
+
+/// A scripted next-token table: for a token, the tokens that may follow it
+/// and their logits. Every token the script does not name after it gets a
+/// logit of about 0 (the token itself about 1).
+pub type BigramScript = [(u32, Vec<(u32, f32)>)];
+
+/// The weights of a GPT-2 whose next token depends only on the current one,
+/// as `script` says: a model that "says `yes<|endoftext|>` or repeats `no`"
+/// for tests of what the daemon does with such replies. Attention and
+/// position embeddings are zero; each scripted token has its own pair of
+/// embedding dimensions (`+s`, `−s`, so LayerNorm keeps its direction) and
+/// one MLP unit that fires on it alone and writes the scripted followers'
+/// directions, plus a spare "sink" direction that brings every scripted
+/// state to the same norm. With the final LayerNorm's gain `G`, the logit
+/// of a follower `j` is then exactly its scripted value.
+///
+/// Needs `2 × (scripted tokens + 1) ≤ n_embd` and as many MLP units;
+/// errors name what does not fit.
+pub fn bigram_tensors(cfg: &Gpt2Config, script: &BigramScript) -> Result<BTreeMap<String, Tensor>, ModelError> {
+    let (n, inner) = (cfg.n_embd, cfg.n_inner.unwrap_or(4 * cfg.n_embd));
+    let mut keys: Vec<u32> = Vec::new();
+    for (from, next) in script {
+        for id in std::iter::once(from).chain(next.iter().map(|(j, _)| j)) {
+            if *id as usize >= cfg.vocab_size {
+                return Err(ModelError::Config(format!("bigram script: token {id} is outside the vocabulary")));
+            }
+            if !keys.contains(id) {
+                keys.push(*id);
+            }
+        }
+    }
+    if 2 * (keys.len() + 1) > n || keys.len() > inner {
+        return Err(ModelError::Config(format!("bigram script: {} tokens need n_embd ≥ {}", keys.len(), 2 * (keys.len() + 1))));
+    }
+    let code = |id: u32| keys.iter().position(|k| *k == id).unwrap_or(0);
+    let sink = keys.len();
+    // Embedding scale, final gain and the norm every scripted state gets.
+    let (scale, gain, sigma) = (1.0f64, 10.0f64, 20.0f64);
+    let gelu = |x: f64| 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh());
+    // LayerNorm turns an embedding into ±√(n/2) on its pair.
+    let r = (n as f64 / 2.0).sqrt();
+    let fired = gelu(r);
+    let mut tensors: BTreeMap<String, Vec<f32>> = tensor_shapes(cfg)
+        .into_iter()
+        .map(|(name, shape)| {
+            let fill = if name.ends_with("ln_1.weight") || name.ends_with("ln_2.weight") { 1.0 } else { 0.0 };
+            (name, vec![fill; shape.iter().product()])
+        })
+        .collect();
+    let mut set = |name: &str, idx: usize, value: f64| {
+        if let Some(t) = tensors.get_mut(name) {
+            t[idx] = value as f32;
+        }
+    };
+    for (k, key) in keys.iter().enumerate() {
+        set("wte.weight", *key as usize * n + 2 * k, scale);
+        set("wte.weight", *key as usize * n + 2 * k + 1, -scale);
+    }
+    for (from, next) in script {
+        let k = code(*from);
+        // The unit that fires on `from`: Conv1D weights are [in, out].
+        set("h.0.mlp.c_fc.weight", (2 * k) * inner + k, 1.0);
+        set("h.0.mlp.c_fc.weight", (2 * k + 1) * inner + k, -1.0);
+        set("h.0.mlp.c_fc.bias", k, -r);
+        // What it writes: a follower j's pair gets a_j = z_j·σ/(2·G·s).
+        let mut coefficient = vec![0f64; keys.len()];
+        coefficient[k] += scale;
+        for (j, logit) in next {
+            coefficient[code(*j)] += *logit as f64 * sigma / (2.0 * gain * scale);
+        }
+        let squares: f64 = coefficient.iter().map(|c| c * c).sum();
+        let sink_sq = sigma * sigma * n as f64 / 2.0 - squares;
+        if sink_sq < 0.0 {
+            return Err(ModelError::Config(format!("bigram script: the logits after token {from} are too large")));
+        }
+        for (c, value) in coefficient.iter().enumerate() {
+            let written = if c == k { value - scale } else { *value };
+            set("h.0.mlp.c_proj.weight", k * n + 2 * c, written / fired);
+            set("h.0.mlp.c_proj.weight", k * n + 2 * c + 1, -written / fired);
+        }
+        set("h.0.mlp.c_proj.weight", k * n + 2 * sink, sink_sq.sqrt() / fired);
+        set("h.0.mlp.c_proj.weight", k * n + 2 * sink + 1, -sink_sq.sqrt() / fired);
+    }
+    if let Some(g) = tensors.get_mut("ln_f.weight") {
+        g.iter_mut().for_each(|v| *v = gain as f32);
+    }
+    let shapes: BTreeMap<String, Vec<usize>> = tensor_shapes(cfg).into_iter().collect();
+    tensors
+        .into_iter()
+        .map(|(name, values)| {
+            let shape = shapes[&name].clone();
+            Ok((name, Tensor::from_vec(values, shape, &Device::Cpu)?))
+        })
+        .collect()
+}
+
+/// Writes a checkpoint folder of [`bigram_tensors`] (one layer), as
+/// [`write_checkpoint`] does.
+pub fn write_bigram_checkpoint(dir: &Path, cfg: &Gpt2Config, script: &BigramScript, tokenizer_dir: &Path) -> Result<(), ModelError> {
+    if cfg.n_layer != 1 {
+        return Err(ModelError::Config("a bigram model has one layer".into()));
+    }
+    let tensors = bigram_tensors(cfg, script)?;
+    write_tensors(dir, cfg, tensors, tokenizer_dir, false)
 }
 
 #[cfg(test)]

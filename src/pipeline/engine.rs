@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use dialogd_adapters::BoxFuture;
 
+use crate::generate::FinishReason;
 use crate::model::{Gpt2, LoraRuntime};
 use crate::pool::{GenerationPool, GenerationRequest, PoolConfig, PoolError, PoolHandle};
 use crate::sampling::SamplingParams;
@@ -43,6 +44,9 @@ pub struct Drawn {
     pub ids: Vec<u32>,
     /// The generator's summed log-probability of `ids`.
     pub logprob: f32,
+    /// Whether it ended with `<|endoftext|>` (not cut off by
+    /// `max_new_tokens` or the context size).
+    pub finished: bool,
 }
 
 /// Generates replies. Implementations own their threads and queue.
@@ -109,7 +113,11 @@ impl ReplyEngine for PoolEngine {
             match result {
                 Ok(result) => {
                     metrics.observe_generation(started.elapsed());
-                    Ok(result.candidates.into_iter().map(|c| Drawn { ids: c.output_ids, logprob: c.logprob }).collect())
+                    Ok(result
+                        .candidates
+                        .into_iter()
+                        .map(|c| Drawn { ids: c.output_ids, logprob: c.logprob, finished: c.finish == FinishReason::EndOfText })
+                        .collect())
                 }
                 Err(PoolError::Busy { .. }) => {
                     metrics.refused(Refusal::Busy);

@@ -9,7 +9,8 @@
 //!    ([`persona_prompt`], the function the jobs' gate uses too).
 //! 4. [`choose`]: candidates from the engine; empty ones, echoes, repeats
 //!    and flagged ones are dropped, drawing again up to
-//!    `safety.max_attempts` rounds; the ranker (or the likeliest) picks.
+//!    `safety.max_attempts` rounds; a finished candidate beats a cut-off
+//!    one, then the ranker (or the likeliest) picks.
 //! 5. [`finish`]: the user's turn and the bot's stored in one atomic
 //!    append, the exchange collected where the channel consented.
 
@@ -25,6 +26,7 @@ use super::{say, silent, Shared};
 use crate::context::{Appended, ContextError, EditOutcome, Turn};
 use crate::personas::{persona_prompt, ActivePersona};
 use crate::prompt::{Prompt, MAX_TURN_BYTES};
+use crate::ranking::select::{self, Contender};
 use crate::safety::{Policy, WordList};
 use crate::settings::{GenerationSettings, SafetySettings, ToxicInput};
 use crate::telemetry::{Metrics, Refusal};
@@ -248,29 +250,41 @@ async fn choose(
     Ok(None)
 }
 
-/// The survivor to send: the ranker's choice when `[ranking]` names models
-/// and there is a choice, else the highest mean log-probability.
+/// The survivor to send ([`crate::ranking::select::choose`]): a finished
+/// candidate before one cut off by `max_new_tokens`, then the ranker's
+/// score when `[ranking]` names models and there is a choice, else the
+/// mean log-probability. A cut-off reply is logged and counted.
 async fn pick(shared: &Shared, channel: &ChannelKey, prepared: &Prepared, drawn: &[Drawn], survivors: &[usize]) -> usize {
     let mean_logprob = |i: usize| drawn[i].logprob / drawn[i].ids.len().max(1) as f32;
-    let likeliest = || *survivors.iter().max_by(|&&a, &&b| mean_logprob(a).total_cmp(&mean_logprob(b))).unwrap_or(&survivors[0]);
-    let Some(ranker) = shared.ranker.as_ref().filter(|_| survivors.len() > 1) else { return likeliest() };
-    let encoded = &prepared.encoded;
-    let context = encoded[encoded.len() - prepared.prompt.turns_kept..].to_vec();
-    let ids: Vec<Vec<u32>> = survivors.iter().map(|&i| drawn[i].ids.clone()).collect();
-    let logprobs: Vec<f32> = survivors.iter().map(|&i| mean_logprob(i)).collect();
-    match ranker.score(context, ids, logprobs).await {
-        Ok(scores) => {
-            shared.metrics.candidates_ranked.fetch_add(scores.len() as u64, Ordering::Relaxed);
-            let top = (0..scores.len()).max_by(|&a, &b| scores[a].score.total_cmp(&scores[b].score)).unwrap_or(0);
-            tracing::debug!(%channel, candidates = survivors.len(), chosen = survivors[top],
-                score = scores[top].score, dialogrpt = ?scores[top].dialogrpt, mmi = ?scores[top].mmi, "ranked");
-            survivors[top]
+    let likeliest = || survivors.iter().map(|&i| mean_logprob(i)).collect::<Vec<f32>>();
+    let scores = match shared.ranker.as_ref().filter(|_| survivors.len() > 1) {
+        None => likeliest(),
+        Some(ranker) => {
+            let encoded = &prepared.encoded;
+            let context = encoded[encoded.len() - prepared.prompt.turns_kept..].to_vec();
+            let ids: Vec<Vec<u32>> = survivors.iter().map(|&i| drawn[i].ids.clone()).collect();
+            match ranker.score(context, ids, likeliest()).await {
+                Ok(scores) => {
+                    shared.metrics.candidates_ranked.fetch_add(scores.len() as u64, Ordering::Relaxed);
+                    tracing::debug!(%channel, candidates = survivors.len(), scores = ?scores, "ranked");
+                    scores.iter().map(|s| s.score as f32).collect()
+                }
+                Err(e) => {
+                    tracing::warn!(%channel, error = %e, "ranking failed; taking the likeliest candidate");
+                    likeliest()
+                }
+            }
         }
-        Err(e) => {
-            tracing::warn!(%channel, error = %e, "ranking failed; taking the likeliest candidate");
-            likeliest()
-        }
+    };
+    let contenders: Vec<Contender> =
+        survivors.iter().zip(&scores).map(|(&i, &score)| Contender { finished: drawn[i].finished, score }).collect();
+    let (top, cut_off) = select::choose(&contenders).unwrap_or((0, false));
+    let best = survivors[top];
+    if cut_off {
+        shared.metrics.replies_cut_off.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%channel, tokens = drawn[best].ids.len(), "reply cut off by max_new_tokens: no candidate finished");
     }
+    best
 }
 
 /// Stores the exchange (or the user's turn alone when nothing passed),
@@ -296,12 +310,8 @@ async fn finish(
         }
         return Ok(silent("no_safe_candidate"));
     };
-    let (turns, answer) = if reply_text.is_empty() {
-        metrics.refused(Refusal::EmptyReply);
-        (vec![user_turn], silent("empty_reply"))
-    } else {
-        (vec![user_turn, Turn::bot(&reply_text, &inbound.author)], say(inbound, &reply_text))
-    };
+    // Screening drops candidates without content, so the reply has some.
+    let (turns, answer) = (vec![user_turn, Turn::bot(&reply_text, &inbound.author)], say(inbound, &reply_text));
     match store.append(channel, &turns, msg_id).await {
         Ok(Appended::Stored) => {}
         Ok(Appended::Duplicate) => {

@@ -68,8 +68,14 @@ fn message(channel: &str, text: &str, moderator: bool) -> Inbound {
 }
 
 impl Fixture {
+    /// A candidate that ended with `<|endoftext|>`.
     fn drawn(&self, text: &str, logprob: f32) -> Drawn {
-        Drawn { ids: self.tokenizer.encode(text).unwrap(), logprob }
+        Drawn { ids: self.tokenizer.encode(text).unwrap(), logprob, finished: true }
+    }
+
+    /// A candidate cut off by `max_new_tokens`.
+    fn cut_off(&self, text: &str, logprob: f32) -> Drawn {
+        Drawn { finished: false, ..self.drawn(text, logprob) }
     }
 
     async fn say(&self, channel: &str, text: &str) -> Result<Answer, CoreError> {
@@ -119,6 +125,26 @@ async fn a_message_is_answered_and_the_exchange_becomes_context() {
     let stored = f.store.turns(&ChannelKey::new(Platform::Http, "c")).await.unwrap();
     let texts: Vec<(&str, bool)> = stored.iter().map(|t| (t.text.as_str(), t.bot)).collect();
     assert_eq!(texts, [("hi bot", false), ("Hello there", true), ("how are you?", false), ("Fine, thanks", true)]);
+}
+
+#[tokio::test]
+async fn a_finished_candidate_beats_a_cut_off_one_and_emoji_are_a_reply() {
+    let f = fixture(|_| {});
+    // " no no no" (cut off) has the higher mean log-probability (−0.77
+    // against −1.2); the finished reply is sent.
+    f.engine.then(vec![f.cut_off(" no no no", -2.3), f.drawn(" yes!", -2.4)]);
+    assert_eq!(text_of(f.say("c", "are you there?").await.unwrap()), "yes!");
+    // Nothing finished: the best cut-off candidate is sent.
+    f.engine.then(vec![f.cut_off(" no no no", -2.3), f.cut_off(" maybe maybe", -4.0)]);
+    assert_eq!(text_of(f.say("d", "are you there?").await.unwrap()), "no no no");
+    // Emoji, CJK and punctuation are content, not empty replies.
+    for (channel, reply) in [("e", " 🙂 🙂 🙂"), ("f", " 你好"), ("g", " ...?!")] {
+        f.engine.then(vec![f.drawn(reply, -1.0)]);
+        assert_eq!(text_of(f.say(channel, "how do you feel?").await.unwrap()), reply.trim());
+    }
+    // Only formatting characters: screened out, nothing sent.
+    f.engine.then(vec![f.drawn(" \u{200B}", -1.0)]).then(vec![f.drawn(" \u{FEFF}", -1.0)]);
+    assert_eq!(text_of(f.say("h", "hello?").await.unwrap()), "(silent: no_safe_candidate)");
 }
 
 #[tokio::test]

@@ -108,22 +108,32 @@ pub struct EnsembleScores {
     pub members: Vec<(String, Vec<f32>)>,
 }
 
+/// Checks `(name, group, weight)` of an ensemble's members before any is
+/// loaded: every weight is a number and every non-empty group's weights do
+/// not sum to 0 (a weighted mean divides by the sum). `dialogd rank`,
+/// `dialogd check-config` and `dialogd run` all ask this.
+pub fn check_weights<'a>(members: impl IntoIterator<Item = (&'a str, Group, f64)>) -> Result<(), RankingError> {
+    let members: Vec<(&str, Group, f64)> = members.into_iter().collect();
+    for group in [Group::Prior, Group::Cond] {
+        let in_group: Vec<&(&str, Group, f64)> = members.iter().filter(|m| m.1 == group).collect();
+        if let Some(m) = in_group.iter().find(|m| !m.2.is_finite()) {
+            return Err(RankingError::Ensemble(format!("ranker {} has a weight that is not a number", m.0)));
+        }
+        let sum: f64 = in_group.iter().map(|m| m.2).sum();
+        if !in_group.is_empty() && sum.abs() < 1e-9 {
+            return Err(RankingError::Ensemble(format!("the {group:?} weights sum to 0; a weighted mean needs a non-zero sum")));
+        }
+    }
+    Ok(())
+}
+
 impl Ensemble {
     /// Checks that every non-empty group has weights that do not sum to 0.
     pub fn new(members: Vec<Member>) -> Result<Self, RankingError> {
         if members.is_empty() {
             return Err(RankingError::Ensemble("no rankers".into()));
         }
-        for group in [Group::Prior, Group::Cond] {
-            let in_group: Vec<&Member> = members.iter().filter(|m| m.group == group).collect();
-            let sum: f64 = in_group.iter().map(|m| m.weight).sum();
-            if !in_group.is_empty() && sum.abs() < 1e-9 {
-                return Err(RankingError::Ensemble(format!("the {group:?} weights sum to 0; a weighted mean needs a non-zero sum")));
-            }
-            if let Some(m) = in_group.iter().find(|m| !m.weight.is_finite()) {
-                return Err(RankingError::Ensemble(format!("ranker {} has a weight that is not a number", m.name)));
-            }
-        }
+        check_weights(members.iter().map(|m| (m.name.as_str(), m.group, m.weight)))?;
         Ok(Self { members })
     }
 

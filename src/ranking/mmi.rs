@@ -4,8 +4,16 @@
 //! reversed scores P(source | candidate), which favours candidates that
 //! answer this context rather than any context ("I don't know"). Input:
 //! `candidate <|endoftext|> source`, where the source is the context turns
-//! each followed by `<|endoftext|>`; score = −mean NLL of the source tokens
-//! (its separators included). Higher is better; scores are ≤ 0.
+//! **newest first**, each followed by `<|endoftext|>`; score = −mean NLL of
+//! the source tokens (its separators included). Higher is better; scores
+//! are ≤ 0.
+//!
+//! The order is the one the reverse models were trained on: the original
+//! `prepro.py --reverse` (microsoft/DialoGPT) reverses the whole list of
+//! turns `[context…, response]` before joining them, so the model reads the
+//! response, then the turn it answered, then the one before that. A source
+//! read oldest first is a sequence it never saw (single-turn contexts are
+//! the same either way).
 
 use std::path::Path;
 
@@ -16,6 +24,19 @@ use super::dialogrpt::{check_candidates, check_turns};
 use super::RankingError;
 use crate::model::Gpt2;
 use crate::prompt::build_prompt;
+
+/// The MMI source for `turns` (oldest first): the newest turns that fit
+/// `budget` tokens, as [`build_prompt`] keeps them (whole turns from the
+/// newest back; a newest turn longer than the budget keeps its end), then
+/// joined newest first, each followed by `eos`.
+pub fn reverse_source(turns: &[Vec<u32>], eos: u32, budget: usize) -> Result<Vec<u32>, RankingError> {
+    let forward = build_prompt(turns, eos, budget)?;
+    if forward.truncated || forward.turns_kept == 1 {
+        return Ok(forward.ids);
+    }
+    let newest_first: Vec<Vec<u32>> = turns[turns.len() - forward.turns_kept..].iter().rev().cloned().collect();
+    Ok(build_prompt(&newest_first, eos, budget)?.ids)
+}
 
 /// A reverse DialoGPT (any GPT-2 language model checkpoint).
 #[derive(Debug, Clone)]
@@ -41,14 +62,14 @@ impl MmiScorer {
         check_turns(turns, cfg.vocab_size)?;
         let eos = cfg.eos_token_id;
         let longest = candidates.iter().map(Vec::len).max().unwrap_or(0);
-        let source = build_prompt(turns, eos, cfg.n_positions - longest - 1)?;
+        let source = reverse_source(turns, eos, cfg.n_positions - longest - 1)?;
         let mut seqs = Vec::with_capacity(candidates.len());
         let mut starts = Vec::with_capacity(candidates.len());
         for candidate in candidates {
             // The candidate as a one-turn prompt: it and its separator.
             let mut seq = build_prompt(std::slice::from_ref(candidate), eos, candidate.len() + 1)?.ids;
             starts.push(seq.len());
-            seq.extend_from_slice(&source.ids);
+            seq.extend_from_slice(&source);
             seqs.push(seq);
         }
         let batch = PaddedBatch::new(&seqs, eos, self.gpt2.dtype(), self.gpt2.device())?;
@@ -77,5 +98,24 @@ impl MmiScorer {
             counts[idx] += 1;
         }
         Ok(sums.iter().zip(&counts).map(|(s, &c)| (s / c as f64) as f32).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EOS: u32 = 50256;
+
+    #[test]
+    fn the_source_is_newest_first_within_the_budget() {
+        let turns = [vec![1, 2, 3], vec![4], vec![5, 6]];
+        assert_eq!(reverse_source(&turns, EOS, 100).unwrap(), vec![5, 6, EOS, 4, EOS, 1, 2, 3, EOS]);
+        // The oldest turn does not fit: the two newest, newest first.
+        assert_eq!(reverse_source(&turns, EOS, 8).unwrap(), vec![5, 6, EOS, 4, EOS]);
+        // A newest turn longer than the budget keeps its end, alone.
+        assert_eq!(reverse_source(&turns, EOS, 2).unwrap(), vec![6, EOS]);
+        assert_eq!(reverse_source(&[vec![7, 8]], EOS, 10).unwrap(), vec![7, 8, EOS]);
+        assert!(reverse_source(&[], EOS, 10).is_err());
     }
 }

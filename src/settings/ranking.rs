@@ -35,9 +35,13 @@ impl RankingSettings {
 
 impl RawRanking {
     pub(super) fn validate(self) -> Result<RankingSettings, SettingsError> {
+        let mut specs = Vec::new();
         for spec in &self.rankers {
-            crate::ranking::parse_ranker(spec).map_err(|e| invalid("ranking.rankers", e.to_string()))?;
+            specs.push(crate::ranking::parse_ranker(spec).map_err(|e| invalid("ranking.rankers", e.to_string()))?);
         }
+        // What `run` would refuse when it builds the ensemble.
+        crate::ranking::ensemble::check_weights(specs.iter().map(|s| (s.name.as_str(), s.group, s.weight)))
+            .map_err(|e| invalid("ranking.rankers", e.to_string()))?;
         let weights = crate::ranking::Weights {
             dialogrpt: self.dialogrpt_weight,
             generator: self.generator_weight,

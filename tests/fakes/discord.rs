@@ -5,7 +5,10 @@
 //! registration, typing, `POST …/messages`, interaction callbacks and
 //! follow-ups, `GET /channels/{id}` (a text channel, or a thread of a
 //! parent the test named); a test can script failures (429, 5xx) of
-//! message posts.
+//! message posts, and
+//! 429s of any call with the waits Discord's answers carry (body
+//! `retry_after`, `Retry-After`, `X-RateLimit-Reset-After`, the global
+//! flag). Every call is recorded with the time it arrived.
 //! Gateway: Hello, Identify → Ready (session `fake-session`), heartbeats,
 //! Resume → Resumed with the events missed meanwhile replayed; a test
 //! queues dispatches and can close the connection (code 4000) to force a
@@ -14,6 +17,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use axum::extract::State;
 use axum::http::{Method, StatusCode, Uri};
@@ -30,6 +34,20 @@ pub const BOT_ID: u64 = 700;
 pub const APP_ID: u64 = 701;
 pub const GUILD: u64 = 900;
 
+/// What a scripted 429 answer says (each part optional, as Discord's
+/// answers vary).
+#[derive(Debug, Clone, Default)]
+pub struct Limit {
+    /// The JSON body's `retry_after`, in seconds.
+    pub body_retry_after: Option<f64>,
+    /// The `Retry-After` header.
+    pub retry_after: Option<&'static str>,
+    /// The `X-RateLimit-Reset-After` header.
+    pub reset_after: Option<&'static str>,
+    /// A global limit (body `global` and `X-RateLimit-Global`).
+    pub global: bool,
+}
+
 /// What the gateway connection task is told to do.
 enum Command {
     Send(Value),
@@ -40,10 +58,12 @@ enum Command {
 struct Inner {
     token: String,
     ws_url: Mutex<String>,
-    /// Every REST call: (method, path, body).
-    calls: Mutex<Vec<(String, String, Value)>>,
+    /// Every REST call: (method, path, body, when it arrived).
+    calls: Mutex<Vec<(String, String, Value, Instant)>>,
     /// Scripted statuses for the next message posts.
     failures: Mutex<VecDeque<u16>>,
+    /// Scripted 429s: (method, path suffix, what the answer says).
+    limits: Mutex<Vec<(String, String, Limit)>>,
     /// Every gateway payload the client sent (op, d).
     received: Mutex<Vec<Value>>,
     /// Dispatches sent so far, with their sequence numbers (for replay).
@@ -108,6 +128,19 @@ impl FakeDiscord {
         self.inner.failures.lock().unwrap().extend(statuses);
     }
 
+    /// Answers the next `method` call whose path ends with `suffix` with a
+    /// 429 saying `limit`.
+    pub fn rate_limit_next(&self, method: &str, suffix: &str, limit: Limit) {
+        self.inner.limits.lock().unwrap().push((method.into(), suffix.into(), limit));
+    }
+
+    /// When each `method` call whose path ends with `suffix` arrived, and
+    /// whether it was answered with a scripted failure.
+    pub fn call_times(&self, method: &str, suffix: &str) -> Vec<(Instant, bool)> {
+        let calls = self.inner.calls.lock().unwrap();
+        calls.iter().filter(|(m, p, _, _)| m == method && p.ends_with(suffix)).map(|(_, _, b, t)| (*t, b.get("_failed").is_some())).collect()
+    }
+
     /// Gateway payloads with this op code the client sent.
     pub fn received(&self, op: u64) -> Vec<Value> {
         self.inner.received.lock().unwrap().iter().filter(|p| p["op"] == op).cloned().collect()
@@ -124,8 +157,8 @@ impl FakeDiscord {
             .lock()
             .unwrap()
             .iter()
-            .filter(|(m, p, _)| m == method && p.ends_with(suffix))
-            .map(|(_, _, b)| b.clone())
+            .filter(|(m, p, _, _)| m == method && p.ends_with(suffix))
+            .map(|(_, _, b, _)| b.clone())
             .collect()
     }
 
@@ -215,11 +248,41 @@ async fn rest(State(inner): State<Arc<Inner>>, method: Method, uri: Uri, body: S
         let url = inner.ws_url.lock().unwrap().clone();
         return Json(json!({ "url": url, "shards": 1, "session_start_limit": { "total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": 1 } })).into_response();
     }
+    let now = Instant::now();
+    let limit = {
+        let mut limits = inner.limits.lock().unwrap();
+        let at = limits.iter().position(|(m, suffix, _)| *m == method && path.ends_with(suffix.as_str()));
+        at.map(|at| limits.remove(at).2)
+    };
+    if let Some(limit) = limit {
+        // Command registrations send an array: keep it under `_body`.
+        if !body.is_object() {
+            body = json!({ "_body": body });
+        }
+        body["_failed"] = json!(429);
+        inner.calls.lock().unwrap().push((method, path, body, now));
+        let mut answer = json!({ "message": "You are being rate limited.", "global": limit.global });
+        if let Some(after) = limit.body_retry_after {
+            answer["retry_after"] = json!(after);
+        }
+        let mut response = (StatusCode::TOO_MANY_REQUESTS, Json(answer)).into_response();
+        let headers = response.headers_mut();
+        if let Some(after) = limit.retry_after {
+            headers.insert("retry-after", after.parse().unwrap());
+        }
+        if let Some(after) = limit.reset_after {
+            headers.insert("x-ratelimit-reset-after", after.parse().unwrap());
+        }
+        if limit.global {
+            headers.insert("x-ratelimit-global", "true".parse().unwrap());
+        }
+        return response;
+    }
     let posting = method == "POST" && (path.ends_with("/messages") || path.contains("/webhooks/"));
     if posting {
         if let Some(status) = inner.failures.lock().unwrap().pop_front() {
             body["_failed"] = json!(status);
-            inner.calls.lock().unwrap().push((method, path, body));
+            inner.calls.lock().unwrap().push((method, path, body, now));
             let answer = if status == 429 {
                 json!({ "message": "You are being rate limited.", "retry_after": 0.2, "global": false })
             } else {
@@ -228,7 +291,7 @@ async fn rest(State(inner): State<Arc<Inner>>, method: Method, uri: Uri, body: S
             return (StatusCode::from_u16(status).unwrap(), [("retry-after", "1")], Json(answer)).into_response();
         }
     }
-    inner.calls.lock().unwrap().push((method.clone(), path.clone(), body.clone()));
+    inner.calls.lock().unwrap().push((method.clone(), path.clone(), body.clone(), now));
     if method == "PUT" && path.ends_with("/commands") {
         return Json(json!([])).into_response();
     }
