@@ -22,17 +22,18 @@ use dialogd_adapters::telegram::TelegramAdapter;
 use dialogd_adapters::{Adapter, AdapterError, Core, Shutdown};
 use tokio::task::JoinSet;
 
-use crate::collect::Collector;
+use crate::collect::{CollectError, Collector};
 use crate::context::memory::MemoryStore;
 use crate::context::redis::RedisStore;
 use crate::context::{ContextError, ContextStore, Limits};
 use crate::jobs::runner::{BaseModel, Runner, RunnerParts};
-use crate::jobs::JobStore;
+use crate::jobs::{JobStore, StoreError};
 use crate::personas::memory::MemoryPersonaStore;
 use crate::personas::redis::RedisPersonaStore;
 use crate::personas::{PersonaError, PersonaStore, Personas};
+use crate::model::ModelError;
 use crate::pipeline::engine::ReplyEngine;
-use crate::pipeline::rank::Ranker;
+use crate::pipeline::rank::{Ranker, RankerError};
 use crate::pipeline::{Jobs, Parts, Pipeline};
 use crate::pool::PoolHandle;
 use crate::serving::ModelSpec;
@@ -41,7 +42,8 @@ use crate::settings::{self, ModelSettings, Settings, SettingsError, StoreKind};
 use crate::telemetry::{serve_metrics, Metrics, MetricsServer};
 use crate::tokenizer::DialogTokenizer;
 
-/// Why the daemon could not start.
+/// Why the daemon could not start. Each keeps the error behind it as its
+/// `source`.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error(transparent)]
@@ -51,11 +53,17 @@ pub enum DaemonError {
     #[error("context.redis_url: {0}")]
     Store(#[from] ContextError),
     #[error("ranking: {0}")]
-    Ranking(String),
+    Ranking(#[source] RankerError),
+    #[error("ranking: the loader panicked: {0}")]
+    RankingPanicked(#[source] tokio::task::JoinError),
     #[error("collect.dir: {0}")]
-    Collect(String),
+    Collect(#[source] CollectError),
     #[error("jobs: {0}")]
-    Jobs(String),
+    JobStore(#[source] StoreError),
+    #[error("jobs: {}: {source}", path.display())]
+    JobsDir { path: PathBuf, source: std::io::Error },
+    #[error("jobs: {0}")]
+    BaseModel(#[source] ModelError),
     #[error("personas: {0}")]
     Personas(#[from] PersonaError),
 }
@@ -88,8 +96,8 @@ impl Daemon {
         let ranking = settings.ranking.clone();
         let ranker = tokio::task::spawn_blocking(move || Ranker::load(&ranking))
             .await
-            .map_err(|e| DaemonError::Ranking(e.to_string()))?
-            .map_err(|e| DaemonError::Ranking(format!("{e:#}")))?
+            .map_err(DaemonError::RankingPanicked)?
+            .map_err(DaemonError::Ranking)?
             .map(Arc::new);
         let collector = open_collector(&settings)?;
         let job_store = open_jobs(&settings).await?;
@@ -111,7 +119,7 @@ impl Daemon {
         });
         let runner = match job_store {
             Some(store) => {
-                let dir = crate::model::hub::resolve_model(&settings.model.path).map_err(|e| DaemonError::Jobs(format!("{e:#}")))?;
+                let dir = crate::model::hub::resolve_model(&settings.model.path).map_err(DaemonError::BaseModel)?;
                 let runner = Runner::new(RunnerParts {
                     store,
                     settings: settings.jobs.clone(),
@@ -273,7 +281,7 @@ fn open_collector(settings: &Settings) -> Result<Option<Arc<Collector>>, DaemonE
     if !settings.collect.enabled {
         return Ok(None);
     }
-    let collector = Collector::open(&settings.collect).map_err(|e| DaemonError::Collect(e.to_string()))?;
+    let collector = Collector::open(&settings.collect).map_err(DaemonError::Collect)?;
     match collector.enforce_retention() {
         Ok(n) if n > 0 => tracing::info!(deleted = n, "collected segments past retention deleted"),
         Ok(_) => {}
@@ -290,8 +298,9 @@ async fn open_jobs(settings: &Settings) -> Result<Option<JobStore>, DaemonError>
     let c = &settings.context;
     let store = JobStore::connect(c.redis_url.expose(), &c.key_prefix, c.redis_timeout)
         .await
-        .map_err(|e| DaemonError::Jobs(e.to_string()))?;
-    std::fs::create_dir_all(&settings.jobs.dir).map_err(|e| DaemonError::Jobs(format!("{}: {e}", settings.jobs.dir.display())))?;
+        .map_err(DaemonError::JobStore)?;
+    std::fs::create_dir_all(&settings.jobs.dir)
+        .map_err(|source| DaemonError::JobsDir { path: settings.jobs.dir.clone(), source })?;
     Ok(Some(store))
 }
 

@@ -1,4 +1,4 @@
-//! The Redis context store against a real redis-server.
+//! The Redis context and persona stores against a real redis-server.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -210,4 +210,57 @@ async fn edits_replace_or_remove_only_the_authors_latest_turn() {
     assert_eq!(store.edit_turn(&a, "ann", "m1", EditChange::Replace("uno!")).await.unwrap(), Edited::Replaced);
     assert_eq!(store.edit_turn(&a, "ann", "m", EditChange::Replace("no")).await.unwrap(), Edited::Ignored);
     assert_eq!(texts(&store.turns(&a).await.unwrap()), ["one", "re one", "three", "uno!"]);
+}
+
+/// The persona stores (Redis, memory) behave the same through the
+/// registry: creation, ownership, choices per channel and server, the
+/// default, a persona that disappears; and Redis keeps it for the next
+/// registry (a restarted daemon).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persona_stores_behave_alike_and_redis_keeps_choices() {
+    use dialogd::personas::memory::MemoryPersonaStore;
+    use dialogd::personas::redis::RedisPersonaStore;
+    use dialogd::personas::{PersonaError, PersonaStore, Personas};
+    use dialogd::settings::{PersonaSettings, PersonaSpec};
+
+    let redis = RedisServer::start();
+    let settings = PersonaSettings {
+        default: "plain".into(),
+        defined: vec![PersonaSpec { name: "plain".into(), adapter: None, seed: vec!["Hello.".into()], created_in: None }],
+    };
+    let url = redis.url();
+    let connect = || RedisPersonaStore::connect(&url, "t", Duration::from_secs(2));
+    let stores: Vec<(&str, Arc<dyn PersonaStore>)> =
+        vec![("memory", Arc::new(MemoryPersonaStore::new())), ("redis", Arc::new(connect().await.unwrap()))];
+    let mut seen = Vec::new();
+    for (kind, store) in stores {
+        let personas = Personas::new(settings.clone(), store);
+        let (room, other) = (key("room"), key("other"));
+        let mut trace = Vec::new();
+        trace.push(format!("{:?}", personas.chosen(&room, Some("g1")).await));
+        trace.push(format!("{:?}", personas.create("pirate", vec!["Ahoy!".into()], "http:room").await.map(|p| p.seed)));
+        trace.push(format!("{:?}", personas.create("pirate", vec![], "http:other").await));
+        trace.push(format!("{:?}", personas.create("plain", vec![], "http:room").await));
+        trace.push(format!("{:?}", personas.choose("http:group:g1", Some("pirate")).await));
+        trace.push(format!("{:?}", personas.chosen(&room, Some("g1")).await));
+        trace.push(format!("{:?}", personas.choose("http:room", Some("plain")).await));
+        trace.push(format!("{:?}", personas.chosen(&room, Some("g1")).await));
+        trace.push(format!("{:?}", personas.chosen(&other, None).await));
+        trace.push(format!("{:?}", personas.choose("http:other", Some("ghost")).await));
+        trace.push(format!("{:?}", personas.all().await.map(|all| all.into_iter().map(|p| p.name).collect::<Vec<_>>())));
+        trace.push(format!("{:?}", personas.for_channel(&room, Some("g1")).await.map(|p| p.map(|p| (p.name, p.seed)))));
+        trace.push(format!("{:?}", personas.choose("http:room", None).await));
+        trace.push(format!("{:?}", personas.chosen(&room, Some("g1")).await));
+        assert!(matches!(personas.choose("http:other", Some("ghost")).await, Err(PersonaError::Refused(_))), "{kind}");
+        seen.push((kind, trace));
+    }
+    assert_eq!(seen[0].1, seen[1].1, "memory and Redis differ");
+    assert_eq!(seen[0].1[5], "Ok(Some(\"pirate\"))", "the server's choice");
+    assert_eq!(seen[0].1[7], "Ok(Some(\"plain\"))", "the channel's choice wins over the server's");
+    assert_eq!(seen[0].1[8], "Ok(Some(\"plain\"))", "the default");
+
+    // A new registry on the same Redis (a restarted daemon) sees it all.
+    let again = Personas::new(settings, Arc::new(connect().await.unwrap()));
+    assert_eq!(again.chosen(&key("room"), Some("g1")).await.unwrap().as_deref(), Some("pirate"));
+    assert_eq!(again.get("pirate").await.unwrap().unwrap().seed, ["Ahoy!"]);
 }

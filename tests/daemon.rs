@@ -295,3 +295,42 @@ fn the_console_adapter_talks_on_stdin_and_stdout() {
     assert!(lines[1].contains("/forget"), "{text}");
     assert!(lines[2].contains("forgotten"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_failures_keep_the_error_behind_them() {
+    use std::error::Error as _;
+
+    use dialogd::collect::CollectError;
+    use dialogd::daemon::DaemonError;
+    use dialogd::model::ModelError;
+    use dialogd::pipeline::rank::RankerError;
+
+    use crate::support::{daemon_toml, TestDaemon};
+
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-ranker");
+    let ranker = format!("rankers = [\"{}\"]", missing.display());
+    let Err(err) = TestDaemon::try_start(&daemon_toml(None, &[("ranking", &ranker)])).await else {
+        panic!("a missing ranker folder must stop the start");
+    };
+    assert!(matches!(&err, DaemonError::Ranking(RankerError::Model(ModelError::MissingFolder(p))) if *p == missing), "{err:?}");
+    assert!(err.to_string().starts_with("ranking: "), "{err}");
+    assert!(err.source().is_some_and(|s| s.is::<RankerError>()));
+
+    // A file where the collection folder should be.
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    let collect = [
+        ("collect", "enabled = true".to_string()),
+        ("collect", format!("dir = \"{}\"", file.display())),
+        ("collect", "author_key = \"0123456789abcdef\"".to_string()),
+    ];
+    let extra: Vec<(&str, &str)> = collect.iter().map(|(s, l)| (*s, l.as_str())).collect();
+    let Err(err) = TestDaemon::try_start(&daemon_toml(None, &extra)).await else {
+        panic!("an unusable collect.dir must stop the start");
+    };
+    assert!(matches!(&err, DaemonError::Collect(CollectError::Io { path, .. }) if *path == file), "{err:?}");
+    assert!(err.to_string().starts_with("collect.dir: "), "{err}");
+    let io = err.source().and_then(|s| s.source()).and_then(|s| s.downcast_ref::<std::io::Error>());
+    assert!(io.is_some(), "the io::Error is at the end of the chain: {err:?}");
+}

@@ -278,6 +278,11 @@ pub struct TestDaemon {
 impl TestDaemon {
     /// Loads the model named in `toml`'s settings and serves.
     pub async fn start(toml: &str) -> Self {
+        Self::try_start(toml).await.unwrap()
+    }
+
+    /// [`Self::start`], handing back why the daemon did not start.
+    pub async fn try_start(toml: &str) -> Result<Self, dialogd::daemon::DaemonError> {
         use dialogd::pipeline::engine::PoolEngine;
         let settings = settings_from(toml);
         let args = dialogd::cli::ModelArgs {
@@ -291,9 +296,8 @@ impl TestDaemon {
         let metrics = dialogd::telemetry::Metrics::new();
         let engine = PoolEngine::start(loaded.model, &settings.generation, metrics.clone()).unwrap();
         let pool = Some(engine.handle().clone());
-        let daemon = dialogd::daemon::Daemon::start(settings, std::sync::Arc::new(engine), pool, loaded.tokenizer, metrics)
-            .await
-            .unwrap();
+        let daemon =
+            dialogd::daemon::Daemon::start(settings, std::sync::Arc::new(engine), pool, loaded.tokenizer, metrics).await?;
         let base = format!("http://{}", daemon.http_addr().unwrap());
         let metrics_url = format!("http://{}/metrics", daemon.metrics_addr().unwrap());
         let pipeline = daemon.pipeline().clone();
@@ -301,7 +305,7 @@ impl TestDaemon {
         let served = tokio::spawn(daemon.serve(async move {
             let _ = stopped.await;
         }));
-        Self { base, metrics_url, pipeline, http: reqwest::Client::new(), stop: Some(stop), served: Some(served) }
+        Ok(Self { base, metrics_url, pipeline, http: reqwest::Client::new(), stop: Some(stop), served: Some(served) })
     }
 
     pub fn url(&self, path: &str) -> String {

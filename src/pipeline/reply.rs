@@ -96,7 +96,7 @@ pub(super) async fn process(shared: Arc<Shared>, mut inbound: Inbound) -> Result
         return Err(CoreError::Invalid(format!("the message is over {MAX_TURN_BYTES} bytes")));
     }
     match Command::parse(text) {
-        Some(Command::Ask(question)) if question.is_empty() => return Ok(say(&inbound, "Ask me something: /ask how are you?")),
+        Some(Command::Ask("")) => return Ok(say(&inbound, "Ask me something: /ask how are you?")),
         Some(Command::Ask(question)) => text = question,
         Some(command) => return commands::run(&shared, &inbound, command).await,
         None if !inbound.addressed_to_bot => return Ok(silent("not_addressed")),

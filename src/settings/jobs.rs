@@ -125,7 +125,7 @@ impl RawJobs {
             "full" => TrainMode::Full,
             other => return Err(invalid("jobs.mode", format!("{other:?} is not \"lora\" or \"full\""))),
         };
-        crate::model::parse_device(&self.device).map_err(|e| invalid("jobs.device", e.to_string()))?;
+        crate::serving::device(&self.device).map_err(|e| invalid("jobs.device", e.to_string()))?;
         if self.lora_rank == 0 || self.lora_rank > 256 {
             return Err(invalid("jobs.lora_rank", format!("{} is not in 1..=256", self.lora_rank)));
         }

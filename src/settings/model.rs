@@ -32,7 +32,7 @@ impl RawModel {
         if m.path.trim().is_empty() {
             return Err(invalid("model.path", "must name a checkpoint folder or hub id"));
         }
-        crate::model::parse_device(&m.device).map_err(|e| invalid("model.device", e.to_string()))?;
+        crate::serving::device(&m.device).map_err(|e| invalid("model.device", e.to_string()))?;
         if !["auto", "f32", "f16", "bf16"].contains(&m.dtype.as_str()) {
             return Err(invalid("model.dtype", format!("{:?} is not one of auto, f32, f16, bf16", m.dtype)));
         }
