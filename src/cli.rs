@@ -174,7 +174,9 @@ pub fn load(args: &ModelArgs, progress: bool) -> anyhow::Result<Loaded> {
     Ok(loaded)
 }
 
-/// Encodes a turn after checking it is not empty or oversized.
+/// Encodes a turn, in the form every path gives it
+/// ([`crate::prompt::normalize_turn`]), after checking it is not empty or
+/// oversized.
 pub fn encode_turn(tokenizer: &DialogTokenizer, turn_no: usize, text: &str) -> anyhow::Result<Vec<u32>> {
     if text.trim().is_empty() {
         anyhow::bail!("turn {turn_no} is empty");
@@ -182,7 +184,7 @@ pub fn encode_turn(tokenizer: &DialogTokenizer, turn_no: usize, text: &str) -> a
     if text.len() > MAX_TURN_BYTES {
         anyhow::bail!("turn {turn_no} is {} bytes, more than the {MAX_TURN_BYTES} a turn may have", text.len());
     }
-    tokenizer.encode(text).with_context(|| format!("turn {turn_no}"))
+    tokenizer.encode(&crate::prompt::normalize_turn(text)).with_context(|| format!("turn {turn_no}"))
 }
 
 /// The prompt budget: the model's context less the room for the reply.

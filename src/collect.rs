@@ -3,8 +3,11 @@
 //! reads them as they are).
 //!
 //! Only channels listed in `[collect] channels` are collected. Authors are
-//! stored as a keyed hash (HMAC-SHA256 with `collect.author_key`, truncated),
-//! never as platform ids. Toxic turns never get here (the pipeline refuses
+//! stored as a keyed hash (HMAC-SHA256 with `collect.author_key`, truncated)
+//! of `platform:user` (a person: the same user id on Discord and Telegram
+//! is two people), never as platform ids. Segments written before that
+//! carry the hash of the bare user id ([`Collector::legacy_author_hash`]):
+//! `/forget`, `/optout` and `/optin` act on both hashes. Toxic turns never get here (the pipeline refuses
 //! them before storage), and `/forget` removes every collected line an
 //! author took part in. Each line is written whole with one `write` and
 //! synced, so a crash loses at most the line being written. Segments rotate
@@ -86,6 +89,8 @@ pub struct Collector {
     retention: Option<Duration>,
     /// The segment being appended to. A std mutex: held only for a write.
     current: Mutex<Option<Segment>>,
+    /// `jobs.dir`, whose `job-*/data.jsonl` copies `forget` also cleans.
+    jobs_dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Collector {
@@ -118,7 +123,15 @@ impl Collector {
             max_age: Duration::from_secs(settings.segment_max_secs),
             retention: (settings.retention_days > 0).then(|| Duration::from_secs(settings.retention_days * 86_400)),
             current: Mutex::new(None),
+            jobs_dir: None,
         })
+    }
+
+    /// Makes [`Self::forget`] (and so `/optout`) also clean the dataset
+    /// copies training jobs took into `jobs_dir` (`job-*/data.jsonl`).
+    pub fn with_jobs_dir(mut self, jobs_dir: PathBuf) -> Self {
+        self.jobs_dir = Some(jobs_dir);
+        self
     }
 
     /// Whether this channel (`platform:channel_id`) opted in.
@@ -152,27 +165,32 @@ impl Collector {
         &self.dir
     }
 
-    /// Opts an author out: nothing of theirs is collected from now on, and
-    /// what was collected is deleted. Returns the exchanges deleted.
-    pub fn opt_out(&self, author: &str) -> Result<usize, CollectError> {
-        let hash = self.author_hash(author);
+    /// Opts a person (`platform:user`) out: nothing of theirs is collected
+    /// from now on, nor trained on (their new and legacy hashes are listed),
+    /// and what was collected is deleted. Returns the exchanges deleted.
+    pub fn opt_out(&self, person: &str) -> Result<usize, CollectError> {
         {
             let mut opted_out = self.opted_out.lock().unwrap_or_else(|e| e.into_inner());
-            if opted_out.insert(hash.clone()) {
-                let path = self.dir.join(OPTED_OUT_FILE);
-                let mut file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&path))?;
-                file.write_all(format!("{hash}\n").as_bytes()).map_err(io_err(&path))?;
-                file.sync_data().map_err(io_err(&path))?;
+            for hash in self.hashes(person) {
+                if opted_out.insert(hash.clone()) {
+                    let path = self.dir.join(OPTED_OUT_FILE);
+                    let mut file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&path))?;
+                    file.write_all(format!("{hash}\n").as_bytes()).map_err(io_err(&path))?;
+                    file.sync_data().map_err(io_err(&path))?;
+                }
             }
         }
-        self.forget(author)
+        self.forget(person)
     }
 
-    /// Takes an author's opt-out back (later exchanges are collected).
-    pub fn opt_in(&self, author: &str) -> Result<bool, CollectError> {
-        let hash = self.author_hash(author);
+    /// Takes a person's opt-out back (later exchanges are collected).
+    pub fn opt_in(&self, person: &str) -> Result<bool, CollectError> {
         let mut opted_out = self.opted_out.lock().unwrap_or_else(|e| e.into_inner());
-        if !opted_out.remove(&hash) {
+        let mut was = false;
+        for hash in self.hashes(person) {
+            was |= opted_out.remove(&hash);
+        }
+        if !was {
             return Ok(false);
         }
         let path = self.dir.join(OPTED_OUT_FILE);
@@ -189,16 +207,30 @@ impl Collector {
         self.opted_out.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// The keyed hash stored in place of an author id.
-    pub fn author_hash(&self, author: &str) -> String {
-        hmac_sha256(&self.key, author.as_bytes())[..16].iter().map(|b| format!("{b:02x}")).collect()
+    /// The keyed hash stored in place of a person (`platform:user`).
+    pub fn author_hash(&self, person: &str) -> String {
+        hmac_sha256(&self.key, person.as_bytes())[..16].iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    /// Appends one exchange. `turns` are `(author id, text, is_bot)`.
+    /// The hash segments written before persons were keyed by platform
+    /// carry: that of the bare user id (what follows `platform:`).
+    pub fn legacy_author_hash(&self, person: &str) -> String {
+        self.author_hash(person.split_once(':').map_or(person, |(_, user)| user))
+    }
+
+    /// A person's current and legacy hashes.
+    fn hashes(&self, person: &str) -> [String; 2] {
+        [self.author_hash(person), self.legacy_author_hash(person)]
+    }
+
+    /// Appends one exchange of `channel` (`platform:channel_id`). `turns`
+    /// are `(author id, text, is_bot)`, the author ids the platform's.
     pub fn record(&self, channel: &str, turns: &[(&str, &str, bool)]) -> Result<bool, CollectError> {
+        let platform = channel.split_once(':').map_or(channel, |(platform, _)| platform);
+        let hash = |author: &str| self.author_hash(&format!("{platform}:{author}"));
         {
             let opted_out = self.opted_out.lock().unwrap_or_else(|e| e.into_inner());
-            if turns.iter().any(|(author, _, bot)| !bot && opted_out.contains(&self.author_hash(author))) {
+            if turns.iter().any(|(author, _, bot)| !bot && opted_out.contains(&hash(author))) {
                 return Ok(false);
             }
         }
@@ -208,7 +240,7 @@ impl Collector {
             turns: turns
                 .iter()
                 .map(|(author, text, bot)| CollectedTurn {
-                    author: if *bot { "bot".to_string() } else { self.author_hash(author) },
+                    author: if *bot { "bot".to_string() } else { hash(author) },
                     text: text.to_string(),
                 })
                 .collect(),
@@ -249,41 +281,38 @@ impl Collector {
         Ok(paths)
     }
 
-    /// Removes every collected line the author took part in; returns how
-    /// many. Each segment is rewritten aside and renamed over the old one.
-    pub fn forget(&self, author: &str) -> Result<usize, CollectError> {
-        let hash = self.author_hash(author);
+    /// Removes every collected line the person (`platform:user`) took part
+    /// in, under their current or legacy hash, from the segments and from
+    /// the jobs' dataset copies; returns how many segment lines went. Each
+    /// file is rewritten aside and renamed over the old one.
+    pub fn forget(&self, person: &str) -> Result<usize, CollectError> {
+        let hashes = self.hashes(person);
         // Hold the lock so no line is appended to a file being rewritten.
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         let mut removed = 0;
         for path in self.segments()? {
-            let reader = BufReader::new(File::open(&path).map_err(io_err(&path))?);
-            let mut kept = Vec::new();
-            let mut dropped = 0;
-            for line in reader.lines() {
-                let line = line.map_err(io_err(&path))?;
-                let by_author = serde_json::from_str::<Record>(&line)
-                    .map(|r| r.turns.iter().any(|t| t.author == hash))
-                    .unwrap_or(false);
-                if by_author {
-                    dropped += 1;
-                } else {
-                    kept.push(line);
-                }
-            }
+            let dropped = drop_lines_of(&path, &hashes)?;
             if dropped > 0 {
-                let tmp = path.with_extension("jsonl.tmp");
-                let mut body = kept.join("\n");
-                if !body.is_empty() {
-                    body.push('\n');
-                }
-                std::fs::write(&tmp, body).map_err(io_err(&tmp))?;
-                std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
                 removed += dropped;
                 if current.as_ref().is_some_and(|s| s.path == path) {
                     // The open handle points at the replaced file: reopen.
                     *current = None;
                 }
+            }
+        }
+        drop(current);
+        if let Some(jobs_dir) = &self.jobs_dir {
+            let copies: Vec<PathBuf> = match std::fs::read_dir(jobs_dir) {
+                Ok(entries) => entries.filter_map(|e| e.ok().map(|e| e.path().join("data.jsonl"))).filter(|p| p.is_file()).collect(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => return Err(io_err(jobs_dir)(e)),
+            };
+            let mut in_copies = 0;
+            for path in copies {
+                in_copies += drop_lines_of(&path, &hashes)?;
+            }
+            if in_copies > 0 {
+                tracing::info!(lines = in_copies, "forgotten in the jobs' dataset copies too");
             }
         }
         Ok(removed)
@@ -308,7 +337,53 @@ impl Collector {
     }
 }
 
-/// HMAC-SHA256 (RFC 2104).
+/// Rewrites a JSONL file of [`Record`]s without the lines any of `hashes`
+/// took part in (aside, then renamed over it); returns how many went.
+fn drop_lines_of(path: &Path, hashes: &[String]) -> Result<usize, CollectError> {
+    let reader = BufReader::new(File::open(path).map_err(io_err(path))?);
+    let mut kept = Vec::new();
+    let mut dropped = 0;
+    for line in reader.lines() {
+        let line = line.map_err(io_err(path))?;
+        let by_author =
+            serde_json::from_str::<Record>(&line).map(|r| r.turns.iter().any(|t| hashes.contains(&t.author))).unwrap_or(false);
+        if by_author {
+            dropped += 1;
+        } else {
+            kept.push(line);
+        }
+    }
+    if dropped > 0 {
+        let tmp = path.with_extension("jsonl.tmp");
+        let mut body = kept.join("\n");
+        if !body.is_empty() {
+            body.push('\n');
+        }
+        std::fs::write(&tmp, body).map_err(io_err(&tmp))?;
+        std::fs::rename(&tmp, path).map_err(io_err(path))?;
+    }
+    Ok(dropped)
+}
+
+/// How often a running daemon deletes segments past the retention.
+pub const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+
+/// Enforces the retention now and then every `every` (on tokio's blocking
+/// pool), until the collector is dropped. Deletions are logged at info,
+/// failures at warn; neither stops the loop.
+pub async fn enforce_retention_every(collector: std::sync::Weak<Collector>, every: Duration) {
+    loop {
+        let Some(strong) = collector.upgrade() else { return };
+        match tokio::task::spawn_blocking(move || strong.enforce_retention()).await {
+            Ok(Ok(n)) if n > 0 => tracing::info!(deleted = n, "collected segments past retention deleted"),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "retention check failed"),
+            Err(e) => tracing::warn!(error = %e, "retention check panicked"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// The opted-out authors' hashes kept in a collection folder (none when
 /// the file is missing).
 pub fn read_opted_out(dir: &Path) -> Result<HashSet<String>, CollectError> {
@@ -379,10 +454,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = Collector::open(&settings(dir.path(), 200)).unwrap();
         assert!(c.wants("http:c") && !c.wants("http:d"));
-        let ann = c.author_hash("ann");
+        let ann = c.author_hash("http:ann");
         assert_ne!(ann, "ann");
-        assert_eq!(ann, c.author_hash("ann"));
-        assert_ne!(ann, c.author_hash("bob"));
+        assert_eq!(ann, c.author_hash("http:ann"));
+        assert_ne!(ann, c.author_hash("http:bob"));
         for i in 0..4 {
             let who = if i % 2 == 0 { "ann" } else { "bob" };
             c.record("http:c", &[(who, &format!("hello {i}"), false), ("bot", "hi", true)]).unwrap();
@@ -397,14 +472,98 @@ mod tests {
             .collect();
         assert_eq!(all.len(), 4);
         assert!(all.iter().all(|r| r.turns[1].author == "bot" && !r.turns[0].author.contains("ann")));
-        assert_eq!(c.forget("ann").unwrap(), 2);
+        assert_eq!(c.forget("http:ann").unwrap(), 2);
         let left: usize = c.segments().unwrap().iter().map(|p| std::fs::read_to_string(p).unwrap().lines().count()).sum();
         assert_eq!(left, 2);
-        assert_eq!(c.forget("ann").unwrap(), 0);
+        assert_eq!(c.forget("http:ann").unwrap(), 0);
         // Appending after a rewrite still works.
         c.record("http:c", &[("bob", "again", false)]).unwrap();
         assert_eq!(c.retention, Some(Duration::from_secs(30 * 86_400)));
         assert_eq!(c.enforce_retention().unwrap(), 0);
+    }
+
+    /// The same user id on two platforms is two people; `/forget` also
+    /// takes the lines written before (hashed from the bare user id).
+    #[test]
+    fn authors_are_hashed_with_their_platform_and_forget_takes_legacy_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Collector::open(&settings(dir.path(), 1 << 20)).unwrap();
+        c.record("discord:1", &[("123", "from discord", false), ("bot", "hi", true)]).unwrap();
+        c.record("telegram:5", &[("123", "from telegram", false), ("bot", "hi", true)]).unwrap();
+        assert_ne!(c.author_hash("discord:123"), c.author_hash("telegram:123"));
+        assert_eq!(c.legacy_author_hash("discord:123"), c.author_hash("123"));
+        // A line from before the change, as the old code wrote it.
+        let legacy = Record {
+            channel: "discord:1".into(),
+            time: 1,
+            turns: vec![CollectedTurn { author: c.author_hash("123"), text: "old line".into() }],
+        };
+        std::fs::write(dir.path().join("exchanges-1.jsonl"), format!("{}\n", serde_json::to_string(&legacy).unwrap())).unwrap();
+        let text = || -> String { c.segments().unwrap().iter().map(|p| std::fs::read_to_string(p).unwrap()).collect() };
+        let all = text();
+        assert!(all.contains(&c.author_hash("discord:123")) && all.contains(&c.author_hash("telegram:123")));
+        assert_eq!(c.forget("discord:123").unwrap(), 2);
+        let left = text();
+        assert!(!left.contains("from discord") && !left.contains("old line") && left.contains("from telegram"), "{left}");
+        // Opting out lists both hashes, so no job trains on either.
+        c.opt_out("telegram:123").unwrap();
+        assert!(c.opted_out().contains(&c.author_hash("telegram:123")) && c.opted_out().contains(&c.author_hash("123")));
+        assert!(!text().contains("from telegram"));
+    }
+
+    /// `/forget` (and `/optout`) reach the dataset copies jobs took.
+    #[test]
+    fn forget_cleans_the_jobs_dataset_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = tempfile::tempdir().unwrap();
+        let c = Collector::open(&settings(dir.path(), 1 << 20)).unwrap().with_jobs_dir(jobs.path().to_path_buf());
+        c.record("http:c", &[("ann", "ann's words", false), ("bot", "hi", true)]).unwrap();
+        c.record("http:c", &[("bob", "bob's words", false), ("bot", "hi", true)]).unwrap();
+        let copy = jobs.path().join("job-3").join("data.jsonl");
+        std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
+        std::fs::copy(&c.segments().unwrap()[0], &copy).unwrap();
+        assert_eq!(c.opt_out("http:ann").unwrap(), 1);
+        let left = std::fs::read_to_string(&copy).unwrap();
+        assert!(!left.contains("ann's words") && left.contains("bob's words"), "{left}");
+        assert_eq!(c.forget("http:bob").unwrap(), 1);
+        assert!(std::fs::read_to_string(&copy).unwrap().is_empty());
+    }
+
+    /// Backdates a file's modification time by `days`.
+    fn age(path: &Path, days: u64) {
+        let file = File::options().append(true).open(path).unwrap();
+        file.set_modified(SystemTime::now() - Duration::from_secs(days * 86_400)).unwrap();
+    }
+
+    /// Segments past the retention go, on the timer a daemon runs, without
+    /// a restart; younger ones and the segment being written stay.
+    #[tokio::test]
+    async fn segments_past_the_retention_are_deleted_on_a_timer() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = std::sync::Arc::new(Collector::open(&settings(dir.path(), 200)).unwrap());
+        for i in 0..3 {
+            c.record("http:c", &[("ann", &format!("hello {i}"), false), ("bot", "hi", true)]).unwrap();
+        }
+        let segments = c.segments().unwrap();
+        assert_eq!(segments.len(), 3);
+        let timer = tokio::spawn(enforce_retention_every(std::sync::Arc::downgrade(&c), Duration::from_millis(20)));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(c.segments().unwrap().len(), 3, "young segments were deleted");
+        age(&segments[0], 31);
+        age(&segments[1], 29);
+        age(&segments[2], 31); // the one being written: kept
+        let mut gone = false;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if !segments[0].exists() {
+                gone = true;
+                break;
+            }
+        }
+        assert!(gone, "the old segment is still there");
+        assert!(segments[1].exists() && segments[2].exists());
+        drop(c);
+        tokio::time::timeout(Duration::from_secs(5), timer).await.expect("the timer ends with the collector").unwrap();
     }
 
     #[test]
@@ -412,7 +571,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = Collector::open(&settings(dir.path(), 1 << 20)).unwrap();
         assert!(c.record("http:c", &[("ann", "one", false), ("bot", "hi", true)]).unwrap());
-        assert_eq!(c.opt_out("ann").unwrap(), 1, "opting out deletes what was collected");
+        assert_eq!(c.opt_out("http:ann").unwrap(), 1, "opting out deletes what was collected");
         assert!(!c.record("http:c", &[("ann", "two", false), ("bot", "hi", true)]).unwrap());
         assert!(!c.record("http:c", &[("bob", "hey", false), ("ann", "three", false)]).unwrap());
         assert!(c.record("http:c", &[("bob", "four", false), ("bot", "hi", true)]).unwrap());
@@ -421,12 +580,12 @@ mod tests {
         assert!(c.wants("http:d") && !c.wants("http:c"));
 
         let c = Collector::open(&settings(dir.path(), 1 << 20)).unwrap();
-        assert!(c.opted_out().contains(&c.author_hash("ann")));
+        assert!(c.opted_out().contains(&c.author_hash("http:ann")));
         assert!(c.wants("http:d") && !c.wants("http:c"));
         let text: String = c.segments().unwrap().iter().map(|p| std::fs::read_to_string(p).unwrap()).collect();
         assert!(!text.contains("one") && !text.contains("two") && !text.contains("three") && text.contains("four"), "{text}");
-        assert!(c.opt_in("ann").unwrap());
-        assert!(!c.opt_in("ann").unwrap());
+        assert!(c.opt_in("http:ann").unwrap());
+        assert!(!c.opt_in("http:ann").unwrap());
         assert!(c.record("http:d", &[("ann", "five", false), ("bot", "hi", true)]).unwrap());
         let c = Collector::open(&settings(dir.path(), 1 << 20)).unwrap();
         assert!(c.opted_out().is_empty());

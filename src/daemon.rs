@@ -281,13 +281,14 @@ fn open_collector(settings: &Settings) -> Result<Option<Arc<Collector>>, DaemonE
     if !settings.collect.enabled {
         return Ok(None);
     }
-    let collector = Collector::open(&settings.collect).map_err(DaemonError::Collect)?;
-    match collector.enforce_retention() {
-        Ok(n) if n > 0 => tracing::info!(deleted = n, "collected segments past retention deleted"),
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "retention check failed"),
+    let mut collector = Collector::open(&settings.collect).map_err(DaemonError::Collect)?;
+    if settings.jobs.enabled {
+        collector = collector.with_jobs_dir(settings.jobs.dir.clone());
     }
-    Ok(Some(Arc::new(collector)))
+    let collector = Arc::new(collector);
+    // At start, then hourly while the collector lives.
+    tokio::spawn(crate::collect::enforce_retention_every(Arc::downgrade(&collector), crate::collect::RETENTION_EVERY));
+    Ok(Some(collector))
 }
 
 /// The job store, when `[jobs]` is enabled.
@@ -372,13 +373,30 @@ pub async fn stop_signal() {
     }
 }
 
-/// Reloads on every SIGHUP, for as long as the task runs.
-pub async fn reload_on_sighup(pipeline: Pipeline, config: Option<PathBuf>, metrics: Arc<Metrics>) {
+/// Starts catching SIGHUP. Call it before anything slow (model loading):
+/// from then on a SIGHUP no longer kills the process (its default action)
+/// and one received before [`reload_on_sighup`] runs is applied then.
+/// `None` (logged) when the handler cannot be installed.
+pub fn sighup_listener() -> Option<tokio::signal::unix::Signal> {
     use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP: reload disabled");
-        return;
-    };
+    match signal(SignalKind::hangup()) {
+        Ok(hup) => Some(hup),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: reload disabled");
+            None
+        }
+    }
+}
+
+/// Reloads on every SIGHUP caught by `hup` (see [`sighup_listener`]), for
+/// as long as the task runs.
+pub async fn reload_on_sighup(
+    hup: Option<tokio::signal::unix::Signal>,
+    pipeline: Pipeline,
+    config: Option<PathBuf>,
+    metrics: Arc<Metrics>,
+) {
+    let Some(mut hup) = hup else { return };
     while hup.recv().await.is_some() {
         notify_systemd("RELOADING=1");
         if let Err(e) = reload(&pipeline, config.as_deref(), &metrics) {

@@ -68,7 +68,7 @@ pub trait PersonaStore: Send + Sync + 'static {
 pub fn persona_prompt(tokenizer: &DialogTokenizer, seed: &[String], turns: &[Vec<u32>], budget: usize) -> Result<Prompt, PromptError> {
     let mut seed_ids = Vec::new();
     for turn in seed {
-        if let Ok(ids) = tokenizer.encode(turn) {
+        if let Ok(ids) = tokenizer.encode(&crate::prompt::normalize_turn(turn)) {
             seed_ids.extend(ids);
             seed_ids.push(tokenizer.eos_id());
         }

@@ -5,6 +5,26 @@
 //! When the turns do not fit the budget, whole turns are dropped from the
 //! oldest end; a single turn longer than the budget keeps its end, which is
 //! the part the reply answers.
+//!
+//! [`normalize_turn`] is the one form a turn's text takes before it is
+//! encoded, on every path: `dialogd generate`, `rank` and `chat`, the
+//! daemon (the message it stores, its stored turns and a persona's seed
+//! turns), training data and the MMI source (which reads the same encoded
+//! turns as the ranker).
+
+/// A turn's text as every path encodes it: Unicode NFC (a precomposed
+/// "é" and "e" + combining accent are the same turn) and no leading or
+/// trailing whitespace. Whitespace inside the text (newlines, tabs, double
+/// spaces) is kept: it is what the user wrote and the tokenizer encodes it.
+/// Platform markup is the adapters' business: each removes its own
+/// addressing (a Discord bot mention, a Telegram `@bot`) and nothing else,
+/// the same way for every message; other markup (a mention of another
+/// member, a link) is part of what was said and stays. Typed special tokens
+/// stay text (see [`crate::tokenizer`]).
+pub fn normalize_turn(text: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
+    text.trim().nfc().collect()
+}
 
 /// The longest turn accepted, in bytes. Longer turns are refused rather
 /// than silently cut (cutting to the token budget happens below this size).
@@ -101,6 +121,14 @@ mod tests {
         let p = build_prompt(&turns, EOS, 4).unwrap();
         assert_eq!(p.ids, vec![8, 9, 10, EOS]);
         assert_eq!((p.turns_kept, p.truncated), (1, true));
+    }
+
+    #[test]
+    fn turns_are_normalized_to_nfc_without_outer_whitespace() {
+        assert_eq!(normalize_turn("  Cafe\u{301} cr\u{e8}me \n"), "Caf\u{e9} cr\u{e8}me");
+        assert_eq!(normalize_turn("tabs\tand\nnewlines  inside"), "tabs\tand\nnewlines  inside");
+        assert_eq!(normalize_turn("<|endoftext|>"), "<|endoftext|>");
+        assert_eq!(normalize_turn(" \t "), "");
     }
 
     #[test]

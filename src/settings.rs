@@ -129,6 +129,21 @@ pub fn load_raw_with_env(
     Ok(builder.build()?.try_deserialize()?)
 }
 
+/// The names of environment variables that look meant for dialogd
+/// (`DIALOGD…`, any case) but are not read as settings: not
+/// `DIALOGD__SECTION__KEY` (a variable under that prefix naming no key is
+/// already an error). Values are never looked at, so secrets in them
+/// cannot leak through a warning.
+pub fn stray_env_vars(env: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>) -> Vec<String> {
+    let mut names: Vec<String> = env
+        .into_iter()
+        .map(|(name, _)| name.to_string_lossy().into_owned())
+        .filter(|name| name.to_ascii_uppercase().starts_with("DIALOGD") && !name.starts_with("DIALOGD__"))
+        .collect();
+    names.sort();
+    names
+}
+
 /// Loads and validates in one step.
 pub fn load(file: Option<&Path>) -> Result<Settings, SettingsError> {
     load_raw(file)?.validate()
@@ -200,6 +215,18 @@ mod tests {
         }
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
         load_raw_with_env(file_text.map(|_| path.as_path()), env)?.validate()
+    }
+
+    #[test]
+    fn misspelled_environment_overrides_are_named() {
+        let env = [
+            ("DIALOGD_ADAPTERS__HTTP__TOKEN", "secret-1"),
+            ("DIALOGD__CONTEXT__MAX_TURNS", "9"),
+            ("dialogd__context__max_turns", "9"),
+            ("PATH", "/bin"),
+        ]
+        .map(|(k, v)| (k.into(), v.into()));
+        assert_eq!(stray_env_vars(env), ["DIALOGD_ADAPTERS__HTTP__TOKEN", "dialogd__context__max_turns"]);
     }
 
     #[test]

@@ -208,3 +208,54 @@ fn chat_keeps_history_and_resets() {
     assert!(text.contains("(conversation forgotten)"));
     assert!(crate::support::stderr(&out).contains("ready:"));
 }
+
+/// Awkward turns (outer whitespace, a decomposed accent, tabs and newlines
+/// inside, a typed separator, a byte-order mark and a zero-width space,
+/// full-width letters and an emoji) make one prompt on every path: `dialogd
+/// generate` (the binary), `chat` and `rank` (`cli::encode_turn`), training
+/// data (`build_examples`), the MMI source, and the daemon (which stores
+/// the normalised text it encodes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_path_makes_one_prompt_of_awkward_turns() {
+    use dialogd::prompt::{build_prompt, normalize_turn};
+    use dialogd::tokenizer::DialogTokenizer;
+    let turns: Vec<String> =
+        ["  Cafe\u{301} ok ", "tabs\tand\nnew  lines", "I typed <|endoftext|>", "\u{FEFF}zero\u{200B}width ", "ＦＵＬＬ 🙂\r\n"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    let dir = model_dir("pico-bin");
+    let tok = DialogTokenizer::from_dir(&dir).unwrap();
+    let eos = tok.eos_id();
+    let encoded: Vec<Vec<u32>> = turns.iter().map(|t| tok.encode(&normalize_turn(t)).unwrap()).collect();
+    let want = build_prompt(&encoded, eos, 60).unwrap().ids;
+    let raw: Vec<Vec<u32>> = turns.iter().map(|t| tok.encode(t).unwrap()).collect();
+    assert_ne!(build_prompt(&raw, eos, 60).unwrap().ids, want, "the turns are not awkward enough to tell");
+
+    // generate: the binary's own prompt ids.
+    let out = generate_json(&dir, &["--greedy", "--max-new-tokens", "4"], &turns);
+    assert_eq!(ids(&out["prompt_ids"]), want, "generate");
+    // chat and rank encode each turn with cli::encode_turn.
+    let by_cli: Vec<Vec<u32>> = turns.iter().enumerate().map(|(i, t)| dialogd::cli::encode_turn(&tok, i + 1, t).unwrap()).collect();
+    assert_eq!(by_cli, encoded, "chat / rank");
+    // The MMI source is built from those same ids, newest turn first.
+    let newest_first: Vec<Vec<u32>> = encoded.iter().rev().cloned().collect();
+    assert_eq!(dialogd::ranking::mmi::reverse_source(&by_cli, eos, 1 << 20).unwrap(), build_prompt(&newest_first, eos, 1 << 20).unwrap().ids);
+    // Training data.
+    let dialogue = dialogd::training::data::Dialogue {
+        turns: turns.iter().map(|t| dialogd::training::data::Turn { text: t.clone(), author: None, weight: 1.0 }).collect(),
+        origin: "test:1".into(),
+    };
+    let (examples, _) = dialogd::training::data::build_examples(&[dialogue], &tok, 1024).unwrap();
+    let full = build_prompt(&encoded, eos, 1 << 20).unwrap().ids;
+    assert_eq!(examples[0].inputs, full[..full.len() - 1], "training data");
+    // The daemon stores (and encodes) each message in the same form.
+    let d = crate::support::TestDaemon::start(&crate::support::daemon_toml(None, &[])).await;
+    for (n, turn) in turns.iter().enumerate() {
+        let (status, _) = d.say("awkward", "ann", turn, Some(&format!("m{n}"))).await;
+        assert_eq!(status, 200);
+    }
+    let stored: Vec<String> = d.turns("awkward").await.into_iter().filter(|(_, _, bot)| !bot).map(|(_, t, _)| t).collect();
+    assert_eq!(stored, turns.iter().map(|t| normalize_turn(t)).collect::<Vec<_>>(), "daemon");
+    d.stop().await;
+}

@@ -164,16 +164,11 @@ async fn the_store_recovers_when_redis_comes_back() {
     assert!(errors >= 1);
     assert!(store.turns(&a).await.is_err());
     assert_eq!(metrics.redis_errors.load(Ordering::Relaxed), errors, "a call went to Redis while it was down");
+    // Long enough down for the watcher's backoff to reach its cap.
+    tokio::time::sleep(Duration::from_secs(8)).await;
     redis.restart();
-    let mut back = false;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        if store.is_up() {
-            back = true;
-            break;
-        }
-    }
-    assert!(back, "store did not notice redis was back within 10 s");
+    let back = back_within(&store, Duration::from_secs(5)).await.expect("store did not see redis back within 5 s");
+    println!("store back {back:?} after redis");
     store.append(&a, &[Turn::user("ann", "three", None)], None).await.unwrap();
     // The old data died with the server (no persistence); the new is there.
     assert_eq!(texts(&store.turns(&a).await.unwrap()), ["three"]);
@@ -210,6 +205,125 @@ async fn edits_replace_or_remove_only_the_authors_latest_turn() {
     assert_eq!(store.edit_turn(&a, "ann", "m1", EditChange::Replace("uno!")).await.unwrap(), Edited::Replaced);
     assert_eq!(store.edit_turn(&a, "ann", "m", EditChange::Replace("no")).await.unwrap(), Edited::Ignored);
     assert_eq!(texts(&store.turns(&a).await.unwrap()), ["one", "re one", "three", "uno!"]);
+}
+
+/// How long after now the store reports itself up, if within `bound`.
+async fn back_within(store: &RedisStore, bound: Duration) -> Option<Duration> {
+    let started = std::time::Instant::now();
+    while started.elapsed() < bound {
+        if store.is_up() {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+/// A connection to `port` as `password` for the test's own commands.
+fn admin(port: u16, password: Option<&str>) -> redis::Connection {
+    let auth = password.map(|p| format!(":{p}@")).unwrap_or_default();
+    redis::Client::open(format!("redis://{auth}127.0.0.1:{port}/0")).unwrap().get_connection().unwrap()
+}
+
+fn config_set(conn: &mut redis::Connection, key: &str, value: &str) {
+    redis::cmd("CONFIG").arg("SET").arg(key).arg(value).query::<()>(conn).unwrap();
+}
+
+/// A wrong password is a store fault (down, counted, refused at once), not
+/// silence; once Redis accepts the password the store is back within 5 s.
+#[tokio::test]
+async fn a_wrong_password_is_a_store_fault_until_it_is_right() {
+    let redis = RedisServer::start_with(&["--requirepass", "right-pass-1"]);
+    let metrics = Metrics::new();
+    let url = format!("redis://:wrong-pass-2@127.0.0.1:{}/0", redis.port);
+    let store = RedisStore::connect(&url, "t", Limits::new(10, None), Duration::from_millis(500), metrics.clone())
+        .await
+        .unwrap();
+    assert!(!store.is_up());
+    assert!(!metrics.store_up.load(Ordering::Relaxed));
+    assert!(metrics.redis_errors.load(Ordering::Relaxed) >= 1);
+    let err = store.append(&key("p"), &[Turn::user("ann", "one", None)], None).await.unwrap_err();
+    assert!(matches!(err, ContextError::Unavailable(_)), "{err}");
+    assert!(!err.to_string().contains("wrong-pass-2"), "{err}");
+
+    config_set(&mut admin(redis.port, Some("right-pass-1")), "requirepass", "wrong-pass-2");
+    back_within(&store, Duration::from_secs(5)).await.expect("not back within 5 s of the password fix");
+    assert!(metrics.store_up.load(Ordering::Relaxed));
+    store.append(&key("p"), &[Turn::user("ann", "two", None)], None).await.unwrap();
+    assert_eq!(texts(&store.turns(&key("p")).await.unwrap()), ["two"]);
+}
+
+/// Redis out of memory (`maxmemory` reached, `noeviction`) refuses the
+/// append script: a store fault, seen by the watcher's write probe too;
+/// back within 5 s once memory is there again.
+#[tokio::test]
+async fn out_of_memory_is_a_store_fault_until_memory_is_back() {
+    let redis = RedisServer::start();
+    let metrics = Metrics::new();
+    let store = store_with(&redis, 10, None, metrics.clone()).await;
+    let a = key("m");
+    store.append(&a, &[Turn::user("ann", "one", None)], None).await.unwrap();
+    let mut admin = admin(redis.port, None);
+    config_set(&mut admin, "maxmemory-policy", "noeviction");
+    config_set(&mut admin, "maxmemory", "1");
+    let err = store.append(&a, &[Turn::user("ann", "two", None)], None).await.unwrap_err();
+    assert!(matches!(err, ContextError::Unavailable(_)), "{err}");
+    assert!(err.to_string().contains("OOM"), "{err}");
+    assert!(!store.is_up());
+    assert!(!metrics.store_up.load(Ordering::Relaxed));
+
+    config_set(&mut admin, "maxmemory", "0");
+    back_within(&store, Duration::from_secs(5)).await.expect("not back within 5 s of memory");
+    store.append(&a, &[Turn::user("ann", "three", None)], None).await.unwrap();
+    assert_eq!(texts(&store.turns(&a).await.unwrap()), ["one", "three"]);
+
+    // Out of memory with no message coming: the watcher's probe notices.
+    config_set(&mut admin, "maxmemory", "1");
+    let mut down = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if !store.is_up() {
+            down = true;
+            break;
+        }
+    }
+    assert!(down, "the watcher did not notice Redis out of memory within 5 s");
+}
+
+/// A read-only replica refuses writes: a store fault; promoted to a
+/// master, it is back within 5 s.
+#[tokio::test]
+async fn a_read_only_replica_is_a_store_fault_until_promoted() {
+    let master = RedisServer::start();
+    let port = master.port.to_string();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
+    let metrics = Metrics::new();
+    let store = store_with(&replica, 10, None, metrics.clone()).await;
+    assert!(!store.is_up(), "a read-only replica was taken for a working store");
+    let err = store.append(&key("ro"), &[Turn::user("ann", "one", None)], None).await.unwrap_err();
+    assert!(matches!(err, ContextError::Unavailable(_)), "{err}");
+
+    redis::cmd("REPLICAOF").arg("NO").arg("ONE").query::<()>(&mut admin(replica.port, None)).unwrap();
+    back_within(&store, Duration::from_secs(5)).await.expect("not back within 5 s of the promotion");
+    store.append(&key("ro"), &[Turn::user("ann", "one", None)], None).await.unwrap();
+}
+
+/// A key of the wrong type under one channel is that channel's problem:
+/// an error for it (counted), while the store stays up for the others.
+#[tokio::test]
+async fn a_wrong_type_under_one_channel_leaves_the_store_up() {
+    let redis = RedisServer::start();
+    let metrics = Metrics::new();
+    let store = store_with(&redis, 10, None, metrics.clone()).await;
+    redis.client().set::<_, _, ()>("t:ctx:http:odd", "not a list").unwrap();
+    let errors = metrics.redis_errors.load(Ordering::Relaxed);
+    let err = store.turns(&key("odd")).await.unwrap_err();
+    assert!(matches!(err, ContextError::Corrupt(_)), "{err}");
+    let err = store.append(&key("odd"), &[Turn::user("ann", "x", None)], None).await.unwrap_err();
+    assert!(matches!(err, ContextError::Corrupt(_)), "{err}");
+    assert_eq!(metrics.redis_errors.load(Ordering::Relaxed), errors + 2);
+    assert!(store.is_up());
+    store.append(&key("fine"), &[Turn::user("ann", "x", None)], None).await.unwrap();
 }
 
 /// The persona stores (Redis, memory) behave the same through the

@@ -20,6 +20,13 @@ struct Running {
 
 impl Running {
     async fn start(config: &Path, env: &[(&str, &str)], http_port: u16, metrics_port: u16) -> Self {
+        let mut running = Self::spawn(config, env, http_port, metrics_port);
+        running.wait_ready().await;
+        running
+    }
+
+    /// Starts the process without waiting for it to serve.
+    fn spawn(config: &Path, env: &[(&str, &str)], http_port: u16, metrics_port: u16) -> Self {
         let log = config.with_extension(format!("{http_port}.log"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_dialogd"));
         cmd.args(["run", "--config"]).arg(config).env_remove("RUST_LOG").stdin(Stdio::null()).stdout(Stdio::null());
@@ -27,20 +34,26 @@ impl Running {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut running = Self {
+        let running = Self {
             child: cmd.spawn().unwrap(),
             log,
             base: format!("http://127.0.0.1:{http_port}"),
             metrics_url: format!("http://127.0.0.1:{metrics_port}/metrics"),
             http: reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap(),
         };
+        running
+    }
+
+    /// Waits (up to 30 s) for `/healthz` to answer 200.
+    async fn wait_ready(&mut self) {
+        let running = self;
         for _ in 0..300 {
             if let Some(status) = running.child.try_wait().unwrap() {
                 panic!("dialogd exited early ({status}): {}", running.log_text());
             }
             if let Ok(r) = running.http.get(format!("{}/healthz", running.base)).send().await {
                 if r.status() == 200 {
-                    return running;
+                    return;
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -120,6 +133,26 @@ fn check_config_redacts_secrets_and_names_bad_keys() {
     assert_eq!(shown["context"]["redis_url"].as_str(), Some("redis://:[redacted]@db:6379/0"));
     assert_eq!(shown["adapters"]["http"]["token"].as_str(), Some("[redacted]"));
     assert!(!text.contains("pa55word") && !text.contains("tok-abcdef"), "{text}");
+
+    // Every URL form: a unix socket's password is a query parameter.
+    std::fs::write(&path, "[context]\nredis_url = \"unix:///run/redis.sock?db=1&pass=unix-pa55\"\n").unwrap();
+    let out = dialogd(&["check-config", "--config", config]);
+    assert!(out.status.success(), "{}", crate::support::stderr(&out));
+    let shown: toml::Table = stdout(&out).parse().unwrap();
+    assert_eq!(shown["context"]["redis_url"].as_str(), Some("unix:///run/redis.sock?db=1&pass=[redacted]"));
+    assert!(!stdout(&out).contains("unix-pa55"));
+    // A URL `run` would refuse is refused here, redacted.
+    std::fs::write(&path, "[context]\nredis_url = \"redis://:pw-x1@db:6379/notadb\"\n").unwrap();
+    let out = dialogd(&["check-config", "--config", config]);
+    assert_fails_with(&out, "context.redis_url");
+    assert!(!crate::support::stderr(&out).contains("pw-x1"), "{}", crate::support::stderr(&out));
+
+    // A misspelled override (one underscore) is named, not silently dropped.
+    std::fs::write(&path, "").unwrap();
+    let out = dialogd_with_env(&["check-config", "--config", config], &[("DIALOGD_ADAPTERS__HTTP__TOKEN", "tok-lost-1")]);
+    assert!(out.status.success());
+    let err = crate::support::stderr(&out);
+    assert!(err.contains("DIALOGD_ADAPTERS__HTTP__TOKEN is ignored") && !err.contains("tok-lost-1"), "{err}");
 
     std::fs::write(&path, "[generation]\ntop_p = 3.0\n").unwrap();
     assert_fails_with(&dialogd(&["check-config", "--config", config]), "generation.top_p");
@@ -294,6 +327,116 @@ fn the_console_adapter_talks_on_stdin_and_stdout() {
     assert!(lines[0].starts_with("bot> ") || lines[0] == "(no reply: no_safe_candidate)", "{text}");
     assert!(lines[1].contains("/forget"), "{text}");
     assert!(lines[2].contains("forgotten"), "{text}");
+}
+
+/// Makes a throwaway CA and a server certificate for 127.0.0.1 in `dir`
+/// with the `openssl` command: (ca.crt, server.crt, server.key).
+fn throwaway_certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("the openssl command");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    run(&[&["req", "-x509"][..], &ec, &["-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=dialogd test CA"]].concat());
+    run(&[&["req"][..], &ec, &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]].concat());
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.crt", "-days", "2",
+        "-extfile", "server.ext",
+    ]);
+    // redis-server runs as this user and reads the key itself.
+    (dir.join("ca.crt"), dir.join("server.crt"), dir.join("server.key"))
+}
+
+/// `rediss://` URLs work: the daemon stores and reads a conversation in a
+/// redis-server that it reaches only over TLS (rustls), trusting a private
+/// CA given with `SSL_CERT_FILE`. Skipped, saying so, where redis-server
+/// was built without TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_urls_reach_redis_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = throwaway_certificates(dir.path());
+    let tls_port = free_port().to_string();
+    let tls_args = [
+        "--tls-port", &tls_port, "--tls-cert-file", cert.to_str().unwrap(), "--tls-key-file", key.to_str().unwrap(),
+        "--tls-ca-cert-file", ca.to_str().unwrap(), "--tls-auth-clients", "no",
+    ];
+    // A redis-server without TLS refuses the tls-* options at once.
+    let mut probe = Command::new("redis-server")
+        .args(["--port", "0", "--save", ""])
+        .args(tls_args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    if let Some(status) = probe.try_wait().unwrap() {
+        let out = probe.wait_with_output().unwrap();
+        eprintln!(
+            "SKIPPED rediss_urls_reach_redis_over_tls: redis-server exited ({status}) with TLS options, so it lacks TLS support: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        return;
+    }
+    let _ = probe.kill();
+    let _ = probe.wait();
+
+    let redis = RedisServer::start_with(&tls_args);
+    let (http_port, metrics_port) = (free_port(), free_port());
+    let config = write_config(dir.path(), &model_dir("pico-bin"), &redis, http_port, metrics_port, "");
+    let text = std::fs::read_to_string(&config).unwrap().replace(&redis.url(), &format!("rediss://127.0.0.1:{tls_port}/0"));
+    std::fs::write(&config, text).unwrap();
+    let d = Running::start(&config, &[("SSL_CERT_FILE", ca.to_str().unwrap())], http_port, metrics_port).await;
+    let health: Value = d.http.get(format!("{}/healthz", d.base)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(health["health"]["store_up"], true, "{health}: {}", d.log_text());
+    let (status, body) = d.say("tls", "Hello over TLS", None).await;
+    assert_eq!(status, 200, "{body}");
+    let context: Value =
+        d.http.get(format!("{}/v1/channels/tls/context", d.base)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(context["turns"][0]["text"], "Hello over TLS", "{context}");
+    // It is in that Redis (read here on the server's plain port).
+    use redis::Commands as _;
+    assert_eq!(redis.client().llen::<_, usize>("dialogd:ctx:http:tls").unwrap(), context["turns"].as_array().unwrap().len());
+    assert_eq!(d.metric("dialogd_redis_errors_total").await, 0.0);
+}
+
+/// SIGHUP while the model loads (systemd's `ExecReload` can send it at any
+/// time) neither kills the daemon nor is lost: the reload is applied once
+/// the daemon serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_during_model_loading_is_applied_after_it() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (http_port, metrics_port) = (free_port(), free_port());
+    let config = write_config(dir.path(), &model_dir("tiny"), &redis, http_port, metrics_port, "");
+    let mut d = Running::spawn(&config, &[], http_port, metrics_port);
+    let mut loading = false;
+    for _ in 0..600 {
+        if d.log_text().contains("loading model") {
+            loading = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(loading, "no 'loading model' line: {}", d.log_text());
+    let text = std::fs::read_to_string(&config).unwrap().replace("max_new_tokens = 16", "max_new_tokens = 8");
+    std::fs::write(&config, text).unwrap();
+    d.signal("HUP");
+    d.wait_ready().await;
+    let mut reloaded = false;
+    for _ in 0..100 {
+        if d.metric("dialogd_reloads_total").await == 1.0 {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reloaded, "the SIGHUP sent during loading was not applied: {}", d.log_text());
+    assert!(d.child.try_wait().unwrap().is_none(), "the daemon died");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -40,7 +40,7 @@ fn collect_corpus(dir: &Path) {
     }
     // Someone who opted out: nothing of theirs is kept or trained on.
     collector.record(&channel, &[("mallory", "hello bot", false), ("bot", "go away", true)]).unwrap();
-    assert_eq!(collector.opt_out("mallory").unwrap(), 1);
+    assert_eq!(collector.opt_out("http:mallory").unwrap(), 1);
     assert!(!collector.record(&channel, &[("mallory", "hello bot", false), ("bot", "go away", true)]).unwrap());
 }
 

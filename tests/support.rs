@@ -144,11 +144,19 @@ pub struct RedisServer {
     child: Option<std::process::Child>,
     pub port: u16,
     dir: tempfile::TempDir,
+    /// More `redis-server` arguments (`--requirepass …`, `--replicaof …`).
+    args: Vec<String>,
 }
 
 impl RedisServer {
     pub fn start() -> Self {
-        let mut server = Self { child: None, port: free_port(), dir: tempfile::tempdir().unwrap() };
+        Self::start_with(&[])
+    }
+
+    /// A server started with more arguments, kept for restarts.
+    pub fn start_with(args: &[&str]) -> Self {
+        let args = args.iter().map(|a| a.to_string()).collect();
+        let mut server = Self { child: None, port: free_port(), dir: tempfile::tempdir().unwrap(), args };
         server.spawn();
         server
     }
@@ -163,6 +171,7 @@ impl RedisServer {
             .args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
+            .args(&self.args)
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server not found: apt-get install redis-server (.ci/run does)");
@@ -176,13 +185,14 @@ impl RedisServer {
         panic!("redis-server on port {port} did not come up");
     }
 
-    /// Whether the server answers PING.
+    /// Whether the server answers PING (a refusal for want of a password
+    /// counts: it is up).
     pub fn ping(&self) -> bool {
         use std::io::{Read as _, Write as _};
         let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else { return false };
         let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(1)));
         let mut buf = [0u8; 16];
-        stream.write_all(b"PING\r\n").is_ok() && stream.read(&mut buf).map(|n| buf[..n].starts_with(b"+PONG")).unwrap_or(false)
+        stream.write_all(b"PING\r\n").is_ok() && stream.read(&mut buf).map(|n| buf[..n].starts_with(b"+PONG") || buf[..n].starts_with(b"-NOAUTH")).unwrap_or(false)
     }
 
     /// Kills the server (its data is gone: no persistence).

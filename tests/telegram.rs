@@ -119,11 +119,19 @@ async fn private_chats_groups_commands_and_moderators() {
 /// A core that answers from a script, to drive the adapter's sending.
 struct ScriptedCore {
     long: String,
+    /// Add whether the adapter took the author for a moderator.
+    show_moderator: bool,
 }
 
 impl Core for ScriptedCore {
     fn handle(&self, inbound: Inbound) -> BoxFuture<'static, Result<Answer, CoreError>> {
-        let text = if inbound.text == "long please" { self.long.clone() } else { format!("echo: {}", inbound.text) };
+        let text = if inbound.text == "long please" {
+            self.long.clone()
+        } else if self.show_moderator {
+            format!("echo: {} (moderator: {})", inbound.text, inbound.moderator)
+        } else {
+            format!("echo: {}", inbound.text)
+        };
         let out = Outbound { channel: inbound.channel, text, reply_to: inbound.msg_id };
         Box::pin(async move { Ok(Answer::Reply(out)) })
     }
@@ -146,7 +154,7 @@ async fn long_replies_split_in_order_and_429_then_5xx_lose_nothing() {
     // Sentences of varied length, some non-BMP characters (two UTF-16
     // units each): about 10 000 units, three pieces.
     let long: String = (0..260).map(|i| format!("Sentence {i} says {} 😀. ", "la ".repeat(i % 7))).collect();
-    let core: Arc<dyn Core> = Arc::new(ScriptedCore { long: long.trim().to_string() });
+    let core: Arc<dyn Core> = Arc::new(ScriptedCore { long: long.trim().to_string(), show_moderator: false });
     let config = TelegramSettings {
         enabled: true,
         token: Some(Secret::new(TOKEN)),
@@ -360,4 +368,71 @@ fn texts_now(d: &TestDaemon, channel: &str) -> Option<Vec<String>> {
     let key = ChannelKey::new(dialogd_adapters::Platform::Telegram, channel);
     let turns = d.pipeline.turns(key);
     futures_util::FutureExt::now_or_never(turns).and_then(Result::ok).map(|t| t.into_iter().map(|t| t.text).collect())
+}
+
+/// While `getChatMember` hangs (or fails), a moderator command waits in
+/// its own chat only: other chats are answered at once, the command is
+/// answered (as not from a moderator) after the check's timeout, the
+/// chat's later message after it, in order; the answer is cached per
+/// (chat, user), so a second command does not ask again.
+#[tokio::test]
+async fn a_hanging_or_failing_moderator_check_stalls_no_other_chat() {
+    use dialogd_adapters::telegram::MODERATOR_CHECK_TIMEOUT;
+    let logs = LogCapture::default();
+    let _guard = logs.install();
+    let fake = FakeTelegram::start(TOKEN).await;
+    let config = TelegramSettings {
+        enabled: true,
+        token: Some(Secret::new(TOKEN)),
+        api_url: fake.url.clone(),
+        moderators: vec![],
+        poll_timeout: Duration::from_secs(1),
+        retry: RetryPolicy { attempts: 3, backoff: Duration::from_millis(50), max_wait: Duration::from_secs(1) },
+        ..Default::default()
+    };
+    let (stop, shutdown) = Shutdown::new();
+    let running = tokio::spawn(Box::new(TelegramAdapter::new(config).unwrap()).run(Arc::new(ScriptedCore { long: String::new(), show_moderator: true }), shutdown));
+    wait_for(WAIT, || fake.calls("setMyCommands").pop()).await.expect("the adapter polls");
+
+    fake.hang("getChatMember", true);
+    let started = std::time::Instant::now();
+    fake.say(-100, 7, "/mute", None);
+    fake.say(-100, 7, "/ask and then?", None);
+    fake.say(3, 3, "hello", None);
+    fake.say(-200, 4, "/ask anyone?", None);
+    assert_eq!(nth_sent(&fake, 3, 1).await["text"], "echo: hello (moderator: false)");
+    assert_eq!(nth_sent(&fake, -200, 1).await["text"], "echo: /ask anyone? (moderator: false)");
+    assert!(started.elapsed() < MODERATOR_CHECK_TIMEOUT / 2, "{:?}: other chats waited for the check", started.elapsed());
+    assert!(fake.sent_to(-100).is_empty(), "the command did not wait for its check");
+
+    let muted = nth_sent(&fake, -100, 1).await;
+    assert_eq!(muted["text"], "echo: /mute (moderator: false)");
+    assert!(started.elapsed() >= MODERATOR_CHECK_TIMEOUT, "answered before the check timed out");
+    assert!(started.elapsed() < MODERATOR_CHECK_TIMEOUT * 2, "{:?}: the check is not bounded", started.elapsed());
+    assert_eq!(nth_sent(&fake, -100, 2).await["text"], "echo: /ask and then? (moderator: false)");
+
+    // The answer is cached: another command by the same user in the same
+    // chat does not ask again.
+    fake.hang("getChatMember", false);
+    let asked = fake.calls("getChatMember").len();
+    fake.say(-100, 7, "/unmute", None);
+    assert_eq!(nth_sent(&fake, -100, 3).await["text"], "echo: /unmute (moderator: false)");
+    assert_eq!(fake.calls("getChatMember").len(), asked);
+
+    // Failing (a 5xx; teloxide itself waits 10 s after one, so this ends
+    // at the timeout): not a moderator, and no other chat waits; a working
+    // check then finds an administrator.
+    let error = json!({ "ok": false, "error_code": 500, "description": "Internal Server Error" });
+    fake.fail_next("getChatMember", vec![(500, error)]);
+    fake.say(-300, 8, "/mute", None);
+    fake.say(5, 5, "still here?", None);
+    assert_eq!(nth_sent(&fake, 5, 1).await["text"], "echo: still here? (moderator: false)");
+    assert_eq!(nth_sent(&fake, -300, 1).await["text"], "echo: /mute (moderator: false)");
+    fake.add_admin(9);
+    fake.say(-300, 9, "/mute", None);
+    assert_eq!(nth_sent(&fake, -300, 2).await["text"], "echo: /mute (moderator: true)");
+    assert!(logs.text().contains("no answer on who is an administrator"), "the timeout is logged");
+
+    let _ = stop.send(true);
+    tokio::time::timeout(WAIT, running).await.expect("the adapter stops").unwrap().unwrap();
 }

@@ -21,6 +21,8 @@
 //! - `fakes`: loopback fakes of the Telegram Bot API and of Discord.
 //! - `telegram`: the Telegram adapter (teloxide) against the fake Bot API.
 //! - `discord`: the Discord adapter (serenity) against the fake Discord.
+//! - `variants`: config.json and PEFT adapter_config.json variants against
+//!   transformers' and PEFT's logits, and the fields refused by name.
 
 mod cli;
 mod context;
@@ -40,3 +42,4 @@ mod safety;
 mod support;
 mod training;
 mod telegram;
+mod variants;

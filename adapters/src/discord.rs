@@ -51,7 +51,7 @@ use crate::outbox::Outbox;
 use crate::retry::RetryPolicy;
 use crate::settings::{invalid, serialize_opt_secret, Secret, SettingsError};
 use rest::{Rest, RestError};
-use crate::text::{chars, is_moderator_command, scrub, split_message, COMMANDS};
+use crate::text::{chars, is_moderator_command, scrub, split_message, strip_addressing, COMMANDS};
 use crate::{Adapter, AdapterError, Answer, BoxFuture, ChannelKey, Core, CoreError, Edit, Inbound, Platform, Shutdown};
 
 /// Discord's longest message, in characters.
@@ -361,12 +361,7 @@ fn addressed_text(state: &State, listed: ChannelId, guild: Option<GuildId>, cont
     if !(direct || mentioned || replied_to_bot || open) {
         return None;
     }
-    let mut text = content.to_string();
-    for m in &mention {
-        text = text.replace(m.as_str(), " ");
-    }
-    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    let text = text.trim_start_matches([',', ':']).trim().to_string();
+    let text = strip_addressing(content, &[mention[0].as_str(), mention[1].as_str()]);
     (!text.is_empty()).then_some(text)
 }
 

@@ -11,11 +11,20 @@
 //! With a token configured every `/v1` request needs `Authorization: Bearer
 //! TOKEN` (401 otherwise). Bodies over the limit get 413; malformed JSON or
 //! missing fields get 4xx; every error body is `{"error":"…"}`.
+//!
+//! Hostile or broken clients are bounded: a connection must deliver a
+//! request's headers within `header_timeout` of opening or of its previous
+//! response (so that is also the idle keep-alive timeout), and the whole
+//! body within `body_timeout` (408 otherwise); at most `max_connections`
+//! are served at once, and further ones wait in the listen backlog until
+//! one closes (logged, at most every 10 s).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::extract::rejection::JsonRejection;
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -39,6 +48,9 @@ pub struct RawHttp {
     pub listen: String,
     pub token: String,
     pub max_body_bytes: usize,
+    pub header_timeout_secs: u64,
+    pub body_timeout_secs: u64,
+    pub max_connections: usize,
 }
 
 /// `[adapters.http]` validated: how the HTTP adapter listens.
@@ -52,12 +64,26 @@ pub struct HttpSettings {
     pub token: Option<Secret>,
     /// The largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// How long a connection may take to send a request's headers, counted
+    /// from its opening or from the end of its previous response (the idle
+    /// keep-alive timeout too).
+    #[serde(rename = "header_timeout_secs", serialize_with = "serialize_secs")]
+    pub header_timeout: Duration,
+    /// How long a request's whole body may take to arrive (408 after).
+    #[serde(rename = "body_timeout_secs", serialize_with = "serialize_secs")]
+    pub body_timeout: Duration,
+    /// Connections served at once; more wait until one closes.
+    pub max_connections: usize,
+}
+
+fn serialize_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_secs())
 }
 
 impl RawHttp {
     /// # Errors
     /// `adapters.http.listen` that is not an address, `max_body_bytes`
-    /// under 1024.
+    /// under 1024, a timeout outside 1-3600 s, `max_connections` 0.
     pub fn validate(self) -> Result<HttpSettings, SettingsError> {
         let listen = self.listen.parse().map_err(|_| {
             invalid("adapters.http.listen", format!("{:?} is not an address such as 127.0.0.1:8080", self.listen))
@@ -65,11 +91,25 @@ impl RawHttp {
         if self.max_body_bytes < 1024 {
             return Err(invalid("adapters.http.max_body_bytes", "must be at least 1024"));
         }
+        for (key, secs) in [
+            ("adapters.http.header_timeout_secs", self.header_timeout_secs),
+            ("adapters.http.body_timeout_secs", self.body_timeout_secs),
+        ] {
+            if !(1..=3600).contains(&secs) {
+                return Err(invalid(key, format!("{secs} is not in 1-3600")));
+            }
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("adapters.http.max_connections", "must be at least 1"));
+        }
         Ok(HttpSettings {
             enabled: self.enabled,
             listen,
             token: Secret::non_empty(&self.token),
             max_body_bytes: self.max_body_bytes,
+            header_timeout: Duration::from_secs(self.header_timeout_secs),
+            body_timeout: Duration::from_secs(self.body_timeout_secs),
+            max_connections: self.max_connections,
         })
     }
 }
@@ -102,6 +142,10 @@ struct AppState {
     core: Arc<dyn Core>,
     /// `Authorization` header value expected, precomputed.
     expected_auth: Option<Arc<str>>,
+    /// The whole body must arrive within this.
+    body_timeout: Duration,
+    /// Larger bodies are refused (413) before they are buffered.
+    max_body_bytes: usize,
 }
 
 impl Adapter for HttpAdapter {
@@ -113,20 +157,83 @@ impl Adapter for HttpAdapter {
         Box::pin(async move {
             let addr = self.local_addr();
             let app = router(core, &self.config);
-            tracing::info!(%addr, auth = self.config.token.is_some(), "http adapter listening");
-            axum::serve(self.listener, app)
-                .with_graceful_shutdown(shutdown.wait())
-                .await
-                .map_err(|source| AdapterError::Io { adapter: "http", source })?;
+            tracing::info!(
+                %addr,
+                auth = self.config.token.is_some(),
+                max_connections = self.config.max_connections,
+                "http adapter listening"
+            );
+            serve(self.listener, app, &self.config, shutdown).await;
             tracing::info!("http adapter stopped");
             Ok(())
         })
     }
 }
 
+/// The accept loop: one task per connection (hyper's HTTP/1 with a header
+/// timeout), at most `max_connections` at once, until shutdown; then idle
+/// connections close at once and busy ones after their response.
+async fn serve(listener: tokio::net::TcpListener, app: Router, config: &HttpSettings, shutdown: Shutdown) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1.timer(TokioTimer::new()).header_read_timeout(config.header_timeout);
+    let slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let stop = shutdown.wait();
+    tokio::pin!(stop);
+    let mut cap_logged: Option<Instant> = None;
+    loop {
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if cap_logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                    tracing::warn!(
+                        max_connections = config.max_connections,
+                        "http connection cap reached: new connections wait until one closes"
+                    );
+                    cap_logged = Some(Instant::now());
+                }
+                tokio::select! {
+                    slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+                    () = &mut stop => break,
+                }
+            }
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, mostly: wait instead of spinning.
+                    tracing::warn!(error = %e, "http accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let connection = http1.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "http connection ended with an error");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
 /// The routes, for tests that serve them on their own listener.
 pub fn router(core: Arc<dyn Core>, config: &HttpSettings) -> Router {
-    let state = AppState { core, expected_auth: config.token.as_ref().map(|t| Arc::from(format!("Bearer {}", t.expose()))) };
+    let state = AppState {
+        core,
+        expected_auth: config.token.as_ref().map(|t| Arc::from(format!("Bearer {}", t.expose()))),
+        body_timeout: config.body_timeout,
+        max_body_bytes: config.max_body_bytes,
+    };
     let v1 = Router::new()
         .route("/v1/channels/{channel}/messages", post(post_message))
         .route("/v1/channels/{channel}/context", get(get_context).delete(delete_context))
@@ -135,6 +242,7 @@ pub fn router(core: Arc<dyn Core>, config: &HttpSettings) -> Router {
         .route("/healthz", get(healthz))
         .merge(v1)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such path") })
+        .layer(middleware::from_fn_with_state(state.clone(), read_body_in_time))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .with_state(state)
 }
@@ -171,6 +279,41 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
         }
     }
     next.run(request).await
+}
+
+/// Reads the whole body before the handler runs, within `body_timeout`
+/// counted from the end of the headers (408 and a closed connection
+/// otherwise). tower-http's body timeout restarts at every chunk, so a
+/// client sending a byte at a time would never meet it. Bodies over
+/// `max_body_bytes` are refused (413) without being buffered whole.
+async fn read_body_in_time(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    match tokio::time::timeout(state.body_timeout, axum::body::to_bytes(body, state.max_body_bytes)).await {
+        Ok(Ok(bytes)) => next.run(Request::from_parts(parts, Body::from(bytes))).await,
+        Ok(Err(e)) if is_length_limit(&e) => {
+            error(StatusCode::PAYLOAD_TOO_LARGE, format!("request body over {} bytes", state.max_body_bytes))
+        }
+        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}")),
+        Err(_) => {
+            let mut response = error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("request body not received within {} s", state.body_timeout.as_secs_f64()),
+            );
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            response
+        }
+    }
+}
+
+fn is_length_limit(err: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// The channel named in a path, or the 400 that says why it is no name.

@@ -130,7 +130,10 @@ mod tests {
 
     fn raw(change: impl FnOnce(&mut serde_json::Value)) -> Result<AdapterSettings, SettingsError> {
         let mut value = serde_json::json!({
-            "http": { "enabled": true, "listen": "127.0.0.1:0", "token": "", "max_body_bytes": 4096 },
+            "http": {
+                "enabled": true, "listen": "127.0.0.1:0", "token": "", "max_body_bytes": 4096,
+                "header_timeout_secs": 10, "body_timeout_secs": 10, "max_connections": 512
+            },
             "console": { "enabled": false },
             "discord": {
                 "enabled": false, "token": "", "proxy_url": "", "allowed_guilds": [], "allowed_channels": [],
@@ -174,13 +177,16 @@ mod tests {
         assert_eq!(ok.telegram.api_url, "https://api.telegram.org", "trailing slash dropped");
         assert!(ok.http.token.is_none() && ok.discord.proxy_url.is_none());
         type Change = fn(&mut serde_json::Value);
-        let cases: [(Change, &str); 11] = [
+        let cases: [(Change, &str); 14] = [
             (|v| v["telegram"]["mode"] = "push".into(), "adapters.telegram.mode: \"push\" is not"),
             (|v| webhook(v, "http://bot.example/hook", "127.0.0.1:8443", "s3cret"), "adapters.telegram.webhook_url: must be the bot's public https"),
             (|v| webhook(v, "https://bot.example/hook", "localhost", "s3cret"), "adapters.telegram.webhook_listen: \"localhost\" is not an address"),
             (|v| webhook(v, "https://bot.example/hook", "127.0.0.1:8443", ""), "adapters.telegram.webhook_secret: webhook mode needs a secret"),
             (|v| webhook(v, "https://bot.example/hook", "127.0.0.1:8443", "no spaces"), "adapters.telegram.webhook_secret: must be"),
             (|v| v["http"]["listen"] = "nowhere".into(), "adapters.http.listen: \"nowhere\" is not an address"),
+            (|v| v["http"]["header_timeout_secs"] = 0.into(), "adapters.http.header_timeout_secs: 0 is not in 1-3600"),
+            (|v| v["http"]["body_timeout_secs"] = 7200.into(), "adapters.http.body_timeout_secs: 7200 is not in 1-3600"),
+            (|v| v["http"]["max_connections"] = 0.into(), "adapters.http.max_connections: must be at least 1"),
             (|v| v["http"]["max_body_bytes"] = 10.into(), "adapters.http.max_body_bytes: must be at least 1024"),
             (|v| v["telegram"]["poll_timeout_secs"] = 60.into(), "adapters.telegram.poll_timeout_secs: 60 is not in 1..=15"),
             (|v| v["telegram"]["enabled"] = true.into(), "adapters.telegram.token: "),

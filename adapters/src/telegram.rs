@@ -23,15 +23,19 @@
 //!
 //! Moderators: the allowlist of user ids, and in groups the chat's
 //! administrators and owner (`getChatMember`), asked only for moderator
-//! commands.
+//! commands, never on the polling loop: the question runs in the chat's
+//! outbox queue (so that chat keeps its order while every other chat goes
+//! on), within [`MODERATOR_CHECK_TIMEOUT`] (no answer: not a moderator),
+//! and answers are kept for [`MODERATOR_CACHE_TTL`] per (chat, user).
 //!
 //! The token is part of every Bot API URL; errors are scrubbed of it
 //! before they are logged.
 
 pub mod webhook;
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use teloxide::adaptors::throttle::{Limits, Settings as ThrottleSettings};
@@ -43,7 +47,7 @@ use teloxide::{ApiError, RequestError};
 use crate::outbox::Outbox;
 use crate::retry::{with_retries, Failure, RetryPolicy};
 use crate::settings::{invalid, serialize_opt_secret, serialize_secs, Secret, SettingsError};
-use crate::text::{command_word, is_moderator_command, scrub, split_message, utf16_units, COMMANDS};
+use crate::text::{command_word, is_moderator_command, scrub, split_message, strip_addressing, utf16_units, COMMANDS};
 use crate::{Adapter, AdapterError, Answer, BoxFuture, ChannelKey, Core, CoreError, Edit, Inbound, Platform, Shutdown};
 
 /// Telegram's longest message, in UTF-16 code units.
@@ -51,6 +55,13 @@ pub const MESSAGE_LIMIT: usize = 4096;
 
 /// How often the typing action is repeated (Telegram shows it for ~5 s).
 const TYPING_EVERY: Duration = Duration::from_secs(4);
+
+/// The longest a moderator check (`getChatMember` with its retries) may
+/// take; past it the user is not taken for a moderator this time.
+pub const MODERATOR_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an answer about a (chat, user) is reused; a failed check is
+/// kept for a fifth of it, so a failing API is not asked on every command.
+pub const MODERATOR_CACHE_TTL: Duration = Duration::from_secs(60);
 
 /// `[adapters.telegram]` as written.
 #[derive(Debug, Deserialize)]
@@ -219,6 +230,12 @@ struct Context {
     core: Arc<dyn Core>,
     config: TelegramSettings,
     outbox: Outbox,
+    /// Answers of `getChatMember` per (chat, user): privileged, and until when.
+    moderators: Mutex<HashMap<(i64, u64), (bool, Instant)>>,
+    /// Per channel (chat, or `chat:topic`), messages queued behind a
+    /// moderator check and not yet handed to the core: while any is, that
+    /// channel's later messages queue too, so the core sees them in order.
+    waiting: Mutex<HashMap<String, usize>>,
 }
 
 impl Adapter for TelegramAdapter {
@@ -257,7 +274,15 @@ impl Adapter for TelegramAdapter {
             if let Err(e) = registered {
                 tracing::warn!(error = %describe(&e, config.bot_token()), "telegram: cannot register the command menu");
             }
-            let context = Arc::new(Context { bot, me, core, config, outbox: Outbox::new() });
+            let context = Arc::new(Context {
+                bot,
+                me,
+                core,
+                config,
+                outbox: Outbox::new(),
+                moderators: Mutex::new(HashMap::new()),
+                waiting: Mutex::new(HashMap::new()),
+            });
             if context.config.mode == TelegramMode::Webhook {
                 let outcome = run_webhook(&context, shutdown, &mut stop).await;
                 context.outbox.flush().await;
@@ -427,30 +452,64 @@ async fn on_message(context: &Arc<Context>, message: Message, edit: Option<Edit>
         return; // An edited command is not run again, and was never a turn.
     }
     let mention = format!("@{username}");
-    let mentioned = find_ignore_case(text, &mention).is_some();
+    let mentioned = text.to_ascii_lowercase().contains(&mention.to_ascii_lowercase());
     let replied_to_bot =
         message.reply_to_message().and_then(|m| m.from.as_ref()).is_some_and(|author| author.id == me.user.id);
     if !(private || command.is_some() || mentioned || replied_to_bot) {
         return;
     }
     let text = if command.is_none() && mentioned { strip_mention(text, &mention) } else { text.to_string() };
-    let moderator = is_moderator_command(&text) && is_moderator(context, &message).await;
+    // Known at once (no platform call), or to be asked off the polling loop.
+    let moderator = if is_moderator_command(&text) { known_moderator(context, &message) } else { Some(false) };
     let (key, thread) = channel_of(&message);
-    let inbound = Inbound {
+    let mut inbound = Inbound {
         channel: ChannelKey::new(Platform::Telegram, key.clone()),
         author: from.id.0.to_string(),
         text,
         msg_id: Some(message.id.0.to_string()),
         addressed_to_bot: true,
-        moderator,
+        moderator: moderator.unwrap_or(false),
         group: None,
         edit,
     };
-    // Handing it over now fixes its place in the channel's order.
-    let answer = context.core.handle(inbound);
-    let context = context.clone();
+    let (user, reply_to) = (from.id, message.id);
     let to = Target { chat: message.chat.id, thread };
-    context.outbox.clone().push(&key, Box::pin(deliver(context, to, message.id, answer)));
+    let queued = {
+        let mut waiting = context.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        let behind = waiting.get(&key).copied().unwrap_or(0);
+        if moderator.is_none() || behind > 0 {
+            *waiting.entry(key.clone()).or_default() += 1;
+        }
+        moderator.is_none() || behind > 0
+    };
+    let context = context.clone();
+    if !queued {
+        // Handing it over now fixes its place in the channel's order.
+        let answer = context.core.handle(inbound);
+        context.outbox.clone().push(&key, Box::pin(deliver(context, to, reply_to, answer)));
+        return;
+    }
+    // Behind the channel's earlier work: ask (if need be), hand over, answer.
+    let queue = key.clone();
+    context.outbox.clone().push(
+        &queue,
+        Box::pin(async move {
+            if moderator.is_none() {
+                inbound.moderator = ask_moderator(&context, to.chat, user).await;
+            }
+            let answer = context.core.handle(inbound);
+            {
+                let mut waiting = context.waiting.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(n) = waiting.get_mut(&key) {
+                    *n -= 1;
+                    if *n == 0 {
+                        waiting.remove(&key);
+                    }
+                }
+            }
+            deliver(context, to, reply_to, answer).await;
+        }),
+    );
 }
 
 /// Where an answer goes: a chat, and a forum topic in it.
@@ -534,31 +593,53 @@ async fn send_text(context: &Context, to: Target, text: &str, reply_to: Option<M
     }
 }
 
-/// The allowlist, or an administrator or owner of the (group) chat.
-async fn is_moderator(context: &Context, message: &Message) -> bool {
-    let Some(user) = message.from.as_ref() else { return false };
+/// Whether the sender is a moderator, when that is known without asking
+/// Telegram: the allowlist, a private chat (no), or a cached answer.
+fn known_moderator(context: &Context, message: &Message) -> Option<bool> {
+    let Some(user) = message.from.as_ref() else { return Some(false) };
     if context.config.moderators.contains(&user.id.0) {
-        return true;
+        return Some(true);
     }
     if message.chat.is_private() {
-        return false;
+        return Some(false);
     }
+    let cache = context.moderators.lock().unwrap_or_else(|e| e.into_inner());
+    cache.get(&(message.chat.id.0, user.id.0)).filter(|(_, until)| Instant::now() < *until).map(|(yes, _)| *yes)
+}
+
+/// Asks Telegram whether the user is an administrator or owner of the
+/// chat, within [`MODERATOR_CHECK_TIMEOUT`], and caches the answer.
+async fn ask_moderator(context: &Context, chat: ChatId, user: UserId) -> bool {
     let token = context.config.bot_token();
-    let member = with_retries(
-        context.config.retry,
-        "getChatMember",
-        || context.bot.get_chat_member(message.chat.id, user.id).send(),
-        classify,
-        |e| describe(e, token),
+    let asked = tokio::time::timeout(
+        MODERATOR_CHECK_TIMEOUT,
+        with_retries(
+            context.config.retry,
+            "getChatMember",
+            || context.bot.get_chat_member(chat, user).send(),
+            classify,
+            |e| describe(e, token),
+        ),
     )
     .await;
-    match member {
-        Ok(member) => member.is_privileged(),
-        Err(e) => {
-            tracing::warn!(chat = message.chat.id.0, error = %describe(&e, token), "telegram: cannot ask who is an administrator");
-            false
+    let (privileged, keep) = match asked {
+        Ok(Ok(member)) => (member.is_privileged(), MODERATOR_CACHE_TTL),
+        Ok(Err(e)) => {
+            tracing::warn!(chat = chat.0, error = %describe(&e, token), "telegram: cannot ask who is an administrator");
+            (false, MODERATOR_CACHE_TTL / 5)
         }
+        Err(_) => {
+            tracing::warn!(chat = chat.0, timeout = ?MODERATOR_CHECK_TIMEOUT, "telegram: no answer on who is an administrator");
+            (false, MODERATOR_CACHE_TTL / 5)
+        }
+    };
+    let mut cache = context.moderators.lock().unwrap_or_else(|e| e.into_inner());
+    let now = Instant::now();
+    if cache.len() >= 4096 {
+        cache.retain(|_, (_, until)| now < *until);
     }
+    cache.insert((chat.0, user.0), (privileged, now + keep));
+    privileged
 }
 
 /// How a Bot API failure is retried.
@@ -585,18 +666,10 @@ fn describe(error: &RequestError, token: &str) -> String {
     scrub(&error.to_string(), token)
 }
 
-fn find_ignore_case(haystack: &str, needle: &str) -> Option<usize> {
-    haystack.to_ascii_lowercase().find(&needle.to_ascii_lowercase())
-}
-
-/// The text without the bot's `@mention` (ASCII case-insensitive).
+/// The text without the bot's `@mention` (ASCII case-insensitive); the
+/// text itself when nothing else is left.
 fn strip_mention(text: &str, mention: &str) -> String {
-    let mut rest = text.to_string();
-    while let Some(at) = find_ignore_case(&rest, mention) {
-        rest.replace_range(at..at + mention.len(), "");
-    }
-    let cleaned = rest.split_whitespace().collect::<Vec<_>>().join(" ");
-    let cleaned = cleaned.trim_start_matches([',', ':']).trim().to_string();
+    let cleaned = strip_addressing(text, &[mention]);
     if cleaned.is_empty() {
         text.to_string()
     } else {

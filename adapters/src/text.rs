@@ -85,6 +85,22 @@ pub fn split_message(text: &str, limit: usize, measure: fn(char) -> usize) -> Ve
     pieces
 }
 
+/// `text` without the bot's own addressing: every occurrence of each of
+/// `mentions` (ASCII case-insensitive) with the whitespace after it, then a
+/// leading `,` or `:`, trimmed. Whitespace elsewhere stays as typed (the
+/// core normalises every turn the same way, whatever its platform).
+pub fn strip_addressing(text: &str, mentions: &[&str]) -> String {
+    let mut out = text.to_string();
+    for mention in mentions.iter().filter(|m| !m.is_empty()) {
+        while let Some(at) = out.to_ascii_lowercase().find(&mention.to_ascii_lowercase()) {
+            let end = at + mention.len();
+            let after = out[end..].len() - out[end..].trim_start().len();
+            out.replace_range(at..end + after, "");
+        }
+    }
+    out.trim().trim_start_matches([',', ':']).trim().to_string()
+}
+
 /// Counts a character as one: Discord's limit is in Unicode code points
 /// (its API is Python 3; discord/discord-api-docs#1315), so an emoji
 /// outside the BMP is one character, not two UTF-16 units.
@@ -116,6 +132,14 @@ pub fn scrub(text: &str, secret: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addressing_is_removed_and_other_whitespace_kept() {
+        assert_eq!(strip_addressing("<@700> how are you?", &["<@700>", "<@!700>"]), "how are you?");
+        assert_eq!(strip_addressing("hey <@!700>, line one\nline  two", &["<@700>", "<@!700>"]), "hey , line one\nline  two");
+        assert_eq!(strip_addressing("@Dialogd_Bot: hi", &["@dialogd_bot"]), "hi");
+        assert_eq!(strip_addressing("ask <@1> about <@700>", &["<@700>"]), "ask <@1> about");
+    }
 
     #[test]
     fn discord_counts_code_points() {

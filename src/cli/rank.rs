@@ -111,7 +111,7 @@ pub fn run(args: RankArgs) -> anyhow::Result<ExitCode> {
         .responses
         .iter()
         .enumerate()
-        .map(|(i, text)| tokenizer.encode(text).with_context(|| format!("response {}", i + 1)))
+        .map(|(i, text)| tokenizer.encode(&crate::prompt::normalize_turn(text)).with_context(|| format!("response {}", i + 1)))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let rpt = ensemble.scores(&turns, &candidates)?;
     let mmi_scores = match &mmi {

@@ -23,6 +23,15 @@ pub struct RunArgs {
 /// `dialogd check-config`: validates and prints the effective settings.
 pub fn check_config(args: RunArgs) -> anyhow::Result<ExitCode> {
     let settings = settings::load(Some(&args.config))?;
+    // The Redis URLs `run` would refuse (the redis crate's parse) are
+    // refused here too.
+    if settings.context.store == settings::StoreKind::Redis {
+        crate::context::redis::check_url(settings.context.redis_url.expose())
+            .map_err(|e| anyhow::anyhow!("context.redis_url: {e}"))?;
+    }
+    for name in settings::stray_env_vars(std::env::vars_os()) {
+        eprintln!("warning: {name} is ignored: settings come from DIALOGD__SECTION__KEY variables (two underscores after DIALOGD)");
+    }
     print!("{}", settings.to_redacted_toml());
     Ok(ExitCode::SUCCESS)
 }
@@ -31,11 +40,16 @@ pub fn check_config(args: RunArgs) -> anyhow::Result<ExitCode> {
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let settings = settings::load(Some(&args.config))?;
     telemetry::init_logging(settings.telemetry.log_format, &settings.telemetry.log_filter);
+    for name in settings::stray_env_vars(std::env::vars_os()) {
+        tracing::warn!(variable = %name, "ignored: settings come from DIALOGD__SECTION__KEY variables (two underscores after DIALOGD)");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         // Signals are caught from the start, so one during model loading
         // is not lost (the default action would kill the process).
         let stop = tokio::spawn(daemon::stop_signal());
+        // SIGHUP too: one during loading is applied once the daemon serves.
+        let hup = daemon::sighup_listener();
         let metrics = Metrics::new();
         let spec = daemon::model_spec(&settings.model);
         tracing::info!(
@@ -51,7 +65,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             .context("starting the generation pool")?;
         let pool = engine.handle().clone();
         let daemon = Daemon::start(settings, Arc::new(engine), Some(pool), loaded.tokenizer, metrics.clone()).await?;
-        let reload = tokio::spawn(daemon::reload_on_sighup(daemon.pipeline().clone(), Some(args.config), metrics));
+        let reload = tokio::spawn(daemon::reload_on_sighup(hup, daemon.pipeline().clone(), Some(args.config), metrics));
         daemon
             .serve(async move {
                 let _ = stop.await;

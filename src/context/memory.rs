@@ -1,4 +1,9 @@
 //! The in-memory context store: one process, lost at exit.
+//!
+//! Only writes create a channel's entry; reads of an unknown channel leave
+//! the map as it was. Expired channels are dropped when read and swept
+//! from the whole map on writes, at most once per sweep interval, so the
+//! map holds only channels written within about the TTL.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
@@ -21,36 +26,75 @@ struct Channel {
 /// Channels in a map behind a std mutex: it is never held across an await.
 pub struct MemoryStore {
     limits: Limits,
-    channels: Mutex<HashMap<ChannelKey, Channel>>,
+    state: Mutex<State>,
 }
+
+struct State {
+    channels: HashMap<ChannelKey, Channel>,
+    /// When expired channels were last swept from the whole map.
+    swept: Instant,
+}
+
+/// The longest time between sweeps (shorter when the TTL is).
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl MemoryStore {
     pub fn new(limits: Limits) -> Self {
-        Self { limits, channels: Mutex::new(HashMap::new()) }
+        Self { limits, state: Mutex::new(State { channels: HashMap::new(), swept: Instant::now() }) }
     }
 
-    /// Runs `f` on the channel's live state (expired state is dropped
-    /// first). Uses tokio's clock, so tests can pause time.
-    fn with_channel<T>(&self, channel: &ChannelKey, f: impl FnOnce(&mut Channel) -> T) -> T {
-        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+    /// How many channels the store holds (expired ones not yet swept
+    /// included).
+    pub fn channel_count(&self) -> usize {
+        self.lock().channels.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn expired(&self, channel: &Channel, now: Instant) -> bool {
+        self.limits.ttl.is_some_and(|ttl| channel.touched.is_some_and(|t| now.duration_since(t) >= ttl))
+    }
+
+    /// Runs `f` on the channel's live state, or gives `None` for a channel
+    /// not stored (or expired, which is then dropped); never creates one.
+    /// Uses tokio's clock, so tests can pause time.
+    fn read<T>(&self, channel: &ChannelKey, f: impl FnOnce(&mut Channel) -> T) -> Option<T> {
+        let mut state = self.lock();
         let now = Instant::now();
-        if let (Some(ttl), Some(state)) = (self.limits.ttl, channels.get(channel)) {
-            if state.touched.is_some_and(|t| now.duration_since(t) >= ttl) {
-                channels.remove(channel);
+        if state.channels.get(channel).is_some_and(|c| self.expired(c, now)) {
+            state.channels.remove(channel);
+        }
+        state.channels.get_mut(channel).map(f)
+    }
+
+    /// Runs `f` on the channel's live state, created if need be, after
+    /// sweeping expired channels when a sweep is due.
+    fn write<T>(&self, channel: &ChannelKey, f: impl FnOnce(&mut Channel) -> T) -> T {
+        let mut state = self.lock();
+        let now = Instant::now();
+        if let Some(ttl) = self.limits.ttl {
+            if now.duration_since(state.swept) >= ttl.min(SWEEP_EVERY) {
+                state.channels.retain(|_, c| !self.expired(c, now));
+                state.swept = now;
             }
         }
-        f(channels.entry(channel.clone()).or_default())
+        if state.channels.get(channel).is_some_and(|c| self.expired(c, now)) {
+            state.channels.remove(channel);
+        }
+        f(state.channels.entry(channel.clone()).or_default())
     }
 }
 
 impl ContextStore for MemoryStore {
     fn turns<'a>(&'a self, channel: &'a ChannelKey) -> BoxFuture<'a, Result<Vec<Turn>, ContextError>> {
-        let turns = self.with_channel(channel, |c| c.turns.iter().cloned().collect());
+        let turns = self.read(channel, |c| c.turns.iter().cloned().collect()).unwrap_or_default();
         Box::pin(async move { Ok(turns) })
     }
 
     fn seen<'a>(&'a self, channel: &'a ChannelKey, msg_id: &'a str) -> BoxFuture<'a, Result<bool, ContextError>> {
-        let seen = self.with_channel(channel, |c| c.seen.contains(msg_id));
+        let seen = self.read(channel, |c| c.seen.contains(msg_id)).unwrap_or(false);
         Box::pin(async move { Ok(seen) })
     }
 
@@ -61,7 +105,7 @@ impl ContextStore for MemoryStore {
         msg_id: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Appended, ContextError>> {
         let limits = &self.limits;
-        let outcome = self.with_channel(channel, |c| {
+        let outcome = self.write(channel, |c| {
             if let Some(id) = msg_id {
                 if !c.seen.insert(id.to_string()) {
                     return Appended::Duplicate;
@@ -90,7 +134,8 @@ impl ContextStore for MemoryStore {
         msg_id: &'a str,
         change: EditChange<'a>,
     ) -> BoxFuture<'a, Result<Edited, ContextError>> {
-        let edited = self.with_channel(channel, |c| {
+        // An edit never creates a channel (nor renews its TTL).
+        let edited = self.read(channel, |c| {
             let Some(at) = c.turns.iter().rposition(|t| !t.bot && t.author == author) else { return Edited::Ignored };
             if !is_message(&c.turns[at], msg_id) {
                 return Edited::Ignored;
@@ -107,21 +152,22 @@ impl ContextStore for MemoryStore {
                 }
             }
         });
+        let edited = edited.unwrap_or(Edited::Ignored);
         Box::pin(async move { Ok(edited) })
     }
 
     fn clear<'a>(&'a self, channel: &'a ChannelKey) -> BoxFuture<'a, Result<(), ContextError>> {
-        self.with_channel(channel, |c| c.turns.clear());
+        self.read(channel, |c| c.turns.clear());
         Box::pin(async { Ok(()) })
     }
 
     fn forget_author<'a>(&'a self, platform: Platform, author: &'a str) -> BoxFuture<'a, Result<usize, ContextError>> {
-        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.lock();
         let mut removed = 0;
-        for (_, state) in channels.iter_mut().filter(|(key, _)| key.platform == platform) {
-            let before = state.turns.len();
-            state.turns.retain(|t| !about(t, author));
-            removed += before - state.turns.len();
+        for (_, channel) in state.channels.iter_mut().filter(|(key, _)| key.platform == platform) {
+            let before = channel.turns.len();
+            channel.turns.retain(|t| !about(t, author));
+            removed += before - channel.turns.len();
         }
         Box::pin(async move { Ok(removed) })
     }
@@ -222,5 +268,26 @@ mod tests {
         assert_eq!(store.turns(&a).await.unwrap().len(), 1);
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(store.turns(&a).await.unwrap().is_empty());
+    }
+
+    /// Reads never create a channel, and expired channels are swept by
+    /// later writes elsewhere without being read again.
+    #[tokio::test(start_paused = true)]
+    async fn reads_create_nothing_and_expired_channels_are_swept() {
+        let store = MemoryStore::new(Limits::new(10, Some(Duration::from_secs(60))));
+        for i in 0..100 {
+            assert!(store.turns(&key(&format!("r{i}"))).await.unwrap().is_empty());
+            assert!(!store.seen(&key(&format!("r{i}")), "m").await.unwrap());
+            store.clear(&key(&format!("r{i}"))).await.unwrap();
+        }
+        assert_eq!(store.channel_count(), 0);
+        for i in 0..100 {
+            store.append(&key(&format!("w{i}")), &[Turn::user("ann", "hi", None)], None).await.unwrap();
+        }
+        assert_eq!(store.channel_count(), 100);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        store.append(&key("fresh"), &[Turn::user("ann", "hi", None)], None).await.unwrap();
+        assert_eq!(store.channel_count(), 1, "expired channels were kept");
+        assert_eq!(store.turns(&key("fresh")).await.unwrap().len(), 1);
     }
 }

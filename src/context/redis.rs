@@ -11,20 +11,29 @@
 //! channel's duplicate check, append, trim and TTL refresh are atomic, and
 //! two daemons sharing Redis cannot interleave half-appends.
 //!
-//! When Redis cannot be reached the store says so at once
+//! When Redis cannot be reached, or answers but refuses the store's work
+//! (authentication, out of memory, a read-only replica, a failing script,
+//! missing permissions, still loading), the store says so at once
 //! ([`ContextError::Unavailable`]) instead of making every message wait: a
-//! failed call marks it down, and a watcher pings with exponential backoff
-//! (250 ms up to 5 s) until Redis answers again. The connection manager
-//! reconnects underneath.
+//! failed call marks it down (a warning, at most one per 30 s; every
+//! failure is counted in `redis_errors`), and a watcher probes with a small
+//! write (so out-of-memory and read-only count, not only reachability)
+//! every 2 s while up and with exponential backoff (250 ms up to 4 s) while
+//! down. A failed probe replaces the connection manager, so the next probe
+//! makes a fresh connection (never a stale "refused" from while Redis was
+//! away, nor an authentication failure the manager would keep for good):
+//! the store is back within 5 s of Redis. A wrong-type value under one
+//! channel's key is that channel's problem ([`ContextError::Corrupt`],
+//! warned and counted), not an outage.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use dialogd_adapters::{BoxFuture, ChannelKey, Platform};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{RedisError, Script};
+use redis::{ErrorKind, RedisError, Script};
 
 use super::{Appended, ContextError, ContextStore, EditChange, Edited, Limits, Turn};
 use crate::telemetry::Metrics;
@@ -111,12 +120,44 @@ return last - found
 
 /// Shared by the store and its watcher.
 struct Inner {
-    conn: ConnectionManager,
-    /// Whether the last call or ping succeeded. While false, calls fail at
+    /// Replaced by the watcher after a failed probe (see the module doc);
+    /// cloned (cheaply) for every call.
+    conn: Mutex<ConnectionManager>,
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    /// The key the watcher's probe writes (with a short expiry).
+    probe_key: String,
+    /// Whether the last call or probe succeeded. While false, calls fail at
     /// once and only the watcher talks to Redis.
     up: AtomicBool,
     timeout: Duration,
     metrics: Arc<Metrics>,
+    /// Warnings about outages and about one channel's data, each limited
+    /// on its own (so one kind cannot hide the other).
+    outage_log: RateLimitedWarn,
+    data_log: RateLimitedWarn,
+}
+
+/// A warning logged at most once per [`WARN_EVERY`]; the rest go to debug
+/// and are counted into the next one.
+#[derive(Default)]
+struct RateLimitedWarn {
+    last: Mutex<Option<Instant>>,
+    held_back: AtomicU64,
+}
+
+impl RateLimitedWarn {
+    fn warn(&self, what: &str, err: &ContextError) {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|at| at.elapsed() < WARN_EVERY) {
+            self.held_back.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(error = %err, "{what}");
+            return;
+        }
+        *last = Some(Instant::now());
+        let held_back = self.held_back.swap(0, Ordering::Relaxed);
+        tracing::warn!(error = %err, held_back, "{what}");
+    }
 }
 
 pub struct RedisStore {
@@ -128,9 +169,26 @@ pub struct RedisStore {
     edit: Script,
 }
 
+/// The watcher's backoff while Redis is down: from `MIN` doubling to `MAX`
+/// (so a returning Redis is seen within `MAX` plus one connection).
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(4);
+/// At most one warning per this long; the rest go to debug, counted.
+const WARN_EVERY: Duration = Duration::from_secs(30);
+
+/// Whether `url` is one the daemon can connect with (scheme, host or
+/// socket path, database, TLS support), without connecting. The error
+/// names the URL redacted and gives the cause once.
+pub fn check_url(url: &str) -> Result<(), String> {
+    redis::Client::open(url).map(|_| ()).map_err(|e| {
+        let cause = e.detail().map_or_else(|| e.category().to_string(), str::to_string);
+        format!("{:?} cannot be used: {cause}", crate::settings::redact_url(url))
+    })
+}
+
 impl RedisStore {
     /// Sets up the connection (lazily: an unreachable Redis is not an error
-    /// here, only a bad URL is), pings once and starts the watcher.
+    /// here, only a bad URL is), probes once and starts the watcher.
     pub async fn connect(
         url: &str,
         prefix: &str,
@@ -138,19 +196,29 @@ impl RedisStore {
         timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ContextError> {
-        let client = redis::Client::open(url)
-            .map_err(|e| ContextError::Unavailable(format!("bad redis URL ({:?})", e.kind())))?;
+        let client = redis::Client::open(url).map_err(|_| ContextError::Unavailable(check_url(url).unwrap_err()))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(100))
             .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
             .map_err(|e| ContextError::Unavailable(e.to_string()))?;
-        let inner = Arc::new(Inner { conn, up: AtomicBool::new(true), timeout, metrics });
-        if let Err(e) = inner.ping().await {
+        let inner = Arc::new(Inner {
+            conn: Mutex::new(conn),
+            client,
+            config,
+            probe_key: format!("{prefix}:probe"),
+            up: AtomicBool::new(true),
+            timeout,
+            metrics,
+            outage_log: RateLimitedWarn::default(),
+            data_log: RateLimitedWarn::default(),
+        });
+        if let Err(e) = inner.probe().await {
             inner.mark_down(&e);
+            inner.renew();
         } else {
             inner.metrics.store_up.store(true, Ordering::Relaxed);
         }
@@ -176,12 +244,37 @@ impl RedisStore {
     fn author_key(&self, platform: Platform, author: &str) -> String {
         format!("{}:authors:{}:{author}", self.prefix, platform.as_str())
     }
+
+    fn conn(&self) -> ConnectionManager {
+        self.inner.conn()
+    }
+}
+
+/// Whether a Redis error means the store cannot do its work (an outage)
+/// rather than a problem with one key's data.
+fn is_store_fault(e: &RedisError) -> bool {
+    !(e.code() == Some("WRONGTYPE") || matches!(e.kind(), ErrorKind::UnexpectedReturnType))
 }
 
 impl Inner {
-    async fn ping(&self) -> Result<(), ContextError> {
-        let mut conn = self.conn.clone();
-        self.bounded(async move { redis::cmd("PING").query_async::<String>(&mut conn).await }).await.map(|_| ())
+    fn conn(&self) -> ConnectionManager {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A fresh, lazy connection manager in place of the current one.
+    fn renew(&self) {
+        if let Ok(fresh) = ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
+            *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+        }
+    }
+
+    /// A small write with a short expiry: fails on an unreachable Redis,
+    /// a wrong password, a full memory (`noeviction`) or a read-only replica.
+    async fn probe(&self) -> Result<(), ContextError> {
+        let mut conn = self.conn();
+        let key = self.probe_key.as_str();
+        self.bounded(async move { redis::cmd("SET").arg(key).arg(1).arg("PX").arg(60_000).query_async::<()>(&mut conn).await })
+            .await
     }
 
     /// Runs one Redis call within the timeout and files its failure.
@@ -190,10 +283,12 @@ impl Inner {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
                 self.metrics.redis_errors.fetch_add(1, Ordering::Relaxed);
-                if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
+                if is_store_fault(&e) {
                     Err(ContextError::Unavailable(e.to_string()))
                 } else {
-                    Err(ContextError::Corrupt(e.to_string()))
+                    let err = ContextError::Corrupt(e.to_string());
+                    self.data_log.warn("redis refused a call on one channel's data", &err);
+                    Err(err)
                 }
             }
             Err(_) => {
@@ -206,7 +301,7 @@ impl Inner {
     fn mark_down(&self, err: &ContextError) {
         if matches!(err, ContextError::Unavailable(_)) && self.up.swap(false, Ordering::Relaxed) {
             self.metrics.store_up.store(false, Ordering::Relaxed);
-            tracing::warn!(error = %err, "redis unreachable: answering without context until it is back");
+            self.outage_log.warn("redis unreachable or refusing: answering without context until it is back", err);
         }
     }
 
@@ -223,11 +318,9 @@ impl Inner {
     }
 }
 
-/// Pings while the store lives: every 2 s while up, with backoff while down.
+/// Probes while the store lives: every 2 s while up, with backoff while down.
 async fn watch(inner: Weak<Inner>) {
-    const MIN: Duration = Duration::from_millis(250);
-    const MAX: Duration = Duration::from_secs(5);
-    let mut backoff = MIN;
+    let mut backoff = BACKOFF_MIN;
     loop {
         let up = match inner.upgrade() {
             Some(inner) => inner.up.load(Ordering::Relaxed),
@@ -235,9 +328,9 @@ async fn watch(inner: Weak<Inner>) {
         };
         tokio::time::sleep(if up { Duration::from_secs(2) } else { backoff }).await;
         let Some(inner) = inner.upgrade() else { return };
-        match inner.ping().await {
+        match inner.probe().await {
             Ok(()) => {
-                backoff = MIN;
+                backoff = BACKOFF_MIN;
                 if !inner.up.swap(true, Ordering::Relaxed) {
                     inner.metrics.store_up.store(true, Ordering::Relaxed);
                     tracing::info!("redis is reachable again: context is back");
@@ -245,10 +338,13 @@ async fn watch(inner: Weak<Inner>) {
             }
             Err(e) => {
                 inner.mark_down(&e);
-                if !up {
-                    backoff = (backoff * 2).min(MAX);
+                if matches!(e, ContextError::Unavailable(_)) {
+                    inner.renew();
                 }
-                tracing::debug!(error = %e, retry_in = ?backoff, "redis ping failed");
+                if !up {
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+                tracing::debug!(error = %e, retry_in = ?backoff, "redis probe failed");
             }
         }
     }
@@ -257,7 +353,7 @@ async fn watch(inner: Weak<Inner>) {
 impl ContextStore for RedisStore {
     fn turns<'a>(&'a self, channel: &'a ChannelKey) -> BoxFuture<'a, Result<Vec<Turn>, ContextError>> {
         Box::pin(async move {
-            let mut conn = self.inner.conn.clone();
+            let mut conn = self.conn();
             let key = self.ctx_key(channel);
             let raw: Vec<String> =
                 self.inner.call(async { redis::cmd("LRANGE").arg(&key).arg(0).arg(-1).query_async(&mut conn).await }).await?;
@@ -269,7 +365,7 @@ impl ContextStore for RedisStore {
 
     fn seen<'a>(&'a self, channel: &'a ChannelKey, msg_id: &'a str) -> BoxFuture<'a, Result<bool, ContextError>> {
         Box::pin(async move {
-            let mut conn = self.inner.conn.clone();
+            let mut conn = self.conn();
             let key = self.seen_key(channel);
             let score: Option<f64> =
                 self.inner.call(async { redis::cmd("ZSCORE").arg(&key).arg(msg_id).query_async(&mut conn).await }).await?;
@@ -306,7 +402,7 @@ impl ContextStore for RedisStore {
                 let json = serde_json::to_string(turn).map_err(|e| ContextError::Corrupt(e.to_string()))?;
                 invocation.arg(json);
             }
-            let mut conn = self.inner.conn.clone();
+            let mut conn = self.conn();
             let stored: i64 = self.inner.call(async { invocation.invoke_async(&mut conn).await }).await?;
             Ok(if stored == 1 { Appended::Stored } else { Appended::Duplicate })
         })
@@ -326,7 +422,7 @@ impl ContextStore for RedisStore {
                 EditChange::Replace(text) => invocation.arg("replace").arg(text),
                 EditChange::Remove => invocation.arg("remove").arg(""),
             };
-            let mut conn = self.inner.conn.clone();
+            let mut conn = self.conn();
             let outcome: i64 = self.inner.call(async { invocation.invoke_async(&mut conn).await }).await?;
             Ok(match outcome {
                 -1 => Edited::Ignored,
@@ -338,7 +434,7 @@ impl ContextStore for RedisStore {
 
     fn clear<'a>(&'a self, channel: &'a ChannelKey) -> BoxFuture<'a, Result<(), ContextError>> {
         Box::pin(async move {
-            let mut conn = self.inner.conn.clone();
+            let mut conn = self.conn();
             let key = self.ctx_key(channel);
             self.inner.call(async { redis::cmd("DEL").arg(&key).query_async::<i64>(&mut conn).await }).await?;
             Ok(())
@@ -347,7 +443,7 @@ impl ContextStore for RedisStore {
 
     fn forget_author<'a>(&'a self, platform: Platform, author: &'a str) -> BoxFuture<'a, Result<usize, ContextError>> {
         Box::pin(async move {
-            let mut conn = self.inner.conn.clone();
+            let mut conn = self.conn();
             let index = self.author_key(platform, author);
             let ctx_keys: Vec<String> =
                 self.inner.call(async { redis::cmd("SMEMBERS").arg(&index).query_async(&mut conn).await }).await?;
@@ -369,5 +465,20 @@ impl ContextStore for RedisStore {
 
     fn is_up(&self) -> bool {
         self.inner.up.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_the_daemon_cannot_use_are_refused_once_and_redacted() {
+        assert!(check_url("redis://127.0.0.1:6379/0").is_ok());
+        assert!(check_url("unix:///run/redis.sock?db=1").is_ok());
+        let err = check_url("redis://:pw8@h:1/notadb").unwrap_err();
+        assert!(err.contains("[redacted]") && !err.contains("pw8"), "{err}");
+        let err = check_url("redis://").unwrap_err();
+        assert!(!err.is_empty());
     }
 }

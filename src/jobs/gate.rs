@@ -70,7 +70,7 @@ pub fn probe_prompt(
     params: &SamplingParams,
 ) -> Result<Prompt, GateError> {
     let probe = |e: &dyn std::fmt::Display| GateError::Probe(format!("{prompt:?}: {e}"));
-    let turn = tokenizer.encode(prompt).map_err(|e| probe(&e))?;
+    let turn = tokenizer.encode(&crate::prompt::normalize_turn(prompt)).map_err(|e| probe(&e))?;
     persona_prompt(tokenizer, seed, &[turn], n_positions.saturating_sub(params.max_new_tokens)).map_err(|e| probe(&e))
 }
 

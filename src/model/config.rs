@@ -17,6 +17,9 @@ pub enum Activation {
     /// The exact (erf) GELU.
     Gelu,
     Relu,
+    /// x · sigmoid(x) (transformers' `silu`, also named `swish`).
+    #[serde(alias = "swish")]
+    Silu,
 }
 
 /// A GPT-2 configuration. Field names and defaults follow `GPT2Config`.
@@ -77,6 +80,27 @@ fn default_eos() -> u32 {
     EOS_TOKEN_ID
 }
 
+/// Why a `config.json` asks for something dialogd does not run, naming the
+/// field, or `None`.
+///
+/// - `tie_word_embeddings: false`: a separate `lm_head`; dialogd always
+///   ties the head to `wte` (it never reads a stored head), so the numbers
+///   would differ.
+/// - `model_type` other than `gpt2`: another architecture.
+///
+/// `add_cross_attention: true` is accepted: without encoder states
+/// transformers skips the cross-attention, and so do we (its weights are
+/// left unread).
+pub fn refused_fields(raw: &serde_json::Value) -> Option<String> {
+    if raw.get("tie_word_embeddings").and_then(|v| v.as_bool()) == Some(false) {
+        return Some("tie_word_embeddings = false (a separate lm_head) is not supported: dialogd ties the head to wte".into());
+    }
+    if let Some(kind) = raw.get("model_type").and_then(|v| v.as_str()).filter(|k| *k != "gpt2") {
+        return Some(format!("model_type {kind:?} is not supported: dialogd runs GPT-2 (\"gpt2\")"));
+    }
+    None
+}
+
 impl Gpt2Config {
     /// DialoGPT-small: 117M parameters.
     pub fn dialogpt_small() -> Self {
@@ -112,9 +136,18 @@ impl Gpt2Config {
         }
     }
 
-    /// Parses and checks a `config.json`.
+    /// Parses and checks a `config.json`. Fields transformers reads that
+    /// do not change the numbers at inference (dropouts, `use_cache`,
+    /// `summary_*`, `reorder_and_upcast_attn`, which only reorders the same
+    /// f32 arithmetic, the legacy `n_ctx`) are accepted and ignored; a value
+    /// that would change them and that dialogd does not run is refused by
+    /// name (see [`refused_fields`]).
     pub fn from_json(text: &str) -> Result<Self, ModelError> {
-        let config: Self = serde_json::from_str(text).map_err(|e| ModelError::Config(e.to_string()))?;
+        let raw: serde_json::Value = serde_json::from_str(text).map_err(|e| ModelError::Config(e.to_string()))?;
+        if let Some(why) = refused_fields(&raw) {
+            return Err(ModelError::Config(why));
+        }
+        let config: Self = serde_json::from_value(raw).map_err(|e| ModelError::Config(e.to_string()))?;
         config.validate()?;
         Ok(config)
     }
@@ -180,8 +213,8 @@ mod tests {
     fn rejects_bad_shapes_and_unknown_activation() {
         let err = Gpt2Config::from_json(r#"{"n_embd":100,"n_head":12}"#).unwrap_err();
         assert!(err.to_string().contains("n_head"), "{err}");
-        let err = Gpt2Config::from_json(r#"{"activation_function":"swish"}"#).unwrap_err();
-        assert!(err.to_string().contains("swish"), "{err}");
+        let err = Gpt2Config::from_json(r#"{"activation_function":"quick_gelu"}"#).unwrap_err();
+        assert!(err.to_string().contains("quick_gelu"), "{err}");
         assert!(Gpt2Config::from_json("{not json").is_err());
     }
 }

@@ -308,6 +308,7 @@ impl Mlp {
             Activation::GeluNew => kernels::gelu_new(&h)?,
             Activation::Gelu => h.gelu_erf()?,
             Activation::Relu => h.relu()?,
+            Activation::Silu => h.silu()?,
         };
         self.c_proj.forward(&h)
     }
@@ -387,6 +388,7 @@ impl Block {
             Activation::GeluNew => kernels::gelu_new(&h)?,
             Activation::Gelu => h.gelu_erf()?,
             Activation::Relu => h.relu()?,
+            Activation::Silu => h.silu()?,
         };
         Ok((&x + self.mlp.c_proj.forward_2d_lora(&h, &deltas(Target::MlpCProj))?)?)
     }

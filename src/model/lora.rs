@@ -84,24 +84,22 @@ pub struct LoraRuntime {
 impl LoraRuntime {
     /// Builds the runtime form from pairs as PEFT stores them: keyed by
     /// canonical projection prefix (`h.0.attn.c_attn`), `lora_A` `[r, in]`
-    /// and `lora_B` `[out, r]`; the update to a projection is
-    /// `x · lora_Aᵀ · lora_Bᵀ · scaling`. Every pair is checked against
-    /// `config` (layer, projection, both shapes, finite values); an error
-    /// names the tensor. Projections without a pair are left unchanged.
+    /// and `lora_B` `[out, r]`, each with its own `scaling` (PEFT's
+    /// `alpha / r`, or `alpha / √r` for rsLoRA; ranks and alphas may
+    /// differ per projection, PEFT's `rank_pattern`/`alpha_pattern`); the
+    /// update to a projection is `x · lora_Aᵀ · lora_Bᵀ · scaling`. Every
+    /// pair is checked against `config` (layer, projection, both shapes,
+    /// finite values); an error names the tensor. Projections without a
+    /// pair are left unchanged.
     pub fn from_peft_pairs<'a>(
         config: &Gpt2Config,
-        rank: usize,
-        scaling: f64,
-        pairs: impl IntoIterator<Item = (&'a str, &'a Tensor, &'a Tensor)>,
+        pairs: impl IntoIterator<Item = (&'a str, &'a Tensor, &'a Tensor, f64)>,
     ) -> Result<Self> {
         let bad = |message: String| ModelError::Adapter(message);
-        if rank == 0 || !scaling.is_finite() {
-            return Err(bad(format!("rank {rank} and scaling {scaling}: need a positive rank and a finite scaling")));
-        }
         let (e, inner) = (config.n_embd, config.inner_dim());
         let mut blocks: Vec<[Option<LoraPair>; 4]> = (0..config.n_layer).map(|_| Default::default()).collect();
-        let mut count = 0;
-        for (prefix, lora_a, lora_b) in pairs {
+        let (mut count, mut max_rank) = (0, 0);
+        for (prefix, lora_a, lora_b, scaling) in pairs {
             let (layer, target) = parse_prefix(prefix, config.n_layer).ok_or_else(|| {
                 bad(format!(
                     "targets `{prefix}`, which is not a c_attn/c_proj/c_fc of this model ({} layers)",
@@ -114,6 +112,10 @@ impl LoraRuntime {
                 Target::MlpCFc => (e, inner),
                 Target::MlpCProj => (inner, e),
             };
+            let rank = lora_a.dims().first().copied().unwrap_or(0);
+            if rank == 0 || !scaling.is_finite() {
+                return Err(bad(format!("`{prefix}`: rank {rank} and scaling {scaling}: need a positive rank and a finite scaling")));
+            }
             if lora_a.dims() != [rank, n_in] {
                 return Err(bad(format!(
                     "`{prefix}.lora_A` is {:?}; this model (n_embd {e}, MLP width {inner}) needs [{rank}, {n_in}]",
@@ -140,13 +142,15 @@ impl LoraRuntime {
             let b = (lora_b.to_dtype(DType::F32)?.t()? * scaling)?.contiguous()?;
             *slot = Some(LoraPair { a, b });
             count += 1;
+            max_rank = max_rank.max(rank);
         }
         if count == 0 {
             return Err(bad("holds no LoRA pairs".into()));
         }
-        Ok(Self { blocks, rank, n_embd: e, inner })
+        Ok(Self { blocks, rank: max_rank, n_embd: e, inner })
     }
 
+    /// The largest rank of its pairs.
     pub fn rank(&self) -> usize {
         self.rank
     }
@@ -462,8 +466,7 @@ mod tests {
     }
 
     fn build(cfg: &Gpt2Config, pairs: &[(String, Tensor, Tensor)]) -> Result<LoraRuntime> {
-        let rank = pairs.first().map_or(4, |(_, a, _)| a.dims()[0]);
-        LoraRuntime::from_peft_pairs(cfg, rank, 2.0, pairs.iter().map(|(p, a, b)| (p.as_str(), a, b)))
+        LoraRuntime::from_peft_pairs(cfg, pairs.iter().map(|(p, a, b)| (p.as_str(), a, b, 2.0)))
     }
 
     #[test]

@@ -216,7 +216,8 @@ async fn forget(shared: &Shared, inbound: &Inbound) -> Result<String, CoreError>
     let n = shared.store.forget_author(inbound.channel.platform, &inbound.author).await.map_err(unavailable)?;
     let mut collected = 0;
     if let Some(collector) = shared.collector.clone() {
-        let author = inbound.author.clone();
+        // The collector keys people by `platform:user`.
+        let author = format!("{}:{}", inbound.channel.platform.as_str(), inbound.author);
         collected = tokio::task::spawn_blocking(move || collector.forget(&author)).await.map_err(internal)?.map_err(internal)?;
     }
     Ok(if collected > 0 {
@@ -231,11 +232,11 @@ async fn opt(shared: &Shared, inbound: &Inbound, out: bool) -> Result<String, Co
     let Some(collector) = shared.collector.clone() else {
         return Ok("Nothing is collected for training on this bot.".to_string());
     };
-    let author = inbound.author.clone();
+    let author = format!("{}:{}", inbound.channel.platform.as_str(), inbound.author);
     if out {
         let n = tokio::task::spawn_blocking(move || collector.opt_out(&author)).await.map_err(internal)?.map_err(internal)?;
         Ok(format!(
-            "Done: I won't learn from your messages, and I've deleted {n} collected exchanges you were part of. /optin undoes this."
+            "Done: I won't learn from your messages, and I've deleted {n} collected exchanges you were part of. Models already trained keep what they learned (weights cannot forget); no later training uses your messages. /optin undoes this."
         ))
     } else {
         let was = tokio::task::spawn_blocking(move || collector.opt_in(&author)).await.map_err(internal)?.map_err(internal)?;

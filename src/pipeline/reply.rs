@@ -25,7 +25,7 @@ use super::limits::Verdict;
 use super::{say, silent, Shared};
 use crate::context::{Appended, ContextError, EditOutcome, Turn};
 use crate::personas::{persona_prompt, ActivePersona};
-use crate::prompt::{Prompt, MAX_TURN_BYTES};
+use crate::prompt::{normalize_turn, Prompt, MAX_TURN_BYTES};
 use crate::ranking::select::{self, Contender};
 use crate::safety::{Policy, WordList};
 use crate::settings::{GenerationSettings, SafetySettings, ToxicInput};
@@ -63,7 +63,9 @@ struct Prepared {
 /// new text, then [`crate::context::apply_edit`] does the rest.
 async fn edited(shared: &Shared, inbound: &Inbound) -> Result<EditOutcome, CoreError> {
     let (Some(id), Some(edit)) = (inbound.msg_id.as_deref(), inbound.edit) else { return Ok(EditOutcome::Done("edit_ignored")) };
-    let text = inbound.text.trim();
+    // Stored in the form every path encodes, as a new message is.
+    let normalized = normalize_turn(&inbound.text);
+    let text = normalized.as_str();
     if text.is_empty() || text.len() > MAX_TURN_BYTES {
         return Ok(EditOutcome::Done("edit_ignored"));
     }
@@ -86,7 +88,9 @@ pub(super) async fn process(shared: Arc<Shared>, mut inbound: Inbound) -> Result
         }
     }
     let metrics = &shared.metrics;
-    let mut text = inbound.text.trim();
+    // The form every path encodes (NFC, no outer whitespace); stored so.
+    let normalized = normalize_turn(&inbound.text);
+    let mut text = normalized.as_str();
     if text.is_empty() {
         metrics.refused(Refusal::Invalid);
         return Err(CoreError::Invalid("the message is empty".into()));
@@ -98,7 +102,12 @@ pub(super) async fn process(shared: Arc<Shared>, mut inbound: Inbound) -> Result
     match Command::parse(text) {
         Some(Command::Ask("")) => return Ok(say(&inbound, "Ask me something: /ask how are you?")),
         Some(Command::Ask(question)) => text = question,
-        Some(command) => return commands::run(&shared, &inbound, command).await,
+        Some(command) => {
+            if let Some(answer) = claim_command(&shared, &inbound).await {
+                return Ok(answer);
+            }
+            return commands::run(&shared, &inbound, command).await;
+        }
         None if !inbound.addressed_to_bot => return Ok(silent("not_addressed")),
         None => {}
     }
@@ -114,6 +123,25 @@ pub(super) async fn process(shared: Arc<Shared>, mut inbound: Inbound) -> Result
     let prepared = prepare(&shared, &inbound, text, &mut degraded).await?;
     let chosen = choose(&shared, &inbound, text, &prepared, &safety, &blocked, policy).await?;
     finish(&shared, &inbound, text, &prepared, chosen, &safety, &mut degraded).await
+}
+
+/// Claims a command's message id before it runs (an append of no turn
+/// that records the id), so a command delivered twice runs once: the
+/// second gets `duplicate`. With the store down it runs unclaimed, as
+/// messages are answered then.
+async fn claim_command(shared: &Shared, inbound: &Inbound) -> Option<Answer> {
+    let id = inbound.msg_id.as_deref()?;
+    match shared.store.append(&inbound.channel, &[], Some(id)).await {
+        Ok(Appended::Duplicate) => {
+            shared.metrics.refused(Refusal::Duplicate);
+            Some(silent("duplicate"))
+        }
+        Ok(Appended::Stored) => None,
+        Err(e) => {
+            tracing::debug!(channel = %inbound.channel, error = %e, "command duplicate check failed");
+            None
+        }
+    }
 }
 
 /// Duplicate check, rate limits and the input filter. `Some(answer)` ends
@@ -173,7 +201,7 @@ async fn prepare(shared: &Shared, inbound: &Inbound, text: &str, degraded: &mut 
     let tokenizer = &shared.tokenizer;
     let mut encoded: Vec<Vec<u32>> = history
         .iter()
-        .filter_map(|turn| tokenizer.encode(&turn.text).ok().filter(|ids| !ids.is_empty()))
+        .filter_map(|turn| tokenizer.encode(&normalize_turn(&turn.text)).ok().filter(|ids| !ids.is_empty()))
         .collect();
     let message_ids = tokenizer.encode(text).map_err(|e| CoreError::Invalid(e.to_string()))?;
     if message_ids.is_empty() {

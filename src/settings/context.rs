@@ -50,18 +50,34 @@ fn serialize_opt_secs<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok
     s.serialize_u64(d.map_or(0, |d| d.as_secs()))
 }
 
-/// A URL with any password (`redis://user:PASSWORD@host`) replaced.
+/// A Redis URL with its secrets replaced by `[redacted]`: the password of
+/// any URL form (`redis://user:PASSWORD@host`, `rediss://`, and the `pass`
+/// or `password` query parameter of `unix://` and `redis+unix://`); a
+/// user without a password stays as written. Text that does not parse as
+/// a URL is redacted whole.
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or("", |(u, _)| u);
-            let user = if userinfo.contains(':') { user } else { "" };
-            format!("{scheme}://{user}:[redacted]@{host}{tail}")
-        }
-        None => url.to_string(),
+    // `url` percent-encodes brackets; a plain placeholder is put in its
+    // place after serialising.
+    const PLACEHOLDER: &str = "REDACTEDxSECRETx7f3a";
+    let mut parsed = match url::Url::parse(url) {
+        Ok(parsed) if !parsed.cannot_be_a_base() => parsed,
+        _ => return "[redacted: not a URL]".to_string(),
+    };
+    if parsed.password().is_some() && parsed.set_password(Some(PLACEHOLDER)).is_err() {
+        return "[redacted]".to_string();
     }
+    let secret_key = |k: &str| k.eq_ignore_ascii_case("pass") || k.eq_ignore_ascii_case("password");
+    if parsed.query_pairs().any(|(k, _)| secret_key(&k)) {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if secret_key(&k) { PLACEHOLDER.to_string() } else { v.into_owned() };
+                (k.into_owned(), v)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.as_str().replace(PLACEHOLDER, "[redacted]")
 }
 
 fn redis_url_ok(url: &str) -> Result<(), String> {
@@ -104,4 +120,29 @@ impl RawContext {
             redis_timeout: Duration::from_millis(c.redis_timeout_ms),
         })
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_url_form_loses_its_password_and_only_that() {
+        let cases = [
+            ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+            ("redis://:pw1@h:1/0", "redis://:[redacted]@h:1/0"),
+            ("rediss://user:pw2@h/0", "rediss://user:[redacted]@h/0"),
+            ("redis://user@h/0", "redis://user@h/0"),
+            ("redis://us%40er:p%40w3@[::1]:6379/2", "redis://us%40er:[redacted]@[::1]:6379/2"),
+            ("unix:///run/redis.sock?db=1&pass=pw4", "unix:///run/redis.sock?db=1&pass=[redacted]"),
+            ("redis+unix:///run/r.sock?user=bob&password=pw5", "redis+unix:///run/r.sock?user=bob&password=[redacted]"),
+            ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+        ];
+        for (url, want) in cases {
+            assert_eq!(redact_url(url), want, "{url}");
+        }
+        assert_eq!(redact_url("db:pw6@nowhere"), "[redacted: not a URL]");
+        assert!(!redact_url("not a url with pw7").contains("pw7"));
+    }
+
 }

@@ -339,7 +339,7 @@ pub fn build_examples(
         let turns = dialogue
             .turns
             .iter()
-            .map(|t| tokenizer.encode(&t.text))
+            .map(|t| tokenizer.encode(&crate::prompt::normalize_turn(&t.text)))
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let weights: Vec<f32> = dialogue.turns.iter().map(|t| t.weight).collect();
         match build_example(&turns, &weights, tokenizer.eos_id(), max_seq_len) {

@@ -305,6 +305,7 @@ impl TrainableGpt2 {
                 Activation::GeluNew => m.gelu()?,
                 Activation::Gelu => m.gelu_erf()?,
                 Activation::Relu => m.relu()?,
+                Activation::Silu => m.silu()?,
             };
             x = (x + self.conv1d(&m, &format!("{p}.mlp.c_proj"))?)?;
         }

@@ -3,7 +3,8 @@
 //! `sendMessage`, `sendChatAction`, `getChatMember`, `setWebhook` and
 //! `deleteWebhook`. Method names are matched case-insensitively (teloxide
 //! writes them in PascalCase). A test can script failures (429 with
-//! `retry_after`, 5xx) for the next calls of a method.
+//! `retry_after`, 5xx) for the next calls of a method, or make a method
+//! hang (never answer).
 //!
 //! While a webhook is set, `getUpdates` is refused with 409 (as Telegram
 //! does) and updates are POSTed, one at a time and in order, to the
@@ -37,6 +38,8 @@ struct Inner {
     failures: Mutex<HashMap<String, VecDeque<(u16, Value)>>>,
     /// User ids that are administrators of every group.
     admins: Mutex<HashSet<i64>>,
+    /// Methods (lower case) that never answer while listed.
+    hanging: Mutex<HashSet<String>>,
     new_update: tokio::sync::Notify,
     /// The `setWebhook` body while a webhook is set.
     webhook: Mutex<Option<Value>>,
@@ -108,6 +111,17 @@ impl FakeTelegram {
 
     pub fn add_admin(&self, user: i64) {
         self.inner.admins.lock().unwrap().insert(user);
+    }
+
+    /// Makes calls of `method` hang (recorded, never answered) or answer again.
+    pub fn hang(&self, method: &str, hang: bool) {
+        let method = method.to_ascii_lowercase();
+        let mut hanging = self.inner.hanging.lock().unwrap();
+        if hang {
+            hanging.insert(method);
+        } else {
+            hanging.remove(&method);
+        }
     }
 
     /// The next calls of `method` get these answers, in order.
@@ -274,6 +288,9 @@ async fn handle(State(inner): State<Arc<Inner>>, Path((bot, method)): Path<(Stri
     }
     if method != "getupdates" {
         inner.calls.lock().unwrap().push((method.clone(), body.clone()));
+    }
+    if inner.hanging.lock().unwrap().contains(&method) {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
     }
     match method.as_str() {
         "getme" => {
