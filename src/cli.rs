@@ -55,6 +55,11 @@ pub enum Command {
     Run(run::RunArgs),
     /// Validate the settings and print them, secrets redacted.
     CheckConfig(run::RunArgs),
+    /// Generate for daemons with `[generation] backend = "redis"`: load
+    /// [model], take requests from the Redis stream {context.key_prefix}:gen:requests
+    /// (consumer group "generation") and answer them, until SIGTERM or SIGINT
+    /// (then finish what was taken). Run several, on any hosts.
+    Worker(run::RunArgs),
     /// Fine-tune a model, or a LoRA persona adapter, on dialogue files.
     Train(train::TrainArgs),
     /// The daemon's fine-tuning jobs: list, show, run, cancel, rollback.
@@ -249,7 +254,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     pin_candle_pool(&cli.command);
     // The daemon sets up its own logging from its settings.
-    if !matches!(cli.command, Command::Run(_)) {
+    if !matches!(cli.command, Command::Run(_) | Command::Worker(_)) {
         init_tracing();
     }
     let result = match cli.command {
@@ -260,6 +265,7 @@ pub fn main() -> ExitCode {
         Command::Moderate(args) => moderate::run(args),
         Command::Run(args) => run::run(args),
         Command::CheckConfig(args) => run::check_config(args),
+        Command::Worker(args) => run::worker(args),
         Command::Train(args) => train::run(args),
         Command::Jobs(args) => jobs::run(args),
     };

@@ -37,6 +37,7 @@ pub mod pool;
 pub mod personas;
 pub mod pipeline;
 pub mod prompt;
+pub mod remote;
 pub mod ranking;
 pub mod safety;
 pub mod sampling;

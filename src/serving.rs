@@ -120,6 +120,27 @@ pub fn load(spec: &ModelSpec) -> Result<Loaded, ServingError> {
     Ok(Loaded { model, tokenizer, dir })
 }
 
+/// What a daemon that generates elsewhere (`backend = "redis"`) needs of
+/// the model: its tokenizer and its config (context size), without the
+/// weights. Resolves `spec.model` like [`load`] (a hub id downloads only
+/// what it finds missing, weights included, as the hub client fetches the
+/// whole checkpoint).
+pub fn load_front(spec: &ModelSpec) -> Result<(DialogTokenizer, model::Gpt2Config), ServingError> {
+    let dir = model::hub::resolve_model(&spec.model)?;
+    let dir = if dir.is_file() { dir.parent().map(Path::to_path_buf).unwrap_or_default() } else { dir };
+    let tokenizer = DialogTokenizer::from_dir(&dir)?;
+    let text = std::fs::read_to_string(dir.join("config.json"))
+        .map_err(|e| ModelError::Config(format!("{}: {e}", dir.join("config.json").display())))?;
+    let config = model::Gpt2Config::from_json(&text)?;
+    if tokenizer.eos_id() != config.eos_token_id || tokenizer.vocab_size() > config.vocab_size {
+        return Err(ServingError::Options(format!(
+            "{}: the tokenizer does not fit the model's config.json",
+            dir.display()
+        )));
+    }
+    Ok((tokenizer, config))
+}
+
 /// Loads the checkpoint in `dir` (a local folder, e.g. a job's output)
 /// with `spec`'s options, without its tokenizer (the served one stays).
 pub fn load_weights(spec: &ModelSpec, dir: &Path) -> Result<Gpt2, ServingError> {

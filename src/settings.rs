@@ -23,6 +23,7 @@ mod ranking;
 mod rate_limit;
 mod safety;
 mod telemetry;
+mod worker;
 
 pub mod live;
 
@@ -35,7 +36,7 @@ use serde::{Deserialize, Serialize, Serializer};
 pub use self::collect::{CollectSettings, RawCollect};
 pub use self::context::{redact_url, ContextSettings, RawContext, StoreKind};
 pub use self::daemon::{DaemonSettings, RawDaemon};
-pub use self::generation::{GenerationSettings, RawGeneration};
+pub use self::generation::{Backend, GenerationSettings, RawGeneration};
 pub use self::jobs::{JobSettings, RawJobs, RawSchedule, Schedule, TrainMode};
 pub use self::model::{ModelSettings, RawModel};
 pub use self::personas::{persona_name_ok, PersonaSettings, PersonaSpec, RawPersona, RawPersonas};
@@ -43,6 +44,7 @@ pub use self::ranking::{RankingSettings, RawRanking};
 pub use self::rate_limit::{RateLimitSettings, RawRateLimit};
 pub use self::safety::{RawSafety, SafetySettings, ToxicInput};
 pub use self::telemetry::{LogFormat, RawTelemetry, TelemetrySettings};
+pub use self::worker::{RawWorker, WorkerSettings};
 pub use dialogd_adapters::console::{ConsoleSettings, RawConsole};
 pub use dialogd_adapters::discord::{DiscordSettings, RawDiscord};
 pub use dialogd_adapters::http::{HttpSettings, RawHttp};
@@ -100,6 +102,7 @@ pub struct RawSettings {
     pub collect: RawCollect,
     pub jobs: RawJobs,
     pub personas: RawPersonas,
+    pub worker: RawWorker,
 }
 
 /// Layers the built-in defaults, `file` (when given) and the process's
@@ -166,6 +169,7 @@ pub struct Settings {
     pub collect: CollectSettings,
     pub jobs: JobSettings,
     pub personas: PersonaSettings,
+    pub worker: WorkerSettings,
 }
 
 impl RawSettings {
@@ -192,6 +196,7 @@ impl RawSettings {
             collect: self.collect.validate()?,
             jobs: self.jobs.validate(store_is_redis)?,
             personas: self.personas.validate()?,
+            worker: self.worker.validate()?,
         })
     }
 }

@@ -26,7 +26,7 @@ const FLOORS: &[&[&str]] = &[
     &["tokenizer", "sampling"],
     &["generate", "safety", "ranking", "training", "serving"],
     &["pool"],
-    &["settings"],
+    &["settings", "remote"],
     &["telemetry"],
     &["context", "collect", "personas"],
     &["jobs"],

@@ -305,10 +305,18 @@ impl TestDaemon {
         };
         let loaded = dialogd::cli::load(&args, false).unwrap();
         let metrics = dialogd::telemetry::Metrics::new();
-        let engine = PoolEngine::start(loaded.model, &settings.generation, metrics.clone()).unwrap();
-        let pool = Some(engine.handle().clone());
-        let daemon =
-            dialogd::daemon::Daemon::start(settings, std::sync::Arc::new(engine), pool, loaded.tokenizer, metrics).await?;
+        let (engine, pool): (std::sync::Arc<dyn dialogd::pipeline::engine::ReplyEngine>, _) =
+            if settings.generation.backend == dialogd::settings::Backend::Redis {
+                // Generation by workers: this daemon's model is not used.
+                let n_positions = loaded.model.config().n_positions;
+                let engine = dialogd::cli::run::remote_engine(&settings, n_positions, metrics.clone()).await.unwrap();
+                (std::sync::Arc::new(engine), None)
+            } else {
+                let engine = PoolEngine::start(loaded.model, &settings.generation, metrics.clone()).unwrap();
+                let pool = Some(engine.handle().clone());
+                (std::sync::Arc::new(engine), pool)
+            };
+        let daemon = dialogd::daemon::Daemon::start(settings, engine, pool, loaded.tokenizer, metrics).await?;
         let base = format!("http://{}", daemon.http_addr().unwrap());
         let metrics_url = format!("http://{}/metrics", daemon.metrics_addr().unwrap());
         let pipeline = daemon.pipeline().clone();

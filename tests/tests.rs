@@ -21,6 +21,8 @@
 //! - `fakes`: loopback fakes of the Telegram Bot API and of Discord.
 //! - `telegram`: the Telegram adapter (teloxide) against the fake Bot API.
 //! - `discord`: the Discord adapter (serenity) against the fake Discord.
+//! - `remote`: generation over Redis Streams: a daemon, workers in process
+//!   and as processes, a killed worker, deadlines and a full stream.
 //! - `variants`: config.json and PEFT adapter_config.json variants against
 //!   transformers' and PEFT's logits, and the fields refused by name.
 
@@ -37,6 +39,7 @@ mod parity;
 mod persona_runtime;
 mod pool;
 mod quality;
+mod remote;
 mod ranking;
 mod safety;
 mod support;

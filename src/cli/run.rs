@@ -8,7 +8,9 @@ use anyhow::Context as _;
 use clap::Args;
 
 use crate::daemon::{self, Daemon};
-use crate::pipeline::engine::PoolEngine;
+use crate::pipeline::engine::{PoolEngine, RemoteEngine, ReplyEngine};
+use crate::remote::{self, StreamClient, WorkerOptions, WorkerStats};
+use crate::settings::Backend;
 use crate::serving;
 use crate::settings;
 use crate::telemetry::{self, Metrics};
@@ -60,11 +62,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             kv_cache = %spec.kv_cache,
             "loading model"
         );
-        let loaded = tokio::task::spawn_blocking(move || serving::load(&spec)).await??;
-        let engine = PoolEngine::start(loaded.model, &settings.generation, metrics.clone())
-            .context("starting the generation pool")?;
-        let pool = engine.handle().clone();
-        let daemon = Daemon::start(settings, Arc::new(engine), Some(pool), loaded.tokenizer, metrics.clone()).await?;
+        let (engine, pool, tokenizer) = match settings.generation.backend {
+            Backend::Local => {
+                let loaded = tokio::task::spawn_blocking(move || serving::load(&spec)).await??;
+                let engine = PoolEngine::start(loaded.model, &settings.generation, metrics.clone())
+                    .context("starting the generation pool")?;
+                let pool = engine.handle().clone();
+                (Arc::new(engine) as Arc<dyn ReplyEngine>, Some(pool), loaded.tokenizer)
+            }
+            Backend::Redis => {
+                let (tokenizer, config) = tokio::task::spawn_blocking(move || serving::load_front(&spec)).await??;
+                let engine = remote_engine(&settings, config.n_positions, metrics.clone()).await?;
+                (Arc::new(engine) as Arc<dyn ReplyEngine>, None, tokenizer)
+            }
+        };
+        let daemon = Daemon::start(settings, engine, pool, tokenizer, metrics.clone()).await?;
         let reload = tokio::spawn(daemon::reload_on_sighup(hup, daemon.pipeline().clone(), Some(args.config), metrics));
         daemon
             .serve(async move {
@@ -73,6 +85,61 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             .await;
         reload.abort();
         tracing::info!("stopped");
+        anyhow::Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// The daemon's engine for `backend = "redis"`: requests go to the stream
+/// on `context.redis_url` under `context.key_prefix`.
+pub async fn remote_engine(
+    settings: &settings::Settings,
+    n_positions: usize,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<RemoteEngine> {
+    let timeout = std::time::Duration::from_millis(settings.generation.timeout_ms);
+    let client = StreamClient::connect(
+        settings.context.redis_url.expose(),
+        &settings.context.key_prefix,
+        timeout,
+        settings.generation.queue_depth,
+    )
+    .await
+    .context("generation.backend = \"redis\": connecting to context.redis_url")?;
+    Ok(RemoteEngine::new(client, n_positions, metrics))
+}
+
+/// `dialogd worker`: loads `[model]`, starts a local generation pool and
+/// answers requests from the Redis stream until SIGTERM or SIGINT, then
+/// finishes what it took.
+pub fn worker(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let settings = settings::load(Some(&args.config))?;
+    telemetry::init_logging(settings.telemetry.log_format, &settings.telemetry.log_filter);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let stop = tokio::spawn(daemon::stop_signal());
+        let spec = daemon::model_spec(&settings.model);
+        tracing::info!(model = %spec.model, device = %spec.device, dtype = %spec.dtype, "worker: loading model");
+        let loaded = tokio::task::spawn_blocking(move || serving::load(&spec)).await??;
+        let engine = PoolEngine::start(loaded.model, &settings.generation, Metrics::new())
+            .context("starting the generation pool")?;
+        let consumer = match settings.worker.consumer.as_str() {
+            "" => remote::process_name(),
+            name => name.to_string(),
+        };
+        let options = WorkerOptions {
+            redis_url: settings.context.redis_url.expose().to_string(),
+            key_prefix: settings.context.key_prefix.clone(),
+            consumer,
+            max_inflight: settings.worker.max_inflight,
+            claim_idle: settings.worker.claim_idle,
+        };
+        let stats = Arc::new(WorkerStats::default());
+        daemon::notify_systemd("READY=1");
+        remote::run_worker(options, engine.handle().clone(), stats, async move {
+            let _ = stop.await;
+        })
+        .await
+        .context("worker: context.redis_url")?;
         anyhow::Ok(ExitCode::SUCCESS)
     })
 }

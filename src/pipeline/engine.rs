@@ -134,6 +134,64 @@ impl ReplyEngine for PoolEngine {
     }
 }
 
+/// Generation by `dialogd worker` processes through Redis Streams
+/// (`[generation] backend = "redis"`; see [`crate::remote`]). The daemon
+/// holds no model: `n_positions` comes from the checkpoint's config.
+pub struct RemoteEngine {
+    client: Arc<crate::remote::StreamClient>,
+    n_positions: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl RemoteEngine {
+    pub fn new(client: crate::remote::StreamClient, n_positions: usize, metrics: Arc<Metrics>) -> Self {
+        Self { client: Arc::new(client), n_positions, metrics }
+    }
+
+    /// Answers dropped as duplicates and as late, for `/metrics`.
+    pub fn dropped(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.client.stats.duplicate.load(Relaxed), self.client.stats.late.load(Relaxed))
+    }
+}
+
+impl ReplyEngine for RemoteEngine {
+    fn reply(
+        &self,
+        prompt_ids: Vec<u32>,
+        params: SamplingParams,
+        n_candidates: usize,
+        adapter: Option<Arc<LoraRuntime>>,
+    ) -> BoxFuture<'static, Result<Vec<Drawn>, EngineError>> {
+        use crate::remote::RemoteError;
+        let (client, metrics) = (self.client.clone(), self.metrics.clone());
+        Box::pin(async move {
+            if adapter.is_some() {
+                // Adapters are not shipped to workers yet: say so rather
+                // than answer with the base model under a persona's name.
+                return Err(EngineError::Failed("persona adapters need generation.backend = \"local\"".into()));
+            }
+            let started = Instant::now();
+            let request = crate::remote::WireRequest { prompt_ids, params, n_candidates };
+            match client.generate(&request).await {
+                Ok(candidates) => {
+                    metrics.observe_generation(started.elapsed());
+                    Ok(candidates.into_iter().map(|c| Drawn { ids: c.ids, logprob: c.logprob, finished: c.finished }).collect())
+                }
+                Err(RemoteError::Busy(_)) => {
+                    metrics.refused(Refusal::Busy);
+                    Err(EngineError::Busy)
+                }
+                Err(e) => Err(EngineError::Failed(e.to_string())),
+            }
+        })
+    }
+
+    fn n_positions(&self) -> usize {
+        self.n_positions
+    }
+}
+
 /// A [`ReplyEngine`] that answers from a script, for tests of the pipeline
 /// without a model: each `reply` call takes the next scripted round (its
 /// candidates' ids and summed log-probabilities) and records the prompt it

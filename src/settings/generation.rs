@@ -19,9 +19,22 @@ pub struct RawGeneration {
     pub queue_depth: usize,
     pub max_batch: usize,
     pub max_prefill_tokens: usize,
+    pub backend: Backend,
+    pub timeout_ms: u64,
 }
 
-/// The settings SIGHUP can change live.
+/// Where replies are generated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// In this process, by its own generation pool.
+    Local,
+    /// By `dialogd worker` processes, through Redis Streams.
+    Redis,
+}
+
+/// The settings SIGHUP can change live (`backend` and `timeout_ms` need a
+/// restart).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct GenerationSettings {
     pub max_new_tokens: usize,
@@ -34,6 +47,10 @@ pub struct GenerationSettings {
     pub queue_depth: usize,
     pub max_batch: usize,
     pub max_prefill_tokens: usize,
+    pub backend: Backend,
+    /// How long a daemon with `backend = "redis"` waits for a worker's
+    /// answer (the request's deadline), in milliseconds.
+    pub timeout_ms: u64,
 }
 
 impl GenerationSettings {
@@ -65,7 +82,12 @@ impl RawGeneration {
             queue_depth: self.queue_depth,
             max_batch: self.max_batch,
             max_prefill_tokens: self.max_prefill_tokens,
+            backend: self.backend,
+            timeout_ms: self.timeout_ms,
         };
+        if g.timeout_ms < 100 || g.timeout_ms > 600_000 {
+            return Err(invalid("generation.timeout_ms", format!("{} is not in 100..=600000", g.timeout_ms)));
+        }
         if g.max_new_tokens == 0 || g.max_new_tokens > 1000 {
             return Err(invalid("generation.max_new_tokens", format!("{} is not in 1..=1000", g.max_new_tokens)));
         }
