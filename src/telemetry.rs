@@ -162,6 +162,8 @@ pub struct Metrics {
     pub job_running: Gauge,
     /// The generation pool's own counters, once it runs.
     pub pool: Arc<OnceLock<Arc<crate::pool::PoolMetrics>>>,
+    /// The Redis Streams client's counters, with `backend = "redis"`.
+    pub remote: Arc<OnceLock<Arc<crate::remote::ClientStats>>>,
 }
 
 impl Metrics {
@@ -195,6 +197,7 @@ impl Metrics {
             jobs_ended: Family::default(),
             job_running: Gauge::default(),
             pool: Arc::default(),
+            remote: Arc::default(),
             registry: Registry::default(),
         };
         metrics.store_up.set(1);
@@ -229,6 +232,7 @@ impl Metrics {
         build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION"), features: BUILD_FEATURES }).set(1);
         r.register("dialogd_build_info", "The running build: version and cargo features", build);
         r.register_collector(Box::new(PoolCollector(metrics.pool.clone())));
+        r.register_collector(Box::new(RemoteCollector(metrics.remote.clone())));
         if let Err(error) = kubert_prometheus_process::register(r.sub_registry_with_prefix("process")) {
             tracing::warn!(%error, "process metrics are not available");
         }
@@ -331,6 +335,29 @@ pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=ut
 
 /// The cargo features this binary was built with, for `dialogd_build_info`.
 const BUILD_FEATURES: &str = if cfg!(feature = "cuda") { "cuda" } else { "" };
+
+/// Writes the Redis Streams client's counters at scrape time (only with
+/// `backend = "redis"`).
+#[derive(Debug)]
+struct RemoteCollector(Arc<OnceLock<Arc<crate::remote::ClientStats>>>);
+
+impl Collector for RemoteCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(stats) = self.0.get() else { return Ok(()) };
+        let mut family = encoder.encode_descriptor(
+            "dialogd_generation_answers_dropped",
+            "Workers' answers not used: a second answer to one request, or one past its deadline.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, value) in [("duplicate", &stats.duplicate), ("late", &stats.late)] {
+            let labels = ReasonLabels { reason };
+            ConstCounter::new(value.load(Relaxed)).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
 
 /// Writes the pool's snapshot at scrape time: the pool keeps its own
 /// lock-free counters (it sits below telemetry), and this reads them.

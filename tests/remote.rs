@@ -124,6 +124,7 @@ async fn two_workers_answer_every_message_once_in_order() {
     let left: u64 = redis::cmd("XLEN").arg("dialogd:gen:requests").query(&mut conn).unwrap();
     assert_eq!(left, 0, "answered requests stay in the stream");
     assert_eq!(d.metric("dialogd_replies_total").await, 80.0);
+    assert_eq!(d.metric("dialogd_generation_answers_dropped_total{reason=\"late\"}").await, 0.0);
     d.stop().await;
     a.stop().await;
     b.stop().await;
@@ -200,6 +201,63 @@ async fn a_killed_worker_loses_no_request() {
         assert_eq!(bots, users, "k{c}: every message answered once: {turns:?}");
     }
     assert_eq!(d.metric("dialogd_replies_total").await, 18.0);
+    d.stop().await;
+    rescuer.stop().await;
+}
+
+/// SIGTERM: the worker process takes nothing new, answers and acknowledges
+/// what it holds, and exits 0; nobody needs to take anything over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_stopped_with_sigterm_finishes_what_it_took() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("worker.toml");
+    // No takeover within the test: what gets answered, the worker answered.
+    std::fs::write(&config, redis_backend_toml(&redis, 600_000)).unwrap();
+    let worker = std::process::Command::new(env!("CARGO_BIN_EXE_dialogd"))
+        .args(["worker", "--config"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let d = TestDaemon::start(&redis_backend_toml(&redis, 600_000)).await;
+    let mut sent = Vec::new();
+    for c in 0..4 {
+        let (http, base) = (d.http.clone(), d.base.clone());
+        sent.push(tokio::spawn(async move {
+            let body = serde_json::json!({ "author": "cy", "text": format!("one question from {c}") });
+            let r = http.post(format!("{base}/v1/channels/t{c}/messages")).json(&body).send().await.unwrap();
+            r.status().as_u16()
+        }));
+    }
+    let mut conn = redis.client();
+    for _ in 0..1200 {
+        let pending: redis::Value =
+            redis::cmd("XPENDING").arg("dialogd:gen:requests").arg("generation").query(&mut conn).unwrap();
+        if matches!(&pending, redis::Value::Array(items) if matches!(items.first(), Some(redis::Value::Int(n)) if *n > 0)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let killed = std::process::Command::new("kill").args(["-TERM", &worker.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let out = tokio::task::spawn_blocking(move || worker.wait_with_output()).await.unwrap().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "worker exit {:?}:\n{log}", out.status);
+    assert!(log.contains("worker: stopped"), "{log}");
+    let mut conn = redis.client();
+    let pending: redis::Value =
+        redis::cmd("XPENDING").arg("dialogd:gen:requests").arg("generation").query(&mut conn).unwrap();
+    assert!(
+        matches!(&pending, redis::Value::Array(items) if matches!(items.first(), Some(redis::Value::Int(0)))),
+        "the worker left requests unacknowledged: {pending:?}"
+    );
+    // Messages it had not taken wait for another worker.
+    let rescuer = InProcessWorker::start(&redis, "after", Duration::from_secs(600));
+    for s in sent {
+        assert_eq!(s.await.unwrap(), 200);
+    }
     d.stop().await;
     rescuer.stop().await;
 }

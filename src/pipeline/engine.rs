@@ -144,14 +144,11 @@ pub struct RemoteEngine {
 }
 
 impl RemoteEngine {
+    /// Wraps `client`; its counters show in `metrics`
+    /// (`dialogd_generation_answers_dropped_total{reason}`).
     pub fn new(client: crate::remote::StreamClient, n_positions: usize, metrics: Arc<Metrics>) -> Self {
+        let _ = metrics.remote.set(client.stats.clone());
         Self { client: Arc::new(client), n_positions, metrics }
-    }
-
-    /// Answers dropped as duplicates and as late, for `/metrics`.
-    pub fn dropped(&self) -> (u64, u64) {
-        use std::sync::atomic::Ordering::Relaxed;
-        (self.client.stats.duplicate.load(Relaxed), self.client.stats.late.load(Relaxed))
     }
 }
 
