@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dialogd::context::redis::RedisStore;
-use dialogd::context::{Appended, ContextError, ContextStore, Limits, Turn};
+use dialogd::context::{Appended, ContextError, ContextStore, EditChange, Edited, Limits, Turn};
 use dialogd::telemetry::Metrics;
 use dialogd_adapters::{ChannelKey, Platform};
 use redis::Commands as _;
@@ -172,6 +172,39 @@ async fn the_store_recovers_when_redis_comes_back() {
     store.append(&a, &[Turn::user("ann", "three", None)], None).await.unwrap();
     // The old data died with the server (no persistence); the new is there.
     assert_eq!(texts(&store.turns(&a).await.unwrap()), ["three"]);
+}
+
+#[tokio::test]
+async fn edits_replace_or_remove_only_the_authors_latest_turn() {
+    let redis = RedisServer::start();
+    let store = store(&redis, 10, Some(Duration::from_secs(600))).await;
+    let a = key("edits");
+    store.append(&a, &[Turn::user("ann", "one", Some("m1".into())), Turn::bot("re one", "ann")], Some("m1")).await.unwrap();
+    store.append(&a, &[Turn::user("ann", "two", Some("m2".into())), Turn::bot("re two", "ann")], Some("m2")).await.unwrap();
+    store.append(&a, &[Turn::user("bob", "three", Some("m3".into()))], Some("m3")).await.unwrap();
+    let before = store.turns(&a).await.unwrap();
+    // An older message of ann's, and someone else's message: untouched.
+    assert_eq!(store.edit_turn(&a, "ann", "m1", EditChange::Replace("x")).await.unwrap(), Edited::Ignored);
+    assert_eq!(store.edit_turn(&a, "bob", "m2", EditChange::Replace("x")).await.unwrap(), Edited::Ignored);
+    assert_eq!(store.edit_turn(&a, "ann", "m9", EditChange::Replace("x")).await.unwrap(), Edited::Ignored);
+    assert_eq!(store.turns(&a).await.unwrap(), before);
+    // Replaced in place, every other field kept (JSON rewritten by the script).
+    let text = "two, edited: caf\u{e9} \u{1F600} \"quoted\" / slash";
+    assert_eq!(store.edit_turn(&a, "ann", "m2", EditChange::Replace(text)).await.unwrap(), Edited::Replaced);
+    let after = store.turns(&a).await.unwrap();
+    let mut want = before.clone();
+    want[2].text = text.to_string();
+    assert_eq!(after, want);
+    // Removed with the reply stored after it; the TTL is kept.
+    assert_eq!(store.edit_turn(&a, "ann", "m2", EditChange::Remove).await.unwrap(), Edited::Removed { replies: 1 });
+    assert_eq!(texts(&store.turns(&a).await.unwrap()), ["one", "re one", "three"]);
+    let ttl: i64 = redis.client().ttl("t:ctx:http:edits").unwrap();
+    assert!(ttl > 500, "{ttl}");
+    // ann's latest turn is m1 again; a re-answered edit's id (m1#…) is m1.
+    store.append(&a, &[Turn::user("ann", "uno", Some("m1#e1".into()))], Some("m1#e1")).await.unwrap();
+    assert_eq!(store.edit_turn(&a, "ann", "m1", EditChange::Replace("uno!")).await.unwrap(), Edited::Replaced);
+    assert_eq!(store.edit_turn(&a, "ann", "m", EditChange::Replace("no")).await.unwrap(), Edited::Ignored);
+    assert_eq!(texts(&store.turns(&a).await.unwrap()), ["one", "re one", "three", "uno!"]);
 }
 
 /// How long after now the store reports itself up, if within `bound`.

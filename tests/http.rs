@@ -158,6 +158,7 @@ async fn each_channel_keeps_its_order_under_concurrency() {
                 addressed_to_bot: true,
                 moderator: false,
                 group: None,
+                edit: None,
             };
             pending.push(d.pipeline.handle(inbound));
         }
@@ -587,6 +588,7 @@ async fn a_persona_choice_survives_a_restart_with_jobs_off() {
         addressed_to_bot: true,
         moderator: true,
         group: None,
+        edit: None,
     };
     let say = |d: &TestDaemon, text: &str| {
         let answer = d.pipeline.handle(moderator(text));

@@ -23,7 +23,7 @@ use super::commands::{self, Command};
 use super::engine::{Drawn, EngineError};
 use super::limits::Verdict;
 use super::{say, silent, Shared};
-use crate::context::{Appended, ContextError, Turn};
+use crate::context::{Appended, ContextError, EditOutcome, Turn};
 use crate::personas::{persona_prompt, ActivePersona};
 use crate::prompt::{normalize_turn, Prompt, MAX_TURN_BYTES};
 use crate::ranking::select::{self, Contender};
@@ -59,8 +59,34 @@ struct Prepared {
     generation: Arc<GenerationSettings>,
 }
 
-/// Handles one message: a command, or a turn of conversation.
-pub(super) async fn process(shared: Arc<Shared>, inbound: Inbound) -> Result<Answer, CoreError> {
+/// An edited message (`Inbound::edit`): the input filter's verdict on the
+/// new text, then [`crate::context::apply_edit`] does the rest.
+async fn edited(shared: &Shared, inbound: &Inbound) -> Result<EditOutcome, CoreError> {
+    let (Some(id), Some(edit)) = (inbound.msg_id.as_deref(), inbound.edit) else { return Ok(EditOutcome::Done("edit_ignored")) };
+    // Stored in the form every path encodes, as a new message is.
+    let normalized = normalize_turn(&inbound.text);
+    let text = normalized.as_str();
+    if text.is_empty() || text.len() > MAX_TURN_BYTES {
+        return Ok(EditOutcome::Done("edit_ignored"));
+    }
+    let (safety, blocked) = shared.safety();
+    let policy = safety.policy_for(&inbound.channel.to_string());
+    let flagged = shared.filter.check(text, policy, Some(&blocked)).map_err(super::internal)?.flagged;
+    crate::context::apply_edit(&*shared.store, &inbound.channel, &inbound.author, id, text, flagged, edit.answer)
+        .await
+        .map_err(|e| CoreError::Unavailable(e.to_string()))
+}
+
+/// Handles one message: a command, or a turn of conversation. An edit
+/// corrects the stored context and, answered again, goes on as a new
+/// message under the id [`crate::context::apply_edit`] gives it.
+pub(super) async fn process(shared: Arc<Shared>, mut inbound: Inbound) -> Result<Answer, CoreError> {
+    if inbound.edit.is_some() {
+        match edited(&shared, &inbound).await? {
+            EditOutcome::Done(reason) => return Ok(silent(reason)),
+            EditOutcome::AnswerAs(id) => inbound.msg_id = Some(id),
+        }
+    }
     let metrics = &shared.metrics;
     // The form every path encodes (NFC, no outer whitespace); stored so.
     let normalized = normalize_turn(&inbound.text);
