@@ -82,7 +82,7 @@ fn describe(kind: &ValueKind) -> String {
 }
 
 impl Strict {
-    fn from_env(&self) -> bool {
+    fn is_from_environment(&self) -> bool {
         self.0.origin() == Some("the environment")
     }
 
@@ -97,7 +97,7 @@ impl Strict {
             ValueKind::U64(i) => visitor.visit_u64(i),
             ValueKind::I128(i) => visitor.visit_i128(i),
             ValueKind::U128(i) => visitor.visit_u128(i),
-            ValueKind::String(ref s) if self.from_env() => match (s.trim().parse::<i64>(), s.trim().parse::<u64>()) {
+            ValueKind::String(ref s) if self.is_from_environment() => match (s.trim().parse::<i64>(), s.trim().parse::<u64>()) {
                 (Ok(i), _) => visitor.visit_i64(i),
                 (_, Ok(i)) => visitor.visit_u64(i),
                 _ => Err(self.wrong("an integer")),
@@ -111,7 +111,7 @@ impl Strict {
             ValueKind::Float(x) => visitor.visit_f64(x),
             ValueKind::I64(i) => visitor.visit_f64(i as f64),
             ValueKind::U64(i) => visitor.visit_f64(i as f64),
-            ValueKind::String(ref s) if self.from_env() => match s.trim().parse::<f64>() {
+            ValueKind::String(ref s) if self.is_from_environment() => match s.trim().parse::<f64>() {
                 Ok(x) => visitor.visit_f64(x),
                 Err(_) => Err(self.wrong("a number")),
             },
@@ -141,7 +141,7 @@ impl<'de> de::Deserializer<'de> for Strict {
     fn deserialize_bool<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ValueError> {
         match self.0.kind {
             ValueKind::Boolean(b) => visitor.visit_bool(b),
-            ValueKind::String(ref s) if self.from_env() => match s.trim().to_ascii_lowercase().as_str() {
+            ValueKind::String(ref s) if self.is_from_environment() => match s.trim().to_ascii_lowercase().as_str() {
                 "true" | "on" | "yes" | "1" => visitor.visit_bool(true),
                 "false" | "off" | "no" | "0" => visitor.visit_bool(false),
                 _ => Err(self.wrong("true or false")),
