@@ -183,10 +183,15 @@ impl Daemon {
         &self.pipeline
     }
 
-    /// Serves until `shutdown` resolves or every adapter has stopped, then
-    /// drains. Returns once in-flight messages are answered or the drain
-    /// bound has passed.
-    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+    /// Serves until `shutdown` resolves, every adapter has stopped, or one
+    /// has failed, then drains. Returns once in-flight messages are
+    /// answered or the drain bound has passed.
+    ///
+    /// # Errors
+    /// The first adapter failure (a refused token, refused intents): the
+    /// daemon cannot do what it was configured for, so it stops (after the
+    /// drain) and `dialogd run` exits non-zero with this reason.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
         let Self { pipeline, adapters, metrics_server, settings, metrics, runner, .. } = self;
         let (trigger, listener) = Shutdown::new();
         let core: Arc<dyn Core> = Arc::new(pipeline.clone());
@@ -207,14 +212,24 @@ impl Daemon {
             "dialogd is serving"
         );
 
+        let mut failure = None;
         let adapters_done = async {
             while let Some(joined) = tasks.join_next().await {
-                log_adapter_end(joined);
+                if let Some(e) = log_adapter_end(joined) {
+                    return Some(e);
+                }
             }
+            None
         };
         tokio::select! {
             _ = shutdown => tracing::info!(in_flight = pipeline.in_flight(), "shutdown asked for: draining"),
-            _ = adapters_done => tracing::info!("every adapter has stopped: shutting down"),
+            ended = adapters_done => match ended {
+                Some(e) => {
+                    tracing::error!(error = %e, "an adapter cannot run: shutting down");
+                    failure = Some(e);
+                }
+                None => tracing::info!("every adapter has stopped: shutting down"),
+            },
         }
         notify_systemd("STOPPING=1");
         pipeline.stop_accepting();
@@ -222,7 +237,9 @@ impl Daemon {
         let drain = async {
             pipeline.drained().await;
             while let Some(joined) = tasks.join_next().await {
-                log_adapter_end(joined);
+                if let Some(e) = log_adapter_end(joined) {
+                    failure.get_or_insert(e);
+                }
             }
             if let Some(task) = metrics_task.take() {
                 let _ = task.await;
@@ -243,6 +260,7 @@ impl Daemon {
                 "drained: every accepted message was answered"
             );
         }
+        failure.map_or(Ok(()), |e| Err(DaemonError::Adapter(e)))
     }
 }
 
@@ -326,11 +344,21 @@ async fn open_personas(settings: &Settings) -> Result<Arc<Personas>, DaemonError
     Ok(personas)
 }
 
-fn log_adapter_end(joined: Result<(&'static str, Result<(), AdapterError>), tokio::task::JoinError>) {
+/// Logs how an adapter ended; its failure, if it failed.
+fn log_adapter_end(joined: Result<(&'static str, Result<(), AdapterError>), tokio::task::JoinError>) -> Option<AdapterError> {
     match joined {
-        Ok((name, Ok(()))) => tracing::info!(adapter = name, "adapter stopped"),
-        Ok((name, Err(e))) => tracing::error!(adapter = name, error = %e, "adapter failed"),
-        Err(e) => tracing::error!(error = %e, "adapter task panicked"),
+        Ok((name, Ok(()))) => {
+            tracing::info!(adapter = name, "adapter stopped");
+            None
+        }
+        Ok((name, Err(e))) => {
+            tracing::error!(adapter = name, error = %e, "adapter failed");
+            Some(e)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "adapter task panicked");
+            Some(AdapterError::Platform { adapter: "adapter", message: format!("the adapter task panicked: {e}") })
+        }
     }
 }
 

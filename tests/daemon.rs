@@ -477,3 +477,36 @@ async fn start_failures_keep_the_error_behind_them() {
     let io = err.source().and_then(|s| s.source()).and_then(|s| s.downcast_ref::<std::io::Error>());
     assert!(io.is_some(), "the io::Error is at the end of the chain: {err:?}");
 }
+
+/// Issue #16 point 2: a Telegram token the Bot API refuses (401) ends
+/// `dialogd run` non-zero with the reason (so systemd's
+/// Restart=on-failure sees it), in the JSON log format asked for, without
+/// the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_exits_non_zero_when_an_adapter_cannot_start() {
+    let fake = crate::fakes::telegram::FakeTelegram::start("123456:the-right-token").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (http_port, metrics_port) = (free_port(), free_port());
+    let config = dir.path().join("dialogd.toml");
+    let text = format!(
+        "[model]\npath = \"{}\"\n[context]\nstore = \"memory\"\n[adapters.http]\nlisten = \"127.0.0.1:{http_port}\"\n\
+         [adapters.telegram]\nenabled = true\napi_url = \"{}\"\n[telemetry]\nlog_format = \"json\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n",
+        model_dir("pico-bin").display(),
+        fake.url
+    );
+    std::fs::write(&config, text).unwrap();
+    let wrong = "123456:wrong-token-3f9a";
+    let mut d = Running::spawn(&config, &[("DIALOGD__ADAPTERS__TELEGRAM__TOKEN", wrong)], http_port, metrics_port);
+    let code = d.wait_exit().await;
+    let log = d.log_text();
+    assert_ne!(code, 0, "{log}");
+    assert!(!log.contains(wrong) && !log.contains("wrong-token"), "the token reached the log:\n{log}");
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}")))
+        .collect();
+    let last = lines.last().expect("a log line");
+    assert_eq!(last["level"], "ERROR", "{log}");
+    let reason = last["error"].as_str().unwrap_or_default();
+    assert!(reason.contains("telegram") && reason.contains("getMe"), "{log}");
+}

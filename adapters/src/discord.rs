@@ -205,9 +205,27 @@ impl Adapter for DiscordAdapter {
                     tracing::info!("discord adapter stopped");
                     Ok(())
                 }
-                Err(e) => Err(AdapterError::Platform { adapter: "discord", message: scrub(&e.to_string(), &token) }),
+                Err(e) => Err(AdapterError::Platform { adapter: "discord", message: scrub(&refusal(&e), &token) }),
             }
         })
+    }
+}
+
+/// Why the gateway ended the client, with what to do about the refusals
+/// that only the operator can fix.
+fn refusal(error: &serenity::Error) -> String {
+    use serenity::gateway::GatewayError;
+    match error {
+        serenity::Error::Gateway(GatewayError::InvalidAuthentication) => {
+            "the gateway refused the bot token (close 4004): check DIALOGD__ADAPTERS__DISCORD__TOKEN".into()
+        }
+        serenity::Error::Gateway(GatewayError::DisallowedGatewayIntents) => "the gateway refused the intents (close 4014): \
+             enable the Message Content Intent for the bot in the Discord developer portal (Bot → Privileged Gateway Intents)"
+            .into(),
+        serenity::Error::Gateway(GatewayError::InvalidGatewayIntents) => {
+            "the gateway refused the intents as invalid (close 4013)".into()
+        }
+        other => format!("the gateway connection ended: {other}"),
     }
 }
 

@@ -44,7 +44,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         tracing::warn!(variable = %name, "ignored: settings come from DIALOGD__SECTION__KEY variables (two underscores after DIALOGD)");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         // Signals are caught from the start, so one during model loading
         // is not lost (the default action would kill the process).
         let stop = tokio::spawn(daemon::stop_signal());
@@ -66,13 +66,25 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         let pool = engine.handle().clone();
         let daemon = Daemon::start(settings, Arc::new(engine), Some(pool), loaded.tokenizer, metrics.clone()).await?;
         let reload = tokio::spawn(daemon::reload_on_sighup(hup, daemon.pipeline().clone(), Some(args.config), metrics));
-        daemon
+        let served = daemon
             .serve(async move {
                 let _ = stop.await;
             })
             .await;
         reload.abort();
+        // A failed adapter ends `run` non-zero, so systemd's
+        // Restart=on-failure sees it.
+        served?;
         tracing::info!("stopped");
-        anyhow::Ok(ExitCode::SUCCESS)
-    })
+        anyhow::Ok(())
+    });
+    // Logging is set up: the reason goes out in the configured format
+    // (a JSON line under log_format = "json"), once.
+    match served {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "dialogd cannot run");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
