@@ -243,7 +243,21 @@ mod tests {
 
     #[test]
     fn the_example_settings_are_valid() {
-        let s = load_env(Some(include_str!("../config/example.toml")), &[("DIALOGD__COLLECT__AUTHOR_KEY", "0123456789abcdef")]).unwrap();
+        let example = include_str!("../config/example.toml");
+        let s = load_env(Some(example), &[]).unwrap();
+        assert_eq!(s.model.path, "microsoft/DialoGPT-small");
+        assert!(!s.jobs.enabled && !s.collect.enabled, "the operator's choice");
+        // Its commented extras, switched on (`#key = …` lines uncommented).
+        let extras: Vec<&str> = example
+            .lines()
+            .map(|l| l.strip_prefix('#').filter(|rest| !rest.is_empty() && !rest.starts_with([' ', '#'])).unwrap_or(l))
+            .collect();
+        let env = [
+            ("DIALOGD__COLLECT__AUTHOR_KEY", "0123456789abcdef"),
+            ("DIALOGD__ADAPTERS__TELEGRAM__TOKEN", "1:tg"),
+            ("DIALOGD__ADAPTERS__DISCORD__TOKEN", "dc"),
+        ];
+        let s = load_env(Some(&extras.join("\n")), &env).unwrap();
         assert!(s.jobs.enabled && s.collect.enabled);
         assert_eq!(s.jobs.schedules[0].cron.next_after(0), Some(3 * 86_400 + 4 * 3600), "1970-01-04 was a Sunday");
         assert_eq!(s.personas.defined[0].name, "friendly");
