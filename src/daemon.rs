@@ -251,9 +251,17 @@ impl Daemon {
         if tokio::time::timeout(settings.daemon.drain, drain).await.is_err() {
             tracing::warn!(
                 in_flight = pipeline.in_flight(),
-                bound = ?settings.daemon.drain,
-                "drain took too long: stopping with messages unanswered"
+                drain_secs = settings.daemon.drain.as_secs(),
+                "drain took too long: messages still queued are refused (HTTP 503)"
             );
+            // Their requests get their refusal before the process ends.
+            pipeline.abandon();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+                while let Some(joined) = tasks.join_next().await {
+                    log_adapter_end(joined);
+                }
+            })
+            .await;
         } else {
             tracing::info!(
                 replies = metrics.replies.load(Ordering::Relaxed),
@@ -363,10 +371,17 @@ fn log_adapter_end(joined: Result<(&'static str, Result<(), AdapterError>), toki
 }
 
 /// Re-reads the settings (same file, same environment) and applies what can
-/// change live: the `[generation]` and `[safety]` sections. A bad file keeps
-/// the old settings. Returns whether anything changed.
-pub fn reload(pipeline: &Pipeline, config: Option<&Path>, metrics: &Metrics) -> Result<bool, SettingsError> {
+/// change live: the `[generation]` and `[safety]` sections. Every other key
+/// that differs from `started` (the settings the daemon started with) is
+/// logged by name as needing a restart. A bad file keeps the old settings.
+/// Returns whether anything was applied.
+pub fn reload(pipeline: &Pipeline, config: Option<&Path>, started: &Settings, metrics: &Metrics) -> Result<bool, SettingsError> {
     let fresh = settings::load(config)?;
+    for key in settings::changed_keys(started, &fresh) {
+        if !(key.starts_with("generation.") || key.starts_with("safety.")) {
+            tracing::warn!(key = %key, "changed, but applied only at restart");
+        }
+    }
     let mut generation = fresh.generation;
     let current = pipeline.generation();
     if generation.queue_depth != current.queue_depth || generation.candidates != current.candidates {
@@ -422,12 +437,13 @@ pub async fn reload_on_sighup(
     hup: Option<tokio::signal::unix::Signal>,
     pipeline: Pipeline,
     config: Option<PathBuf>,
+    started: Settings,
     metrics: Arc<Metrics>,
 ) {
     let Some(mut hup) = hup else { return };
     while hup.recv().await.is_some() {
         notify_systemd("RELOADING=1");
-        if let Err(e) = reload(&pipeline, config.as_deref(), &metrics) {
+        if let Err(e) = reload(&pipeline, config.as_deref(), &started, &metrics) {
             tracing::error!(error = %e, "reload failed: keeping the settings in force");
         }
         notify_systemd("READY=1");

@@ -121,12 +121,89 @@ pub fn load_raw_with_env(
         }
         builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml).required(true));
     }
-    let env: config::Map<String, String> =
-        env.into_iter().filter(|(k, _)| k.starts_with("DIALOGD__")).collect();
+    // List-valued keys are split here (the config crate splits lists only
+    // when it also parses numbers, which would change tokens and keys).
+    let lists = list_keys();
+    let mut list_overrides = Vec::new();
+    let env: config::Map<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("DIALOGD__"))
+        .filter_map(|(name, value)| {
+            let key = name["DIALOGD__".len()..].to_lowercase().replace("__", ".");
+            if lists.contains(&key) {
+                let items: Vec<String> =
+                    value.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+                list_overrides.push((key, items));
+                None
+            } else {
+                Some((name, value))
+            }
+        })
+        .collect();
     builder = builder.add_source(
         config::Environment::with_prefix("DIALOGD").prefix_separator("__").separator("__").source(Some(env)),
     );
+    for (key, items) in list_overrides {
+        builder = builder.set_override(key, items)?;
+    }
     Ok(builder.build()?.try_deserialize()?)
+}
+
+/// The keys whose values are lists of plain values (`adapters.discord.allowed_guilds`,
+/// `safety.blocked_words`, …), read from the defaults: from the environment
+/// they are given comma-separated (`DIALOGD__ADAPTERS__DISCORD__ALLOWED_GUILDS=1,2`).
+/// Lists of tables (`jobs.schedules`, `personas.defined`) have no such form.
+pub fn list_keys() -> Vec<String> {
+    const TABLE_LISTS: &[&str] = &["jobs.schedules", "personas.defined"];
+    fn walk(prefix: &str, table: &toml::Table, out: &mut Vec<String>) {
+        for (name, value) in table {
+            let key = if prefix.is_empty() { name.clone() } else { format!("{prefix}.{name}") };
+            match value {
+                toml::Value::Table(inner) => walk(&key, inner, out),
+                toml::Value::Array(items) if !items.iter().any(|v| v.is_table()) && !TABLE_LISTS.contains(&key.as_str()) => {
+                    out.push(key)
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut keys = Vec::new();
+    if let Ok(defaults) = DEFAULT_TOML.parse::<toml::Table>() {
+        walk("", &defaults, &mut keys);
+    }
+    keys
+}
+
+/// The keys (`section.key`, `adapters.http.listen`) whose effective values
+/// differ between `old` and `new`, sorted; secrets compare redacted
+/// (a changed token is not seen).
+pub fn changed_keys(old: &Settings, new: &Settings) -> Vec<String> {
+    fn flatten(prefix: &str, value: &toml::Value, out: &mut Vec<(String, toml::Value)>) {
+        match value {
+            toml::Value::Table(table) => {
+                for (name, inner) in table {
+                    let key = if prefix.is_empty() { name.clone() } else { format!("{prefix}.{name}") };
+                    flatten(&key, inner, out);
+                }
+            }
+            other => out.push((prefix.to_string(), other.clone())),
+        }
+    }
+    let as_list = |s: &Settings| {
+        let mut out = Vec::new();
+        if let Ok(value) = toml::Value::try_from(s) {
+            flatten("", &value, &mut out);
+        }
+        out
+    };
+    let (old, new) = (as_list(old), as_list(new));
+    let mut keys: Vec<String> = new
+        .iter()
+        .filter(|(key, value)| old.iter().find(|(k, _)| k == key).map(|(_, v)| v) != Some(value))
+        .map(|(key, _)| key.clone())
+        .collect();
+    keys.extend(old.iter().filter(|(key, _)| !new.iter().any(|(k, _)| k == key)).map(|(key, _)| key.clone()));
+    keys
 }
 
 /// The names of environment variables that look meant for dialogd
@@ -227,6 +304,37 @@ mod tests {
         ]
         .map(|(k, v)| (k.into(), v.into()));
         assert_eq!(stray_env_vars(env), ["DIALOGD_ADAPTERS__HTTP__TOKEN", "dialogd__context__max_turns"]);
+    }
+
+    #[test]
+    fn list_settings_come_comma_separated_from_the_environment() {
+        assert!(list_keys().contains(&"adapters.discord.allowed_guilds".to_string()), "{:?}", list_keys());
+        assert!(!list_keys().iter().any(|k| k == "jobs.schedules" || k == "personas.defined"));
+        let s = load_env(
+            None,
+            &[
+                ("DIALOGD__ADAPTERS__DISCORD__ALLOWED_GUILDS", "11,22"),
+                ("DIALOGD__SAFETY__BLOCKED_WORDS", "gronk,blorf"),
+                ("DIALOGD__JOBS__PROBES", "Hi there?"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.adapters.discord.allowed_guilds, [11, 22]);
+        assert_eq!(s.safety.blocked_words, ["gronk", "blorf"]);
+        assert_eq!(s.jobs.probes, ["Hi there?"]);
+        // An empty value is an empty list.
+        let s = load_env(None, &[("DIALOGD__JOBS__PROBES", "")]).unwrap();
+        assert!(s.jobs.probes.is_empty());
+        let err = load_env(None, &[("DIALOGD__ADAPTERS__DISCORD__ALLOWED_GUILDS", "11,x")]).unwrap_err().to_string();
+        assert!(err.contains("allowed_guilds"), "{err}");
+    }
+
+    #[test]
+    fn changed_keys_name_each_difference() {
+        let old = load_env(None, &[]).unwrap();
+        let new = load_env(Some("[context]\nmax_turns = 7\n[adapters.http]\nlisten = \"127.0.0.1:9\"\n"), &[]).unwrap();
+        assert_eq!(changed_keys(&old, &new), ["adapters.http.listen", "context.max_turns"]);
+        assert!(changed_keys(&old, &old).is_empty());
     }
 
     #[test]

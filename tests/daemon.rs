@@ -190,7 +190,11 @@ async fn a_restart_keeps_context_and_logs_hold_no_secret() {
     first.say("attic", "Is anyone up here?", Some(token)).await;
 
     // SIGHUP: a changed [generation] section applies without a restart.
-    let text = std::fs::read_to_string(&config).unwrap().replace("max_new_tokens = 16", "max_new_tokens = 8");
+    // A key that needs a restart changes too: the log names it.
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("max_new_tokens = 16", "max_new_tokens = 8")
+        .replace("max_tokens = 40", "max_tokens = 41");
     std::fs::write(&config, text).unwrap();
     first.signal("HUP");
     let mut reloaded = false;
@@ -208,6 +212,8 @@ async fn a_restart_keeps_context_and_logs_hold_no_secret() {
     assert_eq!(first.wait_exit().await, 0, "{}", first.log_text());
     let log = first.log_text();
     assert!(log.contains("reloaded generation settings"), "{log}");
+    let restart = log.lines().find(|l| l.contains("applied only at restart")).unwrap_or_else(|| panic!("{log}"));
+    assert_eq!(serde_json::from_str::<Value>(restart).unwrap()["key"], "context.max_tokens", "{restart}");
     // The log says how the model is served.
     let loading = log.lines().find(|l| l.contains("loading model")).unwrap_or_else(|| panic!("no loading line: {log}"));
     let loading: Value = serde_json::from_str(loading).unwrap();
@@ -486,17 +492,17 @@ async fn start_failures_keep_the_error_behind_them() {
 async fn run_exits_non_zero_when_an_adapter_cannot_start() {
     let fake = crate::fakes::telegram::FakeTelegram::start("123456:the-right-token").await;
     let dir = tempfile::tempdir().unwrap();
-    let (http_port, metrics_port) = (free_port(), free_port());
+    // Ports the system picks (nothing is asked of them here).
     let config = dir.path().join("dialogd.toml");
     let text = format!(
-        "[model]\npath = \"{}\"\n[context]\nstore = \"memory\"\n[adapters.http]\nlisten = \"127.0.0.1:{http_port}\"\n\
-         [adapters.telegram]\nenabled = true\napi_url = \"{}\"\n[telemetry]\nlog_format = \"json\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n",
+        "[model]\npath = \"{}\"\n[context]\nstore = \"memory\"\n[adapters.http]\nlisten = \"127.0.0.1:0\"\n\
+         [adapters.telegram]\nenabled = true\napi_url = \"{}\"\n[telemetry]\nlog_format = \"json\"\nmetrics_listen = \"127.0.0.1:0\"\n",
         model_dir("pico-bin").display(),
         fake.url
     );
     std::fs::write(&config, text).unwrap();
     let wrong = "123456:wrong-token-3f9a";
-    let mut d = Running::spawn(&config, &[("DIALOGD__ADAPTERS__TELEGRAM__TOKEN", wrong)], http_port, metrics_port);
+    let mut d = Running::spawn(&config, &[("DIALOGD__ADAPTERS__TELEGRAM__TOKEN", wrong)], 0, 0);
     let code = d.wait_exit().await;
     let log = d.log_text();
     assert_ne!(code, 0, "{log}");

@@ -126,3 +126,22 @@ fn the_examples_commented_extras_validate_when_switched_on() {
     assert_eq!(shown["jobs"]["schedules"].as_array().map(Vec::len), Some(1));
     assert_eq!(shown["personas"]["defined"].as_array().map(Vec::len), Some(1));
 }
+
+/// Issue #16 point 7: `dialogd config defaults` prints the commented
+/// defaults; `check-config` (like `run`) needs no `--config`; help shows
+/// defaults and describes every flag (the unit test
+/// `cli::tests::every_flag_has_a_description` walks them all).
+#[test]
+fn config_defaults_print_and_the_settings_file_is_optional() {
+    let out = crate::support::dialogd(&["config", "defaults"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), std::fs::read_to_string(repo().join("config/default.toml")).unwrap());
+    let out = crate::support::dialogd(&["check-config"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let shown: toml::Table = stdout(&out).parse().unwrap();
+    assert_eq!(shown["model"]["path"].as_str(), Some("microsoft/DialoGPT-medium"));
+    let help = stdout(&crate::support::dialogd(&["run", "--help"]));
+    assert!(help.contains("Usage: dialogd run [OPTIONS]") && help.contains("--config <FILE>"), "{help}");
+    let help = stdout(&crate::support::dialogd(&["generate", "--help"]));
+    assert!(help.contains("[default: cpu]") && help.contains("[default: 0.8]"), "{help}");
+}

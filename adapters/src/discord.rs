@@ -417,6 +417,12 @@ async fn deliver(
             }
         }
         Err(CoreError::ShuttingDown) => return,
+        Err(CoreError::RateLimited { notice: Some(notice), .. }) => notice,
+        Err(CoreError::RateLimited { notice: None, .. }) => match reply {
+            // A deferred command must be answered.
+            Reply::Interaction(_) => "(no reply: rate limited)".to_string(),
+            Reply::Message(_) => return,
+        },
         Err(e @ (CoreError::Busy | CoreError::Unavailable(_))) => {
             tracing::info!(channel = channel.get(), error = %e, "discord: message not answered");
             "I'm busy right now; please try again in a minute.".to_string()

@@ -350,7 +350,8 @@ async fn deliver(
     let text = match answer {
         Ok(Answer::Reply(out)) => out.text,
         Ok(Answer::Silent { reason }) => return tracing::debug!(chat = chat.0, reason, "telegram: no reply"),
-        Err(CoreError::ShuttingDown) => return,
+        Err(CoreError::ShuttingDown | CoreError::RateLimited { notice: None, .. }) => return,
+        Err(CoreError::RateLimited { notice: Some(notice), .. }) => notice,
         Err(e @ (CoreError::Busy | CoreError::Unavailable(_))) => {
             tracing::info!(chat = chat.0, error = %e, "telegram: message not answered");
             "I'm busy right now; please try again in a minute.".to_string()
