@@ -63,6 +63,7 @@ fn message(channel: &str, text: &str, moderator: bool) -> Inbound {
         addressed_to_bot: true,
         moderator,
         group: None,
+        edit: None,
     }
 }
 
