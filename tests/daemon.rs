@@ -272,7 +272,8 @@ async fn sigterm_drains_in_flight_replies() {
     for c in 0..n {
         let (http, base) = (d.http.clone(), d.base.clone());
         requests.push(tokio::spawn(async move {
-            let body = serde_json::json!({ "author": "ann", "text": format!("tell me a long story, {c}") });
+            // One author each: 8 from one author would pass the per-user limit.
+            let body = serde_json::json!({ "author": format!("ann{c}"), "text": format!("tell me a long story, {c}") });
             let response = http.post(format!("{base}/v1/channels/drain-{c}/messages")).json(&body).send().await.unwrap();
             (response.status().as_u16(), response.json::<Value>().await.unwrap())
         }));
