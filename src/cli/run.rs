@@ -107,7 +107,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     match served {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "dialogd cannot run");
+            tracing::error!(error = %super::report(&e), "dialogd cannot run");
             Ok(ExitCode::FAILURE)
         }
     }
