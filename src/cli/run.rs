@@ -66,6 +66,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     for name in settings::stray_env_vars(std::env::vars_os()) {
         tracing::warn!(variable = %name, "ignored: settings come from DIALOGD__SECTION__KEY variables (two underscores after DIALOGD)");
     }
+    let json_logs = settings.telemetry.log_format == settings::LogFormat::Json;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let served = runtime.block_on(async move {
         // Signals are caught from the start, so one during model loading
@@ -102,13 +103,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         tracing::info!("stopped");
         anyhow::Ok(())
     });
-    // Logging is set up: the reason goes out in the configured format
-    // (a JSON line under log_format = "json"), once.
+    // Under log_format = "json" the reason is a JSON log line, once;
+    // otherwise the plain `error: …` line every command prints.
     match served {
         Ok(()) => Ok(ExitCode::SUCCESS),
-        Err(e) => {
+        Err(e) if json_logs => {
             tracing::error!(error = %super::report(&e), "dialogd cannot run");
             Ok(ExitCode::FAILURE)
         }
+        Err(e) => Err(e),
     }
 }
