@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use crate::fakes::telegram::{FakeTelegram, BOT_ID};
 use crate::fakes::{wait_for, LogCapture};
-use crate::support::{daemon_toml, TestDaemon};
+use crate::support::{section_toml, TestDaemon};
 
 const TOKEN: &str = "123456:TEST-secret-token-abcdef";
 const WAIT: Duration = Duration::from_secs(20);
@@ -33,15 +33,7 @@ async fn private_chats_groups_commands_and_moderators() {
     let logs = LogCapture::default();
     let _guard = logs.install();
     let fake = FakeTelegram::start(TOKEN).await;
-    let extra = [
-        ("adapters.telegram", "enabled = true".to_string()),
-        ("adapters.telegram", format!("token = \"{TOKEN}\"")),
-        ("adapters.telegram", format!("api_url = \"{}\"", fake.url)),
-        ("adapters.telegram", "poll_timeout_secs = 1".to_string()),
-        ("adapters.telegram", "moderators = [9]".to_string()),
-    ];
-    let extra: Vec<(&str, &str)> = extra.iter().map(|(s, l)| (*s, l.as_str())).collect();
-    let d = TestDaemon::start(&daemon_toml(None, &extra)).await;
+    let d = TestDaemon::start(&telegram_toml(&fake, &["moderators = [9]".into()])).await;
     fake.add_admin(8);
 
     // The command menu is registered.
@@ -146,6 +138,25 @@ impl Core for ScriptedCore {
     }
 }
 
+/// The Telegram adapter alone, polling `fake` every second, in front of
+/// `core`; stopped by sending `true`.
+fn start_scripted(
+    fake: &FakeTelegram,
+    core: ScriptedCore,
+    retry: RetryPolicy,
+) -> (tokio::sync::watch::Sender<bool>, tokio::task::JoinHandle<Result<(), dialogd_adapters::AdapterError>>) {
+    let config = TelegramSettings {
+        enabled: true,
+        token: Some(Secret::new(TOKEN)),
+        api_url: fake.url.clone(),
+        poll_timeout: Duration::from_secs(1),
+        retry,
+        ..Default::default()
+    };
+    let (stop, shutdown) = Shutdown::new();
+    (stop, tokio::spawn(Box::new(TelegramAdapter::new(config).unwrap()).run(Arc::new(core), shutdown)))
+}
+
 #[tokio::test]
 async fn long_replies_split_in_order_and_429_then_5xx_lose_nothing() {
     let logs = LogCapture::default();
@@ -154,19 +165,9 @@ async fn long_replies_split_in_order_and_429_then_5xx_lose_nothing() {
     // Sentences of varied length, some non-BMP characters (two UTF-16
     // units each): about 10 000 units, three pieces.
     let long: String = (0..260).map(|i| format!("Sentence {i} says {} 😀. ", "la ".repeat(i % 7))).collect();
-    let core: Arc<dyn Core> = Arc::new(ScriptedCore { long: long.trim().to_string(), show_moderator: false });
-    let config = TelegramSettings {
-        enabled: true,
-        token: Some(Secret::new(TOKEN)),
-        api_url: fake.url.clone(),
-        moderators: vec![],
-        poll_timeout: Duration::from_secs(1),
-        retry: RetryPolicy { attempts: 4, backoff: Duration::from_millis(50), max_wait: Duration::from_secs(2) },
-        ..Default::default()
-    };
-    let (stop, shutdown) = Shutdown::new();
-    let adapter = Box::new(TelegramAdapter::new(config).unwrap());
-    let running = tokio::spawn(adapter.run(core, shutdown));
+    let core = ScriptedCore { long: long.trim().to_string(), show_moderator: false };
+    let retry = RetryPolicy { attempts: 4, backoff: Duration::from_millis(50), max_wait: Duration::from_secs(2) };
+    let (stop, running) = start_scripted(&fake, core, retry);
 
     let asked = fake.say(5, 5, "long please", None);
     // Wait for the piece that ends the reply: waiting for three pieces
@@ -241,16 +242,12 @@ async fn texts(d: &TestDaemon, channel: &str) -> Vec<String> {
     d.pipeline.turns(key).await.unwrap().into_iter().map(|t| t.text).collect()
 }
 
+/// A daemon on the memory store with the Telegram adapter polling `fake`
+/// every second, and `lines` added to `[adapters.telegram]`.
 fn telegram_toml(fake: &FakeTelegram, lines: &[String]) -> String {
-    let mut extra = vec![
-        ("adapters.telegram", "enabled = true".to_string()),
-        ("adapters.telegram", format!("token = \"{TOKEN}\"")),
-        ("adapters.telegram", format!("api_url = \"{}\"", fake.url)),
-        ("adapters.telegram", "poll_timeout_secs = 1".to_string()),
-    ];
-    extra.extend(lines.iter().map(|l| ("adapters.telegram", l.clone())));
-    let extra: Vec<(&str, &str)> = extra.iter().map(|(s, l)| (*s, l.as_str())).collect();
-    daemon_toml(None, &extra)
+    let mut all = vec!["enabled = true".to_string(), format!("token = \"{TOKEN}\""), format!("api_url = \"{}\"", fake.url), "poll_timeout_secs = 1".to_string()];
+    all.extend_from_slice(lines);
+    section_toml("adapters.telegram", &all)
 }
 
 const SECRET: &str = "Se_cr-3t-hook";
@@ -381,17 +378,8 @@ async fn a_hanging_or_failing_moderator_check_stalls_no_other_chat() {
     let logs = LogCapture::default();
     let _guard = logs.install();
     let fake = FakeTelegram::start(TOKEN).await;
-    let config = TelegramSettings {
-        enabled: true,
-        token: Some(Secret::new(TOKEN)),
-        api_url: fake.url.clone(),
-        moderators: vec![],
-        poll_timeout: Duration::from_secs(1),
-        retry: RetryPolicy { attempts: 3, backoff: Duration::from_millis(50), max_wait: Duration::from_secs(1) },
-        ..Default::default()
-    };
-    let (stop, shutdown) = Shutdown::new();
-    let running = tokio::spawn(Box::new(TelegramAdapter::new(config).unwrap()).run(Arc::new(ScriptedCore { long: String::new(), show_moderator: true }), shutdown));
+    let retry = RetryPolicy { attempts: 3, backoff: Duration::from_millis(50), max_wait: Duration::from_secs(1) };
+    let (stop, running) = start_scripted(&fake, ScriptedCore { long: String::new(), show_moderator: true }, retry);
     wait_for(WAIT, || fake.calls("setMyCommands").pop()).await.expect("the adapter polls");
 
     fake.hang("getChatMember", true);
