@@ -1,6 +1,5 @@
 //! The Redis context and persona stores against a real redis-server.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -160,10 +159,10 @@ async fn the_store_recovers_when_redis_comes_back() {
     assert!(!store.is_up());
     // While down, calls fail without trying Redis (no new Redis error);
     // only the watcher knocks.
-    let errors = metrics.redis_errors.load(Ordering::Relaxed);
+    let errors = metrics.redis_errors.get();
     assert!(errors >= 1);
     assert!(store.turns(&a).await.is_err());
-    assert_eq!(metrics.redis_errors.load(Ordering::Relaxed), errors, "a call went to Redis while it was down");
+    assert_eq!(metrics.redis_errors.get(), errors, "a call went to Redis while it was down");
     // Long enough down for the watcher's backoff to reach its cap.
     tokio::time::sleep(Duration::from_secs(8)).await;
     redis.restart();
@@ -240,15 +239,15 @@ async fn a_wrong_password_is_a_store_fault_until_it_is_right() {
         .await
         .unwrap();
     assert!(!store.is_up());
-    assert!(!metrics.store_up.load(Ordering::Relaxed));
-    assert!(metrics.redis_errors.load(Ordering::Relaxed) >= 1);
+    assert!(!metrics.store_is_up());
+    assert!(metrics.redis_errors.get() >= 1);
     let err = store.append(&key("p"), &[Turn::user("ann", "one", None)], None).await.unwrap_err();
     assert!(matches!(err, ContextError::Unavailable(_)), "{err}");
     assert!(!err.to_string().contains("wrong-pass-2"), "{err}");
 
     config_set(&mut admin(redis.port, Some("right-pass-1")), "requirepass", "wrong-pass-2");
     back_within(&store, Duration::from_secs(5)).await.expect("not back within 5 s of the password fix");
-    assert!(metrics.store_up.load(Ordering::Relaxed));
+    assert!(metrics.store_is_up());
     store.append(&key("p"), &[Turn::user("ann", "two", None)], None).await.unwrap();
     assert_eq!(texts(&store.turns(&key("p")).await.unwrap()), ["two"]);
 }
@@ -270,7 +269,7 @@ async fn out_of_memory_is_a_store_fault_until_memory_is_back() {
     assert!(matches!(err, ContextError::Unavailable(_)), "{err}");
     assert!(err.to_string().contains("OOM"), "{err}");
     assert!(!store.is_up());
-    assert!(!metrics.store_up.load(Ordering::Relaxed));
+    assert!(!metrics.store_is_up());
 
     config_set(&mut admin, "maxmemory", "0");
     back_within(&store, Duration::from_secs(5)).await.expect("not back within 5 s of memory");
@@ -316,12 +315,12 @@ async fn a_wrong_type_under_one_channel_leaves_the_store_up() {
     let metrics = Metrics::new();
     let store = store_with(&redis, 10, None, metrics.clone()).await;
     redis.client().set::<_, _, ()>("t:ctx:http:odd", "not a list").unwrap();
-    let errors = metrics.redis_errors.load(Ordering::Relaxed);
+    let errors = metrics.redis_errors.get();
     let err = store.turns(&key("odd")).await.unwrap_err();
     assert!(matches!(err, ContextError::Corrupt(_)), "{err}");
     let err = store.append(&key("odd"), &[Turn::user("ann", "x", None)], None).await.unwrap_err();
     assert!(matches!(err, ContextError::Corrupt(_)), "{err}");
-    assert_eq!(metrics.redis_errors.load(Ordering::Relaxed), errors + 2);
+    assert_eq!(metrics.redis_errors.get(), errors + 2);
     assert!(store.is_up());
     store.append(&key("fine"), &[Turn::user("ann", "x", None)], None).await.unwrap();
 }

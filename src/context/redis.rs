@@ -220,7 +220,7 @@ impl RedisStore {
             inner.mark_down(&e);
             inner.renew();
         } else {
-            inner.metrics.store_up.store(true, Ordering::Relaxed);
+            inner.metrics.set_store_up(true);
         }
         tokio::spawn(watch(Arc::downgrade(&inner)));
         Ok(Self {
@@ -282,7 +282,7 @@ impl Inner {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
-                self.metrics.redis_errors.fetch_add(1, Ordering::Relaxed);
+                self.metrics.redis_errors.inc();
                 if is_store_fault(&e) {
                     Err(ContextError::Unavailable(e.to_string()))
                 } else {
@@ -292,7 +292,7 @@ impl Inner {
                 }
             }
             Err(_) => {
-                self.metrics.redis_errors.fetch_add(1, Ordering::Relaxed);
+                self.metrics.redis_errors.inc();
                 Err(ContextError::Unavailable(format!("no answer within {:?}", self.timeout)))
             }
         }
@@ -300,7 +300,7 @@ impl Inner {
 
     fn mark_down(&self, err: &ContextError) {
         if matches!(err, ContextError::Unavailable(_)) && self.up.swap(false, Ordering::Relaxed) {
-            self.metrics.store_up.store(false, Ordering::Relaxed);
+            self.metrics.set_store_up(false);
             self.outage_log.warn("redis unreachable or refusing: answering without context until it is back", err);
         }
     }
@@ -332,7 +332,7 @@ async fn watch(inner: Weak<Inner>) {
             Ok(()) => {
                 backoff = BACKOFF_MIN;
                 if !inner.up.swap(true, Ordering::Relaxed) {
-                    inner.metrics.store_up.store(true, Ordering::Relaxed);
+                    inner.metrics.set_store_up(true);
                     tracing::info!("redis is reachable again: context is back");
                 }
             }

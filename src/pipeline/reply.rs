@@ -14,7 +14,6 @@
 //! 5. [`finish`]: the user's turn and the bot's stored in one atomic
 //!    append, the exchange collected where the channel consented.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use dialogd_adapters::{Answer, ChannelKey, CoreError, Inbound};
@@ -42,7 +41,7 @@ impl Degraded<'_> {
         tracing::debug!(%channel, error = %err, "context {what} failed");
         if !self.counted {
             self.counted = true;
-            self.metrics.context_degraded.fetch_add(1, Ordering::Relaxed);
+            self.metrics.context_degraded.inc();
         }
     }
 }
@@ -249,20 +248,20 @@ async fn choose(
                 return Err(CoreError::Internal(e.to_string()));
             }
         };
-        metrics.candidates_drawn.fetch_add(drawn.len() as u64, Ordering::Relaxed);
+        metrics.candidates_drawn.inc_by(drawn.len() as u64);
         let texts: Vec<String> =
             drawn.iter().map(|d| tokenizer.decode(&d.ids).map(|t| t.trim().to_string()).unwrap_or_default()).collect();
         let rejections = crate::ranking::degeneration::screen(&texts, text, &recent_bot);
         let mut survivors = Vec::new();
         for (i, rejection) in rejections.iter().enumerate() {
             if let Some(why) = rejection {
-                metrics.candidates_screened.fetch_add(1, Ordering::Relaxed);
+                metrics.candidates_screened.inc();
                 tracing::debug!(%channel, candidate = i, ?why, "candidate screened out");
                 continue;
             }
             let verdict = shared.filter.check(&texts[i], policy, Some(blocked)).map_err(super::internal)?;
             if verdict.flagged {
-                metrics.candidates_flagged.fetch_add(1, Ordering::Relaxed);
+                metrics.candidates_flagged.inc();
                 tracing::debug!(%channel, candidate = i, categories = ?verdict.categories, "candidate flagged");
                 continue;
             }
@@ -293,7 +292,7 @@ async fn pick(shared: &Shared, channel: &ChannelKey, prepared: &Prepared, drawn:
             let ids: Vec<Vec<u32>> = survivors.iter().map(|&i| drawn[i].ids.clone()).collect();
             match ranker.score(context, ids, likeliest()).await {
                 Ok(scores) => {
-                    shared.metrics.candidates_ranked.fetch_add(scores.len() as u64, Ordering::Relaxed);
+                    shared.metrics.candidates_ranked.inc_by(scores.len() as u64);
                     tracing::debug!(%channel, candidates = survivors.len(), scores = ?scores, "ranked");
                     scores.iter().map(|s| s.score as f32).collect()
                 }
@@ -309,7 +308,7 @@ async fn pick(shared: &Shared, channel: &ChannelKey, prepared: &Prepared, drawn:
     let (top, cut_off) = select::choose(&contenders).unwrap_or((0, false));
     let best = survivors[top];
     if cut_off {
-        shared.metrics.replies_cut_off.fetch_add(1, Ordering::Relaxed);
+        shared.metrics.replies_cut_off.inc();
         tracing::info!(%channel, tokens = drawn[best].ids.len(), "reply cut off by max_new_tokens: no candidate finished");
     }
     best
@@ -350,7 +349,7 @@ async fn finish(
         Err(e) => degraded.note(channel, "append", &e),
     }
     if matches!(answer, Answer::Reply(_)) {
-        metrics.replies.fetch_add(1, Ordering::Relaxed);
+        metrics.replied(channel.platform);
         collect(shared, inbound, text, prepared, &reply_text).await;
     }
     tracing::debug!(%channel, prompt_turns = prepared.prompt.turns_kept, reply_tokens = ids.len(), attempt, "answered");
