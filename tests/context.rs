@@ -307,6 +307,48 @@ async fn a_read_only_replica_is_a_store_fault_until_promoted() {
     store.append(&key("ro"), &[Turn::user("ann", "one", None)], None).await.unwrap();
 }
 
+/// `check-config` (settings validation, then `check_url`) refuses exactly
+/// the Redis URLs the daemon refuses (the same validation, then the store's
+/// `connect`), and says why once, without the password.
+#[tokio::test]
+async fn check_config_refuses_the_urls_the_store_refuses() {
+    let urls = [
+        "redis://127.0.0.1:1/0",
+        "redis://:pw-1@127.0.0.1:1/notadb",
+        "redis://0.0.0.0:6379/0",
+        "redis://user:pw-2@[::1]:1/3",
+        "redis://",
+        "rediss://127.0.0.1:1/0",
+        "unix:///nonexistent/redis.sock?db=1&pass=pw-3",
+        "unix:///nonexistent/redis.sock?db=x",
+        "unix://",
+        "redis+unix:///nonexistent/redis.sock",
+        "http://127.0.0.1:1/0",
+    ];
+    let mut refused = 0;
+    for url in urls {
+        let validated = dialogd::settings::load_raw_with_env(None, [("DIALOGD__CONTEXT__REDIS_URL".into(), url.into())])
+            .and_then(|raw| raw.validate());
+        let checked = validated.as_ref().map_err(ToString::to_string).and_then(|_| dialogd::context::redis::check_url(url));
+        let run = match validated {
+            Err(e) => Err(e.to_string()),
+            Ok(_) => RedisStore::connect(url, "t", Limits::new(10, None), Duration::from_millis(200), Metrics::new())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        };
+        assert_eq!(checked.is_ok(), run.is_ok(), "{url}: check-config {checked:?}, run {run:?}");
+        if let Err(e) = checked {
+            refused += 1;
+            assert!(!e.contains("pw-"), "{e}");
+            assert!(!e.contains("InvalidClientConfig"), "{e}");
+        }
+    }
+    assert!(refused >= 5, "{refused}");
+    let why = dialogd::context::redis::check_url("redis://:pw-1@127.0.0.1:1/notadb").unwrap_err();
+    assert_eq!(why, "\"redis://:[redacted]@127.0.0.1:1/notadb\" cannot be used: Invalid database number");
+}
+
 /// A key of the wrong type under one channel is that channel's problem:
 /// an error for it (counted), while the store stays up for the others.
 #[tokio::test]

@@ -181,7 +181,15 @@ const WARN_EVERY: Duration = Duration::from_secs(30);
 /// names the URL redacted and gives the cause once.
 pub fn check_url(url: &str) -> Result<(), String> {
     redis::Client::open(url).map(|_| ()).map_err(|e| {
-        let cause = e.detail().map_or_else(|| e.category().to_string(), str::to_string);
+        // The crate's text is "DESCRIPTION - Kind[: detail]"; the
+        // description says what is wrong ("Invalid database number"), so
+        // it is kept, the kind's debug name is not. Neither holds the URL.
+        let text = e.to_string();
+        let description = text.split(" - ").next().unwrap_or(e.category());
+        let cause = match e.detail() {
+            Some(detail) if !description.contains(detail) => format!("{description}: {detail}"),
+            _ => description.to_string(),
+        };
         format!("{:?} cannot be used: {cause}", crate::settings::redact_url(url))
     })
 }
