@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use crate::fakes::discord::{edited, message, slash_command, user, FakeDiscord, Limit, BOT_ID, GUILD};
 use crate::fakes::{wait_for, LogCapture};
-use crate::support::{daemon_toml, TestDaemon};
+use crate::support::{section_toml, TestDaemon};
 
 const TOKEN: &str = "MTAwNzAw.fake-discord-secret-token";
 const WAIT: Duration = Duration::from_secs(20);
@@ -24,9 +24,13 @@ async fn nth_posted(fake: &FakeDiscord, channel: u64, n: usize) -> Value {
         .unwrap_or_else(|| panic!("no message {n} in channel {channel}; posted: {:?}", fake.posted(channel)))
 }
 
+/// A snowflake, written as a string or a number.
+fn snowflake(id: &Value) -> Option<u64> {
+    id.as_str().and_then(|id| id.parse().ok()).or_else(|| id.as_u64())
+}
+
 fn referenced(posted: &Value) -> Option<u64> {
-    posted["message_reference"]["message_id"].as_str().and_then(|id| id.parse().ok())
-        .or_else(|| posted["message_reference"]["message_id"].as_u64())
+    snowflake(&posted["message_reference"]["message_id"])
 }
 
 async fn nth_followup(fake: &FakeDiscord, n: usize) -> String {
@@ -36,20 +40,39 @@ async fn nth_followup(fake: &FakeDiscord, n: usize) -> String {
     followup["content"].as_str().unwrap().to_string()
 }
 
+/// A daemon on the memory store with the Discord adapter on `fake`, and
+/// `lines` added to `[adapters.discord]`.
+fn discord_toml(fake: &FakeDiscord, lines: &[String]) -> String {
+    let mut all = vec!["enabled = true".to_string(), format!("token = \"{TOKEN}\""), format!("proxy_url = \"{}\"", fake.rest_url)];
+    all.extend_from_slice(lines);
+    section_toml("adapters.discord", &all)
+}
+
+/// Waits for the `n`th message posted to `thread` and checks that it is a
+/// reply to `asked` inside the thread (posted to the thread's own
+/// endpoint, referencing the thread), that nothing else was answered there
+/// meanwhile, and that nothing was posted to `parent`.
+async fn nth_in_thread(fake: &FakeDiscord, thread: u64, parent: u64, n: usize, asked: u64) {
+    let posted = nth_posted(fake, thread, n).await;
+    assert_eq!(referenced(&posted), Some(asked), "{posted}");
+    assert_eq!(snowflake(&posted["message_reference"]["channel_id"]), Some(thread), "{posted}");
+    assert_eq!(fake.posted(thread).len(), n, "more answers than messages: {:?}", fake.posted(thread));
+    assert!(fake.posted(parent).is_empty(), "a reply went to the parent channel {parent}: {:?}", fake.posted(parent));
+}
+
+/// User 2 says `text` in guild channel (or thread) `channel`; the message id.
+fn say(fake: &FakeDiscord, channel: u64, text: &str) -> u64 {
+    let id = fake.next_id();
+    fake.dispatch("MESSAGE_CREATE", message(id, channel, Some(GUILD), 2, text, vec![], None));
+    id
+}
+
 #[tokio::test]
 async fn dms_mentions_slash_commands_moderators_and_resume() {
     let logs = LogCapture::default();
     let _guard = logs.install();
     let fake = FakeDiscord::start(TOKEN).await;
-    let extra = [
-        ("adapters.discord", "enabled = true".to_string()),
-        ("adapters.discord", format!("token = \"{TOKEN}\"")),
-        ("adapters.discord", format!("proxy_url = \"{}\"", fake.rest_url)),
-        ("adapters.discord", format!("command_guilds = [{GUILD}]")),
-        ("adapters.discord", "moderators = [55]".to_string()),
-    ];
-    let extra: Vec<(&str, &str)> = extra.iter().map(|(s, l)| (*s, l.as_str())).collect();
-    let d = TestDaemon::start(&daemon_toml(None, &extra)).await;
+    let d = TestDaemon::start(&discord_toml(&fake, &[format!("command_guilds = [{GUILD}]"), "moderators = [55]".into()])).await;
 
     // Identify with the intents, then slash commands registered in the guild.
     let identify = wait_for(WAIT, || fake.received(2).pop()).await.expect("identify");
@@ -322,47 +345,99 @@ async fn threads_follow_their_parent_and_edits_correct_the_context() {
     for (thread, parent) in [(30, 20), (31, 21), (32, 22)] {
         fake.add_thread(thread, parent);
     }
-    let extra = [
-        ("adapters.discord", "enabled = true".to_string()),
-        ("adapters.discord", format!("token = \"{TOKEN}\"")),
-        ("adapters.discord", format!("proxy_url = \"{}\"", fake.rest_url)),
-        ("adapters.discord", "allowed_channels = [21]".to_string()),
-        ("adapters.discord", "open_channels = [20]".to_string()),
-    ];
-    let extra: Vec<(&str, &str)> = extra.iter().map(|(s, l)| (*s, l.as_str())).collect();
-    let d = TestDaemon::start(&daemon_toml(None, &extra)).await;
+    let d = TestDaemon::start(&discord_toml(&fake, &["allowed_channels = [21]".into(), "open_channels = [20]".into()])).await;
     wait_for(WAIT, || fake.received(2).pop()).await.expect("identify");
     let bot = || vec![user(BOT_ID, "dialogd", true)];
 
-    // A thread of the open channel is open: no mention needed; its own context.
-    let in_open = fake.next_id();
-    fake.dispatch("MESSAGE_CREATE", message(in_open, 30, Some(GUILD), 2, "Does money buy happiness?", vec![], None));
-    assert_eq!(referenced(&nth_posted(&fake, 30, 1).await), Some(in_open));
+    // A thread of the open channel is open: no mention needed. The reply
+    // goes into the thread, not to its parent.
+    let in_open = say(&fake, 30, "Does money buy happiness?");
+    nth_in_thread(&fake, 30, 20, 1, in_open).await;
     assert_eq!(discord_texts(&d, 30).await[0], "Does money buy happiness?");
-    assert!(discord_texts(&d, 20).await.is_empty(), "the thread has its own context");
-    // A thread of an allowed channel: answered when mentioned.
+    assert!(discord_texts(&d, 20).await.is_empty(), "the thread's turn went to its parent's context");
+    // A thread of an allowed channel: answered when mentioned, in the thread.
     let in_allowed = fake.next_id();
     fake.dispatch("MESSAGE_CREATE", message(in_allowed, 31, Some(GUILD), 2, &format!("<@{BOT_ID}> hello thread"), bot(), None));
-    assert_eq!(referenced(&nth_posted(&fake, 31, 1).await), Some(in_allowed));
+    nth_in_thread(&fake, 31, 21, 1, in_allowed).await;
+    assert_eq!(discord_texts(&d, 31).await[0], "hello thread");
     // A thread of a channel outside the lists: silent, even mentioned.
     fake.dispatch("MESSAGE_CREATE", message(fake.next_id(), 32, Some(GUILD), 2, &format!("<@{BOT_ID}> anyone?"), bot(), None));
-    // The parent was asked once per thread.
-    let marker = fake.next_id();
-    fake.dispatch("MESSAGE_CREATE", message(marker, 30, Some(GUILD), 2, "tell me more", vec![], None));
-    assert_eq!(referenced(&nth_posted(&fake, 30, 2).await), Some(marker));
-    assert!(fake.posted(32).is_empty(), "a thread outside the lists was answered");
-    assert_eq!(fake.calls("GET", "/channels/30").len(), 1, "looked up once");
+    // A marker: once it is answered, the message to thread 32 was handled.
+    let marker = say(&fake, 30, "tell me more");
+    nth_in_thread(&fake, 30, 20, 2, marker).await;
+    assert!(fake.posted(32).is_empty() && fake.posted(22).is_empty(), "a thread outside the lists was answered");
+    assert!(discord_texts(&d, 32).await.is_empty());
+    // Each thread's parent was asked once.
+    for thread in [30, 31, 32] {
+        assert_eq!(fake.calls("GET", &format!("/channels/{thread}")).len(), 1, "thread {thread} looked up once");
+    }
 
-    // Edits: the latest turn's text is replaced, silently; an older
-    // message's edit changes nothing.
+    // Edits: the latest turn's text is replaced, silently (the marker's
+    // answer is the third: answer_edits is false); an older message's
+    // edit changes nothing.
     fake.dispatch("MESSAGE_UPDATE", edited(marker, 30, Some(GUILD), 2, "tell me much more"));
     fake.dispatch("MESSAGE_UPDATE", edited(in_open, 30, Some(GUILD), 2, "Does money buy love?"));
-    let last = fake.next_id();
-    fake.dispatch("MESSAGE_CREATE", message(last, 30, Some(GUILD), 2, "and then?", vec![], None));
-    assert_eq!(referenced(&nth_posted(&fake, 30, 3).await), Some(last));
+    let last = say(&fake, 30, "and then?");
+    nth_in_thread(&fake, 30, 20, 3, last).await;
     let stored = discord_texts(&d, 30).await;
-    assert!(stored.contains(&"tell me much more".to_string()), "{stored:?}");
+    assert!(stored.contains(&"tell me much more".to_string()) && !stored.contains(&"tell me more".to_string()), "{stored:?}");
     assert!(stored.contains(&"Does money buy happiness?".to_string()) && !stored.iter().any(|t| t.contains("love")), "{stored:?}");
-    assert_eq!(fake.posted(30).len(), 3, "edits are not answered (answer_edits = false)");
+
+    // The parent has its own context too: what is said there is not the
+    // thread's, and the thread's turns are not the parent's.
+    let in_parent = say(&fake, 20, "back in the parent");
+    assert_eq!(referenced(&nth_posted(&fake, 20, 1).await), Some(in_parent));
+    let parent = discord_texts(&d, 20).await;
+    assert_eq!((parent.len(), parent[0].as_str()), (2, "back in the parent"), "{parent:?}");
+    assert_eq!(discord_texts(&d, 30).await, stored, "the parent's message went into the thread's context");
+    d.stop().await;
+}
+
+/// With `answer_edits = true` an edit of the latest message is answered
+/// again, in the thread, as a reply to the edited message; the old
+/// exchange makes way for the new one; a repeated delivery of the same
+/// edit, an edit of an older message and an edited command get no answer.
+#[tokio::test]
+async fn answered_edits_reply_again_in_their_thread() {
+    let fake = FakeDiscord::start(TOKEN).await;
+    fake.add_thread(40, 20);
+    let d = TestDaemon::start(&discord_toml(&fake, &["open_channels = [20]".into(), "answer_edits = true".into()])).await;
+    wait_for(WAIT, || fake.received(2).pop()).await.expect("identify");
+
+    let first = say(&fake, 40, "Does money buy happiness?");
+    nth_in_thread(&fake, 40, 20, 1, first).await;
+    let latest = say(&fake, 40, "tell me more");
+    nth_in_thread(&fake, 40, 20, 2, latest).await;
+    let before = discord_texts(&d, 40).await;
+    assert_eq!(before.len(), 4, "{before:?}");
+
+    // The latest message edited: answered again, as a reply to it.
+    let edit = edited(latest, 40, Some(GUILD), 2, "tell me much more");
+    fake.dispatch("MESSAGE_UPDATE", edit.clone());
+    nth_in_thread(&fake, 40, 20, 3, latest).await;
+    let after = discord_texts(&d, 40).await;
+    assert_eq!(after.len(), 4, "the old exchange made way: {after:?}");
+    assert_eq!(after[..2], before[..2], "the earlier exchange is kept");
+    assert_eq!(after[2], "tell me much more");
+    assert!(!after.contains(&"tell me more".to_string()), "{after:?}");
+
+    // The same edit delivered again and an older message's edit: neither
+    // answered nor stored (checked behind a marker).
+    fake.dispatch("MESSAGE_UPDATE", edit);
+    fake.dispatch("MESSAGE_UPDATE", edited(first, 40, Some(GUILD), 2, "Does money buy love?"));
+    let marker = say(&fake, 40, "and then?");
+    nth_in_thread(&fake, 40, 20, 4, marker).await;
+    let stored = discord_texts(&d, 40).await;
+    assert_eq!(stored[..4], after[..], "{stored:?}");
+    assert_eq!((stored.len(), stored[4].as_str()), (6, "and then?"), "{stored:?}");
+
+    // A command acts on the thread's context; its edit is not run again.
+    let command = say(&fake, 40, "/reset");
+    nth_in_thread(&fake, 40, 20, 5, command).await;
+    fake.dispatch("MESSAGE_UPDATE", edited(command, 40, Some(GUILD), 2, "/reset now"));
+    let marker = say(&fake, 40, "still there?");
+    nth_in_thread(&fake, 40, 20, 6, marker).await;
+    let stored = discord_texts(&d, 40).await;
+    assert_eq!((stored.len(), stored[0].as_str()), (2, "still there?"), "{stored:?}");
     d.stop().await;
 }

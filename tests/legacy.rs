@@ -7,8 +7,10 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use dialogd::model::weights::{TensorStore, WeightsFile};
 use dialogd::model::Gpt2;
+use dialogd::pipeline::rank::Ranker;
+use dialogd::tokenizer::DialogTokenizer;
 
-use crate::support::{assert_fails_with, dialogd, fixtures, floats, ranker_dir, rpt_golden, stdout, strings};
+use crate::support::{assert_fails_with, dialogd, fixtures, floats, ranker_dir, rpt_golden, section_toml, settings_from, stdout, strings};
 
 fn legacy(name: &str) -> PathBuf {
     fixtures().join("legacy").join(name)
@@ -155,4 +157,31 @@ fn a_bare_pkl_without_config_is_inferred_or_explained() {
     std::fs::copy(fixtures().join("pico-pkl").join("config.json"), dir.path().join("config.json")).unwrap();
     let model = Gpt2::load(&pkl, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(model.config().n_embd, 8);
+}
+
+/// The MMI scores the daemon's ranker (`pipeline::rank::Ranker`, loaded as
+/// `daemon.rs` loads it) gives with `[ranking] mmi = MMI`, read through the
+/// settings loader.
+async fn daemon_mmi_scores(mmi: &Path, turns: &[Vec<u32>], candidates: &[Vec<u32>]) -> Vec<f32> {
+    let lines = [format!("mmi = \"{}\"", mmi.display()), "mmi_weight = 1.0".to_string()];
+    let settings = settings_from(&section_toml("ranking", &lines));
+    let ranker = Ranker::load(&settings.ranking).unwrap().expect("[ranking] mmi set: a ranker");
+    let scored = ranker.score(turns.to_vec(), candidates.to_vec(), vec![0.0; candidates.len()]).await.unwrap();
+    scored.iter().map(|s| s.mmi.expect("an MMI score")).collect()
+}
+
+#[tokio::test]
+async fn the_daemons_ranking_mmi_takes_a_pkl_file() {
+    // The legacy file as `[ranking] mmi`: the same scores as the
+    // safetensors folder holding the same weights.
+    let tokenizer = DialogTokenizer::from_dir(&fixtures().join("pico-pkl")).unwrap();
+    let ids = |text: &str| tokenizer.encode(text).unwrap();
+    let turns = [ids("Does money buy happiness?"), ids("Depends how much money you spend on it.")];
+    let candidates = [ids("What is the best way to buy happiness?"), ids("Money does not buy happiness."), ids("lol")];
+    let from_pkl = daemon_mmi_scores(&fixtures().join("pico-pkl").join("pico_ft.pkl"), &turns, &candidates).await;
+    let from_folder = daemon_mmi_scores(&fixtures().join("pico-safetensors"), &turns, &candidates).await;
+    assert_eq!(from_pkl.len(), candidates.len());
+    assert_eq!(from_pkl, from_folder);
+    assert!(from_pkl.iter().all(|s| s.is_finite() && *s < 0.0), "{from_pkl:?}");
+    assert!(from_pkl[0] != from_pkl[1] || from_pkl[1] != from_pkl[2], "no candidate told apart: {from_pkl:?}");
 }

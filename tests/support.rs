@@ -276,6 +276,13 @@ pub fn daemon_toml(redis: Option<&RedisServer>, extra: &[(&str, &str)]) -> Strin
         .collect()
 }
 
+/// [`daemon_toml`] on the memory store with `lines` (`key = value`) in one
+/// `section`, for the platform tests.
+pub fn section_toml(section: &str, lines: &[String]) -> String {
+    let extra: Vec<(&str, &str)> = lines.iter().map(|l| (section, l.as_str())).collect();
+    daemon_toml(None, &extra)
+}
+
 /// A daemon running inside the test process.
 pub struct TestDaemon {
     pub base: String,

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use crate::fakes::telegram::{FakeTelegram, BOT_ID};
 use crate::fakes::{wait_for, LogCapture};
-use crate::support::{daemon_toml, TestDaemon};
+use crate::support::{daemon_toml, section_toml, TestDaemon};
 
 const TOKEN: &str = "123456:TEST-secret-token-abcdef";
 const WAIT: Duration = Duration::from_secs(20);
@@ -33,15 +33,7 @@ async fn private_chats_groups_commands_and_moderators() {
     let logs = LogCapture::default();
     let _guard = logs.install();
     let fake = FakeTelegram::start(TOKEN).await;
-    let extra = [
-        ("adapters.telegram", "enabled = true".to_string()),
-        ("adapters.telegram", format!("token = \"{TOKEN}\"")),
-        ("adapters.telegram", format!("api_url = \"{}\"", fake.url)),
-        ("adapters.telegram", "poll_timeout_secs = 1".to_string()),
-        ("adapters.telegram", "moderators = [9]".to_string()),
-    ];
-    let extra: Vec<(&str, &str)> = extra.iter().map(|(s, l)| (*s, l.as_str())).collect();
-    let d = TestDaemon::start(&daemon_toml(None, &extra)).await;
+    let d = TestDaemon::start(&telegram_toml(&fake, &["moderators = [9]".into()])).await;
     fake.add_admin(8);
 
     // The command menu is registered.
@@ -146,6 +138,25 @@ impl Core for ScriptedCore {
     }
 }
 
+/// The Telegram adapter alone, polling `fake` every second, in front of
+/// `core`; stopped by sending `true`.
+fn start_scripted(
+    fake: &FakeTelegram,
+    core: ScriptedCore,
+    retry: RetryPolicy,
+) -> (tokio::sync::watch::Sender<bool>, tokio::task::JoinHandle<Result<(), dialogd_adapters::AdapterError>>) {
+    let config = TelegramSettings {
+        enabled: true,
+        token: Some(Secret::new(TOKEN)),
+        api_url: fake.url.clone(),
+        poll_timeout: Duration::from_secs(1),
+        retry,
+        ..Default::default()
+    };
+    let (stop, shutdown) = Shutdown::new();
+    (stop, tokio::spawn(Box::new(TelegramAdapter::new(config).unwrap()).run(Arc::new(core), shutdown)))
+}
+
 #[tokio::test]
 async fn long_replies_split_in_order_and_429_then_5xx_lose_nothing() {
     let logs = LogCapture::default();
@@ -154,19 +165,9 @@ async fn long_replies_split_in_order_and_429_then_5xx_lose_nothing() {
     // Sentences of varied length, some non-BMP characters (two UTF-16
     // units each): about 10 000 units, three pieces.
     let long: String = (0..260).map(|i| format!("Sentence {i} says {} 😀. ", "la ".repeat(i % 7))).collect();
-    let core: Arc<dyn Core> = Arc::new(ScriptedCore { long: long.trim().to_string(), show_moderator: false });
-    let config = TelegramSettings {
-        enabled: true,
-        token: Some(Secret::new(TOKEN)),
-        api_url: fake.url.clone(),
-        moderators: vec![],
-        poll_timeout: Duration::from_secs(1),
-        retry: RetryPolicy { attempts: 4, backoff: Duration::from_millis(50), max_wait: Duration::from_secs(2) },
-        ..Default::default()
-    };
-    let (stop, shutdown) = Shutdown::new();
-    let adapter = Box::new(TelegramAdapter::new(config).unwrap());
-    let running = tokio::spawn(adapter.run(core, shutdown));
+    let core = ScriptedCore { long: long.trim().to_string(), show_moderator: false };
+    let retry = RetryPolicy { attempts: 4, backoff: Duration::from_millis(50), max_wait: Duration::from_secs(2) };
+    let (stop, running) = start_scripted(&fake, core, retry);
 
     let asked = fake.say(5, 5, "long please", None);
     // Wait for the piece that ends the reply: waiting for three pieces
@@ -241,16 +242,17 @@ async fn texts(d: &TestDaemon, channel: &str) -> Vec<String> {
     d.pipeline.turns(key).await.unwrap().into_iter().map(|t| t.text).collect()
 }
 
+/// `[adapters.telegram]` on `fake`, polling every second, and `lines`.
+fn telegram_lines(fake: &FakeTelegram, lines: &[String]) -> Vec<String> {
+    let mut all = vec!["enabled = true".to_string(), format!("token = \"{TOKEN}\""), format!("api_url = \"{}\"", fake.url), "poll_timeout_secs = 1".to_string()];
+    all.extend_from_slice(lines);
+    all
+}
+
+/// A daemon on the memory store with the Telegram adapter on `fake`
+/// ([`telegram_lines`]).
 fn telegram_toml(fake: &FakeTelegram, lines: &[String]) -> String {
-    let mut extra = vec![
-        ("adapters.telegram", "enabled = true".to_string()),
-        ("adapters.telegram", format!("token = \"{TOKEN}\"")),
-        ("adapters.telegram", format!("api_url = \"{}\"", fake.url)),
-        ("adapters.telegram", "poll_timeout_secs = 1".to_string()),
-    ];
-    extra.extend(lines.iter().map(|l| ("adapters.telegram", l.clone())));
-    let extra: Vec<(&str, &str)> = extra.iter().map(|(s, l)| (*s, l.as_str())).collect();
-    daemon_toml(None, &extra)
+    section_toml("adapters.telegram", &telegram_lines(fake, lines))
 }
 
 const SECRET: &str = "Se_cr-3t-hook";
@@ -381,17 +383,8 @@ async fn a_hanging_or_failing_moderator_check_stalls_no_other_chat() {
     let logs = LogCapture::default();
     let _guard = logs.install();
     let fake = FakeTelegram::start(TOKEN).await;
-    let config = TelegramSettings {
-        enabled: true,
-        token: Some(Secret::new(TOKEN)),
-        api_url: fake.url.clone(),
-        moderators: vec![],
-        poll_timeout: Duration::from_secs(1),
-        retry: RetryPolicy { attempts: 3, backoff: Duration::from_millis(50), max_wait: Duration::from_secs(1) },
-        ..Default::default()
-    };
-    let (stop, shutdown) = Shutdown::new();
-    let running = tokio::spawn(Box::new(TelegramAdapter::new(config).unwrap()).run(Arc::new(ScriptedCore { long: String::new(), show_moderator: true }), shutdown));
+    let retry = RetryPolicy { attempts: 3, backoff: Duration::from_millis(50), max_wait: Duration::from_secs(1) };
+    let (stop, running) = start_scripted(&fake, ScriptedCore { long: String::new(), show_moderator: true }, retry);
     wait_for(WAIT, || fake.calls("setMyCommands").pop()).await.expect("the adapter polls");
 
     fake.hang("getChatMember", true);
@@ -454,5 +447,60 @@ async fn allowed_chats_and_users_limit_who_is_answered() {
     assert!(fake.sent_to(1).is_empty() && fake.sent_to(-200).is_empty());
     assert_eq!(fake.sent_to(-100).len(), 1, "user 8 was not answered");
     assert!(texts(&d, "1").await.is_empty() && texts(&d, "-200").await.is_empty());
+    d.stop().await;
+}
+
+/// The webhook server is bounded as the JSON API is (`[adapters.http]`'s
+/// limits): with twice the connection cap held open and idle, Telegram's
+/// deliveries still get through once the idle ones are closed at the
+/// header timeout; a body that never arrives gets 408, one over the limit
+/// 413.
+#[tokio::test]
+async fn the_webhook_server_is_bounded_like_the_http_api() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = FakeTelegram::start(TOKEN).await;
+    let listen = format!("127.0.0.1:{}", crate::support::free_port());
+    fake.route_webhook_to(&listen);
+    let telegram = telegram_lines(&fake, &["mode = \"webhook\"".into(), "webhook_url = \"https://bot.example.org/telegram/hook\"".into(), format!("webhook_listen = \"{listen}\""), format!("webhook_secret = \"{SECRET}\"")]);
+    let mut extra: Vec<(&str, &str)> = telegram.iter().map(|l| ("adapters.telegram", l.as_str())).collect();
+    let cap = 4;
+    extra.extend([("adapters.http", "header_timeout_secs = 2"), ("adapters.http", "body_timeout_secs = 2"), ("adapters.http", "max_connections = 4"), ("adapters.http", "max_body_bytes = 2048")]);
+    let d = TestDaemon::start(&daemon_toml(None, &extra)).await;
+    wait_for(WAIT, || fake.webhook()).await.expect("setWebhook");
+
+    let mut idle = Vec::new();
+    for _ in 0..2 * cap {
+        idle.push(tokio::net::TcpStream::connect(&listen).await.unwrap());
+    }
+    let asked = fake.say(1, 1, "hello through the crowd", None);
+    assert_eq!(replied_to(&nth_sent(&fake, 1, 1).await), Some(asked));
+    for mut stream in idle {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "an idle connection was kept open: {read:?}");
+    }
+
+    // A request whose body never comes, and one over the body limit.
+    let respond = |request: Vec<u8>| {
+        let listen = listen.clone();
+        async move {
+            let mut stream = tokio::net::TcpStream::connect(&listen).await.unwrap();
+            stream.write_all(&request).await.unwrap();
+            let mut answer = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+            assert!(read.is_ok(), "no answer within 10 s");
+            String::from_utf8_lossy(&answer).into_owned()
+        }
+    };
+    let head = |length: usize| format!("POST /telegram/hook HTTP/1.1\r\nhost: bot\r\ncontent-type: application/json\r\ncontent-length: {length}\r\nx-telegram-bot-api-secret-token: {SECRET}\r\nconnection: close\r\n\r\n");
+    let half_sent = respond(format!("{}{{\"update_id\":", head(100)).into_bytes()).await;
+    assert!(half_sent.starts_with("HTTP/1.1 408"), "{half_sent}");
+    let big = format!("{}{}", head(3000), " ".repeat(3000));
+    let too_big = respond(big.into_bytes()).await;
+    assert!(too_big.starts_with("HTTP/1.1 413"), "{too_big}");
+
+    // Still serving.
+    let again = fake.say(1, 1, "still there?", None);
+    assert_eq!(replied_to(&nth_sent(&fake, 1, 2).await), Some(again));
     d.stop().await;
 }

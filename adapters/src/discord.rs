@@ -383,34 +383,49 @@ fn addressed_text(state: &State, listed: ChannelId, guild: Option<GuildId>, cont
     (!text.is_empty()).then_some(text)
 }
 
+/// The channel `channel` is listed as ([`listed_as`]), if the bot works
+/// there at all ([`allowed`]).
+async fn admitted(state: &State, guild: Option<GuildId>, channel: ChannelId) -> Option<ChannelId> {
+    let listed = listed_as(state, guild, channel).await;
+    allowed(&state.config, guild, listed).then_some(listed)
+}
+
+/// A message for the core in `channel` (a thread is its own channel), not
+/// from a moderator, not an edit.
+fn inbound(channel: ChannelId, guild: Option<GuildId>, author: UserId, msg_id: u64, text: String) -> Inbound {
+    Inbound {
+        channel: ChannelKey::new(Platform::Discord, channel.get().to_string()),
+        author: author.get().to_string(),
+        text,
+        msg_id: Some(msg_id.to_string()),
+        addressed_to_bot: true,
+        moderator: false,
+        group: guild.map(|g| g.get().to_string()),
+        edit: None,
+    }
+}
+
+/// Queues the delivery of `answer` in `channel`'s outbox (its answers in
+/// order, one at a time).
+fn queue_answer(state: &Arc<State>, http: Arc<Http>, channel: ChannelId, reply: Reply, answer: BoxFuture<'static, Result<Answer, CoreError>>) {
+    let task = deliver(state.clone(), http, channel, reply, answer);
+    state.outbox.push(&channel.get().to_string(), Box::pin(task));
+}
+
 async fn on_message(state: &Arc<State>, ctx: Context, message: Message) {
     if message.author.bot {
         return;
     }
-    let listed = listed_as(state, message.guild_id, message.channel_id).await;
-    if !allowed(&state.config, message.guild_id, listed) {
-        return;
-    }
+    let Some(listed) = admitted(state, message.guild_id, message.channel_id).await else { return };
     let replied_to_bot = message.referenced_message.as_ref().is_some_and(|m| Some(&m.author.id) == state.bot_id.get());
     let Some(text) = addressed_text(state, listed, message.guild_id, &message.content, &message.mentions, replied_to_bot) else {
         return;
     };
     let moderator = is_moderator_command(&text) && message_author_is_moderator(state, &message).await;
-    let inbound = Inbound {
-        channel: ChannelKey::new(Platform::Discord, message.channel_id.get().to_string()),
-        author: message.author.id.get().to_string(),
-        text,
-        msg_id: Some(message.id.get().to_string()),
-        addressed_to_bot: true,
-        moderator,
-        group: message.guild_id.map(|g| g.get().to_string()),
-        edit: None,
-    };
+    let inbound = Inbound { moderator, ..inbound(message.channel_id, message.guild_id, message.author.id, message.id.get(), text) };
+    // Handing it over now fixes its place in the channel's order.
     let answer = state.core.handle(inbound);
-    let (channel, id) = (message.channel_id, message.id);
-    let http = ctx.http.clone();
-    let task = deliver(state.clone(), http, channel, Reply::Message(id), answer);
-    state.outbox.push(&channel.get().to_string(), Box::pin(task));
+    queue_answer(state, ctx.http.clone(), message.channel_id, Reply::Message(message.id), answer);
 }
 
 /// An edited message: to the core as an edit of the same message id (a
@@ -420,10 +435,7 @@ async fn on_edit(state: &Arc<State>, ctx: Context, event: MessageUpdateEvent) {
     if author.bot {
         return;
     }
-    let listed = listed_as(state, event.guild_id, event.channel_id).await;
-    if !allowed(&state.config, event.guild_id, listed) {
-        return;
-    }
+    let Some(listed) = admitted(state, event.guild_id, event.channel_id).await else { return };
     let replied_to_bot = event
         .referenced_message
         .as_ref()
@@ -434,41 +446,21 @@ async fn on_edit(state: &Arc<State>, ctx: Context, event: MessageUpdateEvent) {
     if crate::text::command_word(&text).is_some() {
         return; // An edited command is not run again, and was never a turn.
     }
-    let inbound = Inbound {
-        channel: ChannelKey::new(Platform::Discord, event.channel_id.get().to_string()),
-        author: author.id.get().to_string(),
-        text,
-        msg_id: Some(event.id.get().to_string()),
-        addressed_to_bot: true,
-        moderator: false,
-        group: event.guild_id.map(|g| g.get().to_string()),
-        edit: Some(Edit { answer: state.config.answer_edits }),
-    };
+    let edit = Some(Edit { answer: state.config.answer_edits });
+    let inbound = Inbound { edit, ..inbound(event.channel_id, event.guild_id, author.id, event.id.get(), text) };
     let answer = state.core.handle(inbound);
-    let (channel, id) = (event.channel_id, event.id);
-    let task = deliver(state.clone(), ctx.http.clone(), channel, Reply::Message(id), answer);
-    state.outbox.push(&channel.get().to_string(), Box::pin(task));
+    queue_answer(state, ctx.http.clone(), event.channel_id, Reply::Message(event.id), answer);
 }
 
 async fn on_command(state: &Arc<State>, ctx: Context, command: CommandInteraction) {
-    let listed = listed_as(state, command.guild_id, command.channel_id).await;
-    if !allowed(&state.config, command.guild_id, listed) {
+    if admitted(state, command.guild_id, command.channel_id).await.is_none() {
         return;
     }
     let name = command.data.name.clone();
     let argument = command.data.options.first().and_then(|o| o.value.as_str()).unwrap_or("").trim().to_string();
     let text = if argument.is_empty() { format!("/{name}") } else { format!("/{name} {argument}") };
     let moderator = is_moderator_command(&text) && interaction_user_is_moderator(state, &command);
-    let inbound = Inbound {
-        channel: ChannelKey::new(Platform::Discord, command.channel_id.get().to_string()),
-        author: command.user.id.get().to_string(),
-        text,
-        msg_id: Some(command.id.get().to_string()),
-        addressed_to_bot: true,
-        moderator,
-        group: command.guild_id.map(|g| g.get().to_string()),
-        edit: None,
-    };
+    let inbound = Inbound { moderator, ..inbound(command.channel_id, command.guild_id, command.user.id, command.id.get(), text) };
     let answer = state.core.handle(inbound);
     let token = state.config.bot_token();
     // Discord wants an answer within 3 s: say "thinking…" first (type 5,
@@ -481,8 +473,7 @@ async fn on_command(state: &Arc<State>, ctx: Context, command: CommandInteractio
         return;
     }
     let channel = command.channel_id;
-    let task = deliver(state.clone(), ctx.http.clone(), channel, Reply::Interaction(Box::new(command)), answer);
-    state.outbox.push(&channel.get().to_string(), Box::pin(task));
+    queue_answer(state, ctx.http.clone(), channel, Reply::Interaction(Box::new(command)), answer);
 }
 
 /// Where an answer goes.

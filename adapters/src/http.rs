@@ -21,7 +21,8 @@
 //! response (so that is also the idle keep-alive timeout), and the whole
 //! body within `body_timeout` (408 otherwise); at most `max_connections`
 //! are served at once, and further ones wait in the listen backlog until
-//! one closes (logged, at most every 10 s).
+//! one closes (logged, at most every 10 s). [`ServeLimits`] carries these
+//! four; Telegram's webhook server is bounded by the same ones.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -146,10 +147,46 @@ struct AppState {
     core: Arc<dyn Core>,
     /// `Authorization` header value expected, precomputed.
     expected_auth: Option<Arc<str>>,
-    /// The whole body must arrive within this.
-    body_timeout: Duration,
+}
+
+/// What bounds an HTTP server's clients (`[adapters.http]`'s
+/// `header_timeout_secs`, `body_timeout_secs`, `max_body_bytes`,
+/// `max_connections`): the JSON API's, and Telegram's webhook server's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServeLimits {
+    /// Headers must arrive within this of a connection's opening or of its
+    /// previous response (the idle keep-alive timeout too).
+    pub header_timeout: Duration,
+    /// The whole body must arrive within this (408 after).
+    pub body_timeout: Duration,
     /// Larger bodies are refused (413) before they are buffered.
-    max_body_bytes: usize,
+    pub max_body_bytes: usize,
+    /// Connections served at once; more wait until one closes.
+    pub max_connections: usize,
+}
+
+impl Default for ServeLimits {
+    /// config/default.toml's values.
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            max_body_bytes: 65536,
+            max_connections: 512,
+        }
+    }
+}
+
+impl HttpSettings {
+    /// The limits on clients these settings give.
+    pub fn limits(&self) -> ServeLimits {
+        ServeLimits {
+            header_timeout: self.header_timeout,
+            body_timeout: self.body_timeout,
+            max_body_bytes: self.max_body_bytes,
+            max_connections: self.max_connections,
+        }
+    }
 }
 
 impl Adapter for HttpAdapter {
@@ -167,7 +204,7 @@ impl Adapter for HttpAdapter {
                 max_connections = self.config.max_connections,
                 "http adapter listening"
             );
-            serve(self.listener, app, &self.config, shutdown).await;
+            serve(self.listener, app, self.config.limits(), "http", shutdown).await;
             tracing::info!("http adapter stopped");
             Ok(())
         })
@@ -176,14 +213,15 @@ impl Adapter for HttpAdapter {
 
 /// The accept loop: one task per connection (hyper's HTTP/1 with a header
 /// timeout), at most `max_connections` at once, until shutdown; then idle
-/// connections close at once and busy ones after their response.
-async fn serve(listener: tokio::net::TcpListener, app: Router, config: &HttpSettings, shutdown: Shutdown) {
+/// connections close at once and busy ones after their response. `server`
+/// names the server in its log lines. `app` should be [`bounded`].
+pub(crate) async fn serve(listener: tokio::net::TcpListener, app: Router, limits: ServeLimits, server: &'static str, shutdown: Shutdown) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
 
     let mut http1 = hyper::server::conn::http1::Builder::new();
-    http1.timer(TokioTimer::new()).header_read_timeout(config.header_timeout);
-    let slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections.max(1)));
+    http1.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let stop = shutdown.wait();
     tokio::pin!(stop);
@@ -194,7 +232,8 @@ async fn serve(listener: tokio::net::TcpListener, app: Router, config: &HttpSett
             Err(_) => {
                 if cap_logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
                     tracing::warn!(
-                        max_connections = config.max_connections,
+                        server,
+                        max_connections = limits.max_connections,
                         "http connection cap reached: new connections wait until one closes"
                     );
                     cap_logged = Some(Instant::now());
@@ -210,7 +249,7 @@ async fn serve(listener: tokio::net::TcpListener, app: Router, config: &HttpSett
                 Ok((stream, _)) => stream,
                 Err(e) => {
                     // Out of file descriptors, mostly: wait instead of spinning.
-                    tracing::warn!(error = %e, "http accept failed");
+                    tracing::warn!(server, error = %e, "http accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -221,7 +260,7 @@ async fn serve(listener: tokio::net::TcpListener, app: Router, config: &HttpSett
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "http connection ended with an error");
+                tracing::debug!(server, error = %e, "http connection ended with an error");
             }
             drop(slot);
         });
@@ -232,24 +271,24 @@ async fn serve(listener: tokio::net::TcpListener, app: Router, config: &HttpSett
 
 /// The routes, for tests that serve them on their own listener.
 pub fn router(core: Arc<dyn Core>, config: &HttpSettings) -> Router {
-    let state = AppState {
-        core,
-        expected_auth: config.token.as_ref().map(|t| Arc::from(format!("Bearer {}", t.expose()))),
-        body_timeout: config.body_timeout,
-        max_body_bytes: config.max_body_bytes,
-    };
+    let state = AppState { core, expected_auth: config.token.as_ref().map(|t| Arc::from(format!("Bearer {}", t.expose()))) };
     let v1 = Router::new()
         .route("/v1/channels/{channel}/messages", post(post_message))
         .route("/v1/channels/{channel}/context", get(get_context).delete(delete_context))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    Router::new()
+    let app = Router::new()
         .route("/healthz", get(healthz))
         .merge(v1)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such path") })
         .method_not_allowed_fallback(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this path") })
-        .layer(middleware::from_fn_with_state(state.clone(), read_body_in_time))
-        .layer(DefaultBodyLimit::max(config.max_body_bytes))
-        .with_state(state)
+        .with_state(state);
+    bounded(app, config.limits())
+}
+
+/// `app` with its request bodies bounded: read whole before the handler,
+/// within `body_timeout` (408), at most `max_body_bytes` (413).
+pub(crate) fn bounded(app: Router, limits: ServeLimits) -> Router {
+    app.layer(middleware::from_fn_with_state(limits, read_body_in_time)).layer(DefaultBodyLimit::max(limits.max_body_bytes))
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -277,8 +316,8 @@ fn core_error(err: CoreError) -> Response {
 }
 
 /// Compares without stopping at the first difference, so response time
-/// does not tell how much of a guessed token was right.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
+/// does not tell how much of a guessed token (or secret) was right.
+pub(crate) fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -299,18 +338,18 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
 /// otherwise). tower-http's body timeout restarts at every chunk, so a
 /// client sending a byte at a time would never meet it. Bodies over
 /// `max_body_bytes` are refused (413) without being buffered whole.
-async fn read_body_in_time(State(state): State<AppState>, request: Request, next: Next) -> Response {
+async fn read_body_in_time(State(limits): State<ServeLimits>, request: Request, next: Next) -> Response {
     let (parts, body) = request.into_parts();
-    match tokio::time::timeout(state.body_timeout, axum::body::to_bytes(body, state.max_body_bytes)).await {
+    match tokio::time::timeout(limits.body_timeout, axum::body::to_bytes(body, limits.max_body_bytes)).await {
         Ok(Ok(bytes)) => next.run(Request::from_parts(parts, Body::from(bytes))).await,
         Ok(Err(e)) if is_length_limit(&e) => {
-            error(StatusCode::PAYLOAD_TOO_LARGE, format!("request body over {} bytes", state.max_body_bytes))
+            error(StatusCode::PAYLOAD_TOO_LARGE, format!("request body over {} bytes", limits.max_body_bytes))
         }
         Ok(Err(e)) => error(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}")),
         Err(_) => {
             let mut response = error(
                 StatusCode::REQUEST_TIMEOUT,
-                format!("request body not received within {} s", state.body_timeout.as_secs_f64()),
+                format!("request body not received within {} s", limits.body_timeout.as_secs_f64()),
             );
             response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             response

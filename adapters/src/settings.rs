@@ -103,7 +103,9 @@ impl RawAdapters {
     pub fn validate(self) -> Result<AdapterSettings, SettingsError> {
         let http = self.http.validate()?;
         let discord = self.discord.validate()?;
-        let telegram = self.telegram.validate()?;
+        let mut telegram = self.telegram.validate()?;
+        // The webhook server is bounded as the JSON API is.
+        telegram.webhook_limits = http.limits();
         let console = self.console.validate();
         if !(http.enabled || console.enabled || discord.enabled || telegram.enabled) {
             return Err(invalid(

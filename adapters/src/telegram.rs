@@ -118,6 +118,11 @@ pub struct TelegramSettings {
     pub webhook_secret: Option<Secret>,
     /// Answer edited messages again.
     pub answer_edits: bool,
+    /// Webhook mode: what bounds the server's clients (not settings keys
+    /// of this section: `[adapters.http]`'s, set when `[adapters]` is
+    /// validated).
+    #[serde(skip)]
+    pub webhook_limits: crate::http::ServeLimits,
 }
 
 /// How updates reach the bot (`adapters.telegram.mode`).
@@ -159,6 +164,7 @@ impl RawTelegram {
             webhook_listen: self.webhook_listen.trim().to_string(),
             webhook_secret: Secret::non_empty(&self.webhook_secret),
             answer_edits: self.answer_edits,
+            webhook_limits: crate::http::ServeLimits::default(),
         };
         if settings.enabled && settings.mode == TelegramMode::Webhook {
             settings.check_webhook()?;
@@ -376,7 +382,7 @@ async fn run_webhook(
     // Listen before Telegram is told where to send.
     let listener = webhook::bind(listen).await?;
     let (queue, mut updates) = tokio::sync::mpsc::channel::<Update>(1024);
-    let server = tokio::spawn(webhook::serve(listener, path, secret.clone(), queue, shutdown));
+    let server = tokio::spawn(webhook::serve(listener, path, secret.clone(), queue, config.webhook_limits, shutdown));
     let token = context.config.bot_token();
     let set = with_retries(
         context.config.retry,

@@ -11,6 +11,12 @@
 //! 503, which Telegram retries. An update that does not parse is answered
 //! 200 and logged (Telegram would otherwise retry it forever).
 //!
+//! The server is bounded as the JSON API is ([`ServeLimits`], from
+//! `[adapters.http]`): a header timeout that is also the idle keep-alive
+//! timeout, a whole-body deadline (408), a body limit (413) and a cap on
+//! connections, so idle or half-sent connections (a proxy's, or anyone's
+//! who finds the port) cannot hold it.
+//!
 //! teloxide's own webhook listener is not used: its `setWebhook` call
 //! cannot ask for `edited_message` updates (no `allowed_updates`), and it
 //! feeds teloxide's dispatcher rather than this adapter's loop.
@@ -21,6 +27,7 @@ use axum::http::{HeaderMap, StatusCode};
 use teloxide::types::Update;
 use tokio::sync::mpsc;
 
+use crate::http::{bounded, same_secret, ServeLimits};
 use crate::{AdapterError, Shutdown};
 
 /// The header Telegram puts the secret in.
@@ -40,19 +47,19 @@ pub(super) async fn bind(listen: &str) -> Result<tokio::net::TcpListener, Adapte
         .map_err(|source| AdapterError::Bind { adapter: "telegram webhook", addr: listen.to_string(), source })
 }
 
-/// Serves POSTs to `path` until `shutdown`, queueing accepted updates.
+/// Serves POSTs to `path` within `limits` until `shutdown`, queueing
+/// accepted updates.
 pub(super) async fn serve(
     listener: tokio::net::TcpListener,
     path: String,
     secret: String,
     updates: mpsc::Sender<Update>,
+    limits: ServeLimits,
     shutdown: Shutdown,
 ) -> Result<(), AdapterError> {
     let app = axum::Router::new().route(&path, axum::routing::post(receive)).with_state(Route { secret, updates });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.wait())
-        .await
-        .map_err(|source| AdapterError::Io { adapter: "telegram webhook", source })
+    crate::http::serve(listener, bounded(app, limits), limits, "telegram webhook", shutdown).await;
+    Ok(())
 }
 
 async fn receive(State(route): State<Route>, headers: HeaderMap, body: Bytes) -> StatusCode {
@@ -76,11 +83,6 @@ async fn receive(State(route): State<Route>, headers: HeaderMap, body: Bytes) ->
         }
         Err(mpsc::error::TrySendError::Closed(_)) => StatusCode::SERVICE_UNAVAILABLE,
     }
-}
-
-/// Constant-time comparison (the length is not secret).
-fn same_secret(given: &[u8], expected: &[u8]) -> bool {
-    given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |diff, (a, b)| diff | (a ^ b)) == 0
 }
 
 /// The secret Telegram accepts: 1 to 256 of `A-Z a-z 0-9 _ -`.
