@@ -266,8 +266,50 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", report(&err));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and its causes on one line, each said once: a layer whose
+/// text already holds its cause's (`#[error("key: {0}")]` over a
+/// `#[source]`, or a cause's own text carried in a string) is not followed
+/// by that text again.
+fn report(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let shown = cause.to_string();
+        if text.contains(&shown) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&shown);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("store unavailable: {0}")]
+    struct Inner(String);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("context.redis_url: {0}")]
+    struct Outer(#[source] Inner);
+
+    #[test]
+    fn a_cause_already_shown_is_not_repeated() {
+        let err = anyhow::Error::new(Outer(Inner("\"redis://h/x\" cannot be used: Invalid database number".into())));
+        assert_eq!(format!("{err:#}").matches("Invalid database number").count(), 2, "anyhow's own chain repeats it");
+        assert_eq!(
+            super::report(&err),
+            "context.redis_url: store unavailable: \"redis://h/x\" cannot be used: Invalid database number"
+        );
+        let err = anyhow::Error::new(Inner("down".into())).context("starting the daemon");
+        assert_eq!(super::report(&err), "starting the daemon: store unavailable: down");
     }
 }

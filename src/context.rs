@@ -65,6 +65,76 @@ pub enum Appended {
     Duplicate,
 }
 
+/// A change an edited message makes to its stored turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EditChange<'a> {
+    /// The turn's text becomes this.
+    Replace(&'a str),
+    /// The turn goes, with the bot turns stored right after it that answer
+    /// its author (the reply it got): the edit failed the input filter, or
+    /// the message is answered again.
+    Remove,
+}
+
+/// What [`ContextStore::edit_turn`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Edited {
+    Replaced,
+    /// The turn and this many bot turns after it were removed.
+    Removed { replies: usize },
+    /// The message is not its author's latest stored turn in the channel
+    /// (an older message, a command, or one never stored): nothing changed.
+    Ignored,
+}
+
+/// Whether a stored turn is the message `msg_id`: its own id, or the id a
+/// re-answered edit stored it under (`msg_id` + `#` + a suffix).
+pub fn is_message(turn: &Turn, msg_id: &str) -> bool {
+    turn.msg_id.as_deref().is_some_and(|id| id == msg_id || id.strip_prefix(msg_id).is_some_and(|rest| rest.starts_with('#')))
+}
+
+/// What to do after [`apply_edit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EditOutcome {
+    /// Nothing to send; the reason is a short snake_case word
+    /// (`edit_ignored`, `edited`, `edit_flagged`).
+    Done(&'static str),
+    /// Answer the edited text as a new message stored under this id
+    /// (`msg_id#…`, one per text, so a repeated delivery of the same edit
+    /// is still a duplicate and a later edit still finds the turn).
+    AnswerAs(String),
+}
+
+/// An edited message's effect on the context, for the pipeline (which
+/// runs the input filter and passes its verdict as `flagged`). A flagged
+/// edit removes the turn and its reply (toxic text is never stored); with
+/// `answer` the turn and its reply make way for a new exchange; otherwise
+/// the turn's text is replaced. Only the author's latest turn is touched.
+pub async fn apply_edit(
+    store: &dyn ContextStore,
+    channel: &ChannelKey,
+    author: &str,
+    msg_id: &str,
+    text: &str,
+    flagged: bool,
+    answer: bool,
+) -> Result<EditOutcome, ContextError> {
+    // FNV-1a of the text: the same id for the same edit on every daemon.
+    let digest = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+    let answer_as = format!("{msg_id}#{digest:016x}");
+    if answer && !flagged && store.seen(channel, &answer_as).await? {
+        // This edit was answered already (a repeated delivery).
+        return Ok(EditOutcome::Done("duplicate"));
+    }
+    let change = if flagged || answer { EditChange::Remove } else { EditChange::Replace(text) };
+    Ok(match store.edit_turn(channel, author, msg_id, change).await? {
+        Edited::Ignored => EditOutcome::Done("edit_ignored"),
+        Edited::Replaced => EditOutcome::Done("edited"),
+        Edited::Removed { .. } if flagged => EditOutcome::Done("edit_flagged"),
+        Edited::Removed { .. } => EditOutcome::AnswerAs(answer_as),
+    })
+}
+
 /// Context store failures. The pipeline answers without context on any of
 /// them; none stops the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +178,17 @@ pub trait ContextStore: Send + Sync + 'static {
         turns: &'a [Turn],
         msg_id: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Appended, ContextError>>;
+    /// Applies an edit of message `msg_id` by `author`, atomically: only
+    /// when that message is the author's latest user turn in the channel
+    /// ([`is_message`]); an edit of anything older is [`Edited::Ignored`].
+    /// The TTL is left as it was.
+    fn edit_turn<'a>(
+        &'a self,
+        channel: &'a ChannelKey,
+        author: &'a str,
+        msg_id: &'a str,
+        change: EditChange<'a>,
+    ) -> BoxFuture<'a, Result<Edited, ContextError>>;
     /// Forgets the channel's turns (its message ids stay, so a late
     /// duplicate is still recognised).
     fn clear<'a>(&'a self, channel: &'a ChannelKey) -> BoxFuture<'a, Result<(), ContextError>>;

@@ -12,7 +12,6 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use dialogd_adapters::console::ConsoleAdapter;
@@ -245,7 +244,7 @@ impl Daemon {
             );
         } else {
             tracing::info!(
-                replies = metrics.replies.load(Ordering::Relaxed),
+                replies = metrics.replies_total(),
                 "drained: every accepted message was answered"
             );
         }
@@ -398,7 +397,7 @@ pub fn reload(pipeline: &Pipeline, config: Option<&Path>, metrics: &Metrics) -> 
         pipeline.set_safety(fresh.safety);
         changed = true;
     }
-    metrics.reloads.fetch_add(1, Ordering::Relaxed);
+    metrics.reloads.inc();
     Ok(changed)
 }
 

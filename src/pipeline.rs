@@ -226,14 +226,15 @@ impl Core for Pipeline {
     fn handle(&self, inbound: Inbound) -> BoxFuture<'static, Result<Answer, CoreError>> {
         let shared = self.shared.clone();
         let queued = if shared.accepting.load(Ordering::Acquire) {
-            shared.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
+            shared.metrics.message_in(inbound.channel.platform);
             let channel = inbound.channel.clone();
+            let platform = channel.platform;
             let worker = shared.clone();
             let job: Job = Box::new(move || {
                 Box::pin(async move {
                     let answer = reply::process(worker.clone(), inbound).await;
                     if answer.is_ok() {
-                        worker.metrics.messages_out.fetch_add(1, Ordering::Relaxed);
+                        worker.metrics.message_out(platform);
                     }
                     answer
                 })

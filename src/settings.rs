@@ -22,6 +22,7 @@ mod personas;
 mod ranking;
 mod rate_limit;
 mod safety;
+mod strict;
 mod telemetry;
 
 pub mod live;
@@ -42,6 +43,7 @@ pub use self::personas::{persona_name_ok, PersonaSettings, PersonaSpec, RawPerso
 pub use self::ranking::{RankingSettings, RawRanking};
 pub use self::rate_limit::{RateLimitSettings, RawRateLimit};
 pub use self::safety::{RawSafety, SafetySettings, ToxicInput};
+pub use self::strict::ValueError;
 pub use self::telemetry::{LogFormat, RawTelemetry, TelemetrySettings};
 pub use dialogd_adapters::console::{ConsoleSettings, RawConsole};
 pub use dialogd_adapters::discord::{DiscordSettings, RawDiscord};
@@ -57,9 +59,16 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 pub enum SettingsError {
     #[error("{path}: no such settings file")]
     MissingFile { path: String },
-    /// A parse or layering error from the config crate (it names the key).
+    /// The settings file cannot be read or parsed: a folder, not UTF-8,
+    /// not TOML. `path` is absolute.
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+    /// A layering error from the config crate (it names the key).
     #[error("settings: {0}")]
     Layer(#[from] config::ConfigError),
+    /// A value of the wrong kind (a float in an integer key); names the key.
+    #[error(transparent)]
+    Value(#[from] ValueError),
     #[error("{key}: {message}")]
     Invalid { key: &'static str, message: String },
     /// A bad value in `[adapters]` (it names the key).
@@ -116,17 +125,59 @@ pub fn load_raw_with_env(
     let mut builder =
         config::Config::builder().add_source(config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml));
     if let Some(path) = file {
-        if !path.is_file() {
-            return Err(SettingsError::MissingFile { path: path.display().to_string() });
-        }
-        builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml).required(true));
+        builder = builder.add_source(read_file(path)?);
     }
     let env: config::Map<String, String> =
         env.into_iter().filter(|(k, _)| k.starts_with("DIALOGD__")).collect();
     builder = builder.add_source(
         config::Environment::with_prefix("DIALOGD").prefix_separator("__").separator("__").source(Some(env)),
     );
-    Ok(builder.build()?.try_deserialize()?)
+    // The merged tree, each value with its origin (file or environment).
+    let merged = config::Source::collect(&builder.build()?)?;
+    Ok(strict::deserialize(config::Value::new(None, merged))?)
+}
+
+/// The operator's settings file, read and parsed once; its values
+/// remember the file's absolute path, which every error names.
+#[derive(Debug, Clone)]
+struct SettingsFile(config::Map<String, config::Value>);
+
+impl config::Source for SettingsFile {
+    fn clone_into_box(&self) -> Box<dyn config::Source + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn collect(&self) -> Result<config::Map<String, config::Value>, config::ConfigError> {
+        Ok(self.0.clone())
+    }
+}
+
+/// Reads and parses `path`: a folder, a missing file, bytes that are not
+/// UTF-8 (never replaced) and bad TOML are errors naming the file by its
+/// real path (canonical; absolute as given when it does not exist).
+fn read_file(path: &Path) -> Result<SettingsFile, SettingsError> {
+    let shown = std::fs::canonicalize(path)
+        .or_else(|_| std::path::absolute(path))
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string();
+    let file_error = |message: String| SettingsError::File { path: shown.clone(), message };
+    if path.is_dir() {
+        return Err(file_error("is a directory, not a settings file".into()));
+    }
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(SettingsError::MissingFile { path: shown }),
+        Err(e) => return Err(file_error(format!("cannot read: {e}"))),
+    };
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let line = 1 + e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count();
+        file_error(format!("not UTF-8 text (line {line}, byte {at})"))
+    })?;
+    let table = config::Format::parse(&config::FileFormat::Toml, Some(&shown), &text)
+        .map_err(|e| file_error(e.to_string().trim_end().to_string()))?;
+    Ok(SettingsFile(table))
 }
 
 /// The names of environment variables that look meant for dialogd
@@ -283,6 +334,82 @@ mod tests {
         }
         let err = load_env(None, &[("DIALOGD__GENERATION__TOP_K", "lots")]).unwrap_err().to_string();
         assert!(err.contains("top_k"), "{err}");
+    }
+
+    /// Every integer key of `config/default.toml` (so every one added
+    /// later too) refuses a float instead of rounding it, naming the key.
+    #[test]
+    fn every_integer_key_refuses_a_float() {
+        fn integer_keys(prefix: &str, table: &toml::Table, out: &mut Vec<(String, String)>) {
+            for (key, value) in table {
+                match value {
+                    toml::Value::Integer(_) => out.push((prefix.to_string(), key.clone())),
+                    toml::Value::Table(inner) => integer_keys(&format!("{prefix}{}{key}", if prefix.is_empty() { "" } else { "." }), inner, out),
+                    _ => {}
+                }
+            }
+        }
+        let mut keys = Vec::new();
+        integer_keys("", &DEFAULT_TOML.parse().unwrap(), &mut keys);
+        assert!(keys.len() >= 30, "{keys:?}");
+        for (section, key) in &keys {
+            let err = load_env(Some(&format!("[{section}]\n{key} = 1.5\n")), &[]).unwrap_err().to_string();
+            assert!(err.contains(&format!("{section}.{key}: expected an integer, found the number 1.5")), "{err}");
+            assert!(err.contains("dialogd.toml"), "names the file: {err}");
+            // A float with nothing after the point is still not an integer.
+            assert!(load_env(Some(&format!("[{section}]\n{key} = 2.0\n")), &[]).is_err(), "{section}.{key} = 2.0");
+        }
+        let err = load_env(None, &[("DIALOGD__DAEMON__DRAIN_SECS", "1.5")]).unwrap_err().to_string();
+        assert!(err.contains("daemon.drain_secs") && err.contains("the environment"), "{err}");
+        // Integers from the environment are text, and still read.
+        assert_eq!(load_env(None, &[("DIALOGD__DAEMON__DRAIN_SECS", "7")]).unwrap().daemon.drain, Duration::from_secs(7));
+    }
+
+    #[test]
+    fn kinds_are_not_converted() {
+        // A Discord id written as a float would be another id.
+        let err = load_env(Some("[adapters.discord]\nmoderators = [1, 123456789012345678.0]\n"), &[]).unwrap_err().to_string();
+        assert!(err.contains("adapters.discord.moderators[1]: expected an integer"), "{err}");
+        let s = load_env(Some("[adapters.discord]\nmoderators = [123456789012345678]\n"), &[]).unwrap();
+        assert_eq!(s.adapters.discord.moderators, [123456789012345678]);
+        let err = load_env(Some("[adapters.http]\nenabled = 1\n"), &[]).unwrap_err().to_string();
+        assert!(err.contains("adapters.http.enabled: expected true or false"), "{err}");
+        let err = load_env(Some("[context]\nkey_prefix = 5\n"), &[]).unwrap_err().to_string();
+        assert!(err.contains("context.key_prefix: expected a string"), "{err}");
+        let err = load_env(Some("[jobs]\nschedules = [{ name = \"n\", cron = 5 }]\n"), &[]).unwrap_err().to_string();
+        assert!(err.contains("jobs.schedules[0].cron: expected a string"), "{err}");
+        // Floats take integers; booleans from the environment are text.
+        assert_eq!(load_env(Some("[generation]\ntop_p = 1\n"), &[]).unwrap().generation.top_p, 1.0);
+        let env = [("DIALOGD__ADAPTERS__CONSOLE__ENABLED", "on"), ("DIALOGD__GENERATION__TOP_P", "0.5")];
+        let s = load_env(None, &env).unwrap();
+        assert!(s.adapters.console.enabled);
+        assert_eq!(s.generation.top_p, 0.5);
+    }
+
+    #[test]
+    fn file_errors_name_the_file_by_its_absolute_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, b"[telemetry]\nlog_filter = \"info\xff\"\n").unwrap();
+        let err = load_raw_with_env(Some(&path), Vec::new()).unwrap_err().to_string();
+        assert_eq!(err, format!("{}: not UTF-8 text (line 2, byte 30)", path.canonicalize().unwrap().display()));
+
+        let err = load_raw_with_env(Some(dir.path()), Vec::new()).unwrap_err().to_string();
+        assert!(err.contains(&format!("{}: is a directory", dir.path().canonicalize().unwrap().display())), "{err}");
+
+        // A relative path is shown as the file's real path, never as a
+        // path relative to somewhere else.
+        std::fs::write(&path, "[daemon]\ndrain_secs = \n").unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        let relative: std::path::PathBuf =
+            cwd.components().skip(1).map(|_| "..").collect::<std::path::PathBuf>().join(path.strip_prefix("/").unwrap());
+        let err = load_raw_with_env(Some(&relative), Vec::new()).unwrap_err().to_string();
+        assert!(err.starts_with(&format!("{}: ", path.canonicalize().unwrap().display())), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+        assert_eq!(err.matches("bad.toml").count(), 1, "the file is named once: {err}");
+
+        let err = load_raw_with_env(Some(&dir.path().join("none.toml")), Vec::new()).unwrap_err().to_string();
+        assert!(err.contains("none.toml: no such settings file"), "{err}");
     }
 
     #[test]

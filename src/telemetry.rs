@@ -5,15 +5,26 @@
 //! message: settings print their secrets as `[redacted]`, and the HTTP
 //! adapter never logs headers.
 //!
-//! Metrics are plain atomics in [`Metrics`], written out in the Prometheus
-//! text format by [`Metrics::render`] and served at `/metrics` on
-//! `telemetry.metrics_listen` by [`serve_metrics`].
+//! Metrics are `prometheus-client` counters, gauges and histograms in
+//! [`Metrics`], written out in the OpenMetrics 1.0 text format (which
+//! Prometheus scrapes natively; <https://openmetrics.io>) by
+//! [`Metrics::render`] and served at `/metrics` on
+//! `telemetry.metrics_listen` by [`serve_metrics`]. The pool's own lock-free
+//! counters are read at scrape time by a collector.
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use dialogd_adapters::Platform;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
 use crate::settings::LogFormat;
 
@@ -85,162 +96,304 @@ impl Refusal {
 /// How jobs end, as counted in `dialogd_jobs_ended_total{state}`.
 const JOB_ENDS: [&str; 4] = ["promoted", "rejected", "failed", "cancelled"];
 
+/// Every platform, so each labelled family shows all of them from the start
+/// (a series that appears only after its first event breaks `rate()`).
+const PLATFORMS: [Platform; 4] = [Platform::Discord, Platform::Telegram, Platform::Http, Platform::Console];
+
 /// Upper bounds of the generation latency histogram, in seconds.
 const LATENCY_BUCKETS: [f64; 11] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
-/// The daemon's counters and gauges, shared by every part that counts.
-#[derive(Debug, Default)]
+/// The OpenMetrics text format that [`Metrics::render`] writes.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PlatformLabels {
+    platform: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    features: &'static str,
+}
+
+/// The daemon's counters, gauges and histograms, shared by every part that
+/// counts, and the [`Registry`] that writes them out. Counter fields are
+/// `prometheus_client` handles: `inc()`, `inc_by(n)`, `get()`; gauges also
+/// `set(v)`.
+#[derive(Debug)]
 pub struct Metrics {
-    pub messages_in: AtomicU64,
-    pub messages_out: AtomicU64,
-    pub replies: AtomicU64,
+    registry: Registry,
+    messages_in: Family<PlatformLabels, Counter>,
+    messages_out: Family<PlatformLabels, Counter>,
+    replies: Family<PlatformLabels, Counter>,
     /// Replies sent although cut off by `max_new_tokens` (no candidate
     /// ended with `<|endoftext|>`).
-    pub replies_cut_off: AtomicU64,
-    refusals: [AtomicU64; Refusal::ALL.len()],
-    /// Jobs waiting for generation.
-    pub queue_depth: AtomicI64,
-    latency_buckets: [AtomicU64; 11],
-    latency_count: AtomicU64,
-    latency_sum_micros: AtomicU64,
-    pub redis_errors: AtomicU64,
+    pub replies_cut_off: Counter,
+    refusals: Family<ReasonLabels, Counter>,
+    generation_seconds: Histogram,
+    pub redis_errors: Counter,
     /// Messages answered without their stored context.
-    pub context_degraded: AtomicU64,
-    /// Whether the context store answered last time it was asked.
-    pub store_up: AtomicBool,
-    pub reloads: AtomicU64,
+    pub context_degraded: Counter,
+    /// Whether the context store answered last time it was asked (1 or 0).
+    pub store_up: Gauge,
+    pub reloads: Counter,
     /// Candidates drawn, dropped by the safety filter, dropped by
     /// screening (empty, echo, repeat), and scored by the ranker.
-    pub candidates_drawn: AtomicU64,
-    pub candidates_flagged: AtomicU64,
-    pub candidates_screened: AtomicU64,
-    pub candidates_ranked: AtomicU64,
+    pub candidates_drawn: Counter,
+    pub candidates_flagged: Counter,
+    pub candidates_screened: Counter,
+    pub candidates_ranked: Counter,
     /// Training job attempts this daemon started, and how its jobs ended
     /// (promoted, rejected, failed, cancelled).
-    pub jobs_started: AtomicU64,
-    jobs_ended: [AtomicU64; 4],
-    /// Whether a trainer runs under this daemon now.
-    pub job_running: AtomicBool,
+    pub jobs_started: Counter,
+    jobs_ended: Family<StateLabels, Counter>,
+    /// Whether a trainer runs under this daemon now (1 or 0).
+    pub job_running: Gauge,
     /// The generation pool's own counters, once it runs.
-    pub pool: std::sync::OnceLock<Arc<crate::pool::PoolMetrics>>,
+    pub pool: Arc<OnceLock<Arc<crate::pool::PoolMetrics>>>,
 }
 
 impl Metrics {
+    /// Every family registered, all at zero, plus `dialogd_build_info` and
+    /// the standard `process_*` metrics (on Linux).
     pub fn new() -> Arc<Self> {
-        let metrics = Self::default();
-        metrics.store_up.store(true, Ordering::Relaxed);
-        Arc::new(metrics)
+        let mut registry = Registry::default();
+        let by_platform = || {
+            let family = Family::<PlatformLabels, Counter>::default();
+            for p in PLATFORMS {
+                let _ = family.get_or_create(&PlatformLabels { platform: p.as_str() });
+            }
+            family
+        };
+        let metrics = Metrics {
+            messages_in: by_platform(),
+            messages_out: by_platform(),
+            replies: by_platform(),
+            replies_cut_off: Counter::default(),
+            refusals: Family::default(),
+            generation_seconds: Histogram::new(LATENCY_BUCKETS),
+            redis_errors: Counter::default(),
+            context_degraded: Counter::default(),
+            store_up: Gauge::default(),
+            reloads: Counter::default(),
+            candidates_drawn: Counter::default(),
+            candidates_flagged: Counter::default(),
+            candidates_screened: Counter::default(),
+            candidates_ranked: Counter::default(),
+            jobs_started: Counter::default(),
+            jobs_ended: Family::default(),
+            job_running: Gauge::default(),
+            pool: Arc::default(),
+            registry: Registry::default(),
+        };
+        metrics.store_up.set(1);
+        for why in Refusal::ALL {
+            let _ = metrics.refusals.get_or_create(&ReasonLabels { reason: why.as_str() });
+        }
+        for state in JOB_ENDS {
+            let _ = metrics.jobs_ended.get_or_create(&StateLabels { state });
+        }
+        // Counters are registered without their `_total` (the encoder adds
+        // it), and help texts without their full stop (the registry adds it).
+        let r = &mut registry;
+        r.register("dialogd_messages_in", "Messages received from adapters", metrics.messages_in.clone());
+        r.register("dialogd_messages_out", "Answers handed to adapters (replies and command answers)", metrics.messages_out.clone());
+        r.register("dialogd_replies", "Generated replies", metrics.replies.clone());
+        r.register("dialogd_replies_cut_off", "Replies sent cut off by the token limit (no candidate finished)", metrics.replies_cut_off.clone());
+        r.register("dialogd_redis_errors", "Failed or timed-out Redis calls", metrics.redis_errors.clone());
+        r.register("dialogd_context_degraded", "Messages answered without their stored context", metrics.context_degraded.clone());
+        r.register("dialogd_reloads", "Successful SIGHUP reloads", metrics.reloads.clone());
+        r.register("dialogd_candidates_drawn", "Candidate replies generated", metrics.candidates_drawn.clone());
+        r.register("dialogd_candidates_flagged", "Candidates dropped by the safety filter", metrics.candidates_flagged.clone());
+        r.register("dialogd_candidates_screened", "Candidates dropped as empty, echoes or repeats", metrics.candidates_screened.clone());
+        r.register("dialogd_candidates_ranked", "Candidates scored by the ranker", metrics.candidates_ranked.clone());
+        r.register("dialogd_jobs_started", "Training job attempts started here", metrics.jobs_started.clone());
+        r.register("dialogd_jobs_ended", "Training jobs run here, by how they ended", metrics.jobs_ended.clone());
+        r.register("dialogd_job_running", "Whether a trainer runs under this daemon", metrics.job_running.clone());
+        r.register("dialogd_refusals", "Messages not answered, by reason", metrics.refusals.clone());
+        r.register("dialogd_store_up", "Whether the context store answers", metrics.store_up.clone());
+        r.register("dialogd_generation_seconds", "Time to generate one reply, queueing included", metrics.generation_seconds.clone());
+        // The conventional build_info gauge (value 1, facts in the labels).
+        let build = Family::<BuildLabels, Gauge>::default();
+        build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION"), features: BUILD_FEATURES }).set(1);
+        r.register("dialogd_build_info", "The running build: version and cargo features", build);
+        r.register_collector(Box::new(PoolCollector(metrics.pool.clone())));
+        if let Err(error) = kubert_prometheus_process::register(r.sub_registry_with_prefix("process")) {
+            tracing::warn!(%error, "process metrics are not available");
+        }
+        Arc::new(Metrics { registry, ..metrics })
+    }
+
+    /// Counts a message received on `platform`.
+    pub fn message_in(&self, platform: Platform) {
+        self.messages_in.get_or_create(&PlatformLabels { platform: platform.as_str() }).inc();
+    }
+
+    /// Counts an answer (reply or command answer) handed to `platform`.
+    pub fn message_out(&self, platform: Platform) {
+        self.messages_out.get_or_create(&PlatformLabels { platform: platform.as_str() }).inc();
+    }
+
+    /// Counts a generated reply sent on `platform`.
+    pub fn replied(&self, platform: Platform) {
+        self.replies.get_or_create(&PlatformLabels { platform: platform.as_str() }).inc();
+    }
+
+    /// Generated replies on every platform together.
+    pub fn replies_total(&self) -> u64 {
+        PLATFORMS.iter().map(|p| self.replies.get_or_create(&PlatformLabels { platform: p.as_str() }).get()).sum()
     }
 
     pub fn refused(&self, why: Refusal) {
-        let idx = Refusal::ALL.iter().position(|r| *r == why).unwrap_or(0);
-        self.refusals[idx].fetch_add(1, Ordering::Relaxed);
+        self.refusals.get_or_create(&ReasonLabels { reason: why.as_str() }).inc();
     }
 
     pub fn refusals(&self, why: Refusal) -> u64 {
-        let idx = Refusal::ALL.iter().position(|r| *r == why).unwrap_or(0);
-        self.refusals[idx].load(Ordering::Relaxed)
+        self.refusals.get_or_create(&ReasonLabels { reason: why.as_str() }).get()
     }
 
-    /// Counts a job's end (`promoted`, `rejected`, `failed`, `cancelled`).
+    /// Counts a job's end (`promoted`, `rejected`, `failed`, `cancelled`;
+    /// anything else is ignored).
     pub fn job_ended(&self, state: &str) {
-        if let Some(idx) = JOB_ENDS.iter().position(|s| *s == state) {
-            self.jobs_ended[idx].fetch_add(1, Ordering::Relaxed);
+        if let Some(state) = JOB_ENDS.iter().find(|s| **s == state) {
+            self.jobs_ended.get_or_create(&StateLabels { state }).inc();
         }
+    }
+
+    /// Records the store's state for `dialogd_store_up` and `/healthz`.
+    pub fn set_store_up(&self, up: bool) {
+        self.store_up.set(i64::from(up));
+    }
+
+    /// Whether the store answered last time it was asked.
+    pub fn store_is_up(&self) -> bool {
+        self.store_up.get() != 0
     }
 
     pub fn observe_generation(&self, took: Duration) {
-        let secs = took.as_secs_f64();
-        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.latency_buckets) {
-            if secs <= *bound {
-                bucket.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.latency_count.fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_micros.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        self.generation_seconds.observe(took.as_secs_f64());
     }
 
-    /// The Prometheus text exposition format (version 0.0.4).
+    /// The OpenMetrics 1.0 text exposition ([`CONTENT_TYPE`]), which
+    /// Prometheus scrapes natively: counters are described without their
+    /// `_total` suffix and sampled with it, and the text ends with `# EOF`.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut counter = |name: &str, help: &str, value: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
-        };
-        counter("dialogd_messages_in_total", "Messages received from adapters.", load(&self.messages_in));
-        counter("dialogd_messages_out_total", "Answers handed to adapters (replies and command answers).", load(&self.messages_out));
-        counter("dialogd_replies_total", "Generated replies.", load(&self.replies));
-        counter("dialogd_replies_cut_off_total", "Replies sent cut off by the token limit (no candidate finished).", load(&self.replies_cut_off));
-        counter("dialogd_redis_errors_total", "Failed or timed-out Redis calls.", load(&self.redis_errors));
-        counter("dialogd_context_degraded_total", "Messages answered without their stored context.", load(&self.context_degraded));
-        counter("dialogd_reloads_total", "Successful SIGHUP reloads.", load(&self.reloads));
-        counter("dialogd_candidates_drawn_total", "Candidate replies generated.", load(&self.candidates_drawn));
-        counter("dialogd_candidates_flagged_total", "Candidates dropped by the safety filter.", load(&self.candidates_flagged));
-        counter("dialogd_candidates_screened_total", "Candidates dropped as empty, echoes or repeats.", load(&self.candidates_screened));
-        counter("dialogd_candidates_ranked_total", "Candidates scored by the ranker.", load(&self.candidates_ranked));
-        let pool = self.pool.get().map(|p| p.snapshot());
-        if let Some(p) = &pool {
-            counter("dialogd_pool_tokens_total", "Tokens generated by the pool.", p.tokens_generated);
-            counter("dialogd_pool_prefill_tokens_total", "Prompt tokens prefilled by the pool.", p.prefill_tokens);
-            counter("dialogd_pool_decode_steps_total", "Batched steps (each one's decode rows and the prompts prefilled with them).", p.decode_steps);
-            counter("dialogd_pool_refusals_total", "Requests refused because the pool queue was full.", p.refusals);
-            counter("dialogd_pool_requests_failed_total", "Pool requests that failed.", p.requests_failed);
-            counter("dialogd_pool_requests_cancelled_total", "Pool requests whose caller went away.", p.requests_cancelled);
-        }
-        let _ = writeln!(out, "# HELP dialogd_jobs_started_total Training job attempts started here.\n# TYPE dialogd_jobs_started_total counter\ndialogd_jobs_started_total {}", load(&self.jobs_started));
-        let _ = writeln!(out, "# HELP dialogd_jobs_ended_total Training jobs run here, by how they ended.\n# TYPE dialogd_jobs_ended_total counter");
-        for (state, value) in JOB_ENDS.iter().zip(&self.jobs_ended) {
-            let _ = writeln!(out, "dialogd_jobs_ended_total{{state=\"{state}\"}} {}", load(value));
-        }
-        let _ = writeln!(
-            out,
-            "# HELP dialogd_job_running Whether a trainer runs under this daemon.\n# TYPE dialogd_job_running gauge\ndialogd_job_running {}",
-            u8::from(self.job_running.load(Ordering::Relaxed))
-        );
-        let _ = writeln!(out, "# HELP dialogd_refusals_total Messages not answered, by reason.\n# TYPE dialogd_refusals_total counter");
-        for (why, value) in Refusal::ALL.iter().zip(&self.refusals) {
-            let _ = writeln!(out, "dialogd_refusals_total{{reason=\"{}\"}} {}", why.as_str(), load(value));
-        }
-        let _ = writeln!(
-            out,
-            "# HELP dialogd_generation_queue_depth Jobs waiting for generation.\n# TYPE dialogd_generation_queue_depth gauge\ndialogd_generation_queue_depth {}",
-            pool.as_ref().map(|p| p.queue_depth as i64).unwrap_or_else(|| self.queue_depth.load(Ordering::Relaxed)).max(0)
-        );
-        if let Some(p) = &pool {
-            let _ = writeln!(
-                out,
-                "# HELP dialogd_pool_active_sequences Sequences in the current batch.\n# TYPE dialogd_pool_active_sequences gauge\ndialogd_pool_active_sequences {}",
-                p.active_sequences
-            );
-            let _ = writeln!(
-                out,
-                "# HELP dialogd_model_version Model version served (0 at start, +1 per swap).\n# TYPE dialogd_model_version gauge\ndialogd_model_version {}",
-                p.model_version
-            );
-            let _ = writeln!(out, "# HELP dialogd_pool_decode_seconds_total Time spent in steps (the prefills in them included).\n# TYPE dialogd_pool_decode_seconds_total counter\ndialogd_pool_decode_seconds_total {}", p.decode_seconds_total);
-            let _ = writeln!(out, "# HELP dialogd_time_to_first_token_seconds Submission to first token.\n# TYPE dialogd_time_to_first_token_seconds histogram");
-            for (bound, count) in crate::pool::metrics::TTFT_BUCKETS_MS.iter().zip(&p.ttft_buckets) {
-                let _ = writeln!(out, "dialogd_time_to_first_token_seconds_bucket{{le=\"{}\"}} {count}", *bound as f64 / 1000.0);
-            }
-            let total = p.ttft_buckets.last().copied().unwrap_or(0);
-            let _ = writeln!(out, "dialogd_time_to_first_token_seconds_bucket{{le=\"+Inf\"}} {total}");
-            let _ = writeln!(out, "dialogd_time_to_first_token_seconds_sum {}", p.ttft_seconds_sum);
-            let _ = writeln!(out, "dialogd_time_to_first_token_seconds_count {total}");
-        }
-        let _ = writeln!(
-            out,
-            "# HELP dialogd_store_up Whether the context store answers.\n# TYPE dialogd_store_up gauge\ndialogd_store_up {}",
-            u8::from(self.store_up.load(Ordering::Relaxed))
-        );
-        let _ = writeln!(out, "# HELP dialogd_generation_seconds Time to generate one reply, queueing included.\n# TYPE dialogd_generation_seconds histogram");
-        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.latency_buckets) {
-            let _ = writeln!(out, "dialogd_generation_seconds_bucket{{le=\"{bound}\"}} {}", load(bucket));
-        }
-        let count = load(&self.latency_count);
-        let _ = writeln!(out, "dialogd_generation_seconds_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "dialogd_generation_seconds_sum {}", load(&self.latency_sum_micros) as f64 / 1e6);
-        let _ = writeln!(out, "dialogd_generation_seconds_count {count}");
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// Rewrites the OpenMetrics text of [`Metrics::render`] as the Prometheus
+/// text format 0.0.4 ([`PROMETHEUS_CONTENT_TYPE`]), for clients that do not
+/// ask for OpenMetrics (`curl`, `promtool check metrics`, older scrapers).
+/// The samples are the same; what differs is the framing: counter families
+/// are described under their sample name (`x_total`, not `x`), and there are
+/// no `# UNIT` or `# EOF` lines. See
+/// <https://prometheus.io/docs/instrumenting/exposition_formats/> and
+/// <https://github.com/prometheus/OpenMetrics/blob/main/specification/OpenMetrics.md>.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        let described = ["# HELP ", "# TYPE "].iter().find_map(|tag| Some((*tag, line.strip_prefix(tag)?)));
+        match described {
+            _ if line.starts_with("# UNIT ") || line == "# EOF" => continue,
+            Some((tag, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let suffix = if counters.contains(name) { "_total" } else { "" };
+                out.push_str(&format!("{tag}{name}{suffix} {tail}"));
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The Prometheus text format that [`to_prometheus_text`] writes.
+pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The cargo features this binary was built with, for `dialogd_build_info`.
+const BUILD_FEATURES: &str = if cfg!(feature = "cuda") { "cuda" } else { "" };
+
+/// Writes the pool's snapshot at scrape time: the pool keeps its own
+/// lock-free counters (it sits below telemetry), and this reads them.
+#[derive(Debug)]
+struct PoolCollector(Arc<OnceLock<Arc<crate::pool::PoolMetrics>>>);
+
+impl Collector for PoolCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let pool = self.0.get().map(|p| p.snapshot());
+        // The queue depth is always shown (0 before the pool runs).
+        let depth = pool.as_ref().map_or(0, |p| p.queue_depth as i64);
+        ConstGauge::new(depth).encode(encoder.encode_descriptor(
+            "dialogd_generation_queue_depth",
+            "Jobs waiting for generation.",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        let Some(p) = pool else { return Ok(()) };
+        let counters: [(&str, &str, u64); 6] = [
+            ("dialogd_pool_tokens", "Tokens generated by the pool.", p.tokens_generated),
+            ("dialogd_pool_prefill_tokens", "Prompt tokens prefilled by the pool.", p.prefill_tokens),
+            ("dialogd_pool_decode_steps", "Batched steps (each one's decode rows and the prompts prefilled with them).", p.decode_steps),
+            ("dialogd_pool_refusals", "Requests refused because the pool queue was full.", p.refusals),
+            ("dialogd_pool_requests_failed", "Pool requests that failed.", p.requests_failed),
+            ("dialogd_pool_requests_cancelled", "Pool requests whose caller went away.", p.requests_cancelled),
+        ];
+        for (name, help, value) in counters {
+            ConstCounter::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Counter)?)?;
+        }
+        ConstCounter::new(p.decode_seconds_total).encode(encoder.encode_descriptor(
+            "dialogd_pool_decode_seconds",
+            "Time spent in steps (the prefills in them included).",
+            None,
+            MetricType::Counter,
+        )?)?;
+        let gauges: [(&str, &str, u64); 2] = [
+            ("dialogd_pool_active_sequences", "Sequences in the current batch.", p.active_sequences),
+            ("dialogd_model_version", "Model version served (0 at start, +1 per swap).", p.model_version),
+        ];
+        for (name, help, value) in gauges {
+            ConstGauge::new(value as i64).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)?;
+        }
+        // The pool's buckets are cumulative, the last one +Inf; the encoder
+        // wants each bucket's own count and accumulates itself.
+        let mut below = 0;
+        let buckets: Vec<(f64, u64)> = crate::pool::metrics::TTFT_BUCKETS_MS
+            .iter()
+            .map(|ms| *ms as f64 / 1000.0)
+            .chain([f64::MAX])
+            .zip(&p.ttft_buckets)
+            .map(|(bound, cumulative)| {
+                let own = cumulative - below;
+                below = *cumulative;
+                (bound, own)
+            })
+            .collect();
+        let mut ttft = encoder.encode_descriptor(
+            "dialogd_time_to_first_token_seconds",
+            "Submission to first token.",
+            None,
+            MetricType::Histogram,
+        )?;
+        ttft.encode_histogram::<NoLabelSet>(p.ttft_seconds_sum, below, &buckets, None)
     }
 }
 
@@ -259,18 +412,33 @@ impl MetricsServer {
     }
 }
 
-/// Serves `GET /metrics` until `stop` resolves.
+/// Serves `GET /metrics` until `stop` resolves: OpenMetrics to clients whose
+/// `Accept` names `application/openmetrics-text` (Prometheus does), the
+/// Prometheus text format 0.0.4 to the rest.
 pub async fn serve_metrics(
     server: MetricsServer,
     metrics: Arc<Metrics>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::http::header;
+    use axum::http::{header, HeaderMap};
     let app = axum::Router::new().route(
         "/metrics",
-        axum::routing::get(move || {
+        axum::routing::get(move |headers: HeaderMap| {
             let metrics = metrics.clone();
-            async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics.render()) }
+            async move {
+                // Prometheus asks for OpenMetrics; everyone else gets 0.0.4.
+                let wants_openmetrics = headers
+                    .get_all(header::ACCEPT)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .any(|v| v.contains("application/openmetrics-text"));
+                let text = metrics.render();
+                if wants_openmetrics {
+                    ([(header::CONTENT_TYPE, CONTENT_TYPE)], text)
+                } else {
+                    ([(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)], to_prometheus_text(&text))
+                }
+            }
         }),
     );
     axum::serve(server.listener, app).with_graceful_shutdown(stop).await
@@ -281,16 +449,51 @@ mod tests {
     use super::*;
 
     #[test]
-    fn render_shows_counts_and_histogram() {
+    fn render_shows_counts_labels_and_histogram() {
         let m = Metrics::new();
-        m.messages_in.fetch_add(3, Ordering::Relaxed);
+        m.message_in(Platform::Telegram);
+        m.message_in(Platform::Telegram);
+        m.message_in(Platform::Http);
         m.refused(Refusal::Busy);
+        m.job_ended("promoted");
+        m.job_ended("no such state");
         m.observe_generation(Duration::from_millis(70));
         let text = m.render();
-        assert!(text.contains("dialogd_messages_in_total 3\n"), "{text}");
+        assert!(text.contains("dialogd_messages_in_total{platform=\"telegram\"} 2\n"), "{text}");
+        assert!(text.contains("dialogd_messages_in_total{platform=\"http\"} 1\n"), "{text}");
+        assert!(text.contains("dialogd_messages_in_total{platform=\"discord\"} 0\n"), "{text}");
         assert!(text.contains("dialogd_refusals_total{reason=\"busy\"} 1\n"));
-        assert!(text.contains("dialogd_generation_seconds_bucket{le=\"0.05\"} 0\n"));
+        assert!(text.contains("dialogd_refusals_total{reason=\"invalid\"} 0\n"));
+        assert!(text.contains("dialogd_jobs_ended_total{state=\"promoted\"} 1\n"));
+        assert!(text.contains("dialogd_generation_seconds_bucket{le=\"0.05\"} 0\n"), "{text}");
         assert!(text.contains("dialogd_generation_seconds_bucket{le=\"0.1\"} 1\n"));
         assert!(text.contains("dialogd_generation_seconds_count 1\n"));
+        assert!(text.contains("dialogd_generation_queue_depth 0\n"));
+        assert!(text.contains(&format!("dialogd_build_info{{version=\"{}\"", env!("CARGO_PKG_VERSION"))), "{text}");
+        assert!(text.ends_with("# EOF\n"));
+        let plain = to_prometheus_text(&text);
+        assert!(plain.contains("# HELP dialogd_messages_in_total Messages received from adapters.\n# TYPE dialogd_messages_in_total counter\n"), "{plain}");
+        assert!(plain.contains("# TYPE dialogd_store_up gauge\n"), "{plain}");
+        assert!(plain.contains("# TYPE dialogd_generation_seconds histogram\n"), "{plain}");
+        assert!(!plain.contains("# EOF") && !plain.contains("# UNIT") && !plain.contains(" info\n"), "{plain}");
+        assert!(!text.contains(".."), "doubled full stops in help texts:\n{text}");
+        assert_eq!(m.refusals(Refusal::Busy), 1);
+        assert!(m.store_is_up());
+    }
+
+    #[test]
+    fn the_pool_histogram_is_cumulative_once() {
+        let m = Metrics::new();
+        let pool = Arc::new(crate::pool::PoolMetrics::default());
+        pool.first_token(Duration::from_millis(30));
+        pool.first_token(Duration::from_millis(30));
+        pool.first_token(Duration::from_secs(60));
+        let _ = m.pool.set(pool);
+        let text = m.render();
+        assert!(text.contains("dialogd_time_to_first_token_seconds_bucket{le=\"0.025\"} 0\n"), "{text}");
+        assert!(text.contains("dialogd_time_to_first_token_seconds_bucket{le=\"0.05\"} 2\n"), "{text}");
+        assert!(text.contains("dialogd_time_to_first_token_seconds_bucket{le=\"10.0\"} 2\n"), "{text}");
+        assert!(text.contains("dialogd_time_to_first_token_seconds_bucket{le=\"+Inf\"} 3\n"), "{text}");
+        assert!(text.contains("dialogd_time_to_first_token_seconds_count 3\n"), "{text}");
     }
 }

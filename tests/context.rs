@@ -1,11 +1,10 @@
 //! The Redis context and persona stores against a real redis-server.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use dialogd::context::redis::RedisStore;
-use dialogd::context::{Appended, ContextError, ContextStore, Limits, Turn};
+use dialogd::context::{Appended, ContextError, ContextStore, EditChange, Edited, Limits, Turn};
 use dialogd::telemetry::Metrics;
 use dialogd_adapters::{ChannelKey, Platform};
 use redis::Commands as _;
@@ -160,10 +159,10 @@ async fn the_store_recovers_when_redis_comes_back() {
     assert!(!store.is_up());
     // While down, calls fail without trying Redis (no new Redis error);
     // only the watcher knocks.
-    let errors = metrics.redis_errors.load(Ordering::Relaxed);
+    let errors = metrics.redis_errors.get();
     assert!(errors >= 1);
     assert!(store.turns(&a).await.is_err());
-    assert_eq!(metrics.redis_errors.load(Ordering::Relaxed), errors, "a call went to Redis while it was down");
+    assert_eq!(metrics.redis_errors.get(), errors, "a call went to Redis while it was down");
     // Long enough down for the watcher's backoff to reach its cap.
     tokio::time::sleep(Duration::from_secs(8)).await;
     redis.restart();
@@ -172,6 +171,39 @@ async fn the_store_recovers_when_redis_comes_back() {
     store.append(&a, &[Turn::user("ann", "three", None)], None).await.unwrap();
     // The old data died with the server (no persistence); the new is there.
     assert_eq!(texts(&store.turns(&a).await.unwrap()), ["three"]);
+}
+
+#[tokio::test]
+async fn edits_replace_or_remove_only_the_authors_latest_turn() {
+    let redis = RedisServer::start();
+    let store = store(&redis, 10, Some(Duration::from_secs(600))).await;
+    let a = key("edits");
+    store.append(&a, &[Turn::user("ann", "one", Some("m1".into())), Turn::bot("re one", "ann")], Some("m1")).await.unwrap();
+    store.append(&a, &[Turn::user("ann", "two", Some("m2".into())), Turn::bot("re two", "ann")], Some("m2")).await.unwrap();
+    store.append(&a, &[Turn::user("bob", "three", Some("m3".into()))], Some("m3")).await.unwrap();
+    let before = store.turns(&a).await.unwrap();
+    // An older message of ann's, and someone else's message: untouched.
+    assert_eq!(store.edit_turn(&a, "ann", "m1", EditChange::Replace("x")).await.unwrap(), Edited::Ignored);
+    assert_eq!(store.edit_turn(&a, "bob", "m2", EditChange::Replace("x")).await.unwrap(), Edited::Ignored);
+    assert_eq!(store.edit_turn(&a, "ann", "m9", EditChange::Replace("x")).await.unwrap(), Edited::Ignored);
+    assert_eq!(store.turns(&a).await.unwrap(), before);
+    // Replaced in place, every other field kept (JSON rewritten by the script).
+    let text = "two, edited: caf\u{e9} \u{1F600} \"quoted\" / slash";
+    assert_eq!(store.edit_turn(&a, "ann", "m2", EditChange::Replace(text)).await.unwrap(), Edited::Replaced);
+    let after = store.turns(&a).await.unwrap();
+    let mut want = before.clone();
+    want[2].text = text.to_string();
+    assert_eq!(after, want);
+    // Removed with the reply stored after it; the TTL is kept.
+    assert_eq!(store.edit_turn(&a, "ann", "m2", EditChange::Remove).await.unwrap(), Edited::Removed { replies: 1 });
+    assert_eq!(texts(&store.turns(&a).await.unwrap()), ["one", "re one", "three"]);
+    let ttl: i64 = redis.client().ttl("t:ctx:http:edits").unwrap();
+    assert!(ttl > 500, "{ttl}");
+    // ann's latest turn is m1 again; a re-answered edit's id (m1#…) is m1.
+    store.append(&a, &[Turn::user("ann", "uno", Some("m1#e1".into()))], Some("m1#e1")).await.unwrap();
+    assert_eq!(store.edit_turn(&a, "ann", "m1", EditChange::Replace("uno!")).await.unwrap(), Edited::Replaced);
+    assert_eq!(store.edit_turn(&a, "ann", "m", EditChange::Replace("no")).await.unwrap(), Edited::Ignored);
+    assert_eq!(texts(&store.turns(&a).await.unwrap()), ["one", "re one", "three", "uno!"]);
 }
 
 /// How long after now the store reports itself up, if within `bound`.
@@ -207,15 +239,15 @@ async fn a_wrong_password_is_a_store_fault_until_it_is_right() {
         .await
         .unwrap();
     assert!(!store.is_up());
-    assert!(!metrics.store_up.load(Ordering::Relaxed));
-    assert!(metrics.redis_errors.load(Ordering::Relaxed) >= 1);
+    assert!(!metrics.store_is_up());
+    assert!(metrics.redis_errors.get() >= 1);
     let err = store.append(&key("p"), &[Turn::user("ann", "one", None)], None).await.unwrap_err();
     assert!(matches!(err, ContextError::Unavailable(_)), "{err}");
     assert!(!err.to_string().contains("wrong-pass-2"), "{err}");
 
     config_set(&mut admin(redis.port, Some("right-pass-1")), "requirepass", "wrong-pass-2");
     back_within(&store, Duration::from_secs(5)).await.expect("not back within 5 s of the password fix");
-    assert!(metrics.store_up.load(Ordering::Relaxed));
+    assert!(metrics.store_is_up());
     store.append(&key("p"), &[Turn::user("ann", "two", None)], None).await.unwrap();
     assert_eq!(texts(&store.turns(&key("p")).await.unwrap()), ["two"]);
 }
@@ -237,7 +269,7 @@ async fn out_of_memory_is_a_store_fault_until_memory_is_back() {
     assert!(matches!(err, ContextError::Unavailable(_)), "{err}");
     assert!(err.to_string().contains("OOM"), "{err}");
     assert!(!store.is_up());
-    assert!(!metrics.store_up.load(Ordering::Relaxed));
+    assert!(!metrics.store_is_up());
 
     config_set(&mut admin, "maxmemory", "0");
     back_within(&store, Duration::from_secs(5)).await.expect("not back within 5 s of memory");
@@ -275,6 +307,48 @@ async fn a_read_only_replica_is_a_store_fault_until_promoted() {
     store.append(&key("ro"), &[Turn::user("ann", "one", None)], None).await.unwrap();
 }
 
+/// `check-config` (settings validation, then `check_url`) refuses exactly
+/// the Redis URLs the daemon refuses (the same validation, then the store's
+/// `connect`), and says why once, without the password.
+#[tokio::test]
+async fn check_config_refuses_the_urls_the_store_refuses() {
+    let urls = [
+        "redis://127.0.0.1:1/0",
+        "redis://:pw-1@127.0.0.1:1/notadb",
+        "redis://0.0.0.0:6379/0",
+        "redis://user:pw-2@[::1]:1/3",
+        "redis://",
+        "rediss://127.0.0.1:1/0",
+        "unix:///nonexistent/redis.sock?db=1&pass=pw-3",
+        "unix:///nonexistent/redis.sock?db=x",
+        "unix://",
+        "redis+unix:///nonexistent/redis.sock",
+        "http://127.0.0.1:1/0",
+    ];
+    let mut refused = 0;
+    for url in urls {
+        let validated = dialogd::settings::load_raw_with_env(None, [("DIALOGD__CONTEXT__REDIS_URL".into(), url.into())])
+            .and_then(|raw| raw.validate());
+        let checked = validated.as_ref().map_err(ToString::to_string).and_then(|_| dialogd::context::redis::check_url(url));
+        let run = match validated {
+            Err(e) => Err(e.to_string()),
+            Ok(_) => RedisStore::connect(url, "t", Limits::new(10, None), Duration::from_millis(200), Metrics::new())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        };
+        assert_eq!(checked.is_ok(), run.is_ok(), "{url}: check-config {checked:?}, run {run:?}");
+        if let Err(e) = checked {
+            refused += 1;
+            assert!(!e.contains("pw-"), "{e}");
+            assert!(!e.contains("InvalidClientConfig"), "{e}");
+        }
+    }
+    assert!(refused >= 5, "{refused}");
+    let why = dialogd::context::redis::check_url("redis://:pw-1@127.0.0.1:1/notadb").unwrap_err();
+    assert_eq!(why, "\"redis://:[redacted]@127.0.0.1:1/notadb\" cannot be used: Invalid database number");
+}
+
 /// A key of the wrong type under one channel is that channel's problem:
 /// an error for it (counted), while the store stays up for the others.
 #[tokio::test]
@@ -283,12 +357,12 @@ async fn a_wrong_type_under_one_channel_leaves_the_store_up() {
     let metrics = Metrics::new();
     let store = store_with(&redis, 10, None, metrics.clone()).await;
     redis.client().set::<_, _, ()>("t:ctx:http:odd", "not a list").unwrap();
-    let errors = metrics.redis_errors.load(Ordering::Relaxed);
+    let errors = metrics.redis_errors.get();
     let err = store.turns(&key("odd")).await.unwrap_err();
     assert!(matches!(err, ContextError::Corrupt(_)), "{err}");
     let err = store.append(&key("odd"), &[Turn::user("ann", "x", None)], None).await.unwrap_err();
     assert!(matches!(err, ContextError::Corrupt(_)), "{err}");
-    assert_eq!(metrics.redis_errors.load(Ordering::Relaxed), errors + 2);
+    assert_eq!(metrics.redis_errors.get(), errors + 2);
     assert!(store.is_up());
     store.append(&key("fine"), &[Turn::user("ann", "x", None)], None).await.unwrap();
 }

@@ -166,6 +166,38 @@ fn check_config_redacts_secrets_and_names_bad_keys() {
     let out = dialogd_with_env(&["check-config", "--config", config], &[("DIALOGD__CONTEXT__MAX_TURNS", "zero")]);
     assert_fails_with(&out, "max_turns");
     assert_fails_with(&dialogd(&["check-config", "--config", "/nonexistent/dialogd.toml"]), "/nonexistent/dialogd.toml");
+    // Lenient readings are errors: a float in an integer key (not rounded),
+    // a Discord id written as a float, bytes that are not UTF-8, a folder.
+    std::fs::write(&path, "[daemon]\ndrain_secs = 1.5\n").unwrap();
+    assert_fails_with(&dialogd(&["check-config", "--config", config]), "daemon.drain_secs: expected an integer");
+    std::fs::write(&path, "[adapters.discord]\nallowed_guilds = [123456789012345678.0]\n").unwrap();
+    assert_fails_with(&dialogd(&["check-config", "--config", config]), "adapters.discord.allowed_guilds[0]");
+    std::fs::write(&path, b"[telemetry]\nlog_filter = \"\xc3\"\n").unwrap();
+    assert_fails_with(&dialogd(&["check-config", "--config", config]), &format!("{config}: not UTF-8 text (line 2"));
+    let folder = dir.path().to_str().unwrap();
+    assert_fails_with(&dialogd(&["check-config", "--config", folder]), &format!("{folder}: is a directory"));
+}
+
+/// `run` refuses a Redis URL the redis crate cannot use, as `check-config`
+/// does, and says why once (not once per error layer), without the password.
+#[test]
+fn run_refuses_a_bad_redis_url_and_says_why_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad-url.toml");
+    let text = format!(
+        "[model]\npath = \"{}\"\n[context]\nredis_url = \"redis://:pw-z9@127.0.0.1:1/notadb\"\n\
+         [adapters.http]\nlisten = \"127.0.0.1:0\"\n[telemetry]\nmetrics_listen = \"\"\n",
+        model_dir("pico-bin").display()
+    );
+    std::fs::write(&config, text).unwrap();
+    for command in ["check-config", "run"] {
+        let out = dialogd(&[command, "--config", config.to_str().unwrap()]);
+        assert_fails_with(&out, "context.redis_url");
+        let err = crate::support::stderr(&out);
+        let error_line = err.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("{command}: {err}"));
+        assert_eq!(error_line.matches("Invalid database number").count(), 1, "{command}: {error_line}");
+        assert!(!err.contains("pw-z9"), "{command}: {err}");
+    }
 }
 
 /// Stop the daemon, start it again: each channel's context is still in

@@ -11,7 +11,7 @@ use dialogd_adapters::retry::RetryPolicy;
 use dialogd_adapters::{Adapter, Answer, BoxFuture, ChannelKey, ContextTurn, Core, CoreError, Health, Inbound, Outbound, Shutdown};
 use serde_json::{json, Value};
 
-use crate::fakes::discord::{message, slash_command, user, FakeDiscord, Limit, BOT_ID, GUILD};
+use crate::fakes::discord::{edited, message, slash_command, user, FakeDiscord, Limit, BOT_ID, GUILD};
 use crate::fakes::{wait_for, LogCapture};
 use crate::support::{daemon_toml, TestDaemon};
 
@@ -287,4 +287,62 @@ async fn rate_limits_wait_what_discord_asks_for_every_call() {
 
     let _ = stop.send(true);
     tokio::time::timeout(WAIT, running).await.expect("the adapter stops").unwrap().unwrap();
+}
+
+async fn discord_texts(d: &TestDaemon, channel: u64) -> Vec<String> {
+    let key = ChannelKey::new(dialogd_adapters::Platform::Discord, channel.to_string());
+    d.pipeline.turns(key).await.unwrap().into_iter().map(|t| t.text).collect()
+}
+
+#[tokio::test]
+async fn threads_follow_their_parent_and_edits_correct_the_context() {
+    let fake = FakeDiscord::start(TOKEN).await;
+    // Channel 20 is open, 21 allowed, 22 neither; threads 30 (of 20),
+    // 31 (of 21) and 32 (of 22).
+    for (thread, parent) in [(30, 20), (31, 21), (32, 22)] {
+        fake.add_thread(thread, parent);
+    }
+    let extra = [
+        ("adapters.discord", "enabled = true".to_string()),
+        ("adapters.discord", format!("token = \"{TOKEN}\"")),
+        ("adapters.discord", format!("proxy_url = \"{}\"", fake.rest_url)),
+        ("adapters.discord", "allowed_channels = [21]".to_string()),
+        ("adapters.discord", "open_channels = [20]".to_string()),
+    ];
+    let extra: Vec<(&str, &str)> = extra.iter().map(|(s, l)| (*s, l.as_str())).collect();
+    let d = TestDaemon::start(&daemon_toml(None, &extra)).await;
+    wait_for(WAIT, || fake.received(2).pop()).await.expect("identify");
+    let bot = || vec![user(BOT_ID, "dialogd", true)];
+
+    // A thread of the open channel is open: no mention needed; its own context.
+    let in_open = fake.next_id();
+    fake.dispatch("MESSAGE_CREATE", message(in_open, 30, Some(GUILD), 2, "Does money buy happiness?", vec![], None));
+    assert_eq!(referenced(&nth_posted(&fake, 30, 1).await), Some(in_open));
+    assert_eq!(discord_texts(&d, 30).await[0], "Does money buy happiness?");
+    assert!(discord_texts(&d, 20).await.is_empty(), "the thread has its own context");
+    // A thread of an allowed channel: answered when mentioned.
+    let in_allowed = fake.next_id();
+    fake.dispatch("MESSAGE_CREATE", message(in_allowed, 31, Some(GUILD), 2, &format!("<@{BOT_ID}> hello thread"), bot(), None));
+    assert_eq!(referenced(&nth_posted(&fake, 31, 1).await), Some(in_allowed));
+    // A thread of a channel outside the lists: silent, even mentioned.
+    fake.dispatch("MESSAGE_CREATE", message(fake.next_id(), 32, Some(GUILD), 2, &format!("<@{BOT_ID}> anyone?"), bot(), None));
+    // The parent was asked once per thread.
+    let marker = fake.next_id();
+    fake.dispatch("MESSAGE_CREATE", message(marker, 30, Some(GUILD), 2, "tell me more", vec![], None));
+    assert_eq!(referenced(&nth_posted(&fake, 30, 2).await), Some(marker));
+    assert!(fake.posted(32).is_empty(), "a thread outside the lists was answered");
+    assert_eq!(fake.calls("GET", "/channels/30").len(), 1, "looked up once");
+
+    // Edits: the latest turn's text is replaced, silently; an older
+    // message's edit changes nothing.
+    fake.dispatch("MESSAGE_UPDATE", edited(marker, 30, Some(GUILD), 2, "tell me much more"));
+    fake.dispatch("MESSAGE_UPDATE", edited(in_open, 30, Some(GUILD), 2, "Does money buy love?"));
+    let last = fake.next_id();
+    fake.dispatch("MESSAGE_CREATE", message(last, 30, Some(GUILD), 2, "and then?", vec![], None));
+    assert_eq!(referenced(&nth_posted(&fake, 30, 3).await), Some(last));
+    let stored = discord_texts(&d, 30).await;
+    assert!(stored.contains(&"tell me much more".to_string()), "{stored:?}");
+    assert!(stored.contains(&"Does money buy happiness?".to_string()) && !stored.iter().any(|t| t.contains("love")), "{stored:?}");
+    assert_eq!(fake.posted(30).len(), 3, "edits are not answered (answer_edits = false)");
+    d.stop().await;
 }

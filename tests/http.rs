@@ -8,7 +8,70 @@ use std::time::Duration;
 use dialogd_adapters::{Answer, ChannelKey, Core, Inbound, Platform};
 use serde_json::Value;
 
-use crate::support::{daemon_toml, RedisServer, TestDaemon};
+use crate::support::{self, daemon_toml, parse_exposition, RedisServer, TestDaemon};
+
+/// `/metrics` is valid Prometheus text with every documented family, the
+/// pool's included (a parser would refuse the whole scrape over one bad
+/// line).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_exposition_parses() {
+    let d = TestDaemon::start(&daemon_toml(None, &[])).await;
+    let (status, body) = d.say("metrics", "ann", "Hello there", None).await;
+    assert_eq!(status, 200, "{body}");
+    let text = d.http.get(&d.metrics_url).send().await.unwrap().text().await.unwrap();
+    let samples = parse_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    for wanted in [
+        "dialogd_messages_in_total{platform=\"http\"}",
+        "dialogd_messages_out_total{platform=\"telegram\"}",
+        "dialogd_replies_total{platform=\"http\"}",
+        "dialogd_refusals_total{reason=\"invalid\"}",
+        "dialogd_generation_seconds_bucket{le=\"+Inf\"}",
+        "dialogd_pool_tokens_total",
+        "dialogd_time_to_first_token_seconds_count",
+        "dialogd_store_up",
+    ] {
+        assert!(samples.iter().any(|s| s == wanted), "{wanted} missing from\n{text}");
+    }
+    assert!(samples.iter().any(|s| s.starts_with("dialogd_build_info{")), "no build info in\n{text}");
+    if cfg!(target_os = "linux") {
+        assert!(samples.iter().any(|s| s == "process_cpu_seconds_total"), "no process metrics in\n{text}");
+    }
+    assert_eq!(d.metric("dialogd_messages_in_total").await, 1.0);
+    assert_eq!(d.metric("dialogd_messages_in_total{platform=\"http\"}").await, 1.0);
+    assert_eq!(d.metric("dialogd_messages_in_total{platform=\"discord\"}").await, 0.0);
+
+    // Prometheus asks for OpenMetrics and gets it: counters described
+    // without `_total`, the same samples, and the closing `# EOF`.
+    let open = d.http.get(&d.metrics_url).header("accept", "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5").send().await.unwrap();
+    assert_eq!(open.headers()["content-type"], "application/openmetrics-text; version=1.0.0; charset=utf-8");
+    let open = open.text().await.unwrap();
+    assert!(open.ends_with("# EOF\n"), "{open}");
+    assert!(open.contains("# TYPE dialogd_messages_in counter\ndialogd_messages_in_total{"), "{open}");
+    assert!(text.contains("# TYPE dialogd_messages_in_total counter\n"), "{text}");
+
+    // promtool's linter, where it is installed (.ci/run installs it).
+    match support::promtool() {
+        Some(promtool) => {
+            let mut child = std::process::Command::new(promtool)
+                .args(["check", "metrics"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            use std::io::Write as _;
+            child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+            let out = child.wait_with_output().unwrap();
+            let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            assert!(out.status.success(), "promtool check metrics:\n{said}\n{text}");
+        }
+        None => eprintln!("promtool not installed: the lint step was skipped"),
+    }
+    for bad in ["dialogd_x 1 2", "dialogd_y{a=\"1\" 3", "# TYPE dialogd_z counter\ndialogd_z{a=1} 1", "dialogd_w 1"] {
+        assert!(parse_exposition(bad).is_err(), "{bad:?} must not parse");
+    }
+    d.stop().await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conversation_round_trips_through_the_context() {
@@ -158,6 +221,7 @@ async fn each_channel_keeps_its_order_under_concurrency() {
                 addressed_to_bot: true,
                 moderator: false,
                 group: None,
+                edit: None,
             };
             pending.push(d.pipeline.handle(inbound));
         }
@@ -587,6 +651,7 @@ async fn a_persona_choice_survives_a_restart_with_jobs_off() {
         addressed_to_bot: true,
         moderator: true,
         group: None,
+        edit: None,
     };
     let say = |d: &TestDaemon, text: &str| {
         let answer = d.pipeline.handle(moderator(text));

@@ -93,6 +93,7 @@ fn inbound(channel: &str, text: &str, moderator: bool) -> Inbound {
         addressed_to_bot: true,
         moderator,
         group: None,
+        edit: None,
     }
 }
 

@@ -1,5 +1,6 @@
 //! Shared test fixtures.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Mutex, OnceLock};
@@ -365,12 +366,104 @@ impl TestDaemon {
     }
 }
 
-/// A sample's value from Prometheus text (`name` may include labels).
+/// A sample's value from Prometheus text. `name` with labels
+/// (`x{a="b"}`) is one series; a bare name sums every series of that name,
+/// as PromQL's `sum(x)` would (e.g. all platforms of
+/// `dialogd_messages_in_total`). Panics when no series matches.
 pub fn metric_value(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
-        .trim()
-        .parse()
-        .unwrap()
+    let values: Vec<f64> = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let rest = if name.contains('{') { rest } else { rest.split_once('}').map_or(rest, |(labels, after)| if labels.starts_with('{') { after } else { rest }) };
+            rest.strip_prefix(' ')
+        })
+        .map(|v| v.trim().parse().unwrap())
+        .collect();
+    assert!(!values.is_empty(), "no metric {name} in:\n{text}");
+    values.iter().sum()
+}
+
+/// `promtool` from `$DIALOGD_PROMTOOL` or the `PATH`; `None` when it is not
+/// installed, except under CI (`CI` set), where its absence is a failure.
+pub fn promtool() -> Option<PathBuf> {
+    let found = std::env::var_os("DIALOGD_PROMTOOL").map(PathBuf::from).or_else(|| {
+        std::env::split_paths(&std::env::var_os("PATH")?).map(|dir| dir.join("promtool")).find(|p| p.is_file())
+    });
+    assert!(found.is_some() || std::env::var_os("CI").is_none(), "CI must install promtool (see .ci/run)");
+    found
+}
+
+/// Checks Prometheus text (format 0.0.4): every line is `# HELP name …`,
+/// `# TYPE name counter|gauge|histogram|…`, or a sample `name{k="v",…}
+/// value` of a family whose TYPE came first (histograms' `_bucket`, `_sum`
+/// and `_count` included); no family is described twice. Returns the
+/// samples' names with labels.
+pub fn parse_exposition(text: &str) -> Result<Vec<String>, String> {
+    fn name_ok(name: &str) -> bool {
+        let mut chars = name.chars();
+        chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    }
+    fn labels_ok(labels: &str) -> bool {
+        // k="v" pairs, comma separated; values without raw quotes or newlines.
+        let mut rest = labels;
+        while !rest.is_empty() {
+            let Some((key, after)) = rest.split_once("=\"") else { return false };
+            let Some(end) = after.find('"') else { return false };
+            if !name_ok(key) || after[..end].contains('\n') {
+                return false;
+            }
+            rest = after[end + 1..].strip_prefix(',').unwrap_or(&after[end + 1..]);
+        }
+        true
+    }
+    let mut typed: HashSet<String> = HashSet::new();
+    let mut helped: HashSet<String> = HashSet::new();
+    let mut samples = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let bad = |why: &str| Err(format!("line {}: {why}: {line:?}", n + 1));
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut words = rest.splitn(3, ' ');
+            let (kind, name, tail) = (words.next().unwrap_or(""), words.next().unwrap_or(""), words.next().unwrap_or(""));
+            if !name_ok(name) {
+                return bad("bad metric name");
+            }
+            let fresh = match kind {
+                "HELP" => helped.insert(name.to_string()),
+                "TYPE" if ["counter", "gauge", "histogram", "summary", "untyped"].contains(&tail) => typed.insert(name.to_string()),
+                _ => return bad("not HELP or TYPE"),
+            };
+            if !fresh {
+                return bad("family described twice");
+            }
+            continue;
+        }
+        let (series, value) = match line.rsplit_once(' ') {
+            Some(parts) => parts,
+            None => return bad("no value"),
+        };
+        if value.parse::<f64>().is_err() && !["+Inf", "-Inf", "NaN"].contains(&value) {
+            return bad("value is not a number");
+        }
+        let (name, labels) = match series.split_once('{') {
+            Some((name, labels)) => match labels.strip_suffix('}') {
+                Some(labels) => (name, labels),
+                None => return bad("labels not closed"),
+            },
+            None => (series, ""),
+        };
+        if !name_ok(name) || !labels_ok(labels) {
+            return bad("bad name or labels");
+        }
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix).filter(|f| typed.contains(*f)))
+            .unwrap_or(name);
+        if !typed.contains(family) {
+            return bad("sample before its TYPE");
+        }
+        samples.push(series.to_string());
+    }
+    Ok(samples)
 }

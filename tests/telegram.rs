@@ -162,6 +162,7 @@ async fn long_replies_split_in_order_and_429_then_5xx_lose_nothing() {
         moderators: vec![],
         poll_timeout: Duration::from_secs(1),
         retry: RetryPolicy { attempts: 4, backoff: Duration::from_millis(50), max_wait: Duration::from_secs(2) },
+        ..Default::default()
     };
     let (stop, shutdown) = Shutdown::new();
     let adapter = Box::new(TelegramAdapter::new(config).unwrap());
@@ -183,6 +184,17 @@ async fn long_replies_split_in_order_and_429_then_5xx_lose_nothing() {
     assert!(texts.iter().all(|t| t.encode_utf16().count() <= 4096));
     assert!(texts.iter().all(|t| t.ends_with('.')), "cut at sentence ends");
     assert_eq!(texts.join(" "), long.trim(), "nothing lost, in order");
+    // In a forum topic, every piece goes to the topic (not to General).
+    let in_topic = fake.say_in_topic(-1009, 4, 9, "@dialogd_bot long please");
+    let pieces: Vec<Value> = wait_for(WAIT, || {
+        let sent = fake.sent_to(-1009);
+        let done = sent.last().and_then(|p| p["text"].as_str()).is_some_and(|t| long.trim().ends_with(t));
+        (sent.len() >= 3 && done).then_some(sent)
+    })
+    .await
+    .expect("the long reply in the topic");
+    assert_eq!(replied_to(&pieces[0]), Some(in_topic));
+    assert!(pieces.iter().all(|p| p["message_thread_id"] == 4), "{pieces:?}");
 
     // The platform says 429 (retry after 1 s), then 500; the reply goes
     // out on the third try, once.
@@ -223,6 +235,141 @@ async fn long_replies_split_in_order_and_429_then_5xx_lose_nothing() {
     assert!(!text.contains(TOKEN) && !text.contains("TEST-secret-token-abcdef"), "a log line carries the token");
 }
 
+/// The stored turns' texts of a Telegram channel (`chat` or `chat:topic`).
+async fn texts(d: &TestDaemon, channel: &str) -> Vec<String> {
+    let key = ChannelKey::new(dialogd_adapters::Platform::Telegram, channel);
+    d.pipeline.turns(key).await.unwrap().into_iter().map(|t| t.text).collect()
+}
+
+fn telegram_toml(fake: &FakeTelegram, lines: &[String]) -> String {
+    let mut extra = vec![
+        ("adapters.telegram", "enabled = true".to_string()),
+        ("adapters.telegram", format!("token = \"{TOKEN}\"")),
+        ("adapters.telegram", format!("api_url = \"{}\"", fake.url)),
+        ("adapters.telegram", "poll_timeout_secs = 1".to_string()),
+    ];
+    extra.extend(lines.iter().map(|l| ("adapters.telegram", l.clone())));
+    let extra: Vec<(&str, &str)> = extra.iter().map(|(s, l)| (*s, l.as_str())).collect();
+    daemon_toml(None, &extra)
+}
+
+const SECRET: &str = "Se_cr-3t-hook";
+
+#[tokio::test]
+async fn webhook_mode_edits_topics_and_back_to_polling() {
+    let logs = LogCapture::default();
+    let _guard = logs.install();
+    let fake = FakeTelegram::start(TOKEN).await;
+    let listen = format!("127.0.0.1:{}", crate::support::free_port());
+    fake.route_webhook_to(&listen);
+    let toml = telegram_toml(
+        &fake,
+        &[
+            "mode = \"webhook\"".into(),
+            "webhook_url = \"https://bot.example.org/telegram/hook\"".into(),
+            format!("webhook_listen = \"{listen}\""),
+            format!("webhook_secret = \"{SECRET}\""),
+        ],
+    );
+    let d = TestDaemon::start(&toml).await;
+
+    // setWebhook: the URL, the secret, the updates we handle, one
+    // connection at a time (Telegram's order is the order we answer in).
+    let hook = wait_for(WAIT, || fake.webhook()).await.expect("setWebhook");
+    assert_eq!(hook["url"], "https://bot.example.org/telegram/hook");
+    assert_eq!(hook["secret_token"], SECRET);
+    assert_eq!(hook["allowed_updates"], json!(["message", "edited_message"]));
+    assert_eq!(hook["max_connections"], 1);
+
+    // Updates arrive by POST (getUpdates is refused meanwhile) and are answered.
+    let asked = fake.say(1, 1, "Does money buy happiness?", None);
+    let reply = nth_sent(&fake, 1, 1).await;
+    assert_eq!(replied_to(&reply), Some(asked));
+    assert!(fake.deliveries().iter().any(|&(_, status)| status == 200));
+    assert_eq!(texts(&d, "1").await[0], "Does money buy happiness?");
+
+    // Without the secret, or with a wrong one: 401, nothing handed over.
+    let forged = fake.update_for(1, 66, "forged message");
+    assert_eq!(fake.post_update(&forged, None).await, 401);
+    assert_eq!(fake.post_update(&forged, Some("wrong-secret")).await, 401);
+    // The same update delivered twice is answered once.
+    let twice = fake.update_for(1, 1, "tell me more");
+    assert_eq!(fake.post_update(&twice, Some(SECRET)).await, 200);
+    assert_eq!(fake.post_update(&twice, Some(SECRET)).await, 200);
+    nth_sent(&fake, 1, 2).await;
+    // A marker message: once it is answered, everything before was handled.
+    let marker = fake.say(1, 1, "and now?", None);
+    assert_eq!(replied_to(&nth_sent(&fake, 1, 3).await), Some(marker));
+    let stored = texts(&d, "1").await;
+    assert_eq!(stored.iter().filter(|t| *t == "tell me more").count(), 1, "{stored:?}");
+    assert!(!stored.iter().any(|t| t == "forged message"), "{stored:?}");
+    assert_eq!(fake.sent_to(1).len(), 3, "one answer per distinct update");
+
+    // Edits: the latest turn's text is replaced, silently; an edit of an
+    // older message changes nothing; a toxic edit takes the exchange out.
+    fake.edit(1, 1, marker, "and now, what?");
+    wait_for(WAIT, || texts_now(&d, "1").filter(|t| t.contains(&"and now, what?".to_string()))).await.expect("the edit is stored");
+    fake.edit(1, 1, asked, "Does money buy love?");
+    let marker2 = fake.say(1, 1, "one more", None);
+    assert_eq!(replied_to(&nth_sent(&fake, 1, 4).await), Some(marker2));
+    let stored = texts(&d, "1").await;
+    assert!(stored.contains(&"Does money buy happiness?".to_string()) && !stored.iter().any(|t| t.contains("love")), "{stored:?}");
+    assert_eq!(fake.sent_to(1).len(), 4, "edits are not answered (answer_edits = false)");
+    let before = stored.len();
+    fake.edit(1, 1, marker2, "you are a f*cking idiot");
+    let after = wait_for(WAIT, || texts_now(&d, "1").filter(|t| !t.contains(&"one more".to_string()))).await.expect("the flagged edit's turn is gone");
+    assert_eq!(after.len(), before - 2, "the turn and its reply: {after:?}");
+    assert!(!after.iter().any(|t| t.contains("idiot")));
+
+    // Forum topics: each topic its own channel, the answer in the topic,
+    // /reset acting on its topic only.
+    let forum = -1005;
+    let in_seven = fake.say_in_topic(forum, 7, 2, "@dialogd_bot hello from topic seven");
+    let reply = nth_sent(&fake, forum, 1).await;
+    assert_eq!((replied_to(&reply), reply["message_thread_id"].as_i64()), (Some(in_seven), Some(7)));
+    fake.say_in_topic(forum, 8, 2, "@dialogd_bot hello from topic eight");
+    assert_eq!(nth_sent(&fake, forum, 2).await["message_thread_id"], 8);
+    assert_eq!(texts(&d, "-1005:7").await[0], "hello from topic seven");
+    assert_eq!(texts(&d, "-1005:8").await[0], "hello from topic eight");
+    assert!(texts(&d, "-1005").await.is_empty(), "nothing in the chat's own channel");
+    fake.say_in_topic(forum, 7, 2, "/reset");
+    assert_eq!(nth_sent(&fake, forum, 3).await["message_thread_id"], 7);
+    assert!(texts(&d, "-1005:7").await.is_empty());
+    assert_eq!(texts(&d, "-1005:8").await.len(), 2, "the other topic keeps its context");
+    assert!(fake.calls("sendChatAction").iter().any(|b| b["message_thread_id"] == 7), "typing in the topic");
+    d.stop().await;
+
+    // Back to polling (answering edits this time): the webhook is deleted
+    // and what was sent meanwhile is polled.
+    let waiting = fake.say(3, 3, "are you still there?", None);
+    let d = TestDaemon::start(&telegram_toml(&fake, &["answer_edits = true".into()])).await;
+    wait_for(WAIT, || fake.webhook().is_none().then_some(())).await.expect("deleteWebhook");
+    assert!(!fake.calls("deleteWebhook").is_empty());
+    assert_eq!(replied_to(&nth_sent(&fake, 3, 1).await), Some(waiting));
+    // An edit answered again: a new reply to the edited message, and the
+    // old exchange replaced in the context.
+    fake.edit(3, 3, waiting, "are you still awake?");
+    assert_eq!(replied_to(&nth_sent(&fake, 3, 2).await), Some(waiting));
+    let stored = texts(&d, "3").await;
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    assert_eq!(stored[0], "are you still awake?");
+    d.stop().await;
+
+    let text = logs.text();
+    assert!(text.contains("without the right secret"), "the forged requests are logged");
+    for secret in [TOKEN, "TEST-secret-token-abcdef", SECRET] {
+        assert!(!text.contains(secret), "a log line carries a secret");
+    }
+}
+
+/// The stored texts now, for polling with `wait_for` (a blocking read of
+/// the memory store through a fresh runtime would deadlock; this peeks).
+fn texts_now(d: &TestDaemon, channel: &str) -> Option<Vec<String>> {
+    let key = ChannelKey::new(dialogd_adapters::Platform::Telegram, channel);
+    let turns = d.pipeline.turns(key);
+    futures_util::FutureExt::now_or_never(turns).and_then(Result::ok).map(|t| t.into_iter().map(|t| t.text).collect())
+}
+
 /// While `getChatMember` hangs (or fails), a moderator command waits in
 /// its own chat only: other chats are answered at once, the command is
 /// answered (as not from a moderator) after the check's timeout, the
@@ -241,6 +388,7 @@ async fn a_hanging_or_failing_moderator_check_stalls_no_other_chat() {
         moderators: vec![],
         poll_timeout: Duration::from_secs(1),
         retry: RetryPolicy { attempts: 3, backoff: Duration::from_millis(50), max_wait: Duration::from_secs(1) },
+        ..Default::default()
     };
     let (stop, shutdown) = Shutdown::new();
     let running = tokio::spawn(Box::new(TelegramAdapter::new(config).unwrap()).run(Arc::new(ScriptedCore { long: String::new(), show_moderator: true }), shutdown));

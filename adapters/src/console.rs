@@ -89,6 +89,7 @@ where
                     // The console is the operator at the machine.
                     moderator: true,
                     group: None,
+                    edit: None,
                 };
                 let text = match core.handle(inbound).await {
                     Ok(Answer::Reply(out)) => format!("bot> {}\n", out.text),

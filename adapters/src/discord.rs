@@ -26,19 +26,24 @@
 //! code points (its API is Python 3; discord/discord-api-docs#1315), so an
 //! emoji is one character, not two UTF-16 units.
 //!
+//! Threads: a thread is its own channel (its own context) and belongs to
+//! its parent for `allowed_channels` and `open_channels`. Edited messages
+//! go to the core as edits ([`crate::Edit`]), answered again only with
+//! `answer_edits`.
+//!
 //! Moderators: the allowlist of user ids, members holding a configured
 //! role, and members with the Manage Server (or Administrator) permission.
 
 mod rest;
 
-use std::collections::HashSet;
-use std::sync::{Arc, OnceLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 use serenity::all::{
     ChannelId, CommandInteraction, CommandOptionType, Context, CreateAllowedMentions, CreateCommand, CreateCommandOption,
     CreateInteractionResponseFollowup, CreateMessage, EventHandler, GatewayIntents, GuildId, HttpBuilder, Interaction,
-    Message, MessageId, MessageReference, Permissions, Ready, ResumedEvent, RoleId, UserId,
+    Message, MessageId, MessageReference, MessageUpdateEvent, Permissions, Ready, ResumedEvent, RoleId, UserId,
 };
 use serenity::http::{Http, LightMethod, Route};
 
@@ -47,7 +52,7 @@ use crate::retry::RetryPolicy;
 use crate::settings::{invalid, serialize_opt_secret, Secret, SettingsError};
 use rest::{Rest, RestError};
 use crate::text::{chars, is_moderator_command, scrub, split_message, strip_addressing, COMMANDS};
-use crate::{Adapter, AdapterError, Answer, BoxFuture, ChannelKey, Core, CoreError, Inbound, Platform, Shutdown};
+use crate::{Adapter, AdapterError, Answer, BoxFuture, ChannelKey, Core, CoreError, Edit, Inbound, Platform, Shutdown};
 
 /// Discord's longest message, in characters.
 pub const MESSAGE_LIMIT: usize = 2000;
@@ -65,6 +70,7 @@ pub struct RawDiscord {
     pub command_guilds: Vec<u64>,
     pub moderator_roles: Vec<u64>,
     pub moderators: Vec<u64>,
+    pub answer_edits: bool,
 }
 
 /// `[adapters.discord]` validated: what the adapter runs with.
@@ -92,6 +98,8 @@ pub struct DiscordSettings {
     pub moderator_roles: Vec<u64>,
     /// User ids that are moderators everywhere.
     pub moderators: Vec<u64>,
+    /// Answer edited messages again.
+    pub answer_edits: bool,
     /// Retries of REST calls (not a settings key: the default, or a test's).
     #[serde(skip)]
     pub retry: RetryPolicy,
@@ -117,6 +125,7 @@ impl RawDiscord {
             command_guilds: self.command_guilds,
             moderator_roles: self.moderator_roles,
             moderators: self.moderators,
+            answer_edits: self.answer_edits,
             retry: RetryPolicy::default(),
         };
         if settings.enabled && settings.token.is_none() {
@@ -167,6 +176,8 @@ struct State {
     outbox: Outbox,
     /// Every REST call goes through it (rate limits honoured).
     rest: Rest,
+    /// Threads' parents (`None`: not a thread), looked up once each.
+    parents: Mutex<HashMap<ChannelId, Option<ChannelId>>>,
 }
 
 struct Handler(Arc<State>);
@@ -185,7 +196,8 @@ impl Adapter for DiscordAdapter {
                 http = http.proxy(proxy.clone()).ratelimiter_disabled(true);
             }
             let rest = Rest::new(&token, config.proxy_url.clone(), config.retry);
-            let state = Arc::new(State { core, config, bot_id: OnceLock::new(), outbox: Outbox::new(), rest });
+            let parents = Mutex::new(HashMap::new());
+            let state = Arc::new(State { core, config, bot_id: OnceLock::new(), outbox: Outbox::new(), rest, parents });
             let client = serenity::client::ClientBuilder::new_with_http(http.build(), intents())
                 .event_handler(Handler(state.clone()))
                 .await;
@@ -226,6 +238,10 @@ impl EventHandler for Handler {
 
     async fn message(&self, ctx: Context, message: Message) {
         on_message(&self.0, ctx, message).await;
+    }
+
+    async fn message_update(&self, ctx: Context, _old: Option<Message>, _new: Option<Message>, event: MessageUpdateEvent) {
+        on_edit(&self.0, ctx, event).await;
     }
 
     async fn interaction_create(&self, ctx: Context, interaction: Interaction) {
@@ -293,7 +309,39 @@ fn json_body(value: &impl Serialize) -> Option<Vec<u8>> {
     Some(serde_json::to_vec(value).unwrap_or_default())
 }
 
-/// Whether the bot works in this place at all.
+/// The channel whose `allowed_channels`/`open_channels` membership
+/// `channel` has: itself, or for a thread not listed itself, its parent
+/// (asked once per thread with `GET /channels/{id}`, then remembered).
+async fn listed_as(state: &State, guild: Option<GuildId>, channel: ChannelId) -> ChannelId {
+    let config = &state.config;
+    let listed = |c: ChannelId| config.allowed_channels.contains(&c.get()) || config.open_channels.contains(&c.get());
+    if guild.is_none() || (config.allowed_channels.is_empty() && config.open_channels.is_empty()) || listed(channel) {
+        return channel;
+    }
+    if let Some(known) = state.parents.lock().unwrap_or_else(|e| e.into_inner()).get(&channel) {
+        return known.unwrap_or(channel);
+    }
+    let found = state.rest.call("get channel", Route::Channel { channel_id: channel }, LightMethod::Get, None).await;
+    let parent = match found {
+        Ok(body) => {
+            let found: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            // 10, 11, 12: announcement, public and private threads.
+            let thread = matches!(found["type"].as_u64(), Some(10..=12));
+            let parent = found["parent_id"].as_str().and_then(|id| id.parse::<u64>().ok()).filter(|&id| id != 0);
+            if thread { parent.map(ChannelId::new) } else { None }
+        }
+        Err(e) => {
+            // Not remembered: asked again with the next message.
+            tracing::warn!(channel = channel.get(), error = %scrub(&e.to_string(), config.bot_token()), "discord: cannot look up a channel's parent");
+            return channel;
+        }
+    };
+    state.parents.lock().unwrap_or_else(|e| e.into_inner()).insert(channel, parent);
+    parent.unwrap_or(channel)
+}
+
+/// Whether the bot works in this place at all (`channel` as [`listed_as`]
+/// gives it).
 fn allowed(config: &DiscordSettings, guild: Option<GuildId>, channel: ChannelId) -> bool {
     let Some(guild) = guild else { return true };
     (config.allowed_guilds.is_empty() || config.allowed_guilds.contains(&guild.get()))
@@ -302,24 +350,33 @@ fn allowed(config: &DiscordSettings, guild: Option<GuildId>, channel: ChannelId)
             || config.open_channels.contains(&channel.get()))
 }
 
-async fn on_message(state: &Arc<State>, ctx: Context, message: Message) {
-    if message.author.bot || !allowed(&state.config, message.guild_id, message.channel_id) {
-        return;
-    }
-    let Some(&bot_id) = state.bot_id.get() else { return };
-    let direct = message.guild_id.is_none();
+/// Whether a message (or its edit) is addressed to the bot: its text
+/// without the bot's mention, or `None`.
+fn addressed_text(state: &State, listed: ChannelId, guild: Option<GuildId>, content: &str, mentions: &[serenity::all::User], replied_to_bot: bool) -> Option<String> {
+    let &bot_id = state.bot_id.get()?;
+    let direct = guild.is_none();
     let mention = [format!("<@{bot_id}>"), format!("<@!{bot_id}>")];
-    let mentioned =
-        message.mentions.iter().any(|user| user.id == bot_id) || mention.iter().any(|m| message.content.contains(m));
-    let replied_to_bot = message.referenced_message.as_ref().is_some_and(|m| m.author.id == bot_id);
-    let open = state.config.open_channels.contains(&message.channel_id.get());
+    let mentioned = mentions.iter().any(|user| user.id == bot_id) || mention.iter().any(|m| content.contains(m));
+    let open = state.config.open_channels.contains(&listed.get());
     if !(direct || mentioned || replied_to_bot || open) {
+        return None;
+    }
+    let text = strip_addressing(content, &[mention[0].as_str(), mention[1].as_str()]);
+    (!text.is_empty()).then_some(text)
+}
+
+async fn on_message(state: &Arc<State>, ctx: Context, message: Message) {
+    if message.author.bot {
         return;
     }
-    let text = strip_addressing(&message.content, &[mention[0].as_str(), mention[1].as_str()]);
-    if text.is_empty() {
+    let listed = listed_as(state, message.guild_id, message.channel_id).await;
+    if !allowed(&state.config, message.guild_id, listed) {
         return;
     }
+    let replied_to_bot = message.referenced_message.as_ref().is_some_and(|m| Some(&m.author.id) == state.bot_id.get());
+    let Some(text) = addressed_text(state, listed, message.guild_id, &message.content, &message.mentions, replied_to_bot) else {
+        return;
+    };
     let moderator = is_moderator_command(&text) && message_author_is_moderator(state, &message).await;
     let inbound = Inbound {
         channel: ChannelKey::new(Platform::Discord, message.channel_id.get().to_string()),
@@ -329,6 +386,7 @@ async fn on_message(state: &Arc<State>, ctx: Context, message: Message) {
         addressed_to_bot: true,
         moderator,
         group: message.guild_id.map(|g| g.get().to_string()),
+        edit: None,
     };
     let answer = state.core.handle(inbound);
     let (channel, id) = (message.channel_id, message.id);
@@ -337,8 +395,46 @@ async fn on_message(state: &Arc<State>, ctx: Context, message: Message) {
     state.outbox.push(&channel.get().to_string(), Box::pin(task));
 }
 
+/// An edited message: to the core as an edit of the same message id (a
+/// thread's or channel's own context), answered only with `answer_edits`.
+async fn on_edit(state: &Arc<State>, ctx: Context, event: MessageUpdateEvent) {
+    let (Some(author), Some(content)) = (event.author.as_ref(), event.content.as_deref()) else { return };
+    if author.bot {
+        return;
+    }
+    let listed = listed_as(state, event.guild_id, event.channel_id).await;
+    if !allowed(&state.config, event.guild_id, listed) {
+        return;
+    }
+    let replied_to_bot = event
+        .referenced_message
+        .as_ref()
+        .and_then(|m| m.as_ref())
+        .is_some_and(|m| Some(&m.author.id) == state.bot_id.get());
+    let mentions = event.mentions.clone().unwrap_or_default();
+    let Some(text) = addressed_text(state, listed, event.guild_id, content, &mentions, replied_to_bot) else { return };
+    if crate::text::command_word(&text).is_some() {
+        return; // An edited command is not run again, and was never a turn.
+    }
+    let inbound = Inbound {
+        channel: ChannelKey::new(Platform::Discord, event.channel_id.get().to_string()),
+        author: author.id.get().to_string(),
+        text,
+        msg_id: Some(event.id.get().to_string()),
+        addressed_to_bot: true,
+        moderator: false,
+        group: event.guild_id.map(|g| g.get().to_string()),
+        edit: Some(Edit { answer: state.config.answer_edits }),
+    };
+    let answer = state.core.handle(inbound);
+    let (channel, id) = (event.channel_id, event.id);
+    let task = deliver(state.clone(), ctx.http.clone(), channel, Reply::Message(id), answer);
+    state.outbox.push(&channel.get().to_string(), Box::pin(task));
+}
+
 async fn on_command(state: &Arc<State>, ctx: Context, command: CommandInteraction) {
-    if !allowed(&state.config, command.guild_id, command.channel_id) {
+    let listed = listed_as(state, command.guild_id, command.channel_id).await;
+    if !allowed(&state.config, command.guild_id, listed) {
         return;
     }
     let name = command.data.name.clone();
@@ -353,6 +449,7 @@ async fn on_command(state: &Arc<State>, ctx: Context, command: CommandInteractio
         addressed_to_bot: true,
         moderator,
         group: command.guild_id.map(|g| g.get().to_string()),
+        edit: None,
     };
     let answer = state.core.handle(inbound);
     let token = state.config.bot_token();

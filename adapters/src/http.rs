@@ -366,6 +366,7 @@ async fn post_message(
         addressed_to_bot: true,
         moderator: false,
         group: None,
+        edit: None,
     };
     match state.core.handle(inbound).await {
         Ok(Answer::Reply(out)) => Json(json!({ "reply": out.text })).into_response(),

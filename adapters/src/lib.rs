@@ -105,6 +105,21 @@ pub struct Inbound {
     /// The server the channel belongs to (a Discord guild), when the
     /// platform has one: moderators choose personas per server or channel.
     pub group: Option<String>,
+    /// Set when this is an edit of a message handed over before (the same
+    /// `msg_id`, the new text), not a new message.
+    pub edit: Option<Edit>,
+}
+
+/// What the core does with an edited message. An edit of the author's
+/// latest turn in the channel replaces that turn's text in the stored
+/// context (the new text passes the input filter first, or the turn is
+/// dropped); an edit of anything older changes nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Edit {
+    /// Answer the edited message again (`adapters.*.answer_edits`): its
+    /// old reply leaves the context and a new one is drawn. Otherwise the
+    /// edit is silent.
+    pub answer: bool,
 }
 
 /// A reply for an adapter to send.

@@ -137,15 +137,38 @@ mod tests {
             "console": { "enabled": false },
             "discord": {
                 "enabled": false, "token": "", "proxy_url": "", "allowed_guilds": [], "allowed_channels": [],
-                "open_channels": [], "command_guilds": [], "moderator_roles": [], "moderators": []
+                "open_channels": [], "command_guilds": [], "moderator_roles": [], "moderators": [], "answer_edits": false
             },
             "telegram": {
                 "enabled": false, "token": "", "api_url": "https://api.telegram.org/", "moderators": [],
-                "poll_timeout_secs": 10
+                "poll_timeout_secs": 10, "mode": "polling", "webhook_url": "", "webhook_listen": "127.0.0.1:8443",
+                "webhook_secret": "", "answer_edits": false
             }
         });
         change(&mut value);
         serde_json::from_value::<RawAdapters>(value).unwrap().validate()
+    }
+
+    /// An enabled Telegram adapter in webhook mode.
+    fn webhook(v: &mut serde_json::Value, url: &str, listen: &str, secret: &str) {
+        let t = &mut v["telegram"];
+        t["enabled"] = true.into();
+        t["token"] = "tg-1".into();
+        t["mode"] = "webhook".into();
+        t["webhook_url"] = url.into();
+        t["webhook_listen"] = listen.into();
+        t["webhook_secret"] = secret.into();
+    }
+
+    #[test]
+    fn a_good_webhook_validates_and_its_secret_is_redacted() {
+        let ok = raw(|v| webhook(v, "https://bot.example/telegram/hook", "127.0.0.1:8443", "Se_cr-3t")).unwrap();
+        assert_eq!(ok.telegram.mode, crate::telegram::TelegramMode::Webhook);
+        assert_eq!(ok.telegram.webhook_secret.as_ref().map(Secret::expose), Some("Se_cr-3t"));
+        let shown = serde_json::to_string(&ok).unwrap();
+        assert!(!shown.contains("Se_cr-3t") && shown.contains("\"mode\":\"webhook\""), "{shown}");
+        // A disabled adapter's webhook keys are not checked.
+        assert!(raw(|v| v["telegram"]["mode"] = "webhook".into()).is_ok());
     }
 
     #[test]
@@ -154,7 +177,12 @@ mod tests {
         assert_eq!(ok.telegram.api_url, "https://api.telegram.org", "trailing slash dropped");
         assert!(ok.http.token.is_none() && ok.discord.proxy_url.is_none());
         type Change = fn(&mut serde_json::Value);
-        let cases: [(Change, &str); 9] = [
+        let cases: [(Change, &str); 14] = [
+            (|v| v["telegram"]["mode"] = "push".into(), "adapters.telegram.mode: \"push\" is not"),
+            (|v| webhook(v, "http://bot.example/hook", "127.0.0.1:8443", "s3cret"), "adapters.telegram.webhook_url: must be the bot's public https"),
+            (|v| webhook(v, "https://bot.example/hook", "localhost", "s3cret"), "adapters.telegram.webhook_listen: \"localhost\" is not an address"),
+            (|v| webhook(v, "https://bot.example/hook", "127.0.0.1:8443", ""), "adapters.telegram.webhook_secret: webhook mode needs a secret"),
+            (|v| webhook(v, "https://bot.example/hook", "127.0.0.1:8443", "no spaces"), "adapters.telegram.webhook_secret: must be"),
             (|v| v["http"]["listen"] = "nowhere".into(), "adapters.http.listen: \"nowhere\" is not an address"),
             (|v| v["http"]["header_timeout_secs"] = 0.into(), "adapters.http.header_timeout_secs: 0 is not in 1-3600"),
             (|v| v["http"]["body_timeout_secs"] = 7200.into(), "adapters.http.body_timeout_secs: 7200 is not in 1-3600"),

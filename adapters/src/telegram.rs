@@ -1,18 +1,25 @@
 //! The Telegram adapter: a bot on the Bot API through teloxide, by long
-//! polling.
+//! polling or by webhook ([`webhook`]).
 //!
 //! Who is answered: everyone in a private chat; in groups, a message that
 //! mentions the bot (`@botname`), replies to one of its messages, or is a
 //! command (`/ask …`, `/reset`; `/cmd@otherbot` is left alone). Other group
 //! messages are not handed to the core at all.
 //!
-//! How: `getMe` once (the bot's id and username), `setMyCommands`, then a
-//! `getUpdates` loop. Each message is handed to the core in update order;
+//! How: `getMe` once (the bot's id and username), `setMyCommands`, then
+//! either `deleteWebhook` and a `getUpdates` loop, or `setWebhook` and the
+//! updates Telegram POSTs (each update once, by update id). Each message is
+//! handed to the core in update order;
 //! its answer is sent through the [`Outbox`] (one chat's answers in order)
 //! with a typing action while the core works, as a reply to the
 //! triggering message, split at 4096 UTF-16 units. Requests go through
 //! teloxide's `Throttle` (Telegram's per-chat and global limits); a 429's
 //! `retry_after` and server errors are retried within a [`RetryPolicy`].
+//!
+//! Forum topics: a message in a topic is in channel `chat:topic` (its own
+//! context; commands act on the topic) and every piece of its answer goes
+//! to that topic. Edited messages go to the core as edits
+//! ([`crate::Edit`]), answered again only with `answer_edits`.
 //!
 //! Moderators: the allowlist of user ids, and in groups the chat's
 //! administrators and owner (`getChatMember`), asked only for moderator
@@ -24,6 +31,8 @@
 //! The token is part of every Bot API URL; errors are scrubbed of it
 //! before they are logged.
 
+pub mod webhook;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,14 +41,14 @@ use serde::{Deserialize, Serialize};
 use teloxide::adaptors::throttle::{Limits, Settings as ThrottleSettings};
 use teloxide::adaptors::Throttle;
 use teloxide::prelude::*;
-use teloxide::types::{BotCommand, ChatAction, Me, Message, MessageId, ReplyParameters, UpdateKind};
+use teloxide::types::{AllowedUpdate, BotCommand, ChatAction, Me, Message, MessageId, ReplyParameters, ThreadId, Update, UpdateKind};
 use teloxide::{ApiError, RequestError};
 
 use crate::outbox::Outbox;
 use crate::retry::{with_retries, Failure, RetryPolicy};
 use crate::settings::{invalid, serialize_opt_secret, serialize_secs, Secret, SettingsError};
 use crate::text::{command_word, is_moderator_command, scrub, split_message, strip_addressing, utf16_units, COMMANDS};
-use crate::{Adapter, AdapterError, Answer, BoxFuture, ChannelKey, Core, CoreError, Inbound, Platform, Shutdown};
+use crate::{Adapter, AdapterError, Answer, BoxFuture, ChannelKey, Core, CoreError, Edit, Inbound, Platform, Shutdown};
 
 /// Telegram's longest message, in UTF-16 code units.
 pub const MESSAGE_LIMIT: usize = 4096;
@@ -63,10 +72,15 @@ pub struct RawTelegram {
     pub api_url: String,
     pub moderators: Vec<u64>,
     pub poll_timeout_secs: u64,
+    pub mode: String,
+    pub webhook_url: String,
+    pub webhook_listen: String,
+    pub webhook_secret: String,
+    pub answer_edits: bool,
 }
 
 /// `[adapters.telegram]` validated: what the adapter runs with.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct TelegramSettings {
     pub enabled: bool,
     /// The bot token from BotFather. Never logged; `None`: unset (the
@@ -85,6 +99,35 @@ pub struct TelegramSettings {
     /// a test's).
     #[serde(skip)]
     pub retry: RetryPolicy,
+    /// Long polling, or a webhook.
+    pub mode: TelegramMode,
+    /// Webhook mode: the public HTTPS URL given to `setWebhook` (its path
+    /// is the path served).
+    pub webhook_url: String,
+    /// Webhook mode: the local address the server listens on.
+    pub webhook_listen: String,
+    /// Webhook mode: checked against `X-Telegram-Bot-Api-Secret-Token`
+    /// (required there). Never logged.
+    #[serde(serialize_with = "serialize_opt_secret")]
+    pub webhook_secret: Option<Secret>,
+    /// Answer edited messages again.
+    pub answer_edits: bool,
+}
+
+/// How updates reach the bot (`adapters.telegram.mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TelegramMode {
+    /// `getUpdates` (any webhook is deleted first).
+    #[default]
+    Polling,
+    /// Telegram POSTs updates to `webhook_url`.
+    Webhook,
+}
+
+/// The updates the bot asks Telegram for.
+fn allowed_updates() -> Vec<AllowedUpdate> {
+    vec![AllowedUpdate::Message, AllowedUpdate::EditedMessage]
 }
 
 impl RawTelegram {
@@ -99,7 +142,19 @@ impl RawTelegram {
             moderators: self.moderators,
             poll_timeout: Duration::from_secs(self.poll_timeout_secs),
             retry: RetryPolicy::default(),
+            mode: match self.mode.trim() {
+                "polling" => TelegramMode::Polling,
+                "webhook" => TelegramMode::Webhook,
+                other => return Err(invalid("adapters.telegram.mode", format!("{other:?} is not \"polling\" or \"webhook\""))),
+            },
+            webhook_url: self.webhook_url.trim().to_string(),
+            webhook_listen: self.webhook_listen.trim().to_string(),
+            webhook_secret: Secret::non_empty(&self.webhook_secret),
+            answer_edits: self.answer_edits,
         };
+        if settings.enabled && settings.mode == TelegramMode::Webhook {
+            settings.check_webhook()?;
+        }
         if settings.enabled && settings.token.is_none() {
             return Err(invalid(
                 "adapters.telegram.token",
@@ -121,6 +176,29 @@ impl RawTelegram {
 }
 
 impl TelegramSettings {
+    /// Webhook mode's keys: an https URL (Telegram posts only there), a
+    /// socket address, a secret Telegram accepts.
+    fn check_webhook(&self) -> Result<(), SettingsError> {
+        match url::Url::parse(&self.webhook_url) {
+            Ok(url) if url.scheme() == "https" && url.host().is_some() => {}
+            Ok(_) => return Err(invalid("adapters.telegram.webhook_url", "must be the bot's public https:// URL")),
+            Err(e) => return Err(invalid("adapters.telegram.webhook_url", format!("{e} (the bot's public https:// URL)"))),
+        }
+        if self.webhook_listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid("adapters.telegram.webhook_listen", format!("{:?} is not an address such as 127.0.0.1:8443", self.webhook_listen)));
+        }
+        match &self.webhook_secret {
+            None => Err(invalid(
+                "adapters.telegram.webhook_secret",
+                "webhook mode needs a secret (set DIALOGD__ADAPTERS__TELEGRAM__WEBHOOK_SECRET)",
+            )),
+            Some(secret) if !webhook::valid_secret(secret.expose()) => {
+                Err(invalid("adapters.telegram.webhook_secret", "must be 1-256 of A-Z a-z 0-9 _ -"))
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
     /// The token, or `""` when unset (for scrubbing error text).
     fn bot_token(&self) -> &str {
         self.token.as_ref().map_or("", Secret::expose)
@@ -154,10 +232,10 @@ struct Context {
     outbox: Outbox,
     /// Answers of `getChatMember` per (chat, user): privileged, and until when.
     moderators: Mutex<HashMap<(i64, u64), (bool, Instant)>>,
-    /// Per chat, messages queued behind a moderator check and not yet handed
-    /// to the core: while any is, that chat's later messages queue too, so
-    /// the core sees the chat's messages in order.
-    waiting: Mutex<HashMap<i64, usize>>,
+    /// Per channel (chat, or `chat:topic`), messages queued behind a
+    /// moderator check and not yet handed to the core: while any is, that
+    /// channel's later messages queue too, so the core sees them in order.
+    waiting: Mutex<HashMap<String, usize>>,
 }
 
 impl Adapter for TelegramAdapter {
@@ -196,7 +274,6 @@ impl Adapter for TelegramAdapter {
             if let Err(e) = registered {
                 tracing::warn!(error = %describe(&e, config.bot_token()), "telegram: cannot register the command menu");
             }
-            tracing::info!(bot = %me.username(), "telegram adapter polling");
             let context = Arc::new(Context {
                 bot,
                 me,
@@ -206,6 +283,19 @@ impl Adapter for TelegramAdapter {
                 moderators: Mutex::new(HashMap::new()),
                 waiting: Mutex::new(HashMap::new()),
             });
+            if context.config.mode == TelegramMode::Webhook {
+                let outcome = run_webhook(&context, shutdown, &mut stop).await;
+                context.outbox.flush().await;
+                tracing::info!("telegram adapter stopped");
+                return outcome;
+            }
+            // A webhook left set (webhook mode before) blocks getUpdates.
+            let token = context.config.bot_token();
+            let deleted = with_retries(context.config.retry, "deleteWebhook", || context.bot.inner().delete_webhook().send(), classify, |e| describe(e, token)).await;
+            if let Err(e) = deleted {
+                tracing::warn!(error = %describe(&e, token), "telegram: cannot delete the webhook; polling may be refused");
+            }
+            tracing::info!(bot = %context.me.username(), "telegram adapter polling");
             let mut offset: i32 = 0;
             let mut backoff = context.config.retry.backoff;
             loop {
@@ -215,7 +305,7 @@ impl Adapter for TelegramAdapter {
                     .get_updates()
                     .offset(offset)
                     .timeout(context.config.poll_timeout.as_secs() as u32)
-                    .allowed_updates(vec![teloxide::types::AllowedUpdate::Message])
+                    .allowed_updates(allowed_updates())
                     .send();
                 let updates = tokio::select! {
                     _ = &mut stop => break,
@@ -242,9 +332,7 @@ impl Adapter for TelegramAdapter {
                 };
                 for update in updates {
                     offset = offset.max(update.id.0 as i32 + 1);
-                    if let UpdateKind::Message(message) = update.kind {
-                        on_message(&context, message).await;
-                    }
+                    on_update(&context, update).await;
                 }
             }
             // Let the answers already accepted go out (the daemon bounds this).
@@ -255,8 +343,98 @@ impl Adapter for TelegramAdapter {
     }
 }
 
+/// Webhook mode: `setWebhook`, then the updates Telegram POSTs, each
+/// once, in arrival order, until shutdown.
+async fn run_webhook(
+    context: &Arc<Context>,
+    shutdown: Shutdown,
+    stop: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> Result<(), AdapterError> {
+    let config = &context.config;
+    let secret = config.webhook_secret.as_ref().map(Secret::expose).unwrap_or_default().to_string();
+    let (hook_url, listen) = (&config.webhook_url, &config.webhook_listen);
+    let path = url::Url::parse(hook_url)
+        .map_err(|e| AdapterError::Platform { adapter: "telegram", message: format!("webhook_url: {e}") })?
+        .path()
+        .to_string();
+    // Listen before Telegram is told where to send.
+    let listener = webhook::bind(listen).await?;
+    let (queue, mut updates) = tokio::sync::mpsc::channel::<Update>(1024);
+    let server = tokio::spawn(webhook::serve(listener, path, secret.clone(), queue, shutdown));
+    let token = context.config.bot_token();
+    let set = with_retries(
+        context.config.retry,
+        "setWebhook",
+        || {
+            let url = url::Url::parse(hook_url).expect("checked above");
+            context
+                .bot
+                .inner()
+                .set_webhook(url)
+                .secret_token(secret.clone())
+                .allowed_updates(allowed_updates())
+                .max_connections(1)
+                .send()
+        },
+        classify,
+        |e| scrub(&describe(e, token), &secret),
+    )
+    .await;
+    if let Err(e) = set {
+        server.abort();
+        return Err(AdapterError::Platform {
+            adapter: "telegram",
+            message: format!("setWebhook failed: {}", scrub(&describe(&e, token), &secret)),
+        });
+    }
+    tracing::info!(bot = %context.me.username(), url = %hook_url, %listen, "telegram adapter on its webhook");
+    // Telegram redelivers an update whose answer it did not see: each
+    // update id is handled once (they arrive in increasing order).
+    let mut last: Option<u32> = None;
+    loop {
+        let update = tokio::select! {
+            _ = &mut *stop => break,
+            update = updates.recv() => match update {
+                Some(update) => update,
+                None => break,
+            },
+        };
+        if last.is_some_and(|last| update.id.0 <= last) {
+            tracing::debug!(update = update.id.0, "telegram: a repeated update was dropped");
+            continue;
+        }
+        last = Some(update.id.0);
+        on_update(context, update).await;
+    }
+    match server.await {
+        Ok(outcome) => outcome,
+        Err(e) => Err(AdapterError::Platform { adapter: "telegram", message: format!("webhook server: {e}") }),
+    }
+}
+
+/// A message, or an edit of one, to the core.
+async fn on_update(context: &Arc<Context>, update: Update) {
+    match update.kind {
+        UpdateKind::Message(message) => on_message(context, message, None).await,
+        UpdateKind::EditedMessage(message) => {
+            let edit = Edit { answer: context.config.answer_edits };
+            on_message(context, message, Some(edit)).await
+        }
+        _ => {}
+    }
+}
+
+/// The channel of a message: the chat, or `chat:topic` for a forum topic.
+fn channel_of(message: &Message) -> (String, Option<ThreadId>) {
+    let topic = message.thread_id.filter(|_| message.is_topic_message);
+    match topic {
+        Some(thread) => (format!("{}:{}", message.chat.id.0, thread.0 .0), Some(thread)),
+        None => (message.chat.id.0.to_string(), None),
+    }
+}
+
 /// Decides whether a message is for the bot and hands it to the core.
-async fn on_message(context: &Arc<Context>, message: Message) {
+async fn on_message(context: &Arc<Context>, message: Message, edit: Option<Edit>) {
     let (Some(text), Some(from)) = (message.text(), message.from.as_ref()) else { return };
     if from.is_bot {
         return;
@@ -270,6 +448,9 @@ async fn on_message(context: &Arc<Context>, message: Message) {
             return; // A command for another bot in this group.
         }
     }
+    if edit.is_some() && command.is_some() {
+        return; // An edited command is not run again, and was never a turn.
+    }
     let mention = format!("@{username}");
     let mentioned = text.to_ascii_lowercase().contains(&mention.to_ascii_lowercase());
     let replied_to_bot =
@@ -280,64 +461,79 @@ async fn on_message(context: &Arc<Context>, message: Message) {
     let text = if command.is_none() && mentioned { strip_mention(text, &mention) } else { text.to_string() };
     // Known at once (no platform call), or to be asked off the polling loop.
     let moderator = if is_moderator_command(&text) { known_moderator(context, &message) } else { Some(false) };
+    let (key, thread) = channel_of(&message);
     let mut inbound = Inbound {
-        channel: ChannelKey::new(Platform::Telegram, message.chat.id.0.to_string()),
+        channel: ChannelKey::new(Platform::Telegram, key.clone()),
         author: from.id.0.to_string(),
         text,
         msg_id: Some(message.id.0.to_string()),
         addressed_to_bot: true,
         moderator: moderator.unwrap_or(false),
         group: None,
+        edit,
     };
-    let (chat, user, reply_to) = (message.chat.id, from.id, message.id);
-    let key = chat.0.to_string();
+    let (user, reply_to) = (from.id, message.id);
+    let to = Target { chat: message.chat.id, thread };
     let queued = {
         let mut waiting = context.waiting.lock().unwrap_or_else(|e| e.into_inner());
-        let behind = waiting.get(&chat.0).copied().unwrap_or(0);
+        let behind = waiting.get(&key).copied().unwrap_or(0);
         if moderator.is_none() || behind > 0 {
-            *waiting.entry(chat.0).or_default() += 1;
+            *waiting.entry(key.clone()).or_default() += 1;
         }
         moderator.is_none() || behind > 0
     };
     let context = context.clone();
     if !queued {
-        // Handing it over now fixes its place in the chat's order.
+        // Handing it over now fixes its place in the channel's order.
         let answer = context.core.handle(inbound);
-        context.outbox.clone().push(&key, Box::pin(deliver(context, chat, reply_to, answer)));
+        context.outbox.clone().push(&key, Box::pin(deliver(context, to, reply_to, answer)));
         return;
     }
-    // Behind the chat's earlier work: ask (if need be), hand over, answer.
+    // Behind the channel's earlier work: ask (if need be), hand over, answer.
+    let queue = key.clone();
     context.outbox.clone().push(
-        &key,
+        &queue,
         Box::pin(async move {
             if moderator.is_none() {
-                inbound.moderator = ask_moderator(&context, chat, user).await;
+                inbound.moderator = ask_moderator(&context, to.chat, user).await;
             }
             let answer = context.core.handle(inbound);
             {
                 let mut waiting = context.waiting.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(n) = waiting.get_mut(&chat.0) {
+                if let Some(n) = waiting.get_mut(&key) {
                     *n -= 1;
                     if *n == 0 {
-                        waiting.remove(&chat.0);
+                        waiting.remove(&key);
                     }
                 }
             }
-            deliver(context, chat, reply_to, answer).await;
+            deliver(context, to, reply_to, answer).await;
         }),
     );
+}
+
+/// Where an answer goes: a chat, and a forum topic in it.
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    chat: ChatId,
+    thread: Option<ThreadId>,
 }
 
 /// Waits for the core (typing meanwhile) and sends what it answered.
 async fn deliver(
     context: Arc<Context>,
-    chat: ChatId,
+    to: Target,
     reply_to: MessageId,
     answer: BoxFuture<'static, Result<Answer, CoreError>>,
 ) {
+    let chat = to.chat;
     let typing = async {
         loop {
-            if let Err(e) = context.bot.send_chat_action(chat, ChatAction::Typing).send().await {
+            let mut action = context.bot.send_chat_action(chat, ChatAction::Typing);
+            if let Some(thread) = to.thread {
+                action = action.message_thread_id(thread);
+            }
+            if let Err(e) = action.send().await {
                 tracing::debug!(error = %describe(&e, context.config.bot_token()), "telegram: typing action failed");
             }
             tokio::time::sleep(TYPING_EVERY).await;
@@ -361,13 +557,14 @@ async fn deliver(
             "Sorry, something went wrong with that message.".to_string()
         }
     };
-    send_text(&context, chat, &text, Some(reply_to)).await;
+    send_text(&context, to, &text, Some(reply_to)).await;
 }
 
 /// Sends `text` in pieces within Telegram's limit, the first as a reply.
 /// A piece that still fails after the retries is logged and the rest are
 /// not sent (they would read out of context).
-async fn send_text(context: &Context, chat: ChatId, text: &str, reply_to: Option<MessageId>) {
+async fn send_text(context: &Context, to: Target, text: &str, reply_to: Option<MessageId>) {
+    let chat = to.chat;
     let pieces = split_message(text, MESSAGE_LIMIT, utf16_units);
     for (n, piece) in pieces.iter().enumerate() {
         let token = context.config.bot_token();
@@ -376,6 +573,10 @@ async fn send_text(context: &Context, chat: ChatId, text: &str, reply_to: Option
             "sendMessage",
             || {
                 let mut request = context.bot.send_message(chat, piece.clone());
+                // Every piece to the topic: without it Telegram posts to General.
+                if let Some(thread) = to.thread {
+                    request = request.message_thread_id(thread);
+                }
                 if let (0, Some(id)) = (n, reply_to) {
                     request = request.reply_parameters(ReplyParameters::new(id).allow_sending_without_reply());
                 }

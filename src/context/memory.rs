@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use dialogd_adapters::{BoxFuture, ChannelKey, Platform};
 use tokio::time::Instant;
 
-use super::{Appended, ContextError, ContextStore, Limits, Turn};
+use super::{is_message, Appended, ContextError, ContextStore, EditChange, Edited, Limits, Turn};
 
 /// One channel's state.
 #[derive(Default)]
@@ -127,6 +127,35 @@ impl ContextStore for MemoryStore {
         Box::pin(async move { Ok(outcome) })
     }
 
+    fn edit_turn<'a>(
+        &'a self,
+        channel: &'a ChannelKey,
+        author: &'a str,
+        msg_id: &'a str,
+        change: EditChange<'a>,
+    ) -> BoxFuture<'a, Result<Edited, ContextError>> {
+        // An edit never creates a channel (nor renews its TTL).
+        let edited = self.read(channel, |c| {
+            let Some(at) = c.turns.iter().rposition(|t| !t.bot && t.author == author) else { return Edited::Ignored };
+            if !is_message(&c.turns[at], msg_id) {
+                return Edited::Ignored;
+            }
+            match change {
+                EditChange::Replace(text) => {
+                    c.turns[at].text = text.to_string();
+                    Edited::Replaced
+                }
+                EditChange::Remove => {
+                    let replies = c.turns.iter().skip(at + 1).take_while(|t| t.bot && t.reply_to.as_deref() == Some(author)).count();
+                    c.turns.drain(at..at + 1 + replies);
+                    Edited::Removed { replies }
+                }
+            }
+        });
+        let edited = edited.unwrap_or(Edited::Ignored);
+        Box::pin(async move { Ok(edited) })
+    }
+
     fn clear<'a>(&'a self, channel: &'a ChannelKey) -> BoxFuture<'a, Result<(), ContextError>> {
         self.read(channel, |c| c.turns.clear());
         Box::pin(async { Ok(()) })
@@ -187,6 +216,47 @@ mod tests {
         store.append(&a, &[Turn::user("bob", "yo", None), Turn::bot("hey", "bob")], None).await.unwrap();
         assert_eq!(store.forget_author(Platform::Http, "bob").await.unwrap(), 2);
         assert_eq!(store.forget_author(Platform::Discord, "ann").await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn edits_touch_only_the_authors_latest_turn() {
+        let store = MemoryStore::new(Limits::new(10, None));
+        let a = key("a");
+        store.append(&a, &[Turn::user("ann", "one", Some("m1".into())), Turn::bot("re one", "ann")], Some("m1")).await.unwrap();
+        store.append(&a, &[Turn::user("ann", "two", Some("m2".into())), Turn::bot("re two", "ann")], Some("m2")).await.unwrap();
+        store.append(&a, &[Turn::user("bob", "three", Some("m3".into()))], Some("m3")).await.unwrap();
+        // m1 is older than ann's latest turn; bob cannot edit ann's.
+        assert_eq!(store.edit_turn(&a, "ann", "m1", EditChange::Replace("x")).await.unwrap(), Edited::Ignored);
+        assert_eq!(store.edit_turn(&a, "bob", "m2", EditChange::Replace("x")).await.unwrap(), Edited::Ignored);
+        assert_eq!(store.edit_turn(&a, "ann", "m2", EditChange::Replace("two!")).await.unwrap(), Edited::Replaced);
+        let texts = |turns: Vec<Turn>| turns.into_iter().map(|t| t.text).collect::<Vec<_>>();
+        assert_eq!(texts(store.turns(&a).await.unwrap()), ["one", "re one", "two!", "re two", "three"]);
+        assert_eq!(store.edit_turn(&a, "ann", "m2", EditChange::Remove).await.unwrap(), Edited::Removed { replies: 1 });
+        assert_eq!(texts(store.turns(&a).await.unwrap()), ["one", "re one", "three"]);
+        // Now m1 is ann's latest turn.
+        assert_eq!(store.edit_turn(&a, "ann", "m1", EditChange::Replace("uno")).await.unwrap(), Edited::Replaced);
+    }
+
+    #[tokio::test]
+    async fn apply_edit_replaces_drops_or_makes_way() {
+        use crate::context::{apply_edit, EditOutcome};
+        let store = MemoryStore::new(Limits::new(10, None));
+        let a = key("a");
+        let texts = |turns: Vec<Turn>| turns.into_iter().map(|t| t.text).collect::<Vec<_>>();
+        store.append(&a, &[Turn::user("ann", "hi", Some("m1".into())), Turn::bot("hello", "ann")], Some("m1")).await.unwrap();
+        assert_eq!(apply_edit(&store, &a, "ann", "m1", "hi!", false, false).await.unwrap(), EditOutcome::Done("edited"));
+        assert_eq!(texts(store.turns(&a).await.unwrap()), ["hi!", "hello"]);
+        let EditOutcome::AnswerAs(id) = apply_edit(&store, &a, "ann", "m1", "hey", false, true).await.unwrap() else { panic!() };
+        assert!(id.starts_with("m1#"));
+        assert!(store.turns(&a).await.unwrap().is_empty(), "the turn and its reply make way");
+        store.append(&a, &[Turn::user("ann", "hey", Some(id.clone())), Turn::bot("yo", "ann")], Some(&id)).await.unwrap();
+        // The same edit again: already answered, nothing removed.
+        assert_eq!(apply_edit(&store, &a, "ann", "m1", "hey", false, true).await.unwrap(), EditOutcome::Done("duplicate"));
+        assert_eq!(texts(store.turns(&a).await.unwrap()), ["hey", "yo"]);
+        // A flagged edit takes the exchange out.
+        assert_eq!(apply_edit(&store, &a, "ann", "m1", "bad", true, false).await.unwrap(), EditOutcome::Done("edit_flagged"));
+        assert!(store.turns(&a).await.unwrap().is_empty());
+        assert_eq!(apply_edit(&store, &a, "ann", "m1", "x", false, false).await.unwrap(), EditOutcome::Done("edit_ignored"));
     }
 
     #[tokio::test(start_paused = true)]

@@ -35,7 +35,7 @@ use dialogd_adapters::{BoxFuture, ChannelKey, Platform};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError, Script};
 
-use super::{Appended, ContextError, ContextStore, Limits, Turn};
+use super::{Appended, ContextError, ContextStore, EditChange, Edited, Limits, Turn};
 use crate::telemetry::Metrics;
 
 const APPEND_LUA: &str = r#"
@@ -78,6 +78,44 @@ if removed > 0 then
   if #keep > 0 and ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
 end
 return removed
+"#;
+
+const EDIT_LUA: &str = r#"
+-- KEYS: ctx; ARGV: author, msg_id, 'replace' or 'remove', new text.
+-- Acts only on the author's latest user turn, and only if it is msg_id
+-- (or msg_id#suffix, a re-answered edit). Returns -1: ignored,
+-- -2: replaced, n >= 0: removed with n bot replies.
+local items = redis.call('LRANGE', KEYS[1], 0, -1)
+local found = nil
+for i = #items, 1, -1 do
+  local ok, t = pcall(cjson.decode, items[i])
+  if ok and type(t) == 'table' and t.bot ~= true and t.author == ARGV[1] then
+    local id = t.msg_id
+    if type(id) == 'string' and (id == ARGV[2] or string.sub(id, 1, #ARGV[2] + 1) == ARGV[2] .. '#') then
+      found = i
+    end
+    break
+  end
+end
+if not found then return -1 end
+if ARGV[3] == 'replace' then
+  local t = cjson.decode(items[found])
+  t.text = ARGV[4]
+  redis.call('LSET', KEYS[1], found - 1, cjson.encode(t))
+  return -2
+end
+local last = found
+while last < #items do
+  local ok, t = pcall(cjson.decode, items[last + 1])
+  if ok and type(t) == 'table' and t.bot == true and t.reply_to == ARGV[1] then last = last + 1 else break end
+end
+local ttl = redis.call('PTTL', KEYS[1])
+redis.call('DEL', KEYS[1])
+for i, raw in ipairs(items) do
+  if i < found or i > last then redis.call('RPUSH', KEYS[1], raw) end
+end
+if ttl > 0 and redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ttl) end
+return last - found
 "#;
 
 /// Shared by the store and its watcher.
@@ -128,6 +166,7 @@ pub struct RedisStore {
     limits: Limits,
     append: Script,
     forget: Script,
+    edit: Script,
 }
 
 /// The watcher's backoff while Redis is down: from `MIN` doubling to `MAX`
@@ -142,7 +181,15 @@ const WARN_EVERY: Duration = Duration::from_secs(30);
 /// names the URL redacted and gives the cause once.
 pub fn check_url(url: &str) -> Result<(), String> {
     redis::Client::open(url).map(|_| ()).map_err(|e| {
-        let cause = e.detail().map_or_else(|| e.category().to_string(), str::to_string);
+        // The crate's text is "DESCRIPTION - Kind[: detail]"; the
+        // description says what is wrong ("Invalid database number"), so
+        // it is kept, the kind's debug name is not. Neither holds the URL.
+        let text = e.to_string();
+        let description = text.split(" - ").next().unwrap_or(e.category());
+        let cause = match e.detail() {
+            Some(detail) if !description.contains(detail) => format!("{description}: {detail}"),
+            _ => description.to_string(),
+        };
         format!("{:?} cannot be used: {cause}", crate::settings::redact_url(url))
     })
 }
@@ -181,7 +228,7 @@ impl RedisStore {
             inner.mark_down(&e);
             inner.renew();
         } else {
-            inner.metrics.store_up.store(true, Ordering::Relaxed);
+            inner.metrics.set_store_up(true);
         }
         tokio::spawn(watch(Arc::downgrade(&inner)));
         Ok(Self {
@@ -190,6 +237,7 @@ impl RedisStore {
             limits,
             append: Script::new(APPEND_LUA),
             forget: Script::new(FORGET_LUA),
+            edit: Script::new(EDIT_LUA),
         })
     }
 
@@ -242,7 +290,7 @@ impl Inner {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
-                self.metrics.redis_errors.fetch_add(1, Ordering::Relaxed);
+                self.metrics.redis_errors.inc();
                 if is_store_fault(&e) {
                     Err(ContextError::Unavailable(e.to_string()))
                 } else {
@@ -252,7 +300,7 @@ impl Inner {
                 }
             }
             Err(_) => {
-                self.metrics.redis_errors.fetch_add(1, Ordering::Relaxed);
+                self.metrics.redis_errors.inc();
                 Err(ContextError::Unavailable(format!("no answer within {:?}", self.timeout)))
             }
         }
@@ -260,7 +308,7 @@ impl Inner {
 
     fn mark_down(&self, err: &ContextError) {
         if matches!(err, ContextError::Unavailable(_)) && self.up.swap(false, Ordering::Relaxed) {
-            self.metrics.store_up.store(false, Ordering::Relaxed);
+            self.metrics.set_store_up(false);
             self.outage_log.warn("redis unreachable or refusing: answering without context until it is back", err);
         }
     }
@@ -292,7 +340,7 @@ async fn watch(inner: Weak<Inner>) {
             Ok(()) => {
                 backoff = BACKOFF_MIN;
                 if !inner.up.swap(true, Ordering::Relaxed) {
-                    inner.metrics.store_up.store(true, Ordering::Relaxed);
+                    inner.metrics.set_store_up(true);
                     tracing::info!("redis is reachable again: context is back");
                 }
             }
@@ -365,6 +413,30 @@ impl ContextStore for RedisStore {
             let mut conn = self.conn();
             let stored: i64 = self.inner.call(async { invocation.invoke_async(&mut conn).await }).await?;
             Ok(if stored == 1 { Appended::Stored } else { Appended::Duplicate })
+        })
+    }
+
+    fn edit_turn<'a>(
+        &'a self,
+        channel: &'a ChannelKey,
+        author: &'a str,
+        msg_id: &'a str,
+        change: EditChange<'a>,
+    ) -> BoxFuture<'a, Result<Edited, ContextError>> {
+        Box::pin(async move {
+            let mut invocation = self.edit.prepare_invoke();
+            invocation.key(self.ctx_key(channel)).arg(author).arg(msg_id);
+            match change {
+                EditChange::Replace(text) => invocation.arg("replace").arg(text),
+                EditChange::Remove => invocation.arg("remove").arg(""),
+            };
+            let mut conn = self.conn();
+            let outcome: i64 = self.inner.call(async { invocation.invoke_async(&mut conn).await }).await?;
+            Ok(match outcome {
+                -1 => Edited::Ignored,
+                -2 => Edited::Replaced,
+                n => Edited::Removed { replies: n.max(0) as usize },
+            })
         })
     }
 

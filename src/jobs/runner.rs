@@ -266,10 +266,10 @@ impl Runner {
         self.store.put(record).await?;
         tracing::info!(job = record.id, target = %record.target, attempt = record.attempts, resume, pid = ?record.pid, "training job started");
 
-        self.metrics.jobs_started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.metrics.job_running.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.jobs_started.inc();
+        self.metrics.job_running.set(1);
         let ended = self.watch(record.id, &mut child, shutdown).await;
-        self.metrics.job_running.store(false, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.job_running.set(0);
         record.pid = None;
         match ended {
             Ended::ShuttingDown => {

@@ -14,7 +14,6 @@
 //! 5. [`finish`]: the user's turn and the bot's stored in one atomic
 //!    append, the exchange collected where the channel consented.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use dialogd_adapters::{Answer, ChannelKey, CoreError, Inbound};
@@ -23,7 +22,7 @@ use super::commands::{self, Command};
 use super::engine::{Drawn, EngineError};
 use super::limits::Verdict;
 use super::{say, silent, Shared};
-use crate::context::{Appended, ContextError, Turn};
+use crate::context::{Appended, ContextError, EditOutcome, Turn};
 use crate::personas::{persona_prompt, ActivePersona};
 use crate::prompt::{normalize_turn, Prompt, MAX_TURN_BYTES};
 use crate::ranking::select::{self, Contender};
@@ -42,7 +41,7 @@ impl Degraded<'_> {
         tracing::debug!(%channel, error = %err, "context {what} failed");
         if !self.counted {
             self.counted = true;
-            self.metrics.context_degraded.fetch_add(1, Ordering::Relaxed);
+            self.metrics.context_degraded.inc();
         }
     }
 }
@@ -88,8 +87,34 @@ struct Prepared {
     generation: Arc<GenerationSettings>,
 }
 
-/// Handles one message: a command, or a turn of conversation.
-pub(super) async fn process(shared: Arc<Shared>, inbound: Inbound) -> Result<Answer, CoreError> {
+/// An edited message (`Inbound::edit`): the input filter's verdict on the
+/// new text, then [`crate::context::apply_edit`] does the rest.
+async fn edited(shared: &Shared, inbound: &Inbound) -> Result<EditOutcome, CoreError> {
+    let (Some(id), Some(edit)) = (inbound.msg_id.as_deref(), inbound.edit) else { return Ok(EditOutcome::Done("edit_ignored")) };
+    // Stored in the form every path encodes, as a new message is.
+    let normalized = normalize_turn(&inbound.text);
+    let text = normalized.as_str();
+    if text.is_empty() || text.len() > MAX_TURN_BYTES {
+        return Ok(EditOutcome::Done("edit_ignored"));
+    }
+    let (safety, blocked) = shared.safety();
+    let policy = safety.policy_for(&inbound.channel.to_string());
+    let flagged = shared.filter.check(text, policy, Some(&blocked)).map_err(super::internal)?.flagged;
+    crate::context::apply_edit(&*shared.store, &inbound.channel, &inbound.author, id, text, flagged, edit.answer)
+        .await
+        .map_err(|e| CoreError::Unavailable(e.to_string()))
+}
+
+/// Handles one message: a command, or a turn of conversation. An edit
+/// corrects the stored context and, answered again, goes on as a new
+/// message under the id [`crate::context::apply_edit`] gives it.
+pub(super) async fn process(shared: Arc<Shared>, mut inbound: Inbound) -> Result<Answer, CoreError> {
+    if inbound.edit.is_some() {
+        match edited(&shared, &inbound).await? {
+            EditOutcome::Done(reason) => return Ok(silent(reason)),
+            EditOutcome::AnswerAs(id) => inbound.msg_id = Some(id),
+        }
+    }
     let metrics = &shared.metrics;
     // The form every path encodes (NFC, no outer whitespace); stored so.
     let normalized = normalize_turn(&inbound.text);
@@ -251,14 +276,14 @@ async fn choose(
                 return Err(CoreError::Internal(e.to_string()));
             }
         };
-        metrics.candidates_drawn.fetch_add(drawn.len() as u64, Ordering::Relaxed);
+        metrics.candidates_drawn.inc_by(drawn.len() as u64);
         let texts: Vec<String> =
             drawn.iter().map(|d| tokenizer.decode(&d.ids).map(|t| t.trim().to_string()).unwrap_or_default()).collect();
         let rejections = crate::ranking::degeneration::screen(&texts, text, &recent_bot);
         let mut unscreened = Vec::new();
         for (i, rejection) in rejections.iter().enumerate() {
             if let Some(why) = rejection {
-                metrics.candidates_screened.fetch_add(1, Ordering::Relaxed);
+                metrics.candidates_screened.inc();
                 tracing::debug!(%channel, candidate = i, ?why, "candidate screened out");
                 continue;
             }
@@ -269,7 +294,7 @@ async fn choose(
         let mut survivors = Vec::new();
         for (&i, verdict) in unscreened.iter().zip(verdicts) {
             if verdict.flagged {
-                metrics.candidates_flagged.fetch_add(1, Ordering::Relaxed);
+                metrics.candidates_flagged.inc();
                 tracing::debug!(%channel, candidate = i, categories = ?verdict.categories, "candidate flagged");
                 continue;
             }
@@ -300,7 +325,7 @@ async fn pick(shared: &Shared, channel: &ChannelKey, prepared: &Prepared, drawn:
             let ids: Vec<Vec<u32>> = survivors.iter().map(|&i| drawn[i].ids.clone()).collect();
             match ranker.score(context, ids, likeliest()).await {
                 Ok(scores) => {
-                    shared.metrics.candidates_ranked.fetch_add(scores.len() as u64, Ordering::Relaxed);
+                    shared.metrics.candidates_ranked.inc_by(scores.len() as u64);
                     tracing::debug!(%channel, candidates = survivors.len(), scores = ?scores, "ranked");
                     scores.iter().map(|s| s.score as f32).collect()
                 }
@@ -316,7 +341,7 @@ async fn pick(shared: &Shared, channel: &ChannelKey, prepared: &Prepared, drawn:
     let (top, cut_off) = select::choose(&contenders).unwrap_or((0, false));
     let best = survivors[top];
     if cut_off {
-        shared.metrics.replies_cut_off.fetch_add(1, Ordering::Relaxed);
+        shared.metrics.replies_cut_off.inc();
         tracing::info!(%channel, tokens = drawn[best].ids.len(), "reply cut off by max_new_tokens: no candidate finished");
     }
     best
@@ -357,7 +382,7 @@ async fn finish(
         Err(e) => degraded.note(channel, "append", &e),
     }
     if matches!(answer, Answer::Reply(_)) {
-        metrics.replies.fetch_add(1, Ordering::Relaxed);
+        metrics.replied(channel.platform);
         collect(shared, inbound, text, prepared, &reply_text).await;
     }
     tracing::debug!(%channel, prompt_turns = prepared.prompt.turns_kept, reply_tokens = ids.len(), attempt, "answered");

@@ -70,6 +70,7 @@ fn message(channel: &str, text: &str, moderator: bool) -> Inbound {
         addressed_to_bot: true,
         moderator,
         group: None,
+        edit: None,
     }
 }
 

@@ -3,7 +3,9 @@
 //!
 //! REST: `GET /api/v10/gateway` (points at the fake gateway), command
 //! registration, typing, `POST …/messages`, interaction callbacks and
-//! follow-ups; a test can script failures (429, 5xx) of message posts, and
+//! follow-ups, `GET /channels/{id}` (a text channel, or a thread of a
+//! parent the test named); a test can script failures (429, 5xx) of
+//! message posts, and
 //! 429s of any call with the waits Discord's answers carry (body
 //! `retry_after`, `Retry-After`, `X-RateLimit-Reset-After`, the global
 //! flag). Every call is recorded with the time it arrived.
@@ -71,6 +73,8 @@ struct Inner {
     /// The live connection's command channel.
     connection: Mutex<Option<mpsc::UnboundedSender<Command>>>,
     connections: AtomicU64,
+    /// Threads: thread id → parent channel id.
+    threads: Mutex<std::collections::HashMap<u64, u64>>,
 }
 
 #[derive(Clone)]
@@ -113,6 +117,11 @@ impl FakeDiscord {
         if let Some(connection) = self.inner.connection.lock().unwrap().take() {
             let _ = connection.send(Command::Close);
         }
+    }
+
+    /// Makes `thread` a public thread of `parent` (for `GET /channels`).
+    pub fn add_thread(&self, thread: u64, parent: u64) {
+        self.inner.threads.lock().unwrap().insert(thread, parent);
     }
 
     pub fn fail_next_posts(&self, statuses: &[u16]) {
@@ -199,6 +208,13 @@ pub fn message(id: u64, channel: u64, guild: Option<u64>, author: u64, content: 
     m
 }
 
+/// A MESSAGE_UPDATE payload: message `id` now reads `content`.
+pub fn edited(id: u64, channel: u64, guild: Option<u64>, author: u64, content: &str) -> Value {
+    let mut m = message(id, channel, guild, author, content, vec![], None);
+    m["edited_timestamp"] = json!("2024-01-01T00:01:00.000000+00:00");
+    m
+}
+
 /// An INTERACTION_CREATE payload for a slash command in the guild.
 pub fn slash_command(id: u64, channel: u64, author: u64, permissions: &str, name: &str, option: Option<(&str, &str)>) -> Value {
     let options: Vec<Value> = option.map(|(k, v)| json!({ "name": k, "type": 3, "value": v })).into_iter().collect();
@@ -278,6 +294,23 @@ async fn rest(State(inner): State<Arc<Inner>>, method: Method, uri: Uri, body: S
     inner.calls.lock().unwrap().push((method.clone(), path.clone(), body.clone(), now));
     if method == "PUT" && path.ends_with("/commands") {
         return Json(json!([])).into_response();
+    }
+    if method == "GET" && path.starts_with("/api/v10/channels/") && path.matches('/').count() == 4 {
+        let id: u64 = path.rsplit('/').next().and_then(|c| c.parse().ok()).unwrap_or(0);
+        let parent = inner.threads.lock().unwrap().get(&id).copied();
+        let mut channel = json!({
+            "id": id.to_string(), "type": 0, "guild_id": GUILD.to_string(), "name": format!("channel{id}"),
+            "position": 0, "permission_overwrites": [], "nsfw": false,
+        });
+        if let Some(parent) = parent {
+            channel["type"] = json!(11);
+            channel["parent_id"] = json!(parent.to_string());
+            channel["owner_id"] = json!("1");
+            channel["thread_metadata"] = json!({ "archived": false, "auto_archive_duration": 1440, "archive_timestamp": "2024-01-01T00:00:00+00:00", "locked": false });
+            channel["message_count"] = json!(1);
+            channel["member_count"] = json!(1);
+        }
+        return Json(channel).into_response();
     }
     if path.ends_with("/typing") || path.ends_with("/callback") {
         return StatusCode::NO_CONTENT.into_response();
