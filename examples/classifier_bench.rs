@@ -39,7 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "id2label": {"0": "toxicity", "1": "severe_toxicity", "2": "obscene", "3": "threat", "4": "insult", "5": "identity_attack"},
     });
     let tokenizer_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/classifiers/bert.json");
-    let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)?;
+    let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| e.to_string())?;
     // A VarMap hands out fresh random tensors of whatever shape is asked.
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);

@@ -47,6 +47,9 @@ use crate::settings::{GenerationSettings, JobSettings, RateLimitSettings, Safety
 use crate::telemetry::{Metrics, Refusal};
 use crate::tokenizer::DialogTokenizer;
 
+/// Safety settings, their compiled blocked words and their filter.
+type CompiledSafety = (Arc<SafetySettings>, Arc<WordList>, Filter);
+
 /// Everything the channel workers share.
 struct Shared {
     engine: Arc<dyn ReplyEngine>,
@@ -58,7 +61,7 @@ struct Shared {
     /// The blocked words and the filter (with its classifier thresholds)
     /// of the safety settings they were compiled from, rebuilt when those
     /// change. A std lock, never held across an await.
-    blocked: Mutex<Option<(Arc<SafetySettings>, Arc<WordList>, Filter)>>,
+    blocked: Mutex<Option<CompiledSafety>>,
     /// The context's token budget (`context.max_tokens`).
     max_tokens: usize,
     /// `[safety] classifier`, loaded at start.
@@ -83,7 +86,7 @@ struct Shared {
 impl Shared {
     /// The safety settings now in force, their compiled blocked words and
     /// the filter under their classifier thresholds.
-    fn safety(&self) -> (Arc<SafetySettings>, Arc<WordList>, Filter) {
+    fn safety(&self) -> CompiledSafety {
         let settings = self.live.safety();
         let mut cache = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
         match &*cache {

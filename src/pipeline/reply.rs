@@ -97,9 +97,9 @@ async fn edited(shared: &Shared, inbound: &Inbound) -> Result<EditOutcome, CoreE
     if text.is_empty() || text.len() > MAX_TURN_BYTES {
         return Ok(EditOutcome::Done("edit_ignored"));
     }
-    let (safety, blocked) = shared.safety();
-    let policy = safety.policy_for(&inbound.channel.to_string());
-    let flagged = shared.filter.check(text, policy, Some(&blocked)).map_err(super::internal)?.flagged;
+    let (safety, blocked, filter) = shared.safety();
+    let screen = Screen { filter, words: blocked, policy: safety.policy_for(&inbound.channel.to_string()) };
+    let flagged = screen.check(vec![text.to_string()]).await?.remove(0).flagged;
     crate::context::apply_edit(&*shared.store, &inbound.channel, &inbound.author, id, text, flagged, edit.answer)
         .await
         .map_err(|e| CoreError::Unavailable(e.to_string()))
