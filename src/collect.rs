@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use hmac::{Hmac, Mac as _};
 use sha2::Sha256;
 
-use crate::settings::CollectSettings;
+use crate::settings::{CollectSettings, Consent};
 
 /// Collection failures.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +36,8 @@ pub enum CollectError {
 const CHOICES_FILE: &str = "channels.json";
 /// Opted-out authors' hashes, beside the segments.
 pub const OPTED_OUT_FILE: &str = "opted-out.txt";
+/// Opted-in authors' hashes (`/optin`), beside the segments.
+pub const OPTED_IN_FILE: &str = "opted-in.txt";
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CollectError + '_ {
     move |source| CollectError::Io { path: path.to_path_buf(), source }
@@ -83,6 +85,11 @@ pub struct Collector {
     /// Keyed hashes of authors who opted out (`opted-out.txt`, one per
     /// line): their exchanges are never collected or trained on.
     opted_out: Mutex<HashSet<String>>,
+    /// Keyed hashes of authors who sent `/optin` (`opted-in.txt`): with
+    /// `collect.consent = "user"` only exchanges all of whose authors are
+    /// here are collected. Locked after `opted_out` when both are held.
+    opted_in: Mutex<HashSet<String>>,
+    consent: Consent,
     key: Vec<u8>,
     max_bytes: u64,
     max_age: Duration,
@@ -113,11 +120,14 @@ impl Collector {
             Err(e) => return Err(io_err(&choices_path)(e)),
         };
         let opted_out = read_opted_out(&settings.dir)?;
+        let opted_in = read_hashes(&settings.dir.join(OPTED_IN_FILE))?;
         Ok(Self {
             dir: settings.dir.clone(),
             configured: settings.channels.iter().cloned().collect(),
             choices: Mutex::new(choices),
             opted_out: Mutex::new(opted_out),
+            opted_in: Mutex::new(opted_in),
+            consent: settings.consent,
             key: settings.author_key.expose().as_bytes().to_vec(),
             max_bytes: settings.segment_max_bytes,
             max_age: Duration::from_secs(settings.segment_max_secs),
@@ -165,41 +175,55 @@ impl Collector {
         &self.dir
     }
 
+    /// Whose messages collecting channels give (`collect.consent`).
+    pub fn consent(&self) -> Consent {
+        self.consent
+    }
+
     /// Opts a person (`platform:user`) out: nothing of theirs is collected
     /// from now on, nor trained on (their new and legacy hashes are listed),
-    /// and what was collected is deleted. Returns the exchanges deleted.
+    /// an opt-in of theirs is withdrawn, and what was collected is deleted.
+    /// Returns the exchanges deleted.
     pub fn opt_out(&self, person: &str) -> Result<usize, CollectError> {
         {
             let mut opted_out = self.opted_out.lock().unwrap_or_else(|e| e.into_inner());
+            let path = self.dir.join(OPTED_OUT_FILE);
             for hash in self.hashes(person) {
                 if opted_out.insert(hash.clone()) {
-                    let path = self.dir.join(OPTED_OUT_FILE);
-                    let mut file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&path))?;
-                    file.write_all(format!("{hash}\n").as_bytes()).map_err(io_err(&path))?;
-                    file.sync_data().map_err(io_err(&path))?;
+                    append_hash(&path, &hash)?;
                 }
+            }
+            let mut opted_in = self.opted_in.lock().unwrap_or_else(|e| e.into_inner());
+            let mut was_in = false;
+            for hash in self.hashes(person) {
+                was_in |= opted_in.remove(&hash);
+            }
+            if was_in {
+                rewrite_hashes(&self.dir.join(OPTED_IN_FILE), &opted_in)?;
             }
         }
         self.forget(person)
     }
 
-    /// Takes a person's opt-out back (later exchanges are collected).
-    pub fn opt_in(&self, person: &str) -> Result<bool, CollectError> {
+    /// A person's `/optin`: takes an opt-out back and records the opt-in
+    /// (what `collect.consent = "user"` asks for; kept in either mode, so
+    /// changing the mode keeps it). Says what was already so.
+    pub fn opt_in(&self, person: &str) -> Result<OptIn, CollectError> {
         let mut opted_out = self.opted_out.lock().unwrap_or_else(|e| e.into_inner());
-        let mut was = false;
+        let mut was_out = false;
         for hash in self.hashes(person) {
-            was |= opted_out.remove(&hash);
+            was_out |= opted_out.remove(&hash);
         }
-        if !was {
-            return Ok(false);
+        if was_out {
+            rewrite_hashes(&self.dir.join(OPTED_OUT_FILE), &opted_out)?;
         }
-        let path = self.dir.join(OPTED_OUT_FILE);
-        let tmp = path.with_extension("txt.tmp");
-        let mut body: Vec<&str> = opted_out.iter().map(String::as_str).collect();
-        body.sort_unstable();
-        std::fs::write(&tmp, body.iter().map(|h| format!("{h}\n")).collect::<String>()).map_err(io_err(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
-        Ok(true)
+        let mut opted_in = self.opted_in.lock().unwrap_or_else(|e| e.into_inner());
+        let hash = self.author_hash(person);
+        let was_in = !opted_in.insert(hash.clone());
+        if !was_in {
+            append_hash(&self.dir.join(OPTED_IN_FILE), &hash)?;
+        }
+        Ok(OptIn { was_opted_out: was_out, was_opted_in: was_in })
     }
 
     /// The opted-out authors' keyed hashes.
@@ -225,12 +249,20 @@ impl Collector {
 
     /// Appends one exchange of `channel` (`platform:channel_id`). `turns`
     /// are `(author id, text, is_bot)`, the author ids the platform's.
+    /// Returns false, writing nothing, when an author opted out or (with
+    /// `collect.consent = "user"`) did not opt in.
     pub fn record(&self, channel: &str, turns: &[(&str, &str, bool)]) -> Result<bool, CollectError> {
         let platform = channel.split_once(':').map_or(channel, |(platform, _)| platform);
         let hash = |author: &str| self.author_hash(&format!("{platform}:{author}"));
         {
             let opted_out = self.opted_out.lock().unwrap_or_else(|e| e.into_inner());
             if turns.iter().any(|(author, _, bot)| !bot && opted_out.contains(&hash(author))) {
+                return Ok(false);
+            }
+        }
+        if self.consent == Consent::User {
+            let opted_in = self.opted_in.lock().unwrap_or_else(|e| e.into_inner());
+            if turns.iter().any(|(author, _, bot)| !bot && !opted_in.contains(&hash(author))) {
                 return Ok(false);
             }
         }
@@ -384,15 +416,44 @@ pub async fn enforce_retention_every(collector: std::sync::Weak<Collector>, ever
     }
 }
 
+/// What a person's `/optin` found ([`Collector::opt_in`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptIn {
+    /// They had opted out (now taken back).
+    pub was_opted_out: bool,
+    /// They had already opted in.
+    pub was_opted_in: bool,
+}
+
 /// The opted-out authors' hashes kept in a collection folder (none when
 /// the file is missing).
 pub fn read_opted_out(dir: &Path) -> Result<HashSet<String>, CollectError> {
-    let path = dir.join(OPTED_OUT_FILE);
-    match std::fs::read_to_string(&path) {
+    read_hashes(&dir.join(OPTED_OUT_FILE))
+}
+
+/// A file of hashes, one a line (none when it is missing).
+fn read_hashes(path: &Path) -> Result<HashSet<String>, CollectError> {
+    match std::fs::read_to_string(path) {
         Ok(text) => Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HashSet::new()),
-        Err(e) => Err(io_err(&path)(e)),
+        Err(e) => Err(io_err(path)(e)),
     }
+}
+
+/// Adds one hash to a file of hashes, synced.
+fn append_hash(path: &Path, hash: &str) -> Result<(), CollectError> {
+    let mut file = OpenOptions::new().create(true).append(true).open(path).map_err(io_err(path))?;
+    file.write_all(format!("{hash}\n").as_bytes()).map_err(io_err(path))?;
+    file.sync_data().map_err(io_err(path))
+}
+
+/// Replaces a file of hashes with `hashes` (sorted; aside, then renamed).
+fn rewrite_hashes(path: &Path, hashes: &HashSet<String>) -> Result<(), CollectError> {
+    let tmp = path.with_extension("txt.tmp");
+    let mut body: Vec<&str> = hashes.iter().map(String::as_str).collect();
+    body.sort_unstable();
+    std::fs::write(&tmp, body.iter().map(|h| format!("{h}\n")).collect::<String>()).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
 }
 
 /// HMAC-SHA256 (RFC 2104) of `message` under `key`.
@@ -417,6 +478,7 @@ mod tests {
             segment_max_secs: 3600,
             retention_days: 30,
             author_key: Secret::new("k3y"),
+            consent: Consent::Channel,
         }
     }
 
@@ -584,10 +646,35 @@ mod tests {
         assert!(c.wants("http:d") && !c.wants("http:c"));
         let text: String = c.segments().unwrap().iter().map(|p| std::fs::read_to_string(p).unwrap()).collect();
         assert!(!text.contains("one") && !text.contains("two") && !text.contains("three") && text.contains("four"), "{text}");
-        assert!(c.opt_in("http:ann").unwrap());
-        assert!(!c.opt_in("http:ann").unwrap());
+        assert_eq!(c.opt_in("http:ann").unwrap(), OptIn { was_opted_out: true, was_opted_in: false });
+        assert_eq!(c.opt_in("http:ann").unwrap(), OptIn { was_opted_out: false, was_opted_in: true });
         assert!(c.record("http:d", &[("ann", "five", false), ("bot", "hi", true)]).unwrap());
         let c = Collector::open(&settings(dir.path(), 1 << 20)).unwrap();
         assert!(c.opted_out().is_empty());
+    }
+
+    #[test]
+    fn with_consent_per_user_only_opted_in_authors_are_collected() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = CollectSettings { consent: Consent::User, ..settings(dir.path(), 1 << 20) };
+        let c = Collector::open(&settings).unwrap();
+        assert!(!c.record("http:c", &[("ann", "one", false), ("bot", "hi", true)]).unwrap(), "not opted in");
+        c.opt_in("http:ann").unwrap();
+        assert!(c.record("http:c", &[("ann", "two", false), ("bot", "hi", true)]).unwrap());
+        // Another person's turn in the context, without their consent: skipped.
+        assert!(!c.record("http:c", &[("bob", "hey", false), ("bot", "yo", true), ("ann", "three", false)]).unwrap());
+        // The same user id on another platform is another person.
+        assert!(!c.record("telegram:c", &[("ann", "four", false), ("bot", "hi", true)]).unwrap());
+        // Kept across a restart; an opt-out withdraws it.
+        let c = Collector::open(&settings).unwrap();
+        assert!(c.record("http:c", &[("ann", "five", false), ("bot", "hi", true)]).unwrap());
+        assert_eq!(c.opt_out("http:ann").unwrap(), 2);
+        let c = Collector::open(&settings).unwrap();
+        assert!(!c.record("http:c", &[("ann", "six", false), ("bot", "hi", true)]).unwrap());
+        assert_eq!(c.opt_in("http:ann").unwrap(), OptIn { was_opted_out: true, was_opted_in: false });
+        assert!(c.record("http:c", &[("ann", "seven", false), ("bot", "hi", true)]).unwrap());
+        let text: String = c.segments().unwrap().iter().map(|p| std::fs::read_to_string(p).unwrap()).collect();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.contains("seven"), "{text}");
     }
 }

@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize, Serializer};
 
-pub use self::collect::{CollectSettings, RawCollect};
+pub use self::collect::{CollectSettings, Consent, RawCollect};
 pub use self::context::{redact_url, ContextSettings, RawContext, StoreKind};
 pub use self::daemon::{DaemonSettings, RawDaemon};
 pub use self::generation::{GenerationSettings, RawGeneration};
@@ -319,6 +319,7 @@ mod tests {
             ("[rate_limit]\nwindow_secs = 0\n", "rate_limit.window_secs"),
             ("[context]\nstore = \"memory\"\n[jobs]\nenabled = true\n", "jobs.enabled"),
             ("[jobs]\nmode = \"half\"\n", "jobs.mode"),
+            ("[collect]\nconsent = \"everyone\"\n", "collect.consent"),
             ("[jobs]\neval_fraction = 0.0\n", "jobs.eval_fraction"),
             ("[jobs]\ndevice = \"tpu\"\n", "jobs.device"),
             ("[jobs]\nschedules = [{ name = \"n\", cron = \"61 * * * *\", persona = \"p\" }]\n", "jobs.schedules: n: minute: 61"),

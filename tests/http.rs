@@ -672,3 +672,82 @@ async fn a_persona_choice_survives_a_restart_with_jobs_off() {
     assert!(shown.contains("I speak as pirate here (2 seed turn(s)"), "{shown}");
     d.stop().await;
 }
+
+/// The collected exchanges in `dir`, as (channel, turn texts), oldest first.
+fn collected(dir: &std::path::Path) -> Vec<(String, Vec<String>)> {
+    let mut paths: Vec<_> = std::fs::read_dir(dir)
+        .map(|entries| entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "jsonl")).collect())
+        .unwrap_or_default();
+    paths.sort();
+    paths
+        .iter()
+        .flat_map(|p| std::fs::read_to_string(p).unwrap().lines().map(str::to_string).collect::<Vec<_>>())
+        .map(|line| {
+            let record: dialogd::collect::Record = serde_json::from_str(&line).unwrap();
+            (record.channel, record.turns.into_iter().map(|t| t.text).collect())
+        })
+        .collect()
+}
+
+/// `collect.consent = "user"` through the HTTP API with Redis: only people
+/// who sent `/optin` are collected; an exchange whose context holds a turn
+/// of someone who did not is skipped; `/optout` withdraws the opt-in (and
+/// deletes what was collected), `/optin` gives it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_consent_per_user_only_opted_in_people_are_collected() {
+    let redis = RedisServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("collected");
+    let dir_line = format!("dir = \"{}\"", dir.display());
+    let toml = daemon_toml(
+        Some(&redis),
+        &[
+            ("collect", "enabled = true"),
+            ("collect", &dir_line),
+            ("collect", "channels = [\"http:c1\", \"http:c2\"]"),
+            ("collect", "author_key = \"a-test-key-of-16-chars\""),
+            ("collect", "consent = \"user\""),
+        ],
+    );
+    let d = TestDaemon::start(&toml).await;
+    let say = |channel: &'static str, author: &'static str, text: &'static str| {
+        let d = &d;
+        async move {
+            let (status, body) = d.say(channel, author, text, None).await;
+            assert_eq!(status, 200, "{body}");
+            assert!(body["reply"].is_string(), "{body}");
+            body["reply"].as_str().unwrap().to_string()
+        }
+    };
+
+    say("c1", "ann", "hello there").await;
+    assert!(collected(&dir).is_empty(), "ann has not opted in");
+    assert!(say("c1", "ann", "/optin").await.contains("from now on"));
+    assert!(say("c1", "ann", "/optin").await.contains("already opted in"));
+    say("c1", "ann", "how are you today").await;
+    let got = collected(&dir);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].0, "http:c1");
+    assert!(got[0].1.contains(&"how are you today".to_string()) && got[0].1.contains(&"hello there".to_string()), "{got:?}");
+
+    // bob never opted in: neither his exchange nor ann's next one, whose
+    // context holds his turn, is collected.
+    say("c1", "bob", "I am bob").await;
+    say("c1", "ann", "nice to meet you").await;
+    assert_eq!(collected(&dir).len(), 1, "{:?}", collected(&dir));
+    // In a channel of her own, ann is collected.
+    say("c2", "ann", "a quiet room").await;
+    assert_eq!(collected(&dir).len(), 2);
+
+    // /optout deletes what was collected and withdraws the opt-in.
+    assert!(say("c2", "ann", "/optout").await.contains("deleted 2"));
+    assert!(collected(&dir).is_empty());
+    say("c2", "ann", "still here").await;
+    assert!(collected(&dir).is_empty(), "an opt-out withdraws the opt-in");
+    assert!(say("c2", "ann", "/optin").await.contains("from now on"));
+    say("c2", "ann", "back again").await;
+    let got = collected(&dir);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].1.contains(&"back again".to_string()) && !got[0].1.iter().any(|t| t == "I am bob"), "{got:?}");
+    d.stop().await;
+}

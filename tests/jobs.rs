@@ -419,3 +419,51 @@ async fn a_persona_learns_its_channel_while_other_channels_keep_the_base_model()
     assert_eq!(say(&d, "check-p2", "hello bot", false).await, before);
     d.stop().await;
 }
+
+/// `/optout` reaches the next job end to end: the author's exchanges the
+/// daemon collected are deleted, and lines of theirs that escaped the
+/// deletion (a segment restored from a backup, under their current and
+/// their legacy hash) are left out of the job's dataset too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_optout_the_next_jobs_dataset_leaves_the_author_out() {
+    let _turn = TRAINING.lock().await;
+    let redis = RedisServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    collect_corpus(tmp.path());
+    let toml = jobs_toml(&redis, tmp.path(), &[("jobs", "steps = 2"), ("jobs", "checkpoint_every = 2")]);
+    let d = TestDaemon::start(&toml).await;
+    let jobs = store(&redis).await;
+    let collector = Collector::open(&crate::support::settings_from(&collect_toml(tmp.path())).collect).unwrap();
+    let ann = [collector.author_hash("http:ann"), collector.legacy_author_hash("http:ann")];
+    let segments_text = || -> String { collector.segments().unwrap().iter().map(|p| std::fs::read_to_string(p).unwrap()).collect() };
+
+    let as_ann = |text: &str| Inbound { author: "ann".into(), ..inbound(ROOM, text, false) };
+    let answer = d.pipeline.handle(as_ann("my secret recipe uses saffron")).await.unwrap();
+    assert!(matches!(answer, Answer::Reply(_)), "{answer:?}");
+    assert!(segments_text().contains(&ann[0]), "ann's exchange was collected");
+    let Answer::Reply(out) = d.pipeline.handle(as_ann("/optout")).await.unwrap() else { panic!("no answer to /optout") };
+    assert!(out.text.contains("deleted 1"), "{}", out.text);
+    assert!(!segments_text().contains(&ann[0]) && !segments_text().contains("saffron"));
+
+    // Lines that escaped the deletion: a restored segment.
+    let restored: String = ann
+        .iter()
+        .map(|hash| {
+            let turns = [("restored saffron", hash.as_str()), ("noted", "bot")];
+            let turns: Vec<_> = turns.iter().map(|(text, author)| serde_json::json!({"author": author, "text": text})).collect();
+            format!("{}\n", serde_json::json!({"channel": "http:room", "time": 1, "turns": turns}))
+        })
+        .collect();
+    std::fs::write(collector.dir().join("exchanges-0-restored.jsonl"), restored).unwrap();
+
+    let queued = say(&d, ROOM, "/train", true).await;
+    assert!(queued.contains("job #1 queued"), "{queued}");
+    let record = wait_for(&jobs, 1, Duration::from_secs(300), |r| r.state.is_final()).await;
+    assert_ne!(record.state, JobState::Failed, "{record:?}\nlog:\n{}", log_of(&record));
+    let data = std::fs::read_to_string(record.dir.as_ref().unwrap().join("data.jsonl")).unwrap();
+    assert_eq!(record.examples, Some(28), "the corpus, without ann's two restored lines");
+    assert_eq!(data.lines().count(), 28);
+    assert!(!data.contains("saffron") && !ann.iter().any(|h| data.contains(h.as_str())), "ann reached the dataset:\n{data}");
+    assert!(data.contains("what colour is the sky?"));
+    d.stop().await;
+}

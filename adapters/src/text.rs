@@ -12,7 +12,7 @@ pub const COMMANDS: &[(&str, &str)] = &[
     ("reset", "Forget this channel's conversation"),
     ("forget", "Delete everything stored about you"),
     ("optout", "Never learn from your messages (and delete what was collected)"),
-    ("optin", "Allow learning from your messages again"),
+    ("optin", "Allow learning from your messages"),
     ("mute", "Moderators: stop me answering in this channel"),
     ("unmute", "Moderators: let me answer in this channel again"),
     ("persona", "Moderators: list, create or choose my persona (list, use NAME, create NAME SEED, off)"),

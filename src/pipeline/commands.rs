@@ -16,10 +16,11 @@ use super::{internal, say, Shared};
 use crate::context::ContextError;
 use crate::jobs::{JobState, StoreError};
 use crate::personas::{group_scope, PersonaError};
+use crate::settings::Consent;
 
 const HELP: &str = "I'm a DialoGPT chat bot. Commands: /ask TEXT asks me something (in groups you can \
 also mention me or reply to me); /reset forgets this channel's conversation; /forget deletes everything \
-stored about you; /optout stops me learning from your messages (/optin allows it again); /help shows this. \
+stored about you; /optout stops me learning from your messages, /optin allows it; /help shows this. \
 Moderators: /mute, /unmute, /persona (list, show, use NAME [server], create NAME SEED | SEED…, off), \
 /train (status, cancel, rollback), /collect (on, off, status).";
 
@@ -239,9 +240,17 @@ async fn opt(shared: &Shared, inbound: &Inbound, out: bool) -> Result<String, Co
             "Done: I won't learn from your messages, and I've deleted {n} collected exchanges you were part of. Models already trained keep what they learned (weights cannot forget); no later training uses your messages. /optin undoes this."
         ))
     } else {
-        let was = tokio::task::spawn_blocking(move || collector.opt_in(&author)).await.map_err(internal)?.map_err(internal)?;
-        Ok(if was { "Done: your messages in collecting channels may be used for training again." } else { "You had not opted out." }
-            .to_string())
+        let consent = collector.consent();
+        let found = tokio::task::spawn_blocking(move || collector.opt_in(&author)).await.map_err(internal)?.map_err(internal)?;
+        Ok(match (consent, found.was_opted_out, found.was_opted_in) {
+            (Consent::User, _, true) => "You had already opted in: your messages in collecting channels may be used for training.",
+            (Consent::User, _, false) => {
+                "Done: your messages in collecting channels may be used for training from now on (/optout withdraws this)."
+            }
+            (Consent::Channel, true, _) => "Done: your messages in collecting channels may be used for training again.",
+            (Consent::Channel, false, _) => "You had not opted out: your messages in collecting channels may be used for training.",
+        }
+        .to_string())
     }
 }
 

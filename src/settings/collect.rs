@@ -15,6 +15,18 @@ pub struct RawCollect {
     pub segment_max_secs: u64,
     pub retention_days: u64,
     pub author_key: String,
+    pub consent: String,
+}
+
+/// Whose messages a collecting channel gives to the training logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Consent {
+    /// Everyone's, but those who sent `/optout` (the channel consented).
+    Channel,
+    /// Only those who sent `/optin` (and no `/optout` since); an exchange
+    /// whose context holds anyone else's turn is not collected.
+    User,
 }
 
 /// `[collect]`: consented log collection for fine-tuning.
@@ -30,6 +42,7 @@ pub struct CollectSettings {
     pub retention_days: u64,
     /// The key of the authors' keyed hash (a secret).
     pub author_key: Secret,
+    pub consent: Consent,
 }
 
 impl RawCollect {
@@ -48,6 +61,11 @@ impl RawCollect {
         if let Some(c) = self.channels.iter().find(|c| dialogd_adapters::ChannelKey::parse(c).is_none()) {
             return Err(invalid("collect.channels", format!("{c:?} is not platform:channel_id")));
         }
+        let consent = match self.consent.as_str() {
+            "channel" => Consent::Channel,
+            "user" => Consent::User,
+            other => return Err(invalid("collect.consent", format!("{other:?} is not \"channel\" or \"user\""))),
+        };
         if self.segment_max_bytes < 1024 || self.segment_max_secs == 0 {
             return Err(invalid("collect.segment_max_bytes", "segments need at least 1024 bytes and 1 second"));
         }
@@ -59,6 +77,7 @@ impl RawCollect {
             segment_max_secs: self.segment_max_secs,
             retention_days: self.retention_days,
             author_key: Secret::new(self.author_key),
+            consent,
         })
     }
 }
