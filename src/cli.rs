@@ -55,6 +55,8 @@ pub enum Command {
     Run(run::RunArgs),
     /// Validate the settings and print them, secrets redacted.
     CheckConfig(run::RunArgs),
+    /// The settings' documentation: `config defaults` prints every key.
+    Config(run::ConfigArgs),
     /// Fine-tune a model, or a LoRA persona adapter, on dialogue files.
     Train(train::TrainArgs),
     /// The daemon's fine-tuning jobs: list, show, run, cancel, rollback.
@@ -89,6 +91,7 @@ pub struct SamplingArgs {
     /// Always take the most likely token (no sampling).
     #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p"])]
     pub greedy: bool,
+    /// Sampling temperature (0: greedy) [default: 0.8].
     #[arg(long, value_name = "T")]
     pub temperature: Option<f32>,
     /// Keep the K most likely tokens (0: all).
@@ -106,6 +109,7 @@ pub struct SamplingArgs {
     /// Generate at least N tokens before end-of-text is allowed.
     #[arg(long, value_name = "N")]
     pub min_new_tokens: Option<usize>,
+    /// The longest reply, in tokens [default: 64].
     #[arg(long, value_name = "N")]
     pub max_new_tokens: Option<usize>,
     /// The same seed gives the same reply.
@@ -260,6 +264,7 @@ pub fn main() -> ExitCode {
         Command::Moderate(args) => moderate::run(args),
         Command::Run(args) => run::run(args),
         Command::CheckConfig(args) => run::check_config(args),
+        Command::Config(args) => run::config(args),
         Command::Train(args) => train::run(args),
         Command::Jobs(args) => jobs::run(args),
     };
@@ -293,6 +298,8 @@ fn report(err: &anyhow::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    use clap::CommandFactory as _;
+
     #[derive(Debug, thiserror::Error)]
     #[error("store unavailable: {0}")]
     struct Inner(String);
@@ -311,5 +318,24 @@ mod tests {
         );
         let err = anyhow::Error::new(Inner("down".into())).context("starting the daemon");
         assert_eq!(super::report(&err), "starting the daemon: store unavailable: down");
+    }
+
+    /// Every flag and argument of every command says what it is for.
+    #[test]
+    fn every_flag_has_a_description() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help" && id != "version" && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in command.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "dialogd", &mut missing);
+        assert!(missing.is_empty(), "flags without a description: {missing:?}");
     }
 }

@@ -188,10 +188,15 @@ impl Daemon {
         &self.pipeline
     }
 
-    /// Serves until `shutdown` resolves or every adapter has stopped, then
-    /// drains. Returns once in-flight messages are answered or the drain
-    /// bound has passed.
-    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+    /// Serves until `shutdown` resolves, every adapter has stopped, or one
+    /// has failed, then drains. Returns once in-flight messages are
+    /// answered or the drain bound has passed.
+    ///
+    /// # Errors
+    /// The first adapter failure (a refused token, refused intents): the
+    /// daemon cannot do what it was configured for, so it stops (after the
+    /// drain) and `dialogd run` exits non-zero with this reason.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
         let Self { pipeline, adapters, metrics_server, settings, metrics, runner, .. } = self;
         let (trigger, listener) = Shutdown::new();
         let core: Arc<dyn Core> = Arc::new(pipeline.clone());
@@ -212,14 +217,24 @@ impl Daemon {
             "dialogd is serving"
         );
 
+        let mut failure = None;
         let adapters_done = async {
             while let Some(joined) = tasks.join_next().await {
-                log_adapter_end(joined);
+                if let Some(e) = log_adapter_end(joined) {
+                    return Some(e);
+                }
             }
+            None
         };
         tokio::select! {
             _ = shutdown => tracing::info!(in_flight = pipeline.in_flight(), "shutdown asked for: draining"),
-            _ = adapters_done => tracing::info!("every adapter has stopped: shutting down"),
+            ended = adapters_done => match ended {
+                Some(e) => {
+                    tracing::error!(error = %e, "an adapter cannot run: shutting down");
+                    failure = Some(e);
+                }
+                None => tracing::info!("every adapter has stopped: shutting down"),
+            },
         }
         notify_systemd("STOPPING=1");
         pipeline.stop_accepting();
@@ -227,7 +242,9 @@ impl Daemon {
         let drain = async {
             pipeline.drained().await;
             while let Some(joined) = tasks.join_next().await {
-                log_adapter_end(joined);
+                if let Some(e) = log_adapter_end(joined) {
+                    failure.get_or_insert(e);
+                }
             }
             if let Some(task) = metrics_task.take() {
                 let _ = task.await;
@@ -239,15 +256,24 @@ impl Daemon {
         if tokio::time::timeout(settings.daemon.drain, drain).await.is_err() {
             tracing::warn!(
                 in_flight = pipeline.in_flight(),
-                bound = ?settings.daemon.drain,
-                "drain took too long: stopping with messages unanswered"
+                drain_secs = settings.daemon.drain.as_secs(),
+                "drain took too long: messages still queued are refused (HTTP 503)"
             );
+            // Their requests get their refusal before the process ends.
+            pipeline.abandon();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+                while let Some(joined) = tasks.join_next().await {
+                    log_adapter_end(joined);
+                }
+            })
+            .await;
         } else {
             tracing::info!(
                 replies = metrics.replies_total(),
                 "drained: every accepted message was answered"
             );
         }
+        failure.map_or(Ok(()), |e| Err(DaemonError::Adapter(e)))
     }
 }
 
@@ -353,19 +379,38 @@ async fn open_personas(settings: &Settings) -> Result<Arc<Personas>, DaemonError
     Ok(personas)
 }
 
-fn log_adapter_end(joined: Result<(&'static str, Result<(), AdapterError>), tokio::task::JoinError>) {
+/// Logs how an adapter ended; its failure, if it failed.
+fn log_adapter_end(joined: Result<(&'static str, Result<(), AdapterError>), tokio::task::JoinError>) -> Option<AdapterError> {
     match joined {
-        Ok((name, Ok(()))) => tracing::info!(adapter = name, "adapter stopped"),
-        Ok((name, Err(e))) => tracing::error!(adapter = name, error = %e, "adapter failed"),
-        Err(e) => tracing::error!(error = %e, "adapter task panicked"),
+        Ok((name, Ok(()))) => {
+            tracing::info!(adapter = name, "adapter stopped");
+            None
+        }
+        Ok((name, Err(e))) => {
+            tracing::error!(adapter = name, error = %e, "adapter failed");
+            Some(e)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "adapter task panicked");
+            Some(AdapterError::Platform { adapter: "adapter", message: format!("the adapter task panicked: {e}") })
+        }
     }
 }
 
 /// Re-reads the settings (same file, same environment) and applies what can
-/// change live: the `[generation]` and `[safety]` sections. A bad file keeps
-/// the old settings. Returns whether anything changed.
-pub fn reload(pipeline: &Pipeline, config: Option<&Path>, metrics: &Metrics) -> Result<bool, SettingsError> {
+/// change live: the `[generation]` and `[safety]` sections. Every other key
+/// that differs from `started` (the settings the daemon started with) is
+/// logged by name as needing a restart; so are `safety.classifier` and
+/// `safety.classifier_device`, which keep their values. A bad file (or
+/// thresholds naming a label the classifier lacks) keeps the old settings.
+/// Returns whether anything was applied.
+pub fn reload(pipeline: &Pipeline, config: Option<&Path>, started: &Settings, metrics: &Metrics) -> Result<bool, SettingsError> {
     let mut fresh = settings::load(config)?;
+    for key in settings::changed_keys(started, &fresh) {
+        if !(key.starts_with("generation.") || key.starts_with("safety.")) {
+            tracing::warn!(key = %key, "changed, but applied only at restart");
+        }
+    }
     let current_safety = pipeline.safety();
     if fresh.safety.classifier != current_safety.classifier || fresh.safety.classifier_device != current_safety.classifier_device {
         tracing::warn!("safety.classifier and safety.classifier_device change only at restart");
@@ -433,12 +478,13 @@ pub async fn reload_on_sighup(
     hup: Option<tokio::signal::unix::Signal>,
     pipeline: Pipeline,
     config: Option<PathBuf>,
+    started: Settings,
     metrics: Arc<Metrics>,
 ) {
     let Some(mut hup) = hup else { return };
     while hup.recv().await.is_some() {
         notify_systemd("RELOADING=1");
-        if let Err(e) = reload(&pipeline, config.as_deref(), &metrics) {
+        if let Err(e) = reload(&pipeline, config.as_deref(), &started, &metrics) {
             tracing::error!(error = %e, "reload failed: keeping the settings in force");
         }
         notify_systemd("READY=1");

@@ -39,6 +39,12 @@ pub enum ModelError {
     Tensor { file: PathBuf, tensor: String, message: String },
     #[error("no weights in {0}: expected model.safetensors, model.safetensors.index.json, pytorch_model.bin or one .pkl, .pt or .pth file")]
     NoWeights(PathBuf),
+    /// A weights file that is a Git LFS pointer (a clone made without
+    /// git-lfs): `dir` is the folder to run `git lfs pull` in.
+    #[error("{}: a Git LFS pointer ({size} bytes), not the weights: the folder was cloned without git-lfs. \
+             Install git-lfs, then run `git lfs install && git lfs pull` in {} (or give the hub id, e.g. \
+             microsoft/DialoGPT-small, instead of the folder)", path.display(), dir.display())]
+    LfsPointer { path: PathBuf, dir: PathBuf, size: u64 },
     #[error("{0}")]
     Hub(String),
     #[error("device: {0}")]

@@ -205,6 +205,12 @@ impl Pipeline {
         self.shared.queues.in_flight()
     }
 
+    /// After the drain's bound: every message still queued or running is
+    /// answered [`CoreError::ShuttingDown`] (HTTP 503).
+    pub fn abandon(&self) {
+        self.shared.queues.abandon()
+    }
+
     /// Resolves when no message is in flight.
     pub async fn drained(&self) {
         self.shared.queues.drained().await
@@ -247,7 +253,8 @@ impl Core for Pipeline {
             shared.metrics.refused(Refusal::ShuttingDown);
             Err(CoreError::ShuttingDown)
         };
-        Box::pin(async move { queued?.await.unwrap_or(Err(CoreError::Internal("message was dropped".into()))) })
+        let queues = shared.queues.clone();
+        Box::pin(async move { queues.answer(queued?).await })
     }
 
     fn turns(&self, channel: ChannelKey) -> BoxFuture<'static, Result<Vec<ContextTurn>, CoreError>> {

@@ -127,11 +127,36 @@ pub fn load_raw_with_env(
     if let Some(path) = file {
         builder = builder.add_source(read_file(path)?);
     }
-    let env: config::Map<String, String> =
-        env.into_iter().filter(|(k, _)| k.starts_with("DIALOGD__")).collect();
+    // List-valued keys are split here (the config crate splits lists only
+    // when it also parses numbers, which would change tokens and keys).
+    let lists = list_keys();
+    let mut list_overrides = Vec::new();
+    let env: config::Map<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("DIALOGD__"))
+        .filter_map(|(name, value)| {
+            let key = name["DIALOGD__".len()..].to_lowercase().replace("__", ".");
+            if lists.contains(&key) {
+                let items: Vec<String> =
+                    value.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+                list_overrides.push((key, items));
+                None
+            } else {
+                Some((name, value))
+            }
+        })
+        .collect();
     builder = builder.add_source(
         config::Environment::with_prefix("DIALOGD").prefix_separator("__").separator("__").source(Some(env)),
     );
+    // Marked as the environment's text, which the strict reading converts
+    // (an id list takes each item's digits).
+    let origin = "the environment".to_string();
+    for (key, items) in list_overrides {
+        let items: Vec<config::Value> =
+            items.into_iter().map(|item| config::Value::new(Some(&origin), config::ValueKind::String(item))).collect();
+        builder = builder.set_override(key, config::Value::new(Some(&origin), config::ValueKind::Array(items)))?;
+    }
     // The merged tree, each value with its origin (file or environment).
     let merged = config::Source::collect(&builder.build()?)?;
     Ok(strict::deserialize(config::Value::new(None, merged))?)
@@ -178,6 +203,63 @@ fn read_file(path: &Path) -> Result<SettingsFile, SettingsError> {
     let table = config::Format::parse(&config::FileFormat::Toml, Some(&shown), &text)
         .map_err(|e| file_error(e.to_string().trim_end().to_string()))?;
     Ok(SettingsFile(table))
+}
+
+/// The keys whose values are lists of plain values (`adapters.discord.allowed_guilds`,
+/// `safety.blocked_words`, …), read from the defaults: from the environment
+/// they are given comma-separated (`DIALOGD__ADAPTERS__DISCORD__ALLOWED_GUILDS=1,2`).
+/// Lists of tables (`jobs.schedules`, `personas.defined`) have no such form.
+pub fn list_keys() -> Vec<String> {
+    const TABLE_LISTS: &[&str] = &["jobs.schedules", "personas.defined"];
+    fn walk(prefix: &str, table: &toml::Table, out: &mut Vec<String>) {
+        for (name, value) in table {
+            let key = if prefix.is_empty() { name.clone() } else { format!("{prefix}.{name}") };
+            match value {
+                toml::Value::Table(inner) => walk(&key, inner, out),
+                toml::Value::Array(items) if !items.iter().any(|v| v.is_table()) && !TABLE_LISTS.contains(&key.as_str()) => {
+                    out.push(key)
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut keys = Vec::new();
+    if let Ok(defaults) = DEFAULT_TOML.parse::<toml::Table>() {
+        walk("", &defaults, &mut keys);
+    }
+    keys
+}
+
+/// The keys (`section.key`, `adapters.http.listen`) whose effective values
+/// differ between `old` and `new`, sorted; secrets compare redacted
+/// (a changed token is not seen).
+pub fn changed_keys(old: &Settings, new: &Settings) -> Vec<String> {
+    fn flatten(prefix: &str, value: &toml::Value, out: &mut Vec<(String, toml::Value)>) {
+        match value {
+            toml::Value::Table(table) => {
+                for (name, inner) in table {
+                    let key = if prefix.is_empty() { name.clone() } else { format!("{prefix}.{name}") };
+                    flatten(&key, inner, out);
+                }
+            }
+            other => out.push((prefix.to_string(), other.clone())),
+        }
+    }
+    let as_list = |s: &Settings| {
+        let mut out = Vec::new();
+        if let Ok(value) = toml::Value::try_from(s) {
+            flatten("", &value, &mut out);
+        }
+        out
+    };
+    let (old, new) = (as_list(old), as_list(new));
+    let mut keys: Vec<String> = new
+        .iter()
+        .filter(|(key, value)| old.iter().find(|(k, _)| k == key).map(|(_, v)| v) != Some(value))
+        .map(|(key, _)| key.clone())
+        .collect();
+    keys.extend(old.iter().filter(|(key, _)| !new.iter().any(|(k, _)| k == key)).map(|(key, _)| key.clone()));
+    keys
 }
 
 /// The names of environment variables that look meant for dialogd
@@ -281,6 +363,37 @@ mod tests {
     }
 
     #[test]
+    fn list_settings_come_comma_separated_from_the_environment() {
+        assert!(list_keys().contains(&"adapters.discord.allowed_guilds".to_string()), "{:?}", list_keys());
+        assert!(!list_keys().iter().any(|k| k == "jobs.schedules" || k == "personas.defined"));
+        let s = load_env(
+            None,
+            &[
+                ("DIALOGD__ADAPTERS__DISCORD__ALLOWED_GUILDS", "11,22"),
+                ("DIALOGD__SAFETY__BLOCKED_WORDS", "gronk,blorf"),
+                ("DIALOGD__JOBS__PROBES", "Hi there?"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.adapters.discord.allowed_guilds, [11, 22]);
+        assert_eq!(s.safety.blocked_words, ["gronk", "blorf"]);
+        assert_eq!(s.jobs.probes, ["Hi there?"]);
+        // An empty value is an empty list.
+        let s = load_env(None, &[("DIALOGD__JOBS__PROBES", "")]).unwrap();
+        assert!(s.jobs.probes.is_empty());
+        let err = load_env(None, &[("DIALOGD__ADAPTERS__DISCORD__ALLOWED_GUILDS", "11,x")]).unwrap_err().to_string();
+        assert!(err.contains("allowed_guilds"), "{err}");
+    }
+
+    #[test]
+    fn changed_keys_name_each_difference() {
+        let old = load_env(None, &[]).unwrap();
+        let new = load_env(Some("[context]\nmax_turns = 7\n[adapters.http]\nlisten = \"127.0.0.1:9\"\n"), &[]).unwrap();
+        assert_eq!(changed_keys(&old, &new), ["adapters.http.listen", "context.max_turns"]);
+        assert!(changed_keys(&old, &old).is_empty());
+    }
+
+    #[test]
     fn defaults_are_valid_and_layers_override_in_order() {
         let s = load_env(None, &[]).unwrap();
         assert_eq!(s.context.max_turns, 20);
@@ -294,7 +407,21 @@ mod tests {
 
     #[test]
     fn the_example_settings_are_valid() {
-        let s = load_env(Some(include_str!("../config/example.toml")), &[("DIALOGD__COLLECT__AUTHOR_KEY", "0123456789abcdef")]).unwrap();
+        let example = include_str!("../config/example.toml");
+        let s = load_env(Some(example), &[]).unwrap();
+        assert_eq!(s.model.path, "microsoft/DialoGPT-small");
+        assert!(!s.jobs.enabled && !s.collect.enabled, "the operator's choice");
+        // Its commented extras, switched on (`#key = …` lines uncommented).
+        let extras: Vec<&str> = example
+            .lines()
+            .map(|l| l.strip_prefix('#').filter(|rest| !rest.is_empty() && !rest.starts_with([' ', '#'])).unwrap_or(l))
+            .collect();
+        let env = [
+            ("DIALOGD__COLLECT__AUTHOR_KEY", "0123456789abcdef"),
+            ("DIALOGD__ADAPTERS__TELEGRAM__TOKEN", "1:tg"),
+            ("DIALOGD__ADAPTERS__DISCORD__TOKEN", "dc"),
+        ];
+        let s = load_env(Some(&extras.join("\n")), &env).unwrap();
         assert!(s.jobs.enabled && s.collect.enabled);
         assert_eq!(s.jobs.schedules[0].cron.next_after(0), Some(3 * 86_400 + 4 * 3600), "1970-01-04 was a Sunday");
         assert_eq!(s.personas.defined[0].name, "friendly");

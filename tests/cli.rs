@@ -259,3 +259,25 @@ async fn every_path_makes_one_prompt_of_awkward_turns() {
     assert_eq!(stored, turns.iter().map(|t| normalize_turn(t)).collect::<Vec<_>>(), "daemon");
     d.stop().await;
 }
+
+/// Issue #16 point 6: a model folder cloned without git-lfs holds pointer
+/// files where the weights should be; the error says so, names git-lfs and
+/// what to run, for every weights format (and the daemon's `run` loads
+/// through the same reader).
+#[test]
+fn git_lfs_pointers_are_named_with_what_to_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pointer = "version https://git-lfs.github.com/spec/v1\n\
+                   oid sha256:7c4ba2fd2ac9ec4e6c4f07e5cc6ee55ab5d7dd1f2f8b2c1f6b2ce2e4e2d2f3a1\n\
+                   size 351265583\n";
+    for (fixture, weights) in [("pico-safetensors", "model.safetensors"), ("pico-bin", "pytorch_model.bin")] {
+        let dir = tmp.path().join(fixture);
+        copy_dir(&fixtures().join(fixture), &dir);
+        std::fs::write(dir.join(weights), pointer).unwrap();
+        let out = dialogd(&["generate", "--model", dir.to_str().unwrap(), "hi"]);
+        assert_fails_with(&out, "Git LFS pointer");
+        let err = crate::support::stderr(&out);
+        assert!(err.contains(weights) && err.contains("git lfs pull") && err.contains("git-lfs"), "{err}");
+        assert!(!err.contains("pickle") && !err.contains("header of"), "{err}");
+    }
+}

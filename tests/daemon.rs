@@ -222,7 +222,11 @@ async fn a_restart_keeps_context_and_logs_hold_no_secret() {
     first.say("attic", "Is anyone up here?", Some(token)).await;
 
     // SIGHUP: a changed [generation] section applies without a restart.
-    let text = std::fs::read_to_string(&config).unwrap().replace("max_new_tokens = 16", "max_new_tokens = 8");
+    // A key that needs a restart changes too: the log names it.
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("max_new_tokens = 16", "max_new_tokens = 8")
+        .replace("max_tokens = 40", "max_tokens = 41");
     std::fs::write(&config, text).unwrap();
     first.signal("HUP");
     let mut reloaded = false;
@@ -240,6 +244,8 @@ async fn a_restart_keeps_context_and_logs_hold_no_secret() {
     assert_eq!(first.wait_exit().await, 0, "{}", first.log_text());
     let log = first.log_text();
     assert!(log.contains("reloaded generation settings"), "{log}");
+    let restart = log.lines().find(|l| l.contains("applied only at restart")).unwrap_or_else(|| panic!("{log}"));
+    assert_eq!(serde_json::from_str::<Value>(restart).unwrap()["key"], "context.max_tokens", "{restart}");
     // The log says how the model is served.
     let loading = log.lines().find(|l| l.contains("loading model")).unwrap_or_else(|| panic!("no loading line: {log}"));
     let loading: Value = serde_json::from_str(loading).unwrap();
@@ -298,7 +304,8 @@ async fn sigterm_drains_in_flight_replies() {
     for c in 0..n {
         let (http, base) = (d.http.clone(), d.base.clone());
         requests.push(tokio::spawn(async move {
-            let body = serde_json::json!({ "author": "ann", "text": format!("tell me a long story, {c}") });
+            // One author each: 8 from one author would pass the per-user limit.
+            let body = serde_json::json!({ "author": format!("ann{c}"), "text": format!("tell me a long story, {c}") });
             let response = http.post(format!("{base}/v1/channels/drain-{c}/messages")).json(&body).send().await.unwrap();
             (response.status().as_u16(), response.json::<Value>().await.unwrap())
         }));
@@ -508,4 +515,37 @@ async fn start_failures_keep_the_error_behind_them() {
     assert!(err.to_string().starts_with("collect.dir: "), "{err}");
     let io = err.source().and_then(|s| s.source()).and_then(|s| s.downcast_ref::<std::io::Error>());
     assert!(io.is_some(), "the io::Error is at the end of the chain: {err:?}");
+}
+
+/// Issue #16 point 2: a Telegram token the Bot API refuses (401) ends
+/// `dialogd run` non-zero with the reason (so systemd's
+/// Restart=on-failure sees it), in the JSON log format asked for, without
+/// the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_exits_non_zero_when_an_adapter_cannot_start() {
+    let fake = crate::fakes::telegram::FakeTelegram::start("123456:the-right-token").await;
+    let dir = tempfile::tempdir().unwrap();
+    // Ports the system picks (nothing is asked of them here).
+    let config = dir.path().join("dialogd.toml");
+    let text = format!(
+        "[model]\npath = \"{}\"\n[context]\nstore = \"memory\"\n[adapters.http]\nlisten = \"127.0.0.1:0\"\n\
+         [adapters.telegram]\nenabled = true\napi_url = \"{}\"\n[telemetry]\nlog_format = \"json\"\nmetrics_listen = \"127.0.0.1:0\"\n",
+        model_dir("pico-bin").display(),
+        fake.url
+    );
+    std::fs::write(&config, text).unwrap();
+    let wrong = "123456:wrong-token-3f9a";
+    let mut d = Running::spawn(&config, &[("DIALOGD__ADAPTERS__TELEGRAM__TOKEN", wrong)], 0, 0);
+    let code = d.wait_exit().await;
+    let log = d.log_text();
+    assert_ne!(code, 0, "{log}");
+    assert!(!log.contains(wrong) && !log.contains("wrong-token"), "the token reached the log:\n{log}");
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}")))
+        .collect();
+    let last = lines.last().expect("a log line");
+    assert_eq!(last["level"], "ERROR", "{log}");
+    let reason = last["error"].as_str().unwrap_or_default();
+    assert!(reason.contains("telegram") && reason.contains("getMe"), "{log}");
 }

@@ -289,6 +289,26 @@ async fn rate_limits_wait_what_discord_asks_for_every_call() {
     tokio::time::timeout(WAIT, running).await.expect("the adapter stops").unwrap().unwrap();
 }
 
+/// Issue #16 point 2: a token the gateway refuses (close 4004) and intents
+/// it refuses (close 4014) end the adapter with an error that says what to
+/// fix, never with the token in it; the daemon then stops non-zero.
+#[tokio::test]
+async fn a_refused_token_or_refused_intents_end_the_adapter_with_the_reason() {
+    let fake = FakeDiscord::start("MTAwNzAw.the-right-token").await;
+    let (_stop, run) = start_scripted(&fake, "", Duration::from_secs(1));
+    let ended = tokio::time::timeout(WAIT, run).await.expect("the adapter ended").unwrap();
+    let err = ended.expect_err("a refused token is a failure").to_string();
+    assert!(err.contains("4004") && err.contains("DIALOGD__ADAPTERS__DISCORD__TOKEN"), "{err}");
+    assert!(!err.contains(TOKEN), "{err}");
+
+    let fake = FakeDiscord::start(TOKEN).await;
+    fake.refuse_intents();
+    let (_stop, run) = start_scripted(&fake, "", Duration::from_secs(1));
+    let ended = tokio::time::timeout(WAIT, run).await.expect("the adapter ended").unwrap();
+    let err = ended.expect_err("refused intents are a failure").to_string();
+    assert!(err.contains("4014") && err.contains("Message Content Intent"), "{err}");
+}
+
 async fn discord_texts(d: &TestDaemon, channel: u64) -> Vec<String> {
     let key = ChannelKey::new(dialogd_adapters::Platform::Discord, channel.to_string());
     d.pipeline.turns(key).await.unwrap().into_iter().map(|t| t.text).collect()

@@ -506,10 +506,26 @@ async fn rate_limits_give_one_notice_then_drop_quietly() {
         let (_, answer) = d.say("busy", "ann", text, None).await;
         assert!(answer["reply"].is_string(), "{answer}");
     }
-    let (_, notice) = d.say("busy", "ann", "three", None).await;
-    assert!(notice["reply"].as_str().unwrap().contains("faster than I can answer"), "{notice}");
-    let (_, dropped) = d.say("busy", "ann", "four", None).await;
-    assert_eq!(dropped, serde_json::json!({ "reply": null, "reason": "rate_limited" }));
+    // Over the limit: 429 with Retry-After (the window's rest, in seconds);
+    // the first time the body's error is the notice the platforms send.
+    let over = |text: &'static str| d.http.post(d.url("/v1/channels/busy/messages")).json(&serde_json::json!({ "author": "ann", "text": text })).send();
+    let notice = over("three").await.unwrap();
+    assert_eq!(notice.status(), 429);
+    let retry_after: u64 = notice.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((590..=600).contains(&retry_after), "{retry_after}");
+    let notice: serde_json::Value = notice.json().await.unwrap();
+    assert!(notice["error"].as_str().unwrap().contains("faster than I can answer"), "{notice}");
+    assert_eq!(notice["reason"], "rate_limited");
+    let dropped = over("four").await.unwrap();
+    assert_eq!(dropped.status(), 429);
+    assert!(dropped.headers().contains_key("retry-after"));
+    let dropped: serde_json::Value = dropped.json().await.unwrap();
+    assert_eq!(dropped["reason"], "rate_limited", "{dropped}");
+    // A method a path does not take: 405 with a JSON body.
+    let wrong = d.http.put(d.url("/v1/channels/busy/messages")).send().await.unwrap();
+    assert_eq!(wrong.status(), 405);
+    let wrong: serde_json::Value = wrong.json().await.unwrap();
+    assert!(wrong["error"].as_str().unwrap().contains("method"), "{wrong}");
     // Commands are not counted, and other users are not limited.
     let (_, help) = d.say("busy", "ann", "/help", None).await;
     assert!(help["reply"].as_str().unwrap().contains("/reset"));

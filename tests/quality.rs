@@ -278,7 +278,7 @@ async fn sighup_reload_changes_the_safety_settings_live() {
     let path = dir.path().join("dialogd.toml");
     std::fs::write(&path, daemon_toml(None, &[("safety", "toxic_input = \"silent\""), ("safety", "blocked_words = [\"pineapple\"]")])).unwrap();
     let metrics = dialogd::telemetry::Metrics::new();
-    assert!(dialogd::daemon::reload(&d.pipeline, Some(&path), &metrics).unwrap());
+    assert!(dialogd::daemon::reload(&d.pipeline, Some(&path), &dialogd::settings::load(None).unwrap(), &metrics).unwrap());
     let (_, answer) = d.say("c", "troll", "you are a f*cking idiot", None).await;
     assert_eq!(answer, serde_json::json!({ "reply": null, "reason": "toxic_input" }));
     let (_, answer) = d.say("c", "ann", "I love p1neapple on pizza", None).await;

@@ -283,7 +283,7 @@ pub struct TestDaemon {
     pub pipeline: dialogd::pipeline::Pipeline,
     pub http: reqwest::Client,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    served: Option<tokio::task::JoinHandle<()>>,
+    served: Option<tokio::task::JoinHandle<Result<(), dialogd::daemon::DaemonError>>>,
 }
 
 impl TestDaemon {
@@ -361,7 +361,7 @@ impl TestDaemon {
             let _ = stop.send(());
         }
         if let Some(served) = self.served.take() {
-            served.await.unwrap();
+            served.await.unwrap().unwrap();
         }
     }
 }

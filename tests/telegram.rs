@@ -436,3 +436,23 @@ async fn a_hanging_or_failing_moderator_check_stalls_no_other_chat() {
     let _ = stop.send(true);
     tokio::time::timeout(WAIT, running).await.expect("the adapter stops").unwrap().unwrap();
 }
+
+/// Issue #16 point 5: `allowed_chats` and `allowed_users` (empty: all):
+/// a message outside either list is never answered nor stored.
+#[tokio::test]
+async fn allowed_chats_and_users_limit_who_is_answered() {
+    let fake = FakeTelegram::start(TOKEN).await;
+    let lines = ["allowed_chats = [-100, 5]".to_string(), "allowed_users = [5, 7]".to_string()];
+    let d = TestDaemon::start(&telegram_toml(&fake, &lines)).await;
+    fake.say(1, 1, "a private chat not allowed", None);
+    fake.say(-100, 8, "@dialogd_bot a user not allowed", None);
+    fake.say(-200, 7, "@dialogd_bot a group not allowed", None);
+    let asked = fake.say(-100, 7, "@dialogd_bot both allowed", None);
+    assert_eq!(replied_to(&nth_sent(&fake, -100, 1).await), Some(asked));
+    let asked = fake.say(5, 5, "my own private chat", None);
+    assert_eq!(replied_to(&nth_sent(&fake, 5, 1).await), Some(asked));
+    assert!(fake.sent_to(1).is_empty() && fake.sent_to(-200).is_empty());
+    assert_eq!(fake.sent_to(-100).len(), 1, "user 8 was not answered");
+    assert!(texts(&d, "1").await.is_empty() && texts(&d, "-200").await.is_empty());
+    d.stop().await;
+}

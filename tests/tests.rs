@@ -14,6 +14,8 @@
 //! - `http`: the daemon in-process over loopback HTTP: API, commands,
 //!   duplicates, order, rate limits, Redis outages, a load run.
 //! - `daemon`: the `dialogd run` binary: settings, restarts, signals, logs.
+//! - `operator`: the operator's path as the README writes it (the shipped
+//!   example checked with the install section's own commands).
 //! - `jobs`: fine-tuning jobs through the daemon: /train, the gate,
 //!   promotion under load, rollback, failures, kills, cancels, schedules.
 //! - `persona_runtime`: LoRA persona adapters applied per sequence at run
@@ -36,6 +38,7 @@ mod floors;
 mod http;
 mod jobs;
 mod legacy;
+mod operator;
 mod parity;
 mod persona_runtime;
 mod pool;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
-use crate::{Adapter, AdapterError, Answer, BoxFuture, ChannelKey, Core, Inbound, Platform, Shutdown};
+use crate::{Adapter, AdapterError, Answer, BoxFuture, ChannelKey, Core, CoreError, Inbound, Platform, Shutdown};
 
 /// The console's one channel id.
 pub const CONSOLE_CHANNEL: &str = "local";
@@ -94,6 +94,7 @@ where
                 let text = match core.handle(inbound).await {
                     Ok(Answer::Reply(out)) => format!("bot> {}\n", out.text),
                     Ok(Answer::Silent { reason }) => format!("(no reply: {reason})\n"),
+                    Err(CoreError::RateLimited { notice: Some(notice), .. }) => format!("bot> {notice}\n"),
                     Err(err) => format!("(error: {err})\n"),
                 };
                 output.write_all(text.as_bytes()).await.map_err(io)?;

@@ -217,9 +217,27 @@ impl Adapter for DiscordAdapter {
                     tracing::info!("discord adapter stopped");
                     Ok(())
                 }
-                Err(e) => Err(AdapterError::Platform { adapter: "discord", message: scrub(&e.to_string(), &token) }),
+                Err(e) => Err(AdapterError::Platform { adapter: "discord", message: scrub(&refusal(&e), &token) }),
             }
         })
+    }
+}
+
+/// Why the gateway ended the client, with what to do about the refusals
+/// that only the operator can fix.
+fn refusal(error: &serenity::Error) -> String {
+    use serenity::gateway::GatewayError;
+    match error {
+        serenity::Error::Gateway(GatewayError::InvalidAuthentication) => {
+            "the gateway refused the bot token (close 4004): check DIALOGD__ADAPTERS__DISCORD__TOKEN".into()
+        }
+        serenity::Error::Gateway(GatewayError::DisallowedGatewayIntents) => "the gateway refused the intents (close 4014): \
+             enable the Message Content Intent for the bot in the Discord developer portal (Bot → Privileged Gateway Intents)"
+            .into(),
+        serenity::Error::Gateway(GatewayError::InvalidGatewayIntents) => {
+            "the gateway refused the intents as invalid (close 4013)".into()
+        }
+        other => format!("the gateway connection ended: {other}"),
     }
 }
 
@@ -496,6 +514,12 @@ async fn deliver(
             }
         }
         Err(CoreError::ShuttingDown) => return,
+        Err(CoreError::RateLimited { notice: Some(notice), .. }) => notice,
+        Err(CoreError::RateLimited { notice: None, .. }) => match reply {
+            // A deferred command must be answered.
+            Reply::Interaction(_) => "(no reply: rate limited)".to_string(),
+            Reply::Message(_) => return,
+        },
         Err(e @ (CoreError::Busy | CoreError::Unavailable(_))) => {
             tracing::info!(channel = channel.get(), error = %e, "discord: message not answered");
             "I'm busy right now; please try again in a minute.".to_string()

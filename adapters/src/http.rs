@@ -10,7 +10,11 @@
 //!
 //! With a token configured every `/v1` request needs `Authorization: Bearer
 //! TOKEN` (401 otherwise). Bodies over the limit get 413; malformed JSON or
-//! missing fields get 4xx; every error body is `{"error":"…"}`.
+//! missing fields get 4xx; a method a path does not take gets 405; a
+//! message over a rate limit gets 429 with `Retry-After` (seconds until
+//! the window ends; the body's `error` is the notice); refusals for load or
+//! shutdown (a message still queued when the drain ends included) get 503
+//! with `Retry-After`; every error body is `{"error":"…"}`.
 //!
 //! Hostile or broken clients are bounded: a connection must deliver a
 //! request's headers within `header_timeout` of opening or of its previous
@@ -242,6 +246,7 @@ pub fn router(core: Arc<dyn Core>, config: &HttpSettings) -> Router {
         .route("/healthz", get(healthz))
         .merge(v1)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such path") })
+        .method_not_allowed_fallback(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this path") })
         .layer(middleware::from_fn_with_state(state.clone(), read_body_in_time))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .with_state(state)
@@ -253,6 +258,14 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 
 fn core_error(err: CoreError) -> Response {
     match err {
+        CoreError::RateLimited { notice, retry_after } => {
+            let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            let message = notice.unwrap_or_else(|| format!("rate limited: try again in {secs} s"));
+            let mut response =
+                (StatusCode::TOO_MANY_REQUESTS, Json(json!({ "error": message, "reason": "rate_limited" }))).into_response();
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            response
+        }
         CoreError::Busy | CoreError::ShuttingDown | CoreError::Unavailable(_) => {
             let mut response = error(StatusCode::SERVICE_UNAVAILABLE, err.to_string());
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -152,9 +152,15 @@ pub enum CoreError {
     /// Generation is at capacity; try again later.
     #[error("busy: generation is at capacity, try again later")]
     Busy,
-    /// The daemon is shutting down and takes no new messages.
+    /// The daemon is shutting down and takes no new messages (or, for
+    /// one still queued when the drain ended, never answered it).
     #[error("shutting down")]
     ShuttingDown,
+    /// The author or channel is over its rate limit until `retry_after`
+    /// has passed. `notice`: what to tell them (the first time in a
+    /// window); `None`: drop the message quietly.
+    #[error("rate limited: try again in {} s", retry_after.as_secs().max(1))]
+    RateLimited { notice: Option<String>, retry_after: std::time::Duration },
     /// A part the request needs (the context store) cannot be reached.
     #[error("unavailable: {0}")]
     Unavailable(String),

@@ -141,6 +141,7 @@ mod tests {
             },
             "telegram": {
                 "enabled": false, "token": "", "api_url": "https://api.telegram.org/", "moderators": [],
+                "allowed_chats": [], "allowed_users": [],
                 "poll_timeout_secs": 10, "mode": "polling", "webhook_url": "", "webhook_listen": "127.0.0.1:8443",
                 "webhook_secret": "", "answer_edits": false
             }

@@ -71,6 +71,8 @@ pub struct RawTelegram {
     pub token: String,
     pub api_url: String,
     pub moderators: Vec<u64>,
+    pub allowed_chats: Vec<i64>,
+    pub allowed_users: Vec<u64>,
     pub poll_timeout_secs: u64,
     pub mode: String,
     pub webhook_url: String,
@@ -92,6 +94,10 @@ pub struct TelegramSettings {
     pub api_url: String,
     /// User ids that are moderators in every chat.
     pub moderators: Vec<u64>,
+    /// Chat ids the bot works in (groups are negative); empty: every chat.
+    pub allowed_chats: Vec<i64>,
+    /// User ids the bot answers; empty: everyone.
+    pub allowed_users: Vec<u64>,
     /// How long one `getUpdates` waits for news (long polling), 1-15 s.
     #[serde(rename = "poll_timeout_secs", serialize_with = "serialize_secs")]
     pub poll_timeout: Duration,
@@ -140,6 +146,8 @@ impl RawTelegram {
             token: Secret::non_empty(&self.token),
             api_url: self.api_url.trim().trim_end_matches('/').to_string(),
             moderators: self.moderators,
+            allowed_chats: self.allowed_chats,
+            allowed_users: self.allowed_users,
             poll_timeout: Duration::from_secs(self.poll_timeout_secs),
             retry: RetryPolicy::default(),
             mode: match self.mode.trim() {
@@ -176,6 +184,14 @@ impl RawTelegram {
 }
 
 impl TelegramSettings {
+    /// Whether a message of `user` in `chat` is for the bot at all: both
+    /// in their allowed list, an empty list allowing everyone (as
+    /// Discord's `allowed_guilds` and `allowed_channels`).
+    pub fn admits(&self, chat: i64, user: u64) -> bool {
+        (self.allowed_chats.is_empty() || self.allowed_chats.contains(&chat))
+            && (self.allowed_users.is_empty() || self.allowed_users.contains(&user))
+    }
+
     /// Webhook mode's keys: an https URL (Telegram posts only there), a
     /// socket address, a secret Telegram accepts.
     fn check_webhook(&self) -> Result<(), SettingsError> {
@@ -439,6 +455,9 @@ async fn on_message(context: &Arc<Context>, message: Message, edit: Option<Edit>
     if from.is_bot {
         return;
     }
+    if !context.config.admits(message.chat.id.0, from.id.0) {
+        return tracing::debug!(chat = message.chat.id.0, "telegram: chat or user not in the allowed lists");
+    }
     let me = &context.me;
     let username = me.username();
     let private = message.chat.is_private();
@@ -546,7 +565,8 @@ async fn deliver(
     let text = match answer {
         Ok(Answer::Reply(out)) => out.text,
         Ok(Answer::Silent { reason }) => return tracing::debug!(chat = chat.0, reason, "telegram: no reply"),
-        Err(CoreError::ShuttingDown) => return,
+        Err(CoreError::ShuttingDown | CoreError::RateLimited { notice: None, .. }) => return,
+        Err(CoreError::RateLimited { notice: Some(notice), .. }) => notice,
         Err(e @ (CoreError::Busy | CoreError::Unavailable(_))) => {
             tracing::info!(chat = chat.0, error = %e, "telegram: message not answered");
             "I'm busy right now; please try again in a minute.".to_string()

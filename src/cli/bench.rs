@@ -26,8 +26,10 @@ use crate::training::lora::LoraAdapter;
 pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// Prompt length of every request, in tokens.
     #[arg(long, default_value_t = 64)]
     pub prompt_tokens: usize,
+    /// Tokens generated per request.
     #[arg(long, default_value_t = 64)]
     pub new_tokens: usize,
     /// Comma-separated numbers of simultaneous requests.

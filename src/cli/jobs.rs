@@ -29,6 +29,7 @@ pub struct JobsArgs {
 pub enum JobsCommand {
     /// The newest jobs, newest first.
     List {
+        /// How many jobs to show.
         #[arg(long, default_value_t = 20)]
         limit: usize,
         /// One JSON array of job records.
@@ -37,7 +38,9 @@ pub enum JobsCommand {
     },
     /// One job, whole: metrics, probe replies, log path.
     Show {
+        /// The job's id (`jobs list` shows them).
         id: u64,
+        /// The job record as one JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -55,15 +58,21 @@ pub enum JobsCommand {
         /// Wait for the job to end; exit 0 only if it was promoted.
         #[arg(long)]
         wait: bool,
+        /// The queued (or, with --wait, finished) job record as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Cancels a queued or running job.
-    Cancel { id: u64 },
+    Cancel {
+        /// The job's id.
+        id: u64,
+    },
     /// Returns a target to the version before its newest promotion.
     Rollback {
+        /// Roll this persona's adapter back.
         #[arg(long, value_name = "NAME", conflicts_with = "base")]
         persona: Option<String>,
+        /// Roll the base model back.
         #[arg(long)]
         base: bool,
     },

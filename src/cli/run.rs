@@ -15,14 +15,37 @@ use crate::telemetry::{self, Metrics};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Settings file (TOML); every key and its default is in config/default.toml.
+    /// Settings file (TOML) over the built-in defaults (`dialogd config
+    /// defaults` prints them); without it the defaults and DIALOGD__…
+    /// variables alone are used.
     #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
+}
+
+/// `dialogd config`: the settings' documentation.
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    #[command(subcommand)]
+    pub command: ConfigCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ConfigCommand {
+    /// Print config/default.toml (every key, commented, with its default).
+    Defaults,
+}
+
+/// `dialogd config defaults`.
+pub fn config(args: ConfigArgs) -> anyhow::Result<ExitCode> {
+    match args.command {
+        ConfigCommand::Defaults => print!("{}", settings::DEFAULT_TOML),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `dialogd check-config`: validates and prints the effective settings.
 pub fn check_config(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let settings = settings::load(Some(&args.config))?;
+    let settings = settings::load(args.config.as_deref())?;
     // The Redis URLs `run` would refuse (the redis crate's parse) are
     // refused here too.
     if settings.context.store == settings::StoreKind::Redis {
@@ -38,13 +61,14 @@ pub fn check_config(args: RunArgs) -> anyhow::Result<ExitCode> {
 
 /// `dialogd run`: the daemon, until SIGTERM or SIGINT.
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let settings = settings::load(Some(&args.config))?;
+    let settings = settings::load(args.config.as_deref())?;
     telemetry::init_logging(settings.telemetry.log_format, &settings.telemetry.log_filter);
     for name in settings::stray_env_vars(std::env::vars_os()) {
         tracing::warn!(variable = %name, "ignored: settings come from DIALOGD__SECTION__KEY variables (two underscores after DIALOGD)");
     }
+    let json_logs = settings.telemetry.log_format == settings::LogFormat::Json;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         // Signals are caught from the start, so one during model loading
         // is not lost (the default action would kill the process).
         let stop = tokio::spawn(daemon::stop_signal());
@@ -64,15 +88,29 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         let engine = PoolEngine::start(loaded.model, &settings.generation, metrics.clone())
             .context("starting the generation pool")?;
         let pool = engine.handle().clone();
+        let started = settings.clone();
         let daemon = Daemon::start(settings, Arc::new(engine), Some(pool), loaded.tokenizer, metrics.clone()).await?;
-        let reload = tokio::spawn(daemon::reload_on_sighup(hup, daemon.pipeline().clone(), Some(args.config), metrics));
-        daemon
+        let reload = tokio::spawn(daemon::reload_on_sighup(hup, daemon.pipeline().clone(), args.config, started, metrics));
+        let served = daemon
             .serve(async move {
                 let _ = stop.await;
             })
             .await;
         reload.abort();
+        // A failed adapter ends `run` non-zero, so systemd's
+        // Restart=on-failure sees it.
+        served?;
         tracing::info!("stopped");
-        anyhow::Ok(ExitCode::SUCCESS)
-    })
+        anyhow::Ok(())
+    });
+    // Under log_format = "json" the reason is a JSON log line, once;
+    // otherwise the plain `error: …` line every command prints.
+    match served {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) if json_logs => {
+            tracing::error!(error = %super::report(&e), "dialogd cannot run");
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => Err(e),
+    }
 }

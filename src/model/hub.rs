@@ -58,8 +58,7 @@ pub fn resolve_checkpoint(spec: &str, tokenizers: &[&[&str]]) -> Result<PathBuf,
     if let Some(dir) = cached_checkpoint(spec, tokenizers) {
         return Ok(dir);
     }
-    let offline = std::env::var("HF_HUB_OFFLINE").map(|v| !v.is_empty() && v != "0").unwrap_or(false);
-    if offline {
+    if offline_asked(std::env::var("HF_HUB_OFFLINE").ok().as_deref()) {
         return Err(hub_error(spec, "HF_HUB_OFFLINE is set and the model is not in the cache"));
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -69,11 +68,18 @@ pub fn resolve_checkpoint(spec: &str, tokenizers: &[&[&str]]) -> Result<PathBuf,
     runtime.block_on(download(spec, tokenizers))
 }
 
+/// Whether `HF_HUB_OFFLINE`'s value asks for offline mode, as
+/// huggingface_hub reads it: `1`, `true`, `yes` or `on` (any case); unset,
+/// empty, `0`, `false`, `no` or `off` mean online.
+pub fn offline_asked(value: Option<&str>) -> bool {
+    value.is_some_and(|v| ["1", "true", "yes", "on"].iter().any(|on| v.trim().eq_ignore_ascii_case(on)))
+}
+
 fn hub_error(spec: &str, why: &str) -> ModelError {
     let cache = hf_hub::Cache::from_env();
     ModelError::Hub(format!(
         "cannot get `{spec}` from the Hugging Face hub ({why}); nothing usable is cached under {}. \
-         Download it where the hub is reachable (e.g. `git clone https://huggingface.co/{spec}`) and pass the folder: \
+         Download it where the hub is reachable (e.g. `git lfs install && git clone https://huggingface.co/{spec}`) and pass the folder: \
          --model /path/to/folder (config.json, model.safetensors or pytorch_model.bin, vocab.json + merges.txt or tokenizer.json)",
         cache.path().display()
     ))
@@ -133,6 +139,17 @@ async fn download(spec: &str, tokenizers: &[&[&str]]) -> Result<PathBuf, ModelEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hf_hub_offline_zero_and_false_mean_online() {
+        for on in ["1", "true", "TRUE", "yes", "on"] {
+            assert!(offline_asked(Some(on)), "{on}");
+        }
+        for off in ["0", "false", "False", "no", "off", ""] {
+            assert!(!offline_asked(Some(off)), "{off}");
+        }
+        assert!(!offline_asked(None));
+    }
 
     #[test]
     fn hub_ids_are_told_from_paths() {

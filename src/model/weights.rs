@@ -95,6 +95,14 @@ impl WeightsFile {
         }
     }
 
+    /// Every file that holds tensors (the shards, not the index).
+    pub fn files(&self) -> &[PathBuf] {
+        match self {
+            Self::Safetensors(p) | Self::PyTorch(p) => std::slice::from_ref(p),
+            Self::ShardedSafetensors { shards, .. } => shards,
+        }
+    }
+
     /// The file named in errors.
     pub fn display_path(&self) -> &Path {
         match self {
@@ -102,6 +110,29 @@ impl WeightsFile {
             Self::ShardedSafetensors { index, .. } => index,
         }
     }
+}
+
+/// What a Git LFS pointer file starts with (a repository cloned without
+/// git-lfs holds these small text files instead of the weights).
+const LFS_POINTER: &[u8] = b"version https://git-lfs.github.com/spec/";
+
+/// Refuses a weights file that is a Git LFS pointer, naming git-lfs and
+/// what to run, before any format reads its header as sizes.
+///
+/// # Errors
+/// [`ModelError::LfsPointer`]; a file that cannot be opened is left to the
+/// format's reader (it says so).
+pub fn refuse_lfs_pointer(path: &Path) -> Result<(), ModelError> {
+    use std::io::Read as _;
+    let Ok(file) = std::fs::File::open(path) else { return Ok(()) };
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut head = Vec::with_capacity(LFS_POINTER.len());
+    // Pointers are ~130 bytes; a real weights file is far larger.
+    if size > 1024 || file.take(LFS_POINTER.len() as u64).read_to_end(&mut head).is_err() || head != LFS_POINTER {
+        return Ok(());
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    Err(ModelError::LfsPointer { path: path.to_path_buf(), dir, size })
 }
 
 fn read_shard_index(index: &Path) -> Result<Vec<PathBuf>, ModelError> {
@@ -217,6 +248,9 @@ impl TensorStore {
     /// now and read as taken; zip-format PyTorch files are read whole.
     pub fn load(weights: &WeightsFile, dtype: DType, device: &Device) -> Result<Self, ModelError> {
         let file = weights.display_path().to_path_buf();
+        for path in weights.files() {
+            refuse_lfs_pointer(path)?;
+        }
         let mut tensors = HashMap::new();
         match weights {
             WeightsFile::Safetensors(path) => index_safetensors(std::slice::from_ref(path), &mut tensors)?,
@@ -515,6 +549,18 @@ fn root_message(e: &candle_core::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lfs_pointers_are_refused_and_small_real_files_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let pointer = dir.path().join("model.safetensors");
+        std::fs::write(&pointer, "version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 12\n").unwrap();
+        let err = refuse_lfs_pointer(&pointer).unwrap_err();
+        assert!(matches!(&err, ModelError::LfsPointer { dir: d, .. } if d == dir.path()), "{err}");
+        std::fs::write(&pointer, b"\x10\x00\x00\x00\x00\x00\x00\x00{}").unwrap();
+        refuse_lfs_pointer(&pointer).unwrap();
+        refuse_lfs_pointer(&dir.path().join("missing.bin")).unwrap();
+    }
 
     #[test]
     fn canonical_names_fold_every_variant() {

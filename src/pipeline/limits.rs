@@ -20,9 +20,10 @@ use crate::settings::RateLimitSettings;
 pub enum Verdict {
     Allow,
     /// Over a limit for the first time in this window: answer the notice.
-    Notice(&'static str),
-    /// Over a limit again: drop it quietly.
-    Drop,
+    /// `retry_after`: until the limiting window ends.
+    Notice { notice: &'static str, retry_after: Duration },
+    /// Over a limit again: drop it quietly (until `retry_after` has passed).
+    Drop { retry_after: Duration },
 }
 
 pub const USER_NOTICE: &str = "You're sending messages faster than I can answer; give me a moment.";
@@ -72,11 +73,12 @@ impl RateLimiter {
             }
             window.count = window.count.saturating_add(1);
             if window.count > limit && verdict == Verdict::Allow {
+                let retry_after = s.window.saturating_sub(now.duration_since(window.started));
                 verdict = if window.noticed {
-                    Verdict::Drop
+                    Verdict::Drop { retry_after }
                 } else {
                     window.noticed = true;
-                    Verdict::Notice(notice)
+                    Verdict::Notice { notice, retry_after }
                 };
             }
         }
@@ -100,10 +102,11 @@ mod tests {
         let c = ChannelKey::new(Platform::Telegram, "1");
         assert_eq!(limiter.check(&c, "ann"), Verdict::Allow);
         assert_eq!(limiter.check(&c, "ann"), Verdict::Allow);
-        assert_eq!(limiter.check(&c, "ann"), Verdict::Notice(USER_NOTICE));
-        assert_eq!(limiter.check(&c, "ann"), Verdict::Drop);
+        assert_eq!(limiter.check(&c, "ann"), Verdict::Notice { notice: USER_NOTICE, retry_after: Duration::from_secs(60) });
+        tokio::time::advance(Duration::from_secs(15)).await;
+        assert_eq!(limiter.check(&c, "ann"), Verdict::Drop { retry_after: Duration::from_secs(45) });
         assert_eq!(limiter.check(&c, "bob"), Verdict::Allow, "another user is not limited");
-        tokio::time::advance(limiter.window()).await;
+        tokio::time::advance(Duration::from_secs(45)).await;
         assert_eq!(limiter.check(&c, "ann"), Verdict::Allow);
     }
 
@@ -114,8 +117,9 @@ mod tests {
         let c = ChannelKey::new(Platform::Discord, "9");
         assert_eq!(limiter.check(&c, "a"), Verdict::Allow);
         assert_eq!(limiter.check(&c, "b"), Verdict::Allow);
-        assert_eq!(limiter.check(&c, "c"), Verdict::Notice(CHANNEL_NOTICE));
-        assert_eq!(limiter.check(&c, "d"), Verdict::Drop);
+        let ten = Duration::from_secs(10);
+        assert_eq!(limiter.check(&c, "c"), Verdict::Notice { notice: CHANNEL_NOTICE, retry_after: ten });
+        assert_eq!(limiter.check(&c, "d"), Verdict::Drop { retry_after: ten });
         let other = ChannelKey::new(Platform::Discord, "10");
         assert_eq!(limiter.check(&other, "a"), Verdict::Allow);
     }

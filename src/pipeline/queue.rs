@@ -6,7 +6,9 @@
 //! lock where pushes happen, so nothing is left behind). Each job runs in
 //! its own task, so a panic is that message's failure only. An in-flight
 //! count, decremented when a job's answer is sent (or the job is dropped),
-//! lets shutdown wait for the drain.
+//! lets shutdown wait for the drain; when the drain's bound passes,
+//! [`Queues::abandon`] answers every job still waiting or running with
+//! [`CoreError::ShuttingDown`], so adapters can say so (HTTP 503).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,6 +39,9 @@ struct Work {
 struct Flight {
     count: AtomicUsize,
     idle: Notify,
+    /// Set (and `abandon` notified) once the drain is over.
+    abandoned: std::sync::atomic::AtomicBool,
+    abandon: Notify,
 }
 
 /// Decrements the in-flight count when the job is done.
@@ -86,6 +91,38 @@ impl Queues {
     /// Jobs accepted and not yet answered.
     pub fn in_flight(&self) -> usize {
         self.flight.count.load(Ordering::Acquire)
+    }
+
+    /// The answer a [`Self::push`] receiver brings, or
+    /// [`CoreError::ShuttingDown`] once [`Self::abandon`] is called first.
+    pub fn answer(&self, receiver: AnswerReceiver) -> BoxFuture<'static, Result<Answer, CoreError>> {
+        let flight = self.flight.clone();
+        Box::pin(async move {
+            let abandoned = async {
+                loop {
+                    let notified = flight.abandon.notified();
+                    tokio::pin!(notified);
+                    notified.as_mut().enable();
+                    if flight.abandoned.load(Ordering::Acquire) {
+                        return;
+                    }
+                    notified.await;
+                }
+            };
+            tokio::select! {
+                biased;
+                answer = receiver => answer.unwrap_or(Err(CoreError::Internal("message was dropped".into()))),
+                () = abandoned => Err(CoreError::ShuttingDown),
+            }
+        })
+    }
+
+    /// Gives up on every job accepted and not yet answered: their answers
+    /// become [`CoreError::ShuttingDown`] (the jobs themselves are left to
+    /// end with the process).
+    pub fn abandon(&self) {
+        self.flight.abandoned.store(true, Ordering::Release);
+        self.flight.abandon.notify_waiters();
     }
 
     /// Resolves when no job is in flight.
@@ -202,5 +239,20 @@ mod tests {
         }
         assert!(other.await.unwrap().is_ok());
         queues.drained().await;
+    }
+
+    #[tokio::test]
+    async fn abandoned_jobs_answer_shutting_down_and_finished_ones_keep_their_answer() {
+        let queues = Queues::new();
+        let channel = ChannelKey::new(Platform::Http, "slow");
+        let done = queues.push(channel.clone(), Box::new(|| Box::pin(async { Ok(Answer::Silent { reason: "done".into() }) }))).unwrap();
+        let done = queues.answer(done);
+        let stuck: Job = Box::new(|| Box::pin(std::future::pending()));
+        let running = queues.answer(queues.push(channel.clone(), stuck).unwrap());
+        let waiting = queues.answer(queues.push(channel, Box::new(|| Box::pin(async { Ok(Answer::Silent { reason: "late".into() }) }))).unwrap());
+        assert_eq!(done.await, Ok(Answer::Silent { reason: "done".into() }));
+        queues.abandon();
+        assert_eq!(running.await, Err(CoreError::ShuttingDown));
+        assert_eq!(waiting.await, Err(CoreError::ShuttingDown));
     }
 }

@@ -196,14 +196,14 @@ async fn admit(
     }
     match shared.limiter.check(channel, &inbound.author) {
         Verdict::Allow => {}
-        Verdict::Notice(notice) => {
+        Verdict::Notice { notice, retry_after } => {
             metrics.refused(Refusal::RateLimited);
             tracing::info!(%channel, author = %inbound.author, "rate limited: notice sent");
-            return Ok(Some(say(inbound, notice)));
+            return Err(CoreError::RateLimited { notice: Some(notice.into()), retry_after });
         }
-        Verdict::Drop => {
+        Verdict::Drop { retry_after } => {
             metrics.refused(Refusal::RateLimited);
-            return Ok(Some(silent("rate_limited")));
+            return Err(CoreError::RateLimited { notice: None, retry_after });
         }
     }
     let verdict = screen.check(vec![text.to_string()]).await?.remove(0);

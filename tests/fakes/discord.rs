@@ -9,7 +9,8 @@
 //! 429s of any call with the waits Discord's answers carry (body
 //! `retry_after`, `Retry-After`, `X-RateLimit-Reset-After`, the global
 //! flag). Every call is recorded with the time it arrived.
-//! Gateway: Hello, Identify → Ready (session `fake-session`), heartbeats,
+//! Gateway: Hello, Identify → Ready (session `fake-session`; a wrong token
+//! is closed with 4004, refused intents with 4014), heartbeats,
 //! Resume → Resumed with the events missed meanwhile replayed; a test
 //! queues dispatches and can close the connection (code 4000) to force a
 //! resume.
@@ -57,6 +58,9 @@ enum Command {
 #[derive(Default)]
 struct Inner {
     token: String,
+    /// Refuse the intents Identify asks for (close 4014, as Discord does
+    /// when the Message Content intent is not enabled for the bot).
+    refuse_intents: std::sync::atomic::AtomicBool,
     ws_url: Mutex<String>,
     /// Every REST call: (method, path, body, when it arrived).
     calls: Mutex<Vec<(String, String, Value, Instant)>>,
@@ -95,6 +99,11 @@ impl FakeDiscord {
         let rest_url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         Self { rest_url, inner }
+    }
+
+    /// Identify is answered with close 4014 (disallowed intents) from now on.
+    pub fn refuse_intents(&self) {
+        self.inner.refuse_intents.store(true, Ordering::SeqCst);
     }
 
     pub fn next_id(&self) -> u64 {
@@ -365,7 +374,20 @@ async fn serve_gateway(socket: tokio_tungstenite::WebSocketStream<tokio::net::Tc
                     Some(1) => vec![json!({ "op": 11 })],
                     Some(2) => {
                         let token = payload["d"]["token"].as_str().unwrap_or("");
-                        assert_eq!(token.trim_start_matches("Bot "), inner.token, "identify with the bot token");
+                        // Discord's closes for a bad token and for intents
+                        // the bot may not have.
+                        let refusal = if token.trim_start_matches("Bot ") != inner.token {
+                            Some((4004, "Authentication failed."))
+                        } else if inner.refuse_intents.load(Ordering::SeqCst) {
+                            Some((4014, "Disallowed intent(s)."))
+                        } else {
+                            None
+                        };
+                        if let Some((code, reason)) = refusal {
+                            let frame = CloseFrame { code: CloseCode::Library(code), reason: reason.into() };
+                            let _ = sink.send(Frame::Close(Some(frame))).await;
+                            return;
+                        }
                         let seq = inner.seq.fetch_add(1, Ordering::SeqCst) + 1;
                         let url = inner.ws_url.lock().unwrap().clone();
                         vec![json!({ "op": 0, "t": "READY", "s": seq, "d": {
