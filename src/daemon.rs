@@ -65,6 +65,10 @@ pub enum DaemonError {
     BaseModel(#[source] ModelError),
     #[error("personas: {0}")]
     Personas(#[from] PersonaError),
+    #[error("safety.classifier: {0}")]
+    Classifier(#[source] crate::safety::SafetyError),
+    #[error("safety.classifier: the loader panicked: {0}")]
+    ClassifierPanicked(#[source] tokio::task::JoinError),
 }
 
 /// A started daemon, sockets bound, not yet serving.
@@ -98,6 +102,7 @@ impl Daemon {
             .map_err(DaemonError::RankingPanicked)?
             .map_err(DaemonError::Ranking)?
             .map(Arc::new);
+        let classifier = open_classifier(&settings).await?;
         let collector = open_collector(&settings)?;
         let job_store = open_jobs(&settings).await?;
         let personas = open_personas(&settings).await?;
@@ -111,6 +116,7 @@ impl Daemon {
             max_tokens: c.max_tokens,
             rate_limit: settings.rate_limit,
             ranker,
+            classifier,
             collector,
             personas: personas.clone(),
             jobs: job_store.clone().map(|store| Jobs { store, settings: settings.jobs.clone() }),
@@ -302,6 +308,28 @@ async fn open_context(settings: &Settings, metrics: &Arc<Metrics>) -> Result<Arc
 }
 
 /// The log collector, when `[collect]` is enabled (old segments deleted).
+/// `[safety] classifier`, loaded on `classifier_device` (else the model's
+/// device) off the async workers; its thresholds must name its labels.
+async fn open_classifier(settings: &Settings) -> Result<Option<Arc<dyn crate::safety::ToxicityClassifier>>, DaemonError> {
+    let safety = &settings.safety;
+    if safety.classifier.is_empty() {
+        return Ok(None);
+    }
+    let spec = safety.classifier.clone();
+    let device = if safety.classifier_device.is_empty() { settings.model.device.clone() } else { safety.classifier_device.clone() };
+    let loaded = tokio::task::spawn_blocking(move || {
+        let device = crate::serving::device(&device).map_err(|e| crate::safety::SafetyError::Classifier(e.to_string()))?;
+        crate::safety::load_classifier(&spec, &device)
+    })
+    .await
+    .map_err(DaemonError::ClassifierPanicked)?
+    .map_err(DaemonError::Classifier)?;
+    let labels = crate::safety::ToxicityClassifier::labels(&loaded).to_vec();
+    safety.classifier_thresholds.check_labels(&labels).map_err(DaemonError::Classifier)?;
+    tracing::info!(classifier = %safety.classifier, architecture = loaded.architecture().class_name(), ?labels, "safety classifier loaded");
+    Ok(Some(Arc::new(loaded)))
+}
+
 fn open_collector(settings: &Settings) -> Result<Option<Arc<Collector>>, DaemonError> {
     if !settings.collect.enabled {
         return Ok(None);
@@ -372,16 +400,30 @@ fn log_adapter_end(joined: Result<(&'static str, Result<(), AdapterError>), toki
 /// Re-reads the settings (same file, same environment) and applies what can
 /// change live: the `[generation]` and `[safety]` sections. Every other key
 /// that differs from `started` (the settings the daemon started with) is
-/// logged by name as needing a restart. A bad file keeps the old settings.
+/// logged by name as needing a restart; so are `safety.classifier` and
+/// `safety.classifier_device`, which keep their values. A bad file (or
+/// thresholds naming a label the classifier lacks) keeps the old settings.
 /// Returns whether anything was applied.
 pub fn reload(pipeline: &Pipeline, config: Option<&Path>, started: &Settings, metrics: &Metrics) -> Result<bool, SettingsError> {
-    let fresh = settings::load(config)?;
+    let mut fresh = settings::load(config)?;
     for key in settings::changed_keys(started, &fresh) {
         if !(key.starts_with("generation.") || key.starts_with("safety.")) {
             tracing::warn!(key = %key, "changed, but applied only at restart");
         }
     }
-    let mut generation = fresh.generation;
+    let current_safety = pipeline.safety();
+    if fresh.safety.classifier != current_safety.classifier || fresh.safety.classifier_device != current_safety.classifier_device {
+        tracing::warn!("safety.classifier and safety.classifier_device change only at restart");
+        fresh.safety.classifier = current_safety.classifier.clone();
+        fresh.safety.classifier_device = current_safety.classifier_device.clone();
+    }
+    if let Some(labels) = pipeline.classifier_labels() {
+        fresh.safety.classifier_thresholds.check_labels(&labels).map_err(|e| SettingsError::Invalid {
+            key: "safety.classifier_thresholds",
+            message: e.to_string(),
+        })?;
+    }
+    let mut generation = fresh.generation.clone();
     let current = pipeline.generation();
     if generation.queue_depth != current.queue_depth || generation.candidates != current.candidates {
         tracing::warn!("generation.queue_depth and generation.candidates change only at restart");
@@ -395,7 +437,7 @@ pub fn reload(pipeline: &Pipeline, config: Option<&Path>, started: &Settings, me
     } else {
         tracing::info!("reloaded: generation settings unchanged");
     }
-    if fresh.safety != pipeline.safety() {
+    if fresh.safety != current_safety {
         tracing::info!(policy = ?fresh.safety.policy, blocked_words = fresh.safety.blocked_words.len(), "reloaded safety settings");
         pipeline.set_safety(fresh.safety);
         changed = true;

@@ -41,11 +41,14 @@ use crate::collect::Collector;
 use crate::context::ContextStore;
 use crate::jobs::JobStore;
 use crate::personas::Personas;
-use crate::safety::{blocked_list, Filter, WordList};
+use crate::safety::{blocked_list, Filter, ToxicityClassifier, WordList};
 use crate::settings::live::LiveSettings;
 use crate::settings::{GenerationSettings, JobSettings, RateLimitSettings, SafetySettings};
 use crate::telemetry::{Metrics, Refusal};
 use crate::tokenizer::DialogTokenizer;
+
+/// Safety settings, their compiled blocked words and their filter.
+type CompiledSafety = (Arc<SafetySettings>, Arc<WordList>, Filter);
 
 /// Everything the channel workers share.
 struct Shared {
@@ -55,12 +58,14 @@ struct Shared {
     /// `[generation]` and `[safety]`, replaced whole on SIGHUP; a message
     /// reads them once, when it starts.
     live: Arc<LiveSettings>,
-    /// The blocked words of the safety settings they were compiled from,
-    /// rebuilt when those change. A std lock, never held across an await.
-    blocked: Mutex<Option<(Arc<SafetySettings>, Arc<WordList>)>>,
+    /// The blocked words and the filter (with its classifier thresholds)
+    /// of the safety settings they were compiled from, rebuilt when those
+    /// change. A std lock, never held across an await.
+    blocked: Mutex<Option<CompiledSafety>>,
     /// The context's token budget (`context.max_tokens`).
     max_tokens: usize,
-    filter: Filter,
+    /// `[safety] classifier`, loaded at start.
+    classifier: Option<Arc<dyn ToxicityClassifier>>,
     /// The DialogRPT/MMI ranker, when `[ranking]` names one.
     ranker: Option<Arc<Ranker>>,
     /// Consented log collection, when `[collect]` is enabled.
@@ -79,16 +84,21 @@ struct Shared {
 }
 
 impl Shared {
-    /// The safety settings now in force and their compiled blocked words.
-    fn safety(&self) -> (Arc<SafetySettings>, Arc<WordList>) {
+    /// The safety settings now in force, their compiled blocked words and
+    /// the filter under their classifier thresholds.
+    fn safety(&self) -> CompiledSafety {
         let settings = self.live.safety();
         let mut cache = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
         match &*cache {
-            Some((from, list)) if Arc::ptr_eq(from, &settings) => (settings, list.clone()),
+            Some((from, list, filter)) if Arc::ptr_eq(from, &settings) => (settings, list.clone(), filter.clone()),
             _ => {
                 let list = Arc::new(blocked_list(settings.blocked_words.iter().map(String::as_str)));
-                *cache = Some((settings.clone(), list.clone()));
-                (settings, list)
+                let filter = match &self.classifier {
+                    Some(c) => Filter::new().with_classifier(c.clone(), settings.classifier_thresholds.clone()),
+                    None => Filter::new(),
+                };
+                *cache = Some((settings.clone(), list.clone(), filter.clone()));
+                (settings, list, filter)
             }
         }
     }
@@ -119,6 +129,9 @@ pub struct Parts {
     pub max_tokens: usize,
     pub rate_limit: RateLimitSettings,
     pub ranker: Option<Arc<Ranker>>,
+    /// `[safety] classifier`, loaded (its thresholds come from the live
+    /// `[safety]`).
+    pub classifier: Option<Arc<dyn ToxicityClassifier>>,
     pub collector: Option<Arc<Collector>>,
     pub personas: Arc<Personas>,
     pub jobs: Option<Jobs>,
@@ -127,7 +140,7 @@ pub struct Parts {
 
 impl Pipeline {
     pub fn new(parts: Parts) -> Self {
-        let Parts { engine, store, tokenizer, live, max_tokens, rate_limit, ranker, collector, personas, jobs, metrics } = parts;
+        let Parts { engine, store, tokenizer, live, max_tokens, rate_limit, ranker, classifier, collector, personas, jobs, metrics } = parts;
         Self {
             shared: Arc::new(Shared {
                 engine,
@@ -136,7 +149,7 @@ impl Pipeline {
                 live,
                 blocked: Mutex::new(None),
                 max_tokens,
-                filter: Filter::new(),
+                classifier,
                 ranker,
                 collector,
                 personas,
@@ -158,6 +171,11 @@ impl Pipeline {
     /// The safety settings now in force.
     pub fn safety(&self) -> SafetySettings {
         (*self.shared.live.safety()).clone()
+    }
+
+    /// The labels of the classifier, when there is one.
+    pub fn classifier_labels(&self) -> Option<Vec<String>> {
+        self.shared.classifier.as_ref().map(|c| c.labels().to_vec())
     }
 
     /// Replaces the safety settings (policies, notice, blocked words);

@@ -11,8 +11,10 @@
 //!   knows "Scunthorpe" and "assassin" are fine), mapped to our categories.
 //! - [`words`]: moderator word lists per guild/chat, matched through the
 //!   same kinds of obfuscation; a serialisable structure the daemon persists.
-//! - [`classifier`]: the trait an optional neural classifier (a Detoxify-
-//!   style multi-label BERT/RoBERTa) implements, and per-label thresholds.
+//! - [`classifier`]: the optional neural classifier (`[safety] classifier`:
+//!   BERT, RoBERTa, XLM-R or DistilBERT sequence classifiers in the Hugging
+//!   Face layout, run with candle-transformers), its trait and per-label
+//!   thresholds. It reads what the word filter let through.
 
 pub mod classifier;
 pub mod markup;
@@ -23,6 +25,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+pub use classifier::hf::HfClassifier;
 pub use classifier::{LabelThresholds, ToxicityClassifier};
 pub use rules::RuleFilter;
 pub use words::{WordList, WordLists};
@@ -117,6 +120,10 @@ pub struct Verdict {
     pub categories: Vec<Category>,
     /// Every detection, including those the policy tolerates.
     pub hits: Vec<Hit>,
+    /// The classifier's probability per label, when it read the text
+    /// (labels without a threshold included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub classifier: Option<std::collections::BTreeMap<String, f32>>,
 }
 
 impl Verdict {
@@ -124,7 +131,7 @@ impl Verdict {
         let mut categories: Vec<Category> = hits.iter().filter(|h| policy.blocks(h)).map(|h| h.category).collect();
         categories.sort();
         categories.dedup();
-        Self { flagged: !categories.is_empty(), categories, hits }
+        Self { flagged: !categories.is_empty(), categories, hits, classifier: None }
     }
 }
 
@@ -159,10 +166,14 @@ pub fn blocked_list<'a>(words: impl IntoIterator<Item = &'a str>) -> WordList {
 pub const MAX_TEXT_BYTES: usize = 64 * 1024;
 
 /// The rule filter, moderator words and an optional classifier together.
+/// Cheap to clone (the classifier is shared).
 #[derive(Clone, Default)]
 pub struct Filter {
     rules: RuleFilter,
     classifier: Option<(Arc<dyn ToxicityClassifier>, LabelThresholds)>,
+    /// Whether the classifier also reads texts the words already flagged
+    /// (`dialogd moderate` reports everything; the daemon saves the work).
+    classify_flagged: bool,
 }
 
 impl std::fmt::Debug for Filter {
@@ -178,10 +189,24 @@ impl Filter {
     }
 
     /// Adds a neural classifier; a label flags when its probability reaches
-    /// its threshold.
+    /// its threshold (labels without one are reported, never acted on). It
+    /// reads only the texts the words and rules let through, unless
+    /// [`Filter::classifying_flagged`].
     pub fn with_classifier(mut self, classifier: Arc<dyn ToxicityClassifier>, thresholds: LabelThresholds) -> Self {
         self.classifier = Some((classifier, thresholds));
         self
+    }
+
+    /// The classifier also reads texts the words already flagged.
+    pub fn classifying_flagged(mut self) -> Self {
+        self.classify_flagged = true;
+        self
+    }
+
+    /// Whether a classifier is attached (its forward passes are heavy: the
+    /// daemon runs such a filter off the async workers).
+    pub fn has_classifier(&self) -> bool {
+        self.classifier.is_some()
     }
 
     /// Checks one text.
@@ -213,17 +238,48 @@ impl Filter {
                 hits
             })
             .collect();
+        let mut probabilities: Vec<Option<Vec<f32>>> = vec![None; texts.len()];
         if let Some((classifier, thresholds)) = &self.classifier {
-            let probabilities = classifier.probabilities(&texts)?;
-            if probabilities.len() != texts.len() {
-                return Err(SafetyError::Classifier(format!("{} answers for {} texts", probabilities.len(), texts.len())));
-            }
-            for (hits, probs) in all_hits.iter_mut().zip(&probabilities) {
-                hits.extend(thresholds.hits(classifier.labels(), probs)?);
+            // After the words: a text they flagged needs no second opinion.
+            let unread: Vec<usize> = (0..texts.len())
+                .filter(|&i| self.classify_flagged || !all_hits[i].iter().any(|h| policy.blocks(h)))
+                .collect();
+            if !unread.is_empty() {
+                let batch: Vec<&str> = unread.iter().map(|&i| texts[i]).collect();
+                let rows = classifier.probabilities(&batch)?;
+                if rows.len() != batch.len() {
+                    return Err(SafetyError::Classifier(format!("{} answers for {} texts", rows.len(), batch.len())));
+                }
+                for (&i, row) in unread.iter().zip(rows) {
+                    all_hits[i].extend(thresholds.hits(classifier.labels(), &row)?);
+                    probabilities[i] = Some(row);
+                }
             }
         }
-        Ok(all_hits.into_iter().map(|hits| Verdict::from_hits(policy, hits)).collect())
+        let labels = self.classifier.as_ref().map(|(c, _)| c.labels());
+        Ok(all_hits
+            .into_iter()
+            .zip(probabilities)
+            .map(|(hits, row)| {
+                let mut verdict = Verdict::from_hits(policy, hits);
+                if let (Some(labels), Some(row)) = (labels, row) {
+                    verdict.classifier = Some(labels.iter().cloned().zip(row).collect());
+                }
+                verdict
+            })
+            .collect())
     }
+}
+
+/// Loads `[safety] classifier`: a folder, or a hub id fetched like the
+/// models (config.json, tokenizer.json and the weights), onto `device`.
+///
+/// Errors: the folder or hub id cannot be resolved, or the checkpoint is
+/// not a classifier this reads (see [`classifier::hf`]).
+pub fn load_classifier(spec: &str, device: &candle_core::Device) -> Result<HfClassifier, SafetyError> {
+    let dir = crate::model::hub::resolve_checkpoint(spec, &[&["tokenizer.json"]])
+        .map_err(|e| SafetyError::Classifier(format!("{spec}: {e}")))?;
+    HfClassifier::load(&dir, device)
 }
 
 #[cfg(test)]

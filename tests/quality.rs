@@ -169,6 +169,63 @@ async fn a_flagged_candidate_is_never_sent() {
     d.stop().await;
 }
 
+/// " no" (p 0.6) or "yes" (p 0.4), then a punctuation mark, then the end
+/// of the turn: "no." scores (ln 0.6 + ln 0.1) / 2 = −1.41, above "yes."
+/// at −1.61, so unfiltered the bot says "no…" whenever a candidate does.
+fn no_or_yes_model() -> PathBuf {
+    let punct: Vec<(u32, f32)> = PUNCT.iter().map(|&p| (p, 30.0)).collect();
+    let mut script = vec![(EOS, vec![(NO, 30.0 + 1.5f32.ln()), (YES, 30.0)]), (YES, punct.clone()), (NO, punct)];
+    script.extend(PUNCT.iter().map(|&p| (p, vec![(EOS, 30.0)])));
+    scripted_model("no-or-yes", &script)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_classifier_refuses_input_and_drops_candidates() {
+    let model = no_or_yes_model();
+    // Unfiltered: the favourite "no…" is sent (8 candidates hold one but
+    // with probability 0.4⁸).
+    let d = TestDaemon::start(&scripted_toml(&model, 8)).await;
+    let mut said_no = 0;
+    for channel in 0..4 {
+        let (_, answer) = d.say(&format!("plain-{channel}"), "ann", "are you there?", None).await;
+        said_no += answer["reply"].as_str().is_some_and(|r| r.starts_with("no")) as usize;
+    }
+    assert!(said_no >= 3, "the unfiltered favourite is \"no\" ({said_no} of 4)");
+    d.stop().await;
+
+    // A classifier that flags the word "no" (no word list knows it).
+    let detector = cached_checkpoint("word detector no", "detector-no", |dir| {
+        dialogd::safety::classifier::synthetic::write_word_detector(dir, "no").unwrap()
+    });
+    let toml = scripted_toml(&model, 8)
+        .replace("[safety]\n", "")
+        + &format!(
+            "[safety]\nclassifier = \"{}\"\nclassifier_thresholds = {{ toxicity = 0.7 }}\nmax_attempts = 3\n",
+            detector.display()
+        );
+    let d = TestDaemon::start(&toml).await;
+    for channel in 0..4 {
+        let (status, answer) = d.say(&format!("c-{channel}"), "ann", "are you there?", None).await;
+        assert_eq!(status, 200);
+        let reply = answer["reply"].as_str().unwrap_or_else(|| panic!("no reply: {answer}"));
+        assert!(reply.starts_with("yes"), "a flagged candidate was sent: {reply:?}");
+    }
+    assert!(d.metric("dialogd_candidates_flagged_total").await >= 4.0);
+    // A flagged message: the notice, nothing stored, nothing generated.
+    let drawn = d.metric("dialogd_candidates_drawn_total").await;
+    let (_, answer) = d.say("c-0", "troll", "No way, NO!", None).await;
+    assert_eq!(answer["reply"], "Let's keep it friendly.", "{answer}");
+    assert_eq!(d.turns("c-0").await.len(), 2, "only the first exchange is stored");
+    assert_eq!(d.metric("dialogd_refusals_total{reason=\"toxic_input\"}").await, 1.0);
+    assert_eq!(d.metric("dialogd_candidates_drawn_total").await, drawn);
+    d.stop().await;
+
+    // Thresholds that name a label the classifier lacks stop the daemon, by name.
+    let bad = toml.replace("{ toxicity = 0.7 }", "{ toxic = 0.7 }");
+    let err = TestDaemon::try_start(&bad).await.err().expect("refused").to_string();
+    assert!(err.contains("safety.classifier") && err.contains("`toxic`") && err.contains("toxicity, insult"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn candidates_are_ranked_by_dialogrpt() {
     let rankers = format!("rankers = [\"updown={}\", \"{}\"]", ranker_dir("updown").display(), ranker_dir("human-vs-rand").display());

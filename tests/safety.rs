@@ -188,3 +188,29 @@ fn moderate_command() {
     assert_fails_with(&dialogd(&["moderate", "--policy", "lenient", "hi"]), "not a policy");
     assert_fails_with(&dialogd(&["moderate", "--block", "!!", "hi"]), "no letters");
 }
+
+#[test]
+fn moderate_with_a_classifier() {
+    let detector = crate::support::cached_checkpoint("word detector grumpkin", "detector-grumpkin", |dir| {
+        dialogd::safety::classifier::synthetic::write_word_detector(dir, "grumpkin").unwrap()
+    });
+    let dir = detector.display().to_string();
+    let v = moderate_json(&["--classifier", &dir, "--threshold", "toxicity=0.7", "you grumpkin"]);
+    assert_eq!(v["flagged"], true, "{v}");
+    assert_eq!(v["categories"], serde_json::json!(["toxicity"]), "{v}");
+    let hit = v["hits"].as_array().unwrap().iter().find(|h| h["source"] == "classifier").expect("a classifier hit");
+    assert!(hit["detail"].as_str().unwrap().starts_with("toxicity 1.000"), "{v}");
+    assert!(v["classifier"]["toxicity"].as_f64().unwrap() > 0.999, "{v}");
+    // `insult` has no threshold: reported, not acted on.
+    assert!(v["classifier"]["insult"].as_f64().unwrap() < 0.01, "{v}");
+    let v = moderate_json(&["--classifier", &dir, "--threshold", "toxicity=0.7", "you pumpkin"]);
+    assert_eq!(v["flagged"], false, "{v}");
+    assert!(v["classifier"]["toxicity"].as_f64().unwrap() < 0.01, "{v}");
+    // Without thresholds: reported only. The words flagged it, and the classifier still reports.
+    let v = moderate_json(&["--classifier", &dir, "grumpkin sh1t"]);
+    assert_eq!(v["categories"], serde_json::json!(["profanity"]), "{v}");
+    assert!(v["classifier"]["toxicity"].as_f64().unwrap() > 0.999, "{v}");
+    assert_fails_with(&dialogd(&["moderate", "--classifier", &dir, "--threshold", "toxic=0.5", "hi"]), "`toxic`");
+    assert_fails_with(&dialogd(&["moderate", "--classifier", &dir, "--threshold", "toxicity", "hi"]), "LABEL=P");
+    assert_fails_with(&dialogd(&["moderate", "--classifier", "/nonexistent/classifier", "hi"]), "does not exist");
+}

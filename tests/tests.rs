@@ -2,6 +2,8 @@
 //!
 //! - `support`: fixtures, golden files, synthetic checkpoints, the binary.
 //! - `parity`: the model runtime against outputs of Hugging Face transformers.
+//! - `classifier`: the safety classifier (BERT, RoBERTa, XLM-R, DistilBERT)
+//!   against transformers, long texts in windows, batching, broken folders.
 //! - `quality`: safety and ranking end to end through the daemon's HTTP adapter.
 //! - `pool`: the generation pool (batching, candidates, refusals, cancellation, failures).
 //! - `cli`: `dialogd generate` and `dialogd chat` as users run them, bad input included.
@@ -28,6 +30,7 @@
 //! - `variants`: config.json and PEFT adapter_config.json variants against
 //!   transformers' and PEFT's logits, and the fields refused by name.
 
+mod classifier;
 mod cli;
 mod context;
 mod daemon;

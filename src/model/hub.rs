@@ -34,6 +34,13 @@ pub fn is_hub_id(spec: &str) -> bool {
 /// taken as it is: `Gpt2::load` reads a file, and its tokenizer is looked
 /// for beside it (or given apart, as `dialogd rank --tokenizer`).
 pub fn resolve_model(spec: &str) -> Result<PathBuf, ModelError> {
+    resolve_checkpoint(spec, TOKENIZER_CHOICES)
+}
+
+/// [`resolve_model`] for checkpoints whose tokenizer comes only in one of
+/// `tokenizers` (each a set of files that must all be there): the safety
+/// classifier takes `&[&["tokenizer.json"]]`.
+pub fn resolve_checkpoint(spec: &str, tokenizers: &[&[&str]]) -> Result<PathBuf, ModelError> {
     let path = Path::new(spec);
     if path.exists() {
         let weights_file = path.is_file() && super::weights::is_weights_file(path);
@@ -48,7 +55,7 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf, ModelError> {
     if !is_hub_id(spec) {
         return Err(ModelError::MissingFolder(path.to_path_buf()));
     }
-    if let Some(dir) = cached_checkpoint(spec) {
+    if let Some(dir) = cached_checkpoint(spec, tokenizers) {
         return Ok(dir);
     }
     if offline_asked(std::env::var("HF_HUB_OFFLINE").ok().as_deref()) {
@@ -58,7 +65,7 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf, ModelError> {
         .enable_all()
         .build()
         .map_err(|e| hub_error(spec, &e.to_string()))?;
-    runtime.block_on(download(spec))
+    runtime.block_on(download(spec, tokenizers))
 }
 
 /// Whether `HF_HUB_OFFLINE`'s value asks for offline mode, as
@@ -79,15 +86,15 @@ fn hub_error(spec: &str, why: &str) -> ModelError {
 }
 
 /// The cached snapshot folder when every needed file is already there.
-fn cached_checkpoint(spec: &str) -> Option<PathBuf> {
+fn cached_checkpoint(spec: &str, tokenizers: &[&[&str]]) -> Option<PathBuf> {
     let repo = hf_hub::Cache::from_env().model(spec.to_string());
     let config = repo.get("config.json")?;
-    let have_tokenizer = TOKENIZER_CHOICES.iter().any(|files| files.iter().all(|f| repo.get(f).is_some()));
+    let have_tokenizer = tokenizers.iter().any(|files| files.iter().all(|f| repo.get(f).is_some()));
     let have_weights = WEIGHT_CHOICES.iter().any(|f| repo.get(f).is_some());
     (have_tokenizer && have_weights).then(|| config.parent().map(Path::to_path_buf)).flatten()
 }
 
-async fn download(spec: &str) -> Result<PathBuf, ModelError> {
+async fn download(spec: &str, tokenizers: &[&[&str]]) -> Result<PathBuf, ModelError> {
     let api = hf_hub::api::tokio::ApiBuilder::from_env()
         .with_progress(true)
         .build()
@@ -96,7 +103,7 @@ async fn download(spec: &str) -> Result<PathBuf, ModelError> {
     let config = repo.get("config.json").await.map_err(|e| hub_error(spec, &e.to_string()))?;
     let mut tokenizer_ok = false;
     let mut last_error = String::new();
-    for files in TOKENIZER_CHOICES {
+    for files in tokenizers {
         let mut all = true;
         for file in *files {
             if let Err(e) = repo.get(file).await {

@@ -106,14 +106,21 @@ pub fn tensor_values(name: &str, shape: &[usize], seed: u64, init: &InitSpec) ->
     if rule.fan_in {
         scale /= (shape[0] as f64).sqrt();
     }
-    let key = fnv1a64(name) ^ seed;
     let n: usize = shape.iter().product();
-    Ok((0..n as u64)
+    Ok(uniform_values(name, n, seed, rule.center, scale))
+}
+
+/// `n` values `center + scale · (2u − 1)` of the formula above, keyed by
+/// `name` and `seed` (f64 arithmetic, stored as f32); other synthetic
+/// models (`safety::classifier::synthetic`) draw with their own rules.
+pub fn uniform_values(name: &str, n: usize, seed: u64, center: f64, scale: f64) -> Vec<f32> {
+    let key = fnv1a64(name) ^ seed;
+    (0..n as u64)
         .map(|i| {
             let u = (splitmix64(key, i) >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
-            (rule.center + scale * (2.0 * u - 1.0)) as f32
+            (center + scale * (2.0 * u - 1.0)) as f32
         })
-        .collect())
+        .collect()
 }
 
 /// Every weight of a GPT-2 with this config, in `GPT2Model` naming.

@@ -398,6 +398,40 @@ fn all_finite(tensor: &Tensor) -> candle_core::Result<bool> {
     Ok(true)
 }
 
+/// Every tensor of a checkpoint under its name in the file (no GPT-2
+/// renaming), converted to `dtype` on `device`: for models other than
+/// GPT-2 (the safety classifier). Errors name the file and tensor.
+pub fn read_all(weights: &WeightsFile, dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>, ModelError> {
+    let file = weights.display_path().to_path_buf();
+    let on_disk = match weights {
+        WeightsFile::Safetensors(path) => index_safetensors_file(path)?,
+        WeightsFile::ShardedSafetensors { shards, .. } => {
+            let mut all = Vec::new();
+            for shard in shards {
+                all.extend(index_safetensors_file(shard)?);
+            }
+            all
+        }
+        WeightsFile::PyTorch(path) if legacy::is_legacy(path)? => legacy::index(path)?,
+        WeightsFile::PyTorch(path) => {
+            let mut out = HashMap::new();
+            for (name, tensor) in read_pytorch(path)? {
+                let tensor = convert(tensor, dtype, device)
+                    .map_err(|e| ModelError::Tensor { file: file.clone(), tensor: name.clone(), message: e.to_string() })?;
+                out.insert(name, tensor);
+            }
+            return Ok(out);
+        }
+    };
+    let mut out = HashMap::new();
+    for tensor in on_disk {
+        let value = convert(tensor.read()?, dtype, device)
+            .map_err(|e| ModelError::Tensor { file: file.clone(), tensor: tensor.raw_name.clone(), message: e.to_string() })?;
+        out.insert(tensor.raw_name, value);
+    }
+    Ok(out)
+}
+
 fn convert(tensor: Tensor, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
     tensor.to_device(device)?.to_dtype(dtype)
 }

@@ -26,7 +26,7 @@ use crate::context::{Appended, ContextError, EditOutcome, Turn};
 use crate::personas::{persona_prompt, ActivePersona};
 use crate::prompt::{normalize_turn, Prompt, MAX_TURN_BYTES};
 use crate::ranking::select::{self, Contender};
-use crate::safety::{Policy, WordList};
+use crate::safety::{Filter, Policy, WordList};
 use crate::settings::{GenerationSettings, SafetySettings, ToxicInput};
 use crate::telemetry::{Metrics, Refusal};
 
@@ -43,6 +43,35 @@ impl Degraded<'_> {
             self.counted = true;
             self.metrics.context_degraded.inc();
         }
+    }
+}
+
+/// The safety filter of one message: the filter under the live
+/// thresholds, the channel's words and policy.
+struct Screen {
+    filter: Filter,
+    words: Arc<WordList>,
+    policy: Policy,
+}
+
+impl Screen {
+    /// Verdicts for `texts`, in order; a filter with a classifier runs on a
+    /// blocking thread (its forward pass would stall the async workers).
+    async fn check(&self, texts: Vec<String>) -> Result<Vec<crate::safety::Verdict>, CoreError> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (filter, words, policy) = (self.filter.clone(), self.words.clone(), self.policy);
+        let run = move || {
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            filter.check_batch(&refs, policy, Some(&words))
+        };
+        let verdicts = if self.filter.has_classifier() {
+            tokio::task::spawn_blocking(run).await.map_err(super::internal)?
+        } else {
+            run()
+        };
+        verdicts.map_err(super::internal)
     }
 }
 
@@ -68,9 +97,9 @@ async fn edited(shared: &Shared, inbound: &Inbound) -> Result<EditOutcome, CoreE
     if text.is_empty() || text.len() > MAX_TURN_BYTES {
         return Ok(EditOutcome::Done("edit_ignored"));
     }
-    let (safety, blocked) = shared.safety();
-    let policy = safety.policy_for(&inbound.channel.to_string());
-    let flagged = shared.filter.check(text, policy, Some(&blocked)).map_err(super::internal)?.flagged;
+    let (safety, blocked, filter) = shared.safety();
+    let screen = Screen { filter, words: blocked, policy: safety.policy_for(&inbound.channel.to_string()) };
+    let flagged = screen.check(vec![text.to_string()]).await?.remove(0).flagged;
     crate::context::apply_edit(&*shared.store, &inbound.channel, &inbound.author, id, text, flagged, edit.answer)
         .await
         .map_err(|e| CoreError::Unavailable(e.to_string()))
@@ -114,13 +143,14 @@ pub(super) async fn process(shared: Arc<Shared>, mut inbound: Inbound) -> Result
         return Ok(silent("muted"));
     }
     let mut degraded = Degraded { metrics, counted: false };
-    let (safety, blocked) = shared.safety();
+    let (safety, blocked, filter) = shared.safety();
     let policy = safety.policy_for(&inbound.channel.to_string());
-    if let Some(answer) = admit(&shared, &inbound, text, &safety, &blocked, policy, &mut degraded).await? {
+    let screen = Screen { filter, words: blocked, policy };
+    if let Some(answer) = admit(&shared, &inbound, text, &safety, &screen, &mut degraded).await? {
         return Ok(answer);
     }
     let prepared = prepare(&shared, &inbound, text, &mut degraded).await?;
-    let chosen = choose(&shared, &inbound, text, &prepared, &safety, &blocked, policy).await?;
+    let chosen = choose(&shared, &inbound, text, &prepared, &safety, &screen).await?;
     finish(&shared, &inbound, text, &prepared, chosen, &safety, &mut degraded).await
 }
 
@@ -150,8 +180,7 @@ async fn admit(
     inbound: &Inbound,
     text: &str,
     safety: &SafetySettings,
-    blocked: &WordList,
-    policy: Policy,
+    screen: &Screen,
     degraded: &mut Degraded<'_>,
 ) -> Result<Option<Answer>, CoreError> {
     let (metrics, channel) = (&shared.metrics, &inbound.channel);
@@ -177,7 +206,7 @@ async fn admit(
             return Err(CoreError::RateLimited { notice: None, retry_after });
         }
     }
-    let verdict = shared.filter.check(text, policy, Some(blocked)).map_err(super::internal)?;
+    let verdict = screen.check(vec![text.to_string()]).await?.remove(0);
     if verdict.flagged {
         metrics.refused(Refusal::ToxicInput);
         tracing::info!(%channel, categories = ?verdict.categories, "message failed the safety filter");
@@ -230,8 +259,7 @@ async fn choose(
     text: &str,
     prepared: &Prepared,
     safety: &SafetySettings,
-    blocked: &WordList,
-    policy: Policy,
+    screen: &Screen,
 ) -> Result<Option<(String, Vec<u32>, usize)>, CoreError> {
     let (metrics, channel, tokenizer) = (&shared.metrics, &inbound.channel, &shared.tokenizer);
     let generation = &prepared.generation;
@@ -252,14 +280,19 @@ async fn choose(
         let texts: Vec<String> =
             drawn.iter().map(|d| tokenizer.decode(&d.ids).map(|t| t.trim().to_string()).unwrap_or_default()).collect();
         let rejections = crate::ranking::degeneration::screen(&texts, text, &recent_bot);
-        let mut survivors = Vec::new();
+        let mut unscreened = Vec::new();
         for (i, rejection) in rejections.iter().enumerate() {
             if let Some(why) = rejection {
                 metrics.candidates_screened.inc();
                 tracing::debug!(%channel, candidate = i, ?why, "candidate screened out");
                 continue;
             }
-            let verdict = shared.filter.check(&texts[i], policy, Some(blocked)).map_err(super::internal)?;
+            unscreened.push(i);
+        }
+        // Every candidate left in one call: the classifier reads them as one batch.
+        let verdicts = screen.check(unscreened.iter().map(|&i| texts[i].clone()).collect()).await?;
+        let mut survivors = Vec::new();
+        for (&i, verdict) in unscreened.iter().zip(verdicts) {
             if verdict.flagged {
                 metrics.candidates_flagged.inc();
                 tracing::debug!(%channel, candidate = i, categories = ?verdict.categories, "candidate flagged");

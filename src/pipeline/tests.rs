@@ -13,6 +13,7 @@ use crate::context::memory::MemoryStore;
 use crate::context::{ContextStore, Limits};
 use crate::personas::memory::MemoryPersonaStore;
 use crate::personas::Personas;
+use crate::safety::{HfClassifier, SafetyError, ToxicityClassifier};
 use crate::settings::live::LiveSettings;
 use crate::settings::{PersonaSpec, Settings};
 use crate::telemetry::Metrics;
@@ -32,6 +33,11 @@ fn tokenizer() -> DialogTokenizer {
 
 /// A pipeline over the default settings as `edit` changes them.
 fn fixture(edit: impl FnOnce(&mut Settings)) -> Fixture {
+    fixture_with(edit, None)
+}
+
+/// [`fixture`] with a safety classifier.
+fn fixture_with(edit: impl FnOnce(&mut Settings), classifier: Option<Arc<dyn ToxicityClassifier>>) -> Fixture {
     let mut settings = crate::settings::load(None).unwrap();
     settings.generation.candidates = 2;
     edit(&mut settings);
@@ -46,6 +52,7 @@ fn fixture(edit: impl FnOnce(&mut Settings)) -> Fixture {
         max_tokens: settings.context.max_tokens,
         rate_limit: settings.rate_limit,
         ranker: None,
+        classifier,
         collector: None,
         personas,
         jobs: None,
@@ -174,6 +181,53 @@ async fn toxic_input_is_refused_and_never_stored() {
     assert_eq!(answer, f.settings.safety.notice);
     assert!(f.prompts().is_empty(), "nothing was generated");
     assert!(f.store.turns(&ChannelKey::new(Platform::Http, "c")).await.unwrap().is_empty());
+}
+
+/// A classifier that records the size of each batch it is given.
+struct Counting {
+    inner: HfClassifier,
+    batches: std::sync::Mutex<Vec<usize>>,
+}
+
+impl ToxicityClassifier for Counting {
+    fn labels(&self) -> &[String] {
+        self.inner.labels()
+    }
+
+    fn probabilities(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, SafetyError> {
+        self.batches.lock().unwrap().push(texts.len());
+        self.inner.probabilities(texts)
+    }
+}
+
+#[tokio::test]
+async fn the_classifier_refuses_input_and_drops_candidates_in_one_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    crate::safety::classifier::synthetic::write_word_detector(dir.path(), "grumpkin").unwrap();
+    let inner = HfClassifier::load(dir.path(), &candle_core::Device::Cpu).unwrap();
+    let counting = Arc::new(Counting { inner, batches: Default::default() });
+    let f = fixture_with(
+        |s| {
+            s.safety.classifier = dir.path().display().to_string();
+            s.safety.classifier_thresholds.labels.insert("toxicity".into(), 0.7);
+            s.generation.candidates = 3;
+        },
+        Some(counting.clone()),
+    );
+    // The word filter knows nothing of "grumpkin"; the classifier does.
+    assert_eq!(text_of(f.say("c", "you grumpkin").await.unwrap()), f.settings.safety.notice);
+    assert!(f.prompts().is_empty(), "nothing was generated");
+    assert!(f.store.turns(&ChannelKey::new(Platform::Http, "c")).await.unwrap().is_empty());
+    assert_eq!(*counting.batches.lock().unwrap(), vec![1]);
+    // Three candidates, one batch; the flagged favourite is dropped.
+    f.engine.then(vec![f.drawn(" what a grumpkin", -0.1), f.drawn(" Nice to meet you", -2.0), f.drawn(" Hello!", -3.0)]);
+    assert_eq!(text_of(f.say("d", "hello there").await.unwrap()), "Nice to meet you");
+    assert_eq!(*counting.batches.lock().unwrap(), vec![1, 1, 3]);
+    // `insult` has no threshold: reported, never acted on (it is low here anyway),
+    // and a threshold the classifier has no label for is refused by name.
+    let mut t = f.settings.safety.classifier_thresholds.clone();
+    t.labels.insert("threat".into(), 0.5);
+    assert!(t.check_labels(counting.labels()).unwrap_err().to_string().contains("`threat`"));
 }
 
 #[tokio::test]

@@ -15,6 +15,9 @@ pub struct RawSafety {
     pub notice: String,
     pub blocked_words: Vec<String>,
     pub max_attempts: usize,
+    pub classifier: String,
+    pub classifier_device: String,
+    pub classifier_thresholds: std::collections::BTreeMap<String, f32>,
 }
 
 /// What happens to a message that fails the input filter.
@@ -39,6 +42,14 @@ pub struct SafetySettings {
     pub blocked_words: Vec<String>,
     /// Rounds of candidates drawn before the bot gives up and stays silent.
     pub max_attempts: usize,
+    /// The neural classifier: a folder or hub id; empty = none. Read at
+    /// start (a reload that changes it is reported, not applied).
+    pub classifier: String,
+    /// Where it runs (`cpu`, `cuda`, `cuda:N`); empty = `model.device`.
+    pub classifier_device: String,
+    /// Label → probability at which it flags; other labels are reported,
+    /// not acted on. Applied live.
+    pub classifier_thresholds: crate::safety::LabelThresholds,
 }
 
 impl SafetySettings {
@@ -72,7 +83,22 @@ impl RawSafety {
         if let Some(w) = self.blocked_words.iter().find(|w| w.trim().is_empty()) {
             return Err(invalid("safety.blocked_words", format!("{w:?} is empty")));
         }
+        if !self.classifier_device.trim().is_empty() {
+            crate::serving::device(&self.classifier_device)
+                .map_err(|e| invalid("safety.classifier_device", e.to_string()))?;
+        }
+        for (label, &p) in &self.classifier_thresholds {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(invalid("safety.classifier_thresholds", format!("{label} = {p} is not a probability in (0, 1]")));
+            }
+        }
+        if self.classifier.trim().is_empty() && !self.classifier_thresholds.is_empty() {
+            return Err(invalid("safety.classifier_thresholds", "set, but safety.classifier names no classifier"));
+        }
         Ok(SafetySettings {
+            classifier: self.classifier.trim().to_string(),
+            classifier_device: self.classifier_device.trim().to_string(),
+            classifier_thresholds: crate::safety::LabelThresholds { labels: self.classifier_thresholds },
             policy,
             channels,
             toxic_input,
