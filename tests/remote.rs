@@ -22,6 +22,31 @@ fn redis_backend_toml(redis: &RedisServer, claim_idle_ms: u64) -> String {
     ) + &format!("[worker]\nclaim_idle_ms = {claim_idle_ms}\nmax_inflight = 4\n")
 }
 
+/// Requests taken by a worker and not yet acknowledged (`XPENDING`'s count).
+fn pending(conn: &mut redis::Connection) -> i64 {
+    let summary: redis::Value =
+        redis::cmd("XPENDING").arg("dialogd:gen:requests").arg("generation").query(conn).unwrap();
+    match &summary {
+        redis::Value::Array(items) => match items.first() {
+            Some(redis::Value::Int(n)) => *n,
+            _ => panic!("XPENDING without a count: {summary:?}"),
+        },
+        _ => panic!("XPENDING answered {summary:?}"),
+    }
+}
+
+/// Waits (up to 12 s) until a worker holds requests; returns how many.
+async fn wait_until_held(conn: &mut redis::Connection) -> i64 {
+    for _ in 0..1200 {
+        let held = pending(conn);
+        if held > 0 {
+            return held;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    0
+}
+
 /// A worker inside the test process: its own pool on the pico model.
 struct InProcessWorker {
     stats: Arc<WorkerStats>,
@@ -168,22 +193,7 @@ async fn a_killed_worker_loses_no_request() {
     // Wait until the doomed worker holds requests (pending, unacknowledged),
     // then kill it without warning.
     let mut conn = redis.client();
-    let mut held = 0;
-    for _ in 0..1200 {
-        let pending: redis::Value =
-            redis::cmd("XPENDING").arg("dialogd:gen:requests").arg("generation").query(&mut conn).unwrap();
-        held = match pending {
-            redis::Value::Array(items) => match items.first() {
-                Some(redis::Value::Int(n)) => *n,
-                _ => 0,
-            },
-            _ => 0,
-        };
-        if held > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let held = wait_until_held(&mut conn).await;
     assert!(held > 0, "the worker process never took a request");
     doomed.kill().unwrap();
     doomed.wait().unwrap();
@@ -232,14 +242,8 @@ async fn a_worker_stopped_with_sigterm_finishes_what_it_took() {
         }));
     }
     let mut conn = redis.client();
-    for _ in 0..1200 {
-        let pending: redis::Value =
-            redis::cmd("XPENDING").arg("dialogd:gen:requests").arg("generation").query(&mut conn).unwrap();
-        if matches!(&pending, redis::Value::Array(items) if matches!(items.first(), Some(redis::Value::Int(n)) if *n > 0)) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // Best effort: SIGTERM while it holds requests, if it has taken any yet.
+    let _ = wait_until_held(&mut conn).await;
     let killed = std::process::Command::new("kill").args(["-TERM", &worker.id().to_string()]).status().unwrap();
     assert!(killed.success());
     let out = tokio::task::spawn_blocking(move || worker.wait_with_output()).await.unwrap().unwrap();
@@ -247,12 +251,7 @@ async fn a_worker_stopped_with_sigterm_finishes_what_it_took() {
     assert!(out.status.success(), "worker exit {:?}:\n{log}", out.status);
     assert!(log.contains("worker: stopped"), "{log}");
     let mut conn = redis.client();
-    let pending: redis::Value =
-        redis::cmd("XPENDING").arg("dialogd:gen:requests").arg("generation").query(&mut conn).unwrap();
-    assert!(
-        matches!(&pending, redis::Value::Array(items) if matches!(items.first(), Some(redis::Value::Int(0)))),
-        "the worker left requests unacknowledged: {pending:?}"
-    );
+    assert_eq!(pending(&mut conn), 0, "the worker left requests unacknowledged");
     // Messages it had not taken wait for another worker.
     let rescuer = InProcessWorker::start(&redis, "after", Duration::from_secs(600));
     for s in sent {
