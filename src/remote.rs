@@ -553,4 +553,11 @@ mod tests {
         assert_eq!(requests_key("d"), "d:gen:requests");
         assert_eq!(replies_key("d", "a-1"), "d:gen:replies:a-1");
     }
+
+    #[test]
+    fn clients_turn_nagle_off() {
+        let made = client("redis://127.0.0.1:6379/2").unwrap();
+        assert!(made.get_connection_info().tcp_settings().nodelay());
+        assert!(client("nope://x").is_err());
+    }
 }
