@@ -9,7 +9,12 @@
 //! a user turn and the bot's reply land together or not at all. The token
 //! budget is not the store's business; the pipeline applies it when it
 //! builds the prompt.
+//!
+//! The store also holds the moderation state every daemon sharing it must
+//! agree on, kept across restarts: muted channels, rate-limit windows and
+//! the per-channel leases of [`lease`].
 
+pub mod lease;
 pub mod memory;
 pub mod redis;
 
@@ -195,6 +200,30 @@ pub trait ContextStore: Send + Sync + 'static {
     /// Deletes every stored turn by `author` on `platform`, in any channel,
     /// and the bot's replies to them. Returns how many turns went.
     fn forget_author<'a>(&'a self, platform: Platform, author: &'a str) -> BoxFuture<'a, Result<usize, ContextError>>;
+    /// Whether a moderator muted the channel (`/mute`); a mute lasts until
+    /// `/unmute`, for every daemon sharing the store.
+    fn muted<'a>(&'a self, channel: &'a ChannelKey) -> BoxFuture<'a, Result<bool, ContextError>>;
+    /// Mutes (`true`) or unmutes the channel.
+    fn set_muted<'a>(&'a self, channel: &'a ChannelKey, muted: bool) -> BoxFuture<'a, Result<(), ContextError>>;
+    /// Counts one hit in each of `keys`' fixed windows of `window` (a window
+    /// starts at its key's first hit and ends `window` later). Returns, per
+    /// key in order, the hits in its window including this one and the time
+    /// left in the window. Atomic per key across daemons.
+    fn count_hits<'a>(
+        &'a self,
+        keys: &'a [String],
+        window: Duration,
+    ) -> BoxFuture<'a, Result<Vec<(u64, Duration)>, ContextError>>;
+    /// Takes the channel's lease for `holder` for `ttl`, or renews it when
+    /// `holder` has it. `false`: another holder has it.
+    fn take_lease<'a>(
+        &'a self,
+        channel: &'a ChannelKey,
+        holder: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, ContextError>>;
+    /// Gives the channel's lease back, if `holder` has it.
+    fn drop_lease<'a>(&'a self, channel: &'a ChannelKey, holder: &'a str) -> BoxFuture<'a, Result<(), ContextError>>;
     /// `redis` or `memory`.
     fn kind(&self) -> &'static str;
     /// Whether the store answered last time.

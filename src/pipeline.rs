@@ -38,7 +38,7 @@ use self::limits::RateLimiter;
 use self::queue::{Job, Queues};
 use self::rank::Ranker;
 use crate::collect::Collector;
-use crate::context::ContextStore;
+use crate::context::{lease, ContextStore};
 use crate::jobs::JobStore;
 use crate::personas::Personas;
 use crate::safety::{blocked_list, Filter, ToxicityClassifier, WordList};
@@ -78,9 +78,12 @@ struct Shared {
     queues: Queues,
     /// False once shutdown begins: new messages are refused.
     accepting: AtomicBool,
-    /// Channels a moderator muted. In memory: a restart unmutes.
+    /// Muted channels as last read from or written to the store, for
+    /// while it cannot be reached (the store's word is the one that counts).
     muted: Mutex<HashSet<ChannelKey>>,
     limiter: RateLimiter,
+    /// This daemon's name in channel leases (see [`crate::context::lease`]).
+    holder: String,
 }
 
 impl Shared {
@@ -159,6 +162,7 @@ impl Pipeline {
                 accepting: AtomicBool::new(true),
                 muted: Mutex::new(HashSet::new()),
                 limiter: RateLimiter::new(rate_limit),
+                holder: crate::remote::process_name(),
             }),
         }
     }
@@ -241,7 +245,10 @@ impl Core for Pipeline {
             let worker = shared.clone();
             let job: Job = Box::new(move || {
                 Box::pin(async move {
-                    let answer = reply::process(worker.clone(), inbound).await;
+                    // One message of a channel at a time across daemons, too.
+                    let (store, holder, leased) = (worker.store.clone(), worker.holder.clone(), inbound.channel.clone());
+                    let work = reply::process(worker.clone(), inbound);
+                    let answer = lease::exclusive(&*store, &leased, &holder, lease::TTL, lease::MAX_WAIT, work).await;
                     if answer.is_ok() {
                         worker.metrics.message_out(platform);
                     }

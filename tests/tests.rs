@@ -27,6 +27,8 @@
 //! - `discord`: the Discord adapter (serenity) against the fake Discord.
 //! - `remote`: generation over Redis Streams: a daemon, workers in process
 //!   and as processes, a killed worker, deadlines and a full stream.
+//! - `shared`: moderation state in Redis: two daemons agree on `/mute` and
+//!   rate limits, a restart keeps a mute, per-channel leases.
 //! - `variants`: config.json and PEFT adapter_config.json variants against
 //!   transformers' and PEFT's logits, and the fields refused by name.
 
@@ -48,6 +50,7 @@ mod quality;
 mod remote;
 mod ranking;
 mod safety;
+mod shared;
 mod support;
 mod training;
 mod telegram;

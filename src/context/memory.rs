@@ -31,6 +31,9 @@ pub struct MemoryStore {
 
 struct State {
     channels: HashMap<ChannelKey, Channel>,
+    muted: HashSet<ChannelKey>,
+    /// Rate-limit windows: when each started and its hits.
+    windows: HashMap<String, (Instant, u64)>,
     /// When expired channels were last swept from the whole map.
     swept: Instant,
 }
@@ -40,7 +43,12 @@ const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl MemoryStore {
     pub fn new(limits: Limits) -> Self {
-        Self { limits, state: Mutex::new(State { channels: HashMap::new(), swept: Instant::now() }) }
+        Self { limits, state: Mutex::new(State {
+                channels: HashMap::new(),
+                muted: HashSet::new(),
+                windows: HashMap::new(),
+                swept: Instant::now(),
+            }), }
     }
 
     /// How many channels the store holds (expired ones not yet swept
@@ -170,6 +178,59 @@ impl ContextStore for MemoryStore {
             removed += before - channel.turns.len();
         }
         Box::pin(async move { Ok(removed) })
+    }
+
+    fn muted<'a>(&'a self, channel: &'a ChannelKey) -> BoxFuture<'a, Result<bool, ContextError>> {
+        let muted = self.lock().muted.contains(channel);
+        Box::pin(async move { Ok(muted) })
+    }
+
+    fn set_muted<'a>(&'a self, channel: &'a ChannelKey, muted: bool) -> BoxFuture<'a, Result<(), ContextError>> {
+        let mut state = self.lock();
+        if muted {
+            state.muted.insert(channel.clone());
+        } else {
+            state.muted.remove(channel);
+        }
+        Box::pin(async { Ok(()) })
+    }
+
+    fn count_hits<'a>(
+        &'a self,
+        keys: &'a [String],
+        window: std::time::Duration,
+    ) -> BoxFuture<'a, Result<Vec<(u64, std::time::Duration)>, ContextError>> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        if state.windows.len() > 10_000 {
+            state.windows.retain(|_, (started, _)| now.duration_since(*started) < window);
+        }
+        let counts = keys
+            .iter()
+            .map(|key| {
+                let (started, hits) = state.windows.entry(key.clone()).or_insert((now, 0));
+                if now.duration_since(*started) >= window {
+                    (*started, *hits) = (now, 0);
+                }
+                *hits += 1;
+                (*hits, window.saturating_sub(now.duration_since(*started)))
+            })
+            .collect();
+        Box::pin(async move { Ok(counts) })
+    }
+
+    /// One process: its queues already run a channel's messages in order.
+    fn take_lease<'a>(
+        &'a self,
+        _channel: &'a ChannelKey,
+        _holder: &'a str,
+        _ttl: std::time::Duration,
+    ) -> BoxFuture<'a, Result<bool, ContextError>> {
+        Box::pin(async { Ok(true) })
+    }
+
+    fn drop_lease<'a>(&'a self, _channel: &'a ChannelKey, _holder: &'a str) -> BoxFuture<'a, Result<(), ContextError>> {
+        Box::pin(async { Ok(()) })
     }
 
     fn kind(&self) -> &'static str {

@@ -6,8 +6,13 @@
 //! - `P:seen:C`: a sorted set of recent message ids (duplicate detection).
 //! - `P:authors:platform:author`: the `ctx` keys an author wrote in (for
 //!   `/forget`).
+//! - `P:muted:C`: present while the channel is muted (no expiry).
+//! - `P:rate:user:platform:author`, `P:rate:channel:C`: a rate-limit
+//!   window's hits (`INCR`), expiring when the window ends.
+//! - `P:lease:C`: the daemon handling the channel's message now (a short
+//!   `PX` lease, see [`super::lease`]).
 //!
-//! Every key expires after `ttl` idle. Appends run as one Lua script, so a
+//! Every `ctx`, `seen` and `authors` key expires after `ttl` idle. Appends run as one Lua script, so a
 //! channel's duplicate check, append, trim and TTL refresh are atomic, and
 //! two daemons sharing Redis cannot interleave half-appends.
 //!
@@ -56,6 +61,38 @@ if ttl > 0 then
   for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ttl) end
 end
 return 1
+"#;
+
+const HITS_LUA: &str = r#"
+-- KEYS: window keys; ARGV: window_ms. Returns hits and ms left, per key.
+local out = {}
+for i, key in ipairs(KEYS) do
+  local n = redis.call('INCR', key)
+  local left = redis.call('PTTL', key)
+  if n == 1 or left < 0 then
+    redis.call('PEXPIRE', key, ARGV[1])
+    left = tonumber(ARGV[1])
+  end
+  out[#out + 1] = n
+  out[#out + 1] = left
+end
+return out
+"#;
+
+const LEASE_LUA: &str = r#"
+-- KEYS: lease; ARGV: holder, ttl_ms. Takes the lease when free, renews it when the holder's.
+local now = redis.call('GET', KEYS[1])
+if now == false or now == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"#;
+
+const RELEASE_LUA: &str = r#"
+-- KEYS: lease; ARGV: holder. Deletes the lease only if it is the holder's.
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 "#;
 
 const FORGET_LUA: &str = r#"
@@ -167,6 +204,9 @@ pub struct RedisStore {
     append: Script,
     forget: Script,
     edit: Script,
+    hits: Script,
+    lease: Script,
+    release: Script,
 }
 
 /// The watcher's backoff while Redis is down: from `MIN` doubling to `MAX`
@@ -238,6 +278,9 @@ impl RedisStore {
             append: Script::new(APPEND_LUA),
             forget: Script::new(FORGET_LUA),
             edit: Script::new(EDIT_LUA),
+            hits: Script::new(HITS_LUA),
+            lease: Script::new(LEASE_LUA),
+            release: Script::new(RELEASE_LUA),
         })
     }
 
@@ -255,6 +298,14 @@ impl RedisStore {
 
     fn conn(&self) -> ConnectionManager {
         self.inner.conn()
+    }
+
+    fn muted_key(&self, channel: &ChannelKey) -> String {
+        format!("{}:muted:{channel}", self.prefix)
+    }
+
+    fn lease_key(&self, channel: &ChannelKey) -> String {
+        format!("{}:lease:{channel}", self.prefix)
     }
 }
 
@@ -464,6 +515,70 @@ impl ContextStore for RedisStore {
             }
             self.inner.call(async { redis::cmd("DEL").arg(&index).query_async::<i64>(&mut conn).await }).await?;
             Ok(removed)
+        })
+    }
+
+    fn muted<'a>(&'a self, channel: &'a ChannelKey) -> BoxFuture<'a, Result<bool, ContextError>> {
+        Box::pin(async move {
+            let mut conn = self.conn();
+            let key = self.muted_key(channel);
+            let n: i64 = self.inner.call(async { redis::cmd("EXISTS").arg(&key).query_async(&mut conn).await }).await?;
+            Ok(n == 1)
+        })
+    }
+
+    fn set_muted<'a>(&'a self, channel: &'a ChannelKey, muted: bool) -> BoxFuture<'a, Result<(), ContextError>> {
+        Box::pin(async move {
+            let mut conn = self.conn();
+            let key = self.muted_key(channel);
+            let mut cmd = if muted { redis::cmd("SET") } else { redis::cmd("DEL") };
+            cmd.arg(&key);
+            if muted {
+                cmd.arg(1);
+            }
+            self.inner.call(async { cmd.query_async::<()>(&mut conn).await }).await
+        })
+    }
+
+    fn count_hits<'a>(
+        &'a self,
+        keys: &'a [String],
+        window: Duration,
+    ) -> BoxFuture<'a, Result<Vec<(u64, Duration)>, ContextError>> {
+        Box::pin(async move {
+            let mut invocation = self.hits.prepare_invoke();
+            for key in keys {
+                invocation.key(format!("{}:rate:{key}", self.prefix));
+            }
+            invocation.arg(window.as_millis().max(1) as u64);
+            let mut conn = self.conn();
+            let flat: Vec<i64> = self.inner.call(async { invocation.invoke_async(&mut conn).await }).await?;
+            Ok(flat.chunks(2).map(|pair| (pair[0].max(0) as u64, Duration::from_millis(pair.get(1).copied().unwrap_or(0).max(0) as u64))).collect())
+        })
+    }
+
+    fn take_lease<'a>(
+        &'a self,
+        channel: &'a ChannelKey,
+        holder: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, ContextError>> {
+        Box::pin(async move {
+            let mut invocation = self.lease.prepare_invoke();
+            invocation.key(self.lease_key(channel)).arg(holder).arg(ttl.as_millis().max(1) as u64);
+            let mut conn = self.conn();
+            let taken: i64 = self.inner.call(async { invocation.invoke_async(&mut conn).await }).await?;
+            Ok(taken == 1)
+        })
+    }
+
+    fn drop_lease<'a>(&'a self, channel: &'a ChannelKey, holder: &'a str) -> BoxFuture<'a, Result<(), ContextError>> {
+        Box::pin(async move {
+            let mut invocation = self.release.prepare_invoke();
+            invocation.key(self.lease_key(channel)).arg(holder);
+            let mut conn = self.conn();
+            self.inner.call(async { invocation.invoke_async::<i64>(&mut conn).await }).await?;
+            Ok(())
         })
     }
 

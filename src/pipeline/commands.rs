@@ -10,7 +10,7 @@
 //! is logged. An unknown command is answered with the help text.
 
 use dialogd_adapters::text::{command_argument, command_word, MODERATOR_COMMANDS};
-use dialogd_adapters::{Answer, CoreError, Inbound};
+use dialogd_adapters::{Answer, ChannelKey, CoreError, Inbound};
 
 use super::{internal, say, Shared};
 use crate::context::ContextError;
@@ -183,19 +183,46 @@ pub(super) async fn run(shared: &Shared, inbound: &Inbound, command: Command<'_>
         }
         Command::Forget => forget(shared, inbound).await?,
         Command::OptOut | Command::OptIn => opt(shared, inbound, command == Command::OptOut).await?,
-        Command::Mute => {
-            shared.muted.lock().unwrap_or_else(|e| e.into_inner()).insert(channel.clone());
-            "Muted: I won't answer in this channel until a moderator says /unmute.".to_string()
-        }
-        Command::Unmute => {
-            shared.muted.lock().unwrap_or_else(|e| e.into_inner()).remove(channel);
-            "Unmuted: I'm listening again.".to_string()
+        Command::Mute | Command::Unmute => {
+            let mute = command == Command::Mute;
+            shared.store.set_muted(channel, mute).await.map_err(unavailable)?;
+            remember_mute(shared, channel, mute);
+            if mute {
+                "Muted: I won't answer in this channel until a moderator says /unmute.".to_string()
+            } else {
+                "Unmuted: I'm listening again.".to_string()
+            }
         }
         Command::Persona(persona) => persona_command(shared, inbound, persona).await?,
         Command::Train(train) => train_command(shared, inbound, train).await?,
         Command::Collect(collect) => collect_command(shared, inbound, collect).await?,
     };
     Ok(say(inbound, text))
+}
+
+/// Whether the channel is muted: the store's word (shared by every
+/// daemon, kept across restarts), or this daemon's last known state while
+/// the store cannot be reached.
+pub(super) async fn is_muted(shared: &Shared, channel: &ChannelKey) -> bool {
+    match shared.store.muted(channel).await {
+        Ok(muted) => {
+            remember_mute(shared, channel, muted);
+            muted
+        }
+        Err(e) => {
+            tracing::debug!(%channel, error = %e, "mute state from this daemon's memory");
+            shared.muted.lock().unwrap_or_else(|e| e.into_inner()).contains(channel)
+        }
+    }
+}
+
+fn remember_mute(shared: &Shared, channel: &ChannelKey, muted: bool) {
+    let mut known = shared.muted.lock().unwrap_or_else(|e| e.into_inner());
+    if muted {
+        known.insert(channel.clone());
+    } else {
+        known.remove(channel);
+    }
 }
 
 fn unavailable(e: ContextError) -> CoreError {

@@ -2,17 +2,20 @@
 //! channel) cannot monopolise generation.
 //!
 //! Fixed windows: each key counts the messages that reached generation in
-//! its current window. The first message over a limit gets a short notice;
-//! later ones are dropped quietly until the window passes. Times come from
-//! tokio's clock, so tests can pause it.
+//! its current window, in the context store ([`ContextStore::count_hits`]),
+//! so every daemon sharing the store counts together and a restart
+//! changes nothing. The first message over a limit (hit `limit + 1`, which
+//! exactly one daemon sees) gets a short notice; later ones are dropped
+//! quietly until the window passes. While the store cannot be reached the
+//! windows are counted in this process. Times come from tokio's clock (in
+//! the memory store), so tests can pause it.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use dialogd_adapters::ChannelKey;
-use tokio::time::Instant;
 
+use crate::context::memory::MemoryStore;
+use crate::context::{ContextStore, Limits};
 use crate::settings::RateLimitSettings;
 
 /// What to do with a message.
@@ -29,60 +32,50 @@ pub enum Verdict {
 pub const USER_NOTICE: &str = "You're sending messages faster than I can answer; give me a moment.";
 pub const CHANNEL_NOTICE: &str = "This channel is keeping me very busy; I'll answer again in a moment.";
 
-/// One key's window.
-#[derive(Debug, Clone, Copy)]
-struct Window {
-    started: Instant,
-    count: u32,
-    /// Whether this window's notice was given.
-    noticed: bool,
-}
-
-/// The counters. Keys are `user:platform:author` and `channel:…`.
+/// The limits. Window keys are `user:platform:author` and `channel:…`.
 pub struct RateLimiter {
     settings: RateLimitSettings,
-    /// A std mutex: held for a lookup and an update, never across an await.
-    windows: Mutex<HashMap<String, Window>>,
+    /// Counts while the shared store cannot be reached.
+    local: MemoryStore,
 }
 
 impl RateLimiter {
     pub fn new(settings: RateLimitSettings) -> Self {
-        Self { settings, windows: Mutex::new(HashMap::new()) }
+        Self { settings, local: MemoryStore::new(Limits::new(1, None)) }
     }
 
-    /// Counts a message of `author` in `channel` and says what to do.
-    pub fn check(&self, channel: &ChannelKey, author: &str) -> Verdict {
+    /// Counts a message of `author` in `channel` in `store` and says what
+    /// to do.
+    pub async fn check(&self, store: &dyn ContextStore, channel: &ChannelKey, author: &str) -> Verdict {
         let s = &self.settings;
-        let now = Instant::now();
-        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-        if windows.len() > 10_000 {
-            windows.retain(|_, w| now.duration_since(w.started) < s.window);
+        let limits: Vec<(String, u32, &'static str)> = [
+            (format!("user:{}:{author}", channel.platform.as_str()), s.per_user, USER_NOTICE),
+            (format!("channel:{channel}"), s.per_channel, CHANNEL_NOTICE),
+        ]
+        .into_iter()
+        .filter(|(_, limit, _)| *limit > 0)
+        .collect();
+        if limits.is_empty() {
+            return Verdict::Allow;
         }
-        let user_key = format!("user:{}:{author}", channel.platform.as_str());
-        let channel_key = format!("channel:{channel}");
-        let mut verdict = Verdict::Allow;
-        for (key, limit, notice) in
-            [(user_key, s.per_user, USER_NOTICE), (channel_key, s.per_channel, CHANNEL_NOTICE)]
-        {
-            if limit == 0 {
-                continue;
+        let keys: Vec<String> = limits.iter().map(|(key, _, _)| key.clone()).collect();
+        let counts = match store.count_hits(&keys, s.window).await {
+            Ok(counts) => counts,
+            Err(e) => {
+                tracing::debug!(%channel, error = %e, "rate limits counted in this process");
+                self.local.count_hits(&keys, s.window).await.unwrap_or_default()
             }
-            let window = windows.entry(key).or_insert(Window { started: now, count: 0, noticed: false });
-            if now.duration_since(window.started) >= s.window {
-                *window = Window { started: now, count: 0, noticed: false };
+        };
+        for ((_, limit, notice), (hits, retry_after)) in limits.iter().zip(counts) {
+            let limit = u64::from(*limit);
+            if hits == limit + 1 {
+                return Verdict::Notice { notice, retry_after };
             }
-            window.count = window.count.saturating_add(1);
-            if window.count > limit && verdict == Verdict::Allow {
-                let retry_after = s.window.saturating_sub(now.duration_since(window.started));
-                verdict = if window.noticed {
-                    Verdict::Drop { retry_after }
-                } else {
-                    window.noticed = true;
-                    Verdict::Notice { notice, retry_after }
-                };
+            if hits > limit {
+                return Verdict::Drop { retry_after };
             }
         }
-        verdict
+        Verdict::Allow
     }
 
     pub fn window(&self) -> Duration {
@@ -99,28 +92,31 @@ mod tests {
     async fn first_over_limit_gets_a_notice_then_quiet_until_the_window_passes() {
         let limiter =
             RateLimiter::new(RateLimitSettings { per_user: 2, per_channel: 0, window: Duration::from_secs(60) });
+        let store = MemoryStore::new(Limits::new(4, None));
         let c = ChannelKey::new(Platform::Telegram, "1");
-        assert_eq!(limiter.check(&c, "ann"), Verdict::Allow);
-        assert_eq!(limiter.check(&c, "ann"), Verdict::Allow);
-        assert_eq!(limiter.check(&c, "ann"), Verdict::Notice { notice: USER_NOTICE, retry_after: Duration::from_secs(60) });
+        assert_eq!(limiter.check(&store, &c, "ann").await, Verdict::Allow);
+        assert_eq!(limiter.check(&store, &c, "ann").await, Verdict::Allow);
+        let notice = Verdict::Notice { notice: USER_NOTICE, retry_after: Duration::from_secs(60) };
+        assert_eq!(limiter.check(&store, &c, "ann").await, notice);
         tokio::time::advance(Duration::from_secs(15)).await;
-        assert_eq!(limiter.check(&c, "ann"), Verdict::Drop { retry_after: Duration::from_secs(45) });
-        assert_eq!(limiter.check(&c, "bob"), Verdict::Allow, "another user is not limited");
+        assert_eq!(limiter.check(&store, &c, "ann").await, Verdict::Drop { retry_after: Duration::from_secs(45) });
+        assert_eq!(limiter.check(&store, &c, "bob").await, Verdict::Allow, "another user is not limited");
         tokio::time::advance(Duration::from_secs(45)).await;
-        assert_eq!(limiter.check(&c, "ann"), Verdict::Allow);
+        assert_eq!(limiter.check(&store, &c, "ann").await, Verdict::Allow);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_channel_limit_covers_all_its_users() {
         let limiter =
             RateLimiter::new(RateLimitSettings { per_user: 0, per_channel: 2, window: Duration::from_secs(10) });
+        let store = MemoryStore::new(Limits::new(4, None));
         let c = ChannelKey::new(Platform::Discord, "9");
-        assert_eq!(limiter.check(&c, "a"), Verdict::Allow);
-        assert_eq!(limiter.check(&c, "b"), Verdict::Allow);
+        assert_eq!(limiter.check(&store, &c, "a").await, Verdict::Allow);
+        assert_eq!(limiter.check(&store, &c, "b").await, Verdict::Allow);
         let ten = Duration::from_secs(10);
-        assert_eq!(limiter.check(&c, "c"), Verdict::Notice { notice: CHANNEL_NOTICE, retry_after: ten });
-        assert_eq!(limiter.check(&c, "d"), Verdict::Drop { retry_after: ten });
+        assert_eq!(limiter.check(&store, &c, "c").await, Verdict::Notice { notice: CHANNEL_NOTICE, retry_after: ten });
+        assert_eq!(limiter.check(&store, &c, "d").await, Verdict::Drop { retry_after: ten });
         let other = ChannelKey::new(Platform::Discord, "10");
-        assert_eq!(limiter.check(&other, "a"), Verdict::Allow);
+        assert_eq!(limiter.check(&store, &other, "a").await, Verdict::Allow);
     }
 }

@@ -139,7 +139,7 @@ pub(super) async fn process(shared: Arc<Shared>, mut inbound: Inbound) -> Result
         None if !inbound.addressed_to_bot => return Ok(silent("not_addressed")),
         None => {}
     }
-    if shared.muted.lock().unwrap_or_else(|e| e.into_inner()).contains(&inbound.channel) {
+    if commands::is_muted(&shared, &inbound.channel).await {
         return Ok(silent("muted"));
     }
     let mut degraded = Degraded { metrics, counted: false };
@@ -194,7 +194,7 @@ async fn admit(
             Err(e) => degraded.note(channel, "duplicate check", &e),
         }
     }
-    match shared.limiter.check(channel, &inbound.author) {
+    match shared.limiter.check(&*shared.store, channel, &inbound.author).await {
         Verdict::Allow => {}
         Verdict::Notice { notice, retry_after } => {
             metrics.refused(Refusal::RateLimited);
