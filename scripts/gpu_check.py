@@ -39,6 +39,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import compare_hf  # noqa: E402  (the PyTorch reference)
 import make_golden  # noqa: E402  (the weights formula and the prompt rule)
 
 EOS = 50256
@@ -206,48 +208,9 @@ def dialogd_bench(binary, model_dir, device, levels, prompt_tokens, new_tokens, 
     return {"command": " ".join(cmd), "levels": rows, "gpu_memory": mem.result()}
 
 
-def prompts(n, length, seed):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 50000, (n, length), generator=g)
-    ids[:, -1] = EOS
-    return ids
-
-
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def reference(model_dir, device, dtype, levels, prompt_tokens, new_tokens):
-    """PyTorch + transformers eager `generate` on DEVICE (as bench/compare_hf.py)."""
-    model = GPT2LMHeadModel.from_pretrained(model_dir, torch_dtype=DTYPES[dtype]).to(device).eval()
-    kw = dict(do_sample=False, pad_token_id=EOS, eos_token_id=None)
-    out = {}
-    with torch.inference_mode():
-        model.generate(prompts(1, prompt_tokens, 99).to(device), max_new_tokens=4, min_new_tokens=4, **kw)
-        x = prompts(1, prompt_tokens, 1).to(device)
-        sync(device)
-        t0 = time.perf_counter()
-        model.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)
-        sync(device)
-        ttft = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        model.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
-        sync(device)
-        total = time.perf_counter() - t0
-        out[1] = {"ttft_ms": ttft * 1e3, "decode_tokens_per_s": (new_tokens - 1) / (total - ttft),
-                  "aggregate_tokens_per_s": new_tokens / total}
-        for c in levels:
-            if c == 1:
-                continue
-            x = prompts(c, prompt_tokens, c).to(device)
-            sync(device)
-            t0 = time.perf_counter()
-            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
-            sync(device)
-            wall = time.perf_counter() - t0
-            out[c] = {"aggregate_tokens_per_s": c * new_tokens / wall}
-    del model
+    """PyTorch + transformers eager `generate` on DEVICE (bench/compare_hf.py's reference)."""
+    out = compare_hf.reference(model_dir, prompt_tokens, new_tokens, levels, os.cpu_count(), device, DTYPES[dtype])
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return out
