@@ -659,16 +659,7 @@ async fn a_persona_choice_survives_a_restart_with_jobs_off() {
     let redis = RedisServer::start();
     let toml = daemon_toml(Some(&redis), &[]);
     assert!(!toml.contains("[jobs]\nenabled = true"), "[jobs] stays off");
-    let moderator = |text: &str| Inbound {
-        channel: ChannelKey::new(Platform::Http, "deck"),
-        author: "captain".into(),
-        text: text.into(),
-        msg_id: None,
-        addressed_to_bot: true,
-        moderator: true,
-        group: None,
-        edit: None,
-    };
+    let moderator = |text: &str| crate::support::moderator_inbound("deck", "captain", text);
     let say = |d: &TestDaemon, text: &str| {
         let answer = d.pipeline.handle(moderator(text));
         async move {

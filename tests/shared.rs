@@ -7,24 +7,14 @@ use std::time::{Duration, Instant};
 
 use dialogd::context::redis::RedisStore;
 use dialogd::context::{lease, ContextStore, Limits};
-use dialogd_adapters::{Answer, ChannelKey, Core, Inbound, Platform};
+use dialogd_adapters::{Answer, ChannelKey, Core, Platform};
 
 use crate::support::{daemon_toml, RedisServer, TestDaemon};
 
 /// A moderator's command straight to a daemon's core (the HTTP adapter
 /// has no moderators).
 async fn moderate(d: &TestDaemon, channel: &str, text: &str) -> String {
-    let inbound = Inbound {
-        channel: ChannelKey::new(Platform::Http, channel),
-        author: "mod".into(),
-        text: text.into(),
-        msg_id: None,
-        addressed_to_bot: true,
-        moderator: true,
-        group: None,
-        edit: None,
-    };
-    match d.pipeline.handle(inbound).await.unwrap() {
+    match d.pipeline.handle(crate::support::moderator_inbound(channel, "mod", text)).await.unwrap() {
         Answer::Reply(out) => out.text,
         other => panic!("{text}: {other:?}"),
     }

@@ -283,6 +283,21 @@ pub fn section_toml(section: &str, lines: &[String]) -> String {
     daemon_toml(None, &extra)
 }
 
+/// A moderator's message in an HTTP channel, for a daemon's core (the
+/// HTTP adapter has no moderators).
+pub fn moderator_inbound(channel: &str, author: &str, text: &str) -> dialogd_adapters::Inbound {
+    dialogd_adapters::Inbound {
+        channel: dialogd_adapters::ChannelKey::new(dialogd_adapters::Platform::Http, channel),
+        author: author.into(),
+        text: text.into(),
+        msg_id: None,
+        addressed_to_bot: true,
+        moderator: true,
+        group: None,
+        edit: None,
+    }
+}
+
 /// A daemon running inside the test process.
 pub struct TestDaemon {
     pub base: String,
