@@ -74,7 +74,7 @@ async fn a_completion_answers_in_openai_shape_and_leaves_the_context_alone() {
     let (prompt, completion) = (usage["prompt_tokens"].as_u64().unwrap(), usage["completion_tokens"].as_u64().unwrap());
     // The persona's seed turn, two user turns and the assistant's.
     assert!(prompt > 12, "{body}");
-    assert!(completion >= 1 && completion <= 16, "{body}");
+    assert!((1..=16).contains(&completion), "{body}");
     assert_eq!(usage["total_tokens"].as_u64().unwrap(), prompt + completion);
 
     // The same seed and conversation give the same reply.
