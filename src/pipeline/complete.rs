@@ -99,7 +99,7 @@ pub(super) async fn complete(shared: Arc<Shared>, request: CompletionRequest) ->
         return Err(invalid("n", format!("n must be at most {} (generation.candidates)", generation.candidates.max(1))));
     }
     let persona = persona_for(&shared, &request.model).await?;
-    match shared.limiter.check(&channel, &author) {
+    match shared.limiter.check(&*shared.store, &channel, &author).await {
         Verdict::Allow => {}
         Verdict::Notice { notice, retry_after } => {
             metrics.refused(Refusal::RateLimited);
