@@ -19,7 +19,7 @@ use crate::settings::{self, Settings, TrainMode};
 #[derive(Debug, Args)]
 pub struct JobsArgs {
     /// Settings file (its [context] names the Redis that holds the jobs).
-    #[arg(long, value_name = "FILE", global = true)]
+    #[arg(long, value_name = "FILE", global = true, env = "DIALOGD_CONFIG")]
     pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: JobsCommand,

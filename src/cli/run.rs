@@ -20,7 +20,7 @@ pub struct RunArgs {
     /// Settings file (TOML) over the built-in defaults (`dialogd config
     /// defaults` prints them); without it the defaults and DIALOGD__…
     /// variables alone are used.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "DIALOGD_CONFIG")]
     pub config: Option<PathBuf>,
 }
 
