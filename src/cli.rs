@@ -253,10 +253,17 @@ pub fn prompt_budget(model: &Gpt2, params: &SamplingParams) -> anyhow::Result<us
     Ok(n_positions - params.max_new_tokens)
 }
 
-/// Sets up logging to stderr, filtered by `RUST_LOG` (default: warnings).
+/// Sets up logging to stderr, filtered by `RUST_LOG` (default: warnings,
+/// and a hub download's progress).
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,dialogd::model::hub=info".into());
+    use std::io::IsTerminal as _;
+    // Colours only on a terminal.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
 }
 
 /// Fixes `RAYON_NUM_THREADS` (when unset) to rayon's own default, the

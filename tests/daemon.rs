@@ -549,3 +549,90 @@ async fn run_exits_non_zero_when_an_adapter_cannot_start() {
     let reason = last["error"].as_str().unwrap_or_default();
     assert!(reason.contains("telegram") && reason.contains("getMe"), "{log}");
 }
+
+/// The JSON log lines written so far (a line cut off mid-write is skipped).
+fn json_lines(log: &str) -> Vec<Value> {
+    log.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+/// Issue #16 point 3: a first run that downloads the model from the hub
+/// (a loopback fake through `HF_ENDPOINT`, whose weights stall halfway)
+/// logs the download's progress (file, bytes, percent) every few seconds,
+/// serves `/healthz` (503 "loading"), `/metrics` and 503 refusals while it
+/// loads, and SIGTERM ends it promptly, with exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_run_download_logs_progress_answers_loading_and_stops_on_sigterm() {
+    let model = model_dir("tiny");
+    let weights = std::fs::metadata(model.join("model.safetensors")).unwrap().len();
+    let hub = crate::fakes::hub::FakeHub::start("fake-org/tiny", &model, Some("model.safetensors")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (http_port, metrics_port) = (free_port(), free_port());
+    let config = dir.path().join("dialogd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[model]\npath = \"fake-org/tiny\"\n[context]\nstore = \"memory\"\n[adapters.http]\nlisten = \"127.0.0.1:{http_port}\"\n\
+             [telemetry]\nlog_format = \"json\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n"
+        ),
+    )
+    .unwrap();
+    let hf_home = dir.path().join("hf");
+    let env = [("HF_ENDPOINT", hub.url.as_str()), ("HF_HOME", hf_home.to_str().unwrap()), ("HF_HUB_OFFLINE", "0")];
+    let mut d = Running::spawn(&config, &env, http_port, metrics_port);
+    // /healthz answers from the start, 503 "loading".
+    let mut health = None;
+    for _ in 0..300 {
+        assert!(d.child.try_wait().unwrap().is_none(), "dialogd exited: {}", d.log_text());
+        if let Ok(r) = d.http.get(format!("{}/healthz", d.base)).send().await {
+            health = Some((r.status().as_u16(), r.json::<Value>().await.unwrap()));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = health.unwrap_or_else(|| panic!("no /healthz while loading: {}", d.log_text()));
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["status"], "loading", "{body}");
+    assert_eq!(body["health"]["ready"], false, "{body}");
+    let response = d.http.post(format!("{}/v1/channels/c1/messages", d.base)).json(&serde_json::json!({"author": "ann", "text": "hi"})).send().await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    let text = d.http.get(&d.metrics_url).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("dialogd_messages_in_total"), "{text}");
+    // Progress lines for the stalled file, by a timer: the bytes stop
+    // arriving, the lines do not.
+    let mut progress = Vec::new();
+    for _ in 0..200 {
+        progress = json_lines(&d.log_text())
+            .into_iter()
+            .filter(|l| l["message"] == "downloading" && l["file"] == "model.safetensors")
+            .collect();
+        if progress.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(progress.len() >= 2, "two progress lines within 10 s: {}", d.log_text());
+    let last = progress.last().unwrap();
+    assert_eq!(last["level"], "INFO", "{last}");
+    // hf-hub asks for 10 MB ranges; the fake stalls halfway through the first.
+    let bytes = last["bytes"].as_u64().unwrap();
+    assert_eq!(bytes, weights.min(10_000_000) / 2, "{last}");
+    assert_eq!(last["total_bytes"].as_u64(), Some(weights), "{last}");
+    let percent = last["percent"].as_f64().unwrap();
+    assert!((percent - bytes as f64 * 100.0 / weights as f64).abs() <= 0.05, "{last}");
+    assert_eq!(progress[progress.len() - 2]["bytes"], last["bytes"], "stalled: the same count, told again");
+    assert_eq!(last["model"], "fake-org/tiny", "{last}");
+    // The files before it were downloaded whole.
+    let log = d.log_text();
+    assert!(json_lines(&log).iter().any(|l| l["message"] == "downloaded" && l["file"] == "config.json"), "{log}");
+    // Still loading; SIGTERM ends it promptly.
+    assert_eq!(d.http.get(format!("{}/healthz", d.base)).send().await.unwrap().status(), 503);
+    let asked = std::time::Instant::now();
+    d.signal("TERM");
+    let code = d.wait_exit().await;
+    let took = asked.elapsed();
+    assert_eq!(code, 0, "{}", d.log_text());
+    assert!(took < Duration::from_secs(3), "SIGTERM took {took:?} to end the load");
+    let log = d.log_text();
+    assert!(json_lines(&log).iter().any(|l| l["message"] == "stopped while loading: nothing was served"), "{log}");
+}
