@@ -264,8 +264,8 @@ impl Daemon {
         });
         notify_systemd("READY=1");
         tracing::info!(
-            http = ?settings.adapters.http.enabled.then_some(settings.adapters.http.listen),
-            metrics = ?settings.telemetry.metrics_listen,
+            http = %settings.adapters.http.enabled.then_some(settings.adapters.http.listen).map_or("off".into(), |a| a.to_string()),
+            metrics = %settings.telemetry.metrics_listen.map_or("off".into(), |a| a.to_string()),
             "dialogd is serving"
         );
 
@@ -378,7 +378,7 @@ async fn open_classifier(settings: &Settings) -> Result<Option<Arc<dyn crate::sa
     .map_err(DaemonError::Classifier)?;
     let labels = crate::safety::ToxicityClassifier::labels(&loaded).to_vec();
     safety.classifier_thresholds.check_labels(&labels).map_err(DaemonError::Classifier)?;
-    tracing::info!(classifier = %safety.classifier, architecture = loaded.architecture().class_name(), ?labels, "safety classifier loaded");
+    tracing::info!(classifier = %safety.classifier, architecture = loaded.architecture().class_name(), labels = %labels.join(","), "safety classifier loaded");
     Ok(Some(Arc::new(loaded)))
 }
 
@@ -484,13 +484,21 @@ pub fn reload(pipeline: &Pipeline, config: Option<&Path>, started: &Settings, me
     }
     let mut changed = generation != *current;
     if changed {
-        tracing::info!(generation = ?generation, "reloaded generation settings");
+        tracing::info!(
+            temperature = generation.temperature,
+            top_k = generation.top_k,
+            top_p = generation.top_p,
+            repetition_penalty = generation.repetition_penalty,
+            no_repeat_ngram = generation.no_repeat_ngram,
+            max_new_tokens = generation.max_new_tokens,
+            "reloaded generation settings"
+        );
         pipeline.set_generation(generation);
     } else {
         tracing::info!("reloaded: generation settings unchanged");
     }
     if fresh.safety != current_safety {
-        tracing::info!(policy = ?fresh.safety.policy, blocked_words = fresh.safety.blocked_words.len(), "reloaded safety settings");
+        tracing::info!(policy = fresh.safety.policy.as_str(), blocked_words = fresh.safety.blocked_words.len(), "reloaded safety settings");
         pipeline.set_safety(fresh.safety);
         changed = true;
     }

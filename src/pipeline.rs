@@ -239,9 +239,13 @@ impl Core for Pipeline {
             let channel = inbound.channel.clone();
             let platform = channel.platform;
             let worker = shared.clone();
+            let logged = channel.clone();
             let job: Job = Box::new(move || {
                 Box::pin(async move {
-                    let answer = reply::process(worker.clone(), inbound).await;
+                    let started = std::time::Instant::now();
+                    let mut tally = reply::Tally::default();
+                    let answer = reply::process(worker.clone(), inbound, &mut tally).await;
+                    reply::log_handled(&logged, started, &tally, &answer);
                     if answer.is_ok() {
                         worker.metrics.message_out(platform);
                     }

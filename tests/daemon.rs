@@ -636,3 +636,113 @@ async fn a_first_run_download_logs_progress_answers_loading_and_stops_on_sigterm
     let log = d.log_text();
     assert!(json_lines(&log).iter().any(|l| l["message"] == "stopped while loading: nothing was served"), "{log}");
 }
+
+/// Issue #16 point 8: one info line per handled message (channel,
+/// platform, latency_ms, candidates drawn and kept; the reason when there
+/// is no reply), no Rust Debug formatting in any field, no colour codes in
+/// piped stderr.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_handled_message_is_one_json_log_line_without_debug_or_colour() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (http_port, metrics_port) = (free_port(), free_port());
+    let config = write_config(dir.path(), &model_dir("tiny"), &redis, http_port, metrics_port, "candidates = 3\n");
+    let d = Running::start(&config, &[], http_port, metrics_port).await;
+    let body = serde_json::json!({ "author": "ann", "text": "Does money buy happiness?", "message_id": "m-1" });
+    let url = format!("{}/v1/channels/logs-1/messages", d.base);
+    let first = d.http.post(&url).json(&body).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    let first: Value = first.json().await.unwrap();
+    // The same id again: no reply, reason "duplicate".
+    let again: Value = d.http.post(&url).json(&body).send().await.unwrap().json().await.unwrap();
+    assert_eq!(again["reason"], "duplicate", "{again}");
+    let mut handled = Vec::new();
+    for _ in 0..100 {
+        handled = json_lines(&d.log_text()).into_iter().filter(|l| l["message"] == "message handled").collect();
+        if handled.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(handled.len(), 2, "{}", d.log_text());
+    let (one, two) = (&handled[0], &handled[1]);
+    assert_eq!(one["level"], "INFO", "{one}");
+    assert_eq!(one["channel"], "logs-1", "{one}");
+    assert_eq!(one["platform"], "http", "{one}");
+    assert!(one["latency_ms"].as_u64().is_some(), "{one}");
+    assert_eq!(one["candidates_drawn"].as_u64(), Some(3), "{one}");
+    let kept = one["candidates_kept"].as_u64().unwrap();
+    assert!((1..=3).contains(&kept), "{one}");
+    if first["reply"].is_string() {
+        assert_eq!(one["replied"], true, "{one}");
+        assert!(one.get("reason").is_none(), "no reason with a reply: {one}");
+    }
+    assert_eq!(two["replied"], false, "{two}");
+    assert_eq!(two["reason"], "duplicate", "{two}");
+    assert_eq!(two["candidates_drawn"].as_u64(), Some(0), "{two}");
+    let log = d.log_text();
+    assert!(!log.contains('\x1b'), "ANSI escapes in piped stderr");
+    for line in json_lines(&log) {
+        for (key, value) in line.as_object().unwrap() {
+            let text = value.as_str().unwrap_or_default();
+            assert!(!text.starts_with("Some(") && !text.contains(" { ") && !text.starts_with('['), "Debug formatting in {key}: {line}");
+        }
+    }
+}
+
+/// Issue #16 point 9: requests still queued when the drain bound passes
+/// get a 503 with `Retry-After`, through real HTTP, and the daemon exits 0
+/// soon after the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_still_queued_at_the_drain_bound_get_503() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (http_port, metrics_port) = (free_port(), free_port());
+    // Long replies from a near-uniform model: one channel's queue stays full.
+    let config = write_config(dir.path(), &model_dir("tiny"), &redis, http_port, metrics_port, "temperature = 1.5\ntop_k = 0\ntop_p = 1.0\nno_repeat_ngram = 0\n");
+    let text = std::fs::read_to_string(&config).unwrap().replace("max_new_tokens = 16", "max_new_tokens = 100").replace("max_tokens = 40", "max_tokens = 24")
+        + "[daemon]\ndrain_secs = 1\n";
+    std::fs::write(&config, text).unwrap();
+    let mut d = Running::start(&config, &[], http_port, metrics_port).await;
+    let n = 6;
+    let mut requests = Vec::new();
+    for c in 0..n {
+        let (http, base) = (d.http.clone(), d.base.clone());
+        requests.push(tokio::spawn(async move {
+            // One channel (so they queue), one author each (rate limits).
+            let body = serde_json::json!({ "author": format!("ann{c}"), "text": format!("tell me a long story, {c}") });
+            let response = http.post(format!("{base}/v1/channels/drain-bound/messages")).json(&body).send().await.unwrap();
+            let retry_after = response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+            (response.status().as_u16(), retry_after, response.json::<Value>().await.unwrap())
+        }));
+    }
+    let mut accepted = false;
+    for _ in 0..400 {
+        if d.metric("dialogd_messages_in_total").await == n as f64 {
+            accepted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(accepted, "messages were not all accepted: {}", d.log_text());
+    let asked = std::time::Instant::now();
+    d.signal("TERM");
+    let mut refused = 0;
+    for request in requests {
+        let (status, retry_after, body) = request.await.unwrap();
+        match status {
+            200 => assert!(body.get("reply").is_some(), "{body}"),
+            503 => {
+                refused += 1;
+                assert_eq!(retry_after.as_deref(), Some("1"), "{body}");
+                assert_eq!(body["error"], "shutting down", "{body}");
+            }
+            other => panic!("{other}: {body}"),
+        }
+    }
+    assert!(refused >= 1, "every queued message finished within the 1 s drain; the test proves nothing: {}", d.log_text());
+    assert_eq!(d.wait_exit().await, 0, "{}", d.log_text());
+    assert!(asked.elapsed() < Duration::from_secs(10), "exit {:?} after SIGTERM with drain_secs = 1", asked.elapsed());
+    let log = d.log_text();
+    assert!(log.contains("drain took too long"), "{log}");
+}
