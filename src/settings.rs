@@ -289,6 +289,18 @@ pub fn load(file: Option<&Path>) -> Result<Settings, SettingsError> {
     load_raw(file)?.validate()
 }
 
+/// The settings the `dialogd jobs` commands use ([context], [jobs],
+/// [personas]): as [`load`], with collection and the chat platforms turned
+/// off first, so their secrets (`collect.author_key`, the platform tokens)
+/// need not be in the environment of whoever lists or queues jobs.
+pub fn load_for_jobs(file: Option<&Path>) -> Result<Settings, SettingsError> {
+    let mut raw = load_raw(file)?;
+    raw.collect.enabled = false;
+    raw.adapters.telegram.enabled = false;
+    raw.adapters.discord.enabled = false;
+    raw.validate()
+}
+
 // ---- typed layer: what the daemon runs with ----
 
 /// Validated settings.
