@@ -104,23 +104,12 @@ impl Daemon {
         tokenizer: DialogTokenizer,
         metrics: Arc<Metrics>,
     ) -> Result<Self, DaemonError> {
-        Self::start_with(None, settings, engine, pool, tokenizer, metrics).await
+        Self::start_on(None, settings, engine, pool, tokenizer, metrics).await
     }
 
     /// [`Daemon::start`] on the HTTP adapter and `/metrics` already bound
-    /// (and answering "loading") by [`Listening::bind`].
+    /// (and answering "loading") by [`Listening::bind`], when given.
     pub async fn start_on(
-        listening: Listening,
-        settings: Settings,
-        engine: Arc<dyn ReplyEngine>,
-        pool: Option<PoolHandle>,
-        tokenizer: DialogTokenizer,
-        metrics: Arc<Metrics>,
-    ) -> Result<Self, DaemonError> {
-        Self::start_with(Some(listening), settings, engine, pool, tokenizer, metrics).await
-    }
-
-    async fn start_with(
         listening: Option<Listening>,
         settings: Settings,
         engine: Arc<dyn ReplyEngine>,

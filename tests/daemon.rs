@@ -277,37 +277,28 @@ async fn a_restart_keeps_context_and_logs_hold_no_secret() {
 /// SIGTERM while replies are being generated: every accepted message is
 /// still answered, systemd hears READY=1 and STOPPING=1, the exit code
 /// is 0 and nothing listens afterwards.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_in_flight_replies() {
-    let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let (http_port, metrics_port) = (free_port(), free_port());
-    // Long replies from a near-uniform model keep the one model thread busy.
-    let config = write_config(dir.path(), &model_dir("tiny"), &redis, http_port, metrics_port, "temperature = 1.5\ntop_k = 0\ntop_p = 1.0\nno_repeat_ngram = 0\n")
-        .to_path_buf();
-    // The drain bound is generous: the claim is that every accepted message
-    // is answered, and on a loaded 2-core machine the replies took ~29 s
-    // against the 30 s default (their bodies were cut at the bound).
+/// A config whose replies are long (100 tokens from a near-uniform model),
+/// so messages stay in flight or queued; `drain_secs` as given.
+fn long_replies_config(dir: &Path, redis: &RedisServer, http_port: u16, metrics_port: u16, drain_secs: u64) -> PathBuf {
+    let config = write_config(dir, &model_dir("tiny"), redis, http_port, metrics_port, "temperature = 1.5\ntop_k = 0\ntop_p = 1.0\nno_repeat_ngram = 0\n");
     let text = std::fs::read_to_string(&config).unwrap().replace("max_new_tokens = 16", "max_new_tokens = 100").replace("max_tokens = 40", "max_tokens = 24")
-        + "[daemon]\ndrain_secs = 300\n";
+        + &format!("[daemon]\ndrain_secs = {drain_secs}\n");
     std::fs::write(&config, text).unwrap();
-    // Readiness and stopping reach systemd's notify socket.
-    let notify_path = dir.path().join("notify.sock");
-    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
-    notify.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut d = Running::start(&config, &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())], http_port, metrics_port).await;
-    let mut buf = [0u8; 64];
-    let n_read = notify.recv(&mut buf).unwrap();
-    assert_eq!(&buf[..n_read], b"READY=1");
-    let n = 8;
+    config
+}
+
+/// Sends `n` "tell me a long story" messages, one author each (rate
+/// limits), to the channel `channel(i)`; waits until the daemon has taken
+/// them all. Each task gives the status, `Retry-After` and body.
+async fn send_long_stories(d: &Running, n: usize, channel: impl Fn(usize) -> String) -> Vec<tokio::task::JoinHandle<(u16, Option<String>, Value)>> {
     let mut requests = Vec::new();
     for c in 0..n {
-        let (http, base) = (d.http.clone(), d.base.clone());
+        let (http, url) = (d.http.clone(), format!("{}/v1/channels/{}/messages", d.base, channel(c)));
         requests.push(tokio::spawn(async move {
-            // One author each: 8 from one author would pass the per-user limit.
             let body = serde_json::json!({ "author": format!("ann{c}"), "text": format!("tell me a long story, {c}") });
-            let response = http.post(format!("{base}/v1/channels/drain-{c}/messages")).json(&body).send().await.unwrap();
-            (response.status().as_u16(), response.json::<Value>().await.unwrap())
+            let response = http.post(url).json(&body).send().await.unwrap();
+            let retry_after = response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+            (response.status().as_u16(), retry_after, response.json::<Value>().await.unwrap())
         }));
     }
     let mut accepted = false;
@@ -319,11 +310,34 @@ async fn sigterm_drains_in_flight_replies() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert!(accepted, "messages were not all accepted: {}", d.log_text());
+    requests
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_replies() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (http_port, metrics_port) = (free_port(), free_port());
+    // Long replies from a near-uniform model keep the one model thread busy.
+    // The drain bound is generous: the claim is that every accepted message
+    // is answered, and on a loaded 2-core machine the replies took ~29 s
+    // against the 30 s default (their bodies were cut at the bound).
+    let config = long_replies_config(dir.path(), &redis, http_port, metrics_port, 300);
+    // Readiness and stopping reach systemd's notify socket.
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut d = Running::start(&config, &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())], http_port, metrics_port).await;
+    let mut buf = [0u8; 64];
+    let n_read = notify.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n_read], b"READY=1");
+    let n = 8;
+    let requests = send_long_stories(&d, n, |c| format!("drain-{c}")).await;
     let answered_before = d.metric("dialogd_messages_out_total").await;
     d.signal("TERM");
     assert!(answered_before < n as f64, "every reply finished before SIGTERM; the test proves nothing");
     for request in requests {
-        let (status, body) = request.await.unwrap();
+        let (status, _, body) = request.await.unwrap();
         assert_eq!(status, 200, "{body}");
         assert!(body.get("reply").is_some(), "{body}");
     }
@@ -698,33 +712,10 @@ async fn requests_still_queued_at_the_drain_bound_get_503() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let (http_port, metrics_port) = (free_port(), free_port());
-    // Long replies from a near-uniform model: one channel's queue stays full.
-    let config = write_config(dir.path(), &model_dir("tiny"), &redis, http_port, metrics_port, "temperature = 1.5\ntop_k = 0\ntop_p = 1.0\nno_repeat_ngram = 0\n");
-    let text = std::fs::read_to_string(&config).unwrap().replace("max_new_tokens = 16", "max_new_tokens = 100").replace("max_tokens = 40", "max_tokens = 24")
-        + "[daemon]\ndrain_secs = 1\n";
-    std::fs::write(&config, text).unwrap();
+    // Long replies: one channel's queue stays full past a 1 s drain.
+    let config = long_replies_config(dir.path(), &redis, http_port, metrics_port, 1);
     let mut d = Running::start(&config, &[], http_port, metrics_port).await;
-    let n = 6;
-    let mut requests = Vec::new();
-    for c in 0..n {
-        let (http, base) = (d.http.clone(), d.base.clone());
-        requests.push(tokio::spawn(async move {
-            // One channel (so they queue), one author each (rate limits).
-            let body = serde_json::json!({ "author": format!("ann{c}"), "text": format!("tell me a long story, {c}") });
-            let response = http.post(format!("{base}/v1/channels/drain-bound/messages")).json(&body).send().await.unwrap();
-            let retry_after = response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
-            (response.status().as_u16(), retry_after, response.json::<Value>().await.unwrap())
-        }));
-    }
-    let mut accepted = false;
-    for _ in 0..400 {
-        if d.metric("dialogd_messages_in_total").await == n as f64 {
-            accepted = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert!(accepted, "messages were not all accepted: {}", d.log_text());
+    let requests = send_long_stories(&d, 6, |_| "drain-bound".to_string()).await;
     let asked = std::time::Instant::now();
     d.signal("TERM");
     let mut refused = 0;

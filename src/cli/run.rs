@@ -152,7 +152,7 @@ async fn start_daemon(listening: Listening, settings: settings::Settings, metric
             (Arc::new(engine) as Arc<dyn ReplyEngine>, None, tokenizer)
         }
     };
-    Ok(Daemon::start_on(listening, settings, engine, pool, tokenizer, metrics).await?)
+    Ok(Daemon::start_on(Some(listening), settings, engine, pool, tokenizer, metrics).await?)
 }
 
 /// The daemon's engine for `backend = "redis"`: requests go to the stream
