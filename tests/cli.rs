@@ -103,6 +103,7 @@ fn device_cuda_without_a_gpu_fails_clearly() {
         vec!["generate", "--model", pico, "--device", "cuda", "hi"],
         vec!["bench", "--model", pico, "--device", "cuda:0", "--concurrency", "1", "--new-tokens", "2", "--prompt-tokens", "4"],
         vec!["rank", "--ranker", pico, "--device", "cuda", "--response", "yes", "hi"],
+        vec!["train", "--base", pico, "--data", "/dev/null", "--out", "/nonexistent/out", "--device", "cuda"],
     ] {
         let out = dialogd(&args);
         assert_fails_with(&out, needle);
