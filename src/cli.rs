@@ -9,11 +9,14 @@
 //! - [`train`]: `dialogd train`, fine-tuning (full or a LoRA persona adapter).
 //! - [`jobs`]: `dialogd jobs`, the daemon's fine-tuning jobs (list, run,
 //!   cancel, rollback).
+//! - [`manual`]: `dialogd completions` and `dialogd man`, from the same
+//!   definitions as the parser ([`command`]).
 
 pub mod bench;
 pub mod chat;
 pub mod generate;
 pub mod jobs;
+pub mod manual;
 pub mod moderate;
 pub mod rank;
 pub mod run;
@@ -23,7 +26,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 
 use crate::model::Gpt2;
 use crate::serving::{self, ModelSpec};
@@ -66,6 +69,10 @@ pub enum Command {
     Train(train::TrainArgs),
     /// The daemon's fine-tuning jobs: list, show, run, cancel, rollback.
     Jobs(jobs::JobsArgs),
+    /// Print a shell completion script (bash, zsh or fish) on stdout.
+    Completions(manual::CompletionsArgs),
+    /// Print the manual page (roff) on stdout, or write one per command.
+    Man(manual::ManArgs),
 }
 
 /// Where the model comes from and where it runs.
@@ -90,13 +97,16 @@ pub struct ModelArgs {
     pub kv_cache: String,
 }
 
-/// Sampling flags; anything not given keeps the mode's default.
+/// Sampling flags; anything not given keeps the mode's default (the
+/// defaults [`command`] shows in `--help` are [`SamplingParams::default`]'s,
+/// which are `[generation]`'s defaults).
 #[derive(Debug, Clone, Default, Args)]
 pub struct SamplingArgs {
-    /// Always take the most likely token (no sampling).
+    /// Always take the most likely token; the other sampling flags not
+    /// given are then off.
     #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p"])]
     pub greedy: bool,
-    /// Sampling temperature (0: greedy) [default: 0.8].
+    /// Sampling temperature (0: greedy).
     #[arg(long, value_name = "T")]
     pub temperature: Option<f32>,
     /// Keep the K most likely tokens (0: all).
@@ -114,7 +124,7 @@ pub struct SamplingArgs {
     /// Generate at least N tokens before end-of-text is allowed.
     #[arg(long, value_name = "N")]
     pub min_new_tokens: Option<usize>,
-    /// The longest reply, in tokens [default: 64].
+    /// The longest reply, in tokens.
     #[arg(long, value_name = "N")]
     pub max_new_tokens: Option<usize>,
     /// The same seed gives the same reply.
@@ -143,6 +153,41 @@ impl SamplingArgs {
 }
 
 pub use crate::serving::Loaded;
+
+/// The command line's definition: [`Cli`]'s, with the effective default of
+/// each optional sampling flag ([`SamplingParams::default`]) in its help,
+/// as clap shows a `default_value`. The parser, `completions` and `man`
+/// all use this one.
+pub fn command() -> clap::Command {
+    let d = SamplingParams::default();
+    let defaults = [
+        ("temperature", d.temperature.to_string()),
+        ("top_k", d.top_k.to_string()),
+        ("top_p", d.top_p.to_string()),
+        ("repetition_penalty", d.repetition_penalty.to_string()),
+        ("no_repeat_ngram", d.no_repeat_ngram.to_string()),
+        ("min_new_tokens", d.min_new_tokens.to_string()),
+        ("max_new_tokens", d.max_new_tokens.to_string()),
+    ];
+    let mut cli = Cli::command();
+    let sampling: Vec<String> = cli
+        .get_subcommands()
+        .filter(|sub| sub.get_arguments().any(|a| a.get_id() == "temperature"))
+        .map(|sub| sub.get_name().to_string())
+        .collect();
+    for name in sampling {
+        cli = cli.mut_subcommand(name, |mut sub| {
+            for (id, value) in &defaults {
+                sub = sub.mut_arg(*id, |arg| {
+                    let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                    arg.help(format!("{help} [default: {value}]"))
+                });
+            }
+            sub
+        });
+    }
+    cli
+}
 
 impl ModelArgs {
     /// The flags as a serving spec.
@@ -208,10 +253,17 @@ pub fn prompt_budget(model: &Gpt2, params: &SamplingParams) -> anyhow::Result<us
     Ok(n_positions - params.max_new_tokens)
 }
 
-/// Sets up logging to stderr, filtered by `RUST_LOG` (default: warnings).
+/// Sets up logging to stderr, filtered by `RUST_LOG` (default: warnings,
+/// and a hub download's progress).
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,dialogd::model::hub=info".into());
+    use std::io::IsTerminal as _;
+    // Colours only on a terminal.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
 }
 
 /// Fixes `RAYON_NUM_THREADS` (when unset) to rayon's own default, the
@@ -255,7 +307,7 @@ fn pin_candle_pool(command: &Command) {
 /// Runs the command line; errors are reported once, here.
 pub fn main() -> ExitCode {
     pin_thread_count();
-    let cli = Cli::parse();
+    let cli = Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit());
     pin_candle_pool(&cli.command);
     // The daemon sets up its own logging from its settings.
     if !matches!(cli.command, Command::Run(_) | Command::Worker(_)) {
@@ -273,6 +325,8 @@ pub fn main() -> ExitCode {
         Command::Config(args) => run::config(args),
         Command::Train(args) => train::run(args),
         Command::Jobs(args) => jobs::run(args),
+        Command::Completions(args) => manual::completions(args),
+        Command::Man(args) => manual::man(args),
     };
     match result {
         Ok(code) => code,
@@ -304,8 +358,6 @@ fn report(err: &anyhow::Error) -> String {
 
 #[cfg(test)]
 mod tests {
-    use clap::CommandFactory as _;
-
     #[derive(Debug, thiserror::Error)]
     #[error("store unavailable: {0}")]
     struct Inner(String);
@@ -341,7 +393,7 @@ mod tests {
             }
         }
         let mut missing = Vec::new();
-        walk(&super::Cli::command(), "dialogd", &mut missing);
+        walk(&super::command(), "dialogd", &mut missing);
         assert!(missing.is_empty(), "flags without a description: {missing:?}");
     }
 }

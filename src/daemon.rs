@@ -1,7 +1,10 @@
 //! The daemon's lifecycle: start the parts, serve, drain, stop.
 //!
 //! [`Daemon::start`] connects the context store, builds the pipeline and
-//! binds every listening socket (so a bad address fails before readiness).
+//! binds every listening socket (so a bad address fails before readiness);
+//! `dialogd run` binds the HTTP adapter and `/metrics` before the model
+//! loads ([`Listening`], `/healthz` 503 "loading" meanwhile) and hands them
+//! to [`Daemon::start_on`].
 //! [`Daemon::serve`] runs the adapters and the metrics endpoint until the
 //! injected `shutdown` future resolves (the binary passes SIGTERM/SIGINT;
 //! tests pass their own), then stops taking messages, lets those in flight
@@ -40,6 +43,10 @@ use crate::settings::live::LiveSettings;
 use crate::settings::{self, ModelSettings, Settings, SettingsError, StoreKind};
 use crate::telemetry::{serve_metrics, Metrics, MetricsServer};
 use crate::tokenizer::DialogTokenizer;
+
+pub mod loading;
+
+pub use loading::Listening;
 
 /// Why the daemon could not start. Each keeps the error behind it as its
 /// `source`.
@@ -82,6 +89,8 @@ pub struct Daemon {
     metrics: Arc<Metrics>,
     /// The job runner, when `[jobs]` is enabled.
     runner: Option<Runner>,
+    /// The sockets bound before loading, when started with them.
+    listening: Option<Listening>,
 }
 
 impl Daemon {
@@ -89,6 +98,19 @@ impl Daemon {
     /// binds the sockets. `pool` is the generation pool behind `engine`,
     /// when there is one: promoted base models are swapped into it.
     pub async fn start(
+        settings: Settings,
+        engine: Arc<dyn ReplyEngine>,
+        pool: Option<PoolHandle>,
+        tokenizer: DialogTokenizer,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, DaemonError> {
+        Self::start_on(None, settings, engine, pool, tokenizer, metrics).await
+    }
+
+    /// [`Daemon::start`] on the HTTP adapter and `/metrics` already bound
+    /// (and answering "loading") by [`Listening::bind`], when given.
+    pub async fn start_on(
+        listening: Option<Listening>,
         settings: Settings,
         engine: Arc<dyn ReplyEngine>,
         pool: Option<PoolHandle>,
@@ -148,9 +170,9 @@ impl Daemon {
 
         // Each adapter is started with its own validated settings.
         let mut adapters: Vec<Box<dyn Adapter>> = Vec::new();
-        let mut http_addr = None;
+        let mut http_addr = listening.as_ref().and_then(Listening::http_addr);
         let a = &settings.adapters;
-        if a.http.enabled {
+        if a.http.enabled && listening.is_none() {
             let adapter = HttpAdapter::bind(a.http.clone()).await?;
             http_addr = Some(adapter.local_addr());
             adapters.push(Box::new(adapter));
@@ -165,6 +187,7 @@ impl Daemon {
             adapters.push(Box::new(DiscordAdapter::new(a.discord.clone())?));
         }
         let (metrics_server, metrics_addr) = match settings.telemetry.metrics_listen {
+            _ if listening.is_some() => (None, listening.as_ref().and_then(Listening::metrics_addr)),
             Some(addr) => {
                 let server =
                     MetricsServer::bind(addr).await.map_err(|source| DaemonError::Metrics { addr, source })?;
@@ -173,7 +196,7 @@ impl Daemon {
             }
             None => (None, None),
         };
-        Ok(Self { pipeline, adapters, metrics_server, http_addr, metrics_addr, settings, metrics, runner })
+        Ok(Self { pipeline, adapters, metrics_server, http_addr, metrics_addr, settings, metrics, runner, listening })
     }
 
     /// Where the HTTP adapter listens (the real port when 0 was asked for).
@@ -198,23 +221,41 @@ impl Daemon {
     /// daemon cannot do what it was configured for, so it stops (after the
     /// drain) and `dialogd run` exits non-zero with this reason.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
-        let Self { pipeline, adapters, metrics_server, settings, metrics, runner, .. } = self;
-        let (trigger, listener) = Shutdown::new();
+        let Self { pipeline, adapters, metrics_server, settings, metrics, runner, listening, .. } = self;
         let core: Arc<dyn Core> = Arc::new(pipeline.clone());
         let mut tasks = JoinSet::new();
+        let (trigger, listener, early_metrics) = match listening {
+            Some(early) => {
+                // The HTTP adapter and /metrics have served since before
+                // loading; from now on they serve the pipeline.
+                early.core.set(core.clone());
+                if let Some((_, http)) = early.http {
+                    tasks.spawn(async move {
+                        http.await.unwrap_or_else(|e| {
+                            ("http", Err(AdapterError::Platform { adapter: "http", message: format!("the adapter task panicked: {e}") }))
+                        })
+                    });
+                }
+                (early.trigger, early.listener, early.metrics.map(|(_, task)| task))
+            }
+            None => {
+                let (trigger, listener) = Shutdown::new();
+                (trigger, listener, None)
+            }
+        };
         for adapter in adapters {
             let name = adapter.name();
             let run = adapter.run(core.clone(), listener.clone());
             tasks.spawn(async move { (name, run.await) });
         }
         let mut runner_task = runner.map(|runner| tokio::spawn(runner.run(listener.clone())));
-        let mut metrics_task = metrics_server.map(|server| {
-            tokio::spawn(serve_metrics(server, metrics.clone(), listener.clone().wait()))
+        let mut metrics_task = early_metrics.or_else(|| {
+            metrics_server.map(|server| tokio::spawn(serve_metrics(server, metrics.clone(), listener.clone().wait())))
         });
         notify_systemd("READY=1");
         tracing::info!(
-            http = ?settings.adapters.http.enabled.then_some(settings.adapters.http.listen),
-            metrics = ?settings.telemetry.metrics_listen,
+            http = %settings.adapters.http.enabled.then_some(settings.adapters.http.listen).map_or("off".into(), |a| a.to_string()),
+            metrics = %settings.telemetry.metrics_listen.map_or("off".into(), |a| a.to_string()),
             "dialogd is serving"
         );
 
@@ -327,7 +368,7 @@ async fn open_classifier(settings: &Settings) -> Result<Option<Arc<dyn crate::sa
     .map_err(DaemonError::Classifier)?;
     let labels = crate::safety::ToxicityClassifier::labels(&loaded).to_vec();
     safety.classifier_thresholds.check_labels(&labels).map_err(DaemonError::Classifier)?;
-    tracing::info!(classifier = %safety.classifier, architecture = loaded.architecture().class_name(), ?labels, "safety classifier loaded");
+    tracing::info!(classifier = %safety.classifier, architecture = loaded.architecture().class_name(), labels = %labels.join(","), "safety classifier loaded");
     Ok(Some(Arc::new(loaded)))
 }
 
@@ -433,13 +474,21 @@ pub fn reload(pipeline: &Pipeline, config: Option<&Path>, started: &Settings, me
     }
     let mut changed = generation != *current;
     if changed {
-        tracing::info!(generation = ?generation, "reloaded generation settings");
+        tracing::info!(
+            temperature = generation.temperature,
+            top_k = generation.top_k,
+            top_p = generation.top_p,
+            repetition_penalty = generation.repetition_penalty,
+            no_repeat_ngram = generation.no_repeat_ngram,
+            max_new_tokens = generation.max_new_tokens,
+            "reloaded generation settings"
+        );
         pipeline.set_generation(generation);
     } else {
         tracing::info!("reloaded: generation settings unchanged");
     }
     if fresh.safety != current_safety {
-        tracing::info!(policy = ?fresh.safety.policy, blocked_words = fresh.safety.blocked_words.len(), "reloaded safety settings");
+        tracing::info!(policy = fresh.safety.policy.as_str(), blocked_words = fresh.safety.blocked_words.len(), "reloaded safety settings");
         pipeline.set_safety(fresh.safety);
         changed = true;
     }

@@ -254,12 +254,16 @@ impl Core for Pipeline {
             let channel = inbound.channel.clone();
             let platform = channel.platform;
             let worker = shared.clone();
+            let logged = channel.clone();
             let job: Job = Box::new(move || {
                 Box::pin(async move {
                     // One message of a channel at a time across daemons, too.
                     let (store, holder, leased) = (worker.store.clone(), worker.holder.clone(), inbound.channel.clone());
-                    let work = reply::process(worker.clone(), inbound);
+                    let started = std::time::Instant::now();
+                    let mut tally = reply::Tally::default();
+                    let work = reply::process(worker.clone(), inbound, &mut tally);
                     let answer = lease::exclusive(&*store, &leased, &holder, lease::TTL, lease::MAX_WAIT, work).await;
+                    reply::log_handled(&logged, started, &tally, &answer);
                     if answer.is_ok() {
                         worker.metrics.message_out(platform);
                     }

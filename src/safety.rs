@@ -57,6 +57,17 @@ pub enum Policy {
     Off,
 }
 
+impl Policy {
+    /// The name settings use, for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Strict => "strict",
+            Policy::Standard => "standard",
+            Policy::Off => "off",
+        }
+    }
+}
+
 impl std::str::FromStr for Policy {
     type Err = SafetyError;
 
@@ -88,6 +99,26 @@ pub enum Category {
     Blocked,
     /// A neural classifier's label over its threshold.
     Toxicity,
+}
+
+impl Category {
+    /// The snake_case name (as serialized), for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Profanity => "profanity",
+            Self::Hate => "hate",
+            Self::Sexual => "sexual",
+            Self::Insult => "insult",
+            Self::Evasion => "evasion",
+            Self::Blocked => "blocked",
+            Self::Toxicity => "toxicity",
+        }
+    }
+
+    /// Categories as one comma-separated field, for logs.
+    pub fn joined(categories: &[Category]) -> String {
+        categories.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(",")
+    }
 }
 
 /// How bad a detection is.

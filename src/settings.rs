@@ -265,16 +265,20 @@ pub fn changed_keys(old: &Settings, new: &Settings) -> Vec<String> {
     keys
 }
 
+/// The variable the commands taking `--config FILE` read it from when the
+/// flag is not given.
+pub const CONFIG_ENV: &str = "DIALOGD_CONFIG";
+
 /// The names of environment variables that look meant for dialogd
 /// (`DIALOGD…`, any case) but are not read as settings: not
 /// `DIALOGD__SECTION__KEY` (a variable under that prefix naming no key is
-/// already an error). Values are never looked at, so secrets in them
+/// already an error), nor [`CONFIG_ENV`]. Values are never looked at, so secrets in them
 /// cannot leak through a warning.
 pub fn stray_env_vars(env: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>) -> Vec<String> {
     let mut names: Vec<String> = env
         .into_iter()
         .map(|(name, _)| name.to_string_lossy().into_owned())
-        .filter(|name| name.to_ascii_uppercase().starts_with("DIALOGD") && !name.starts_with("DIALOGD__"))
+        .filter(|name| name.to_ascii_uppercase().starts_with("DIALOGD") && !name.starts_with("DIALOGD__") && name != CONFIG_ENV)
         .collect();
     names.sort();
     names
@@ -283,6 +287,18 @@ pub fn stray_env_vars(env: impl IntoIterator<Item = (std::ffi::OsString, std::ff
 /// Loads and validates in one step.
 pub fn load(file: Option<&Path>) -> Result<Settings, SettingsError> {
     load_raw(file)?.validate()
+}
+
+/// The settings the `dialogd jobs` commands use ([context], [jobs],
+/// [personas]): as [`load`], with collection and the chat platforms turned
+/// off first, so their secrets (`collect.author_key`, the platform tokens)
+/// need not be in the environment of whoever lists or queues jobs.
+pub fn load_for_jobs(file: Option<&Path>) -> Result<Settings, SettingsError> {
+    let mut raw = load_raw(file)?;
+    raw.collect.enabled = false;
+    raw.adapters.telegram.enabled = false;
+    raw.adapters.discord.enabled = false;
+    raw.validate()
 }
 
 // ---- typed layer: what the daemon runs with ----
@@ -360,6 +376,7 @@ mod tests {
         let env = [
             ("DIALOGD_ADAPTERS__HTTP__TOKEN", "secret-1"),
             ("DIALOGD__CONTEXT__MAX_TURNS", "9"),
+            ("DIALOGD_CONFIG", "/etc/dialogd/dialogd.toml"),
             ("dialogd__context__max_turns", "9"),
             ("PATH", "/bin"),
         ]

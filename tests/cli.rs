@@ -103,6 +103,7 @@ fn device_cuda_without_a_gpu_fails_clearly() {
         vec!["generate", "--model", pico, "--device", "cuda", "hi"],
         vec!["bench", "--model", pico, "--device", "cuda:0", "--concurrency", "1", "--new-tokens", "2", "--prompt-tokens", "4"],
         vec!["rank", "--ranker", pico, "--device", "cuda", "--response", "yes", "hi"],
+        vec!["train", "--base", pico, "--data", "/dev/null", "--out", "/nonexistent/out", "--device", "cuda"],
     ] {
         let out = dialogd(&args);
         assert_fails_with(&out, needle);
@@ -180,6 +181,33 @@ fn hub_id_without_network_or_cache_says_how_to_pass_a_folder() {
         &[("HF_HOME", home), ("HF_ENDPOINT", &endpoint)],
     );
     assert_fails_with(&out, "--model /path/to/folder");
+}
+
+/// Issue #16 point 3: a hub download (a loopback fake through
+/// `HF_ENDPOINT`) fills the standard cache, which the same command then
+/// uses offline; the download is told on stderr by default (start and end
+/// of each file), the same answer either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_download_is_told_and_fills_the_cache() {
+    let hub = crate::fakes::hub::FakeHub::start("fake-org/pico", &fixtures().join("pico-safetensors"), None).await;
+    let home = tempfile::tempdir().unwrap();
+    let home = home.path().to_str().unwrap().to_string();
+    let args = ["generate", "--model", "fake-org/pico", "--greedy", "--json", "--max-new-tokens", "24", "Hello, how are you?"];
+    let (endpoint, h) = (hub.url.clone(), home.clone());
+    let out = tokio::task::spawn_blocking(move || dialogd_with_env(&args, &[("HF_HOME", &h), ("HF_ENDPOINT", &endpoint)])).await.unwrap();
+    let err = crate::support::stderr(&out);
+    assert!(out.status.success(), "{err}");
+    for file in ["config.json", "model.safetensors"] {
+        assert!(err.lines().any(|l| l.contains("downloaded") && l.contains(&format!("file={file}"))), "{file}: {err}");
+    }
+    // Issue #16 point 8: no colour codes when stderr is not a terminal.
+    assert!(!err.contains('\x1b'), "ANSI escapes in piped stderr: {err:?}");
+    let json: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(json["output_ids"], golden("pico")["greedy"][0]["output_ids"]);
+    drop(hub);
+    let offline = tokio::task::spawn_blocking(move || dialogd_with_env(&args, &[("HF_HOME", &home), ("HF_HUB_OFFLINE", "1")])).await.unwrap();
+    assert!(offline.status.success(), "{}", crate::support::stderr(&offline));
+    assert_eq!(stdout(&offline), stdout(&out));
 }
 
 #[test]

@@ -277,37 +277,28 @@ async fn a_restart_keeps_context_and_logs_hold_no_secret() {
 /// SIGTERM while replies are being generated: every accepted message is
 /// still answered, systemd hears READY=1 and STOPPING=1, the exit code
 /// is 0 and nothing listens afterwards.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_in_flight_replies() {
-    let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let (http_port, metrics_port) = (free_port(), free_port());
-    // Long replies from a near-uniform model keep the one model thread busy.
-    let config = write_config(dir.path(), &model_dir("tiny"), &redis, http_port, metrics_port, "temperature = 1.5\ntop_k = 0\ntop_p = 1.0\nno_repeat_ngram = 0\n")
-        .to_path_buf();
-    // The drain bound is generous: the claim is that every accepted message
-    // is answered, and on a loaded 2-core machine the replies took ~29 s
-    // against the 30 s default (their bodies were cut at the bound).
+/// A config whose replies are long (100 tokens from a near-uniform model),
+/// so messages stay in flight or queued; `drain_secs` as given.
+fn long_replies_config(dir: &Path, redis: &RedisServer, http_port: u16, metrics_port: u16, drain_secs: u64) -> PathBuf {
+    let config = write_config(dir, &model_dir("tiny"), redis, http_port, metrics_port, "temperature = 1.5\ntop_k = 0\ntop_p = 1.0\nno_repeat_ngram = 0\n");
     let text = std::fs::read_to_string(&config).unwrap().replace("max_new_tokens = 16", "max_new_tokens = 100").replace("max_tokens = 40", "max_tokens = 24")
-        + "[daemon]\ndrain_secs = 300\n";
+        + &format!("[daemon]\ndrain_secs = {drain_secs}\n");
     std::fs::write(&config, text).unwrap();
-    // Readiness and stopping reach systemd's notify socket.
-    let notify_path = dir.path().join("notify.sock");
-    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
-    notify.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut d = Running::start(&config, &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())], http_port, metrics_port).await;
-    let mut buf = [0u8; 64];
-    let n_read = notify.recv(&mut buf).unwrap();
-    assert_eq!(&buf[..n_read], b"READY=1");
-    let n = 8;
+    config
+}
+
+/// Sends `n` "tell me a long story" messages, one author each (rate
+/// limits), to the channel `channel(i)`; waits until the daemon has taken
+/// them all. Each task gives the status, `Retry-After` and body.
+async fn send_long_stories(d: &Running, n: usize, channel: impl Fn(usize) -> String) -> Vec<tokio::task::JoinHandle<(u16, Option<String>, Value)>> {
     let mut requests = Vec::new();
     for c in 0..n {
-        let (http, base) = (d.http.clone(), d.base.clone());
+        let (http, url) = (d.http.clone(), format!("{}/v1/channels/{}/messages", d.base, channel(c)));
         requests.push(tokio::spawn(async move {
-            // One author each: 8 from one author would pass the per-user limit.
             let body = serde_json::json!({ "author": format!("ann{c}"), "text": format!("tell me a long story, {c}") });
-            let response = http.post(format!("{base}/v1/channels/drain-{c}/messages")).json(&body).send().await.unwrap();
-            (response.status().as_u16(), response.json::<Value>().await.unwrap())
+            let response = http.post(url).json(&body).send().await.unwrap();
+            let retry_after = response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+            (response.status().as_u16(), retry_after, response.json::<Value>().await.unwrap())
         }));
     }
     let mut accepted = false;
@@ -319,11 +310,34 @@ async fn sigterm_drains_in_flight_replies() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert!(accepted, "messages were not all accepted: {}", d.log_text());
+    requests
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_replies() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (http_port, metrics_port) = (free_port(), free_port());
+    // Long replies from a near-uniform model keep the one model thread busy.
+    // The drain bound is generous: the claim is that every accepted message
+    // is answered, and on a loaded 2-core machine the replies took ~29 s
+    // against the 30 s default (their bodies were cut at the bound).
+    let config = long_replies_config(dir.path(), &redis, http_port, metrics_port, 300);
+    // Readiness and stopping reach systemd's notify socket.
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut d = Running::start(&config, &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())], http_port, metrics_port).await;
+    let mut buf = [0u8; 64];
+    let n_read = notify.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n_read], b"READY=1");
+    let n = 8;
+    let requests = send_long_stories(&d, n, |c| format!("drain-{c}")).await;
     let answered_before = d.metric("dialogd_messages_out_total").await;
     d.signal("TERM");
     assert!(answered_before < n as f64, "every reply finished before SIGTERM; the test proves nothing");
     for request in requests {
-        let (status, body) = request.await.unwrap();
+        let (status, _, body) = request.await.unwrap();
         assert_eq!(status, 200, "{body}");
         assert!(body.get("reply").is_some(), "{body}");
     }
@@ -548,4 +562,178 @@ async fn run_exits_non_zero_when_an_adapter_cannot_start() {
     assert_eq!(last["level"], "ERROR", "{log}");
     let reason = last["error"].as_str().unwrap_or_default();
     assert!(reason.contains("telegram") && reason.contains("getMe"), "{log}");
+}
+
+/// The JSON log lines written so far (a line cut off mid-write is skipped).
+fn json_lines(log: &str) -> Vec<Value> {
+    log.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+/// Issue #16 point 3: a first run that downloads the model from the hub
+/// (a loopback fake through `HF_ENDPOINT`, whose weights stall halfway)
+/// logs the download's progress (file, bytes, percent) every few seconds,
+/// serves `/healthz` (503 "loading"), `/metrics` and 503 refusals while it
+/// loads, and SIGTERM ends it promptly, with exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_run_download_logs_progress_answers_loading_and_stops_on_sigterm() {
+    let model = model_dir("tiny");
+    let weights = std::fs::metadata(model.join("model.safetensors")).unwrap().len();
+    let hub = crate::fakes::hub::FakeHub::start("fake-org/tiny", &model, Some("model.safetensors")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (http_port, metrics_port) = (free_port(), free_port());
+    let config = dir.path().join("dialogd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[model]\npath = \"fake-org/tiny\"\n[context]\nstore = \"memory\"\n[adapters.http]\nlisten = \"127.0.0.1:{http_port}\"\n\
+             [telemetry]\nlog_format = \"json\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n"
+        ),
+    )
+    .unwrap();
+    let hf_home = dir.path().join("hf");
+    let env = [("HF_ENDPOINT", hub.url.as_str()), ("HF_HOME", hf_home.to_str().unwrap()), ("HF_HUB_OFFLINE", "0")];
+    let mut d = Running::spawn(&config, &env, http_port, metrics_port);
+    // /healthz answers from the start, 503 "loading".
+    let mut health = None;
+    for _ in 0..300 {
+        assert!(d.child.try_wait().unwrap().is_none(), "dialogd exited: {}", d.log_text());
+        if let Ok(r) = d.http.get(format!("{}/healthz", d.base)).send().await {
+            health = Some((r.status().as_u16(), r.json::<Value>().await.unwrap()));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = health.unwrap_or_else(|| panic!("no /healthz while loading: {}", d.log_text()));
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["status"], "loading", "{body}");
+    assert_eq!(body["health"]["ready"], false, "{body}");
+    let response = d.http.post(format!("{}/v1/channels/c1/messages", d.base)).json(&serde_json::json!({"author": "ann", "text": "hi"})).send().await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    let text = d.http.get(&d.metrics_url).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("dialogd_messages_in_total"), "{text}");
+    // Progress lines for the stalled file, by a timer: the bytes stop
+    // arriving, the lines do not.
+    let mut progress = Vec::new();
+    for _ in 0..200 {
+        progress = json_lines(&d.log_text())
+            .into_iter()
+            .filter(|l| l["message"] == "downloading" && l["file"] == "model.safetensors")
+            .collect();
+        if progress.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(progress.len() >= 2, "two progress lines within 10 s: {}", d.log_text());
+    let last = progress.last().unwrap();
+    assert_eq!(last["level"], "INFO", "{last}");
+    // hf-hub asks for 10 MB ranges; the fake stalls halfway through the first.
+    let bytes = last["bytes"].as_u64().unwrap();
+    assert_eq!(bytes, weights.min(10_000_000) / 2, "{last}");
+    assert_eq!(last["total_bytes"].as_u64(), Some(weights), "{last}");
+    let percent = last["percent"].as_f64().unwrap();
+    assert!((percent - bytes as f64 * 100.0 / weights as f64).abs() <= 0.05, "{last}");
+    assert_eq!(progress[progress.len() - 2]["bytes"], last["bytes"], "stalled: the same count, told again");
+    assert_eq!(last["model"], "fake-org/tiny", "{last}");
+    // The files before it were downloaded whole.
+    let log = d.log_text();
+    assert!(json_lines(&log).iter().any(|l| l["message"] == "downloaded" && l["file"] == "config.json"), "{log}");
+    // Still loading; SIGTERM ends it promptly.
+    assert_eq!(d.http.get(format!("{}/healthz", d.base)).send().await.unwrap().status(), 503);
+    let asked = std::time::Instant::now();
+    d.signal("TERM");
+    let code = d.wait_exit().await;
+    let took = asked.elapsed();
+    assert_eq!(code, 0, "{}", d.log_text());
+    assert!(took < Duration::from_secs(3), "SIGTERM took {took:?} to end the load");
+    let log = d.log_text();
+    assert!(json_lines(&log).iter().any(|l| l["message"] == "stopped while loading: nothing was served"), "{log}");
+}
+
+/// Issue #16 point 8: one info line per handled message (channel,
+/// platform, latency_ms, candidates drawn and kept; the reason when there
+/// is no reply), no Rust Debug formatting in any field, no colour codes in
+/// piped stderr.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_handled_message_is_one_json_log_line_without_debug_or_colour() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (http_port, metrics_port) = (free_port(), free_port());
+    let config = write_config(dir.path(), &model_dir("tiny"), &redis, http_port, metrics_port, "candidates = 3\n");
+    let d = Running::start(&config, &[], http_port, metrics_port).await;
+    let body = serde_json::json!({ "author": "ann", "text": "Does money buy happiness?", "message_id": "m-1" });
+    let url = format!("{}/v1/channels/logs-1/messages", d.base);
+    let first = d.http.post(&url).json(&body).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    let first: Value = first.json().await.unwrap();
+    // The same id again: no reply, reason "duplicate".
+    let again: Value = d.http.post(&url).json(&body).send().await.unwrap().json().await.unwrap();
+    assert_eq!(again["reason"], "duplicate", "{again}");
+    let mut handled = Vec::new();
+    for _ in 0..100 {
+        handled = json_lines(&d.log_text()).into_iter().filter(|l| l["message"] == "message handled").collect();
+        if handled.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(handled.len(), 2, "{}", d.log_text());
+    let (one, two) = (&handled[0], &handled[1]);
+    assert_eq!(one["level"], "INFO", "{one}");
+    assert_eq!(one["channel"], "logs-1", "{one}");
+    assert_eq!(one["platform"], "http", "{one}");
+    assert!(one["latency_ms"].as_u64().is_some(), "{one}");
+    assert_eq!(one["candidates_drawn"].as_u64(), Some(3), "{one}");
+    let kept = one["candidates_kept"].as_u64().unwrap();
+    assert!((1..=3).contains(&kept), "{one}");
+    if first["reply"].is_string() {
+        assert_eq!(one["replied"], true, "{one}");
+        assert!(one.get("reason").is_none(), "no reason with a reply: {one}");
+    }
+    assert_eq!(two["replied"], false, "{two}");
+    assert_eq!(two["reason"], "duplicate", "{two}");
+    assert_eq!(two["candidates_drawn"].as_u64(), Some(0), "{two}");
+    let log = d.log_text();
+    assert!(!log.contains('\x1b'), "ANSI escapes in piped stderr");
+    for line in json_lines(&log) {
+        for (key, value) in line.as_object().unwrap() {
+            let text = value.as_str().unwrap_or_default();
+            assert!(!text.starts_with("Some(") && !text.contains(" { ") && !text.starts_with('['), "Debug formatting in {key}: {line}");
+        }
+    }
+}
+
+/// Issue #16 point 9: requests still queued when the drain bound passes
+/// get a 503 with `Retry-After`, through real HTTP, and the daemon exits 0
+/// soon after the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_still_queued_at_the_drain_bound_get_503() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (http_port, metrics_port) = (free_port(), free_port());
+    // Long replies: one channel's queue stays full past a 1 s drain.
+    let config = long_replies_config(dir.path(), &redis, http_port, metrics_port, 1);
+    let mut d = Running::start(&config, &[], http_port, metrics_port).await;
+    let requests = send_long_stories(&d, 6, |_| "drain-bound".to_string()).await;
+    let asked = std::time::Instant::now();
+    d.signal("TERM");
+    let mut refused = 0;
+    for request in requests {
+        let (status, retry_after, body) = request.await.unwrap();
+        match status {
+            200 => assert!(body.get("reply").is_some(), "{body}"),
+            503 => {
+                refused += 1;
+                assert_eq!(retry_after.as_deref(), Some("1"), "{body}");
+                assert_eq!(body["error"], "shutting down", "{body}");
+            }
+            other => panic!("{other}: {body}"),
+        }
+    }
+    assert!(refused >= 1, "every queued message finished within the 1 s drain; the test proves nothing: {}", d.log_text());
+    assert_eq!(d.wait_exit().await, 0, "{}", d.log_text());
+    assert!(asked.elapsed() < Duration::from_secs(10), "exit {:?} after SIGTERM with drain_secs = 1", asked.elapsed());
+    let log = d.log_text();
+    assert!(log.contains("drain took too long"), "{log}");
 }

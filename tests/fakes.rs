@@ -5,9 +5,12 @@
 //! - `telegram`: the Bot API over HTTP (`/bot<token>/<Method>`).
 //! - `discord`: REST (through serenity's proxy setting) and the gateway
 //!   WebSocket (Hello, Identify, Ready, dispatches, Resume).
+//! - `hub`: the Hugging Face hub's file endpoint (`HF_ENDPOINT`), with a
+//!   download that can stall.
 
 
 pub mod discord;
+pub mod hub;
 pub mod telegram;
 
 use std::sync::{Arc, Mutex};

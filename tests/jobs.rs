@@ -467,3 +467,29 @@ async fn after_optout_the_next_jobs_dataset_leaves_the_author_out() {
     assert!(data.contains("what colour is the sky?"));
     d.stop().await;
 }
+
+/// Issue #16 point 4: `dialogd jobs list` needs neither the collection
+/// secret nor a platform token: the daemon's settings file, with
+/// collection and Telegram on and their secrets only in the daemon's
+/// environment, lists jobs, where `check-config` (as `run`) refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_list_needs_no_collection_key_or_platform_token() {
+    let redis = RedisServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(
+        tmp.path(),
+        &format!(
+            "[context]\nredis_url = \"{}\"\n[collect]\nenabled = true\ndir = \"{}\"\n[jobs]\nenabled = true\n[adapters.telegram]\nenabled = true\n",
+            redis.url(),
+            tmp.path().join("collected").display()
+        ),
+    );
+    let check = dialogd(&["check-config", "--config", config.to_str().unwrap()]);
+    let why = stderr(&check);
+    assert!(!check.status.success() && (why.contains("collect.author_key") || why.contains("telegram")), "{why}");
+    let out = jobs_cli(&config, &["list"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "no jobs yet");
+    let out = jobs_cli(&config, &["list", "--json"]);
+    assert_eq!(stdout(&out).trim(), "[]", "{}", stderr(&out));
+}

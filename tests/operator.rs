@@ -145,3 +145,126 @@ fn config_defaults_print_and_the_settings_file_is_optional() {
     let help = stdout(&crate::support::dialogd(&["generate", "--help"]));
     assert!(help.contains("[default: cpu]") && help.contains("[default: 0.8]"), "{help}");
 }
+
+/// Every command `dialogd --help` lists (not `help` itself).
+fn command_names() -> Vec<String> {
+    let help = stdout(&crate::support::dialogd(&["--help"]));
+    let commands = help.split("Commands:").nth(1).expect("a Commands section").split("Options:").next().unwrap();
+    let names: Vec<String> = commands
+        .lines()
+        .filter_map(|line| line.strip_prefix("  ").and_then(|l| l.split_whitespace().next()))
+        .filter(|name| *name != "help")
+        .map(str::to_string)
+        .collect();
+    for expected in ["run", "check-config", "jobs", "completions", "man", "generate"] {
+        assert!(names.iter().any(|n| n == expected), "{expected} in {names:?}");
+    }
+    names
+}
+
+/// Issue #16 point 7: `dialogd completions bash|zsh|fish` print scripts
+/// that complete every command (bash's is checked by `bash -n`; zsh and
+/// fish are not installed here, so theirs are checked by their shape), and
+/// a shell it does not know is refused.
+#[test]
+fn completions_for_each_shell_complete_every_command() {
+    let names = command_names();
+    let dir = tempfile::tempdir().unwrap();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = crate::support::dialogd(&["completions", shell]);
+        assert!(out.status.success(), "{shell}: {}", stderr(&out));
+        let script = stdout(&out);
+        for name in &names {
+            assert!(script.contains(name.as_str()), "{shell} completion lacks {name}");
+        }
+        match shell {
+            "bash" => {
+                let path = dir.path().join("dialogd.bash");
+                std::fs::write(&path, &script).unwrap();
+                let check = Command::new("bash").arg("-n").arg(&path).output().unwrap();
+                assert!(check.status.success(), "bash -n: {}", stderr(&check));
+                // Sourced, it registers the completion function for dialogd.
+                let source = Command::new("bash")
+                    .arg("-c")
+                    .arg(format!("source {} && complete -p dialogd", path.display()))
+                    .output()
+                    .unwrap();
+                assert!(stdout(&source).contains("_dialogd"), "{}{}", stdout(&source), stderr(&source));
+                assert!(script.contains("--max-new-tokens") && script.contains("--config"), "flags too");
+            }
+            "zsh" => assert!(script.starts_with("#compdef dialogd"), "{script}"),
+            _ => assert!(script.lines().filter(|l| !l.trim().is_empty()).all(|l| !l.starts_with("complete") || l.starts_with("complete -c dialogd"))),
+        }
+    }
+    let out = crate::support::dialogd(&["completions", "tcsh"]);
+    assert!(!out.status.success() && stderr(&out).contains("bash, zsh, fish"), "{}", stderr(&out));
+}
+
+/// Issue #16 point 7: `dialogd man` prints a manual page that names every
+/// command and renders with `man -l`; `--dir` writes one page per command.
+#[test]
+fn the_manual_page_renders_and_names_every_command() {
+    let names = command_names();
+    let out = crate::support::dialogd(&["man"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let roff = stdout(&out);
+    assert!(roff.contains(".TH dialogd 1"), "{roff}");
+    let dir = tempfile::tempdir().unwrap();
+    let page = dir.path().join("dialogd.1");
+    std::fs::write(&page, &roff).unwrap();
+    let rendered = Command::new("man").arg("-l").arg(&page).env("MANPAGER", "cat").env("MANWIDTH", "100").output().unwrap();
+    assert!(rendered.status.success(), "{}", stderr(&rendered));
+    let text = stdout(&rendered);
+    assert!(text.contains("SUBCOMMANDS") && text.contains("DialoGPT chat bot daemon"), "{text}");
+    for name in &names {
+        assert!(text.contains(&format!("dialogd-{name}(1)")), "the page lists {name}: {text}");
+    }
+    let pages = dir.path().join("man1");
+    let out = crate::support::dialogd(&["man", "--dir", pages.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for name in &names {
+        let page = std::fs::read_to_string(pages.join(format!("dialogd-{name}.1"))).unwrap();
+        assert!(page.contains(&format!(".TH dialogd-{name} 1")), "{page}");
+    }
+    let run = std::fs::read_to_string(pages.join("dialogd-run.1")).unwrap();
+    assert!(run.contains("DIALOGD_CONFIG"), "{run}");
+}
+
+/// Issue #16 point 7: flags read from the environment say so in `--help`
+/// (`[env: DIALOGD_CONFIG=]`), and the variable works; the optional
+/// sampling flags show their effective defaults, greedy's off switches too.
+#[test]
+fn help_shows_env_variables_and_the_sampling_defaults() {
+    for command in [&["run", "--help"][..], &["check-config", "--help"], &["worker", "--help"], &["jobs", "list", "--help"]] {
+        let help = stdout(&crate::support::dialogd(command));
+        assert!(help.contains("[env: DIALOGD_CONFIG="), "{command:?}: {help}");
+    }
+    let help = stdout(&crate::support::dialogd(&["generate", "--help"]));
+    for (flag, default) in [
+        ("--temperature", "0.8"),
+        ("--top-k", "50"),
+        ("--top-p", "0.95"),
+        ("--repetition-penalty", "1.1"),
+        ("--no-repeat-ngram", "3"),
+        ("--min-new-tokens", "0"),
+        ("--max-new-tokens", "64"),
+    ] {
+        let line = help.lines().find(|l| l.trim_start().starts_with(flag)).unwrap_or_else(|| panic!("{flag}: {help}"));
+        assert!(line.ends_with(&format!("[default: {default}]")), "{line}");
+    }
+    // The defaults shown are the ones [generation] starts from.
+    let defaults: toml::Table = std::fs::read_to_string(repo().join("config/default.toml")).unwrap().parse().unwrap();
+    let generation = defaults["generation"].as_table().unwrap();
+    assert_eq!(generation["temperature"].as_float(), Some(0.8));
+    assert_eq!(generation["top_k"].as_integer(), Some(50));
+    assert_eq!(generation["max_new_tokens"].as_integer(), Some(64));
+    // DIALOGD_CONFIG stands for --config, and is not warned about.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("d.toml");
+    std::fs::write(&file, "[context]\nmax_turns = 7\n").unwrap();
+    let out = crate::support::dialogd_with_env(&["check-config"], &[("DIALOGD_CONFIG", file.to_str().unwrap())]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let shown: toml::Table = stdout(&out).parse().unwrap();
+    assert_eq!(shown["context"]["max_turns"].as_integer(), Some(7));
+    assert!(!stderr(&out).contains("DIALOGD_CONFIG"), "{}", stderr(&out));
+}

@@ -7,8 +7,9 @@
 //! - `DELETE /v1/channels/{channel}/context` forgets the channel's turns.
 //! - `GET /v1/models` and `POST /v1/chat/completions`: the OpenAI-compatible
 //!   API ([`openai`]), stateless, errors in OpenAI's shape.
-//! - `GET /healthz` answers 200 once the model is loaded (503 before), with
-//!   the context store's state. It needs no token.
+//! - `GET /healthz` answers 200 `{"status":"ok",…}` once the model is
+//!   loaded (503 `{"status":"loading",…}` before), with the context store's
+//!   state. It needs no token.
 //!
 //! With a token configured every `/v1` request needs `Authorization: Bearer
 //! TOKEN` (401 otherwise). Bodies over the limit get 413; malformed JSON or
@@ -461,5 +462,5 @@ async fn delete_context(State(state): State<AppState>, Path(channel): Path<Strin
 async fn healthz(State(state): State<AppState>) -> Response {
     let health = state.core.health();
     let status = if health.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({ "status": if health.ready { "ok" } else { "starting" }, "health": health }))).into_response()
+    (status, Json(json!({ "status": if health.ready { "ok" } else { "loading" }, "health": health }))).into_response()
 }

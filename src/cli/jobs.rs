@@ -19,7 +19,7 @@ use crate::settings::{self, Settings, TrainMode};
 #[derive(Debug, Args)]
 pub struct JobsArgs {
     /// Settings file (its [context] names the Redis that holds the jobs).
-    #[arg(long, value_name = "FILE", global = true)]
+    #[arg(long, value_name = "FILE", global = true, env = "DIALOGD_CONFIG")]
     pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: JobsCommand,
@@ -79,7 +79,8 @@ pub enum JobsCommand {
 }
 
 pub fn run(args: JobsArgs) -> anyhow::Result<ExitCode> {
-    let settings = settings::load(args.config.as_deref())?;
+    // Without the collection key or platform tokens: only the daemon needs them.
+    let settings = settings::load_for_jobs(args.config.as_deref())?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(run_async(settings, args.command))
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Args;
 
-use crate::daemon::{self, Daemon};
+use crate::daemon::{self, Daemon, Listening};
 use crate::pipeline::engine::{PoolEngine, RemoteEngine, ReplyEngine};
 use crate::remote::{self, StreamClient, WorkerOptions, WorkerStats};
 use crate::settings::Backend;
@@ -20,7 +20,7 @@ pub struct RunArgs {
     /// Settings file (TOML) over the built-in defaults (`dialogd config
     /// defaults` prints them); without it the defaults and DIALOGD__…
     /// variables alone are used.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "DIALOGD_CONFIG")]
     pub config: Option<PathBuf>,
 }
 
@@ -73,35 +73,24 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let served = runtime.block_on(async move {
         // Signals are caught from the start, so one during model loading
         // is not lost (the default action would kill the process).
-        let stop = tokio::spawn(daemon::stop_signal());
+        let mut stop = tokio::spawn(daemon::stop_signal());
         // SIGHUP too: one during loading is applied once the daemon serves.
         let hup = daemon::sighup_listener();
         let metrics = Metrics::new();
-        let spec = daemon::model_spec(&settings.model);
-        tracing::info!(
-            model = %spec.model,
-            device = %spec.device,
-            dtype = %spec.dtype,
-            quantize = %spec.quantize,
-            kv_cache = %spec.kv_cache,
-            "loading model"
-        );
-        let (engine, pool, tokenizer) = match settings.generation.backend {
-            Backend::Local => {
-                let loaded = tokio::task::spawn_blocking(move || serving::load(&spec)).await??;
-                let engine = PoolEngine::start(loaded.model, &settings.generation, metrics.clone())
-                    .context("starting the generation pool")?;
-                let pool = engine.handle().clone();
-                (Arc::new(engine) as Arc<dyn ReplyEngine>, Some(pool), loaded.tokenizer)
-            }
-            Backend::Redis => {
-                let (tokenizer, config) = tokio::task::spawn_blocking(move || serving::load_front(&spec)).await??;
-                let engine = remote_engine(&settings, config.n_positions, metrics.clone()).await?;
-                (Arc::new(engine) as Arc<dyn ReplyEngine>, None, tokenizer)
+        // /healthz (503 "loading") and /metrics answer while the model
+        // loads or downloads.
+        let listening = Listening::bind(&settings, metrics.clone()).await?;
+        let started = settings.clone();
+        let startup = start_daemon(listening, settings, metrics.clone());
+        let daemon = tokio::select! {
+            daemon = startup => daemon?,
+            _ = &mut stop => {
+                // The load goes on in a blocking thread; the runtime is
+                // left without waiting for it.
+                tracing::info!("stopped while loading: nothing was served");
+                return anyhow::Ok(Outcome::StoppedLoading);
             }
         };
-        let started = settings.clone();
-        let daemon = Daemon::start(settings, engine, pool, tokenizer, metrics.clone()).await?;
         let reload = tokio::spawn(daemon::reload_on_sighup(hup, daemon.pipeline().clone(), args.config, started, metrics));
         let served = daemon
             .serve(async move {
@@ -113,18 +102,57 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         // Restart=on-failure sees it.
         served?;
         tracing::info!("stopped");
-        anyhow::Ok(())
+        anyhow::Ok(Outcome::Served)
     });
+    if matches!(served, Ok(Outcome::StoppedLoading)) {
+        runtime.shutdown_background();
+    }
     // Under log_format = "json" the reason is a JSON log line, once;
     // otherwise the plain `error: …` line every command prints.
     match served {
-        Ok(()) => Ok(ExitCode::SUCCESS),
+        Ok(_) => Ok(ExitCode::SUCCESS),
         Err(e) if json_logs => {
             tracing::error!(error = %super::report(&e), "dialogd cannot run");
             Ok(ExitCode::FAILURE)
         }
         Err(e) => Err(e),
     }
+}
+
+/// How `run` ended without an error.
+enum Outcome {
+    Served,
+    /// SIGTERM or SIGINT came while the model was loading (exit 0).
+    StoppedLoading,
+}
+
+/// Loads the model (or, for `backend = "redis"`, its tokenizer and
+/// config) and starts the daemon on the sockets already bound.
+async fn start_daemon(listening: Listening, settings: settings::Settings, metrics: Arc<Metrics>) -> anyhow::Result<Daemon> {
+    let spec = daemon::model_spec(&settings.model);
+    tracing::info!(
+        model = %spec.model,
+        device = %spec.device,
+        dtype = %spec.dtype,
+        quantize = %spec.quantize,
+        kv_cache = %spec.kv_cache,
+        "loading model"
+    );
+    let (engine, pool, tokenizer) = match settings.generation.backend {
+        Backend::Local => {
+            let loaded = tokio::task::spawn_blocking(move || serving::load(&spec)).await??;
+            let engine = PoolEngine::start(loaded.model, &settings.generation, metrics.clone())
+                .context("starting the generation pool")?;
+            let pool = engine.handle().clone();
+            (Arc::new(engine) as Arc<dyn ReplyEngine>, Some(pool), loaded.tokenizer)
+        }
+        Backend::Redis => {
+            let (tokenizer, config) = tokio::task::spawn_blocking(move || serving::load_front(&spec)).await??;
+            let engine = remote_engine(&settings, config.n_positions, metrics.clone()).await?;
+            (Arc::new(engine) as Arc<dyn ReplyEngine>, None, tokenizer)
+        }
+    };
+    Ok(Daemon::start_on(Some(listening), settings, engine, pool, tokenizer, metrics).await?)
 }
 
 /// The daemon's engine for `backend = "redis"`: requests go to the stream

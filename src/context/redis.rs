@@ -403,7 +403,7 @@ async fn watch(inner: Weak<Inner>) {
                 if !up {
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
-                tracing::debug!(error = %e, retry_in = ?backoff, "redis probe failed");
+                tracing::debug!(error = %e, retry_in_ms = backoff.as_millis() as u64, "redis probe failed");
             }
         }
     }

@@ -194,7 +194,7 @@ impl Runner {
                 continue;
             }
             let mut record = record;
-            tracing::warn!(job = record.id, owner = ?record.owner, "job's daemon is gone: queueing it to resume");
+            tracing::warn!(job = record.id, owner = record.owner.as_deref(), "job's daemon is gone: queueing it to resume");
             record.state = JobState::Queued;
             record.pid = None;
             record.owner = None;
@@ -227,7 +227,7 @@ impl Runner {
             record.finished = Some(now_secs());
             record.pid = None;
         }
-        tracing::info!(job = record.id, state = record.state.as_str(), reason = ?record.reason, "job ended");
+        tracing::info!(job = record.id, state = record.state.as_str(), reason = record.reason.as_deref(), "job ended");
         if record.state.is_final() {
             self.metrics.job_ended(record.state.as_str());
         }
@@ -264,7 +264,7 @@ impl Runner {
         let mut child = self.spawn_trainer(record, &base_dir, &data, &output, &log, resume)?;
         record.pid = child.id();
         self.store.put(record).await?;
-        tracing::info!(job = record.id, target = %record.target, attempt = record.attempts, resume, pid = ?record.pid, "training job started");
+        tracing::info!(job = record.id, target = %record.target, attempt = record.attempts, resume, pid = record.pid, "training job started");
 
         self.metrics.jobs_started.inc();
         self.metrics.job_running.set(1);
@@ -509,7 +509,7 @@ impl Runner {
             }
         };
         let pool_version = pool.swap_model(model).await.map_err(|e| RunnerError::Serve(e.to_string()))?;
-        tracing::info!(job = ?version, pool_version, "the pool now serves base model version {}", version.map_or("original".into(), |v| format!("#{v}")));
+        tracing::info!(job = version, pool_version, "the pool now serves base model version {}", version.map_or("original".into(), |v| format!("#{v}")));
         *served = version;
         Ok(())
     }
@@ -533,7 +533,7 @@ impl Runner {
                             Some(id) => Some(self.base_dir_of(Some(id)).await?),
                             None => None,
                         };
-                        tracing::info!(persona = %name, version = ?version, "persona now serves version {}", version.map_or("original".into(), |v| format!("#{v}")));
+                        tracing::info!(persona = %name, version = version, "persona now serves version {}", version.map_or("original".into(), |v| format!("#{v}")));
                         self.personas.set_served(name, version, dir);
                     }
                 }

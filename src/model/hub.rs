@@ -3,10 +3,14 @@
 //! A path that exists is used as it is. Anything shaped like a hub id
 //! (`microsoft/DialoGPT-medium`) is looked up in the standard Hugging Face
 //! cache (`$HF_HOME/hub`, default `~/.cache/huggingface/hub`) and, when a
-//! file is missing there and `HF_HUB_OFFLINE` is not set, downloaded into it
-//! with a progress bar. `HF_ENDPOINT` picks another hub server.
+//! file is missing there and `HF_HUB_OFFLINE` is not set, downloaded into it,
+//! the progress logged at info (file, bytes, percent) every
+//! [`PROGRESS_EVERY`] ([`DownloadProgress`]), stalled or not. `HF_ENDPOINT` picks another hub
+//! server.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::ModelError;
 
@@ -94,19 +98,141 @@ fn cached_checkpoint(spec: &str, tokenizers: &[&[&str]]) -> Option<PathBuf> {
     (have_tokenizer && have_weights).then(|| config.parent().map(Path::to_path_buf)).flatten()
 }
 
+/// How often a download in progress is logged.
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+
+/// One file's download, as logged: bytes so far of `total` (bytes).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProgressLine {
+    pub bytes: u64,
+    pub total: u64,
+    /// 0 to 100, one decimal.
+    pub percent: f64,
+    /// Average since the file's start, in MiB/s.
+    pub mib_per_s: f64,
+}
+
+/// A file's download progress: bytes counted against the file's size.
+#[derive(Debug, Clone)]
+pub struct DownloadProgress {
+    total: u64,
+    bytes: u64,
+    started: Instant,
+}
+
+impl DownloadProgress {
+    pub fn new(total: u64, now: Instant) -> Self {
+        Self { total, bytes: 0, started: now }
+    }
+
+    /// Counts `n` more bytes.
+    pub fn advance(&mut self, n: u64) {
+        self.bytes += n;
+    }
+
+    /// Where the download stands at `now`.
+    pub fn line(&self, now: Instant) -> ProgressLine {
+        let percent = if self.total == 0 { 100.0 } else { (self.bytes as f64 * 1000.0 / self.total as f64).round() / 10.0 };
+        let secs = now.duration_since(self.started).as_secs_f64().max(1e-3);
+        ProgressLine { bytes: self.bytes, total: self.total, percent, mib_per_s: self.bytes as f64 / secs / (1024.0 * 1024.0) }
+    }
+}
+
+/// The file being downloaded.
+struct Current {
+    file: String,
+    progress: DownloadProgress,
+    done: bool,
+}
+
+/// hf-hub's progress callbacks, logged: a line when a file starts, one
+/// every [`PROGRESS_EVERY`] while it downloads (stalled or not: a timer
+/// tells, not the arriving bytes), one when it is done. Clones share one
+/// count (hf-hub clones it per chunk).
+#[derive(Clone)]
+struct LogProgress {
+    model: Arc<str>,
+    current: Arc<Mutex<Option<Current>>>,
+}
+
+impl LogProgress {
+    fn new(model: &str) -> Self {
+        Self { model: model.into(), current: Arc::new(Mutex::new(None)) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Current>> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl hf_hub::api::tokio::Progress for LogProgress {
+    async fn init(&mut self, size: usize, filename: &str) {
+        tracing::info!(model = %self.model, file = %filename, total_bytes = size, "downloading from the hub");
+        *self.lock() = Some(Current {
+            file: filename.to_string(),
+            progress: DownloadProgress::new(size as u64, Instant::now()),
+            done: false,
+        });
+        let this = self.clone();
+        // Ends with the file, or with the download's runtime.
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PROGRESS_EVERY);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let (file, line) = match &*this.lock() {
+                    Some(c) if !c.done => (c.file.clone(), c.progress.line(Instant::now())),
+                    _ => break,
+                };
+                tracing::info!(
+                    model = %this.model,
+                    file = %file,
+                    bytes = line.bytes,
+                    total_bytes = line.total,
+                    percent = line.percent,
+                    mib_per_s = (line.mib_per_s * 10.0).round() / 10.0,
+                    "downloading"
+                );
+            }
+        });
+    }
+
+    async fn update(&mut self, size: usize) {
+        if let Some(c) = self.lock().as_mut() {
+            c.progress.advance(size as u64);
+        }
+    }
+
+    async fn finish(&mut self) {
+        if let Some(c) = self.lock().as_mut() {
+            c.done = true;
+            let line = c.progress.line(Instant::now());
+            tracing::info!(model = %self.model, file = %c.file, bytes = line.bytes, "downloaded");
+        }
+    }
+}
+
+/// One file from the cache, or else downloaded (its progress logged).
+async fn fetch(repo: &hf_hub::api::tokio::ApiRepo, spec: &str, file: &str) -> Result<PathBuf, hf_hub::api::tokio::ApiError> {
+    if let Some(path) = hf_hub::Cache::from_env().model(spec.to_string()).get(file) {
+        return Ok(path);
+    }
+    repo.download_with_progress(file, LogProgress::new(spec)).await
+}
+
 async fn download(spec: &str, tokenizers: &[&[&str]]) -> Result<PathBuf, ModelError> {
     let api = hf_hub::api::tokio::ApiBuilder::from_env()
-        .with_progress(true)
+        .with_progress(false)
         .build()
         .map_err(|e| hub_error(spec, &e.to_string()))?;
     let repo = api.model(spec.to_string());
-    let config = repo.get("config.json").await.map_err(|e| hub_error(spec, &e.to_string()))?;
+    let config = fetch(&repo, spec, "config.json").await.map_err(|e| hub_error(spec, &e.to_string()))?;
     let mut tokenizer_ok = false;
     let mut last_error = String::new();
     for files in tokenizers {
         let mut all = true;
         for file in *files {
-            if let Err(e) = repo.get(file).await {
+            if let Err(e) = fetch(&repo, spec, file).await {
                 last_error = format!("{file}: {e}");
                 all = false;
                 break;
@@ -122,7 +248,7 @@ async fn download(spec: &str, tokenizers: &[&[&str]]) -> Result<PathBuf, ModelEr
     }
     let mut weights_ok = false;
     for file in WEIGHT_CHOICES {
-        match repo.get(file).await {
+        match fetch(&repo, spec, file).await {
             Ok(_) => {
                 weights_ok = true;
                 break;
@@ -149,6 +275,24 @@ mod tests {
             assert!(!offline_asked(Some(off)), "{off}");
         }
         assert!(!offline_asked(None));
+    }
+
+    /// Issue #16 point 3: the logged numbers (the timer that logs them
+    /// is covered end to end by
+    /// `daemon::a_first_run_download_logs_progress_answers_loading_and_stops_on_sigterm`).
+    #[test]
+    fn download_progress_tells_bytes_percent_and_speed() {
+        let t0 = Instant::now();
+        let mut p = DownloadProgress::new(1000, t0);
+        p.advance(200);
+        p.advance(133);
+        let line = p.line(t0 + Duration::from_secs(2));
+        assert_eq!((line.bytes, line.total, line.percent), (333, 1000, 33.3));
+        assert!((line.mib_per_s - 333.0 / 2.0 / 1048576.0).abs() < 1e-9, "{line:?}");
+        p.advance(667);
+        assert_eq!(p.line(t0 + Duration::from_secs(4)).percent, 100.0);
+        // An empty file is done.
+        assert_eq!(DownloadProgress::new(0, t0).line(t0).percent, 100.0);
     }
 
     #[test]

@@ -105,10 +105,40 @@ async fn edited(shared: &Shared, inbound: &Inbound) -> Result<EditOutcome, CoreE
         .map_err(|e| CoreError::Unavailable(e.to_string()))
 }
 
+/// Candidates drawn for one message and those that passed the screens
+/// and the filter, over every attempt.
+#[derive(Debug, Default)]
+pub(super) struct Tally {
+    pub drawn: usize,
+    pub kept: usize,
+}
+
+/// The one info line per handled message: channel, platform, latency_ms,
+/// candidates drawn and kept, and, without a reply, the reason (the
+/// `reason` word, or the refusal's text).
+pub(super) fn log_handled(channel: &ChannelKey, started: std::time::Instant, tally: &Tally, answer: &Result<Answer, CoreError>) {
+    let latency_ms = started.elapsed().as_millis() as u64;
+    let reason = match answer {
+        Ok(Answer::Reply(_)) => None,
+        Ok(Answer::Silent { reason }) => Some(reason.clone()),
+        Err(e) => Some(e.to_string()),
+    };
+    tracing::info!(
+        channel = %channel.channel_id,
+        platform = channel.platform.as_str(),
+        latency_ms,
+        candidates_drawn = tally.drawn,
+        candidates_kept = tally.kept,
+        replied = reason.is_none(),
+        reason = reason.as_deref(),
+        "message handled"
+    );
+}
+
 /// Handles one message: a command, or a turn of conversation. An edit
 /// corrects the stored context and, answered again, goes on as a new
 /// message under the id [`crate::context::apply_edit`] gives it.
-pub(super) async fn process(shared: Arc<Shared>, mut inbound: Inbound) -> Result<Answer, CoreError> {
+pub(super) async fn process(shared: Arc<Shared>, mut inbound: Inbound, tally: &mut Tally) -> Result<Answer, CoreError> {
     if inbound.edit.is_some() {
         match edited(&shared, &inbound).await? {
             EditOutcome::Done(reason) => return Ok(silent(reason)),
@@ -150,7 +180,7 @@ pub(super) async fn process(shared: Arc<Shared>, mut inbound: Inbound) -> Result
         return Ok(answer);
     }
     let prepared = prepare(&shared, &inbound, text, &mut degraded).await?;
-    let chosen = choose(&shared, &inbound, text, &prepared, &safety, &screen).await?;
+    let chosen = choose(&shared, &inbound, text, &prepared, &safety, &screen, tally).await?;
     finish(&shared, &inbound, text, &prepared, chosen, &safety, &mut degraded).await
 }
 
@@ -209,7 +239,7 @@ async fn admit(
     let verdict = screen.check(vec![text.to_string()]).await?.remove(0);
     if verdict.flagged {
         metrics.refused(Refusal::ToxicInput);
-        tracing::info!(%channel, categories = ?verdict.categories, "message failed the safety filter");
+        tracing::info!(%channel, categories = %crate::safety::Category::joined(&verdict.categories), "message failed the safety filter");
         return Ok(Some(match safety.toxic_input {
             ToxicInput::Notice => say(inbound, safety.notice.clone()),
             ToxicInput::Silent => silent("toxic_input"),
@@ -260,6 +290,7 @@ async fn choose(
     prepared: &Prepared,
     safety: &SafetySettings,
     screen: &Screen,
+    tally: &mut Tally,
 ) -> Result<Option<(String, Vec<u32>, usize)>, CoreError> {
     let (channel, tokenizer) = (&inbound.channel, &shared.tokenizer);
     let generation = &prepared.generation;
@@ -268,9 +299,11 @@ async fn choose(
     for attempt in 1..=safety.max_attempts {
         let params = generation.sampling();
         let drawn = draw(shared, channel, prepared.prompt.ids.clone(), params, generation.candidates.max(1), adapter.clone()).await?;
+        tally.drawn += drawn.len();
         let texts: Vec<String> =
             drawn.iter().map(|d| tokenizer.decode(&d.ids).map(|t| t.trim().to_string()).unwrap_or_default()).collect();
         let survivors = survivors(shared, channel, &texts, text, &recent_bot, screen).await?;
+        tally.kept += survivors.len();
         if survivors.is_empty() {
             tracing::debug!(%channel, attempt, "no candidate passed; drawing again");
             continue;
@@ -333,7 +366,7 @@ pub(super) async fn survivors(
     for (&i, verdict) in unscreened.iter().zip(verdicts) {
         if verdict.flagged {
             metrics.candidates_flagged.inc();
-            tracing::debug!(%channel, candidate = i, categories = ?verdict.categories, "candidate flagged");
+            tracing::debug!(%channel, candidate = i, categories = %crate::safety::Category::joined(&verdict.categories), "candidate flagged");
             continue;
         }
         survivors.push(i);
@@ -419,7 +452,7 @@ async fn finish(
         metrics.replied(channel.platform);
         collect(shared, inbound, text, prepared, &reply_text).await;
     }
-    tracing::debug!(%channel, prompt_turns = prepared.prompt.turns_kept, reply_tokens = ids.len(), attempt, "answered");
+    tracing::debug!(%channel, prompt_turns = prepared.prompt.turns_kept, reply_tokens = ids.len(), attempt, "reply stored");
     Ok(answer)
 }
 
