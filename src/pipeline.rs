@@ -141,6 +141,9 @@ pub struct Parts {
 impl Pipeline {
     pub fn new(parts: Parts) -> Self {
         let Parts { engine, store, tokenizer, live, max_tokens, rate_limit, ranker, classifier, collector, personas, jobs, metrics } = parts;
+        if let Some(classifier) = &classifier {
+            metrics.classifier_labels(classifier.labels());
+        }
         Self {
             shared: Arc::new(Shared {
                 engine,

@@ -127,6 +127,15 @@ pub struct Verdict {
 }
 
 impl Verdict {
+    /// The classifier's labels over their thresholds: one per `classifier`
+    /// hit, read from its detail (`LABEL P`, [`LabelThresholds::hits`]).
+    pub fn classifier_labels(&self) -> impl Iterator<Item = &str> {
+        self.hits
+            .iter()
+            .filter(|h| h.source == "classifier")
+            .filter_map(|h| h.detail.as_deref()?.rsplit_once(' ').map(|(label, _)| label))
+    }
+
     fn from_hits(policy: Policy, hits: Vec<Hit>) -> Self {
         let mut categories: Vec<Category> = hits.iter().filter(|h| policy.blocks(h)).map(|h| h.category).collect();
         categories.sort();

@@ -28,7 +28,7 @@ use crate::prompt::{normalize_turn, Prompt, MAX_TURN_BYTES};
 use crate::ranking::select::{self, Contender};
 use crate::safety::{Filter, Policy, WordList};
 use crate::settings::{GenerationSettings, SafetySettings, ToxicInput};
-use crate::telemetry::{Metrics, Refusal};
+use crate::telemetry::{Direction, Metrics, Refusal};
 
 /// Tracks whether this message had to do without its stored context.
 struct Degraded<'a> {
@@ -52,12 +52,14 @@ struct Screen {
     filter: Filter,
     words: Arc<WordList>,
     policy: Policy,
+    metrics: Arc<Metrics>,
 }
 
 impl Screen {
-    /// Verdicts for `texts`, in order; a filter with a classifier runs on a
-    /// blocking thread (its forward pass would stall the async workers).
-    async fn check(&self, texts: Vec<String>) -> Result<Vec<crate::safety::Verdict>, CoreError> {
+    /// Verdicts for `texts`, in order, each classifier label over its
+    /// threshold counted for `direction`; a filter with a classifier runs
+    /// on a blocking thread (its forward pass would stall the async workers).
+    async fn check(&self, texts: Vec<String>, direction: Direction) -> Result<Vec<crate::safety::Verdict>, CoreError> {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
@@ -71,7 +73,11 @@ impl Screen {
         } else {
             run()
         };
-        verdicts.map_err(super::internal)
+        let verdicts = verdicts.map_err(super::internal)?;
+        for label in verdicts.iter().flat_map(|v| v.classifier_labels()) {
+            self.metrics.classifier_flagged(label, direction);
+        }
+        Ok(verdicts)
     }
 }
 
@@ -98,8 +104,8 @@ async fn edited(shared: &Shared, inbound: &Inbound) -> Result<EditOutcome, CoreE
         return Ok(EditOutcome::Done("edit_ignored"));
     }
     let (safety, blocked, filter) = shared.safety();
-    let screen = Screen { filter, words: blocked, policy: safety.policy_for(&inbound.channel.to_string()) };
-    let flagged = screen.check(vec![text.to_string()]).await?.remove(0).flagged;
+    let screen = Screen { filter, words: blocked, policy: safety.policy_for(&inbound.channel.to_string()), metrics: shared.metrics.clone() };
+    let flagged = screen.check(vec![text.to_string()], Direction::In).await?.remove(0).flagged;
     crate::context::apply_edit(&*shared.store, &inbound.channel, &inbound.author, id, text, flagged, edit.answer)
         .await
         .map_err(|e| CoreError::Unavailable(e.to_string()))
@@ -145,7 +151,7 @@ pub(super) async fn process(shared: Arc<Shared>, mut inbound: Inbound) -> Result
     let mut degraded = Degraded { metrics, counted: false };
     let (safety, blocked, filter) = shared.safety();
     let policy = safety.policy_for(&inbound.channel.to_string());
-    let screen = Screen { filter, words: blocked, policy };
+    let screen = Screen { filter, words: blocked, policy, metrics: metrics.clone() };
     if let Some(answer) = admit(&shared, &inbound, text, &safety, &screen, &mut degraded).await? {
         return Ok(answer);
     }
@@ -206,7 +212,7 @@ async fn admit(
             return Err(CoreError::RateLimited { notice: None, retry_after });
         }
     }
-    let verdict = screen.check(vec![text.to_string()]).await?.remove(0);
+    let verdict = screen.check(vec![text.to_string()], Direction::In).await?.remove(0);
     if verdict.flagged {
         metrics.refused(Refusal::ToxicInput);
         tracing::info!(%channel, categories = ?verdict.categories, "message failed the safety filter");
@@ -290,7 +296,7 @@ async fn choose(
             unscreened.push(i);
         }
         // Every candidate left in one call: the classifier reads them as one batch.
-        let verdicts = screen.check(unscreened.iter().map(|&i| texts[i].clone()).collect()).await?;
+        let verdicts = screen.check(unscreened.iter().map(|&i| texts[i].clone()).collect(), Direction::Out).await?;
         let mut survivors = Vec::new();
         for (&i, verdict) in unscreened.iter().zip(verdicts) {
             if verdict.flagged {
