@@ -129,6 +129,22 @@ pub fn group_scope(channel: &ChannelKey, group: &str) -> String {
     format!("{}:group:{group}", channel.platform.as_str())
 }
 
+/// The scope a channel's moderators act for: its server (a Discord guild,
+/// [`group_scope`]), else for Telegram the chat (a forum topic's channel
+/// is `chat:topic`; its chat's moderators are the same), else the channel.
+/// Word lists are kept per such scope, and personas belong to the scope
+/// that created them.
+pub fn moderation_scope(channel: &ChannelKey, group: Option<&str>) -> String {
+    match group {
+        Some(group) => group_scope(channel, group),
+        None if channel.platform == dialogd_adapters::Platform::Telegram => {
+            let chat = channel.channel_id.split_once(':').map_or(channel.channel_id.as_str(), |(chat, _topic)| chat);
+            format!("{}:{chat}", channel.platform.as_str())
+        }
+        None => channel.to_string(),
+    }
+}
+
 impl Personas {
     /// The registry over `store`, with the operator's `[personas]`.
     pub fn new(settings: PersonaSettings, store: Arc<dyn PersonaStore>) -> Arc<Self> {

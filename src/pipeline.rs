@@ -11,7 +11,8 @@
 //!   context, the persona's prompt, candidates, screening, output filter,
 //!   ranking, storing, collection).
 //! - [`commands`]: `/start /help /ask /reset /forget /optout /optin` for
-//!   everyone and `/mute /unmute /persona /train /collect` for moderators
+//!   everyone and `/mute /unmute /persona /train /collect /block /unblock
+//!   /allow /disallow /blocklist` for moderators
 //!   (the adapter says who is one), parsed into a [`commands::Command`]
 //!   with one handler each; refusals and moderator actions are logged.
 //! - [`engine`]: the narrow door to generation ([`ReplyEngine`]).
@@ -41,7 +42,7 @@ use crate::collect::Collector;
 use crate::context::ContextStore;
 use crate::jobs::JobStore;
 use crate::personas::Personas;
-use crate::safety::{blocked_list, Filter, ToxicityClassifier, WordList};
+use crate::safety::{blocked_list, Filter, ToxicityClassifier, WordList, WordStore};
 use crate::settings::live::LiveSettings;
 use crate::settings::{GenerationSettings, JobSettings, RateLimitSettings, SafetySettings};
 use crate::telemetry::{Metrics, Refusal};
@@ -66,6 +67,8 @@ struct Shared {
     max_tokens: usize,
     /// `[safety] classifier`, loaded at start.
     classifier: Option<Arc<dyn ToxicityClassifier>>,
+    /// Moderators' blocked and allowed words per scope (`/block`, …).
+    words: Arc<WordStore>,
     /// The DialogRPT/MMI ranker, when `[ranking]` names one.
     ranker: Option<Arc<Ranker>>,
     /// Consented log collection, when `[collect]` is enabled.
@@ -132,6 +135,8 @@ pub struct Parts {
     /// `[safety] classifier`, loaded (its thresholds come from the live
     /// `[safety]`).
     pub classifier: Option<Arc<dyn ToxicityClassifier>>,
+    /// Moderators' word lists (Redis with the context, else memory).
+    pub words: Arc<WordStore>,
     pub collector: Option<Arc<Collector>>,
     pub personas: Arc<Personas>,
     pub jobs: Option<Jobs>,
@@ -140,7 +145,7 @@ pub struct Parts {
 
 impl Pipeline {
     pub fn new(parts: Parts) -> Self {
-        let Parts { engine, store, tokenizer, live, max_tokens, rate_limit, ranker, classifier, collector, personas, jobs, metrics } = parts;
+        let Parts { engine, store, tokenizer, live, max_tokens, rate_limit, ranker, classifier, words, collector, personas, jobs, metrics } = parts;
         if let Some(classifier) = &classifier {
             metrics.classifier_labels(classifier.labels());
         }
@@ -153,6 +158,7 @@ impl Pipeline {
                 blocked: Mutex::new(None),
                 max_tokens,
                 classifier,
+                words,
                 ranker,
                 collector,
                 personas,

@@ -39,7 +39,7 @@ async fn private_chats_groups_commands_and_moderators() {
     // The command menu is registered.
     let menu = wait_for(WAIT, || fake.calls("setMyCommands").pop()).await.expect("setMyCommands");
     let names: Vec<&str> = menu["commands"].as_array().unwrap().iter().map(|c| c["command"].as_str().unwrap()).collect();
-    assert_eq!(names, ["start", "help", "ask", "reset", "forget", "optout", "optin", "mute", "unmute", "persona", "train", "collect"]);
+    assert_eq!(names, ["start", "help", "ask", "reset", "forget", "optout", "optin", "mute", "unmute", "persona", "train", "collect", "block", "unblock", "allow", "disallow", "blocklist"]);
 
     // A private chat is always answered, as a reply, with typing first.
     let asked = fake.say(1, 1, "Does money buy happiness?", None);
@@ -502,5 +502,65 @@ async fn the_webhook_server_is_bounded_like_the_http_api() {
     // Still serving.
     let again = fake.say(1, 1, "still there?", None);
     assert_eq!(replied_to(&nth_sent(&fake, 1, 2).await), Some(again));
+    d.stop().await;
+}
+
+/// [`telegram_lines`] on a daemon whose context (and so word lists and
+/// personas) is in `redis`.
+fn telegram_redis_toml(fake: &FakeTelegram, redis: &crate::support::RedisServer, lines: &[String]) -> String {
+    let lines = telegram_lines(fake, lines);
+    let extra: Vec<(&str, &str)> = lines.iter().map(|l| ("adapters.telegram", l.as_str())).collect();
+    crate::support::daemon_toml(Some(redis), &extra)
+}
+
+/// Sends `text` as `user` in `chat` and waits for the chat's `n`th answer.
+async fn answer(fake: &FakeTelegram, chat: i64, user: i64, text: &str, n: usize) -> String {
+    fake.say(chat, user, text, None);
+    nth_sent(fake, chat, n).await["text"].as_str().unwrap().to_string()
+}
+
+/// Waits for a message to `chat` containing `needle`.
+async fn sent_containing(fake: &FakeTelegram, chat: i64, needle: &str) {
+    let found = wait_for(WAIT, || fake.sent_to(chat).into_iter().find(|m| m["text"].as_str().is_some_and(|t| t.contains(needle)))).await;
+    assert!(found.is_some(), "nothing containing {needle:?} sent to {chat}: {:?}", fake.sent_to(chat));
+}
+
+/// Moderators' word lists through the Telegram adapter, kept in Redis: a
+/// word a chat's administrator blocks is refused in that chat and not in
+/// another, a member's `/block` (and the administrator's in a chat they do
+/// not administer) is refused, and the list survives a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_words_hold_per_chat_and_survive_a_restart() {
+    let redis = crate::support::RedisServer::start();
+    let notice = "Let's keep it friendly.";
+    let (a, b) = (-100, -200);
+    let fake = FakeTelegram::start(TOKEN).await;
+    fake.add_admin_of(a, 8);
+    let d = TestDaemon::start(&telegram_redis_toml(&fake, &redis, &[])).await;
+    assert!(answer(&fake, a, 7, "/block grumble", 1).await.contains("only moderators"));
+    let blocked = answer(&fake, a, 8, "/block Grumble moon ?!", 2).await;
+    assert!(blocked.starts_with("Blocked here: grumble, moon.") && blocked.contains("Refused: `?!` has no letters or digits"), "{blocked}");
+    assert_eq!(answer(&fake, a, 2, "@dialogd_bot you grumble", 3).await, notice);
+    assert_eq!(answer(&fake, a, 2, "@dialogd_bot over the m o o n", 4).await, notice);
+    assert_eq!(answer(&fake, a, 8, "/blocklist", 5).await, "Blocked here: grumble, moon. Allowed here: none.");
+    assert!(answer(&fake, a, 8, "/help", 6).await.contains("/block WORD…"));
+    // Another chat: not blocked there, and chat a's administrator is no
+    // moderator of it.
+    fake.say(b, 2, "@dialogd_bot you grumble", None);
+    fake.say(b, 8, "/block grumble", None);
+    // The message is answered first (or stays silent), then the command.
+    sent_containing(&fake, b, "only moderators").await;
+    assert!(fake.sent_to(b).iter().all(|m| m["text"] != notice), "blocked in the wrong chat: {:?}", fake.sent_to(b));
+    d.stop().await;
+
+    // A new daemon on the same Redis (and the same Telegram, whose message
+    // ids go on): the list holds.
+    let d = TestDaemon::start(&telegram_redis_toml(&fake, &redis, &[])).await;
+    assert_eq!(answer(&fake, a, 2, "@dialogd_bot GRUMBLE!", 7).await, notice);
+    assert_eq!(answer(&fake, a, 8, "/unblock grumble", 8).await, "Unblocked: grumble.");
+    fake.say(a, 2, "@dialogd_bot you grumble", None);
+    fake.say(a, 2, "/start", None);
+    sent_containing(&fake, a, "Hello").await;
+    assert_eq!(fake.sent_to(a).iter().filter(|m| m["text"] == notice).count(), 3, "{:?}", fake.sent_to(a));
     d.stop().await;
 }

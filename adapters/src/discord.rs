@@ -291,6 +291,9 @@ fn command_builders() -> Vec<CreateCommand> {
                     "(empty: start) | status | cancel | rollback",
                 )),
                 "collect" => command.add_option(CreateCommandOption::new(CommandOptionType::String, "what", "on | off | status")),
+                "block" | "unblock" | "allow" | "disallow" => command.add_option(
+                    CreateCommandOption::new(CommandOptionType::String, "words", "One or more words, separated by spaces").required(true),
+                ),
                 _ => command,
             }
         })

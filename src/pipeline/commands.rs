@@ -5,7 +5,9 @@
 //! channel's context), `/forget` (delete what is stored about the author),
 //! `/optout` and `/optin`. Moderators (the adapter says who is one) also
 //! have `/mute` and `/unmute` (the bot stops or resumes answering in the
-//! channel; commands still work), `/persona`, `/train` and `/collect`.
+//! channel; commands still work), `/persona`, `/train`, `/collect`, and the
+//! word lists of their server or chat: `/block WORD…`, `/unblock WORD…`,
+//! `/allow WORD…`, `/disallow WORD…`, `/blocklist`.
 //! Everyone else gets a clear refusal; every moderator action and refusal
 //! is logged. An unknown command is answered with the help text.
 
@@ -15,14 +17,17 @@ use dialogd_adapters::{Answer, CoreError, Inbound};
 use super::{internal, say, Shared};
 use crate::context::ContextError;
 use crate::jobs::{JobState, StoreError};
-use crate::personas::{group_scope, PersonaError};
+use crate::personas::{group_scope, moderation_scope, PersonaError};
+use crate::safety::{WordChange, WordOutcome};
 use crate::settings::Consent;
 
 const HELP: &str = "I'm a DialoGPT chat bot. Commands: /ask TEXT asks me something (in groups you can \
 also mention me or reply to me); /reset forgets this channel's conversation; /forget deletes everything \
 stored about you; /optout stops me learning from your messages, /optin allows it; /help shows this. \
 Moderators: /mute, /unmute, /persona (list, show, use NAME [server], create NAME SEED | SEED…, off), \
-/train (status, cancel, rollback), /collect (on, off, status).";
+/train (status, cancel, rollback), /collect (on, off, status), /block WORD… and /unblock WORD… (words \
+I refuse here, on the way in and out), /allow WORD… and /disallow WORD… (words the filter lets pass \
+here), /blocklist shows both.";
 
 const START: &str = "Hello! I'm a DialoGPT chat bot: talk to me and I'll answer. /help lists the commands.";
 
@@ -44,6 +49,11 @@ pub enum Command<'a> {
     Persona(PersonaCommand),
     Train(TrainCommand),
     Collect(CollectCommand),
+    /// `/block`, `/unblock`, `/allow`, `/disallow` and their words
+    /// (whitespace-separated; none: the usage).
+    Words(WordChange, Vec<&'a str>),
+    /// `/blocklist`: the scope's blocked and allowed words.
+    Blocklist,
     /// Any other `/word`: answered with the help text.
     Unknown(String),
 }
@@ -111,6 +121,11 @@ impl<'a> Command<'a> {
                 "off" => CollectCommand::Off,
                 _ => CollectCommand::Status,
             }),
+            "block" => Command::Words(WordChange::Block, argument.split_whitespace().collect()),
+            "unblock" => Command::Words(WordChange::Unblock, argument.split_whitespace().collect()),
+            "allow" => Command::Words(WordChange::Allow, argument.split_whitespace().collect()),
+            "disallow" => Command::Words(WordChange::Disallow, argument.split_whitespace().collect()),
+            "blocklist" => Command::Blocklist,
             _ => Command::Unknown(word),
         })
     }
@@ -130,6 +145,11 @@ impl<'a> Command<'a> {
             Command::Persona(_) => "persona",
             Command::Train(_) => "train",
             Command::Collect(_) => "collect",
+            Command::Words(WordChange::Block, _) => "block",
+            Command::Words(WordChange::Unblock, _) => "unblock",
+            Command::Words(WordChange::Allow, _) => "allow",
+            Command::Words(WordChange::Disallow, _) => "disallow",
+            Command::Blocklist => "blocklist",
             Command::Unknown(word) => word,
         }
     }
@@ -194,6 +214,8 @@ pub(super) async fn run(shared: &Shared, inbound: &Inbound, command: Command<'_>
         Command::Persona(persona) => persona_command(shared, inbound, persona).await?,
         Command::Train(train) => train_command(shared, inbound, train).await?,
         Command::Collect(collect) => collect_command(shared, inbound, collect).await?,
+        Command::Words(change, words) => words_command(shared, inbound, change, &words).await?,
+        Command::Blocklist => blocklist(shared, inbound).await?,
     };
     Ok(say(inbound, text))
 }
@@ -274,6 +296,47 @@ async fn collect_command(shared: &Shared, inbound: &Inbound, command: CollectCom
         CollectCommand::Status => "This channel's conversations are not collected (/collect on starts it).",
     };
     Ok(text.to_string())
+}
+
+/// `/block`, `/unblock`, `/allow`, `/disallow WORD…` in the moderators'
+/// scope ([`moderation_scope`]): what changed, what already was so, and
+/// what was refused, with why.
+async fn words_command(shared: &Shared, inbound: &Inbound, change: WordChange, words: &[&str]) -> Result<String, CoreError> {
+    let (verb, done, unchanged) = match change {
+        WordChange::Block => ("block", "Blocked here", "already blocked"),
+        WordChange::Unblock => ("unblock", "Unblocked", "not blocked"),
+        WordChange::Allow => ("allow", "Allowed here", "already allowed"),
+        WordChange::Disallow => ("disallow", "No longer allowed", "not allowed"),
+    };
+    if words.is_empty() {
+        return Ok(format!("Usage: /{verb} WORD… (one or more words, separated by spaces)"));
+    }
+    let scope = moderation_scope(&inbound.channel, inbound.group.as_deref());
+    let outcomes = shared.words.change(&scope, change, words).await.map_err(|e| CoreError::Unavailable(e.to_string()))?;
+    tracing::info!(channel = %inbound.channel, %scope, moderator = %inbound.author, command = verb, ?outcomes, "word list changed");
+    let mut parts = Vec::new();
+    let pick = |want: fn(&WordOutcome) -> Option<&String>| outcomes.iter().filter_map(want).map(String::as_str).collect::<Vec<_>>();
+    let changed = pick(|o| if let WordOutcome::Done(w) = o { Some(w) } else { None });
+    let same = pick(|o| if let WordOutcome::Unchanged(w) = o { Some(w) } else { None });
+    let refused = pick(|o| if let WordOutcome::Refused(w) = o { Some(w) } else { None });
+    if !changed.is_empty() {
+        parts.push(format!("{done}: {}.", changed.join(", ")));
+    }
+    if !same.is_empty() {
+        parts.push(format!("{} {unchanged}.", same.join(", ")));
+    }
+    if !refused.is_empty() {
+        parts.push(format!("Refused: {}.", refused.join("; ")));
+    }
+    Ok(parts.join(" "))
+}
+
+/// `/blocklist`: the words blocked and allowed in the moderators' scope.
+async fn blocklist(shared: &Shared, inbound: &Inbound) -> Result<String, CoreError> {
+    let scope = moderation_scope(&inbound.channel, inbound.group.as_deref());
+    let list = shared.words.list(&scope).await.map_err(|e| CoreError::Unavailable(e.to_string()))?;
+    let show = |set: &std::collections::BTreeSet<String>| if set.is_empty() { "none".to_string() } else { set.iter().cloned().collect::<Vec<_>>().join(", ") };
+    Ok(format!("Blocked here: {}. Allowed here: {}.", show(&list.blocked), show(&list.allowed)))
 }
 
 /// The scope a persona choice applies to: the channel, or with

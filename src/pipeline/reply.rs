@@ -23,7 +23,7 @@ use super::engine::{Drawn, EngineError};
 use super::limits::Verdict;
 use super::{say, silent, Shared};
 use crate::context::{Appended, ContextError, EditOutcome, Turn};
-use crate::personas::{persona_prompt, ActivePersona};
+use crate::personas::{moderation_scope, persona_prompt, ActivePersona};
 use crate::prompt::{normalize_turn, Prompt, MAX_TURN_BYTES};
 use crate::ranking::select::{self, Contender};
 use crate::safety::{Filter, Policy, WordList};
@@ -81,6 +81,25 @@ impl Screen {
     }
 }
 
+/// The safety settings in force and the screen of `inbound`'s channel:
+/// its policy, the operator's blocked words with its scope's moderators'
+/// words ([`moderation_scope`]). Without the store, the operator's words
+/// alone (logged).
+async fn screen_for(shared: &Shared, inbound: &Inbound) -> (Arc<SafetySettings>, Screen) {
+    let (safety, blocked, filter) = shared.safety();
+    let scope = moderation_scope(&inbound.channel, inbound.group.as_deref());
+    let words = match shared.words.list(&scope).await {
+        Ok(list) if list == WordList::default() => blocked,
+        Ok(list) => Arc::new(blocked.merged(&list)),
+        Err(e) => {
+            tracing::warn!(channel = %inbound.channel, %scope, error = %e, "cannot read the moderators' word list; filtering without it");
+            blocked
+        }
+    };
+    let policy = safety.policy_for(&inbound.channel.to_string());
+    (safety, Screen { filter, words, policy, metrics: shared.metrics.clone() })
+}
+
 /// A message that passed admission, with what its reply is drawn from.
 struct Prepared {
     /// The stored turns, oldest first.
@@ -103,8 +122,7 @@ async fn edited(shared: &Shared, inbound: &Inbound) -> Result<EditOutcome, CoreE
     if text.is_empty() || text.len() > MAX_TURN_BYTES {
         return Ok(EditOutcome::Done("edit_ignored"));
     }
-    let (safety, blocked, filter) = shared.safety();
-    let screen = Screen { filter, words: blocked, policy: safety.policy_for(&inbound.channel.to_string()), metrics: shared.metrics.clone() };
+    let (_, screen) = screen_for(shared, inbound).await;
     let flagged = screen.check(vec![text.to_string()], Direction::In).await?.remove(0).flagged;
     crate::context::apply_edit(&*shared.store, &inbound.channel, &inbound.author, id, text, flagged, edit.answer)
         .await
@@ -149,9 +167,7 @@ pub(super) async fn process(shared: Arc<Shared>, mut inbound: Inbound) -> Result
         return Ok(silent("muted"));
     }
     let mut degraded = Degraded { metrics, counted: false };
-    let (safety, blocked, filter) = shared.safety();
-    let policy = safety.policy_for(&inbound.channel.to_string());
-    let screen = Screen { filter, words: blocked, policy, metrics: metrics.clone() };
+    let (safety, screen) = screen_for(&shared, &inbound).await;
     if let Some(answer) = admit(&shared, &inbound, text, &safety, &screen, &mut degraded).await? {
         return Ok(answer);
     }

@@ -53,6 +53,7 @@ fn fixture_with(edit: impl FnOnce(&mut Settings), classifier: Option<Arc<dyn Tox
         rate_limit: settings.rate_limit,
         ranker: None,
         classifier,
+        words: Arc::new(crate::safety::WordStore::memory()),
         collector: None,
         personas,
         jobs: None,
@@ -172,6 +173,31 @@ async fn screened_and_flagged_candidates_are_dropped_and_drawn_again() {
     let stored = f.store.turns(&ChannelKey::new(Platform::Http, "d")).await.unwrap();
     assert_eq!(stored.len(), 1);
     assert!(!stored[0].bot);
+}
+
+#[tokio::test]
+async fn moderators_words_hold_in_their_scope_in_and_out() {
+    let f = fixture(|s| s.safety.policy = crate::safety::Policy::Strict);
+    assert!(text_of(f.say("c", "/block pineapple").await.unwrap()).contains("only moderators"));
+    assert_eq!(f.command("c", "/block Pineapple").await, "Blocked here: pineapple.");
+    assert_eq!(f.command("c", "/block").await, "Usage: /block WORD… (one or more words, separated by spaces)");
+    // Out: the likelier candidate holds the word and is dropped here…
+    f.engine.then(vec![f.drawn(" pineapple pizza rules", -0.1), f.drawn(" Once upon a time", -3.0)]);
+    assert_eq!(text_of(f.say("c", "tell me a story").await.unwrap()), "Once upon a time");
+    // …and sent in another channel, whose scope blocked nothing.
+    f.engine.then(vec![f.drawn(" pineapple pizza rules", -0.1), f.drawn(" Once upon a time", -3.0)]);
+    assert_eq!(text_of(f.say("d", "tell me a story").await.unwrap()), "pineapple pizza rules");
+    // In: refused here only.
+    assert_eq!(text_of(f.say("c", "PINEAPPLES!").await.unwrap()), f.settings.safety.notice);
+    // Allowed: a word the strict rules flag passes here, not elsewhere.
+    assert_eq!(text_of(f.say("d", "damn").await.unwrap()), f.settings.safety.notice);
+    assert_eq!(f.command("c", "/allow damn").await, "Allowed here: damn.");
+    f.engine.then(vec![f.drawn(" Indeed", -1.0)]);
+    assert_eq!(text_of(f.say("c", "damn").await.unwrap()), "Indeed");
+    assert_eq!(f.command("c", "/blocklist").await, "Blocked here: pineapple. Allowed here: damn.");
+    assert_eq!(f.command("c", "/disallow damn").await, "No longer allowed: damn.");
+    assert_eq!(f.command("c", "/unblock pineapple tomato").await, "Unblocked: pineapple. tomato not blocked.");
+    assert_eq!(f.command("c", "/blocklist").await, "Blocked here: none. Allowed here: none.");
 }
 
 #[tokio::test]
