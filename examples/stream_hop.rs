@@ -151,19 +151,29 @@ fn spawn_worker(url: &str, name: &str, handle: PoolHandle) -> tokio::sync::onesh
     stop
 }
 
+/// The `redis-server` this run started, stopped however the run ends.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
-    let mut server = None;
+    let mut _server = None;
     let url = match &args.redis_url {
         Some(url) => url.clone(),
         None => {
             let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-            server = Some(
+            _server = Some(Server(
                 std::process::Command::new("redis-server")
                     .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
                     .stdout(std::process::Stdio::null())
                     .spawn()?,
-            );
+            ));
             std::thread::sleep(Duration::from_millis(300));
             format!("redis://127.0.0.1:{port}/0")
         }
@@ -215,8 +225,5 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     drop((a, b));
     pool_a.shutdown();
     pool_b.shutdown();
-    if let Some(mut s) = server {
-        let _ = s.kill();
-    }
     Ok(())
 }

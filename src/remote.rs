@@ -6,7 +6,8 @@
 //!
 //! - [`StreamClient::generate`] (daemon): `XADD {prefix}:gen:requests` an
 //!   entry `id`, `reply_to`, `deadline_ms`, `body` (JSON [`WireRequest`]),
-//!   then waits for the answer with that `id` until the deadline.
+//!   then waits for the answer with that `id` until the deadline. The
+//!   depth check (`XLEN`) and the `XADD` are one script: one round trip.
 //! - [`run_worker`] (worker): `XREADGROUP GROUP generation {consumer}` takes
 //!   at most `max_inflight` entries, runs each through the local generation
 //!   pool, `XADD {prefix}:gen:replies:{reply_to} MAXLEN ~ 1000` the answer
@@ -49,6 +50,16 @@ const REPLIES_MAXLEN: usize = 1000;
 
 /// A dead daemon's reply stream is gone this long after its last answer.
 const REPLIES_TTL_SECS: u64 = 3600;
+
+/// Adds a request unless the stream already holds `queue_depth`. KEYS:
+/// the request stream; ARGV: queue depth, id, reply_to, deadline_ms, body.
+/// Returns `{1, length before}` when added, `{0, length}` when full.
+const ENQUEUE_LUA: &str = r#"
+local n = redis.call('XLEN', KEYS[1])
+if n >= tonumber(ARGV[1]) then return {0, n} end
+redis.call('XADD', KEYS[1], '*', 'id', ARGV[2], 'reply_to', ARGV[3], 'deadline_ms', ARGV[4], 'body', ARGV[5])
+return {1, n}
+"#;
 
 /// Stream failures.
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +129,19 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// A client for `url` whose connections set `TCP_NODELAY`. The crate's
+/// default leaves Nagle's algorithm on, which holds a small command back
+/// until the previous one is acknowledged (up to the peer's delayed-ACK
+/// time, ~40 ms on Linux) on a connection with several commands in flight.
+/// Every Redis connection in dialogd is made through this.
+///
+/// Errors: a URL the crate cannot use (scheme, host, database).
+pub fn client(url: &str) -> Result<redis::Client, redis::RedisError> {
+    use redis::IntoConnectionInfo;
+    let info = url.into_connection_info()?.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+    redis::Client::open(info)
+}
+
 /// `XGROUP CREATE … $ MKSTREAM`, where the group does not exist yet.
 async fn ensure_group(conn: &mut ConnectionManager, requests: &str) -> Result<(), redis::RedisError> {
     let made: Result<(), _> =
@@ -169,6 +193,8 @@ pub struct StreamClient {
     waiting: Waiting,
     timeout: Duration,
     queue_depth: u64,
+    /// [`ENQUEUE_LUA`].
+    enqueue: redis::Script,
     pub stats: Arc<ClientStats>,
     reader: tokio::task::JoinHandle<()>,
 }
@@ -186,7 +212,7 @@ impl StreamClient {
     ///
     /// Errors: a bad URL, or Redis unreachable at start.
     pub async fn connect(url: &str, prefix: &str, timeout: Duration, queue_depth: usize) -> Result<Self, RemoteError> {
-        let client = redis::Client::open(url)?;
+        let client = client(url)?;
         let mut conn = ConnectionManager::new_with_config(client.clone(), manager_config()).await?;
         let requests = requests_key(prefix);
         ensure_group(&mut conn, &requests).await?;
@@ -204,6 +230,7 @@ impl StreamClient {
             waiting,
             timeout,
             queue_depth: queue_depth as u64,
+            enqueue: redis::Script::new(ENQUEUE_LUA),
             stats,
             reader,
         })
@@ -219,10 +246,6 @@ impl StreamClient {
     /// as late).
     pub async fn generate(&self, request: &WireRequest) -> Result<Vec<WireCandidate>, RemoteError> {
         let mut conn = self.conn.clone();
-        let waiting_now: u64 = redis::cmd("XLEN").arg(&self.requests).query_async(&mut conn).await?;
-        if waiting_now >= self.queue_depth {
-            return Err(RemoteError::Busy(waiting_now));
-        }
         let id = format!("{}-{}", self.daemon_id, self.next.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = oneshot::channel();
         self.waiting.lock().unwrap_or_else(|e| e.into_inner()).insert(id.clone(), tx);
@@ -230,19 +253,21 @@ impl StreamClient {
         let _forget = Forget { waiting: self.waiting.clone(), id: id.clone() };
         let body = serde_json::to_string(request).map_err(|e| RemoteError::Failed(e.to_string()))?;
         let deadline = now_ms() + self.timeout.as_millis() as u64;
-        let _: String = redis::cmd("XADD")
-            .arg(&self.requests)
-            .arg("*")
-            .arg("id")
+        // The depth check and the add in one round trip (and atomic, so
+        // daemons sharing the stream cannot overfill it between the two).
+        let (added, waiting_now): (u8, u64) = self
+            .enqueue
+            .key(&self.requests)
+            .arg(self.queue_depth)
             .arg(&id)
-            .arg("reply_to")
             .arg(&self.daemon_id)
-            .arg("deadline_ms")
             .arg(deadline)
-            .arg("body")
             .arg(body)
-            .query_async(&mut conn)
+            .invoke_async(&mut conn)
             .await?;
+        if added == 0 {
+            return Err(RemoteError::Busy(waiting_now));
+        }
         match tokio::time::timeout(self.timeout, rx).await {
             Ok(Ok(WireReply::Ok { candidates })) => Ok(candidates),
             Ok(Ok(WireReply::Busy)) => Err(RemoteError::Busy(waiting_now)),
@@ -361,7 +386,7 @@ pub async fn run_worker(
     stats: Arc<WorkerStats>,
     stop: impl Future<Output = ()>,
 ) -> Result<(), RemoteError> {
-    let client = redis::Client::open(options.redis_url.as_str())?;
+    let client = client(&options.redis_url)?;
     let mut conn = ConnectionManager::new_with_config(client.clone(), manager_config()).await?;
     let requests = requests_key(&options.key_prefix);
     ensure_group(&mut conn, &requests).await?;
@@ -527,5 +552,12 @@ mod tests {
         assert_eq!(failed, WireReply::Failed { error: "x".into() });
         assert_eq!(requests_key("d"), "d:gen:requests");
         assert_eq!(replies_key("d", "a-1"), "d:gen:replies:a-1");
+    }
+
+    #[test]
+    fn clients_turn_nagle_off() {
+        let made = client("redis://127.0.0.1:6379/2").unwrap();
+        assert!(made.get_connection_info().tcp_settings().nodelay());
+        assert!(client("nope://x").is_err());
     }
 }

@@ -204,7 +204,7 @@ impl RedisStore {
         timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ContextError> {
-        let client = redis::Client::open(url).map_err(|_| ContextError::Unavailable(check_url(url).unwrap_err()))?;
+        let client = crate::remote::client(url).map_err(|_| ContextError::Unavailable(check_url(url).unwrap_err()))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))

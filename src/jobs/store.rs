@@ -71,7 +71,7 @@ impl std::fmt::Debug for JobStore {
 impl JobStore {
     /// Connects (failing at once if Redis cannot be reached).
     pub async fn connect(url: &str, prefix: &str, timeout: Duration) -> Result<Self> {
-        let client = redis::Client::open(url)?;
+        let client = crate::remote::client(url)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout.max(Duration::from_secs(2))))

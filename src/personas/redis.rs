@@ -41,7 +41,7 @@ impl RedisPersonaStore {
     /// Connects (failing at once if Redis cannot be reached); `timeout`
     /// bounds connecting and each command.
     pub async fn connect(url: &str, prefix: &str, timeout: Duration) -> Result<Self, PersonaError> {
-        let client = redis::Client::open(url)?;
+        let client = crate::remote::client(url)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout.max(Duration::from_secs(2))));
