@@ -220,6 +220,7 @@ async fn each_channel_keeps_its_order_under_concurrency() {
                 msg_id: Some(format!("{c}-{m}")),
                 addressed_to_bot: true,
                 moderator: false,
+                operator: false,
                 group: None,
                 edit: None,
             };
@@ -666,6 +667,7 @@ async fn a_persona_choice_survives_a_restart_with_jobs_off() {
         msg_id: None,
         addressed_to_bot: true,
         moderator: true,
+        operator: false,
         group: None,
         edit: None,
     };

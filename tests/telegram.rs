@@ -564,3 +564,76 @@ async fn blocked_words_hold_per_chat_and_survive_a_restart() {
     assert_eq!(fake.sent_to(a).iter().filter(|m| m["text"] == notice).count(), 3, "{:?}", fake.sent_to(a));
     d.stop().await;
 }
+
+/// Authority stops at the chat, through the Telegram adapter: a persona
+/// belongs to the chat that created it; another chat's administrator may
+/// not use it until it is shared, and never train it, roll it back,
+/// replace it or share it; an operator (the `moderators` allowlist) may.
+/// The base model (`jobs.mode = "full"`) needs an operator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authority_stops_at_the_chat() {
+    let redis = crate::support::RedisServer::start();
+    let dir = std::env::temp_dir().join(format!("dialogd-authority-{}", std::process::id()));
+    let jobs_dir = format!("dir = \"{}\"", dir.join("jobs").display());
+    let (a, b, operator) = (-100, -200, 9);
+    let fake = FakeTelegram::start(TOKEN).await;
+    fake.add_admin_of(a, 8);
+    fake.add_admin_of(b, 18);
+    let toml = |mode: &str| {
+        let mut toml = telegram_redis_toml(&fake, &redis, &[format!("moderators = [{operator}]")]);
+        toml = toml.replace("[jobs]\n", "");
+        toml + &format!("[jobs]\nenabled = true\n{jobs_dir}\nmode = \"{mode}\"\n")
+    };
+    let d = TestDaemon::start(&toml("lora")).await;
+    let (mut in_a, mut in_b) = (0, 0);
+    let mut say = |chat: i64, user: i64, text: &'static str| {
+        let n = if chat == a { &mut in_a } else { &mut in_b };
+        *n += 1;
+        let (fake, n) = (fake.clone(), *n);
+        async move { answer(&fake, chat, user, text, n).await }
+    };
+    assert!(say(a, 8, "/persona create pirate Arr! | Ahoy").await.contains("Created persona pirate"));
+    let refused = say(b, 18, "/persona use pirate").await;
+    assert!(refused.contains("belongs to another chat or server and is not shared"), "{refused}");
+    assert!(say(b, 18, "/persona create pirate Yo").await.contains("belongs to another chat or server; choose another name"));
+    assert!(say(b, 18, "/persona share pirate").await.contains("only its moderators can share it"));
+    assert!(say(a, 8, "/persona share pirate").await.contains("pirate is shared"));
+    assert!(say(b, 18, "/persona use pirate").await.contains("From now on I speak as pirate"));
+    // Shared is not owned: chat b may not train it or roll it back.
+    let train = say(b, 18, "/train").await;
+    assert!(train.contains("pirate belongs to another chat or server: only its moderators can train it"), "{train}");
+    assert!(say(b, 18, "/train rollback").await.contains("only its moderators can train it or roll it back"));
+    // Its owners may (collection is off here, so there is nothing to train on).
+    assert!(say(a, 8, "/persona use pirate").await.contains("speak as pirate"));
+    assert!(say(a, 8, "/train").await.contains("not collected"));
+    // An operator may, in any chat.
+    assert!(say(b, operator, "/train").await.contains("not collected"));
+    // Unshared: chat b can choose it no more.
+    assert!(say(a, 8, "/persona unshare").await.contains("pirate is no longer shared"));
+    assert!(say(b, 18, "/persona use pirate").await.contains("not shared"));
+    d.stop().await;
+
+    // Full fine-tuning: the base model every chat is served by.
+    let d = TestDaemon::start(&toml("full")).await;
+    assert!(answer(&fake, a, 8, "/train", in_a + 1).await.contains("needs an operator"));
+    assert!(answer(&fake, a, 8, "/train rollback", in_a + 2).await.contains("needs an operator"));
+    assert!(answer(&fake, a, operator, "/train", in_a + 3).await.contains("not collected"));
+    d.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Other bots' messages are ignored (bot-to-bot loops) unless
+/// `answer_bots = true`.
+#[tokio::test]
+async fn other_bots_are_answered_only_with_answer_bots() {
+    let fake = FakeTelegram::start(TOKEN).await;
+    let d = TestDaemon::start(&telegram_toml(&fake, &[])).await;
+    fake.say_as_bot(-100, 77, "/start");
+    assert!(answer(&fake, -100, 2, "/help", 1).await.contains("/reset"), "the bot's /start was answered");
+    d.stop().await;
+    let fake = FakeTelegram::start(TOKEN).await;
+    let d = TestDaemon::start(&telegram_toml(&fake, &["answer_bots = true".into()])).await;
+    fake.say_as_bot(-100, 77, "/start");
+    assert!(nth_sent(&fake, -100, 1).await["text"].as_str().unwrap().contains("Hello"));
+    d.stop().await;
+}

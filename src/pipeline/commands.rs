@@ -16,7 +16,7 @@ use dialogd_adapters::{Answer, CoreError, Inbound};
 
 use super::{internal, say, Shared};
 use crate::context::ContextError;
-use crate::jobs::{JobState, StoreError};
+use crate::jobs::{JobState, StoreError, Target};
 use crate::personas::{group_scope, moderation_scope, PersonaError};
 use crate::safety::{WordChange, WordOutcome};
 use crate::settings::Consent;
@@ -24,14 +24,19 @@ use crate::settings::Consent;
 const HELP: &str = "I'm a DialoGPT chat bot. Commands: /ask TEXT asks me something (in groups you can \
 also mention me or reply to me); /reset forgets this channel's conversation; /forget deletes everything \
 stored about you; /optout stops me learning from your messages, /optin allows it; /help shows this. \
-Moderators: /mute, /unmute, /persona (list, show, use NAME [server], create NAME SEED | SEED…, off), \
+Moderators: /mute, /unmute, /persona (list, show, use NAME [server], create NAME SEED | SEED…, off, \
+share [NAME], unshare [NAME]), \
 /train (status, cancel, rollback), /collect (on, off, status), /block WORD… and /unblock WORD… (words \
 I refuse here, on the way in and out), /allow WORD… and /disallow WORD… (words the filter lets pass \
 here), /blocklist shows both.";
 
+const BASE_NEEDS_OPERATOR: &str = "Training or rolling back the base model (every chat's) needs an operator: a user on the \
+bot's moderators allowlist, or `dialogd jobs` on the server. Chat moderators can train their own personas.";
+
 const START: &str = "Hello! I'm a DialoGPT chat bot: talk to me and I'll answer. /help lists the commands.";
 
-const PERSONA_USAGE: &str = "Usage: /persona [show | list | use NAME [server] | create NAME SEED | SEED… | off [server]]";
+const PERSONA_USAGE: &str =
+    "Usage: /persona [show | list | use NAME [server] | create NAME SEED | SEED… | off [server] | share [NAME] | unshare [NAME]]";
 
 /// A command, parsed from a message's text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +75,9 @@ pub enum PersonaCommand {
     Off { scope: Option<String> },
     /// `create NAME SEED | SEED…`; `name` `None` when missing.
     Create { name: Option<String>, seed: Vec<String> },
+    /// `share [NAME]` (`shared`) or `unshare [NAME]`; `None`: the persona
+    /// chosen here.
+    Share { name: Option<String>, shared: bool },
     Usage,
 }
 
@@ -172,6 +180,7 @@ impl PersonaCommand {
                 scope: words.next().map(str::to_string),
             },
             "off" => PersonaCommand::Off { scope: words.next().map(str::to_string) },
+            "share" | "unshare" => PersonaCommand::Share { name: words.next().map(str::to_ascii_lowercase), shared: verb == "share" },
             "create" => {
                 let name = words.next().map(str::to_ascii_lowercase);
                 let rest = words.collect::<Vec<_>>().join(" ");
@@ -381,22 +390,22 @@ async fn persona_command(shared: &Shared, inbound: &Inbound, command: PersonaCom
         PersonaCommand::Use { name: None, .. } => Ok("Which one? /persona use NAME".to_string()),
         PersonaCommand::Use { name: Some(name), scope } => match persona_scope(inbound, scope.as_deref()) {
             Err(why) => Ok(why),
-            Ok(scope) => personas.choose(&scope, Some(&name)).await.map(|()| {
+            Ok(scope) => personas.choose(&scope, Some(&name), &moderation_scope(channel, group)).await.map(|()| {
                 format!("From now on I speak as {name} {}.", if scope.contains(":group:") { "on this server" } else { "in this channel" })
             }),
         },
         PersonaCommand::Off { scope } => match persona_scope(inbound, scope.as_deref()) {
             Err(why) => Ok(why),
             Ok(scope) => personas
-                .choose(&scope, None)
+                .choose(&scope, None, &moderation_scope(channel, group))
                 .await
                 .map(|()| "Persona cleared: I speak as myself (or the server's persona).".to_string()),
         },
         PersonaCommand::Create { name: None, .. } => Ok("/persona create NAME first seed turn | second seed turn".to_string()),
         PersonaCommand::Create { name: Some(name), seed } => {
-            // Whoever moderates this server (or, outside one, this channel)
-            // owns what they create.
-            let owner = group.map_or_else(|| channel.to_string(), |group| group_scope(channel, group));
+            // Whoever moderates this server (or Telegram chat, or else this
+            // channel) owns what they create.
+            let owner = moderation_scope(channel, group);
             personas.create(&name, seed, &owner).await.map(|spec| {
                 format!(
                     "Created persona {} with {} seed turn(s). /persona use {} to speak as it here; /train teaches it this channel's ways.",
@@ -405,6 +414,22 @@ async fn persona_command(shared: &Shared, inbound: &Inbound, command: PersonaCom
                     spec.name
                 )
             })
+        }
+        PersonaCommand::Share { name, shared } => {
+            let name = match name {
+                Some(name) => Some(name),
+                None => personas.chosen(channel, group).await.map_err(|e| CoreError::Unavailable(e.to_string()))?,
+            };
+            match name {
+                None => Ok(format!("Which one? /persona {} NAME", if shared { "share" } else { "unshare" })),
+                Some(name) => personas.share(&name, shared, &moderation_scope(channel, group), inbound.operator).await.map(|spec| {
+                    if shared {
+                        format!("{} is shared: other chats and servers may /persona use {} (they cannot train it).", spec.name, spec.name)
+                    } else {
+                        format!("{} is no longer shared: only this chat or server speaks as it.", spec.name)
+                    }
+                }),
+            }
         }
         PersonaCommand::Usage => Ok(PERSONA_USAGE.to_string()),
     })
@@ -420,6 +445,24 @@ async fn train_command(shared: &Shared, inbound: &Inbound, command: TrainCommand
     let persona = persona_text(shared.personas.chosen(&inbound.channel, inbound.group.as_deref()).await.map(|p| p.unwrap_or_default()))?;
     let target = jobs.settings.mode.target_for((!persona.is_empty()).then_some(persona.as_str()));
     let trigger = format!("moderator:{channel}");
+    // Authority stops at the chat: the base model is everyone's (an
+    // operator's call), a persona its owners'.
+    if matches!(command, TrainCommand::Start | TrainCommand::Rollback) {
+        let by = moderation_scope(&inbound.channel, inbound.group.as_deref());
+        match &target {
+            Ok(Target::Base) if !inbound.operator => {
+                tracing::info!(%channel, moderator = %inbound.author, "base model training or rollback refused: not an operator");
+                return Ok(BASE_NEEDS_OPERATOR.to_string());
+            }
+            Ok(Target::Persona(name)) => {
+                if let Err(why) = shared.personas.may_manage(name, &by, inbound.operator).await {
+                    tracing::info!(%channel, moderator = %inbound.author, persona = %name, "persona training or rollback refused: not its owner");
+                    return persona_text(Err(why));
+                }
+            }
+            _ => {}
+        }
+    }
     Ok(match command {
         TrainCommand::Start => {
             let target = match target {

@@ -70,6 +70,7 @@ fn message(channel: &str, text: &str, moderator: bool) -> Inbound {
         msg_id: None,
         addressed_to_bot: true,
         moderator,
+        operator: false,
         group: None,
         edit: None,
     }
@@ -274,7 +275,7 @@ async fn engine_refusals_reach_the_adapter_as_errors() {
 async fn a_persona_prompt_is_the_same_in_serving_and_in_the_gate() {
     let seed = vec!["Ahoy, I'm a pirate.".to_string(), "What be yer business?".to_string()];
     let f = fixture(|s| {
-        s.personas.defined.push(PersonaSpec { name: "pirate".into(), adapter: None, seed: seed.clone(), created_in: None });
+        s.personas.defined.push(PersonaSpec { name: "pirate".into(), adapter: None, seed: seed.clone(), created_in: None, shared: false });
         s.personas.default = "pirate".into();
         s.context.max_tokens = 4096;
     });
