@@ -55,29 +55,40 @@ def prompts(n, length, seed):
     return ids
 
 
-def reference(path, prompt_tokens, new_tokens, levels, threads):
+def reference(path, prompt_tokens, new_tokens, levels, threads, device="cpu", dtype=torch.float32):
+    """PyTorch + transformers eager `generate` on `device` in `dtype` (scripts/gpu_check.py uses it on a GPU)."""
     torch.set_num_threads(threads)
-    model = GPT2LMHeadModel.from_pretrained(path).eval()
+    model = GPT2LMHeadModel.from_pretrained(path, torch_dtype=dtype).to(device).eval()
     kw = dict(do_sample=False, pad_token_id=EOS, eos_token_id=None)
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
     out = {}
     with torch.inference_mode():
-        model.generate(prompts(1, prompt_tokens, 99), max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
-        x = prompts(1, prompt_tokens, 1)
+        model.generate(prompts(1, prompt_tokens, 99).to(device), max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
+        x = prompts(1, prompt_tokens, 1).to(device)
+        sync()
         t0 = time.perf_counter()
         model.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)
+        sync()
         ttft = time.perf_counter() - t0
         t0 = time.perf_counter()
         model.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        sync()
         total = time.perf_counter() - t0
         out[1] = {"ttft_ms": ttft * 1e3, "decode_tokens_per_s": (new_tokens - 1) / (total - ttft),
                   "aggregate_tokens_per_s": new_tokens / total}
         for c in levels:
             if c == 1:
                 continue
-            x = prompts(c, prompt_tokens, c)
+            x = prompts(c, prompt_tokens, c).to(device)
+            sync()
             t0 = time.perf_counter()
             model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
                            min_new_tokens=new_tokens, **kw)
+            sync()
             wall = time.perf_counter() - t0
             out[c] = {"aggregate_tokens_per_s": c * new_tokens / wall}
     return out

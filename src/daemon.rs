@@ -99,8 +99,8 @@ impl Daemon {
         metrics: Arc<Metrics>,
     ) -> Result<Self, DaemonError> {
         let store = open_context(&settings, &metrics).await?;
-        let ranking = settings.ranking.clone();
-        let ranker = tokio::task::spawn_blocking(move || Ranker::load(&ranking))
+        let (ranking, model) = (settings.ranking.clone(), settings.model.clone());
+        let ranker = tokio::task::spawn_blocking(move || Ranker::load(&ranking, &model))
             .await
             .map_err(DaemonError::RankingPanicked)?
             .map_err(DaemonError::Ranking)?

@@ -78,7 +78,22 @@ pub fn parse_device(spec: &str) -> Result<Device, ModelError> {
             "`{spec}` asked for, but this dialogd was built without CUDA support (rebuild with `--features cuda`)"
         )));
     }
-    Device::new_cuda(ordinal).map_err(|e| ModelError::Device(format!("cannot open {spec}: {e}")))
+    Device::new_cuda(ordinal).map_err(|e| ModelError::Device(cuda_open_error(spec, &e.to_string())))
+}
+
+/// One line for a CUDA device that would not open: candle's message
+/// without the backtrace it may carry, and what the usual driver errors
+/// mean.
+fn cuda_open_error(spec: &str, error: &str) -> String {
+    let first = error.lines().next().unwrap_or("").trim();
+    let hint = if first.contains("CUDA_ERROR_STUB_LIBRARY") {
+        " (libcuda.so.1 is the build's stand-in, not the NVIDIA driver's: no GPU driver on this machine)"
+    } else if first.contains("CUDA_ERROR_NO_DEVICE") || first.contains("CUDA_ERROR_INVALID_DEVICE") {
+        " (no such CUDA GPU on this machine)"
+    } else {
+        ""
+    };
+    format!("cannot open {spec}: {first}{hint}")
 }
 
 /// Parses `f32`, `f16` or `bf16`; `auto` is f32 on CPU and bf16 on a GPU.
@@ -192,5 +207,17 @@ mod tests {
         assert!(parse_dtype("int3", &Device::Cpu).is_err());
         #[cfg(not(feature = "cuda"))]
         assert!(parse_device("cuda:0").unwrap_err().to_string().contains("--features cuda"));
+    }
+
+    /// What a CUDA build says where there is no driver (the stand-in
+    /// libcuda) or no GPU: one line, no backtrace, the cause named.
+    #[test]
+    fn cuda_open_errors_are_one_line() {
+        let stub = "DriverError(CUDA_ERROR_STUB_LIBRARY, \"<Failure when calling cuGetErrorString()>\")\n   0: <unknown>\n   1: <unknown>";
+        let msg = cuda_open_error("cuda", stub);
+        assert_eq!(msg.lines().count(), 1, "{msg}");
+        assert!(msg.starts_with("cannot open cuda: DriverError(CUDA_ERROR_STUB_LIBRARY"), "{msg}");
+        assert!(msg.contains("no GPU driver"), "{msg}");
+        assert!(cuda_open_error("cuda:3", "DriverError(CUDA_ERROR_INVALID_DEVICE, \"x\")").contains("no such CUDA GPU"));
     }
 }

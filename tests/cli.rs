@@ -91,6 +91,27 @@ fn bad_input_fails_cleanly() {
     assert_fails_with(&dialogd(&["generate", "--model", pico, "--device", "tpu:0", "hi"]), "not a device");
 }
 
+/// `--device cuda` where there is no GPU to use: a CPU build names the
+/// missing feature, a CUDA build without a driver the driver's error; every
+/// model-loading command fails with that line and no panic.
+#[test]
+fn device_cuda_without_a_gpu_fails_clearly() {
+    let pico = fixtures().join("pico-bin");
+    let pico = pico.to_str().unwrap();
+    let needle = if cfg!(feature = "cuda") { "cannot open cuda" } else { "built without CUDA support" };
+    for args in [
+        vec!["generate", "--model", pico, "--device", "cuda", "hi"],
+        vec!["bench", "--model", pico, "--device", "cuda:0", "--concurrency", "1", "--new-tokens", "2", "--prompt-tokens", "4"],
+        vec!["rank", "--ranker", pico, "--device", "cuda", "--response", "yes", "hi"],
+    ] {
+        let out = dialogd(&args);
+        assert_fails_with(&out, needle);
+        let err = crate::support::stderr(&out);
+        assert_eq!(err.lines().filter(|l| l.contains(needle)).count(), 1, "{args:?}: {err}");
+        assert!(!err.contains("<unknown>"), "{args:?}: a backtrace: {err}");
+    }
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {

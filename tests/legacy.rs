@@ -165,7 +165,7 @@ fn a_bare_pkl_without_config_is_inferred_or_explained() {
 async fn daemon_mmi_scores(mmi: &Path, turns: &[Vec<u32>], candidates: &[Vec<u32>]) -> Vec<f32> {
     let lines = [format!("mmi = \"{}\"", mmi.display()), "mmi_weight = 1.0".to_string()];
     let settings = settings_from(&section_toml("ranking", &lines));
-    let ranker = Ranker::load(&settings.ranking).unwrap().expect("[ranking] mmi set: a ranker");
+    let ranker = Ranker::load(&settings.ranking, &settings.model).unwrap().expect("[ranking] mmi set: a ranker");
     let scored = ranker.score(turns.to_vec(), candidates.to_vec(), vec![0.0; candidates.len()]).await.unwrap();
     scored.iter().map(|s| s.mmi.expect("an MMI score")).collect()
 }

@@ -283,3 +283,68 @@ fn q8_weights_stay_close_to_f32() {
         assert!(worst < 0.05, "{name}: logit error {worst}");
     }
 }
+
+/// The GPU path (tensor caches in slabs, each step's decode rows attending
+/// in one batched pass of tensor ops), run on the CPU in f32: the same
+/// greedy tokens as transformers, as the host path gives.
+#[test]
+fn tensor_caches_give_transformers_greedy_tokens() {
+    for name in ["tiny", "small"] {
+        let g = golden(name);
+        let dir = model_dir(name);
+        let model = Gpt2::load(&dir, DType::F32, &Device::Cpu).unwrap().with_tensor_caches();
+        assert!(model.new_seq_cache(8).unwrap().is_tensor());
+        let tok = DialogTokenizer::from_dir(&dir).unwrap();
+        check_greedy(name, &model, &tok, &g);
+    }
+}
+
+/// Tensor caches against host caches, sequence by sequence, in steps that
+/// mix prompts and decode rows, with a forked cache and slots spread over
+/// two chunks (the first holds four): the logits agree to f32 rounding.
+#[test]
+fn tensor_caches_match_host_caches_in_mixed_steps() {
+    use dialogd::model::gpt2::SeqCache;
+    let dir = model_dir("tiny");
+    let host = Gpt2::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let tensor = host.clone().with_tensor_caches();
+    let tok = DialogTokenizer::from_dir(&dir).unwrap();
+    let prompts: Vec<Vec<u32>> = ["Hello, how are you?", "Does money buy happiness?", "ok", "Tell me about Lisbon.", "Why?"]
+        .iter()
+        .map(|t| prompt_for(&tok, &[t.to_string()]))
+        .collect();
+    // (host cache, tensor cache, next token) per live sequence.
+    let mut live: Vec<(SeqCache, SeqCache, Vec<u32>)> = Vec::new();
+    let mut worst = 0f32;
+    for step in 0..12 {
+        // A new prompt joins on steps 0..5; sequence 1 forks on step 3.
+        if step < prompts.len() {
+            live.push((host.new_seq_cache(64).unwrap(), tensor.new_seq_cache(64).unwrap(), prompts[step].clone()));
+        }
+        if step == 3 {
+            let (h, t, next) = &live[1];
+            let fork = (h.fork().unwrap(), t.fork().unwrap(), next.clone());
+            live.push(fork);
+        }
+        let feeds: Vec<Vec<u32>> = live.iter().map(|(_, _, next)| next.clone()).collect();
+        let tokens: Vec<&[u32]> = feeds.iter().map(Vec::as_slice).collect();
+        let (mut hs, mut ts): (Vec<&mut SeqCache>, Vec<&mut SeqCache>) = live.iter_mut().map(|(h, t, _)| (h, t)).unzip();
+        let a = host.forward_seqs(&tokens, &mut hs).unwrap();
+        let b = tensor.forward_seqs(&tokens, &mut ts).unwrap();
+        let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (&a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        worst = worst.max(diff / scale);
+        let a: Vec<Vec<f32>> = a.to_vec2().unwrap();
+        let b: Vec<Vec<f32>> = b.to_vec2().unwrap();
+        for (i, (ra, rb)) in a.iter().zip(&b).enumerate() {
+            let (na, nb) = (dialogd::model::gpt2::argmax(ra) as u32, dialogd::model::gpt2::argmax(rb) as u32);
+            assert_eq!(na, nb, "step {step}, sequence {i}");
+            live[i].2 = vec![na];
+        }
+        for (h, t, _) in &live {
+            assert_eq!(h.len(), t.len());
+        }
+    }
+    assert!(worst < 1e-5, "worst logit difference {worst} of the largest");
+    eprintln!("tensor vs host caches: worst logit difference {worst:.2e} of the largest");
+}

@@ -65,6 +65,22 @@ fn batched_greedy_equals_unbatched_with_f16_caches() {
     batched_equals_unbatched(eight, &tok);
 }
 
+/// The GPU path (tensor caches, batched decode attention in tensor ops)
+/// forced on the CPU in f32: the host path's greedy tokens, and batching
+/// (six requests over two slab chunks, slots freed and reused across the
+/// rounds) changes nothing.
+#[test]
+fn batched_greedy_equals_unbatched_with_tensor_caches() {
+    let (model, tok) = tiny();
+    let params = SamplingParams::greedy(20);
+    let tensor = model.clone().with_tensor_caches();
+    for p in prompts(&tok) {
+        let host = generate(&model, &p, &params, |_| true).unwrap().output_ids;
+        assert_eq!(generate(&tensor, &p, &params, |_| true).unwrap().output_ids, host);
+    }
+    batched_equals_unbatched(tensor, &tok);
+}
+
 fn batched_equals_unbatched(model: Gpt2, tok: &DialogTokenizer) {
     let params = SamplingParams::greedy(20);
     let alone: Vec<Vec<u32>> =

@@ -274,3 +274,29 @@ fn rank_bad_input_fails_cleanly() {
     let out = dialogd(&["rank", "--ranker", &format!("cond={ranker}:1"), "--ranker", &format!("cond={ranker}:-1"), "--response", "x", "hello"]);
     assert_fails_with(&out, "sum to 0");
 }
+
+/// `[ranking] device`: the rankers follow `model.device` unless it is set;
+/// a device this build cannot open is refused with the key or the device
+/// named, before anything is scored.
+#[test]
+fn rankers_run_on_the_models_device_unless_ranking_device_says_otherwise() {
+    use dialogd::pipeline::rank::Ranker;
+    use dialogd::settings::load_raw_with_env;
+    let mmi = ranker_dir("mmi");
+    let toml = crate::support::section_toml("ranking", &[format!("mmi = \"{}\"", mmi.display()), "mmi_weight = 1.0".into()]);
+    let mut settings = crate::support::settings_from(&toml);
+    assert_eq!(settings.ranking.device, "");
+    assert!(Ranker::load(&settings.ranking, &settings.model).unwrap().is_some(), "cpu, as model.device");
+    if !cfg!(feature = "cuda") {
+        settings.model.device = "cuda".into();
+        let err = Ranker::load(&settings.ranking, &settings.model).err().expect("no CUDA here").to_string();
+        assert!(err.contains("built without CUDA support"), "{err}");
+        settings.ranking.device = "cpu".into();
+        assert!(Ranker::load(&settings.ranking, &settings.model).unwrap().is_some(), "ranking.device wins");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dialogd.toml");
+        std::fs::write(&path, format!("{toml}\n").replace("[ranking]\n", "[ranking]\ndevice = \"cuda:1\"\n")).unwrap();
+        let err = load_raw_with_env(Some(&path), Vec::new()).unwrap().validate().unwrap_err().to_string();
+        assert!(err.contains("ranking.device"), "{err}");
+    }
+}

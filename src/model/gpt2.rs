@@ -18,6 +18,8 @@ use super::lora::{self, LoraRuntime, SpanDelta, Target};
 use super::weights::{TensorStore, WeightsFile};
 use super::ModelError;
 
+mod slab;
+
 type Result<T> = std::result::Result<T, ModelError>;
 
 /// Keys and values of every layer for the tokens seen so far.
@@ -282,6 +284,43 @@ impl Attention {
         Ok(Some(Tensor::from_vec(out, (rows, self.n_head * self.head_dim), qkv.device())?))
     }
 
+    /// Attention over tensor caches: the decode rows of each chunk in one
+    /// batched pass ([`slab::DecodeGroup::attend`]), every other sequence
+    /// (a prompt) on its own. Returns `[rows, n_embd]` in the rows' order.
+    fn attend_tensors(
+        &self,
+        qkv: &Tensor,
+        spans: &[(usize, usize)],
+        caches: &mut [&mut SeqCache],
+        layer_idx: usize,
+        decode: &[slab::DecodeGroup],
+    ) -> Result<Tensor> {
+        let mut outs: Vec<Option<Tensor>> = vec![None; spans.len()];
+        for group in decode {
+            let out = group.attend(qkv, layer_idx, self.scale)?;
+            if group.members.len() == spans.len() {
+                // A step of decode rows only, all in one chunk: in order.
+                return Ok(out);
+            }
+            for (j, &seq) in group.members.iter().enumerate() {
+                outs[seq] = Some(out.narrow(0, j, 1)?);
+            }
+        }
+        for (i, (&(start, t), cache)) in spans.iter().zip(caches.iter_mut()).enumerate() {
+            if outs[i].is_none() {
+                let (q, k, v) = self.split_rows(qkv, start, t)?;
+                let past = cache.len;
+                outs[i] = Some(self.attend_cached(&q, &k, &v, &mut cache.layers[layer_idx], past)?);
+            }
+        }
+        let mut outs: Vec<Tensor> = outs.into_iter().flatten().collect();
+        if outs.len() == 1 {
+            Ok(outs.pop().unwrap_or_else(|| unreachable!()))
+        } else {
+            Ok(Tensor::cat(&outs, 0)?)
+        }
+    }
+
     /// `[rows, 3 * n_embd]` projections to one sequence's q, k, v, each
     /// `[n_head, t, head_dim]`, for rows `start..start + t`.
     fn split_rows(&self, qkv: &Tensor, start: usize, t: usize) -> Result<(Tensor, Tensor, Tensor)> {
@@ -356,6 +395,7 @@ impl Block {
         caches: &mut [&mut SeqCache],
         layer_idx: usize,
         adapted: &[AdaptedSpan],
+        decode: &[slab::DecodeGroup],
     ) -> Result<Tensor> {
         let deltas = |target: Target| -> Vec<SpanDelta> {
             adapted
@@ -367,19 +407,7 @@ impl Block {
         let qkv = self.attn.c_attn.forward_2d_lora(&h, &deltas(Target::AttnCAttn))?;
         let attn = match self.attn.attend_host(&qkv, spans, caches, layer_idx)? {
             Some(attn) => attn,
-            None => {
-                let mut outs = Vec::with_capacity(spans.len());
-                for (&(start, t), cache) in spans.iter().zip(caches.iter_mut()) {
-                    let (q, k, v) = self.attn.split_rows(&qkv, start, t)?;
-                    let past = cache.len;
-                    outs.push(self.attn.attend_cached(&q, &k, &v, &mut cache.layers[layer_idx], past)?);
-                }
-                if outs.len() == 1 {
-                    outs.pop().unwrap_or_else(|| unreachable!())
-                } else {
-                    Tensor::cat(&outs, 0)?
-                }
-            }
+            None => self.attn.attend_tensors(&qkv, spans, caches, layer_idx, decode)?,
         };
         let x = (x + self.attn.c_proj.forward_2d_lora(&attn, &deltas(Target::AttnCProj))?)?;
         let h = self.ln_2.forward(&x)?;
@@ -410,13 +438,16 @@ struct AdaptedSpan<'a> {
     adapter: &'a LoraRuntime,
 }
 
-/// One layer's keys and values, `[n_head, capacity, head_dim]` each.
+/// One layer's keys and values, `[n_head, capacity, head_dim]` each
+/// (tensor caches: `[n_head, n_positions, head_dim]` views into a slab).
 #[derive(Debug, Clone)]
 enum LayerCache {
     /// Buffers on the host, written and read in place by the batched
     /// attention kernel (CPU models with f32 activations).
     Host(HostKv),
-    /// Tensors on the model's device (GPUs, half-precision models).
+    /// Tensors on the model's device (GPUs, half-precision models, or
+    /// [`Gpt2::with_tensor_caches`]): views into the sequence's
+    /// [`slab::Slot`].
     Device { k: Tensor, v: Tensor },
 }
 
@@ -474,6 +505,8 @@ pub struct SeqCache {
     layers: Vec<LayerCache>,
     len: usize,
     capacity: usize,
+    /// The slab slot tensor caches live in (`None`: host caches).
+    slot: Option<slab::Slot>,
 }
 
 impl SeqCache {
@@ -492,15 +525,17 @@ impl SeqCache {
     /// A deep copy (for the candidates of one prompt, which share a prefill
     /// and then diverge).
     pub fn fork(&self) -> Result<Self> {
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| match l {
-                LayerCache::Host(_) => Ok(l.clone()),
-                LayerCache::Device { k, v } => Ok(LayerCache::Device { k: k.copy()?, v: v.copy()? }),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self { layers, len: self.len, capacity: self.capacity })
+        if let Some(slot) = &self.slot {
+            let slot = slot.fork(self.len)?;
+            let layers = slot_layers(&slot, self.layers.len())?;
+            return Ok(Self { layers, len: self.len, capacity: self.capacity, slot: Some(slot) });
+        }
+        Ok(Self { layers: self.layers.clone(), len: self.len, capacity: self.capacity, slot: None })
+    }
+
+    /// Whether keys and values live in tensors (a slab slot), not host buffers.
+    pub fn is_tensor(&self) -> bool {
+        self.slot.is_some()
     }
 
     /// Bytes held by the cache.
@@ -515,6 +550,16 @@ impl SeqCache {
             })
             .sum()
     }
+}
+
+/// A slot's per-layer views as the layers of a [`SeqCache`].
+fn slot_layers(slot: &slab::Slot, n_layer: usize) -> Result<Vec<LayerCache>> {
+    (0..n_layer)
+        .map(|layer| {
+            let (k, v) = slot.views(layer)?;
+            Ok(LayerCache::Device { k, v })
+        })
+        .collect()
 }
 
 /// A GPT-2 language model with its head tied to the token embedding.
@@ -534,6 +579,10 @@ pub struct Gpt2 {
     kv: KvPrecision,
     device: Device,
     dtype: DType,
+    /// Where tensor caches live; shared by clones.
+    slabs: Arc<slab::Slabs>,
+    /// Tensor caches even where host caches would be used (CPU, f32).
+    tensor_caches: bool,
 }
 
 impl Gpt2 {
@@ -606,7 +655,20 @@ impl Gpt2 {
             store.discard("lm_head.weight", &[config.vocab_size, e])?;
         }
         let head_q = if quantize { Some(Arc::new(kernels::Q8Matrix::quantize(&wte)?)) } else { None };
-        Ok(Self { config, wte, wpe, blocks, ln_f, head_q, kv: KvPrecision::F32, device: device.clone(), dtype })
+        let slabs = Arc::new(slab::Slabs::new(config.n_layer, config.n_head, config.head_dim(), config.n_positions));
+        Ok(Self {
+            config,
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            head_q,
+            kv: KvPrecision::F32,
+            device: device.clone(),
+            dtype,
+            slabs,
+            tensor_caches: false,
+        })
     }
 
     pub fn config(&self) -> &Gpt2Config {
@@ -694,6 +756,17 @@ impl Gpt2 {
         self.kv
     }
 
+    /// The same model, keeping each sequence's keys and values in tensor
+    /// caches ([`slab`]: the GPU path, with batched decode attention in
+    /// tensor ops) even on the CPU with f32, where host caches and the
+    /// CPU attention kernel are the default. The cache then has the
+    /// model's activation dtype ([`Gpt2::with_kv_precision`] no longer
+    /// applies). For tests that run the GPU path here, and for comparing
+    /// the two.
+    pub fn with_tensor_caches(self) -> Self {
+        Self { tensor_caches: true, slabs: Arc::new(slab::Slabs::new(self.config.n_layer, self.config.n_head, self.config.head_dim(), self.config.n_positions)), ..self }
+    }
+
     /// A cache for one sequence of at most `capacity` tokens.
     pub fn new_seq_cache(&self, capacity: usize) -> Result<SeqCache> {
         if capacity == 0 || capacity > self.config.n_positions {
@@ -704,30 +777,28 @@ impl Gpt2 {
         }
         let (h, d) = (self.config.n_head, self.config.head_dim());
         let dtype = self.activation_dtype();
-        let host = self.device.is_cpu() && dtype == DType::F32;
+        let host = self.device.is_cpu() && dtype == DType::F32 && !self.tensor_caches;
+        if !host {
+            let slot = self.slabs.acquire(dtype, &self.device)?;
+            let layers = slot_layers(&slot, self.config.n_layer)?;
+            return Ok(SeqCache { layers, len: 0, capacity, slot: Some(slot) });
+        }
         let layers = (0..self.config.n_layer)
             .map(|_| {
                 // Zeroed pages are only touched as positions fill.
                 let n = h * capacity * d;
-                match (host, self.kv) {
-                    (true, KvPrecision::F32) => return Ok(LayerCache::Host(HostKv::F32 { k: vec![0f32; n], v: vec![0f32; n] })),
-                    (true, KvPrecision::F16) => {
-                        return Ok(LayerCache::Host(HostKv::F16 { k: vec![half::f16::ZERO; n], v: vec![half::f16::ZERO; n] }))
-                    }
-                    (true, KvPrecision::Q8) => {
+                LayerCache::Host(match self.kv {
+                    KvPrecision::F32 => HostKv::F32 { k: vec![0f32; n], v: vec![0f32; n] },
+                    KvPrecision::F16 => HostKv::F16 { k: vec![half::f16::ZERO; n], v: vec![half::f16::ZERO; n] },
+                    KvPrecision::Q8 => {
                         use kernels::attention::{KvQ8, KvValue};
                         let n = h * capacity * (d + KvQ8::ROW_EXTRA);
-                        return Ok(LayerCache::Host(HostKv::Q8 { k: vec![KvQ8(0); n], v: vec![KvQ8(0); n] }));
+                        HostKv::Q8 { k: vec![KvQ8(0); n], v: vec![KvQ8(0); n] }
                     }
-                    (false, _) => {}
-                }
-                Ok(LayerCache::Device {
-                    k: Tensor::zeros((h, capacity, d), dtype, &self.device)?,
-                    v: Tensor::zeros((h, capacity, d), dtype, &self.device)?,
                 })
             })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(SeqCache { layers, len: 0, capacity })
+            .collect();
+        Ok(SeqCache { layers, len: 0, capacity, slot: None })
     }
 
     /// The dtype activations (and so caches) have: f32 for 8-bit models.
@@ -800,9 +871,21 @@ impl Gpt2 {
         let ids = Tensor::new(ids.as_slice(), &self.device)?;
         let positions = Tensor::new(positions.as_slice(), &self.device)?;
         let dtype = self.activation_dtype();
+        // Tensor caches: each chunk's decode rows attend in one pass.
+        let decode_rows: Vec<slab::DecodeRow> = spans
+            .iter()
+            .zip(caches.iter())
+            .enumerate()
+            .filter_map(|(seq, (&(row, t), cache))| {
+                let slot = cache.slot.as_ref().filter(|_| t == 1)?;
+                Some(slab::DecodeRow { seq, row, slot, past: cache.len })
+            })
+            .collect();
+        let decode = slab::plan(&decode_rows, dtype, &self.device)?;
+        drop(decode_rows);
         let mut x = (self.wte.index_select(&ids, 0)? + self.wpe.index_select(&positions, 0)?)?.to_dtype(dtype)?;
         for (layer_idx, block) in self.blocks.iter().enumerate() {
-            x = block.forward_rows(&x, &spans, caches, layer_idx, &adapted)?;
+            x = block.forward_rows(&x, &spans, caches, layer_idx, &adapted, &decode)?;
         }
         for (cache, seq) in caches.iter_mut().zip(tokens) {
             cache.len += seq.len();

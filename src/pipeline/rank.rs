@@ -4,12 +4,11 @@
 
 use std::sync::mpsc::{self, TrySendError};
 
-use candle_core::{DType, Device};
 use dialogd_adapters::BoxFuture;
 use tokio::sync::oneshot;
 
 use crate::ranking::{DialogRpt, Ensemble, Member, MmiScorer, Weights};
-use crate::settings::RankingSettings;
+use crate::settings::{ModelSettings, RankingSettings};
 
 /// The scores behind one candidate's rank.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -48,24 +47,28 @@ pub struct Ranker {
 }
 
 impl Ranker {
-    /// Loads the rankers named in `[ranking]`; `None` when none are.
-    pub fn load(settings: &RankingSettings) -> Result<Option<Self>, RankerError> {
+    /// Loads the rankers named in `[ranking]`; `None` when none are. They
+    /// run on `ranking.device`, else on the model's device (`model`: its
+    /// `[model]` settings), sharing the process's one device, in the
+    /// model's dtype.
+    pub fn load(settings: &RankingSettings, model: &ModelSettings) -> Result<Option<Self>, RankerError> {
         if settings.rankers.is_empty() && settings.mmi.is_empty() {
             return Ok(None);
         }
-        let device = Device::Cpu;
+        let device = crate::serving::device(if settings.device.is_empty() { &model.device } else { &settings.device })?;
+        let dtype = crate::model::parse_dtype(&model.dtype, &device)?;
         let mut members = Vec::new();
         for spec in &settings.rankers {
             let spec = crate::ranking::parse_ranker(spec)?;
             let dir = crate::model::hub::resolve_model(&spec.path)?;
-            let ranker = DialogRpt::load(&dir, DType::F32, &device)?;
+            let ranker = DialogRpt::load(&dir, dtype, &device)?;
             members.push(Member { name: spec.name, group: spec.group, weight: spec.weight, ranker });
         }
         let ensemble = if members.is_empty() { None } else { Some(Ensemble::new(members)?) };
         let mmi = if settings.mmi.is_empty() {
             None
         } else {
-            Some(MmiScorer::load(&crate::model::hub::resolve_model(&settings.mmi)?, DType::F32, &device)?)
+            Some(MmiScorer::load(&crate::model::hub::resolve_model(&settings.mmi)?, dtype, &device)?)
         };
         let weights = settings.weights();
         let (queue, jobs) = mpsc::sync_channel::<Job>(64);

@@ -10,6 +10,7 @@ use super::{invalid, SettingsError};
 pub struct RawRanking {
     pub rankers: Vec<String>,
     pub mmi: String,
+    pub device: String,
     pub dialogrpt_weight: f64,
     pub generator_weight: f64,
     pub mmi_weight: f64,
@@ -22,6 +23,9 @@ pub struct RankingSettings {
     pub rankers: Vec<String>,
     /// Reverse model folder for MMI; empty: off.
     pub mmi: String,
+    /// Where the rankers and the MMI model run (`cpu`, `cuda`, `cuda:N`);
+    /// empty = `model.device`.
+    pub device: String,
     pub dialogrpt_weight: f64,
     pub generator_weight: f64,
     pub mmi_weight: f64,
@@ -42,6 +46,9 @@ impl RawRanking {
         // What `run` would refuse when it builds the ensemble.
         crate::ranking::ensemble::check_weights(specs.iter().map(|s| (s.name.as_str(), s.group, s.weight)))
             .map_err(|e| invalid("ranking.rankers", e.to_string()))?;
+        if !self.device.trim().is_empty() {
+            crate::serving::device(&self.device).map_err(|e| invalid("ranking.device", e.to_string()))?;
+        }
         let weights = crate::ranking::Weights {
             dialogrpt: self.dialogrpt_weight,
             generator: self.generator_weight,
@@ -59,6 +66,7 @@ impl RawRanking {
         Ok(RankingSettings {
             rankers: self.rankers,
             mmi: self.mmi,
+            device: self.device.trim().to_string(),
             dialogrpt_weight: weights.dialogrpt,
             generator_weight: weights.generator,
             mmi_weight: weights.mmi,
