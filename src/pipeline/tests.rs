@@ -330,7 +330,7 @@ async fn personas_are_created_chosen_shown_and_cleared() {
     assert!(f.command("c", "/persona create Bad!Name hi").await.contains("is not a persona name"));
     let created = f.command("c", "/persona create pirate Ahoy! | What be yer business?").await;
     assert!(created.starts_with("Created persona pirate with 2 seed turn(s)"), "{created}");
-    assert!(f.command("other", "/persona create pirate Arr").await.contains("created elsewhere"));
+    assert!(f.command("other", "/persona create pirate Arr").await.contains("belongs to another chat or server"));
     assert!(f.command("c", "/persona use ghost").await.contains("there is no persona"));
     assert!(f.command("c", "/persona use pirate server").await.contains("belongs to no server"));
     assert!(f.command("c", "/persona use pirate").await.contains("speak as pirate in this channel"));
