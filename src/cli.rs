@@ -1,7 +1,7 @@
 //! The `dialogd` command line: argument types and the commands behind them.
 //!
 //! - [`generate`]: `dialogd generate`, one reply to turns given as arguments.
-//! - [`chat`]: `dialogd chat`, a console conversation.
+//! - [`chat`]: `dialogd chat`, a console conversation through the daemon's pipeline.
 //! - [`bench`]: `dialogd bench`, the generation pool's speed.
 //! - [`rank`]: `dialogd rank`, DialogRPT (and MMI) scores of candidate replies.
 //! - [`moderate`]: `dialogd moderate`, the safety filter's verdict on a text.
@@ -43,7 +43,7 @@ pub struct Cli {
 pub enum Command {
     /// Generate one reply to the given turns (oldest first).
     Generate(generate::GenerateArgs),
-    /// Talk with a model in the console.
+    /// Talk with the bot in the console, through the daemon's pipeline.
     Chat(chat::ChatArgs),
     /// Measure the generation pool: time to first token and tokens/s.
     Bench(bench::BenchArgs),

@@ -116,6 +116,7 @@ impl Daemon {
             engine,
             store,
             tokenizer,
+            model_name: settings.model.path.clone(),
             live: live.clone(),
             max_tokens: c.max_tokens,
             rate_limit: settings.rate_limit,

@@ -286,6 +286,12 @@ impl Personas {
         }
     }
 
+    /// `[personas] default`: the persona of a channel nobody chose one
+    /// for, if any.
+    pub fn default_name(&self) -> Option<&str> {
+        Some(self.settings.default.as_str()).filter(|d| !d.is_empty())
+    }
+
     /// The name of the persona a channel speaks as, if any.
     pub async fn chosen(&self, channel: &ChannelKey, group: Option<&str>) -> Result<Option<String>, PersonaError> {
         let mut scopes = vec![channel.to_string()];
@@ -293,8 +299,7 @@ impl Personas {
             scopes.push(group_scope(channel, group));
         }
         let chosen = self.store.chosen(&scopes).await?;
-        let default = (!self.settings.default.is_empty()).then(|| self.settings.default.clone());
-        Ok(chosen.into_iter().flatten().next().or(default))
+        Ok(chosen.into_iter().flatten().next().or(self.default_name().map(String::from)))
     }
 
     /// The persona a channel speaks as, ready to use. A persona that no
@@ -307,6 +312,13 @@ impl Personas {
             tracing::debug!(%channel, persona = %name, "the persona chosen here is another scope's and no longer shared");
             return Ok(None);
         }
+        self.named(&name).await
+    }
+
+    /// The persona `name`, ready to use; `None` when there is no such
+    /// persona.
+    pub async fn named(&self, name: &str) -> Result<Option<ActivePersona>, PersonaError> {
+        let Some(spec) = self.get(name).await? else { return Ok(None) };
         let served = self.served.read().unwrap_or_else(|e| e.into_inner()).get(&spec.name).cloned().unwrap_or_default();
         let adapter_dir = served.adapter_dir.or(spec.adapter);
         let adapter = match &adapter_dir {

@@ -10,6 +10,8 @@
 //! - [`reply`]: the reply path of one message (admission, input filter,
 //!   context, the persona's prompt, candidates, screening, output filter,
 //!   ranking, storing, collection).
+//! - `complete`: stateless completions for the OpenAI-compatible API (a
+//!   conversation sent whole, `n` ranked replies, no channel context).
 //! - [`commands`]: `/start /help /ask /reset /forget /optout /optin` for
 //!   everyone and `/mute /unmute /persona /train /collect /block /unblock
 //!   /allow /disallow /blocklist` for moderators
@@ -20,6 +22,7 @@
 //! - [`limits`]: rate limits per user and per channel.
 
 pub mod commands;
+mod complete;
 pub mod engine;
 pub mod limits;
 pub mod queue;
@@ -32,7 +35,10 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use dialogd_adapters::{Answer, BoxFuture, ChannelKey, ContextTurn, Core, CoreError, Health, Inbound, Outbound};
+use dialogd_adapters::{
+    Answer, BoxFuture, ChannelKey, Completion, CompletionError, CompletionRequest, ContextTurn, Core, CoreError, Health, Inbound, ModelCard,
+    Outbound,
+};
 
 use self::engine::ReplyEngine;
 use self::limits::RateLimiter;
@@ -56,6 +62,8 @@ struct Shared {
     engine: Arc<dyn ReplyEngine>,
     store: Arc<dyn ContextStore>,
     tokenizer: DialogTokenizer,
+    /// The base model's id for completions (`model.path` as configured).
+    model_name: String,
     /// `[generation]` and `[safety]`, replaced whole on SIGHUP; a message
     /// reads them once, when it starts.
     live: Arc<LiveSettings>,
@@ -125,6 +133,8 @@ pub struct Parts {
     pub engine: Arc<dyn ReplyEngine>,
     pub store: Arc<dyn ContextStore>,
     pub tokenizer: DialogTokenizer,
+    /// The base model's id for completions (`model.path` as configured).
+    pub model_name: String,
     /// The live `[generation]` and `[safety]` settings (shared with the
     /// daemon, which reloads them, and the jobs' gate).
     pub live: Arc<LiveSettings>,
@@ -145,7 +155,7 @@ pub struct Parts {
 
 impl Pipeline {
     pub fn new(parts: Parts) -> Self {
-        let Parts { engine, store, tokenizer, live, max_tokens, rate_limit, ranker, classifier, words, collector, personas, jobs, metrics } = parts;
+        let Parts { engine, store, tokenizer, model_name, live, max_tokens, rate_limit, ranker, classifier, words, collector, personas, jobs, metrics } = parts;
         if let Some(classifier) = &classifier {
             metrics.classifier_labels(classifier.labels());
         }
@@ -154,6 +164,7 @@ impl Pipeline {
                 engine,
                 store,
                 tokenizer,
+                model_name,
                 live,
                 blocked: Mutex::new(None),
                 max_tokens,
@@ -281,5 +292,14 @@ impl Core for Pipeline {
 
     fn health(&self) -> Health {
         Health { ready: true, store: self.shared.store.kind().into(), store_up: self.shared.store.is_up() }
+    }
+
+    fn models(&self) -> BoxFuture<'static, Result<Vec<ModelCard>, CoreError>> {
+        let shared = self.shared.clone();
+        Box::pin(async move { complete::models(&shared).await })
+    }
+
+    fn complete(&self, request: CompletionRequest) -> BoxFuture<'static, Result<Completion, CompletionError>> {
+        Box::pin(complete::complete(self.shared.clone(), request))
     }
 }

@@ -103,6 +103,7 @@ fn device_cuda_without_a_gpu_fails_clearly() {
         vec!["generate", "--model", pico, "--device", "cuda", "hi"],
         vec!["bench", "--model", pico, "--device", "cuda:0", "--concurrency", "1", "--new-tokens", "2", "--prompt-tokens", "4"],
         vec!["rank", "--ranker", pico, "--device", "cuda", "--response", "yes", "hi"],
+        vec!["train", "--base", pico, "--data", "/dev/null", "--out", "/nonexistent/out", "--device", "cuda"],
     ] {
         let out = dialogd(&args);
         assert_fails_with(&out, needle);
@@ -200,11 +201,26 @@ fn hub_id_uses_a_complete_cache_offline() {
     assert_eq!(json["output_ids"], golden("pico")["greedy"][0]["output_ids"]);
 }
 
+/// `dialogd chat --config FILE` answers through the daemon's pipeline:
+/// its filter (a blocked word gets the daemon's notice), its commands
+/// (`/reset`, `/persona`), its personas; `/help` and unknown commands are
+/// answered by chat itself; piped stdin is read line by line (rustyline
+/// without a terminal) and the line history lands in the XDG state folder.
 #[test]
-fn chat_keeps_history_and_resets() {
-    let dir = model_dir("pico-bin");
+fn chat_answers_through_the_daemons_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("dialogd.toml");
+    let settings = format!(
+        "[model]\npath = \"{}\"\n[generation]\nmax_new_tokens = 16\n[context]\nstore = \"memory\"\n\
+         [safety]\nblocked_words = [\"pineapple\"]\n\
+         [personas]\ndefined = [{{ name = \"pirate\", seed = [\"Ahoy! I sail the seven seas.\"] }}]\n",
+        model_dir("pico-bin").display()
+    );
+    std::fs::write(&config, settings).unwrap();
+    let state = dir.path().join("state");
     let mut child = Command::new(env!("CARGO_BIN_EXE_dialogd"))
-        .args(["chat", "--model", dir.to_str().unwrap(), "--greedy", "--max-new-tokens", "24"])
+        .args(["chat", "--config", config.to_str().unwrap()])
+        .env("XDG_STATE_HOME", &state)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -214,20 +230,28 @@ fn chat_keeps_history_and_resets() {
         .stdin
         .take()
         .unwrap()
-        .write_all(b"Hello, how are you?\nHello, how are you?\n/reset\nHello, how are you?\n/quit\nnever read\n")
+        .write_all(b"Hello, how are you?\n/help\n/frobnicate now\nI love pineapple\n/persona use pirate\nWhere do you sail?\n/reset\n/quit\nnever read\n")
         .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", crate::support::stderr(&out));
     let text = stdout(&out);
-    let replies: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("bot> ")).collect();
-    assert_eq!(replies.len(), 3, "{text}");
-    // The first reply is the one-turn greedy reply.
-    assert_eq!(replies[0], golden("pico")["greedy"][0]["text"].as_str().unwrap().trim_end());
-    // The second sees the history, so differs; after /reset the first comes back.
-    assert_ne!(replies[1], replies[0]);
-    assert_eq!(replies[2], replies[0]);
-    assert!(text.contains("(conversation forgotten)"));
+    let lines: Vec<&str> = text.lines().collect();
+    let replies: Vec<&str> = lines.iter().filter_map(|l| l.strip_prefix("bot> ")).collect();
+    // A reply; the help (chat's lines and the daemon's); the filter's
+    // notice; the persona switch; a reply as the pirate; the reset.
+    assert!(!replies[0].trim().is_empty(), "{text}");
+    assert!(text.contains("(chat) /help: this list; /quit or Ctrl-D: leave"), "{text}");
+    assert!(replies[1].starts_with("I'm a DialoGPT chat bot. Commands:"), "{text}");
+    assert!(lines.contains(&"(unknown command /frobnicate: /help lists the commands)"), "{text}");
+    assert_eq!(replies[2], "Let's keep it friendly.", "{text}");
+    assert!(replies[3].contains("pirate"), "{text}");
+    assert!(!replies[4].trim().is_empty(), "{text}");
+    assert_eq!(replies[5], "Done: I've forgotten this channel's conversation.", "{text}");
+    assert_eq!(replies.len(), 6, "nothing after /quit is read: {text}");
     assert!(crate::support::stderr(&out).contains("ready:"));
+    // The typed lines are the history, in the XDG state folder.
+    let history = std::fs::read_to_string(state.join("dialogd/chat_history")).unwrap();
+    assert!(history.contains("Hello, how are you?") && history.contains("/frobnicate now"), "{history}");
 }
 
 /// Awkward turns (outer whitespace, a decomposed accent, tabs and newlines

@@ -13,6 +13,8 @@
 //! - `context`: the Redis context store against a real redis-server.
 //! - `http`: the daemon in-process over loopback HTTP: API, commands,
 //!   duplicates, order, rate limits, Redis outages, a load run.
+//! - `openai`: the OpenAI-compatible API over loopback HTTP: models,
+//!   completions, `n`, stop strings, the filter, errors, streaming.
 //! - `daemon`: the `dialogd run` binary: settings, restarts, signals, logs.
 //! - `operator`: the operator's path as the README writes it (the shipped
 //!   example checked with the install section's own commands).
@@ -40,6 +42,7 @@ mod floors;
 mod http;
 mod jobs;
 mod legacy;
+mod openai;
 mod operator;
 mod parity;
 mod persona_runtime;

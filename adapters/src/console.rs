@@ -34,6 +34,18 @@ impl RawConsole {
     }
 }
 
+/// An answer as the console shows it, one line: `bot> …` for a reply (or
+/// a rate limit's notice), `(no reply: reason)`, `(error: …)`. `dialogd
+/// chat` shows answers the same way.
+pub fn render_answer(answer: &Result<Answer, CoreError>) -> String {
+    match answer {
+        Ok(Answer::Reply(out)) => format!("bot> {}\n", out.text),
+        Ok(Answer::Silent { reason }) => format!("(no reply: {reason})\n"),
+        Err(CoreError::RateLimited { notice: Some(notice), .. }) => format!("bot> {notice}\n"),
+        Err(err) => format!("(error: {err})\n"),
+    }
+}
+
 /// Reads messages from `input`, writes answers to `output`.
 pub struct ConsoleAdapter<R, W> {
     input: R,
@@ -92,12 +104,7 @@ where
                     group: None,
                     edit: None,
                 };
-                let text = match core.handle(inbound).await {
-                    Ok(Answer::Reply(out)) => format!("bot> {}\n", out.text),
-                    Ok(Answer::Silent { reason }) => format!("(no reply: {reason})\n"),
-                    Err(CoreError::RateLimited { notice: Some(notice), .. }) => format!("bot> {notice}\n"),
-                    Err(err) => format!("(error: {err})\n"),
-                };
+                let text = render_answer(&core.handle(inbound).await);
                 output.write_all(text.as_bytes()).await.map_err(io)?;
                 output.flush().await.map_err(io)?;
             }

@@ -5,6 +5,8 @@
 //!   chooses not to answer.
 //! - `GET /v1/channels/{channel}/context` answers `{"turns":[…]}`, oldest first.
 //! - `DELETE /v1/channels/{channel}/context` forgets the channel's turns.
+//! - `GET /v1/models` and `POST /v1/chat/completions`: the OpenAI-compatible
+//!   API ([`openai`]), stateless, errors in OpenAI's shape.
 //! - `GET /healthz` answers 200 once the model is loaded (503 before), with
 //!   the context store's state. It needs no token.
 //!
@@ -38,6 +40,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+
+mod openai;
 
 use crate::settings::{invalid, serialize_opt_secret, Secret, SettingsError};
 use crate::{Adapter, AdapterError, Answer, BoxFuture, ChannelKey, Core, CoreError, Inbound, Platform, Shutdown};
@@ -276,9 +280,14 @@ pub fn router(core: Arc<dyn Core>, config: &HttpSettings) -> Router {
         .route("/v1/channels/{channel}/messages", post(post_message))
         .route("/v1/channels/{channel}/context", get(get_context).delete(delete_context))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    let openai = Router::new()
+        .route("/v1/models", get(openai::list_models))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route_layer(middleware::from_fn_with_state(state.clone(), openai::require_token));
     let app = Router::new()
         .route("/healthz", get(healthz))
         .merge(v1)
+        .merge(openai)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such path") })
         .method_not_allowed_fallback(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this path") })
         .with_state(state);

@@ -7,7 +7,10 @@
 //! touches only this crate (its module, its settings, and a field of
 //! [`settings::AdapterSettings`]) and the one line that starts it.
 //!
-//! - [`http`]: a JSON API for web widgets, other bots and integration.
+//! - [`http`]: a JSON API for web widgets, other bots and integration, and
+//!   the OpenAI-compatible `/v1/models` and `/v1/chat/completions`.
+//! - [`completion`]: the neutral shape of a stateless completion (a
+//!   conversation in, ranked replies out) that the OpenAI API speaks.
 //! - [`console`]: stdin/stdout, one channel.
 //! - [`telegram`]: a Telegram bot (teloxide, long polling).
 //! - [`discord`]: a Discord bot (serenity, gateway and slash commands).
@@ -18,6 +21,7 @@
 //! - [`settings`]: the `[adapters]` settings section; each adapter module
 //!   owns its platform's raw and validated settings.
 
+pub mod completion;
 pub mod console;
 pub mod discord;
 pub mod http;
@@ -31,6 +35,8 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+
+pub use completion::{ChatTurn, Completion, CompletionChoice, CompletionError, CompletionRequest, FinishReason, ModelCard};
 
 /// The platforms dialogd speaks on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -207,6 +213,17 @@ pub trait Core: Send + Sync + 'static {
     /// Forgets the channel's stored turns.
     fn clear(&self, channel: ChannelKey) -> BoxFuture<'static, Result<(), CoreError>>;
     fn health(&self) -> Health;
+    /// The models a completion may name: the base model, then personas.
+    /// The default: none (a core that serves no completions).
+    fn models(&self) -> BoxFuture<'static, Result<Vec<ModelCard>, CoreError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+    /// Answers a whole conversation sent by the client, touching no
+    /// channel's context. The default refuses (503).
+    fn complete(&self, request: CompletionRequest) -> BoxFuture<'static, Result<Completion, CompletionError>> {
+        drop(request);
+        Box::pin(async { Err(CompletionError::Core(CoreError::Unavailable("completions are not served here".into()))) })
+    }
 }
 
 /// Tells adapters to stop taking messages. Cloned into every adapter; the

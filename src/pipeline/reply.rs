@@ -48,18 +48,18 @@ impl Degraded<'_> {
 
 /// The safety filter of one message: the filter under the live
 /// thresholds, the channel's words and policy.
-struct Screen {
-    filter: Filter,
-    words: Arc<WordList>,
-    policy: Policy,
-    metrics: Arc<Metrics>,
+pub(super) struct Screen {
+    pub(super) filter: Filter,
+    pub(super) words: Arc<WordList>,
+    pub(super) policy: Policy,
+    pub(super) metrics: Arc<Metrics>,
 }
 
 impl Screen {
     /// Verdicts for `texts`, in order, each classifier label over its
     /// threshold counted for `direction`; a filter with a classifier runs
     /// on a blocking thread (its forward pass would stall the async workers).
-    async fn check(&self, texts: Vec<String>, direction: Direction) -> Result<Vec<crate::safety::Verdict>, CoreError> {
+    pub(super) async fn check(&self, texts: Vec<String>, direction: Direction) -> Result<Vec<crate::safety::Verdict>, CoreError> {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
@@ -283,45 +283,16 @@ async fn choose(
     safety: &SafetySettings,
     screen: &Screen,
 ) -> Result<Option<(String, Vec<u32>, usize)>, CoreError> {
-    let (metrics, channel, tokenizer) = (&shared.metrics, &inbound.channel, &shared.tokenizer);
+    let (channel, tokenizer) = (&inbound.channel, &shared.tokenizer);
     let generation = &prepared.generation;
     let recent_bot: Vec<String> = prepared.history.iter().rev().filter(|t| t.bot).take(8).map(|t| t.text.clone()).collect();
     let adapter = prepared.persona.as_ref().and_then(|p| p.adapter.clone());
     for attempt in 1..=safety.max_attempts {
-        let request = shared.engine.reply(prepared.prompt.ids.clone(), generation.sampling(), generation.candidates.max(1), adapter.clone());
-        let drawn = match request.await {
-            Ok(drawn) => drawn,
-            Err(EngineError::Busy) => return Err(CoreError::Busy),
-            Err(e) => {
-                metrics.refused(Refusal::Failed);
-                tracing::warn!(%channel, error = %e, "generation failed");
-                return Err(CoreError::Internal(e.to_string()));
-            }
-        };
-        metrics.candidates_drawn.inc_by(drawn.len() as u64);
+        let params = generation.sampling();
+        let drawn = draw(shared, channel, prepared.prompt.ids.clone(), params, generation.candidates.max(1), adapter.clone()).await?;
         let texts: Vec<String> =
             drawn.iter().map(|d| tokenizer.decode(&d.ids).map(|t| t.trim().to_string()).unwrap_or_default()).collect();
-        let rejections = crate::ranking::degeneration::screen(&texts, text, &recent_bot);
-        let mut unscreened = Vec::new();
-        for (i, rejection) in rejections.iter().enumerate() {
-            if let Some(why) = rejection {
-                metrics.candidates_screened.inc();
-                tracing::debug!(%channel, candidate = i, ?why, "candidate screened out");
-                continue;
-            }
-            unscreened.push(i);
-        }
-        // Every candidate left in one call: the classifier reads them as one batch.
-        let verdicts = screen.check(unscreened.iter().map(|&i| texts[i].clone()).collect(), Direction::Out).await?;
-        let mut survivors = Vec::new();
-        for (&i, verdict) in unscreened.iter().zip(verdicts) {
-            if verdict.flagged {
-                metrics.candidates_flagged.inc();
-                tracing::debug!(%channel, candidate = i, categories = ?verdict.categories, "candidate flagged");
-                continue;
-            }
-            survivors.push(i);
-        }
+        let survivors = survivors(shared, channel, &texts, text, &recent_bot, screen).await?;
         if survivors.is_empty() {
             tracing::debug!(%channel, attempt, "no candidate passed; drawing again");
             continue;
@@ -332,32 +303,95 @@ async fn choose(
     Ok(None)
 }
 
+/// `n_candidates` candidates for `prompt_ids` from the engine, counted;
+/// a failure is logged and answered busy (a full queue) or internal.
+pub(super) async fn draw(
+    shared: &Shared,
+    channel: &ChannelKey,
+    prompt_ids: Vec<u32>,
+    params: crate::sampling::SamplingParams,
+    n_candidates: usize,
+    adapter: Option<Arc<crate::model::LoraRuntime>>,
+) -> Result<Vec<Drawn>, CoreError> {
+    let metrics = &shared.metrics;
+    let drawn = match shared.engine.reply(prompt_ids, params, n_candidates, adapter).await {
+        Ok(drawn) => drawn,
+        Err(EngineError::Busy) => return Err(CoreError::Busy),
+        Err(e) => {
+            metrics.refused(Refusal::Failed);
+            tracing::warn!(%channel, error = %e, "generation failed");
+            return Err(CoreError::Internal(e.to_string()));
+        }
+    };
+    metrics.candidates_drawn.inc_by(drawn.len() as u64);
+    Ok(drawn)
+}
+
+/// The indices of `texts` (candidates answering `text`) that pass the
+/// screen (empty, echo, repeat of `recent_bot`, duplicate) and the safety
+/// filter, counted in the metrics.
+pub(super) async fn survivors(
+    shared: &Shared,
+    channel: &ChannelKey,
+    texts: &[String],
+    text: &str,
+    recent_bot: &[String],
+    screen: &Screen,
+) -> Result<Vec<usize>, CoreError> {
+    let metrics = &shared.metrics;
+    let rejections = crate::ranking::degeneration::screen(texts, text, recent_bot);
+    let mut unscreened = Vec::new();
+    for (i, rejection) in rejections.iter().enumerate() {
+        if let Some(why) = rejection {
+            metrics.candidates_screened.inc();
+            tracing::debug!(%channel, candidate = i, ?why, "candidate screened out");
+            continue;
+        }
+        unscreened.push(i);
+    }
+    // Every candidate left in one call: the classifier reads them as one batch.
+    let verdicts = screen.check(unscreened.iter().map(|&i| texts[i].clone()).collect(), Direction::Out).await?;
+    let mut survivors = Vec::new();
+    for (&i, verdict) in unscreened.iter().zip(verdicts) {
+        if verdict.flagged {
+            metrics.candidates_flagged.inc();
+            tracing::debug!(%channel, candidate = i, categories = ?verdict.categories, "candidate flagged");
+            continue;
+        }
+        survivors.push(i);
+    }
+    Ok(survivors)
+}
+
+/// The score of each of `survivors` (indices into `drawn`), higher is
+/// better: the ranker's when `[ranking]` names models and there is a
+/// choice (`context`: the prompt's turns, oldest first), else the mean
+/// log-probability (also when ranking fails, logged).
+pub(super) async fn scores(shared: &Shared, channel: &ChannelKey, context: &[Vec<u32>], drawn: &[Drawn], survivors: &[usize]) -> Vec<f32> {
+    let mean_logprob = |i: usize| drawn[i].logprob / drawn[i].ids.len().max(1) as f32;
+    let likeliest = || survivors.iter().map(|&i| mean_logprob(i)).collect::<Vec<f32>>();
+    let Some(ranker) = shared.ranker.as_ref().filter(|_| survivors.len() > 1) else { return likeliest() };
+    let ids: Vec<Vec<u32>> = survivors.iter().map(|&i| drawn[i].ids.clone()).collect();
+    match ranker.score(context.to_vec(), ids, likeliest()).await {
+        Ok(scores) => {
+            shared.metrics.candidates_ranked.inc_by(scores.len() as u64);
+            tracing::debug!(%channel, candidates = survivors.len(), scores = ?scores, "ranked");
+            scores.iter().map(|s| s.score as f32).collect()
+        }
+        Err(e) => {
+            tracing::warn!(%channel, error = %e, "ranking failed; taking the likeliest candidate");
+            likeliest()
+        }
+    }
+}
+
 /// The survivor to send ([`crate::ranking::select::choose`]): a finished
 /// candidate before one cut off by `max_new_tokens`, then the ranker's
 /// score when `[ranking]` names models and there is a choice, else the
 /// mean log-probability. A cut-off reply is logged and counted.
 async fn pick(shared: &Shared, channel: &ChannelKey, prepared: &Prepared, drawn: &[Drawn], survivors: &[usize]) -> usize {
-    let mean_logprob = |i: usize| drawn[i].logprob / drawn[i].ids.len().max(1) as f32;
-    let likeliest = || survivors.iter().map(|&i| mean_logprob(i)).collect::<Vec<f32>>();
-    let scores = match shared.ranker.as_ref().filter(|_| survivors.len() > 1) {
-        None => likeliest(),
-        Some(ranker) => {
-            let encoded = &prepared.encoded;
-            let context = encoded[encoded.len() - prepared.prompt.turns_kept..].to_vec();
-            let ids: Vec<Vec<u32>> = survivors.iter().map(|&i| drawn[i].ids.clone()).collect();
-            match ranker.score(context, ids, likeliest()).await {
-                Ok(scores) => {
-                    shared.metrics.candidates_ranked.inc_by(scores.len() as u64);
-                    tracing::debug!(%channel, candidates = survivors.len(), scores = ?scores, "ranked");
-                    scores.iter().map(|s| s.score as f32).collect()
-                }
-                Err(e) => {
-                    tracing::warn!(%channel, error = %e, "ranking failed; taking the likeliest candidate");
-                    likeliest()
-                }
-            }
-        }
-    };
+    let encoded = &prepared.encoded;
+    let scores = scores(shared, channel, &encoded[encoded.len() - prepared.prompt.turns_kept..], drawn, survivors).await;
     let contenders: Vec<Contender> =
         survivors.iter().zip(&scores).map(|(&i, &score)| Contender { finished: drawn[i].finished, score }).collect();
     let (top, cut_off) = select::choose(&contenders).unwrap_or((0, false));

@@ -48,6 +48,7 @@ fn fixture_with(edit: impl FnOnce(&mut Settings), classifier: Option<Arc<dyn Tox
         engine: engine.clone(),
         store: store.clone(),
         tokenizer: tokenizer(),
+        model_name: "scripted".into(),
         live: Arc::new(LiveSettings::new(settings.generation.clone(), settings.safety.clone())),
         max_tokens: settings.context.max_tokens,
         rate_limit: settings.rate_limit,
