@@ -38,6 +38,7 @@ use crate::pipeline::engine::ReplyEngine;
 use crate::pipeline::rank::{Ranker, RankerError};
 use crate::pipeline::{Jobs, Parts, Pipeline};
 use crate::pool::PoolHandle;
+use crate::safety::WordStore;
 use crate::serving::ModelSpec;
 use crate::settings::live::LiveSettings;
 use crate::settings::{self, ModelSettings, Settings, SettingsError, StoreKind};
@@ -76,6 +77,8 @@ pub enum DaemonError {
     Classifier(#[source] crate::safety::SafetyError),
     #[error("safety.classifier: the loader panicked: {0}")]
     ClassifierPanicked(#[source] tokio::task::JoinError),
+    #[error("context.redis_url: moderators' word lists: {0}")]
+    Words(#[source] crate::safety::SafetyError),
 }
 
 /// A started daemon, sockets bound, not yet serving.
@@ -128,6 +131,7 @@ impl Daemon {
         let collector = open_collector(&settings)?;
         let job_store = open_jobs(&settings).await?;
         let personas = open_personas(&settings).await?;
+        let words = open_words(&settings).await?;
         let live = Arc::new(LiveSettings::new(settings.generation.clone(), settings.safety.clone()));
         let c = &settings.context;
         let pipeline = Pipeline::new(Parts {
@@ -140,6 +144,7 @@ impl Daemon {
             rate_limit: settings.rate_limit,
             ranker,
             classifier,
+            words,
             collector,
             personas: personas.clone(),
             jobs: job_store.clone().map(|store| Jobs { store, settings: settings.jobs.clone() }),
@@ -419,6 +424,16 @@ async fn open_personas(settings: &Settings) -> Result<Arc<Personas>, DaemonError
         (_, Err(e)) => tracing::warn!(error = %e, "persona adapters disabled"),
     }
     Ok(personas)
+}
+
+/// Moderators' word lists: in Redis with the context (they survive
+/// restarts), else in memory.
+async fn open_words(settings: &Settings) -> Result<Arc<WordStore>, DaemonError> {
+    let c = &settings.context;
+    Ok(Arc::new(match c.store {
+        StoreKind::Redis => WordStore::redis(c.redis_url.expose(), &c.key_prefix, c.redis_timeout).await.map_err(DaemonError::Words)?,
+        StoreKind::Memory => WordStore::memory(),
+    }))
 }
 
 /// Logs how an adapter ended; its failure, if it failed.

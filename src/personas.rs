@@ -129,6 +129,22 @@ pub fn group_scope(channel: &ChannelKey, group: &str) -> String {
     format!("{}:group:{group}", channel.platform.as_str())
 }
 
+/// The scope a channel's moderators act for: its server (a Discord guild,
+/// [`group_scope`]), else for Telegram the chat (a forum topic's channel
+/// is `chat:topic`; its chat's moderators are the same), else the channel.
+/// Word lists are kept per such scope, and personas belong to the scope
+/// that created them.
+pub fn moderation_scope(channel: &ChannelKey, group: Option<&str>) -> String {
+    match group {
+        Some(group) => group_scope(channel, group),
+        None if channel.platform == dialogd_adapters::Platform::Telegram => {
+            let chat = channel.channel_id.split_once(':').map_or(channel.channel_id.as_str(), |(chat, _topic)| chat);
+            format!("{}:{chat}", channel.platform.as_str())
+        }
+        None => channel.to_string(),
+    }
+}
+
 impl Personas {
     /// The registry over `store`, with the operator's `[personas]`.
     pub fn new(settings: PersonaSettings, store: Arc<dyn PersonaStore>) -> Arc<Self> {
@@ -206,25 +222,68 @@ impl Personas {
         if seed.iter().any(|s| s.len() > MAX_SEED_BYTES) {
             return Err(PersonaError::Refused(format!("a seed turn may have at most {MAX_SEED_BYTES} bytes")));
         }
+        let mut shared = false;
         if let Some(existing) = self.get(name).await? {
             if existing.created_in.as_deref() != Some(scope) {
-                return Err(PersonaError::Refused(format!("{name} was created elsewhere; choose another name")));
+                return Err(PersonaError::Refused(format!("{name} belongs to another chat or server; choose another name")));
             }
+            shared = existing.shared;
         }
-        let spec = PersonaSpec { name: name.to_string(), adapter: None, seed, created_in: Some(scope.to_string()) };
+        let spec = PersonaSpec { name: name.to_string(), adapter: None, seed, created_in: Some(scope.to_string()), shared };
         self.store.put(spec.clone()).await?;
         Ok(spec)
     }
 
     /// Chooses a persona for a scope (a channel, `platform:id`, or a server,
-    /// [`group_scope`]); `None` goes back to the default.
-    pub async fn choose(&self, scope: &str, name: Option<&str>) -> Result<(), PersonaError> {
+    /// [`group_scope`]) on behalf of the moderators of `by`
+    /// ([`moderation_scope`]); `None` goes back to the default. Refused: no
+    /// such persona, or another scope's that is not shared.
+    pub async fn choose(&self, scope: &str, name: Option<&str>, by: &str) -> Result<(), PersonaError> {
         if let Some(name) = name {
-            if self.get(name).await?.is_none() {
-                return Err(PersonaError::Refused(format!("there is no persona {name:?} (/persona list shows them)")));
+            match self.get(name).await? {
+                None => return Err(PersonaError::Refused(format!("there is no persona {name:?} (/persona list shows them)"))),
+                Some(spec) if !spec.usable_in(by) => {
+                    return Err(PersonaError::Refused(format!(
+                        "{name} belongs to another chat or server and is not shared: only its moderators can let others use it (/persona share {name})"
+                    )))
+                }
+                Some(_) => {}
             }
         }
         self.store.choose(scope, name).await
+    }
+
+    /// Marks a persona shared (other scopes may use it) or not, for the
+    /// moderators of `by` (an operator when `operator`). Refused: no such
+    /// persona, an operator persona, or another scope's.
+    pub async fn share(&self, name: &str, shared: bool, by: &str, operator: bool) -> Result<PersonaSpec, PersonaError> {
+        let Some(mut spec) = self.get(name).await? else {
+            return Err(PersonaError::Refused(format!("there is no persona {name:?} (/persona list shows them)")));
+        };
+        if spec.created_in.is_none() {
+            return Err(PersonaError::Refused(format!("{name} is the operator's: every chat may use it already")));
+        }
+        if !spec.managed_by(by, operator) {
+            return Err(PersonaError::Refused(format!("{name} belongs to another chat or server: only its moderators can share it")));
+        }
+        spec.shared = shared;
+        self.store.put(spec.clone()).await?;
+        Ok(spec)
+    }
+
+    /// Whether the moderators of `by` (an operator when `operator`) may
+    /// train or roll back `name`; `Err(Refused)` says why not.
+    pub async fn may_manage(&self, name: &str, by: &str, operator: bool) -> Result<(), PersonaError> {
+        match self.get(name).await? {
+            None => Err(PersonaError::Refused(format!("there is no persona {name:?} (/persona list shows them)"))),
+            Some(spec) if spec.managed_by(by, operator) => Ok(()),
+            Some(spec) if spec.created_in.is_none() => {
+                Err(PersonaError::Refused(format!("{name} is the operator's persona: only an operator can train it or roll it back")))
+            }
+            Some(_) => Err(PersonaError::Refused(format!(
+                "{name} belongs to another chat or server: only its moderators can train it or roll it back"
+            ))),
+        }
     }
 
     /// `[personas] default`: the persona of a channel nobody chose one
@@ -244,9 +303,15 @@ impl Personas {
     }
 
     /// The persona a channel speaks as, ready to use. A persona that no
-    /// longer exists is treated as none.
+    /// longer exists, or that its owners stopped sharing, is treated as
+    /// none.
     pub async fn for_channel(&self, channel: &ChannelKey, group: Option<&str>) -> Result<Option<ActivePersona>, PersonaError> {
         let Some(name) = self.chosen(channel, group).await? else { return Ok(None) };
+        let Some(spec) = self.get(&name).await? else { return Ok(None) };
+        if !spec.usable_in(&moderation_scope(channel, group)) {
+            tracing::debug!(%channel, persona = %name, "the persona chosen here is another scope's and no longer shared");
+            return Ok(None);
+        }
         self.named(&name).await
     }
 

@@ -13,7 +13,8 @@
 //! - `complete`: stateless completions for the OpenAI-compatible API (a
 //!   conversation sent whole, `n` ranked replies, no channel context).
 //! - [`commands`]: `/start /help /ask /reset /forget /optout /optin` for
-//!   everyone and `/mute /unmute /persona /train /collect` for moderators
+//!   everyone and `/mute /unmute /persona /train /collect /block /unblock
+//!   /allow /disallow /blocklist` for moderators
 //!   (the adapter says who is one), parsed into a [`commands::Command`]
 //!   with one handler each; refusals and moderator actions are logged.
 //! - [`engine`]: the narrow door to generation ([`ReplyEngine`]).
@@ -47,7 +48,7 @@ use crate::collect::Collector;
 use crate::context::{lease, ContextStore};
 use crate::jobs::JobStore;
 use crate::personas::Personas;
-use crate::safety::{blocked_list, Filter, ToxicityClassifier, WordList};
+use crate::safety::{blocked_list, Filter, ToxicityClassifier, WordList, WordStore};
 use crate::settings::live::LiveSettings;
 use crate::settings::{GenerationSettings, JobSettings, RateLimitSettings, SafetySettings};
 use crate::telemetry::{Metrics, Refusal};
@@ -74,6 +75,8 @@ struct Shared {
     max_tokens: usize,
     /// `[safety] classifier`, loaded at start.
     classifier: Option<Arc<dyn ToxicityClassifier>>,
+    /// Moderators' blocked and allowed words per scope (`/block`, …).
+    words: Arc<WordStore>,
     /// The DialogRPT/MMI ranker, when `[ranking]` names one.
     ranker: Option<Arc<Ranker>>,
     /// Consented log collection, when `[collect]` is enabled.
@@ -145,6 +148,8 @@ pub struct Parts {
     /// `[safety] classifier`, loaded (its thresholds come from the live
     /// `[safety]`).
     pub classifier: Option<Arc<dyn ToxicityClassifier>>,
+    /// Moderators' word lists (Redis with the context, else memory).
+    pub words: Arc<WordStore>,
     pub collector: Option<Arc<Collector>>,
     pub personas: Arc<Personas>,
     pub jobs: Option<Jobs>,
@@ -153,7 +158,10 @@ pub struct Parts {
 
 impl Pipeline {
     pub fn new(parts: Parts) -> Self {
-        let Parts { engine, store, tokenizer, model_name, live, max_tokens, rate_limit, ranker, classifier, collector, personas, jobs, metrics } = parts;
+        let Parts { engine, store, tokenizer, model_name, live, max_tokens, rate_limit, ranker, classifier, words, collector, personas, jobs, metrics } = parts;
+        if let Some(classifier) = &classifier {
+            metrics.classifier_labels(classifier.labels());
+        }
         Self {
             shared: Arc::new(Shared {
                 engine,
@@ -164,6 +172,7 @@ impl Pipeline {
                 blocked: Mutex::new(None),
                 max_tokens,
                 classifier,
+                words,
                 ranker,
                 collector,
                 personas,

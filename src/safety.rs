@@ -10,7 +10,8 @@
 //!   through "f*ck", spacing, repeated letters and look-alike characters and
 //!   knows "Scunthorpe" and "assassin" are fine), mapped to our categories.
 //! - [`words`]: moderator word lists per guild/chat, matched through the
-//!   same kinds of obfuscation; a serialisable structure the daemon persists.
+//!   same kinds of obfuscation; [`store`] keeps them (Redis or memory) for
+//!   the daemon's `/block`, `/allow` and kin.
 //! - [`classifier`]: the optional neural classifier (`[safety] classifier`:
 //!   BERT, RoBERTa, XLM-R or DistilBERT sequence classifiers in the Hugging
 //!   Face layout, run with candle-transformers), its trait and per-label
@@ -19,6 +20,7 @@
 pub mod classifier;
 pub mod markup;
 pub mod rules;
+pub mod store;
 pub mod words;
 
 use std::sync::Arc;
@@ -28,6 +30,7 @@ use serde::{Deserialize, Serialize};
 pub use classifier::hf::HfClassifier;
 pub use classifier::{LabelThresholds, ToxicityClassifier};
 pub use rules::RuleFilter;
+pub use store::{WordChange, WordOutcome, WordStore};
 pub use words::{WordList, WordLists};
 
 /// Safety failures.
@@ -158,6 +161,15 @@ pub struct Verdict {
 }
 
 impl Verdict {
+    /// The classifier's labels over their thresholds: one per `classifier`
+    /// hit, read from its detail (`LABEL P`, [`LabelThresholds::hits`]).
+    pub fn classifier_labels(&self) -> impl Iterator<Item = &str> {
+        self.hits
+            .iter()
+            .filter(|h| h.source == "classifier")
+            .filter_map(|h| h.detail.as_deref()?.rsplit_once(' ').map(|(label, _)| label))
+    }
+
     fn from_hits(policy: Policy, hits: Vec<Hit>) -> Self {
         let mut categories: Vec<Category> = hits.iter().filter(|h| policy.blocks(h)).map(|h| h.category).collect();
         categories.sort();

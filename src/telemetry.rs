@@ -122,6 +122,32 @@ struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassifierLabels {
+    /// The classifier's label (its `id2label` name).
+    label: String,
+    /// `in` (a user's message) or `out` (a candidate reply).
+    direction: &'static str,
+}
+
+/// Which way a text was going when the safety filter read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// A user's message (or its edit).
+    In,
+    /// A candidate reply.
+    Out,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::In => "in",
+            Direction::Out => "out",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
     features: &'static str,
@@ -154,6 +180,9 @@ pub struct Metrics {
     pub candidates_flagged: Counter,
     pub candidates_screened: Counter,
     pub candidates_ranked: Counter,
+    /// Texts the classifier flagged, per label over its threshold and
+    /// direction (a text over two thresholds counts under both labels).
+    classifier_flagged: Family<ClassifierLabels, Counter>,
     /// Training job attempts this daemon started, and how its jobs ended
     /// (promoted, rejected, failed, cancelled).
     pub jobs_started: Counter,
@@ -193,6 +222,7 @@ impl Metrics {
             candidates_flagged: Counter::default(),
             candidates_screened: Counter::default(),
             candidates_ranked: Counter::default(),
+            classifier_flagged: Family::default(),
             jobs_started: Counter::default(),
             jobs_ended: Family::default(),
             job_running: Gauge::default(),
@@ -221,6 +251,11 @@ impl Metrics {
         r.register("dialogd_candidates_flagged", "Candidates dropped by the safety filter", metrics.candidates_flagged.clone());
         r.register("dialogd_candidates_screened", "Candidates dropped as empty, echoes or repeats", metrics.candidates_screened.clone());
         r.register("dialogd_candidates_ranked", "Candidates scored by the ranker", metrics.candidates_ranked.clone());
+        r.register(
+            "dialogd_classifier_flagged",
+            "Texts the safety classifier flagged, by label and direction (in: messages, out: candidates)",
+            metrics.classifier_flagged.clone(),
+        );
         r.register("dialogd_jobs_started", "Training job attempts started here", metrics.jobs_started.clone());
         r.register("dialogd_jobs_ended", "Training jobs run here, by how they ended", metrics.jobs_ended.clone());
         r.register("dialogd_job_running", "Whether a trainer runs under this daemon", metrics.job_running.clone());
@@ -265,6 +300,21 @@ impl Metrics {
 
     pub fn refusals(&self, why: Refusal) -> u64 {
         self.refusals.get_or_create(&ReasonLabels { reason: why.as_str() }).get()
+    }
+
+    /// Shows `dialogd_classifier_flagged_total` at 0 for every label of
+    /// the loaded classifier, both directions (the daemon, at start).
+    pub fn classifier_labels(&self, labels: &[String]) {
+        for label in labels {
+            for direction in [Direction::In, Direction::Out] {
+                let _ = self.classifier_flagged.get_or_create(&ClassifierLabels { label: label.clone(), direction: direction.as_str() });
+            }
+        }
+    }
+
+    /// Counts a text the classifier flagged under `label`.
+    pub fn classifier_flagged(&self, label: &str, direction: Direction) {
+        self.classifier_flagged.get_or_create(&ClassifierLabels { label: label.to_string(), direction: direction.as_str() }).inc();
     }
 
     /// Counts a job's end (`promoted`, `rejected`, `failed`, `cancelled`;
@@ -485,7 +535,11 @@ mod tests {
         m.job_ended("promoted");
         m.job_ended("no such state");
         m.observe_generation(Duration::from_millis(70));
+        m.classifier_labels(&["toxicity".to_string(), "insult".to_string()]);
+        m.classifier_flagged("insult", Direction::Out);
         let text = m.render();
+        assert!(text.contains("dialogd_classifier_flagged_total{label=\"insult\",direction=\"out\"} 1\n"), "{text}");
+        assert!(text.contains("dialogd_classifier_flagged_total{label=\"toxicity\",direction=\"in\"} 0\n"), "{text}");
         assert!(text.contains("dialogd_messages_in_total{platform=\"telegram\"} 2\n"), "{text}");
         assert!(text.contains("dialogd_messages_in_total{platform=\"http\"} 1\n"), "{text}");
         assert!(text.contains("dialogd_messages_in_total{platform=\"discord\"} 0\n"), "{text}");

@@ -381,7 +381,7 @@ async fn persona_stores_behave_alike_and_redis_keeps_choices() {
     let redis = RedisServer::start();
     let settings = PersonaSettings {
         default: "plain".into(),
-        defined: vec![PersonaSpec { name: "plain".into(), adapter: None, seed: vec!["Hello.".into()], created_in: None }],
+        defined: vec![PersonaSpec { name: "plain".into(), adapter: None, seed: vec!["Hello.".into()], created_in: None, shared: false }],
     };
     let url = redis.url();
     let connect = || RedisPersonaStore::connect(&url, "t", Duration::from_secs(2));
@@ -393,20 +393,29 @@ async fn persona_stores_behave_alike_and_redis_keeps_choices() {
         let (room, other) = (key("room"), key("other"));
         let mut trace = Vec::new();
         trace.push(format!("{:?}", personas.chosen(&room, Some("g1")).await));
-        trace.push(format!("{:?}", personas.create("pirate", vec!["Ahoy!".into()], "http:room").await.map(|p| p.seed)));
+        trace.push(format!("{:?}", personas.create("pirate", vec!["Ahoy!".into()], "http:group:g1").await.map(|p| p.seed)));
         trace.push(format!("{:?}", personas.create("pirate", vec![], "http:other").await));
-        trace.push(format!("{:?}", personas.create("plain", vec![], "http:room").await));
-        trace.push(format!("{:?}", personas.choose("http:group:g1", Some("pirate")).await));
+        trace.push(format!("{:?}", personas.create("plain", vec![], "http:group:g1").await));
+        trace.push(format!("{:?}", personas.choose("http:group:g1", Some("pirate"), "http:group:g1").await));
         trace.push(format!("{:?}", personas.chosen(&room, Some("g1")).await));
-        trace.push(format!("{:?}", personas.choose("http:room", Some("plain")).await));
+        trace.push(format!("{:?}", personas.choose("http:room", Some("plain"), "http:group:g1").await));
         trace.push(format!("{:?}", personas.chosen(&room, Some("g1")).await));
         trace.push(format!("{:?}", personas.chosen(&other, None).await));
-        trace.push(format!("{:?}", personas.choose("http:other", Some("ghost")).await));
+        trace.push(format!("{:?}", personas.choose("http:other", Some("ghost"), "http:other").await));
         trace.push(format!("{:?}", personas.all().await.map(|all| all.into_iter().map(|p| p.name).collect::<Vec<_>>())));
         trace.push(format!("{:?}", personas.for_channel(&room, Some("g1")).await.map(|p| p.map(|p| (p.name, p.seed)))));
-        trace.push(format!("{:?}", personas.choose("http:room", None).await));
+        trace.push(format!("{:?}", personas.choose("http:room", None, "http:group:g1").await));
         trace.push(format!("{:?}", personas.chosen(&room, Some("g1")).await));
-        assert!(matches!(personas.choose("http:other", Some("ghost")).await, Err(PersonaError::Refused(_))), "{kind}");
+        assert!(matches!(personas.choose("http:other", Some("ghost"), "http:other").await, Err(PersonaError::Refused(_))), "{kind}");
+        // Another scope's persona, not shared: refused, until shared.
+        assert!(matches!(personas.choose("http:other", Some("pirate"), "http:other").await, Err(PersonaError::Refused(_))), "{kind}");
+        assert!(matches!(personas.share("pirate", true, "http:other", false).await, Err(PersonaError::Refused(_))), "{kind}");
+        assert!(personas.share("pirate", true, "http:group:g1", false).await.unwrap().shared, "{kind}");
+        personas.choose("http:other", Some("pirate"), "http:other").await.unwrap();
+        assert!(personas.for_channel(&other, None).await.unwrap().is_some(), "{kind}");
+        personas.share("pirate", false, "http:group:g1", false).await.unwrap();
+        assert!(personas.for_channel(&other, None).await.unwrap().is_none(), "unshared: no longer served ({kind})");
+        personas.choose("http:other", None, "http:other").await.unwrap();
         seen.push((kind, trace));
     }
     assert_eq!(seen[0].1, seen[1].1, "memory and Redis differ");

@@ -80,7 +80,7 @@ async fn dms_mentions_slash_commands_moderators_and_resume() {
     let registered =
         wait_for(WAIT, || fake.calls("PUT", &format!("/guilds/{GUILD}/commands")).pop()).await.expect("command registration");
     let names: Vec<&str> = registered.as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["help", "ask", "reset", "forget", "optout", "optin", "mute", "unmute", "persona", "train", "collect"]);
+    assert_eq!(names, ["help", "ask", "reset", "forget", "optout", "optin", "mute", "unmute", "persona", "train", "collect", "block", "unblock", "allow", "disallow", "blocklist"]);
 
     // A DM is answered, as a reply, with typing and no pings.
     let dm = fake.next_id();

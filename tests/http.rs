@@ -220,6 +220,7 @@ async fn each_channel_keeps_its_order_under_concurrency() {
                 msg_id: Some(format!("{c}-{m}")),
                 addressed_to_bot: true,
                 moderator: false,
+                operator: false,
                 group: None,
                 edit: None,
             };

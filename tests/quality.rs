@@ -210,7 +210,14 @@ async fn the_classifier_refuses_input_and_drops_candidates() {
         let reply = answer["reply"].as_str().unwrap_or_else(|| panic!("no reply: {answer}"));
         assert!(reply.starts_with("yes"), "a flagged candidate was sent: {reply:?}");
     }
-    assert!(d.metric("dialogd_candidates_flagged_total").await >= 4.0);
+    let flagged = d.metric("dialogd_candidates_flagged_total").await;
+    assert!(flagged >= 4.0);
+    // Per label and direction: only the classifier flags here, so every
+    // flagged candidate is one `toxicity` out; `insult` has no threshold.
+    let by_label = |label: &str, direction: &str| format!("dialogd_classifier_flagged_total{{label=\"{label}\",direction=\"{direction}\"}}");
+    assert_eq!(d.metric(&by_label("toxicity", "out")).await, flagged);
+    assert_eq!(d.metric(&by_label("toxicity", "in")).await, 0.0);
+    assert_eq!(d.metric(&by_label("insult", "out")).await, 0.0);
     // A flagged message: the notice, nothing stored, nothing generated.
     let drawn = d.metric("dialogd_candidates_drawn_total").await;
     let (_, answer) = d.say("c-0", "troll", "No way, NO!", None).await;
@@ -218,6 +225,9 @@ async fn the_classifier_refuses_input_and_drops_candidates() {
     assert_eq!(d.turns("c-0").await.len(), 2, "only the first exchange is stored");
     assert_eq!(d.metric("dialogd_refusals_total{reason=\"toxic_input\"}").await, 1.0);
     assert_eq!(d.metric("dialogd_candidates_drawn_total").await, drawn);
+    assert_eq!(d.metric(&by_label("toxicity", "in")).await, 1.0);
+    assert_eq!(d.metric(&by_label("toxicity", "out")).await, flagged);
+    assert_eq!(d.metric(&by_label("insult", "in")).await, 0.0);
     d.stop().await;
 
     // Thresholds that name a label the classifier lacks stop the daemon, by name.

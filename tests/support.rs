@@ -293,6 +293,7 @@ pub fn moderator_inbound(channel: &str, author: &str, text: &str) -> dialogd_ada
         msg_id: None,
         addressed_to_bot: true,
         moderator: true,
+        operator: false,
         group: None,
         edit: None,
     }

@@ -39,7 +39,7 @@ async fn private_chats_groups_commands_and_moderators() {
     // The command menu is registered.
     let menu = wait_for(WAIT, || fake.calls("setMyCommands").pop()).await.expect("setMyCommands");
     let names: Vec<&str> = menu["commands"].as_array().unwrap().iter().map(|c| c["command"].as_str().unwrap()).collect();
-    assert_eq!(names, ["start", "help", "ask", "reset", "forget", "optout", "optin", "mute", "unmute", "persona", "train", "collect"]);
+    assert_eq!(names, ["start", "help", "ask", "reset", "forget", "optout", "optin", "mute", "unmute", "persona", "train", "collect", "block", "unblock", "allow", "disallow", "blocklist"]);
 
     // A private chat is always answered, as a reply, with typing first.
     let asked = fake.say(1, 1, "Does money buy happiness?", None);
@@ -502,5 +502,138 @@ async fn the_webhook_server_is_bounded_like_the_http_api() {
     // Still serving.
     let again = fake.say(1, 1, "still there?", None);
     assert_eq!(replied_to(&nth_sent(&fake, 1, 2).await), Some(again));
+    d.stop().await;
+}
+
+/// [`telegram_lines`] on a daemon whose context (and so word lists and
+/// personas) is in `redis`.
+fn telegram_redis_toml(fake: &FakeTelegram, redis: &crate::support::RedisServer, lines: &[String]) -> String {
+    let lines = telegram_lines(fake, lines);
+    let extra: Vec<(&str, &str)> = lines.iter().map(|l| ("adapters.telegram", l.as_str())).collect();
+    crate::support::daemon_toml(Some(redis), &extra)
+}
+
+/// Sends `text` as `user` in `chat` and waits for the chat's `n`th answer.
+async fn answer(fake: &FakeTelegram, chat: i64, user: i64, text: &str, n: usize) -> String {
+    fake.say(chat, user, text, None);
+    nth_sent(fake, chat, n).await["text"].as_str().unwrap().to_string()
+}
+
+/// Waits for a message to `chat` containing `needle`.
+async fn sent_containing(fake: &FakeTelegram, chat: i64, needle: &str) {
+    let found = wait_for(WAIT, || fake.sent_to(chat).into_iter().find(|m| m["text"].as_str().is_some_and(|t| t.contains(needle)))).await;
+    assert!(found.is_some(), "nothing containing {needle:?} sent to {chat}: {:?}", fake.sent_to(chat));
+}
+
+/// Moderators' word lists through the Telegram adapter, kept in Redis: a
+/// word a chat's administrator blocks is refused in that chat and not in
+/// another, a member's `/block` (and the administrator's in a chat they do
+/// not administer) is refused, and the list survives a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_words_hold_per_chat_and_survive_a_restart() {
+    let redis = crate::support::RedisServer::start();
+    let notice = "Let's keep it friendly.";
+    let (a, b) = (-100, -200);
+    let fake = FakeTelegram::start(TOKEN).await;
+    fake.add_admin_of(a, 8);
+    let d = TestDaemon::start(&telegram_redis_toml(&fake, &redis, &[])).await;
+    assert!(answer(&fake, a, 7, "/block grumble", 1).await.contains("only moderators"));
+    let blocked = answer(&fake, a, 8, "/block Grumble moon ?!", 2).await;
+    assert!(blocked.starts_with("Blocked here: grumble, moon.") && blocked.contains("Refused: `?!` has no letters or digits"), "{blocked}");
+    assert_eq!(answer(&fake, a, 2, "@dialogd_bot you grumble", 3).await, notice);
+    assert_eq!(answer(&fake, a, 2, "@dialogd_bot over the m o o n", 4).await, notice);
+    assert_eq!(answer(&fake, a, 8, "/blocklist", 5).await, "Blocked here: grumble, moon. Allowed here: none.");
+    assert!(answer(&fake, a, 8, "/help", 6).await.contains("/block WORD…"));
+    // Another chat: not blocked there, and chat a's administrator is no
+    // moderator of it.
+    fake.say(b, 2, "@dialogd_bot you grumble", None);
+    fake.say(b, 8, "/block grumble", None);
+    // The message is answered first (or stays silent), then the command.
+    sent_containing(&fake, b, "only moderators").await;
+    assert!(fake.sent_to(b).iter().all(|m| m["text"] != notice), "blocked in the wrong chat: {:?}", fake.sent_to(b));
+    d.stop().await;
+
+    // A new daemon on the same Redis (and the same Telegram, whose message
+    // ids go on): the list holds.
+    let d = TestDaemon::start(&telegram_redis_toml(&fake, &redis, &[])).await;
+    assert_eq!(answer(&fake, a, 2, "@dialogd_bot GRUMBLE!", 7).await, notice);
+    assert_eq!(answer(&fake, a, 8, "/unblock grumble", 8).await, "Unblocked: grumble.");
+    fake.say(a, 2, "@dialogd_bot you grumble", None);
+    fake.say(a, 2, "/start", None);
+    sent_containing(&fake, a, "Hello").await;
+    assert_eq!(fake.sent_to(a).iter().filter(|m| m["text"] == notice).count(), 3, "{:?}", fake.sent_to(a));
+    d.stop().await;
+}
+
+/// Authority stops at the chat, through the Telegram adapter: a persona
+/// belongs to the chat that created it; another chat's administrator may
+/// not use it until it is shared, and never train it, roll it back,
+/// replace it or share it; an operator (the `moderators` allowlist) may.
+/// The base model (`jobs.mode = "full"`) needs an operator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authority_stops_at_the_chat() {
+    let redis = crate::support::RedisServer::start();
+    let dir = std::env::temp_dir().join(format!("dialogd-authority-{}", std::process::id()));
+    let jobs_dir = format!("dir = \"{}\"", dir.join("jobs").display());
+    let (a, b, operator) = (-100, -200, 9);
+    let fake = FakeTelegram::start(TOKEN).await;
+    fake.add_admin_of(a, 8);
+    fake.add_admin_of(b, 18);
+    let toml = |mode: &str| {
+        let mut toml = telegram_redis_toml(&fake, &redis, &[format!("moderators = [{operator}]")]);
+        toml = toml.replace("[jobs]\n", "");
+        toml + &format!("[jobs]\nenabled = true\n{jobs_dir}\nmode = \"{mode}\"\n")
+    };
+    let d = TestDaemon::start(&toml("lora")).await;
+    let (mut in_a, mut in_b) = (0, 0);
+    let mut say = |chat: i64, user: i64, text: &'static str| {
+        let n = if chat == a { &mut in_a } else { &mut in_b };
+        *n += 1;
+        let (fake, n) = (fake.clone(), *n);
+        async move { answer(&fake, chat, user, text, n).await }
+    };
+    assert!(say(a, 8, "/persona create pirate Arr! | Ahoy").await.contains("Created persona pirate"));
+    let refused = say(b, 18, "/persona use pirate").await;
+    assert!(refused.contains("belongs to another chat or server and is not shared"), "{refused}");
+    assert!(say(b, 18, "/persona create pirate Yo").await.contains("belongs to another chat or server; choose another name"));
+    assert!(say(b, 18, "/persona share pirate").await.contains("only its moderators can share it"));
+    assert!(say(a, 8, "/persona share pirate").await.contains("pirate is shared"));
+    assert!(say(b, 18, "/persona use pirate").await.contains("From now on I speak as pirate"));
+    // Shared is not owned: chat b may not train it or roll it back.
+    let train = say(b, 18, "/train").await;
+    assert!(train.contains("pirate belongs to another chat or server: only its moderators can train it"), "{train}");
+    assert!(say(b, 18, "/train rollback").await.contains("only its moderators can train it or roll it back"));
+    // Its owners may (collection is off here, so there is nothing to train on).
+    assert!(say(a, 8, "/persona use pirate").await.contains("speak as pirate"));
+    assert!(say(a, 8, "/train").await.contains("not collected"));
+    // An operator may, in any chat.
+    assert!(say(b, operator, "/train").await.contains("not collected"));
+    // Unshared: chat b can choose it no more.
+    assert!(say(a, 8, "/persona unshare").await.contains("pirate is no longer shared"));
+    assert!(say(b, 18, "/persona use pirate").await.contains("not shared"));
+    d.stop().await;
+
+    // Full fine-tuning: the base model every chat is served by.
+    let d = TestDaemon::start(&toml("full")).await;
+    assert!(answer(&fake, a, 8, "/train", in_a + 1).await.contains("needs an operator"));
+    assert!(answer(&fake, a, 8, "/train rollback", in_a + 2).await.contains("needs an operator"));
+    assert!(answer(&fake, a, operator, "/train", in_a + 3).await.contains("not collected"));
+    d.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Other bots' messages are ignored (bot-to-bot loops) unless
+/// `answer_bots = true`.
+#[tokio::test]
+async fn other_bots_are_answered_only_with_answer_bots() {
+    let fake = FakeTelegram::start(TOKEN).await;
+    let d = TestDaemon::start(&telegram_toml(&fake, &[])).await;
+    fake.say_as_bot(-100, 77, "/start");
+    assert!(answer(&fake, -100, 2, "/help", 1).await.contains("/reset"), "the bot's /start was answered");
+    d.stop().await;
+    let fake = FakeTelegram::start(TOKEN).await;
+    let d = TestDaemon::start(&telegram_toml(&fake, &["answer_bots = true".into()])).await;
+    fake.say_as_bot(-100, 77, "/start");
+    assert!(nth_sent(&fake, -100, 1).await["text"].as_str().unwrap().contains("Hello"));
     d.stop().await;
 }

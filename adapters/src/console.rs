@@ -100,6 +100,7 @@ where
                     addressed_to_bot: true,
                     // The console is the operator at the machine.
                     moderator: true,
+                    operator: true,
                     group: None,
                     edit: None,
                 };

@@ -71,6 +71,7 @@ pub struct RawDiscord {
     pub moderator_roles: Vec<u64>,
     pub moderators: Vec<u64>,
     pub answer_edits: bool,
+    pub answer_bots: bool,
 }
 
 /// `[adapters.discord]` validated: what the adapter runs with.
@@ -100,6 +101,9 @@ pub struct DiscordSettings {
     pub moderators: Vec<u64>,
     /// Answer edited messages again.
     pub answer_edits: bool,
+    /// Answer messages other bots send (off: bot-to-bot loops). The bot's
+    /// own messages are never answered.
+    pub answer_bots: bool,
     /// Retries of REST calls (not a settings key: the default, or a test's).
     #[serde(skip)]
     pub retry: RetryPolicy,
@@ -126,6 +130,7 @@ impl RawDiscord {
             moderator_roles: self.moderator_roles,
             moderators: self.moderators,
             answer_edits: self.answer_edits,
+            answer_bots: self.answer_bots,
             retry: RetryPolicy::default(),
         };
         if settings.enabled && settings.token.is_none() {
@@ -291,6 +296,9 @@ fn command_builders() -> Vec<CreateCommand> {
                     "(empty: start) | status | cancel | rollback",
                 )),
                 "collect" => command.add_option(CreateCommandOption::new(CommandOptionType::String, "what", "on | off | status")),
+                "block" | "unblock" | "allow" | "disallow" => command.add_option(
+                    CreateCommandOption::new(CommandOptionType::String, "words", "One or more words, separated by spaces").required(true),
+                ),
                 _ => command,
             }
         })
@@ -400,6 +408,7 @@ fn inbound(channel: ChannelId, guild: Option<GuildId>, author: UserId, msg_id: u
         msg_id: Some(msg_id.to_string()),
         addressed_to_bot: true,
         moderator: false,
+        operator: false,
         group: guild.map(|g| g.get().to_string()),
         edit: None,
     }
@@ -413,7 +422,7 @@ fn queue_answer(state: &Arc<State>, http: Arc<Http>, channel: ChannelId, reply: 
 }
 
 async fn on_message(state: &Arc<State>, ctx: Context, message: Message) {
-    if message.author.bot {
+    if message.author.bot && !(state.config.answer_bots && Some(&message.author.id) != state.bot_id.get()) {
         return;
     }
     let Some(listed) = admitted(state, message.guild_id, message.channel_id).await else { return };
@@ -422,7 +431,8 @@ async fn on_message(state: &Arc<State>, ctx: Context, message: Message) {
         return;
     };
     let moderator = is_moderator_command(&text) && message_author_is_moderator(state, &message).await;
-    let inbound = Inbound { moderator, ..inbound(message.channel_id, message.guild_id, message.author.id, message.id.get(), text) };
+    let operator = moderator && state.config.moderators.contains(&message.author.id.get());
+    let inbound = Inbound { moderator, operator, ..inbound(message.channel_id, message.guild_id, message.author.id, message.id.get(), text) };
     // Handing it over now fixes its place in the channel's order.
     let answer = state.core.handle(inbound);
     queue_answer(state, ctx.http.clone(), message.channel_id, Reply::Message(message.id), answer);
@@ -432,7 +442,7 @@ async fn on_message(state: &Arc<State>, ctx: Context, message: Message) {
 /// thread's or channel's own context), answered only with `answer_edits`.
 async fn on_edit(state: &Arc<State>, ctx: Context, event: MessageUpdateEvent) {
     let (Some(author), Some(content)) = (event.author.as_ref(), event.content.as_deref()) else { return };
-    if author.bot {
+    if author.bot && !(state.config.answer_bots && Some(&author.id) != state.bot_id.get()) {
         return;
     }
     let Some(listed) = admitted(state, event.guild_id, event.channel_id).await else { return };
@@ -460,7 +470,8 @@ async fn on_command(state: &Arc<State>, ctx: Context, command: CommandInteractio
     let argument = command.data.options.first().and_then(|o| o.value.as_str()).unwrap_or("").trim().to_string();
     let text = if argument.is_empty() { format!("/{name}") } else { format!("/{name} {argument}") };
     let moderator = is_moderator_command(&text) && interaction_user_is_moderator(state, &command);
-    let inbound = Inbound { moderator, ..inbound(command.channel_id, command.guild_id, command.user.id, command.id.get(), text) };
+    let operator = moderator && state.config.moderators.contains(&command.user.id.get());
+    let inbound = Inbound { moderator, operator, ..inbound(command.channel_id, command.guild_id, command.user.id, command.id.get(), text) };
     let answer = state.core.handle(inbound);
     let token = state.config.bot_token();
     // Discord wants an answer within 3 s: say "thinking…" first (type 5,

@@ -427,6 +427,7 @@ async fn post_message(
         msg_id: body.message_id,
         addressed_to_bot: true,
         moderator: false,
+        operator: false,
         group: None,
         edit: None,
     };

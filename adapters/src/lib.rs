@@ -108,6 +108,11 @@ pub struct Inbound {
     /// word, or the adapter's allowlist). Adapters may leave it false for
     /// anything but a moderator command ([`text::is_moderator_command`]).
     pub moderator: bool,
+    /// Whether the author is an operator: on the adapter's `moderators`
+    /// allowlist (a moderator everywhere), or at the console. Only an
+    /// operator may train or roll back the base model from a chat.
+    /// Adapters may leave it false for anything but a moderator command.
+    pub operator: bool,
     /// The server the channel belongs to (a Discord guild), when the
     /// platform has one: moderators choose personas per server or channel.
     pub group: Option<String>,

@@ -139,13 +139,14 @@ mod tests {
             "console": { "enabled": false },
             "discord": {
                 "enabled": false, "token": "", "proxy_url": "", "allowed_guilds": [], "allowed_channels": [],
-                "open_channels": [], "command_guilds": [], "moderator_roles": [], "moderators": [], "answer_edits": false
+                "open_channels": [], "command_guilds": [], "moderator_roles": [], "moderators": [], "answer_edits": false,
+                "answer_bots": false
             },
             "telegram": {
                 "enabled": false, "token": "", "api_url": "https://api.telegram.org/", "moderators": [],
                 "allowed_chats": [], "allowed_users": [],
                 "poll_timeout_secs": 10, "mode": "polling", "webhook_url": "", "webhook_listen": "127.0.0.1:8443",
-                "webhook_secret": "", "answer_edits": false
+                "webhook_secret": "", "answer_edits": false, "answer_bots": false
             }
         });
         change(&mut value);

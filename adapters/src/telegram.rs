@@ -79,6 +79,7 @@ pub struct RawTelegram {
     pub webhook_listen: String,
     pub webhook_secret: String,
     pub answer_edits: bool,
+    pub answer_bots: bool,
 }
 
 /// `[adapters.telegram]` validated: what the adapter runs with.
@@ -118,6 +119,9 @@ pub struct TelegramSettings {
     pub webhook_secret: Option<Secret>,
     /// Answer edited messages again.
     pub answer_edits: bool,
+    /// Answer messages other bots send (off: bot-to-bot loops). The bot's
+    /// own messages are never answered.
+    pub answer_bots: bool,
     /// Webhook mode: what bounds the server's clients (not settings keys
     /// of this section: `[adapters.http]`'s, set when `[adapters]` is
     /// validated).
@@ -164,6 +168,7 @@ impl RawTelegram {
             webhook_listen: self.webhook_listen.trim().to_string(),
             webhook_secret: Secret::non_empty(&self.webhook_secret),
             answer_edits: self.answer_edits,
+            answer_bots: self.answer_bots,
             webhook_limits: crate::http::ServeLimits::default(),
         };
         if settings.enabled && settings.mode == TelegramMode::Webhook {
@@ -458,7 +463,7 @@ fn channel_of(message: &Message) -> (String, Option<ThreadId>) {
 /// Decides whether a message is for the bot and hands it to the core.
 async fn on_message(context: &Arc<Context>, message: Message, edit: Option<Edit>) {
     let (Some(text), Some(from)) = (message.text(), message.from.as_ref()) else { return };
-    if from.is_bot {
+    if from.is_bot && !(context.config.answer_bots && from.id != context.me.user.id) {
         return;
     }
     if !context.config.admits(message.chat.id.0, from.id.0) {
@@ -494,6 +499,7 @@ async fn on_message(context: &Arc<Context>, message: Message, edit: Option<Edit>
         msg_id: Some(message.id.0.to_string()),
         addressed_to_bot: true,
         moderator: moderator.unwrap_or(false),
+        operator: context.config.moderators.contains(&from.id.0),
         group: None,
         edit,
     };

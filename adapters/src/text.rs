@@ -18,10 +18,16 @@ pub const COMMANDS: &[(&str, &str)] = &[
     ("persona", "Moderators: list, create or choose my persona (list, use NAME, create NAME SEED, off)"),
     ("train", "Moderators: fine-tune me on this channel's conversations (status, cancel, rollback)"),
     ("collect", "Moderators: collect this channel's conversations for training (on, off, status)"),
+    ("block", "Moderators: refuse these words here, in and out (WORD…)"),
+    ("unblock", "Moderators: stop refusing these words (WORD…)"),
+    ("allow", "Moderators: let these words past the filter here (WORD…)"),
+    ("disallow", "Moderators: stop allowing these words (WORD…)"),
+    ("blocklist", "Moderators: show the words blocked and allowed here"),
 ];
 
 /// Commands only moderators may use.
-pub const MODERATOR_COMMANDS: &[&str] = &["mute", "unmute", "persona", "train", "collect"];
+pub const MODERATOR_COMMANDS: &[&str] =
+    &["mute", "unmute", "persona", "train", "collect", "block", "unblock", "allow", "disallow", "blocklist"];
 
 /// A command's word and the bot it is addressed to: `/reset` is
 /// `("reset", None)`, `/reset@dialogd_bot now` is `("reset", Some("dialogd_bot"))`.

@@ -167,6 +167,7 @@ async fn session(core: Arc<dyn Core>) -> anyhow::Result<()> {
             addressed_to_bot: true,
             // The console is the operator at the machine.
             moderator: true,
+            operator: true,
             group: None,
             edit: None,
         };

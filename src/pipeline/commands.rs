@@ -5,7 +5,9 @@
 //! channel's context), `/forget` (delete what is stored about the author),
 //! `/optout` and `/optin`. Moderators (the adapter says who is one) also
 //! have `/mute` and `/unmute` (the bot stops or resumes answering in the
-//! channel; commands still work), `/persona`, `/train` and `/collect`.
+//! channel; commands still work), `/persona`, `/train`, `/collect`, and the
+//! word lists of their server or chat: `/block WORD…`, `/unblock WORD…`,
+//! `/allow WORD…`, `/disallow WORD…`, `/blocklist`.
 //! Everyone else gets a clear refusal; every moderator action and refusal
 //! is logged. An unknown command is answered with the help text.
 
@@ -14,19 +16,27 @@ use dialogd_adapters::{Answer, ChannelKey, CoreError, Inbound};
 
 use super::{internal, say, Shared};
 use crate::context::ContextError;
-use crate::jobs::{JobState, StoreError};
-use crate::personas::{group_scope, PersonaError};
+use crate::jobs::{JobState, StoreError, Target};
+use crate::personas::{group_scope, moderation_scope, PersonaError};
+use crate::safety::{WordChange, WordOutcome};
 use crate::settings::Consent;
 
 const HELP: &str = "I'm a DialoGPT chat bot. Commands: /ask TEXT asks me something (in groups you can \
 also mention me or reply to me); /reset forgets this channel's conversation; /forget deletes everything \
 stored about you; /optout stops me learning from your messages, /optin allows it; /help shows this. \
-Moderators: /mute, /unmute, /persona (list, show, use NAME [server], create NAME SEED | SEED…, off), \
-/train (status, cancel, rollback), /collect (on, off, status).";
+Moderators: /mute, /unmute, /persona (list, show, use NAME [server], create NAME SEED | SEED…, off, \
+share [NAME], unshare [NAME]), \
+/train (status, cancel, rollback), /collect (on, off, status), /block WORD… and /unblock WORD… (words \
+I refuse here, on the way in and out), /allow WORD… and /disallow WORD… (words the filter lets pass \
+here), /blocklist shows both.";
+
+const BASE_NEEDS_OPERATOR: &str = "Training or rolling back the base model (every chat's) needs an operator: a user on the \
+bot's moderators allowlist, or `dialogd jobs` on the server. Chat moderators can train their own personas.";
 
 const START: &str = "Hello! I'm a DialoGPT chat bot: talk to me and I'll answer. /help lists the commands.";
 
-const PERSONA_USAGE: &str = "Usage: /persona [show | list | use NAME [server] | create NAME SEED | SEED… | off [server]]";
+const PERSONA_USAGE: &str =
+    "Usage: /persona [show | list | use NAME [server] | create NAME SEED | SEED… | off [server] | share [NAME] | unshare [NAME]]";
 
 /// A command, parsed from a message's text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +54,11 @@ pub enum Command<'a> {
     Persona(PersonaCommand),
     Train(TrainCommand),
     Collect(CollectCommand),
+    /// `/block`, `/unblock`, `/allow`, `/disallow` and their words
+    /// (whitespace-separated; none: the usage).
+    Words(WordChange, Vec<&'a str>),
+    /// `/blocklist`: the scope's blocked and allowed words.
+    Blocklist,
     /// Any other `/word`: answered with the help text.
     Unknown(String),
 }
@@ -60,6 +75,9 @@ pub enum PersonaCommand {
     Off { scope: Option<String> },
     /// `create NAME SEED | SEED…`; `name` `None` when missing.
     Create { name: Option<String>, seed: Vec<String> },
+    /// `share [NAME]` (`shared`) or `unshare [NAME]`; `None`: the persona
+    /// chosen here.
+    Share { name: Option<String>, shared: bool },
     Usage,
 }
 
@@ -111,6 +129,11 @@ impl<'a> Command<'a> {
                 "off" => CollectCommand::Off,
                 _ => CollectCommand::Status,
             }),
+            "block" => Command::Words(WordChange::Block, argument.split_whitespace().collect()),
+            "unblock" => Command::Words(WordChange::Unblock, argument.split_whitespace().collect()),
+            "allow" => Command::Words(WordChange::Allow, argument.split_whitespace().collect()),
+            "disallow" => Command::Words(WordChange::Disallow, argument.split_whitespace().collect()),
+            "blocklist" => Command::Blocklist,
             _ => Command::Unknown(word),
         })
     }
@@ -130,6 +153,11 @@ impl<'a> Command<'a> {
             Command::Persona(_) => "persona",
             Command::Train(_) => "train",
             Command::Collect(_) => "collect",
+            Command::Words(WordChange::Block, _) => "block",
+            Command::Words(WordChange::Unblock, _) => "unblock",
+            Command::Words(WordChange::Allow, _) => "allow",
+            Command::Words(WordChange::Disallow, _) => "disallow",
+            Command::Blocklist => "blocklist",
             Command::Unknown(word) => word,
         }
     }
@@ -152,6 +180,7 @@ impl PersonaCommand {
                 scope: words.next().map(str::to_string),
             },
             "off" => PersonaCommand::Off { scope: words.next().map(str::to_string) },
+            "share" | "unshare" => PersonaCommand::Share { name: words.next().map(str::to_ascii_lowercase), shared: verb == "share" },
             "create" => {
                 let name = words.next().map(str::to_ascii_lowercase);
                 let rest = words.collect::<Vec<_>>().join(" ");
@@ -196,6 +225,8 @@ pub(super) async fn run(shared: &Shared, inbound: &Inbound, command: Command<'_>
         Command::Persona(persona) => persona_command(shared, inbound, persona).await?,
         Command::Train(train) => train_command(shared, inbound, train).await?,
         Command::Collect(collect) => collect_command(shared, inbound, collect).await?,
+        Command::Words(change, words) => words_command(shared, inbound, change, &words).await?,
+        Command::Blocklist => blocklist(shared, inbound).await?,
     };
     Ok(say(inbound, text))
 }
@@ -303,6 +334,47 @@ async fn collect_command(shared: &Shared, inbound: &Inbound, command: CollectCom
     Ok(text.to_string())
 }
 
+/// `/block`, `/unblock`, `/allow`, `/disallow WORD…` in the moderators'
+/// scope ([`moderation_scope`]): what changed, what already was so, and
+/// what was refused, with why.
+async fn words_command(shared: &Shared, inbound: &Inbound, change: WordChange, words: &[&str]) -> Result<String, CoreError> {
+    let (verb, done, unchanged) = match change {
+        WordChange::Block => ("block", "Blocked here", "already blocked"),
+        WordChange::Unblock => ("unblock", "Unblocked", "not blocked"),
+        WordChange::Allow => ("allow", "Allowed here", "already allowed"),
+        WordChange::Disallow => ("disallow", "No longer allowed", "not allowed"),
+    };
+    if words.is_empty() {
+        return Ok(format!("Usage: /{verb} WORD… (one or more words, separated by spaces)"));
+    }
+    let scope = moderation_scope(&inbound.channel, inbound.group.as_deref());
+    let outcomes = shared.words.change(&scope, change, words).await.map_err(|e| CoreError::Unavailable(e.to_string()))?;
+    tracing::info!(channel = %inbound.channel, %scope, moderator = %inbound.author, command = verb, ?outcomes, "word list changed");
+    let mut parts = Vec::new();
+    let pick = |want: fn(&WordOutcome) -> Option<&String>| outcomes.iter().filter_map(want).map(String::as_str).collect::<Vec<_>>();
+    let changed = pick(|o| if let WordOutcome::Done(w) = o { Some(w) } else { None });
+    let same = pick(|o| if let WordOutcome::Unchanged(w) = o { Some(w) } else { None });
+    let refused = pick(|o| if let WordOutcome::Refused(w) = o { Some(w) } else { None });
+    if !changed.is_empty() {
+        parts.push(format!("{done}: {}.", changed.join(", ")));
+    }
+    if !same.is_empty() {
+        parts.push(format!("{} {unchanged}.", same.join(", ")));
+    }
+    if !refused.is_empty() {
+        parts.push(format!("Refused: {}.", refused.join("; ")));
+    }
+    Ok(parts.join(" "))
+}
+
+/// `/blocklist`: the words blocked and allowed in the moderators' scope.
+async fn blocklist(shared: &Shared, inbound: &Inbound) -> Result<String, CoreError> {
+    let scope = moderation_scope(&inbound.channel, inbound.group.as_deref());
+    let list = shared.words.list(&scope).await.map_err(|e| CoreError::Unavailable(e.to_string()))?;
+    let show = |set: &std::collections::BTreeSet<String>| if set.is_empty() { "none".to_string() } else { set.iter().cloned().collect::<Vec<_>>().join(", ") };
+    Ok(format!("Blocked here: {}. Allowed here: {}.", show(&list.blocked), show(&list.allowed)))
+}
+
 /// The scope a persona choice applies to: the channel, or with
 /// `server`/`guild` its server. `Err` is the refusal to tell the user.
 fn persona_scope(inbound: &Inbound, word: Option<&str>) -> Result<String, String> {
@@ -345,22 +417,22 @@ async fn persona_command(shared: &Shared, inbound: &Inbound, command: PersonaCom
         PersonaCommand::Use { name: None, .. } => Ok("Which one? /persona use NAME".to_string()),
         PersonaCommand::Use { name: Some(name), scope } => match persona_scope(inbound, scope.as_deref()) {
             Err(why) => Ok(why),
-            Ok(scope) => personas.choose(&scope, Some(&name)).await.map(|()| {
+            Ok(scope) => personas.choose(&scope, Some(&name), &moderation_scope(channel, group)).await.map(|()| {
                 format!("From now on I speak as {name} {}.", if scope.contains(":group:") { "on this server" } else { "in this channel" })
             }),
         },
         PersonaCommand::Off { scope } => match persona_scope(inbound, scope.as_deref()) {
             Err(why) => Ok(why),
             Ok(scope) => personas
-                .choose(&scope, None)
+                .choose(&scope, None, &moderation_scope(channel, group))
                 .await
                 .map(|()| "Persona cleared: I speak as myself (or the server's persona).".to_string()),
         },
         PersonaCommand::Create { name: None, .. } => Ok("/persona create NAME first seed turn | second seed turn".to_string()),
         PersonaCommand::Create { name: Some(name), seed } => {
-            // Whoever moderates this server (or, outside one, this channel)
-            // owns what they create.
-            let owner = group.map_or_else(|| channel.to_string(), |group| group_scope(channel, group));
+            // Whoever moderates this server (or Telegram chat, or else this
+            // channel) owns what they create.
+            let owner = moderation_scope(channel, group);
             personas.create(&name, seed, &owner).await.map(|spec| {
                 format!(
                     "Created persona {} with {} seed turn(s). /persona use {} to speak as it here; /train teaches it this channel's ways.",
@@ -369,6 +441,22 @@ async fn persona_command(shared: &Shared, inbound: &Inbound, command: PersonaCom
                     spec.name
                 )
             })
+        }
+        PersonaCommand::Share { name, shared } => {
+            let name = match name {
+                Some(name) => Some(name),
+                None => personas.chosen(channel, group).await.map_err(|e| CoreError::Unavailable(e.to_string()))?,
+            };
+            match name {
+                None => Ok(format!("Which one? /persona {} NAME", if shared { "share" } else { "unshare" })),
+                Some(name) => personas.share(&name, shared, &moderation_scope(channel, group), inbound.operator).await.map(|spec| {
+                    if shared {
+                        format!("{} is shared: other chats and servers may /persona use {} (they cannot train it).", spec.name, spec.name)
+                    } else {
+                        format!("{} is no longer shared: only this chat or server speaks as it.", spec.name)
+                    }
+                }),
+            }
         }
         PersonaCommand::Usage => Ok(PERSONA_USAGE.to_string()),
     })
@@ -384,6 +472,24 @@ async fn train_command(shared: &Shared, inbound: &Inbound, command: TrainCommand
     let persona = persona_text(shared.personas.chosen(&inbound.channel, inbound.group.as_deref()).await.map(|p| p.unwrap_or_default()))?;
     let target = jobs.settings.mode.target_for((!persona.is_empty()).then_some(persona.as_str()));
     let trigger = format!("moderator:{channel}");
+    // Authority stops at the chat: the base model is everyone's (an
+    // operator's call), a persona its owners'.
+    if matches!(command, TrainCommand::Start | TrainCommand::Rollback) {
+        let by = moderation_scope(&inbound.channel, inbound.group.as_deref());
+        match &target {
+            Ok(Target::Base) if !inbound.operator => {
+                tracing::info!(%channel, moderator = %inbound.author, "base model training or rollback refused: not an operator");
+                return Ok(BASE_NEEDS_OPERATOR.to_string());
+            }
+            Ok(Target::Persona(name)) => {
+                if let Err(why) = shared.personas.may_manage(name, &by, inbound.operator).await {
+                    tracing::info!(%channel, moderator = %inbound.author, persona = %name, "persona training or rollback refused: not its owner");
+                    return persona_text(Err(why));
+                }
+            }
+            _ => {}
+        }
+    }
     Ok(match command {
         TrainCommand::Start => {
             let target = match target {

@@ -111,8 +111,8 @@ pub(super) async fn complete(shared: Arc<Shared>, request: CompletionRequest) ->
         }
     }
     let (safety, blocked, filter) = shared.safety();
-    let screen = Screen { filter, words: blocked, policy: safety.policy_for(&channel.to_string()) };
-    let verdicts = screen.check(turns.clone()).await?;
+    let screen = Screen { filter, words: blocked, policy: safety.policy_for(&channel.to_string()), metrics: shared.metrics.clone() };
+    let verdicts = screen.check(turns.clone(), crate::telemetry::Direction::In).await?;
     if let Some(verdict) = verdicts.iter().find(|v| v.flagged) {
         metrics.refused(Refusal::ToxicInput);
         tracing::info!(%channel, categories = ?verdict.categories, "completion request failed the safety filter");

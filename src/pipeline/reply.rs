@@ -23,12 +23,12 @@ use super::engine::{Drawn, EngineError};
 use super::limits::Verdict;
 use super::{say, silent, Shared};
 use crate::context::{Appended, ContextError, EditOutcome, Turn};
-use crate::personas::{persona_prompt, ActivePersona};
+use crate::personas::{moderation_scope, persona_prompt, ActivePersona};
 use crate::prompt::{normalize_turn, Prompt, MAX_TURN_BYTES};
 use crate::ranking::select::{self, Contender};
 use crate::safety::{Filter, Policy, WordList};
 use crate::settings::{GenerationSettings, SafetySettings, ToxicInput};
-use crate::telemetry::{Metrics, Refusal};
+use crate::telemetry::{Direction, Metrics, Refusal};
 
 /// Tracks whether this message had to do without its stored context.
 struct Degraded<'a> {
@@ -52,12 +52,14 @@ pub(super) struct Screen {
     pub(super) filter: Filter,
     pub(super) words: Arc<WordList>,
     pub(super) policy: Policy,
+    pub(super) metrics: Arc<Metrics>,
 }
 
 impl Screen {
-    /// Verdicts for `texts`, in order; a filter with a classifier runs on a
-    /// blocking thread (its forward pass would stall the async workers).
-    pub(super) async fn check(&self, texts: Vec<String>) -> Result<Vec<crate::safety::Verdict>, CoreError> {
+    /// Verdicts for `texts`, in order, each classifier label over its
+    /// threshold counted for `direction`; a filter with a classifier runs
+    /// on a blocking thread (its forward pass would stall the async workers).
+    pub(super) async fn check(&self, texts: Vec<String>, direction: Direction) -> Result<Vec<crate::safety::Verdict>, CoreError> {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
@@ -71,8 +73,31 @@ impl Screen {
         } else {
             run()
         };
-        verdicts.map_err(super::internal)
+        let verdicts = verdicts.map_err(super::internal)?;
+        for label in verdicts.iter().flat_map(|v| v.classifier_labels()) {
+            self.metrics.classifier_flagged(label, direction);
+        }
+        Ok(verdicts)
     }
+}
+
+/// The safety settings in force and the screen of `inbound`'s channel:
+/// its policy, the operator's blocked words with its scope's moderators'
+/// words ([`moderation_scope`]). Without the store, the operator's words
+/// alone (logged).
+async fn screen_for(shared: &Shared, inbound: &Inbound) -> (Arc<SafetySettings>, Screen) {
+    let (safety, blocked, filter) = shared.safety();
+    let scope = moderation_scope(&inbound.channel, inbound.group.as_deref());
+    let words = match shared.words.list(&scope).await {
+        Ok(list) if list == WordList::default() => blocked,
+        Ok(list) => Arc::new(blocked.merged(&list)),
+        Err(e) => {
+            tracing::warn!(channel = %inbound.channel, %scope, error = %e, "cannot read the moderators' word list; filtering without it");
+            blocked
+        }
+    };
+    let policy = safety.policy_for(&inbound.channel.to_string());
+    (safety, Screen { filter, words, policy, metrics: shared.metrics.clone() })
 }
 
 /// A message that passed admission, with what its reply is drawn from.
@@ -97,9 +122,8 @@ async fn edited(shared: &Shared, inbound: &Inbound) -> Result<EditOutcome, CoreE
     if text.is_empty() || text.len() > MAX_TURN_BYTES {
         return Ok(EditOutcome::Done("edit_ignored"));
     }
-    let (safety, blocked, filter) = shared.safety();
-    let screen = Screen { filter, words: blocked, policy: safety.policy_for(&inbound.channel.to_string()) };
-    let flagged = screen.check(vec![text.to_string()]).await?.remove(0).flagged;
+    let (_, screen) = screen_for(shared, inbound).await;
+    let flagged = screen.check(vec![text.to_string()], Direction::In).await?.remove(0).flagged;
     crate::context::apply_edit(&*shared.store, &inbound.channel, &inbound.author, id, text, flagged, edit.answer)
         .await
         .map_err(|e| CoreError::Unavailable(e.to_string()))
@@ -173,9 +197,7 @@ pub(super) async fn process(shared: Arc<Shared>, mut inbound: Inbound, tally: &m
         return Ok(silent("muted"));
     }
     let mut degraded = Degraded { metrics, counted: false };
-    let (safety, blocked, filter) = shared.safety();
-    let policy = safety.policy_for(&inbound.channel.to_string());
-    let screen = Screen { filter, words: blocked, policy };
+    let (safety, screen) = screen_for(&shared, &inbound).await;
     if let Some(answer) = admit(&shared, &inbound, text, &safety, &screen, &mut degraded).await? {
         return Ok(answer);
     }
@@ -236,7 +258,7 @@ async fn admit(
             return Err(CoreError::RateLimited { notice: None, retry_after });
         }
     }
-    let verdict = screen.check(vec![text.to_string()]).await?.remove(0);
+    let verdict = screen.check(vec![text.to_string()], Direction::In).await?.remove(0);
     if verdict.flagged {
         metrics.refused(Refusal::ToxicInput);
         tracing::info!(%channel, categories = %crate::safety::Category::joined(&verdict.categories), "message failed the safety filter");
@@ -361,7 +383,7 @@ pub(super) async fn survivors(
         unscreened.push(i);
     }
     // Every candidate left in one call: the classifier reads them as one batch.
-    let verdicts = screen.check(unscreened.iter().map(|&i| texts[i].clone()).collect()).await?;
+    let verdicts = screen.check(unscreened.iter().map(|&i| texts[i].clone()).collect(), Direction::Out).await?;
     let mut survivors = Vec::new();
     for (&i, verdict) in unscreened.iter().zip(verdicts) {
         if verdict.flagged {

@@ -54,6 +54,7 @@ fn fixture_with(edit: impl FnOnce(&mut Settings), classifier: Option<Arc<dyn Tox
         rate_limit: settings.rate_limit,
         ranker: None,
         classifier,
+        words: Arc::new(crate::safety::WordStore::memory()),
         collector: None,
         personas,
         jobs: None,
@@ -70,6 +71,7 @@ fn message(channel: &str, text: &str, moderator: bool) -> Inbound {
         msg_id: None,
         addressed_to_bot: true,
         moderator,
+        operator: false,
         group: None,
         edit: None,
     }
@@ -176,6 +178,31 @@ async fn screened_and_flagged_candidates_are_dropped_and_drawn_again() {
 }
 
 #[tokio::test]
+async fn moderators_words_hold_in_their_scope_in_and_out() {
+    let f = fixture(|s| s.safety.policy = crate::safety::Policy::Strict);
+    assert!(text_of(f.say("c", "/block pineapple").await.unwrap()).contains("only moderators"));
+    assert_eq!(f.command("c", "/block Pineapple").await, "Blocked here: pineapple.");
+    assert_eq!(f.command("c", "/block").await, "Usage: /block WORD… (one or more words, separated by spaces)");
+    // Out: the likelier candidate holds the word and is dropped here…
+    f.engine.then(vec![f.drawn(" pineapple pizza rules", -0.1), f.drawn(" Once upon a time", -3.0)]);
+    assert_eq!(text_of(f.say("c", "tell me a story").await.unwrap()), "Once upon a time");
+    // …and sent in another channel, whose scope blocked nothing.
+    f.engine.then(vec![f.drawn(" pineapple pizza rules", -0.1), f.drawn(" Once upon a time", -3.0)]);
+    assert_eq!(text_of(f.say("d", "tell me a story").await.unwrap()), "pineapple pizza rules");
+    // In: refused here only.
+    assert_eq!(text_of(f.say("c", "PINEAPPLES!").await.unwrap()), f.settings.safety.notice);
+    // Allowed: a word the strict rules flag passes here, not elsewhere.
+    assert_eq!(text_of(f.say("d", "damn").await.unwrap()), f.settings.safety.notice);
+    assert_eq!(f.command("c", "/allow damn").await, "Allowed here: damn.");
+    f.engine.then(vec![f.drawn(" Indeed", -1.0)]);
+    assert_eq!(text_of(f.say("c", "damn").await.unwrap()), "Indeed");
+    assert_eq!(f.command("c", "/blocklist").await, "Blocked here: pineapple. Allowed here: damn.");
+    assert_eq!(f.command("c", "/disallow damn").await, "No longer allowed: damn.");
+    assert_eq!(f.command("c", "/unblock pineapple tomato").await, "Unblocked: pineapple. tomato not blocked.");
+    assert_eq!(f.command("c", "/blocklist").await, "Blocked here: none. Allowed here: none.");
+}
+
+#[tokio::test]
 async fn toxic_input_is_refused_and_never_stored() {
     let f = fixture(|s| s.safety.blocked_words = vec!["pineapple".into()]);
     let answer = text_of(f.say("c", "I love pineapple").await.unwrap());
@@ -249,7 +276,7 @@ async fn engine_refusals_reach_the_adapter_as_errors() {
 async fn a_persona_prompt_is_the_same_in_serving_and_in_the_gate() {
     let seed = vec!["Ahoy, I'm a pirate.".to_string(), "What be yer business?".to_string()];
     let f = fixture(|s| {
-        s.personas.defined.push(PersonaSpec { name: "pirate".into(), adapter: None, seed: seed.clone(), created_in: None });
+        s.personas.defined.push(PersonaSpec { name: "pirate".into(), adapter: None, seed: seed.clone(), created_in: None, shared: false });
         s.personas.default = "pirate".into();
         s.context.max_tokens = 4096;
     });
@@ -304,7 +331,7 @@ async fn personas_are_created_chosen_shown_and_cleared() {
     assert!(f.command("c", "/persona create Bad!Name hi").await.contains("is not a persona name"));
     let created = f.command("c", "/persona create pirate Ahoy! | What be yer business?").await;
     assert!(created.starts_with("Created persona pirate with 2 seed turn(s)"), "{created}");
-    assert!(f.command("other", "/persona create pirate Arr").await.contains("created elsewhere"));
+    assert!(f.command("other", "/persona create pirate Arr").await.contains("belongs to another chat or server"));
     assert!(f.command("c", "/persona use ghost").await.contains("there is no persona"));
     assert!(f.command("c", "/persona use pirate server").await.contains("belongs to no server"));
     assert!(f.command("c", "/persona use pirate").await.contains("speak as pirate in this channel"));

@@ -100,6 +100,8 @@ mod tests {
         let hits = t.hits(&labels, &[0.49, 0.25, 0.999]).unwrap();
         let details: Vec<_> = hits.iter().map(|h| (h.detail.clone().unwrap(), h.severity)).collect();
         assert_eq!(details, vec![("threat 0.250".into(), Severity::Mild), ("insult 0.999".into(), Severity::Severe)]);
+        let verdict = crate::safety::Verdict { flagged: true, categories: vec![Category::Toxicity], hits, classifier: None };
+        assert_eq!(verdict.classifier_labels().collect::<Vec<_>>(), ["threat", "insult"]);
         assert!(t.hits(&labels, &[0.1, 0.2]).is_err());
         assert!(t.hits(&labels, &[0.1, f32::NAN, 0.3]).is_err());
         assert!(t.hits(&labels, &[0.99, 0.1, 0.1]).unwrap().is_empty());

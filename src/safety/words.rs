@@ -95,6 +95,15 @@ impl WordLists {
     }
 }
 
+/// `word` in the form lists store it (trimmed, inner spaces single, lower
+/// case), or why it cannot be an entry (no letters or digits, longer than
+/// [`MAX_WORD_CHARS`]).
+pub fn entry(word: &str) -> Result<String, SafetyError> {
+    let entry = entry_form(word);
+    check_entry(&entry)?;
+    Ok(entry)
+}
+
 fn entry_form(word: &str) -> String {
     word.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
 }
@@ -119,6 +128,15 @@ fn insert(set: &mut BTreeSet<String>, word: &str) -> Result<bool, SafetyError> {
 }
 
 impl WordList {
+    /// This list with `other`'s entries added (the operator's
+    /// `safety.blocked_words` with a scope's moderators' words).
+    pub fn merged(&self, other: &WordList) -> WordList {
+        WordList {
+            blocked: self.blocked.union(&other.blocked).cloned().collect(),
+            allowed: self.allowed.union(&other.allowed).cloned().collect(),
+        }
+    }
+
     /// A hit for every blocked entry found in `text`.
     pub fn blocked_in(&self, text: &str) -> Vec<Hit> {
         if self.blocked.is_empty() {
@@ -320,6 +338,9 @@ mod tests {
         assert!(lists.unblock("discord:guild:1", "GRUMBLE"));
         assert!(lists.get("discord:guild:1").is_none());
         assert!(!lists.unblock("nowhere", "x"));
+        assert_eq!(entry("  Moon   PIE ").unwrap(), "moon pie");
+        let merged = list(&["a1"]).merged(&list(&["b2"]));
+        assert_eq!(merged.blocked.iter().collect::<Vec<_>>(), ["a1", "b2"]);
         assert!(WordLists::from_json("{\"s\":{\"blocked\":[\"!!\"]}}").is_err());
     }
 

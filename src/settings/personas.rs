@@ -44,6 +44,26 @@ pub struct PersonaSpec {
     /// moderators there may replace it. `None`: defined in the settings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_in: Option<String>,
+    /// Whether its owners let other scopes use it (`/persona share`).
+    /// Operator personas (`created_in` `None`) are for everyone anyway.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
+}
+
+impl PersonaSpec {
+    /// Whether moderators acting for `scope` may speak as it: an operator
+    /// persona (defined in the settings, or created before personas had
+    /// owners), a shared one, or their own.
+    pub fn usable_in(&self, scope: &str) -> bool {
+        self.created_in.as_deref().is_none_or(|owner| self.shared || owner == scope)
+    }
+
+    /// Whether moderators acting for `scope` (an operator when `operator`)
+    /// may train it, roll it back, replace it or share it: its owners, or
+    /// an operator. Operator personas only an operator.
+    pub fn managed_by(&self, scope: &str, operator: bool) -> bool {
+        operator || self.created_in.as_deref() == Some(scope)
+    }
 }
 
 /// Whether a persona name is acceptable: 1-32 of `a-z 0-9 _ -`.
@@ -65,7 +85,7 @@ impl RawPersonas {
                 return Err(invalid("personas.defined", format!("{}: seed turn {s:?} must be 1-2000 bytes", p.name)));
             }
             let adapter = (!p.adapter.trim().is_empty()).then(|| std::path::PathBuf::from(p.adapter.trim()));
-            defined.push(PersonaSpec { name: p.name, adapter, seed: p.seed, created_in: None });
+            defined.push(PersonaSpec { name: p.name, adapter, seed: p.seed, created_in: None, shared: false });
         }
         if !self.default.is_empty() && !defined.iter().any(|d| d.name == self.default) {
             return Err(invalid("personas.default", format!("{:?} is not in personas.defined", self.default)));

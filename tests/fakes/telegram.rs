@@ -38,6 +38,8 @@ struct Inner {
     failures: Mutex<HashMap<String, VecDeque<(u16, Value)>>>,
     /// User ids that are administrators of every group.
     admins: Mutex<HashSet<i64>>,
+    /// (chat, user): administrators of one group.
+    chat_admins: Mutex<HashSet<(i64, i64)>>,
     /// Methods (lower case) that never answer while listed.
     hanging: Mutex<HashSet<String>>,
     new_update: tokio::sync::Notify,
@@ -111,6 +113,20 @@ impl FakeTelegram {
 
     pub fn add_admin(&self, user: i64) {
         self.inner.admins.lock().unwrap().insert(user);
+    }
+
+    /// Makes `user` an administrator of `chat` alone.
+    pub fn add_admin_of(&self, chat: i64, user: i64) {
+        self.inner.chat_admins.lock().unwrap().insert((chat, user));
+    }
+
+    /// Queues a text message from another bot (`is_bot`), user id `bot`.
+    pub fn say_as_bot(&self, chat: i64, bot: i64, text: &str) -> i64 {
+        let id = self.inner.next_message.fetch_add(1, Ordering::SeqCst);
+        let mut message = message_json(id, chat, bot, text);
+        message["from"] = json!({ "id": bot, "is_bot": true, "first_name": format!("bot{bot}"), "username": format!("bot{bot}_bot") });
+        self.push("message", message);
+        id
     }
 
     /// Makes calls of `method` hang (recorded, never answered) or answer again.
@@ -352,8 +368,9 @@ async fn handle(State(inner): State<Arc<Inner>>, Path((bot, method)): Path<(Stri
         }
         "getchatmember" => {
             let user = body["user_id"].as_i64().unwrap_or(0);
+            let chat = body["chat_id"].as_i64().unwrap_or(0);
             let who = json!({ "id": user, "is_bot": false, "first_name": format!("user{user}") });
-            if inner.admins.lock().unwrap().contains(&user) {
+            if inner.admins.lock().unwrap().contains(&user) || inner.chat_admins.lock().unwrap().contains(&(chat, user)) {
                 ok(json!({ "status": "creator", "user": who, "is_anonymous": false }))
             } else {
                 ok(json!({ "status": "member", "user": who }))
