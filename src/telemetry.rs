@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use dialogd_adapters::discord::ShardStats;
+use dialogd_adapters::discord::{ShardFigures, ShardStats};
 use dialogd_adapters::Platform;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, NoLabelSet};
@@ -431,7 +431,8 @@ impl Collector for ShardCollector {
         if shards.is_empty() {
             return Ok(());
         }
-        let gauges: [(&str, &str, fn(&dialogd_adapters::discord::ShardFigures) -> i64); 2] = [
+        type Figure = fn(&ShardFigures) -> i64;
+        let gauges: [(&str, &str, Figure); 2] = [
             ("dialogd_discord_shard_up", "Whether the Discord shard is connected (1) or not (0).", |f| i64::from(f.up)),
             ("dialogd_discord_shard_guilds", "Guilds in the Discord shard's Ready.", |f| f.guilds as i64),
         ];
