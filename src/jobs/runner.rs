@@ -246,7 +246,8 @@ impl Runner {
     /// new state; `Err` is a failure with its reason.
     async fn attempt(&self, record: &mut JobRecord, shutdown: &Shutdown) -> Result<()> {
         let dir = self.settings.dir.join(format!("job-{}", record.id));
-        let output = dir.join("output");
+        // Under jobs.artifacts_dir, where every serving host finds it.
+        let output = self.settings.output_dir(record.id);
         let log = dir.join("train.log");
         std::fs::create_dir_all(&output).map_err(io_error(&output))?;
         let data = dir.join("data.jsonl");
