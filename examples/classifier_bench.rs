@@ -6,6 +6,13 @@
 //! words finer than BERT's, so the token counts printed are on the high side
 //! for these texts.
 //!
+//! Beside it, in the same run, the reply it screens: a DialoGPT-small-shaped
+//! model (synthetic weights, `model::synthetic`) in a generation pool drawing
+//! 8 candidates (the daemon's default sampling, end-of-text ignored so every
+//! candidate makes exactly the tokens asked) from a 48-token prompt, for 16
+//! and 64 new tokens, with f32 weights and with `--quantize q8`'s 8-bit
+//! weights. The classifier's share of a reply is its time over the sum.
+//!
 //! `cargo run --release --example classifier_bench [reps]` (default 10);
 //! prints the median and best of `reps`, in ms.
 
@@ -14,7 +21,15 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
+use dialogd::model::synthetic::{default_init, synthetic_tensors};
+use dialogd::model::weights::TensorStore;
+use dialogd::model::{Gpt2, Gpt2Config};
+use dialogd::pool::{GenerationPool, GenerationRequest, PoolConfig};
 use dialogd::safety::{HfClassifier, ToxicityClassifier};
+use dialogd::sampling::SamplingParams;
+
+/// Prompt length of the generation reference, in tokens.
+const PROMPT_TOKENS: usize = 48;
 
 const MESSAGE: &str = "hey, did you see the game last night? I can't believe they lost again after leading the whole first half";
 const CANDIDATES: [&str; 8] = [
@@ -69,5 +84,44 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("1 message                     {:9.1} {:9.1}", one.0, one.1);
     println!("8 candidates, one batch       {:9.1} {:9.1}", batched.0, batched.1);
     println!("8 candidates, one at a time   {:9.1} {:9.1}", singly.0, singly.1);
+
+    println!();
+    println!("the reply it screens: DialoGPT-small shape, synthetic weights, 8 candidates from a {PROMPT_TOKENS}-token prompt");
+    println!("weights  new tokens   generation median ms   best ms   classifier share (in + 8 out, batched, medians)");
+    let small = Gpt2Config::dialogpt_small();
+    let tensors = synthetic_tensors(&small, 1, &default_init())?;
+    let f32_model = Gpt2::from_store(small.clone(), &mut TensorStore::from_tensors("synthetic", tensors.into_iter().collect()), &Device::Cpu)?;
+    let q8_model = f32_model.quantize_q8()?;
+    for (name, model) in [("f32", f32_model), ("q8", q8_model)] {
+        let pool = GenerationPool::start(model, PoolConfig { max_batch: 8, queue_capacity: 8, max_candidates: 8, ..PoolConfig::default() })?;
+        let handle = pool.handle();
+        let eos = small.eos_token_id;
+        let prompt: Vec<u32> = (1..PROMPT_TOKENS as u32).map(|i| (i * 7919) % 50000).chain([eos]).collect();
+        let request = |new_tokens: usize, seed: u64| GenerationRequest {
+            n_candidates: 8,
+            ignore_eos: true,
+            ..GenerationRequest::new(prompt.clone(), SamplingParams { max_new_tokens: new_tokens, seed: Some(seed), ..SamplingParams::default() })
+        };
+        handle.generate_blocking(request(4, 0))?; // warm-up
+        for new_tokens in [16, 64] {
+            let mut ms = Vec::with_capacity(reps);
+            for rep in 0..reps {
+                let result = handle.generate_blocking(request(new_tokens, rep as u64))?;
+                assert!(result.candidates.iter().all(|c| c.output_ids.len() == new_tokens));
+                ms.push(result.total.as_secs_f64() * 1000.0);
+            }
+            ms.sort_by(f64::total_cmp);
+            let median = ms[ms.len() / 2];
+            let screen = one.0 + batched.0;
+            println!(
+                "{name:>7}  {new_tokens:>10}   {median:>20.1} {:>9.1}   {:>5.1}% ({screen:.1} ms of {:.1} ms)",
+                ms[0],
+                100.0 * screen / (screen + median),
+                screen + median
+            );
+        }
+        drop(handle);
+        pool.shutdown();
+    }
     Ok(())
 }

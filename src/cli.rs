@@ -90,8 +90,10 @@ pub struct ModelArgs {
     /// auto (f32 on CPU, bf16 on GPU), f32, f16 or bf16.
     #[arg(long, default_value = "auto", value_name = "T")]
     pub dtype: String,
-    /// Weights for the projections and head: none (as loaded) or q8 (8-bit, CPU).
-    #[arg(long, default_value = "none", value_name = "none|q8")]
+    /// Weights for the projections and head: auto (8-bit on the CPU where
+    /// they fit, as loaded on a GPU), none (as loaded: exactly
+    /// transformers' numbers) or q8 (8-bit, CPU).
+    #[arg(long, default_value = "auto", value_name = "auto|none|q8")]
     pub quantize: String,
     /// What each sequence's key/value cache holds: auto (f16 on CPU, the
     /// model's dtype on a GPU), f32 (exactly transformers' numbers), f16, or

@@ -195,7 +195,9 @@ impl Daemon {
             adapters.push(Box::new(TelegramAdapter::new(a.telegram.clone())?));
         }
         if a.discord.enabled {
-            adapters.push(Box::new(DiscordAdapter::new(a.discord.clone())?));
+            let discord = DiscordAdapter::new(a.discord.clone())?;
+            let _ = metrics.discord.set(discord.shard_stats());
+            adapters.push(Box::new(discord));
         }
         let (metrics_server, metrics_addr) = match settings.telemetry.metrics_listen {
             _ if listening.is_some() => (None, listening.as_ref().and_then(Listening::metrics_addr)),

@@ -107,50 +107,80 @@ pub fn parse_dtype(spec: &str, device: &Device) -> Result<DType, ModelError> {
     }
 }
 
+/// Which projection and head weights a model is served with (the settings
+/// key `model.quantize`, the flag `--quantize`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Quantize {
+    /// As loaded: exactly transformers' numbers.
+    None,
+    /// 8-bit weights (one scale per 32 values); an error where they do not
+    /// fit (a GPU, a dtype other than f32, widths not multiples of 32).
+    Q8,
+    /// 8-bit where they fit, as loaded elsewhere: q8 on the CPU for f32
+    /// DialoGPT checkpoints, none on a GPU. The default.
+    #[default]
+    Auto,
+}
+
+impl Quantize {
+    /// `none` (or `f32`), `q8` or `auto`; the error lists them.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        match spec {
+            "none" | "f32" => Ok(Self::None),
+            "q8" => Ok(Self::Q8),
+            "auto" => Ok(Self::Auto),
+            other => Err(format!("quantize: {other:?} is not auto, none or q8")),
+        }
+    }
+}
+
 /// How a loaded model is served: its projection weights and what its
 /// per-sequence caches hold. The settings keys `model.quantize` and
 /// `model.kv_cache` and the flags `--quantize` and `--kv-cache` name them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ServingOptions {
-    /// 8-bit projection and head weights (CPU, f32 models).
-    pub quantize_q8: bool,
+    /// 8-bit projection and head weights (CPU, f32 models), always, never
+    /// or where they fit.
+    pub quantize: Quantize,
     /// The cache's precision; `None` is `auto`: f16 where the model keeps
     /// host caches (CPU, f32 or 8-bit), the model's own dtype on a GPU.
     pub kv_cache: Option<KvPrecision>,
 }
 
 impl ServingOptions {
-    /// `quantize`: `none` or `q8`; `kv_cache`: `auto`, `f32` or `f16`. The
-    /// error says which value is wrong.
+    /// `quantize`: `auto`, `none` or `q8`; `kv_cache`: `auto`, `f32` or
+    /// `f16`. The error says which value is wrong.
     pub fn parse(quantize: &str, kv_cache: &str) -> Result<Self, String> {
-        let quantize_q8 = match quantize {
-            "none" | "f32" => false,
-            "q8" => true,
-            other => return Err(format!("quantize: {other:?} is not none or q8")),
-        };
+        let quantize = Quantize::parse(quantize)?;
         let kv_cache = match kv_cache {
             "auto" => None,
             other => Some(KvPrecision::parse(other).map_err(|e| format!("kv_cache: {e} or auto"))?),
         };
-        Ok(Self { quantize_q8, kv_cache })
+        Ok(Self { quantize, kv_cache })
     }
 
     /// Loads a checkpoint folder served with these options (8-bit weights
-    /// are quantised as they are read, see [`Gpt2::load_q8`]).
+    /// are quantised as they are read, see [`Gpt2::load_q8`] and
+    /// [`Gpt2::load_auto_q8`]).
     pub fn load(self, dir: &std::path::Path, dtype: DType, device: &Device) -> Result<Gpt2, ModelError> {
-        if self.quantize_q8 {
-            if dtype != DType::F32 {
+        let model = match self.quantize {
+            Quantize::None => Gpt2::load(dir, dtype, device)?,
+            Quantize::Q8 if dtype != DType::F32 => {
                 return Err(ModelError::Input(format!("8-bit weights are made from f32 weights, not {dtype:?}")));
             }
-            let model = Gpt2::load_q8(dir, device)?;
-            return Self { quantize_q8: false, ..self }.apply(model);
-        }
-        self.apply(Gpt2::load(dir, dtype, device)?)
+            Quantize::Q8 => Gpt2::load_q8(dir, device)?,
+            Quantize::Auto => Gpt2::load_auto_q8(dir, dtype, device)?,
+        };
+        Self { quantize: Quantize::None, ..self }.apply(model)
     }
 
     /// Applies the options to a loaded model.
     pub fn apply(self, model: Gpt2) -> Result<Gpt2, ModelError> {
-        let model = if self.quantize_q8 { model.quantize_q8()? } else { model };
+        let model = match self.quantize {
+            Quantize::Q8 if !model.is_quantized() => model.quantize_q8()?,
+            Quantize::Auto if model.fits_q8() => model.quantize_q8()?,
+            _ => model,
+        };
         match self.kv_cache {
             Some(kv) => model.with_kv_precision(kv),
             None if model.device().is_cpu() && (model.dtype() == DType::F32 || model.is_quantized()) => model.with_kv_precision(KvPrecision::F16),
@@ -165,9 +195,10 @@ mod serving_tests {
 
     #[test]
     fn options_parse_and_apply() {
-        assert_eq!(ServingOptions::parse("none", "auto").unwrap(), ServingOptions::default());
+        assert_eq!(ServingOptions::parse("auto", "auto").unwrap(), ServingOptions::default());
+        assert_eq!(ServingOptions::parse("none", "auto").unwrap().quantize, Quantize::None);
         let q8 = ServingOptions::parse("q8", "f32").unwrap();
-        assert!(q8.quantize_q8 && q8.kv_cache == Some(KvPrecision::F32));
+        assert!(q8.quantize == Quantize::Q8 && q8.kv_cache == Some(KvPrecision::F32));
         assert!(ServingOptions::parse("q4", "auto").unwrap_err().contains("quantize"));
         assert!(ServingOptions::parse("none", "bf16").unwrap_err().contains("kv_cache"));
         assert_eq!(ServingOptions::parse("q8", "q8").unwrap().kv_cache, Some(KvPrecision::Q8));
@@ -182,13 +213,18 @@ mod serving_tests {
         let model = load(DType::F32);
         let auto = ServingOptions::default().apply(model.clone()).unwrap();
         assert_eq!(auto.kv_precision(), KvPrecision::F16, "auto is f16 on the CPU");
+        assert!(auto.is_quantized(), "auto is 8-bit for an f32 model on the CPU");
         let exact = ServingOptions::parse("none", "f32").unwrap().apply(model.clone()).unwrap();
         assert_eq!(exact.kv_precision(), KvPrecision::F32);
+        assert!(!exact.is_quantized());
         let both = q8.apply(model).unwrap();
         assert!(both.is_quantized() && both.kv_precision() == KvPrecision::F32);
         // A half-precision model caches in its own dtype.
         let f16_model = load(DType::F16);
-        assert_eq!(ServingOptions::default().apply(f16_model.clone()).unwrap().kv_precision(), KvPrecision::F32);
+        let f16_auto = ServingOptions::default().apply(f16_model.clone()).unwrap();
+        assert_eq!(f16_auto.kv_precision(), KvPrecision::F32);
+        assert!(!f16_auto.is_quantized(), "auto leaves a model 8-bit weights do not fit as it is");
+        assert!(ServingOptions::parse("q8", "auto").unwrap().apply(f16_model.clone()).is_err(), "q8 insists");
         let err = ServingOptions::parse("none", "f16").unwrap().apply(f16_model).unwrap_err().to_string();
         assert!(err.contains("CPU option"), "{err}");
     }

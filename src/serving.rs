@@ -46,7 +46,7 @@ pub struct ModelSpec {
     pub device: String,
     /// `auto`, `f32`, `f16` or `bf16`.
     pub dtype: String,
-    /// `none` or `q8`.
+    /// `auto`, `none` or `q8`.
     pub quantize: String,
     /// `auto`, `f32`, `f16` or `q8`.
     pub kv_cache: String,
@@ -117,6 +117,9 @@ pub fn load(spec: &ModelSpec) -> Result<Loaded, ServingError> {
     let tokenizer = DialogTokenizer::from_dir(&dir)?;
     let model = options.load(&dir, dtype, &device)?;
     check_fit(&dir, &model, &tokenizer)?;
+    // What `quantize = "auto"` and `kv_cache = "auto"` came to.
+    let weights = if model.is_quantized() { "q8" } else { "as loaded" };
+    tracing::info!(quantize = %spec.quantize, weights, kv_cache = model.kv_precision().as_str(), "model ready to serve");
     Ok(Loaded { model, tokenizer, dir })
 }
 

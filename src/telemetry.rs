@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use dialogd_adapters::discord::{ShardFigures, ShardStats};
 use dialogd_adapters::Platform;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, NoLabelSet};
@@ -193,6 +194,8 @@ pub struct Metrics {
     pub pool: Arc<OnceLock<Arc<crate::pool::PoolMetrics>>>,
     /// The Redis Streams client's counters, with `backend = "redis"`.
     pub remote: Arc<OnceLock<Arc<crate::remote::ClientStats>>>,
+    /// The Discord adapter's per-shard figures, once it runs.
+    pub discord: Arc<OnceLock<Arc<ShardStats>>>,
 }
 
 impl Metrics {
@@ -228,6 +231,7 @@ impl Metrics {
             job_running: Gauge::default(),
             pool: Arc::default(),
             remote: Arc::default(),
+            discord: Arc::default(),
             registry: Registry::default(),
         };
         metrics.store_up.set(1);
@@ -268,6 +272,7 @@ impl Metrics {
         r.register("dialogd_build_info", "The running build: version and cargo features", build);
         r.register_collector(Box::new(PoolCollector(metrics.pool.clone())));
         r.register_collector(Box::new(RemoteCollector(metrics.remote.clone())));
+        r.register_collector(Box::new(ShardCollector(metrics.discord.clone())));
         if let Err(error) = kubert_prometheus_process::register(r.sub_registry_with_prefix("process")) {
             tracing::warn!(%error, "process metrics are not available");
         }
@@ -404,6 +409,59 @@ impl Collector for RemoteCollector {
         for (reason, value) in [("duplicate", &stats.duplicate), ("late", &stats.late)] {
             let labels = ReasonLabels { reason };
             ConstCounter::new(value.load(Relaxed)).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShardLabels {
+    shard: u32,
+}
+
+/// Writes the Discord adapter's per-shard figures at scrape time (only
+/// with the Discord adapter on), labelled `shard`.
+#[derive(Debug)]
+struct ShardCollector(Arc<OnceLock<Arc<ShardStats>>>);
+
+impl Collector for ShardCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(stats) = self.0.get() else { return Ok(()) };
+        let shards = stats.snapshot();
+        if shards.is_empty() {
+            return Ok(());
+        }
+        type Figure = fn(&ShardFigures) -> i64;
+        let gauges: [(&str, &str, Figure); 2] = [
+            ("dialogd_discord_shard_up", "Whether the Discord shard is connected (1) or not (0).", |f| i64::from(f.up)),
+            ("dialogd_discord_shard_guilds", "Guilds in the Discord shard's Ready.", |f| f.guilds as i64),
+        ];
+        for (name, help, value) in gauges {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (shard, figures) in &shards {
+                ConstGauge::new(value(figures)).encode(family.encode_family(&ShardLabels { shard: *shard })?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "dialogd_discord_shard_messages",
+            "Messages, edits and slash commands the Discord shard handed to the core.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (shard, figures) in &shards {
+            ConstCounter::new(figures.messages).encode(family.encode_family(&ShardLabels { shard: *shard })?)?;
+        }
+        let timed: Vec<(u32, f64)> = shards.iter().filter_map(|(id, f)| Some((*id, f.latency?.as_secs_f64()))).collect();
+        if !timed.is_empty() {
+            let mut family = encoder.encode_descriptor(
+                "dialogd_discord_shard_latency_seconds",
+                "The Discord shard's last heartbeat round trip.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (shard, seconds) in timed {
+                ConstGauge::new(seconds).encode(family.encode_family(&ShardLabels { shard })?)?;
+            }
         }
         Ok(())
     }

@@ -187,12 +187,23 @@ fn start_scripted(
     long: &str,
     max_wait: Duration,
 ) -> (tokio::sync::watch::Sender<bool>, tokio::task::JoinHandle<Result<(), dialogd_adapters::AdapterError>>) {
+    start_scripted_shards(fake, long, max_wait, 0)
+}
+
+/// [`start_scripted`] with `shard_count` (0: Discord's recommendation).
+fn start_scripted_shards(
+    fake: &FakeDiscord,
+    long: &str,
+    max_wait: Duration,
+    shard_count: u32,
+) -> (tokio::sync::watch::Sender<bool>, tokio::task::JoinHandle<Result<(), dialogd_adapters::AdapterError>>) {
     let core: Arc<dyn Core> = Arc::new(ScriptedCore { long: long.to_string() });
     let config = DiscordSettings {
         enabled: true,
         token: Some(Secret::new(TOKEN)),
         proxy_url: Some(fake.rest_url.clone()),
         retry: RetryPolicy { attempts: 4, backoff: Duration::from_millis(50), max_wait },
+        shard_count,
         ..Default::default()
     };
     let (stop, shutdown) = Shutdown::new();
@@ -314,15 +325,22 @@ async fn rate_limits_wait_what_discord_asks_for_every_call() {
 
 /// Issue #16 point 2: a token the gateway refuses (close 4004) and intents
 /// it refuses (close 4014) end the adapter with an error that says what to
-/// fix, never with the token in it; the daemon then stops non-zero.
+/// fix, never with the token in it; the daemon then stops non-zero. With
+/// `shard_count = 0` the token is refused earlier, by `GET /gateway/bot`.
 #[tokio::test]
 async fn a_refused_token_or_refused_intents_end_the_adapter_with_the_reason() {
     let fake = FakeDiscord::start("MTAwNzAw.the-right-token").await;
-    let (_stop, run) = start_scripted(&fake, "", Duration::from_secs(1));
+    let (_stop, run) = start_scripted_shards(&fake, "", Duration::from_secs(1), 1);
     let ended = tokio::time::timeout(WAIT, run).await.expect("the adapter ended").unwrap();
     let err = ended.expect_err("a refused token is a failure").to_string();
     assert!(err.contains("4004") && err.contains("DIALOGD__ADAPTERS__DISCORD__TOKEN"), "{err}");
     assert!(!err.contains(TOKEN), "{err}");
+    let (_stop, run) = start_scripted(&fake, "", Duration::from_secs(1));
+    let ended = tokio::time::timeout(WAIT, run).await.expect("the adapter ended").unwrap();
+    let err = ended.expect_err("a refused token is a failure").to_string();
+    assert!(err.contains("401") && err.contains("DIALOGD__ADAPTERS__DISCORD__TOKEN"), "{err}");
+    assert!(!err.contains(TOKEN), "{err}");
+    assert_eq!(fake.received(2).len(), 1, "no second Identify without a shard count");
 
     let fake = FakeDiscord::start(TOKEN).await;
     fake.refuse_intents();
@@ -440,4 +458,85 @@ async fn answered_edits_reply_again_in_their_thread() {
     let stored = discord_texts(&d, 40).await;
     assert_eq!((stored.len(), stored[0].as_str()), (2, "still there?"), "{stored:?}");
     d.stop().await;
+}
+
+/// A guild that Discord's formula `(guild_id >> 22) % 2` puts on shard 1
+/// (the fake's own [`GUILD`] is on shard 0 of any count).
+const SHARD_1_GUILD: u64 = (1 << 22) | GUILD;
+
+/// A mention of the bot by user 2 in `channel` of `guild`; the message id.
+fn mention(fake: &FakeDiscord, guild: Option<u64>, channel: u64, text: &str) -> u64 {
+    let id = fake.next_id();
+    let content = format!("<@{BOT_ID}> {text}");
+    fake.dispatch("MESSAGE_CREATE", message(id, channel, guild, 2, &content, vec![user(BOT_ID, "dialogd", true)], None));
+    id
+}
+
+/// Issue #13 point 5: two instances with `shards = [0, 0]` and `[1, 1]` of
+/// `shard_count = 2` split one bot token. Each identifies as its shard,
+/// gets only its shard's guilds (Ready, messages; DMs go to shard 0) and
+/// answers only those; slash commands are registered once (shard 0);
+/// `/metrics` shows each instance's own shard; log lines carry `shard`.
+#[tokio::test]
+async fn two_instances_split_the_guilds_by_shard() {
+    let logs = LogCapture::default();
+    let _guard = logs.install();
+    let fake = FakeDiscord::start(TOKEN).await;
+    fake.add_guild(SHARD_1_GUILD);
+    let instance = |first: u32| discord_toml(&fake, &["shard_count = 2".into(), format!("shards = [{first}, {first}]")]);
+    let zero = TestDaemon::start(&instance(0)).await;
+    let one = TestDaemon::start(&instance(1)).await;
+    let both = wait_for(WAIT, || (fake.received(2).len() >= 2).then(|| fake.identified_shards())).await.expect("two identifies");
+    assert!(both.contains(&json!([0, 2])) && both.contains(&json!([1, 2])), "{both:?}");
+
+    let in_zero = mention(&fake, Some(GUILD), 21, "hello shard zero");
+    let in_one = mention(&fake, Some(SHARD_1_GUILD), 22, "hello shard one");
+    let dm = fake.next_id();
+    fake.dispatch("MESSAGE_CREATE", message(dm, 23, None, 3, "a direct message", vec![], None));
+    assert_eq!(referenced(&nth_posted(&fake, 21, 1).await), Some(in_zero));
+    assert_eq!(referenced(&nth_posted(&fake, 22, 1).await), Some(in_one));
+    assert_eq!(referenced(&nth_posted(&fake, 23, 1).await), Some(dm));
+    // Each message reached one instance only: its shard's.
+    let stored = discord_texts(&zero, 21).await;
+    assert_eq!((stored.len(), stored[0].as_str()), (2, "hello shard zero"), "{stored:?}");
+    assert!(discord_texts(&one, 21).await.is_empty(), "shard 1 got a shard 0 guild's message");
+    assert_eq!(discord_texts(&one, 22).await[0], "hello shard one");
+    assert!(discord_texts(&zero, 22).await.is_empty(), "shard 0 got a shard 1 guild's message");
+    assert_eq!(discord_texts(&zero, 23).await[0], "a direct message");
+    assert!(discord_texts(&one, 23).await.is_empty(), "a DM went to shard 1");
+    assert_eq!((fake.posted(21).len(), fake.posted(22).len(), fake.posted(23).len()), (1, 1, 1), "answered once each");
+    assert_eq!(fake.calls("PUT", "/commands").len(), 1, "slash commands are registered by shard 0 alone");
+
+    // Per-shard metrics: each instance shows its own shard only.
+    for (d, shard, messages) in [(&zero, 0, 2.0), (&one, 1, 1.0)] {
+        let labels = format!("{{shard=\"{shard}\"}}");
+        assert_eq!(d.metric(&format!("dialogd_discord_shard_up{labels}")).await, 1.0);
+        assert_eq!(d.metric(&format!("dialogd_discord_shard_guilds{labels}")).await, 1.0, "Ready lists the shard's guild");
+        assert_eq!(d.metric(&format!("dialogd_discord_shard_messages_total{labels}")).await, messages);
+        let text = d.http.get(&d.metrics_url).send().await.unwrap().text().await.unwrap();
+        assert!(!text.contains(&format!("shard=\"{}\"", 1 - shard)), "{text}");
+        crate::support::parse_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    }
+    let text = logs.text();
+    for shard in [0, 1] {
+        assert!(text.lines().any(|l| l.contains(&format!("discord{{shard={shard}}}")) && l.contains("gateway ready")), "{text}");
+    }
+    zero.stop().await;
+    one.stop().await;
+}
+
+/// `shard_count = 0` asks Discord (`GET /gateway/bot`) and runs every
+/// recommended shard here: a guild on shard 1 of 2 is answered.
+#[tokio::test]
+async fn the_recommended_shard_count_runs_every_shard_here() {
+    let fake = FakeDiscord::start(TOKEN).await;
+    fake.recommend_shards(2);
+    let (stop, running) = start_scripted(&fake, "", Duration::from_secs(1));
+    // serenity starts shards 5 s apart.
+    let both = wait_for(Duration::from_secs(30), || (fake.received(2).len() >= 2).then(|| fake.identified_shards())).await.expect("two identifies");
+    assert_eq!(both, [json!([0, 2]), json!([1, 2])]);
+    mention(&fake, Some(SHARD_1_GUILD), 22, "over here");
+    assert_eq!(nth_posted(&fake, 22, 1).await["content"], "echo: over here");
+    let _ = stop.send(true);
+    running.await.unwrap().unwrap();
 }

@@ -348,3 +348,26 @@ fn tensor_caches_match_host_caches_in_mixed_steps() {
     assert!(worst < 1e-5, "worst logit difference {worst} of the largest");
     eprintln!("tensor vs host caches: worst logit difference {worst:.2e} of the largest");
 }
+
+/// `quantize = "auto"`: 8-bit weights where they fit (f32 on the CPU with
+/// widths that are multiples of 32), the same bits as `q8`; as loaded
+/// where they do not (pico's n_embd is 8).
+#[test]
+fn auto_quantizes_where_it_fits() {
+    use dialogd::model::ServingOptions;
+    let auto = ServingOptions::parse("auto", "f32").unwrap();
+    let dir = model_dir("small");
+    let model = auto.load(&dir, DType::F32, &Device::Cpu).unwrap();
+    assert!(model.is_quantized(), "auto on the CPU makes 8-bit weights");
+    let q8 = Gpt2::load_q8(&dir, &Device::Cpu).unwrap();
+    let prompt = [50256u32, 15496, 11, 703];
+    let logits = |m: &Gpt2| -> Vec<f32> {
+        let mut cache = m.new_seq_cache(prompt.len()).unwrap();
+        m.forward_seqs(&[&prompt], &mut [&mut cache]).unwrap().squeeze(0).unwrap().to_vec1().unwrap()
+    };
+    assert_eq!(logits(&model), logits(&q8), "auto's 8-bit weights are q8's");
+    let pico = auto.load(&model_dir("pico-safetensors"), DType::F32, &Device::Cpu).unwrap();
+    assert!(!pico.is_quantized(), "n_embd 8 does not fit 8-bit blocks of 32: served as loaded");
+    let f16 = auto.load(&model_dir("tiny"), DType::F16, &Device::Cpu).unwrap();
+    assert!(!f16.is_quantized(), "an f16 model is served as loaded");
+}

@@ -292,7 +292,9 @@ fn generate_and_bench_take_an_adapter() {
     let base_dir = model_dir("tiny");
     let adapter_dir = write_adapter(&base_dir, &tmp.path().join("persona"), 9);
     let (model, adapter) = (base_dir.to_str().unwrap(), adapter_dir.to_str().unwrap());
-    let out = dialogd(&["generate", "--model", model, "--adapter", adapter, "--greedy", "--max-new-tokens", "16", "--json", "--", "Hello, how are you?"]);
+    let out = dialogd(&[
+        "generate", "--model", model, "--adapter", adapter, "--quantize", "none", "--greedy", "--max-new-tokens", "16", "--json", "--", "Hello, how are you?",
+    ]);
     assert!(out.status.success(), "{}", crate::support::stderr(&out));
     let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     let ids = |v: &serde_json::Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };

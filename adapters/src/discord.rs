@@ -33,8 +33,14 @@
 //!
 //! Moderators: the allowlist of user ids, members holding a configured
 //! role, and members with the Manage Server (or Administrator) permission.
+//!
+//! Shards ([`shards`]): `shard_count` (0: Discord's recommendation) and
+//! this instance's `shards` range; every log line of an event carries its
+//! `shard` (a span), and [`ShardStats`] keeps per-shard figures for
+//! metrics. Slash commands are registered by shard 0 only.
 
 mod rest;
+pub mod shards;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -51,6 +57,8 @@ use crate::outbox::Outbox;
 use crate::retry::RetryPolicy;
 use crate::settings::{invalid, serialize_opt_secret, Secret, SettingsError};
 use rest::{Rest, RestError};
+pub use shards::{ShardFigures, ShardRange, ShardStats};
+use tracing::Instrument as _;
 use crate::text::{chars, is_moderator_command, scrub, split_message, strip_addressing, COMMANDS};
 use crate::{Adapter, AdapterError, Answer, BoxFuture, ChannelKey, Core, CoreError, Edit, Inbound, Platform, Shutdown};
 
@@ -72,6 +80,8 @@ pub struct RawDiscord {
     pub moderators: Vec<u64>,
     pub answer_edits: bool,
     pub answer_bots: bool,
+    pub shard_count: u32,
+    pub shards: Vec<u32>,
 }
 
 /// `[adapters.discord]` validated: what the adapter runs with.
@@ -104,9 +114,23 @@ pub struct DiscordSettings {
     /// Answer messages other bots send (off: bot-to-bot loops). The bot's
     /// own messages are never answered.
     pub answer_bots: bool,
+    /// The bot's shards in all (0: as many as Discord recommends, all run
+    /// here).
+    pub shard_count: u32,
+    /// The shards this instance runs (`None`: all of them). Shown as
+    /// `[first, last]`, or `[]` for all.
+    #[serde(serialize_with = "serialize_shards")]
+    pub shards: Option<ShardRange>,
     /// Retries of REST calls (not a settings key: the default, or a test's).
     #[serde(skip)]
     pub retry: RetryPolicy,
+}
+
+fn serialize_shards<S: serde::Serializer>(value: &Option<ShardRange>, s: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(range) => range.serialize(s),
+        None => s.collect_seq(std::iter::empty::<u32>()),
+    }
 }
 
 fn serialize_opt_str<S: serde::Serializer>(value: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
@@ -116,9 +140,10 @@ fn serialize_opt_str<S: serde::Serializer>(value: &Option<String>, s: S) -> Resu
 impl RawDiscord {
     /// # Errors
     /// No token while enabled, a `proxy_url` that is neither empty nor
-    /// http(s).
+    /// http(s), a bad shard range ([`shards`]).
     pub fn validate(self) -> Result<DiscordSettings, SettingsError> {
         let proxy_url = self.proxy_url.trim();
+        let shards = shards::validate(self.shard_count, &self.shards)?;
         let settings = DiscordSettings {
             enabled: self.enabled,
             token: Secret::non_empty(&self.token),
@@ -131,6 +156,8 @@ impl RawDiscord {
             moderators: self.moderators,
             answer_edits: self.answer_edits,
             answer_bots: self.answer_bots,
+            shard_count: self.shard_count,
+            shards,
             retry: RetryPolicy::default(),
         };
         if settings.enabled && settings.token.is_none() {
@@ -156,6 +183,7 @@ impl DiscordSettings {
 /// The Discord bot.
 pub struct DiscordAdapter {
     config: DiscordSettings,
+    shards: Arc<ShardStats>,
 }
 
 impl DiscordAdapter {
@@ -163,7 +191,12 @@ impl DiscordAdapter {
         if config.bot_token().trim().is_empty() {
             return Err(AdapterError::Platform { adapter: "discord", message: "no bot token".into() });
         }
-        Ok(Self { config })
+        Ok(Self { config, shards: Arc::default() })
+    }
+
+    /// The per-shard figures this adapter keeps while it runs.
+    pub fn shard_stats(&self) -> Arc<ShardStats> {
+        self.shards.clone()
     }
 }
 
@@ -183,6 +216,7 @@ struct State {
     rest: Rest,
     /// Threads' parents (`None`: not a thread), looked up once each.
     parents: Mutex<HashMap<ChannelId, Option<ChannelId>>>,
+    shards: Arc<ShardStats>,
 }
 
 struct Handler(Arc<State>);
@@ -194,7 +228,7 @@ impl Adapter for DiscordAdapter {
 
     fn run(self: Box<Self>, core: Arc<dyn Core>, shutdown: Shutdown) -> BoxFuture<'static, Result<(), AdapterError>> {
         Box::pin(async move {
-            let config = self.config;
+            let Self { config, shards: stats } = *self;
             let token = config.bot_token().to_string();
             let mut http = HttpBuilder::new(&token);
             if let Some(proxy) = &config.proxy_url {
@@ -202,20 +236,26 @@ impl Adapter for DiscordAdapter {
             }
             let rest = Rest::new(&token, config.proxy_url.clone(), config.retry);
             let parents = Mutex::new(HashMap::new());
-            let state = Arc::new(State { core, config, bot_id: OnceLock::new(), outbox: Outbox::new(), rest, parents });
+            let start = shards::Start::new(config.shard_count, config.shards);
+            let shards = stats.clone();
+            let state = Arc::new(State { core, config, bot_id: OnceLock::new(), outbox: Outbox::new(), rest, parents, shards });
             let client = serenity::client::ClientBuilder::new_with_http(http.build(), intents())
                 .event_handler(Handler(state.clone()))
                 .await;
             let mut client = client.map_err(|e| AdapterError::Platform { adapter: "discord", message: scrub(&e.to_string(), &token) })?;
-            let shards = client.shard_manager.clone();
+            let manager = client.shard_manager.clone();
+            let watching = tokio::spawn(shards::watch(manager.clone(), stats.clone()));
+            tracing::info!(?start, "discord: starting the gateway shards");
             let stop = shutdown.wait();
             let outcome = tokio::select! {
                 _ = stop => {
-                    shards.shutdown_all().await;
+                    manager.shutdown_all().await;
                     Ok(())
                 }
-                ended = client.start() => ended,
+                ended = start.run(&mut client) => ended,
             };
+            watching.abort();
+            stats.all_down();
             state.outbox.flush().await;
             match outcome {
                 Ok(()) => {
@@ -242,6 +282,9 @@ fn refusal(error: &serenity::Error) -> String {
         serenity::Error::Gateway(GatewayError::InvalidGatewayIntents) => {
             "the gateway refused the intents as invalid (close 4013)".into()
         }
+        serenity::Error::Http(serenity::http::HttpError::UnsuccessfulRequest(answer)) if answer.status_code.as_u16() == 401 => {
+            "Discord refused the bot token (HTTP 401 asking for the recommended shard count): check DIALOGD__ADAPTERS__DISCORD__TOKEN".into()
+        }
         other => format!("the gateway connection ended: {other}"),
     }
 }
@@ -250,28 +293,60 @@ fn refusal(error: &serenity::Error) -> String {
 impl EventHandler for Handler {
     async fn ready(&self, ctx: Context, ready: Ready) {
         let state = &self.0;
+        let shard = ctx.shard_id.0;
         let _ = state.bot_id.set(ready.user.id);
-        tracing::info!(bot = %ready.user.name, guilds = ready.guilds.len(), "discord: gateway ready");
-        register_commands(state, &ctx.http).await;
+        state.shards.update(shard, |f| {
+            f.up = true;
+            f.guilds = ready.guilds.len() as u64;
+        });
+        let span = shard_span(&ctx);
+        async {
+            tracing::info!(bot = %ready.user.name, guilds = ready.guilds.len(), "discord: gateway ready");
+            // One registration per bot, not one per shard or instance.
+            if shard == 0 {
+                register_commands(state, &ctx.http).await;
+            }
+        }
+        .instrument(span)
+        .await;
     }
 
-    async fn resume(&self, _ctx: Context, _event: ResumedEvent) {
-        tracing::info!("discord: gateway session resumed");
+    async fn resume(&self, ctx: Context, _event: ResumedEvent) {
+        self.0.shards.update(ctx.shard_id.0, |f| f.up = true);
+        shard_span(&ctx).in_scope(|| tracing::info!("discord: gateway session resumed"));
+    }
+
+    async fn shard_stage_update(&self, _ctx: Context, event: serenity::gateway::ShardStageUpdateEvent) {
+        let up = matches!(event.new, serenity::gateway::ConnectionStage::Connected);
+        self.0.shards.update(event.shard_id.0, |f| f.up = up);
     }
 
     async fn message(&self, ctx: Context, message: Message) {
-        on_message(&self.0, ctx, message).await;
+        let span = shard_span(&ctx);
+        on_message(&self.0, ctx, message).instrument(span).await;
     }
 
     async fn message_update(&self, ctx: Context, _old: Option<Message>, _new: Option<Message>, event: MessageUpdateEvent) {
-        on_edit(&self.0, ctx, event).await;
+        let span = shard_span(&ctx);
+        on_edit(&self.0, ctx, event).instrument(span).await;
     }
 
     async fn interaction_create(&self, ctx: Context, interaction: Interaction) {
         if let Interaction::Command(command) = interaction {
-            on_command(&self.0, ctx, command).await;
+            let span = shard_span(&ctx);
+            on_command(&self.0, ctx, command).instrument(span).await;
         }
     }
+}
+
+/// The span an event's log lines are written in: its `shard`.
+fn shard_span(ctx: &Context) -> tracing::Span {
+    tracing::info_span!("discord", shard = ctx.shard_id.0)
+}
+
+/// Counts a message, edit or command handed to the core on `ctx`'s shard.
+fn count_handed(state: &State, ctx: &Context) {
+    state.shards.update(ctx.shard_id.0, |f| f.messages += 1);
 }
 
 /// The slash commands, with their text options.
@@ -417,7 +492,8 @@ fn inbound(channel: ChannelId, guild: Option<GuildId>, author: UserId, msg_id: u
 /// Queues the delivery of `answer` in `channel`'s outbox (its answers in
 /// order, one at a time).
 fn queue_answer(state: &Arc<State>, http: Arc<Http>, channel: ChannelId, reply: Reply, answer: BoxFuture<'static, Result<Answer, CoreError>>) {
-    let task = deliver(state.clone(), http, channel, reply, answer);
+    // Its log lines keep the shard span of the event that asked for it.
+    let task = deliver(state.clone(), http, channel, reply, answer).instrument(tracing::Span::current());
     state.outbox.push(&channel.get().to_string(), Box::pin(task));
 }
 
@@ -434,6 +510,7 @@ async fn on_message(state: &Arc<State>, ctx: Context, message: Message) {
     let operator = moderator && state.config.moderators.contains(&message.author.id.get());
     let inbound = Inbound { moderator, operator, ..inbound(message.channel_id, message.guild_id, message.author.id, message.id.get(), text) };
     // Handing it over now fixes its place in the channel's order.
+    count_handed(state, &ctx);
     let answer = state.core.handle(inbound);
     queue_answer(state, ctx.http.clone(), message.channel_id, Reply::Message(message.id), answer);
 }
@@ -458,6 +535,7 @@ async fn on_edit(state: &Arc<State>, ctx: Context, event: MessageUpdateEvent) {
     }
     let edit = Some(Edit { answer: state.config.answer_edits });
     let inbound = Inbound { edit, ..inbound(event.channel_id, event.guild_id, author.id, event.id.get(), text) };
+    count_handed(state, &ctx);
     let answer = state.core.handle(inbound);
     queue_answer(state, ctx.http.clone(), event.channel_id, Reply::Message(event.id), answer);
 }
@@ -472,6 +550,7 @@ async fn on_command(state: &Arc<State>, ctx: Context, command: CommandInteractio
     let moderator = is_moderator_command(&text) && interaction_user_is_moderator(state, &command);
     let operator = moderator && state.config.moderators.contains(&command.user.id.get());
     let inbound = Inbound { moderator, operator, ..inbound(command.channel_id, command.guild_id, command.user.id, command.id.get(), text) };
+    count_handed(state, &ctx);
     let answer = state.core.handle(inbound);
     let token = state.config.bot_token();
     // Discord wants an answer within 3 s: say "thinking…" first (type 5,

@@ -140,7 +140,7 @@ mod tests {
             "discord": {
                 "enabled": false, "token": "", "proxy_url": "", "allowed_guilds": [], "allowed_channels": [],
                 "open_channels": [], "command_guilds": [], "moderator_roles": [], "moderators": [], "answer_edits": false,
-                "answer_bots": false
+                "answer_bots": false, "shard_count": 0, "shards": []
             },
             "telegram": {
                 "enabled": false, "token": "", "api_url": "https://api.telegram.org/", "moderators": [],
@@ -181,7 +181,7 @@ mod tests {
         assert_eq!(ok.telegram.api_url, "https://api.telegram.org", "trailing slash dropped");
         assert!(ok.http.token.is_none() && ok.discord.proxy_url.is_none());
         type Change = fn(&mut serde_json::Value);
-        let cases: [(Change, &str); 14] = [
+        let cases: [(Change, &str); 15] = [
             (|v| v["telegram"]["mode"] = "push".into(), "adapters.telegram.mode: \"push\" is not"),
             (|v| webhook(v, "http://bot.example/hook", "127.0.0.1:8443", "s3cret"), "adapters.telegram.webhook_url: must be the bot's public https"),
             (|v| webhook(v, "https://bot.example/hook", "localhost", "s3cret"), "adapters.telegram.webhook_listen: \"localhost\" is not an address"),
@@ -195,6 +195,7 @@ mod tests {
             (|v| v["telegram"]["poll_timeout_secs"] = 60.into(), "adapters.telegram.poll_timeout_secs: 60 is not in 1..=15"),
             (|v| v["telegram"]["enabled"] = true.into(), "adapters.telegram.token: "),
             (|v| v["discord"]["proxy_url"] = "ftp://x".into(), "adapters.discord.proxy_url: "),
+            (|v| v["discord"]["shards"] = serde_json::json!([1, 1]), "adapters.discord.shard_count: a shard range"),
             (|v| v["http"]["enabled"] = false.into(), "adapters: no adapter is enabled"),
         ];
         for (change, expected) in cases {

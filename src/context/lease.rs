@@ -80,7 +80,7 @@ async fn take(store: &dyn ContextStore, channel: &ChannelKey, holder: &str, ttl:
                 pause = (pause * 2).min(MAX_PAUSE);
             }
             Ok(false) => {
-                tracing::warn!(%channel, waited = ?max_wait, "channel lease: still held by another daemon; running without it");
+                tracing::warn!(%channel, waited_ms = max_wait.as_millis() as u64, "channel lease: still held by another daemon; running without it");
                 return false;
             }
             Err(e) => {

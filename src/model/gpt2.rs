@@ -592,12 +592,12 @@ impl Gpt2 {
     /// `config.json` beside it or, when there is none, inferred from its
     /// shapes ([`TensorStore::infer_gpt2_config`]).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        Self::load_with(dir, dtype, device, false)
+        Self::load_with(dir, dtype, device, Q8::Never)
     }
 
-    /// [`Gpt2::load`], with 8-bit weights made as each matrix is read when
-    /// `quantize` is set.
-    fn load_with(path: &Path, dtype: DType, device: &Device, quantize: bool) -> Result<Self> {
+    /// [`Gpt2::load`], with 8-bit weights made as each matrix is read as
+    /// `q8` says.
+    fn load_with(path: &Path, dtype: DType, device: &Device, q8: Q8) -> Result<Self> {
         let (config, weights) = if path.is_dir() {
             (Some(read_config(path)?), WeightsFile::find(path)?)
         } else if path.is_file() {
@@ -616,7 +616,7 @@ impl Gpt2 {
                 config
             }
         };
-        let model = Self::from_store_with(config, &mut store, device, quantize)?;
+        let model = Self::from_store_with(config, &mut store, device, q8)?;
         let leftover = store.leftover();
         if !leftover.is_empty() {
             tracing::debug!(file = %weights.display_path().display(), ?leftover, "tensors not used by GPT-2");
@@ -626,7 +626,7 @@ impl Gpt2 {
 
     /// Builds the model from a store, taking the tensors it needs.
     pub fn from_store(config: Gpt2Config, store: &mut TensorStore, device: &Device) -> Result<Self> {
-        Self::from_store_with(config, store, device, false)
+        Self::from_store_with(config, store, device, Q8::Never)
     }
 
     /// Loads a checkpoint folder with 8-bit projection and head weights,
@@ -635,17 +635,30 @@ impl Gpt2 {
     /// whole model in f32 (what [`Gpt2::quantize_q8`] on a loaded model
     /// does). Same result as `load` then `quantize_q8`.
     pub fn load_q8(dir: &Path, device: &Device) -> Result<Self> {
-        Self::load_with(dir, DType::F32, device, true)
+        Self::load_with(dir, DType::F32, device, Q8::Always)
     }
 
-    fn from_store_with(config: Gpt2Config, store: &mut TensorStore, device: &Device, quantize: bool) -> Result<Self> {
+    /// [`Gpt2::load_q8`] where 8-bit weights fit (a CPU device, `dtype`
+    /// f32, `n_embd` and the MLP width multiples of 32), else
+    /// [`Gpt2::load`]: what `model.quantize = "auto"` loads.
+    /// [`Gpt2::is_quantized`] tells which it did.
+    pub fn load_auto_q8(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with(dir, dtype, device, Q8::WhereItFits)
+    }
+
+    fn from_store_with(config: Gpt2Config, store: &mut TensorStore, device: &Device, q8: Q8) -> Result<Self> {
         config.validate()?;
         let e = config.n_embd;
         let wte = store.take("wte.weight", &[config.vocab_size, e])?;
         let dtype = wte.dtype();
-        if quantize {
-            check_q8(&config, dtype, device)?;
-        }
+        let quantize = match q8 {
+            Q8::Never => false,
+            Q8::Always => {
+                check_q8(&config, dtype, device)?;
+                true
+            }
+            Q8::WhereItFits => check_q8(&config, dtype, device).is_ok(),
+        };
         let wpe = store.take("wpe.weight", &[config.n_positions, e])?;
         let blocks = (0..config.n_layer).map(|i| Block::load(store, i, &config, quantize)).collect::<Result<Vec<_>>>()?;
         let ln_f = LayerNorm::load(store, "ln_f", e, config.layer_norm_epsilon)?;
@@ -735,6 +748,13 @@ impl Gpt2 {
 
     pub fn is_quantized(&self) -> bool {
         self.head_q.is_some()
+    }
+
+    /// Whether [`Gpt2::quantize_q8`] would take this model: f32 weights on
+    /// the CPU, `n_embd` and the MLP width multiples of 32, not already
+    /// 8-bit.
+    pub fn fits_q8(&self) -> bool {
+        !self.is_quantized() && check_q8(&self.config, self.dtype, &self.device).is_ok()
     }
 
     /// The same model, caching keys and values in `kv` from its next
@@ -943,6 +963,16 @@ impl Gpt2 {
 }
 
 /// Whether a model of this shape, dtype and device can have 8-bit weights.
+/// When loading makes 8-bit projection and head weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Q8 {
+    Never,
+    /// An error where they do not fit ([`check_q8`]).
+    Always,
+    /// Only where they fit; otherwise as loaded.
+    WhereItFits,
+}
+
 fn check_q8(config: &Gpt2Config, dtype: DType, device: &Device) -> Result<()> {
     if dtype != DType::F32 || !config.n_embd.is_multiple_of(32) || !config.inner_dim().is_multiple_of(32) {
         return Err(ModelError::Input(format!(

@@ -349,12 +349,15 @@ async fn words_command(shared: &Shared, inbound: &Inbound, change: WordChange, w
     }
     let scope = moderation_scope(&inbound.channel, inbound.group.as_deref());
     let outcomes = shared.words.change(&scope, change, words).await.map_err(|e| CoreError::Unavailable(e.to_string()))?;
-    tracing::info!(channel = %inbound.channel, %scope, moderator = %inbound.author, command = verb, ?outcomes, "word list changed");
     let mut parts = Vec::new();
     let pick = |want: fn(&WordOutcome) -> Option<&String>| outcomes.iter().filter_map(want).map(String::as_str).collect::<Vec<_>>();
     let changed = pick(|o| if let WordOutcome::Done(w) = o { Some(w) } else { None });
     let same = pick(|o| if let WordOutcome::Unchanged(w) = o { Some(w) } else { None });
     let refused = pick(|o| if let WordOutcome::Refused(w) = o { Some(w) } else { None });
+    tracing::info!(
+        channel = %inbound.channel, %scope, moderator = %inbound.author, command = verb,
+        changed = changed.len(), unchanged = same.len(), refused = refused.len(), "word list changed"
+    );
     if !changed.is_empty() {
         parts.push(format!("{done}: {}.", changed.join(", ")));
     }

@@ -115,7 +115,7 @@ pub(super) async fn complete(shared: Arc<Shared>, request: CompletionRequest) ->
     let verdicts = screen.check(turns.clone(), crate::telemetry::Direction::In).await?;
     if let Some(verdict) = verdicts.iter().find(|v| v.flagged) {
         metrics.refused(Refusal::ToxicInput);
-        tracing::info!(%channel, categories = ?verdict.categories, "completion request failed the safety filter");
+        tracing::info!(%channel, categories = %crate::safety::Category::joined(&verdict.categories), "completion request failed the safety filter");
         return Err(CompletionError::ContentFilter(safety.notice.clone()));
     }
 

@@ -20,7 +20,7 @@ pub struct ModelSettings {
     pub path: String,
     pub device: String,
     pub dtype: String,
-    /// `none` or `q8` (see [`crate::model::ServingOptions`]).
+    /// `auto`, `none` or `q8` (see [`crate::model::Quantize`]).
     pub quantize: String,
     /// `auto`, `f32` or `f16`.
     pub kv_cache: String,
@@ -36,8 +36,8 @@ impl RawModel {
         if !["auto", "f32", "f16", "bf16"].contains(&m.dtype.as_str()) {
             return Err(invalid("model.dtype", format!("{:?} is not one of auto, f32, f16, bf16", m.dtype)));
         }
-        if !["none", "q8"].contains(&m.quantize.as_str()) {
-            return Err(invalid("model.quantize", format!("{:?} is not none or q8", m.quantize)));
+        if !["auto", "none", "q8"].contains(&m.quantize.as_str()) {
+            return Err(invalid("model.quantize", format!("{:?} is not auto, none or q8", m.quantize)));
         }
         if m.quantize == "q8" && (m.device != "cpu" || !["auto", "f32"].contains(&m.dtype.as_str())) {
             return Err(invalid("model.quantize", "q8 (8-bit weights) is a CPU option for f32 models: set model.device = \"cpu\" and model.dtype = \"auto\" or \"f32\""));

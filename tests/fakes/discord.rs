@@ -14,6 +14,13 @@
 //! Resume → Resumed with the events missed meanwhile replayed; a test
 //! queues dispatches and can close the connection (code 4000) to force a
 //! resume.
+//! Shards: Identify's `shard` array ([0, 1] when absent) is honoured: Ready
+//! lists the shard's guilds and carries its `shard`, and each dispatch goes
+//! only to the connection of the shard that owns it, by Discord's formula
+//! `(guild_id >> 22) % num_shards` (no guild: shard 0, as DMs are), also
+//! when missed events are replayed after a resume. `GET /gateway/bot`
+//! asks for the bot token and recommends [`FakeDiscord::recommend_shards`]
+//! shards (1 unless a test says otherwise).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::extract::State;
-use axum::http::{Method, StatusCode, Uri};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::{SinkExt as _, StreamExt as _};
@@ -74,11 +81,46 @@ struct Inner {
     dispatched: Mutex<Vec<Value>>,
     seq: AtomicU64,
     next_id: AtomicU64,
-    /// The live connection's command channel.
-    connection: Mutex<Option<mpsc::UnboundedSender<Command>>>,
+    /// The live connections' command channels, with their shard
+    /// ([id, total]) once identified or resumed.
+    connection: Mutex<Vec<Connection>>,
     connections: AtomicU64,
+    /// The bot's guilds (the shard that owns each is computed).
+    guilds: Mutex<Vec<u64>>,
+    /// What `GET /gateway/bot` recommends.
+    recommended: AtomicU64,
     /// Threads: thread id → parent channel id.
     threads: Mutex<std::collections::HashMap<u64, u64>>,
+}
+
+struct Connection {
+    id: u64,
+    shard: Option<(u64, u64)>,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+/// Whether shard `(id, total)` receives an event of `guild` (none: a DM).
+fn owns((id, total): (u64, u64), guild: Option<u64>) -> bool {
+    guild.map_or(id == 0, |guild| (guild >> 22) % total.max(1) == id)
+}
+
+/// The guild a dispatch belongs to: its `guild_id`, or a guild's own id.
+fn guild_of(kind: &str, data: &Value) -> Option<u64> {
+    let id = if kind == "GUILD_CREATE" { &data["id"] } else { &data["guild_id"] };
+    id.as_str().and_then(|id| id.parse().ok())
+}
+
+/// A shard's session id (resumes find their shard by it).
+fn session_of((id, total): (u64, u64)) -> String {
+    if total == 1 { "fake-session".into() } else { format!("fake-session-{id}-{total}") }
+}
+
+fn shard_of_session(session: &str) -> (u64, u64) {
+    let parts: Vec<u64> = session.strip_prefix("fake-session-").unwrap_or("").split('-').filter_map(|n| n.parse().ok()).collect();
+    match parts[..] {
+        [id, total] => (id, total),
+        _ => (0, 1),
+    }
 }
 
 #[derive(Clone)]
@@ -90,7 +132,13 @@ pub struct FakeDiscord {
 
 impl FakeDiscord {
     pub async fn start(token: &str) -> Self {
-        let inner = Arc::new(Inner { token: token.into(), next_id: AtomicU64::new(10_000), ..Default::default() });
+        let inner = Arc::new(Inner {
+            token: token.into(),
+            next_id: AtomicU64::new(10_000),
+            guilds: Mutex::new(vec![GUILD]),
+            recommended: AtomicU64::new(1),
+            ..Default::default()
+        });
         let gateway = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         *inner.ws_url.lock().unwrap() = format!("ws://{}", gateway.local_addr().unwrap());
         tokio::spawn(accept_gateway(gateway, inner.clone()));
@@ -110,22 +158,41 @@ impl FakeDiscord {
         self.inner.next_id.fetch_add(1, Ordering::SeqCst)
     }
 
-    /// Sends a dispatch event on the gateway (or keeps it for the replay
-    /// after a resume when no connection is up).
+    /// Sends a dispatch event on the gateway connection of the shard that
+    /// owns it (and keeps it for the replay after a resume when that shard
+    /// is not connected).
     pub fn dispatch(&self, kind: &str, data: Value) {
         let seq = self.inner.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        let guild = guild_of(kind, &data);
         let event = json!({ "op": 0, "t": kind, "s": seq, "d": data });
         self.inner.dispatched.lock().unwrap().push(event.clone());
-        if let Some(connection) = self.inner.connection.lock().unwrap().as_ref() {
-            let _ = connection.send(Command::Send(event));
+        for connection in self.inner.connection.lock().unwrap().iter() {
+            if connection.shard.is_some_and(|shard| owns(shard, guild)) {
+                let _ = connection.commands.send(Command::Send(event.clone()));
+            }
         }
     }
 
-    /// Closes the gateway connection with code 4000 (a resumable close).
+    /// Closes every gateway connection with code 4000 (a resumable close).
     pub fn disconnect(&self) {
-        if let Some(connection) = self.inner.connection.lock().unwrap().take() {
-            let _ = connection.send(Command::Close);
+        for connection in self.inner.connection.lock().unwrap().drain(..) {
+            let _ = connection.commands.send(Command::Close);
         }
+    }
+
+    /// Adds a guild the bot is in (listed in its shard's Ready).
+    pub fn add_guild(&self, guild: u64) {
+        self.inner.guilds.lock().unwrap().push(guild);
+    }
+
+    /// What `GET /gateway/bot` recommends from now on.
+    pub fn recommend_shards(&self, shards: u64) {
+        self.inner.recommended.store(shards, Ordering::SeqCst);
+    }
+
+    /// The `shard` arrays the Identify payloads carried, in order.
+    pub fn identified_shards(&self) -> Vec<Value> {
+        self.received(2).iter().map(|p| p["d"]["shard"].clone()).collect()
     }
 
     /// Makes `thread` a public thread of `parent` (for `GET /channels`).
@@ -249,13 +316,19 @@ pub fn slash_command(id: u64, channel: u64, author: u64, permissions: &str, name
     })
 }
 
-async fn rest(State(inner): State<Arc<Inner>>, method: Method, uri: Uri, body: String) -> Response {
+async fn rest(State(inner): State<Arc<Inner>>, method: Method, uri: Uri, headers: HeaderMap, body: String) -> Response {
     let path = uri.path().to_string();
     let mut body: Value = serde_json::from_str(&body).unwrap_or(json!({}));
     let method = method.as_str().to_string();
     if path == "/api/v10/gateway" || path == "/api/v10/gateway/bot" {
+        // `/gateway/bot` wants the bot's token, as Discord's does.
+        let authorized = headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(&format!("Bot {}", inner.token));
+        if path.ends_with("/bot") && !authorized {
+            return (StatusCode::UNAUTHORIZED, Json(json!({ "message": "401: Unauthorized", "code": 0 }))).into_response();
+        }
         let url = inner.ws_url.lock().unwrap().clone();
-        return Json(json!({ "url": url, "shards": 1, "session_start_limit": { "total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": 1 } })).into_response();
+        let shards = inner.recommended.load(Ordering::SeqCst);
+        return Json(json!({ "url": url, "shards": shards, "session_start_limit": { "total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": 1 } })).into_response();
     }
     let now = Instant::now();
     let limit = {
@@ -339,16 +412,24 @@ async fn accept_gateway(listener: tokio::net::TcpListener, inner: Arc<Inner>) {
         let inner = inner.clone();
         tokio::spawn(async move {
             let Ok(socket) = tokio_tungstenite::accept_async(stream).await else { return };
-            inner.connections.fetch_add(1, Ordering::SeqCst);
-            serve_gateway(socket, inner).await;
+            let id = inner.connections.fetch_add(1, Ordering::SeqCst);
+            serve_gateway(socket, inner.clone(), id).await;
+            inner.connection.lock().unwrap().retain(|c| c.id != id);
         });
     }
 }
 
-async fn serve_gateway(socket: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, inner: Arc<Inner>) {
+/// Sets the shard of connection `id`.
+fn identify_as(inner: &Inner, id: u64, shard: (u64, u64)) {
+    for connection in inner.connection.lock().unwrap().iter_mut().filter(|c| c.id == id) {
+        connection.shard = Some(shard);
+    }
+}
+
+async fn serve_gateway(socket: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, inner: Arc<Inner>, id: u64) {
     let (mut sink, mut stream) = socket.split();
     let (tx, mut rx) = mpsc::unbounded_channel();
-    *inner.connection.lock().unwrap() = Some(tx);
+    inner.connection.lock().unwrap().push(Connection { id, shard: None, commands: tx });
     let hello = json!({ "op": 10, "d": { "heartbeat_interval": 41250 } });
     if sink.send(Frame::Text(hello.to_string())).await.is_err() {
         return;
@@ -369,6 +450,19 @@ async fn serve_gateway(socket: tokio_tungstenite::WebSocketStream<tokio::net::Tc
                 let Some(Ok(frame)) = frame else { return };
                 let Frame::Text(text) = frame else { continue };
                 let Ok(payload) = serde_json::from_str::<Value>(&text) else { continue };
+                // The connection's shard is known before the test sees the
+                // Identify (or Resume) and dispatches.
+                let shard = match payload["op"].as_u64() {
+                    Some(2) => {
+                        let pair = payload["d"]["shard"].as_array().and_then(|s| Some((s.first()?.as_u64()?, s.get(1)?.as_u64()?)));
+                        Some(pair.unwrap_or((0, 1)))
+                    }
+                    Some(6) => Some(shard_of_session(payload["d"]["session_id"].as_str().unwrap_or(""))),
+                    _ => None,
+                };
+                if let Some(shard) = shard {
+                    identify_as(&inner, id, shard);
+                }
                 inner.received.lock().unwrap().push(payload.clone());
                 let replies: Vec<Value> = match payload["op"].as_u64() {
                     Some(1) => vec![json!({ "op": 11 })],
@@ -388,16 +482,19 @@ async fn serve_gateway(socket: tokio_tungstenite::WebSocketStream<tokio::net::Tc
                             let _ = sink.send(Frame::Close(Some(frame))).await;
                             return;
                         }
+                        let shard = shard.unwrap_or((0, 1));
+                        let guilds: Vec<Value> = inner.guilds.lock().unwrap().iter().filter(|g| owns(shard, Some(**g)))
+                            .map(|g| json!({ "id": g.to_string(), "unavailable": true })).collect();
                         let seq = inner.seq.fetch_add(1, Ordering::SeqCst) + 1;
                         let url = inner.ws_url.lock().unwrap().clone();
                         vec![json!({ "op": 0, "t": "READY", "s": seq, "d": {
                             "v": 10,
                             "user": { "id": BOT_ID.to_string(), "username": "dialogd", "discriminator": "0", "global_name": null,
                                       "avatar": null, "bot": true, "verified": true, "mfa_enabled": false, "flags": 0 },
-                            "guilds": [{ "id": GUILD.to_string(), "unavailable": true }],
-                            "session_id": "fake-session",
+                            "guilds": guilds,
+                            "session_id": session_of(shard),
                             "resume_gateway_url": url,
-                            "shard": [0, 1],
+                            "shard": [shard.0, shard.1],
                             "application": { "id": APP_ID.to_string(), "flags": 0 },
                             "private_channels": [], "relationships": [], "presences": [], "geo_ordered_rtc_regions": []
                         }})]
@@ -405,7 +502,10 @@ async fn serve_gateway(socket: tokio_tungstenite::WebSocketStream<tokio::net::Tc
                     Some(6) => {
                         // Replay what the client missed, then RESUMED.
                         let since = payload["d"]["seq"].as_u64().unwrap_or(0);
-                        let mut missed: Vec<Value> = inner.dispatched.lock().unwrap().iter().filter(|e| e["s"].as_u64().unwrap() > since).cloned().collect();
+                        let shard = shard.unwrap_or((0, 1));
+                        let mut missed: Vec<Value> = inner.dispatched.lock().unwrap().iter()
+                            .filter(|e| e["s"].as_u64().unwrap() > since && owns(shard, guild_of(e["t"].as_str().unwrap_or(""), &e["d"])))
+                            .cloned().collect();
                         let seq = inner.seq.fetch_add(1, Ordering::SeqCst) + 1;
                         missed.push(json!({ "op": 0, "t": "RESUMED", "s": seq, "d": {} }));
                         missed
