@@ -4,8 +4,10 @@
 //! and takes requests from a bounded queue. Every step advances all active
 //! sequences in one forward pass, and the prompts of the requests admitted
 //! at that step run in the same pass (up to
-//! [`PoolConfig::max_prefill_tokens`] prompt tokens per step), so a new
-//! request has its first token at the end of the step that admits it;
+//! [`PoolConfig::max_prefill_tokens`] prompt tokens per step; a longer
+//! prompt is prefilled in chunks over several steps), so a new request
+//! whose prompt fits has its first token at the end of the step that
+//! admits it;
 //! finished sequences leave without stalling the rest. A request may ask
 //! for several candidates of one prompt: the prompt is prefilled once and
 //! its cache forked. A full queue is an immediate, counted
@@ -40,8 +42,9 @@ pub struct PoolConfig {
     pub queue_capacity: usize,
     /// Most candidates one request may ask for.
     pub max_candidates: usize,
-    /// Most prompt tokens prefilled in one step (the first prompt of a step
-    /// is always taken, however long); the rest wait for the next step. On
+    /// Most prompt tokens prefilled in one step; the rest wait for the next
+    /// step, and a prompt longer than what is left is fed in chunks over
+    /// several steps (its first token comes with its last chunk). On
     /// a CPU a prompt costs about the same per token alone or beside others,
     /// so a bigger step only makes each prompt in it wait for the last and
     /// stalls the sequences decoding beside it, while decode rows ride along

@@ -2,17 +2,23 @@
 //!
 //! Each turn of the loop takes the jobs that fit off the queue and runs one
 //! step: a single forward pass over the next token of every unfinished
-//! candidate *and* the whole prompt of every request admitted this turn, so
-//! the matrix products see all those rows at once and a new request has
-//! its first token at the end of the step that admits it. A prompt is run
-//! once; its cache is then forked per candidate. The step's rows are then
+//! candidate *and* the prompts of the requests awaiting their prefill, so
+//! the matrix products see all those rows at once and a new request whose
+//! prompt fits the step has its first token at the end of the step that
+//! admits it. Prompts share a budget of `max_prefill_tokens` per step, and
+//! a prompt longer than what is left of it is prefilled in chunks over
+//! several steps (chunked prefill, as vLLM and TGI schedule it): a step
+//! never carries more prompt tokens than the budget, so one long prompt
+//! delays the sequences decoding beside it by at most a budget's worth of
+//! work per token instead of its whole length. A prompt is run once (its
+//! chunks continue one cache); that cache is then forked per candidate. The step's rows are then
 //! sampled in parallel: each candidate owns its sampler, and each row is
 //! drawn by one thread in a fixed order, so the results do not depend on
 //! the number of threads.
 //!
 //! Backpressure: a job is taken off the bounded queue only when its
-//! candidates fit in the batch and its prompt fits the step's prompt-token
-//! budget (`max_prefill_tokens`; the first prompt of a step always fits),
+//! candidates fit in the batch and some of the step's prompt-token budget
+//! is left (prompts already admitted take theirs first, in arrival order),
 //! so at most one job waits outside the queue and a full queue refuses new
 //! work at once. Failures are contained: a request whose sampling fails
 //! (or panics) is answered with an error and leaves; a failed step is
@@ -56,9 +62,14 @@ struct Seq {
 /// One admitted request.
 struct Active {
     request: GenerationRequest,
-    /// The prompt's cache, from admission until the step that prefills it;
-    /// after that each candidate in `seqs` holds a fork of it.
+    /// The prompt's cache, from admission until the step that feeds the
+    /// prompt's last chunk; after that each candidate in `seqs` holds a
+    /// fork of it.
     prompt_cache: Option<SeqCache>,
+    /// Prompt tokens already in `prompt_cache`.
+    prefilled: usize,
+    /// Prompt tokens this step feeds (0: none this step), set by `admit`.
+    chunk: usize,
     seqs: Vec<Seq>,
     reply: Option<tokio::sync::oneshot::Sender<Result<GenerationResult, PoolError>>>,
     submitted: Instant,
@@ -89,14 +100,23 @@ impl Active {
 
     /// Has rows in the next step.
     fn runs(&self) -> bool {
-        self.reply.is_some() && (self.awaiting_prefill() || self.unfinished() > 0)
+        self.reply.is_some() && if self.awaiting_prefill() { self.chunk > 0 } else { self.unfinished() > 0 }
     }
 
-    /// Every cache holds exactly what was fed before this step: nothing for
-    /// a prompt still to run, and all but the last drawn id for a candidate.
-    /// A failed forward pass that left this true can be retried.
+    /// Prompt tokens still to feed.
+    fn prompt_left(&self) -> usize {
+        if self.awaiting_prefill() {
+            self.request.prompt_ids.len() - self.prefilled
+        } else {
+            0
+        }
+    }
+
+    /// Every cache holds exactly what was fed before this step: the chunks
+    /// already run for a prompt, and all but the last drawn id for a
+    /// candidate. A failed forward pass that left this true can be retried.
     fn caches_unmoved(&self) -> bool {
-        self.prompt_cache.as_ref().is_none_or(|c| c.is_empty())
+        self.prompt_cache.as_ref().is_none_or(|c| c.len() == self.prefilled)
             && self.seqs.iter().filter(|s| s.finish.is_none()).all(|s| s.cache.len() + 1 == s.history.len())
     }
 
@@ -228,11 +248,18 @@ impl Engine {
         true
     }
 
-    /// Takes jobs off the queue while their candidates fit in the batch and
-    /// their prompts in this step's budget, and swaps the model when a swap
-    /// reaches the front with the batch empty.
+    /// Shares this step's prompt budget out: first to the prompts admitted
+    /// earlier and not yet fed whole (in arrival order), then to jobs taken
+    /// off the queue while their candidates fit in the batch and some
+    /// budget is left. Swaps the model when a swap reaches the front with
+    /// the batch empty.
     fn admit(&mut self, state: &mut State, rx: &mut mpsc::Receiver<Work>) {
+        let budget = self.config.max_prefill_tokens.max(1);
         let mut prompt_tokens = 0;
+        for a in state.active.iter_mut() {
+            a.chunk = a.prompt_left().min(budget - prompt_tokens);
+            prompt_tokens += a.chunk;
+        }
         loop {
             if state.pending.is_none() && state.open {
                 match rx.try_recv() {
@@ -261,15 +288,14 @@ impl Engine {
                 continue;
             }
             let in_batch: usize = state.active.iter().map(Active::in_batch).sum();
-            let prompt = job.request.prompt_ids.len();
-            let over_budget = prompt_tokens > 0 && prompt_tokens + prompt > self.config.max_prefill_tokens;
-            if in_batch + job.request.n_candidates > self.config.max_batch || over_budget {
+            if in_batch + job.request.n_candidates > self.config.max_batch || prompt_tokens >= budget {
                 state.pending = Some(Work::Job(job));
                 break;
             }
             self.metrics.dequeued();
-            prompt_tokens += prompt;
-            if let Some(admitted) = self.start(job) {
+            if let Some(mut admitted) = self.start(job) {
+                admitted.chunk = admitted.request.prompt_ids.len().min(budget - prompt_tokens);
+                prompt_tokens += admitted.chunk;
                 state.active.push(admitted);
             }
         }
@@ -296,6 +322,8 @@ impl Engine {
         let mut active = Active {
             request,
             prompt_cache: None,
+            prefilled: 0,
+            chunk: 0,
             seqs: Vec::new(),
             reply: Some(reply),
             submitted,
@@ -355,9 +383,9 @@ impl Engine {
     }
 
     /// Runs one forward pass over the given requests (indices in ascending
-    /// order): the whole prompt of each that awaits its prefill, the next
-    /// id of each unfinished candidate of the others. One logits row per
-    /// sequence, in that order.
+    /// order): this step's chunk of the prompt of each that awaits its
+    /// prefill, the next id of each unfinished candidate of the others. One
+    /// logits row per sequence, in that order.
     fn forward(&self, active: &mut [Active], which: &[usize]) -> Result<Rows, String> {
         let mut tokens: Vec<&[u32]> = Vec::new();
         let mut caches: Vec<&mut SeqCache> = Vec::new();
@@ -365,11 +393,12 @@ impl Engine {
         // in the step has one, so a plain batch pays nothing.
         let mut adapters: Vec<Option<&LoraRuntime>> = Vec::new();
         for a in chosen(active, which) {
-            let Active { request, prompt_cache, seqs, .. } = a;
+            let Active { request, prompt_cache, seqs, prefilled, chunk, .. } = a;
             let request: &GenerationRequest = request;
             let adapter = request.adapter.as_deref();
             if let Some(cache) = prompt_cache {
-                tokens.push(if request.fault_in_prefill { &[u32::MAX] } else { &request.prompt_ids });
+                let chunk = &request.prompt_ids[*prefilled..*prefilled + *chunk];
+                tokens.push(if request.fault_in_prefill { &[u32::MAX] } else { chunk });
                 caches.push(cache);
                 adapters.push(adapter);
                 continue;
@@ -403,20 +432,31 @@ impl Engine {
 
     /// Draws the next id of every unfinished candidate of the given
     /// requests from `rows` (in [`Engine::forward`]'s order). A request
-    /// prefilled in this step first forks its prompt's cache per candidate;
-    /// all its candidates draw from its one row, and its first token is
-    /// out when the draws end. Draws run in parallel.
+    /// whose prompt's last chunk ran in this step first forks its prompt's
+    /// cache per candidate; all its candidates draw from its one row, and
+    /// its first token is out when the draws end; one with chunks still to
+    /// run draws nothing. Draws run in parallel.
     fn sample_rows(&self, active: &mut [Active], which: &[usize], rows: &Rows) {
         let mut requests = chosen(active, which);
         // Each request's first row, and whether this step prefilled it.
         let mut first_rows = Vec::with_capacity(requests.len());
         let mut next_row = 0;
         for a in requests.iter_mut() {
+            if a.awaiting_prefill() {
+                a.prefilled += a.chunk;
+                self.metrics.prefilled(a.chunk);
+                a.chunk = 0;
+            }
+            if a.awaiting_prefill() && a.prefilled < a.request.prompt_ids.len() {
+                // More chunks to come: its row is not a next-token row.
+                first_rows.push((next_row, false));
+                next_row += 1;
+                continue;
+            }
             match a.prompt_cache.take() {
                 Some(cache) => {
                     first_rows.push((next_row, true));
                     next_row += 1;
-                    self.metrics.prefilled(a.request.prompt_ids.len());
                     match catch_unwind(AssertUnwindSafe(|| self.fork_candidates(a, cache))) {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => a.fail(&self.metrics, e.to_string()),
@@ -505,10 +545,12 @@ impl Engine {
         let mut done = Vec::new();
         let mut i = 0;
         while i < active.len() {
+            // `remove`, not `swap_remove`: the order is the arrival order,
+            // in which prompts take the step's budget.
             if active[i].reply.is_none() {
-                active.swap_remove(i);
-            } else if active[i].unfinished() == 0 {
-                done.push(active.swap_remove(i));
+                active.remove(i);
+            } else if !active[i].awaiting_prefill() && active[i].unfinished() == 0 {
+                done.push(active.remove(i));
             } else {
                 i += 1;
             }

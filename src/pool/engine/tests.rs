@@ -136,20 +136,66 @@ fn the_prompt_budget_spreads_a_burst_over_steps_in_arrival_order() {
     let mut prefilled = Vec::new();
     let mut firsts = Vec::new();
     let mut waiting = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..3 {
         let m = h.turn();
         prefilled.push(m.prefill_tokens);
         firsts.push(first_tokens(&m));
         waiting.push(m.queue_depth);
     }
-    // 4 + 4 (a third 4 would pass 10); 4 (12 would); 12 alone (the first
-    // prompt of a step always goes, however long); 3.
-    assert_eq!(prefilled, [8, 12, 24, 27]);
-    assert_eq!(firsts, [2, 3, 4, 5]);
-    assert_eq!(waiting, [3, 2, 1, 0]);
+    // Every step fills its budget of 10 in arrival order: 4 + 4 + 2 of
+    // the third; its last 2 + 8 of the 12; the 12's last 4 + 3.
+    assert_eq!(prefilled, [10, 20, 27]);
+    assert_eq!(firsts, [2, 3, 5]);
+    assert_eq!(waiting, [2, 1, 0]);
     h.drain();
     let batched: Vec<Vec<u32>> = answers.iter_mut().map(output).collect();
     assert_eq!(batched, alone);
+}
+
+/// Chunked prefill: a prompt longer than the budget is fed a budget's
+/// worth per step while another request goes on decoding beside it (one
+/// token per step), and its reply is the one an unchunked run gives, to
+/// the bit (same ids, same log-probabilities).
+#[test]
+fn a_long_prompt_is_prefilled_in_chunks_beside_decoding_sequences() {
+    chunked_prefill_is_exact(pico());
+    // With f16 caches (the CPU default) too: the earlier chunks' keys and
+    // values come back from the f16 cache, and the bits still agree.
+    chunked_prefill_is_exact(pico().with_kv_precision(crate::model::KvPrecision::F16).unwrap());
+}
+
+fn chunked_prefill_is_exact(model: Gpt2) {
+    let long = prompt(3, 40);
+    let request = |ids: Vec<u32>| GenerationRequest {
+        n_candidates: 2,
+        ..GenerationRequest::new(ids, SamplingParams { seed: Some(7), max_new_tokens: 8, ..Default::default() })
+    };
+    let whole = {
+        let mut h = Harness::new(model.clone(), PoolConfig::default());
+        let mut answer = h.submit(request(long.clone()));
+        h.drain();
+        answer.try_recv().unwrap().unwrap()
+    };
+    let mut h = Harness::new(model, PoolConfig { max_prefill_tokens: 16, ..PoolConfig::default() });
+    let decoding = GenerationRequest { ignore_eos: true, ..greedy(prompt(1, 4), 20) };
+    let _a = h.submit(decoding);
+    h.turn();
+    let mut b = h.submit(request(long.clone()));
+    let mut steps = Vec::new();
+    for _ in 0..3 {
+        let before = h.metrics.snapshot();
+        let m = h.turn();
+        steps.push((m.prefill_tokens - before.prefill_tokens, m.tokens_generated - before.tokens_generated, first_tokens(&m)));
+    }
+    // 16 + 16 + 8 prompt tokens; the decoding request draws every step;
+    // the long one's two candidates draw first in the step of its last
+    // chunk.
+    assert_eq!(steps, [(16, 1, 1), (16, 1, 1), (8, 3, 2)]);
+    h.drain();
+    let chunked = b.try_recv().unwrap().unwrap();
+    let ids = |r: &GenerationResult| r.candidates.iter().map(|c| (c.output_ids.clone(), c.logprob.to_bits())).collect::<Vec<_>>();
+    assert_eq!(ids(&chunked), ids(&whole));
+    assert!(whole.candidates.iter().any(|c| c.output_ids.len() > 1), "{:?}", ids(&whole));
 }
 
 #[test]
