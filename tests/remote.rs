@@ -332,6 +332,16 @@ fn one_turn(tokenizer: &dialogd::tokenizer::DialogTokenizer, text: &str) -> Vec<
     ids
 }
 
+/// A daemon with `backend = "redis"` whose every channel speaks as the
+/// persona `pirate`, its adapter (drawn from `seed`) written under
+/// `host_a`; the adapter's folder.
+async fn pirate_daemon(redis: &RedisServer, host_a: &std::path::Path, seed: u64) -> (TestDaemon, std::path::PathBuf) {
+    let adapter_dir = support::write_adapter(&support::model_dir("pico-bin"), &host_a.join("pirate"), seed);
+    let persona = format!("defined = [{{ name = \"pirate\", adapter = \"{}\" }}]", adapter_dir.display());
+    let toml = redis_backend_toml(redis, 30_000) + &format!("[personas]\ndefault = \"pirate\"\n{persona}\n");
+    (TestDaemon::start(&toml).await, adapter_dir)
+}
+
 /// Host A (the daemon's working folder) holds a persona's adapter; the
 /// daemon stores it in Redis at start. A worker whose own folder has never
 /// seen it (host B; A's folder is gone by then) fetches it by its hash,
@@ -341,12 +351,8 @@ fn one_turn(tokenizer: &dialogd::tokenizer::DialogTokenizer, text: &str) -> Vec<
 async fn a_persona_adapter_from_the_daemons_folder_is_served_by_a_worker_on_another() {
     let redis = RedisServer::start();
     let host_a = tempfile::tempdir().unwrap();
-    let adapter_dir = support::write_adapter(&support::model_dir("pico-bin"), &host_a.path().join("pirate"), 5);
+    let (d, adapter_dir) = pirate_daemon(&redis, host_a.path(), 5).await;
     let id = remote::blobs::blob_id(&remote::blobs::pack(&adapter_dir).unwrap());
-    let persona = format!("defined = [{{ name = \"pirate\", adapter = \"{}\" }}]", adapter_dir.display());
-    let toml = redis_backend_toml(&redis, 30_000)
-        + &format!("[personas]\ndefault = \"pirate\"\n{persona}\n");
-    let d = TestDaemon::start(&toml).await;
     let mut conn = redis.client();
     let stored: bool = redis::cmd("EXISTS").arg(format!("dialogd:adapter:{id}")).query(&mut conn).unwrap();
     assert!(stored, "the daemon did not store the persona's adapter at start");
@@ -390,11 +396,7 @@ async fn a_persona_adapter_from_the_daemons_folder_is_served_by_a_worker_on_anot
 async fn a_corrupt_or_unknown_adapter_is_refused_with_a_clear_error() {
     let redis = RedisServer::start();
     let host_a = tempfile::tempdir().unwrap();
-    let adapter_dir = support::write_adapter(&support::model_dir("pico-bin"), &host_a.path().join("pirate"), 6);
-    let persona = format!("defined = [{{ name = \"pirate\", adapter = \"{}\" }}]", adapter_dir.display());
-    let toml = redis_backend_toml(&redis, 30_000)
-        + &format!("[personas]\ndefault = \"pirate\"\n{persona}\n");
-    let d = TestDaemon::start(&toml).await;
+    let (d, adapter_dir) = pirate_daemon(&redis, host_a.path(), 6).await;
     let blobs = remote::blobs::AdapterBlobs::connect(&redis.url(), "dialogd").await.unwrap();
     let id = blobs.publish(&adapter_dir).await.unwrap();
     let key = format!("dialogd:adapter:{id}");
