@@ -21,12 +21,13 @@ use dialogd_adapters::console::ConsoleAdapter;
 use dialogd_adapters::discord::DiscordAdapter;
 use dialogd_adapters::http::HttpAdapter;
 use dialogd_adapters::telegram::TelegramAdapter;
-use dialogd_adapters::{Adapter, AdapterError, Core, Shutdown};
+use dialogd_adapters::{Adapter, AdapterError, Core, Platform, Shutdown};
 use tokio::task::JoinSet;
 
 use crate::collect::{CollectError, Collector};
 use crate::context::memory::MemoryStore;
 use crate::context::redis::RedisStore;
+use crate::context::lease::Sole;
 use crate::context::{ContextError, ContextStore, Limits};
 use crate::jobs::runner::{BaseModel, Runner, RunnerParts};
 use crate::jobs::{JobStore, StoreError};
@@ -142,7 +143,7 @@ impl Daemon {
         let c = &settings.context;
         let pipeline = Pipeline::new(Parts {
             engine,
-            store,
+            store: store.clone(),
             tokenizer,
             model_name: settings.model.path.clone(),
             live: live.clone(),
@@ -192,7 +193,11 @@ impl Daemon {
             adapters.push(Box::new(ConsoleAdapter::stdio()));
         }
         if a.telegram.enabled {
-            adapters.push(Box::new(TelegramAdapter::new(a.telegram.clone())?));
+            // One poller per token (#13 point 7): under the store's lease.
+            let telegram = Box::new(TelegramAdapter::new(a.telegram.clone())?);
+            let token = a.telegram.token.as_ref().map_or("", |t| t.expose());
+            let holder = crate::remote::process_name();
+            adapters.push(Box::new(Sole::new(telegram, Platform::Telegram, token, store.clone(), holder)));
         }
         if a.discord.enabled {
             let discord = DiscordAdapter::new(a.discord.clone())?;

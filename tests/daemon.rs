@@ -742,3 +742,61 @@ async fn requests_still_queued_at_the_drain_bound_get_503() {
     let log = d.log_text();
     assert!(log.contains("drain took too long"), "{log}");
 }
+
+/// Issue #13 point 7: one Telegram poller per bot token. A daemon polling
+/// holds the token's lease in Redis (its key a hash, never the token); a
+/// second `dialogd run` on the same Redis and token refuses to start the
+/// Telegram adapter, says why, and exits non-zero, while the first keeps
+/// answering; the first gives the lease back when it stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_telegram_poller_on_one_token_is_refused() {
+    let token = "123456:poller-secret-token-77";
+    let fake = crate::fakes::telegram::FakeTelegram::start(token).await;
+    let redis = RedisServer::start();
+    let telegram = [
+        ("adapters.telegram", "enabled = true".to_string()),
+        ("adapters.telegram", format!("token = \"{token}\"")),
+        ("adapters.telegram", format!("api_url = \"{}\"", fake.url)),
+        ("adapters.telegram", "poll_timeout_secs = 1".to_string()),
+    ];
+    let extra: Vec<(&str, &str)> = telegram.iter().map(|(s, l)| (*s, l.as_str())).collect();
+    let first = crate::support::TestDaemon::start(&crate::support::daemon_toml(Some(&redis), &extra)).await;
+    let wait = Duration::from_secs(20);
+    crate::fakes::wait_for(wait, || fake.calls("setMyCommands").pop()).await.expect("the first daemon's adapter runs");
+    let leases: Vec<String> = redis::cmd("KEYS").arg("*lease:telegram:poller-*").query(&mut redis.client()).unwrap();
+    assert_eq!(leases.len(), 1, "{leases:?}");
+    assert!(!leases[0].contains("secret") && !leases[0].contains("123456"), "the token is in the key: {leases:?}");
+
+    // The second instance: same Redis, same token, as operators run it.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("dialogd.toml");
+    let text = format!(
+        "[model]\npath = \"{}\"\n[context]\nstore = \"redis\"\nredis_url = \"{}\"\n[adapters.http]\nlisten = \"127.0.0.1:0\"\n\
+         [adapters.telegram]\nenabled = true\napi_url = \"{}\"\npoll_timeout_secs = 1\n[telemetry]\nlog_format = \"json\"\nmetrics_listen = \"127.0.0.1:0\"\n",
+        model_dir("pico-bin").display(),
+        redis.url(),
+        fake.url
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut second = Running::spawn(&config, &[("DIALOGD__ADAPTERS__TELEGRAM__TOKEN", token)], 0, 0);
+    let code = second.wait_exit().await;
+    let log = second.log_text();
+    assert_ne!(code, 0, "{log}");
+    assert!(!log.contains(token) && !log.contains("poller-secret"), "the token reached the log:\n{log}");
+    let last = json_lines(&log).pop().expect("a log line");
+    let reason = last["error"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("another dialogd instance already runs the telegram adapter for this bot token")
+            && reason.contains("disable adapters.telegram here")
+            && reason.contains(&leases[0].split_once(":lease:").unwrap().1.to_string()),
+        "{log}"
+    );
+
+    // The first keeps polling and answering, alone on the token.
+    let asked = fake.say(5, 5, "Are you still there?", None);
+    let reply = crate::fakes::wait_for(wait, || fake.sent_to(5).first().cloned()).await.expect("the first daemon answers");
+    assert_eq!(reply["reply_parameters"]["message_id"].as_i64(), Some(asked));
+    first.stop().await;
+    let leases: Vec<String> = redis::cmd("KEYS").arg("*lease:telegram:poller-*").query(&mut redis.client()).unwrap();
+    assert!(leases.is_empty(), "a clean stop gives the lease back: {leases:?}");
+}

@@ -10,7 +10,9 @@
 //! - `P:rate:user:platform:author`, `P:rate:channel:C`: a rate-limit
 //!   window's hits (`INCR`), expiring when the window ends.
 //! - `P:lease:C`: the daemon handling the channel's message now (a short
-//!   `PX` lease, see [`super::lease`]).
+//!   `PX` lease, see [`super::lease`]); `P:lease:telegram:poller-H`: the
+//!   daemon running the Telegram adapter of the token whose hash is `H`
+//!   ([`super::lease::Sole`]).
 //!
 //! Every `ctx`, `seen` and `authors` key expires after `ttl` idle. Appends run as one Lua script, so a
 //! channel's duplicate check, append, trim and TTL refresh are atomic, and
