@@ -138,6 +138,16 @@ fn spawn_worker(url: &str, name: &str, handle: PoolHandle) -> tokio::sync::onesh
         consumer: name.into(),
         max_inflight: 64,
         claim_idle: Duration::from_secs(600),
+        // Only the device is read (no adapters, no promoted models here).
+        model: dialogd::serving::ModelSpec {
+            model: String::new(),
+            device: "cpu".into(),
+            dtype: "auto".into(),
+            quantize: "none".into(),
+            kv_cache: "auto".into(),
+        },
+        cache_dir: std::env::temp_dir().join("dialogd-stream-hop"),
+        follow_base: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
@@ -206,7 +216,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let stream_one = move |i| {
                 let c = c.clone();
                 async move {
-                    let request = WireRequest { prompt_ids: prompt(i, pt), params: params(nt), n_candidates: 1 };
+                    let request = WireRequest { prompt_ids: prompt(i, pt), params: params(nt), n_candidates: 1, adapter: None };
                     c.generate(&request).await.expect("stream");
                 }
             };

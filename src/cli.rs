@@ -61,7 +61,10 @@ pub enum Command {
     /// Generate for daemons with `[generation] backend = "redis"`: load
     /// [model], take requests from the Redis stream {context.key_prefix}:gen:requests
     /// (consumer group "generation") and answer them, until SIGTERM or SIGINT
-    /// (then finish what was taken). Run several, on any hosts.
+    /// (then finish what was taken). Run several, on any hosts. Persona
+    /// adapters are fetched from Redis by content hash into
+    /// worker.cache_dir; with [jobs] enabled, promoted base models are
+    /// loaded from jobs.artifacts_dir (a shared folder) as they change.
     Worker(run::RunArgs),
     /// The settings' documentation: `config defaults` prints every key.
     Config(run::ConfigArgs),

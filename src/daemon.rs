@@ -70,6 +70,12 @@ pub enum DaemonError {
     JobStore(#[source] StoreError),
     #[error("jobs: {}: {source}", path.display())]
     JobsDir { path: PathBuf, source: std::io::Error },
+    /// `jobs.artifacts_dir` cannot be written.
+    #[error("jobs.artifacts_dir: {}: {source} (promoted models are written there: it must be a writable folder every serving host sees)", path.display())]
+    ArtifactsDir { path: PathBuf, source: std::io::Error },
+    /// `backend = "redis"`: persona adapters cannot be stored for workers.
+    #[error("generation.backend = \"redis\": persona adapters: {0}")]
+    AdapterBlobs(#[source] crate::remote::blobs::BlobError),
     #[error("jobs: {0}")]
     BaseModel(#[source] ModelError),
     #[error("personas: {0}")]
@@ -409,6 +415,9 @@ async fn open_jobs(settings: &Settings) -> Result<Option<JobStore>, DaemonError>
         .map_err(DaemonError::JobStore)?;
     std::fs::create_dir_all(&settings.jobs.dir)
         .map_err(|source| DaemonError::JobsDir { path: settings.jobs.dir.clone(), source })?;
+    let artifacts = &settings.jobs.artifacts_dir;
+    crate::serving::check_artifacts_dir(artifacts, true)
+        .map_err(|source| DaemonError::ArtifactsDir { path: artifacts.clone(), source })?;
     Ok(Some(store))
 }
 
@@ -429,6 +438,14 @@ async fn open_personas(settings: &Settings) -> Result<Arc<Personas>, DaemonError
         (Ok(config), Ok(device)) => personas.set_model(config, device),
         (Err(e), _) => tracing::warn!(error = %e, "persona adapters disabled"),
         (_, Err(e)) => tracing::warn!(error = %e, "persona adapters disabled"),
+    }
+    if settings.generation.backend == crate::settings::Backend::Redis {
+        // Workers fetch adapters from Redis by content hash.
+        let blobs = crate::remote::blobs::AdapterBlobs::connect(c.redis_url.expose(), &c.key_prefix)
+            .await
+            .map_err(DaemonError::AdapterBlobs)?;
+        personas.set_blobs(blobs);
+        personas.load_defined().await;
     }
     Ok(personas)
 }

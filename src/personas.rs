@@ -12,6 +12,11 @@
 //! `personas.default`. What a persona serves — its configured adapter or
 //! the newest promoted job's — is set by the job runner as versions change.
 //!
+//! With `[generation] backend = "redis"` ([`Personas::set_blobs`]) each
+//! adapter the daemon loads is also stored in Redis as a blob named by its
+//! content's hash ([`crate::remote::blobs`]), and that id, never the
+//! folder, goes to the workers with each request.
+//!
 //! [`persona_prompt`] is the one place a persona's prompt is built: serving
 //! and the jobs' promotion gate both call it, so the gate tests what users
 //! get.
@@ -81,6 +86,16 @@ pub fn persona_prompt(tokenizer: &DialogTokenizer, seed: &[String], turns: &[Vec
     Ok(prompt)
 }
 
+/// A persona's adapter as generation takes it.
+#[derive(Debug, Clone)]
+pub struct PersonaAdapter {
+    /// Loaded for the served model (what a local pool applies).
+    pub runtime: Arc<LoraRuntime>,
+    /// Its blob's id in Redis, for workers (`backend = "redis"`); `None`
+    /// where adapters are not shipped, or storing it failed (logged).
+    pub blob: Option<String>,
+}
+
 /// A persona ready to answer: seed turns and the adapter to apply.
 #[derive(Debug, Clone)]
 pub struct ActivePersona {
@@ -90,7 +105,7 @@ pub struct ActivePersona {
     pub adapter_dir: Option<PathBuf>,
     /// That adapter, loaded for the served model (`None` when there is no
     /// adapter, or it could not be loaded: then the base model answers).
-    pub adapter: Option<Arc<LoraRuntime>>,
+    pub adapter: Option<PersonaAdapter>,
     /// The promoted job it serves, if any.
     pub version: Option<u64>,
 }
@@ -115,7 +130,9 @@ pub struct Personas {
     model: RwLock<Option<(Gpt2Config, candle_core::Device)>>,
     /// Loaded adapters by folder; a folder that failed to load maps to
     /// `None` (logged once, not retried on every message).
-    adapters: RwLock<HashMap<PathBuf, Option<Arc<LoraRuntime>>>>,
+    adapters: RwLock<HashMap<PathBuf, Option<PersonaAdapter>>>,
+    /// Where adapters are stored for workers (`backend = "redis"`).
+    blobs: RwLock<Option<crate::remote::blobs::AdapterBlobs>>,
 }
 
 impl std::fmt::Debug for Personas {
@@ -154,7 +171,24 @@ impl Personas {
             served: RwLock::new(HashMap::new()),
             model: RwLock::new(None),
             adapters: RwLock::new(HashMap::new()),
+            blobs: RwLock::new(None),
         })
+    }
+
+    /// Stores every adapter loaded from now on in Redis for the workers
+    /// (the daemon, with `backend = "redis"`).
+    pub fn set_blobs(&self, blobs: crate::remote::blobs::AdapterBlobs) {
+        *self.blobs.write().unwrap_or_else(|e| e.into_inner()) = Some(blobs);
+        self.adapters.write().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Loads (and, with [`Self::set_blobs`], stores in Redis) the adapter
+    /// of every persona of the settings file, so workers can serve them
+    /// from the first request; failures are logged.
+    pub async fn load_defined(&self) {
+        for dir in self.settings.defined.iter().filter_map(|p| p.adapter.clone()) {
+            self.adapter(&dir).await;
+        }
     }
 
     /// Sets the model adapters are loaded for (the daemon, at start).
@@ -163,36 +197,46 @@ impl Personas {
         self.adapters.write().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
-    /// The adapter in `dir`, loaded once (on a blocking thread) and cached.
-    pub async fn adapter(&self, dir: &std::path::Path) -> Option<Arc<LoraRuntime>> {
+    /// The adapter in `dir`, loaded once (on a blocking thread) and cached;
+    /// with [`Self::set_blobs`], stored in Redis too (a failed store is
+    /// logged and tried again at the next use).
+    pub async fn adapter(&self, dir: &std::path::Path) -> Option<PersonaAdapter> {
         if let Some(cached) = self.adapters.read().unwrap_or_else(|e| e.into_inner()).get(dir) {
             return cached.clone();
         }
         let (config, device) = self.model.read().unwrap_or_else(|e| e.into_inner()).clone()?;
         let path = dir.to_path_buf();
-        let loaded = tokio::task::spawn_blocking(move || -> Result<LoraRuntime, String> {
-            let runtime = crate::training::lora::load_runtime(&path, &config).map_err(|e| e.to_string())?;
-            if device.is_cpu() {
-                Ok(runtime)
-            } else {
-                runtime.to_device(&device).map_err(|e| e.to_string())
-            }
-        })
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|loaded| loaded);
-        let adapter = match loaded {
+        let loaded = tokio::task::spawn_blocking(move || crate::training::lora::load_runtime_on(&path, &config, &device))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|loaded| loaded.map_err(|e| e.to_string()));
+        let runtime = match loaded {
             Ok(runtime) => {
                 tracing::info!(adapter = %dir.display(), rank = runtime.rank(), "persona adapter loaded");
-                Some(Arc::new(runtime))
+                Arc::new(runtime)
             }
             Err(e) => {
                 tracing::error!(adapter = %dir.display(), error = %e, "cannot load a persona adapter; the persona answers with the base model");
-                None
+                self.adapters.write().unwrap_or_else(|e| e.into_inner()).insert(dir.to_path_buf(), None);
+                return None;
             }
         };
-        self.adapters.write().unwrap_or_else(|e| e.into_inner()).insert(dir.to_path_buf(), adapter.clone());
-        adapter
+        let blobs = self.blobs.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let (blob, keep) = match blobs {
+            None => (None, true),
+            Some(blobs) => match blobs.publish(dir).await {
+                Ok(id) => (Some(id), true),
+                Err(e) => {
+                    tracing::error!(adapter = %dir.display(), error = %e, "cannot store a persona adapter for the workers; its replies fail until it is stored");
+                    (None, false)
+                }
+            },
+        };
+        let adapter = PersonaAdapter { runtime, blob };
+        if keep {
+            self.adapters.write().unwrap_or_else(|e| e.into_inner()).insert(dir.to_path_buf(), Some(adapter.clone()));
+        }
+        Some(adapter)
     }
 
     /// Every persona: the configured ones, then those moderators created.

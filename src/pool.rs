@@ -230,6 +230,12 @@ impl PoolHandle {
         &self.config
     }
 
+    /// The served model's config (the new one after a swap): what an
+    /// adapter must fit.
+    pub fn served_config(&self) -> Gpt2Config {
+        self.served.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     fn check(&self, request: &GenerationRequest) -> Result<(), PoolError> {
         let invalid = |m: String| Err(PoolError::Invalid(m));
         request.params.validate().map_err(|e| PoolError::Invalid(e.to_string()))?;

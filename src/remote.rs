@@ -19,11 +19,20 @@
 //!   second answer to one id (a request claimed from a slow, not dead,
 //!   worker) and an answer past its deadline are dropped and counted.
 //!
+//! Persona adapters go by content: the request carries the id of the
+//! adapter's blob in Redis, and the worker fetches, checks and caches it
+//! ([`blobs`]). A worker with `jobs.enabled` follows the promoted base
+//! model as the daemons do ([`FollowBase`]): `{prefix}:versions:base`'s
+//! last id, loaded from `jobs.artifacts_dir`, swapped in between batches.
+//!
 //! Queue depth is the request stream's length (`XLEN`): answered requests
 //! are deleted, so it counts the waiting and the running.
 
+pub mod blobs;
+
 use std::collections::HashMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -37,6 +46,9 @@ use tokio::sync::{oneshot, Semaphore};
 use crate::generate::FinishReason;
 use crate::pool::{GenerationRequest, PoolError, PoolHandle};
 use crate::sampling::SamplingParams;
+use crate::serving::ModelSpec;
+
+use self::blobs::{BlobError, WorkerAdapters};
 
 /// The consumer group every worker joins.
 pub const GROUP: &str = "generation";
@@ -76,6 +88,12 @@ pub enum RemoteError {
     /// Redis refused or could not be reached.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// The worker's adapter cache cannot be set up.
+    #[error(transparent)]
+    Adapters(#[from] BlobError),
+    /// The worker's model device cannot be opened.
+    #[error("model.device: {0}")]
+    Device(String),
 }
 
 /// One generation request as it travels in the stream's `body` field.
@@ -84,6 +102,10 @@ pub struct WireRequest {
     pub prompt_ids: Vec<u32>,
     pub params: SamplingParams,
     pub n_candidates: usize,
+    /// The persona's adapter: the id of its blob in Redis ([`blobs`]);
+    /// absent: the base model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
 }
 
 /// One drawn candidate: new ids without `<|endoftext|>`, their summed
@@ -361,6 +383,10 @@ pub struct WorkerStats {
     pub claimed: AtomicU64,
     pub expired: AtomicU64,
     pub failed: AtomicU64,
+    /// The promoted base version the pool serves (0: the configured model).
+    pub base_version: AtomicU64,
+    /// Base models swapped in.
+    pub swaps: AtomicU64,
 }
 
 /// How a worker joins the stream.
@@ -372,6 +398,88 @@ pub struct WorkerOptions {
     pub consumer: String,
     pub max_inflight: usize,
     pub claim_idle: Duration,
+    /// How the pool's model runs (its device is where adapters go; a
+    /// promoted base model is loaded with the same options).
+    pub model: ModelSpec,
+    /// The worker's own folder (`worker.cache_dir`): fetched adapters.
+    pub cache_dir: PathBuf,
+    /// Follow the promoted base model (`jobs.enabled`); `None`: serve the
+    /// loaded model only.
+    pub follow_base: Option<FollowBase>,
+}
+
+/// Where a worker finds promoted base models.
+#[derive(Debug, Clone)]
+pub struct FollowBase {
+    /// The configured model's local folder (served when nothing is
+    /// promoted, or after a rollback to it).
+    pub original: PathBuf,
+    /// `jobs.artifacts_dir`: promoted job `N` is
+    /// [`crate::serving::job_output`]`(artifacts_dir, N)`.
+    pub artifacts_dir: PathBuf,
+    /// How often the version pointer is read (`jobs.poll_ms`).
+    pub poll: Duration,
+}
+
+/// `{prefix}:versions:base`: promoted base job ids, the last one served
+/// (the daemons' job store pushes and pops it).
+pub fn base_versions_key(prefix: &str) -> String {
+    format!("{prefix}:versions:base")
+}
+
+/// Serves the base version `{prefix}:versions:base` names, if it is not
+/// the one served: loads it from `jobs.artifacts_dir` and swaps it into
+/// the pool (between batches; nothing is dropped).
+async fn sync_base(
+    conn: &mut ConnectionManager,
+    options: &WorkerOptions,
+    follow: &FollowBase,
+    pool: &PoolHandle,
+    stats: &WorkerStats,
+    served: &mut Option<u64>,
+) -> Result<(), String> {
+    let version: Option<u64> = redis::cmd("LINDEX")
+        .arg(base_versions_key(&options.key_prefix))
+        .arg(-1)
+        .query_async(conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    if version == *served {
+        return Ok(());
+    }
+    let dir = match version {
+        Some(id) => crate::serving::job_output(&follow.artifacts_dir, id),
+        None => follow.original.clone(),
+    };
+    let (spec, path) = (options.model.clone(), dir.clone());
+    let model = tokio::task::spawn_blocking(move || crate::serving::load_weights(&spec, &path))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    pool.swap_model(model).await.map_err(|e| e.to_string())?;
+    *served = version;
+    stats.base_version.store(version.unwrap_or(0), Ordering::Relaxed);
+    stats.swaps.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(version, folder = %dir.display(), "worker: the pool now serves base model version {}", version.map_or("original".into(), |v| format!("#{v}")));
+    Ok(())
+}
+
+/// Every `follow.poll`, [`sync_base`]; a failure is logged and tried
+/// again at the next poll (the served model stays).
+async fn follow_base(
+    mut conn: ConnectionManager,
+    options: WorkerOptions,
+    follow: FollowBase,
+    pool: PoolHandle,
+    stats: Arc<WorkerStats>,
+    mut served: Option<u64>,
+) {
+    loop {
+        tokio::time::sleep(follow.poll).await;
+        if let Err(e) = sync_base(&mut conn, &options, &follow, &pool, &stats, &mut served).await {
+            tracing::warn!(error = %e, "worker: cannot serve the promoted base model; keeping the one served");
+        }
+    }
 }
 
 /// Takes requests from the stream and answers them with `pool` until
@@ -390,6 +498,20 @@ pub async fn run_worker(
     let mut conn = ConnectionManager::new_with_config(client.clone(), manager_config()).await?;
     let requests = requests_key(&options.key_prefix);
     ensure_group(&mut conn, &requests).await?;
+    let device = options.model.device().map_err(|e| RemoteError::Device(e.to_string()))?;
+    let adapters = Arc::new(WorkerAdapters::new(conn.clone(), &options.key_prefix, &options.cache_dir, device, pool.clone())?);
+    // The promoted base model from the first request on, then followed.
+    let follower = match options.follow_base.clone() {
+        Some(follow) => {
+            let mut served = None;
+            if let Err(e) = sync_base(&mut conn, &options, &follow, &pool, &stats, &mut served).await {
+                tracing::error!(error = %e, "worker: cannot serve the promoted base model; serving the configured one until it works");
+            }
+            let task = follow_base(conn.clone(), options.clone(), follow, pool.clone(), stats.clone(), served);
+            Some(AbortOnDrop(tokio::spawn(task)))
+        }
+        None => None,
+    };
     let slots = Arc::new(Semaphore::new(options.max_inflight));
     let mut reader = blocking_connection(&client).await?;
     tracing::info!(stream = %requests, consumer = %options.consumer, max_inflight = options.max_inflight, "worker: taking requests");
@@ -454,16 +576,17 @@ pub async fn run_worker(
         };
         for entry in entries {
             let Ok(permit) = slots.clone().acquire_owned().await else { break };
-            let (pool, mut conn, requests, stats, prefix) =
-                (pool.clone(), conn.clone(), requests.clone(), stats.clone(), options.key_prefix.clone());
+            let (pool, adapters, mut conn, requests, stats, prefix) =
+                (pool.clone(), adapters.clone(), conn.clone(), requests.clone(), stats.clone(), options.key_prefix.clone());
             tokio::spawn(async move {
-                answer(entry, &pool, &mut conn, &requests, &prefix, &stats).await;
+                answer(entry, &pool, &adapters, &mut conn, &requests, &prefix, &stats).await;
                 drop(permit);
             });
         }
     }
     // Stopping: wait until every taken request is answered and acknowledged.
     let _all = slots.acquire_many(options.max_inflight as u32).await;
+    drop(follower);
     tracing::info!(
         answered = stats.answered.load(Ordering::Relaxed),
         claimed = stats.claimed.load(Ordering::Relaxed),
@@ -478,6 +601,7 @@ pub async fn run_worker(
 async fn answer(
     entry: StreamId,
     pool: &PoolHandle,
+    adapters: &WorkerAdapters,
     conn: &mut ConnectionManager,
     requests: &str,
     prefix: &str,
@@ -490,7 +614,7 @@ async fn answer(
             stats.expired.fetch_add(1, Ordering::Relaxed);
             None
         }
-        (Some(_), Some(_), Some(request)) => Some(run(pool, request).await),
+        (Some(_), Some(_), Some(request)) => Some(run(pool, adapters, request).await),
         _ => {
             tracing::warn!(entry = %entry.id, "worker: a request without id, reply_to or a readable body; dropped");
             None
@@ -523,8 +647,33 @@ async fn answer(
     }
 }
 
-async fn run(pool: &PoolHandle, request: WireRequest) -> WireReply {
-    let generation = GenerationRequest { n_candidates: request.n_candidates, ..GenerationRequest::new(request.prompt_ids, request.params) };
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn run(pool: &PoolHandle, adapters: &WorkerAdapters, request: WireRequest) -> WireReply {
+    // A persona's request runs with its adapter or not at all: never the
+    // base model under the persona's name.
+    let adapter = match &request.adapter {
+        Some(id) => match adapters.get(id).await {
+            Ok(runtime) => Some(runtime),
+            Err(e) => {
+                tracing::warn!(adapter = %id, error = %e, "worker: a request's persona adapter cannot be used");
+                return WireReply::Failed { error: e.to_string() };
+            }
+        },
+        None => None,
+    };
+    let generation = GenerationRequest {
+        n_candidates: request.n_candidates,
+        adapter,
+        ..GenerationRequest::new(request.prompt_ids, request.params)
+    };
     match pool.generate(generation).await {
         Ok(result) => WireReply::Ok {
             candidates: result
@@ -550,6 +699,14 @@ mod tests {
         assert_eq!(serde_json::from_str::<WireReply>(&text).unwrap(), reply);
         let failed: WireReply = serde_json::from_str(r#"{"status":"failed","error":"x"}"#).unwrap();
         assert_eq!(failed, WireReply::Failed { error: "x".into() });
+        // The adapter goes by id, and only when there is one.
+        let mut request = WireRequest { prompt_ids: vec![1], params: SamplingParams::greedy(2), n_candidates: 1, adapter: None };
+        assert!(!serde_json::to_string(&request).unwrap().contains("adapter"));
+        request.adapter = Some("ab".repeat(32));
+        let text = serde_json::to_string(&request).unwrap();
+        assert!(text.contains(&format!(r#""adapter":"{}""#, "ab".repeat(32))), "{text}");
+        assert_eq!(serde_json::from_str::<WireRequest>(&text).unwrap(), request);
+        assert_eq!(base_versions_key("d"), "d:versions:base");
         assert_eq!(requests_key("d"), "d:gen:requests");
         assert_eq!(replies_key("d", "a-1"), "d:gen:replies:a-1");
     }

@@ -153,6 +153,28 @@ pub fn load_weights(spec: &ModelSpec, dir: &Path) -> Result<Gpt2, ServingError> 
     Ok(options.load(dir, dtype, &device)?)
 }
 
+/// Where job `id`'s output lives under `artifacts_dir` (`jobs.artifacts_dir`):
+/// `{artifacts_dir}/job-{id}/output`. The daemon's job runner writes there
+/// and every host serving a promoted base model loads from there.
+pub fn job_output(artifacts_dir: &Path, id: u64) -> PathBuf {
+    artifacts_dir.join(format!("job-{id}")).join("output")
+}
+
+/// Checks that `artifacts_dir` is a folder this process can use: made if
+/// missing and written to (a file created and removed) when `write`,
+/// else it must exist and be listable.
+///
+/// Errors: the I/O error (missing, not a folder, permission, read-only).
+pub fn check_artifacts_dir(artifacts_dir: &Path, write: bool) -> std::io::Result<()> {
+    if write {
+        std::fs::create_dir_all(artifacts_dir)?;
+        let probe = artifacts_dir.join(format!(".dialogd-write-check-{}", std::process::id()));
+        std::fs::write(&probe, b"")?;
+        return std::fs::remove_file(&probe);
+    }
+    std::fs::read_dir(artifacts_dir).map(drop)
+}
+
 fn check_fit(dir: &Path, model: &Gpt2, tokenizer: &DialogTokenizer) -> Result<(), ServingError> {
     let cfg = model.config();
     if tokenizer.eos_id() != cfg.eos_token_id || tokenizer.vocab_size() > cfg.vocab_size {

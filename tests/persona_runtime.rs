@@ -1,7 +1,6 @@
 //! Persona adapters served at run time: one base model, each sequence of a
 //! batch through its own LoRA adapter (or none).
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
@@ -9,31 +8,16 @@ use dialogd::generate::{generate, generate_with_adapter};
 use dialogd::model::gpt2::argmax;
 use dialogd::model::Gpt2;
 use dialogd::pool::{GenerationPool, GenerationRequest, PoolConfig, PoolError};
-use dialogd::sampling::{Rng, SamplingParams};
+use dialogd::sampling::SamplingParams;
 use dialogd::tokenizer::DialogTokenizer;
-use dialogd::training::lora::{load_runtime, save_adapter, LoraAdapter};
-use dialogd::training::{load_persona, LoraSettings, TrainableGpt2};
+use dialogd::training::lora::{load_runtime, LoraAdapter};
+use dialogd::training::load_persona;
 
-use crate::support::{assert_fails_with, dialogd, model_dir, stdout};
+use crate::support::{assert_fails_with, dialogd, model_dir, stdout, write_adapter};
 
 fn tiny() -> (Gpt2, DialogTokenizer) {
     let dir = model_dir("tiny");
     (Gpt2::load(&dir, DType::F32, &Device::Cpu).unwrap(), DialogTokenizer::from_dir(&dir).unwrap())
-}
-
-/// Writes a PEFT adapter for `base` whose A (PEFT's initialisation from
-/// `seed`) and B (uniform in ±0.2 from `seed`) are both non-zero, so that it
-/// really changes the model (a fresh adapter has B = 0 and changes nothing).
-fn write_adapter(base: &Path, dir: &Path, seed: u64) -> PathBuf {
-    let model = TrainableGpt2::load(base, Some(LoraSettings { rank: 4, alpha: 16.0 }), seed, &Device::Cpu).unwrap();
-    let mut rng = Rng::new(seed);
-    for pair in model.lora_pairs().values() {
-        let shape = pair.b.as_tensor().shape().clone();
-        let values: Vec<f32> = (0..shape.elem_count()).map(|_| ((rng.next_f64() * 2.0 - 1.0) * 0.2) as f32).collect();
-        pair.b.set(&Tensor::from_vec(values, shape, &Device::Cpu).unwrap()).unwrap();
-    }
-    save_adapter(dir, &model, "tiny").unwrap();
-    dir.to_path_buf()
 }
 
 fn prompts(tok: &DialogTokenizer) -> Vec<Vec<u32>> {

@@ -52,10 +52,17 @@ struct InProcessWorker {
     stats: Arc<WorkerStats>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
+    /// Its own folder (`worker.cache_dir`), as on a host of its own.
+    home: tempfile::TempDir,
 }
 
 impl InProcessWorker {
     fn start(redis: &RedisServer, name: &str, claim_idle: Duration) -> Self {
+        Self::start_with(redis, name, claim_idle, None)
+    }
+
+    /// A worker that follows the promoted base model when `follow_base`.
+    fn start_with(redis: &RedisServer, name: &str, claim_idle: Duration, follow_base: Option<remote::FollowBase>) -> Self {
         let settings = support::settings_from(&daemon_toml(Some(redis), &[]));
         let args = dialogd::cli::ModelArgs {
             model: settings.model.path.clone(),
@@ -68,12 +75,16 @@ impl InProcessWorker {
         let engine =
             dialogd::pipeline::engine::PoolEngine::start(loaded.model, &settings.generation, dialogd::telemetry::Metrics::new())
                 .unwrap();
+        let home = tempfile::tempdir().unwrap();
         let options = WorkerOptions {
             redis_url: redis.url(),
             key_prefix: settings.context.key_prefix.clone(),
             consumer: name.into(),
             max_inflight: 4,
             claim_idle,
+            model: dialogd::daemon::model_spec(&settings.model),
+            cache_dir: home.path().to_path_buf(),
+            follow_base,
         };
         let stats = Arc::new(WorkerStats::default());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -89,7 +100,7 @@ impl InProcessWorker {
                 .unwrap();
             }
         });
-        Self { stats, stop: Some(stop), task }
+        Self { stats, stop: Some(stop), task, home }
     }
 
     fn answered(&self) -> u64 {
@@ -283,4 +294,253 @@ async fn without_workers_messages_fail_at_the_deadline_and_a_full_stream_is_busy
     assert_eq!(status, 503, "{body}");
     assert_eq!(d.metric("dialogd_refusals_total{reason=\"busy\"}").await, 1.0);
     d.stop().await;
+}
+
+/// The adapter cache folder of a worker whose home is `home`.
+fn cached_adapter(home: &std::path::Path, id: &str) -> std::path::PathBuf {
+    home.join("adapters").join(id)
+}
+
+/// Greedy ids of `text` as a one-turn prompt, through the stream.
+async fn through_stream(redis: &RedisServer, prompt: &[u32], adapter: Option<&str>) -> Result<Vec<u32>, remote::RemoteError> {
+    let client = remote::StreamClient::connect(&redis.url(), "dialogd", Duration::from_secs(60), 64).await.unwrap();
+    let request = remote::WireRequest {
+        prompt_ids: prompt.to_vec(),
+        params: dialogd::sampling::SamplingParams::greedy(8),
+        n_candidates: 1,
+        adapter: adapter.map(String::from),
+    };
+    let mut drawn = client.generate(&request).await?;
+    Ok(drawn.remove(0).ids)
+}
+
+/// The pico model as the workers serve it, with its tokenizer.
+fn served_pico() -> dialogd::serving::Loaded {
+    let settings = support::settings_from(&daemon_toml(None, &[]));
+    dialogd::serving::load(&dialogd::daemon::model_spec(&settings.model)).unwrap()
+}
+
+/// Greedy ids of `prompt` on `model` (with `adapter`), without a pool.
+fn locally(model: &dialogd::model::Gpt2, adapter: Option<&dialogd::model::LoraRuntime>, prompt: &[u32]) -> Vec<u32> {
+    let params = dialogd::sampling::SamplingParams::greedy(8);
+    dialogd::generate::generate_with_adapter(model, adapter, prompt, &params, |_| true).unwrap().output_ids
+}
+
+fn one_turn(tokenizer: &dialogd::tokenizer::DialogTokenizer, text: &str) -> Vec<u32> {
+    let mut ids = tokenizer.encode(text).unwrap();
+    ids.push(tokenizer.eos_id());
+    ids
+}
+
+/// A daemon with `backend = "redis"` whose every channel speaks as the
+/// persona `pirate`, its adapter (drawn from `seed`) written under
+/// `host_a`; the adapter's folder.
+async fn pirate_daemon(redis: &RedisServer, host_a: &std::path::Path, seed: u64) -> (TestDaemon, std::path::PathBuf) {
+    let adapter_dir = support::write_adapter(&support::model_dir("pico-bin"), &host_a.join("pirate"), seed);
+    let persona = format!("defined = [{{ name = \"pirate\", adapter = \"{}\" }}]", adapter_dir.display());
+    let toml = redis_backend_toml(redis, 30_000) + &format!("[personas]\ndefault = \"pirate\"\n{persona}\n");
+    (TestDaemon::start(&toml).await, adapter_dir)
+}
+
+/// Host A (the daemon's working folder) holds a persona's adapter; the
+/// daemon stores it in Redis at start. A worker whose own folder has never
+/// seen it (host B; A's folder is gone by then) fetches it by its hash,
+/// keeps it under its cache folder, and answers with it: what the adapter
+/// computes locally, not what the base model does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_persona_adapter_from_the_daemons_folder_is_served_by_a_worker_on_another() {
+    let redis = RedisServer::start();
+    let host_a = tempfile::tempdir().unwrap();
+    let (d, adapter_dir) = pirate_daemon(&redis, host_a.path(), 5).await;
+    let id = remote::blobs::blob_id(&remote::blobs::pack(&adapter_dir).unwrap());
+    let mut conn = redis.client();
+    let stored: bool = redis::cmd("EXISTS").arg(format!("dialogd:adapter:{id}")).query(&mut conn).unwrap();
+    assert!(stored, "the daemon did not store the persona's adapter at start");
+    // Nothing of host A is left for a worker to read.
+    drop(host_a);
+    let worker = InProcessWorker::start(&redis, "host-b", Duration::from_secs(30));
+    let cached = cached_adapter(worker.home.path(), &id);
+    assert!(!cached.exists());
+
+    // Through the daemon: the persona's channel is answered by the worker.
+    let (status, body) = d.say("deck", "ann", "Ahoy! How are you?", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["reply"].as_str().is_some_and(|t| !t.is_empty()), "{body}");
+    assert!(cached.join("adapter_model.safetensors").is_file(), "the worker kept no copy in its own folder");
+    let again = remote::blobs::blob_id(&remote::blobs::pack(&cached).unwrap());
+    assert_eq!(again, id, "the cached copy is not the adapter the daemon stored");
+
+    // Straight through the stream: with the adapter, the worker computes
+    // what the adapter does locally; that is not the base model's answer.
+    let loaded = served_pico();
+    let runtime = dialogd::training::lora::load_runtime(&cached, loaded.model.config()).unwrap();
+    let mut changed = 0;
+    for text in ["Ahoy! How are you?", "Where is the treasure?", "ok"] {
+        let prompt = one_turn(&loaded.tokenizer, text);
+        let with = through_stream(&redis, &prompt, Some(&id)).await.unwrap();
+        assert_eq!(with, locally(&loaded.model, Some(&runtime), &prompt), "{text}");
+        let without = through_stream(&redis, &prompt, None).await.unwrap();
+        assert_eq!(without, locally(&loaded.model, None, &prompt), "{text}");
+        changed += usize::from(with != without);
+    }
+    assert!(changed > 0, "the adapter changed no reply: the worker may be answering with the base model");
+    d.stop().await;
+    worker.stop().await;
+}
+
+/// A blob that is not what its hash says, an id Redis does not hold and a
+/// malformed id are each refused with an error saying so; nothing is
+/// cached, and the persona's message fails rather than being answered by
+/// the base model. Stored again intact, the same adapter serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_corrupt_or_unknown_adapter_is_refused_with_a_clear_error() {
+    let redis = RedisServer::start();
+    let host_a = tempfile::tempdir().unwrap();
+    let (d, adapter_dir) = pirate_daemon(&redis, host_a.path(), 6).await;
+    let blobs = remote::blobs::AdapterBlobs::connect(&redis.url(), "dialogd").await.unwrap();
+    let id = blobs.publish(&adapter_dir).await.unwrap();
+    let key = format!("dialogd:adapter:{id}");
+    let mut conn = redis.client();
+    let intact: Vec<u8> = redis::cmd("GET").arg(&key).query(&mut conn).unwrap();
+    let _: i64 = redis::cmd("SETRANGE").arg(&key).arg(intact.len() / 2).arg(&b"\x00garbage\x00"[..]).query(&mut conn).unwrap();
+    let worker = InProcessWorker::start(&redis, "careful", Duration::from_secs(30));
+
+    let (status, body) = d.say("deck", "ann", "Ahoy! How are you?", None).await;
+    assert_ne!(status, 200, "a persona's message was answered without its adapter: {body}");
+    assert!(d.turns("deck").await.is_empty(), "a failed message was stored");
+    let loaded = served_pico();
+    let prompt = one_turn(&loaded.tokenizer, "Where is the treasure?");
+    let corrupt = through_stream(&redis, &prompt, Some(&id)).await.unwrap_err().to_string();
+    assert!(corrupt.contains(&id) && corrupt.contains("corrupt"), "{corrupt}");
+    assert!(!cached_adapter(worker.home.path(), &id).exists(), "a corrupt blob was cached");
+    let unknown = "0".repeat(64);
+    let missing = through_stream(&redis, &prompt, Some(&unknown)).await.unwrap_err().to_string();
+    assert!(missing.contains(&unknown) && missing.contains("not in Redis"), "{missing}");
+    let bad = through_stream(&redis, &prompt, Some("../../etc")).await.unwrap_err().to_string();
+    assert!(bad.contains("not a SHA-256 id"), "{bad}");
+
+    // Stored again (as a daemon does whenever it loads the persona), the
+    // same id serves.
+    assert_eq!(blobs.publish(&adapter_dir).await.unwrap(), id);
+    through_stream(&redis, &prompt, Some(&id)).await.unwrap();
+    assert!(cached_adapter(worker.home.path(), &id).is_dir());
+    let (status, body) = d.say("deck", "ann", "Ahoy again!", None).await;
+    assert_eq!(status, 200, "{body}");
+    d.stop().await;
+    worker.stop().await;
+}
+
+/// `jobs.artifacts_dir` is checked at start: a worker (with `[jobs]` on)
+/// refuses a folder it cannot see, naming the key, before loading a
+/// model; a daemon running jobs refuses one it cannot write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_artifacts_dir_is_checked_at_start() {
+    let redis = RedisServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("not-mounted");
+    let config = tmp.path().join("worker.toml");
+    let jobs = [
+        ("jobs", "enabled = true".to_string()),
+        ("jobs", format!("dir = \"{}\"", tmp.path().join("jobs").display())),
+        ("jobs", format!("artifacts_dir = \"{}\"", missing.display())),
+    ];
+    let extra: Vec<(&str, &str)> = jobs.iter().map(|(s, l)| (*s, l.as_str())).collect();
+    std::fs::write(&config, daemon_toml(Some(&redis), &extra) + &format!("[worker]\ncache_dir = \"{}\"\n", tmp.path().join("cache").display())).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dialogd"))
+        .args(["worker", "--config"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("jobs.artifacts_dir") && err.contains("not-mounted"), "{err}");
+
+    // A file where the folder should be: the daemon cannot write there.
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    let jobs = [
+        ("jobs", "enabled = true".to_string()),
+        ("jobs", format!("dir = \"{}\"", tmp.path().join("jobs").display())),
+        ("jobs", format!("artifacts_dir = \"{}\"", file.join("artifacts").display())),
+    ];
+    let extra: Vec<(&str, &str)> = jobs.iter().map(|(s, l)| (*s, l.as_str())).collect();
+    let refused = TestDaemon::try_start(&daemon_toml(Some(&redis), &extra)).await.err().expect("the daemon started").to_string();
+    assert!(refused.contains("jobs.artifacts_dir") && refused.contains("a-file"), "{refused}");
+}
+
+/// A copy of the pico checkpoint with other weights (same shape), as a
+/// promoted job's output under `artifacts_dir`.
+fn promoted_pico(artifacts_dir: &std::path::Path, id: u64) -> std::path::PathBuf {
+    let out = dialogd::serving::job_output(artifacts_dir, id);
+    std::fs::create_dir_all(&out).unwrap();
+    let src = support::model_dir("pico-safetensors");
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, out.join(path.file_name().unwrap())).unwrap();
+    }
+    let weights = out.join("model.safetensors");
+    let tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
+    let bent: std::collections::HashMap<String, candle_core::Tensor> = tensors
+        .into_iter()
+        .map(|(name, t)| {
+            let t = if name.contains("mlp.c_fc.weight") { (t * 8.0).unwrap() } else { t };
+            (name, t)
+        })
+        .collect();
+    candle_core::safetensors::save(&bent, &weights).unwrap();
+    out
+}
+
+/// A worker follows the promoted base model: a job id pushed on
+/// `versions:base` (as a daemon's promotion does) is loaded from
+/// `jobs.artifacts_dir` and swapped in; popped (a rollback), the
+/// configured model is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_swaps_its_base_model_when_the_promoted_version_changes() {
+    let redis = RedisServer::start();
+    let artifacts = tempfile::tempdir().unwrap();
+    let promoted_dir = promoted_pico(artifacts.path(), 7);
+    let loaded = served_pico();
+    let settings = support::settings_from(&daemon_toml(None, &[]));
+    let promoted = dialogd::serving::load_weights(&dialogd::daemon::model_spec(&settings.model), &promoted_dir).unwrap();
+    let prompts: Vec<Vec<u32>> =
+        ["Hello, how are you?", "What do you do on weekends?"].iter().map(|t| one_turn(&loaded.tokenizer, t)).collect();
+    assert!(
+        prompts.iter().any(|p| locally(&promoted, None, p) != locally(&loaded.model, None, p)),
+        "the promoted copy answers as the original: the test could not tell them apart"
+    );
+    let follow = remote::FollowBase {
+        original: loaded.dir.clone(),
+        artifacts_dir: artifacts.path().to_path_buf(),
+        poll: Duration::from_millis(50),
+    };
+    let worker = InProcessWorker::start_with(&redis, "follower", Duration::from_secs(30), Some(follow));
+    for p in &prompts {
+        assert_eq!(through_stream(&redis, p, None).await.unwrap(), locally(&loaded.model, None, p));
+    }
+    let store = dialogd::jobs::JobStore::connect(&redis.url(), "dialogd", Duration::from_secs(2)).await.unwrap();
+    store.push_version(&dialogd::jobs::Target::Base, 7).await.unwrap();
+    let swapped = async {
+        while worker.stats.base_version.load(Ordering::Relaxed) != 7 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), swapped).await.expect("the worker did not swap in version 7");
+    for p in &prompts {
+        assert_eq!(through_stream(&redis, p, None).await.unwrap(), locally(&promoted, None, p));
+    }
+    // A rollback: the configured model again.
+    store.rollback(&dialogd::jobs::Target::Base).await.unwrap();
+    let back = async {
+        while worker.stats.swaps.load(Ordering::Relaxed) < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), back).await.expect("the worker did not go back to the configured model");
+    assert_eq!(worker.stats.base_version.load(Ordering::Relaxed), 0);
+    for p in &prompts {
+        assert_eq!(through_stream(&redis, p, None).await.unwrap(), locally(&loaded.model, None, p));
+    }
+    worker.stop().await;
 }

@@ -72,6 +72,21 @@ pub fn cached_checkpoint(spec_key: &str, folder: &str, write: impl FnOnce(&Path)
     dir
 }
 
+/// Writes a PEFT adapter for `base` whose A (PEFT's initialisation from
+/// `seed`) and B (uniform in ±0.2 from `seed`) are both non-zero, so that it
+/// really changes the model (a fresh adapter has B = 0 and changes nothing).
+pub fn write_adapter(base: &Path, dir: &Path, seed: u64) -> PathBuf {
+    let model = dialogd::training::TrainableGpt2::load(base, Some(dialogd::training::LoraSettings { rank: 4, alpha: 16.0 }), seed, &candle_core::Device::Cpu).unwrap();
+    let mut rng = dialogd::sampling::Rng::new(seed);
+    for pair in model.lora_pairs().values() {
+        let shape = pair.b.as_tensor().shape().clone();
+        let values: Vec<f32> = (0..shape.elem_count()).map(|_| ((rng.next_f64() * 2.0 - 1.0) * 0.2) as f32).collect();
+        pair.b.set(&candle_core::Tensor::from_vec(values, shape, &candle_core::Device::Cpu).unwrap()).unwrap();
+    }
+    dialogd::training::lora::save_adapter(dir, &model, "tiny").unwrap();
+    dir.to_path_buf()
+}
+
 /// Runs the dialogd binary with a clean hub environment.
 pub fn dialogd(args: &[&str]) -> Output {
     dialogd_with_env(args, &[])

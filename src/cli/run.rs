@@ -184,8 +184,19 @@ pub fn worker(args: RunArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(async move {
         let stop = tokio::spawn(daemon::stop_signal());
         let spec = daemon::model_spec(&settings.model);
+        // Promoted base models come from jobs.artifacts_dir: checked before
+        // the model loads, so a missing mount is the first thing said.
+        let artifacts = &settings.jobs.artifacts_dir;
+        if settings.jobs.enabled {
+            serving::check_artifacts_dir(artifacts, false).with_context(|| {
+                format!("jobs.artifacts_dir: {}: promoted base models are loaded from there: it must be a folder this host sees (a shared filesystem)", artifacts.display())
+            })?;
+        }
+        let cache_dir = &settings.worker.cache_dir;
+        std::fs::create_dir_all(cache_dir).with_context(|| format!("worker.cache_dir: {}", cache_dir.display()))?;
         tracing::info!(model = %spec.model, device = %spec.device, dtype = %spec.dtype, "worker: loading model");
-        let loaded = tokio::task::spawn_blocking(move || serving::load(&spec)).await??;
+        let loading = spec.clone();
+        let loaded = tokio::task::spawn_blocking(move || serving::load(&loading)).await??;
         let engine = PoolEngine::start(loaded.model, &settings.generation, Metrics::new())
             .context("starting the generation pool")?;
         let consumer = match settings.worker.consumer.as_str() {
@@ -198,6 +209,13 @@ pub fn worker(args: RunArgs) -> anyhow::Result<ExitCode> {
             consumer,
             max_inflight: settings.worker.max_inflight,
             claim_idle: settings.worker.claim_idle,
+            model: spec,
+            cache_dir: cache_dir.clone(),
+            follow_base: settings.jobs.enabled.then(|| remote::FollowBase {
+                original: loaded.dir.clone(),
+                artifacts_dir: artifacts.clone(),
+                poll: settings.jobs.poll,
+            }),
         };
         let stats = Arc::new(WorkerStats::default());
         daemon::notify_systemd("READY=1");
@@ -205,7 +223,7 @@ pub fn worker(args: RunArgs) -> anyhow::Result<ExitCode> {
             let _ = stop.await;
         })
         .await
-        .context("worker: context.redis_url")?;
+        .context("worker")?;
         anyhow::Ok(ExitCode::SUCCESS)
     })
 }

@@ -117,7 +117,8 @@ pub struct Runner {
 struct JobFiles {
     /// The data snapshot the job trains on.
     data: PathBuf,
-    /// The trainer's `--out`: checkpoints while it runs, then the model.
+    /// The trainer's `--out` (`JobSettings::output_dir`): checkpoints
+    /// while it runs, then the model.
     output: PathBuf,
     /// The trainer's output and errors, every attempt.
     log: PathBuf,
@@ -126,10 +127,11 @@ struct JobFiles {
 }
 
 impl JobFiles {
-    fn of(dir: &Path) -> Self {
+    /// The files in `dir`, the trainer's output in `output`.
+    fn of(dir: &Path, output: PathBuf) -> Self {
         Self {
             data: dir.join("data.jsonl"),
-            output: dir.join("output"),
+            output,
             log: dir.join("train.log"),
             progress: dir.join("progress.json"),
         }
@@ -269,7 +271,8 @@ impl Runner {
     /// new state; `Err` is a failure with its reason.
     async fn attempt(&self, record: &mut JobRecord, shutdown: &Shutdown) -> Result<()> {
         let dir = self.settings.dir.join(format!("job-{}", record.id));
-        let files = JobFiles::of(&dir);
+        // The output goes under jobs.artifacts_dir, where every serving host finds it.
+        let files = JobFiles::of(&dir, self.settings.output_dir(record.id));
         let JobFiles { data, output, log, progress } = &files;
         std::fs::create_dir_all(output).map_err(io_error(output))?;
         let base_dir = self.served_base_dir().await?;

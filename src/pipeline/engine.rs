@@ -17,7 +17,8 @@ use std::time::Instant;
 use dialogd_adapters::BoxFuture;
 
 use crate::generate::FinishReason;
-use crate::model::{Gpt2, LoraRuntime};
+use crate::model::Gpt2;
+use crate::personas::PersonaAdapter;
 use crate::pool::{GenerationPool, GenerationRequest, PoolConfig, PoolError, PoolHandle};
 use crate::sampling::SamplingParams;
 use crate::settings::GenerationSettings;
@@ -53,13 +54,14 @@ pub struct Drawn {
 pub trait ReplyEngine: Send + Sync + 'static {
     /// `n_candidates` replies (new ids, excluding `<|endoftext|>`) to a prompt
     /// that fits [`Self::n_positions`] with room for `params.max_new_tokens`.
-    /// `adapter`: the persona's LoRA adapter, applied to this request only.
+    /// `adapter`: the persona's LoRA adapter, applied to this request only
+    /// (a local pool applies its runtime; workers fetch its blob by id).
     fn reply(
         &self,
         prompt_ids: Vec<u32>,
         params: SamplingParams,
         n_candidates: usize,
-        adapter: Option<Arc<LoraRuntime>>,
+        adapter: Option<PersonaAdapter>,
     ) -> BoxFuture<'static, Result<Vec<Drawn>, EngineError>>;
     /// The model's context size in tokens (prompt and reply together).
     fn n_positions(&self) -> usize;
@@ -102,11 +104,12 @@ impl ReplyEngine for PoolEngine {
         prompt_ids: Vec<u32>,
         params: SamplingParams,
         n_candidates: usize,
-        adapter: Option<Arc<LoraRuntime>>,
+        adapter: Option<PersonaAdapter>,
     ) -> BoxFuture<'static, Result<Vec<Drawn>, EngineError>> {
         let handle = self.handle.clone();
         let metrics = self.metrics.clone();
-        let request = GenerationRequest { n_candidates, adapter, ..GenerationRequest::new(prompt_ids, params) };
+        let request =
+            GenerationRequest { n_candidates, adapter: adapter.map(|a| a.runtime), ..GenerationRequest::new(prompt_ids, params) };
         Box::pin(async move {
             let started = Instant::now();
             let result = handle.generate(request).await;
@@ -136,7 +139,8 @@ impl ReplyEngine for PoolEngine {
 
 /// Generation by `dialogd worker` processes through Redis Streams
 /// (`[generation] backend = "redis"`; see [`crate::remote`]). The daemon
-/// holds no model: `n_positions` comes from the checkpoint's config.
+/// holds no model: `n_positions` comes from the checkpoint's config. A
+/// persona's adapter goes as its blob id ([`crate::remote::blobs`]).
 pub struct RemoteEngine {
     client: Arc<crate::remote::StreamClient>,
     n_positions: usize,
@@ -158,18 +162,23 @@ impl ReplyEngine for RemoteEngine {
         prompt_ids: Vec<u32>,
         params: SamplingParams,
         n_candidates: usize,
-        adapter: Option<Arc<LoraRuntime>>,
+        adapter: Option<PersonaAdapter>,
     ) -> BoxFuture<'static, Result<Vec<Drawn>, EngineError>> {
         use crate::remote::RemoteError;
         let (client, metrics) = (self.client.clone(), self.metrics.clone());
         Box::pin(async move {
-            if adapter.is_some() {
-                // Adapters are not shipped to workers yet: say so rather
-                // than answer with the base model under a persona's name.
-                return Err(EngineError::Failed("persona adapters need generation.backend = \"local\"".into()));
-            }
+            // Workers get the adapter's blob id; one that could not be
+            // stored fails here rather than answer with the base model
+            // under a persona's name.
+            let adapter = match adapter {
+                None => None,
+                Some(PersonaAdapter { blob: Some(id), .. }) => Some(id),
+                Some(PersonaAdapter { blob: None, .. }) => {
+                    return Err(EngineError::Failed("the persona's adapter is not stored in Redis for the workers (see the log)".into()))
+                }
+            };
             let started = Instant::now();
-            let request = crate::remote::WireRequest { prompt_ids, params, n_candidates };
+            let request = crate::remote::WireRequest { prompt_ids, params, n_candidates, adapter };
             match client.generate(&request).await {
                 Ok(candidates) => {
                     metrics.observe_generation(started.elapsed());
@@ -227,7 +236,7 @@ impl ReplyEngine for ScriptedEngine {
         prompt_ids: Vec<u32>,
         _params: SamplingParams,
         n_candidates: usize,
-        _adapter: Option<Arc<LoraRuntime>>,
+        _adapter: Option<PersonaAdapter>,
     ) -> BoxFuture<'static, Result<Vec<Drawn>, EngineError>> {
         self.calls.lock().unwrap_or_else(|e| e.into_inner()).push((prompt_ids, n_candidates));
         let next = self.rounds.lock().unwrap_or_else(|e| e.into_inner()).pop_front();

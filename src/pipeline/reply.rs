@@ -344,7 +344,7 @@ pub(super) async fn draw(
     prompt_ids: Vec<u32>,
     params: crate::sampling::SamplingParams,
     n_candidates: usize,
-    adapter: Option<Arc<crate::model::LoraRuntime>>,
+    adapter: Option<crate::personas::PersonaAdapter>,
 ) -> Result<Vec<Drawn>, CoreError> {
     let metrics = &shared.metrics;
     let drawn = match shared.engine.reply(prompt_ids, params, n_candidates, adapter).await {

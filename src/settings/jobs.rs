@@ -15,6 +15,7 @@ use crate::cron::Cron;
 pub struct RawJobs {
     pub enabled: bool,
     pub dir: String,
+    pub artifacts_dir: String,
     pub trainer: String,
     pub device: String,
     pub mode: String,
@@ -62,6 +63,11 @@ pub struct JobSettings {
     pub enabled: bool,
     /// One folder per job under this.
     pub dir: std::path::PathBuf,
+    /// Where each job's output (a promoted checkpoint or adapter) is
+    /// written, `{artifacts_dir}/job-{id}/output`: a path every host that
+    /// serves the model sees (a shared filesystem), since `dialogd worker`s
+    /// load promoted base models from it. Empty in the file: `dir`.
+    pub artifacts_dir: std::path::PathBuf,
     /// The program run as `TRAINER train …`; `None`: this executable.
     #[serde(serialize_with = "serialize_opt_path")]
     pub trainer: Option<std::path::PathBuf>,
@@ -100,6 +106,14 @@ pub struct Schedule {
     pub persona: String,
     /// Channels whose collected exchanges are used; empty: all.
     pub channels: Vec<String>,
+}
+
+impl JobSettings {
+    /// Where job `id`'s output goes, and where every host finds it once
+    /// promoted: `{artifacts_dir}/job-{id}/output`.
+    pub fn output_dir(&self, id: u64) -> std::path::PathBuf {
+        crate::serving::job_output(&self.artifacts_dir, id)
+    }
 }
 
 fn serialize_opt_path<S: Serializer>(path: &Option<std::path::PathBuf>, s: S) -> Result<S::Ok, S::Error> {
@@ -175,6 +189,10 @@ impl RawJobs {
         }
         Ok(JobSettings {
             enabled: self.enabled,
+            artifacts_dir: match self.artifacts_dir.trim() {
+                "" => self.dir.clone().into(),
+                path => path.into(),
+            },
             dir: self.dir.into(),
             trainer: (!self.trainer.trim().is_empty()).then(|| self.trainer.trim().into()),
             device: self.device,

@@ -14,6 +14,7 @@ pub struct RawWorker {
     pub max_inflight: usize,
     pub claim_idle_ms: u64,
     pub consumer: String,
+    pub cache_dir: String,
 }
 
 /// A generation worker's share of the stream.
@@ -28,6 +29,9 @@ pub struct WorkerSettings {
     /// This worker's consumer name in the group (empty: host name and
     /// process id).
     pub consumer: String,
+    /// This worker's own folder (persona adapters fetched from Redis are
+    /// cached under `adapters/`).
+    pub cache_dir: std::path::PathBuf,
 }
 
 impl RawWorker {
@@ -42,6 +46,12 @@ impl RawWorker {
             max_inflight: self.max_inflight,
             claim_idle: Duration::from_millis(self.claim_idle_ms),
             consumer: self.consumer.trim().to_string(),
+            cache_dir: {
+                if self.cache_dir.trim().is_empty() {
+                    return Err(invalid("worker.cache_dir", "must name a folder"));
+                }
+                self.cache_dir.trim().into()
+            },
         })
     }
 }

@@ -360,6 +360,15 @@ pub fn load_runtime(adapter_dir: &Path, config: &Gpt2Config) -> Result<LoraRunti
     LoraAdapter::load(adapter_dir)?.runtime(config)
 }
 
+/// [`load_runtime`], then moved to `device` (where the served model is).
+pub fn load_runtime_on(adapter_dir: &Path, config: &Gpt2Config, device: &Device) -> Result<LoraRuntime> {
+    let runtime = load_runtime(adapter_dir, config)?;
+    if device.is_cpu() {
+        return Ok(runtime);
+    }
+    Ok(runtime.to_device(device)?)
+}
+
 /// Loads a base checkpoint with a persona's LoRA adapter merged into its
 /// weights: the model the pool serves for that persona.
 pub fn load_persona(base_dir: &Path, adapter_dir: &Path, dtype: DType, device: &Device) -> Result<Gpt2> {
