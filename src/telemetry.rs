@@ -208,6 +208,8 @@ pub struct Metrics {
     pub remote: Arc<OnceLock<Arc<crate::remote::ClientStats>>>,
     /// The Discord adapter's per-shard figures, once it runs.
     pub discord: Arc<OnceLock<Arc<ShardStats>>>,
+    /// A `dialogd worker`'s consumer name and counters, in that process.
+    pub worker: Arc<OnceLock<(String, Arc<crate::remote::WorkerStats>)>>,
 }
 
 impl Metrics {
@@ -246,6 +248,7 @@ impl Metrics {
             pool: Arc::default(),
             remote: Arc::default(),
             discord: Arc::default(),
+            worker: Arc::default(),
             registry: Registry::default(),
         };
         metrics.store_up.set(1);
@@ -289,6 +292,7 @@ impl Metrics {
         r.register_collector(Box::new(PoolCollector(metrics.pool.clone())));
         r.register_collector(Box::new(RemoteCollector(metrics.remote.clone())));
         r.register_collector(Box::new(ShardCollector(metrics.discord.clone())));
+        r.register_collector(Box::new(WorkerCollector(metrics.worker.clone())));
         if let Err(error) = kubert_prometheus_process::register(r.sub_registry_with_prefix("process")) {
             tracing::warn!(%error, "process metrics are not available");
         }
@@ -444,6 +448,57 @@ impl Collector for RemoteCollector {
             let labels = ReasonLabels { reason };
             ConstCounter::new(value.load(Relaxed)).encode(family.encode_family(&labels)?)?;
         }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConsumerLabels {
+    consumer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerOutcomeLabels {
+    consumer: String,
+    outcome: &'static str,
+}
+
+/// Writes a generation worker's counters at scrape time (only in a
+/// `dialogd worker` process), labelled with its consumer name in the
+/// group.
+#[derive(Debug)]
+struct WorkerCollector(Arc<OnceLock<(String, Arc<crate::remote::WorkerStats>)>>);
+
+impl Collector for WorkerCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some((consumer, stats)) = self.0.get() else { return Ok(()) };
+        let mut family = encoder.encode_descriptor(
+            "dialogd_worker_requests",
+            "Generation requests this worker finished: answered, failed (an error reply) or expired (past their deadline, dropped)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (outcome, value) in [("answered", &stats.answered), ("failed", &stats.failed), ("expired", &stats.expired)] {
+            let labels = WorkerOutcomeLabels { consumer: consumer.clone(), outcome };
+            ConstCounter::new(value.load(Relaxed)).encode(family.encode_family(&labels)?)?;
+        }
+        let labels = ConsumerLabels { consumer: consumer.clone() };
+        let counters = [
+            ("dialogd_worker_claimed", "Requests this worker took over from a consumer presumed dead (XAUTOCLAIM)", &stats.claimed),
+            ("dialogd_worker_base_swaps", "Promoted base models this worker swapped in", &stats.swaps),
+        ];
+        for (name, help, value) in counters {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(value.load(Relaxed)).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "dialogd_worker_base_version",
+            "The promoted base version this worker serves (0: the configured model)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(stats.base_version.load(Relaxed) as i64).encode(family.encode_family(&labels)?)?;
         Ok(())
     }
 }
@@ -631,7 +686,16 @@ mod tests {
         m.classifier_flagged("insult", Direction::Out);
         let progress = crate::training::Progress { step: 12, total_steps: 100, loss: Some(2.5), tokens_per_s: 1.0, eta_s: None, updated: 0 };
         m.job_progress(7, "persona:pirate", &progress);
+        let worker = Arc::new(crate::remote::WorkerStats::default());
+        worker.answered.store(5, std::sync::atomic::Ordering::Relaxed);
+        worker.claimed.store(2, std::sync::atomic::Ordering::Relaxed);
+        worker.base_version.store(3, std::sync::atomic::Ordering::Relaxed);
+        let _ = m.worker.set(("w1".to_string(), worker));
         let text = m.render();
+        assert!(text.contains("dialogd_worker_requests_total{consumer=\"w1\",outcome=\"answered\"} 5\n"), "{text}");
+        assert!(text.contains("dialogd_worker_requests_total{consumer=\"w1\",outcome=\"failed\"} 0\n"), "{text}");
+        assert!(text.contains("dialogd_worker_claimed_total{consumer=\"w1\"} 2\n"), "{text}");
+        assert!(text.contains("dialogd_worker_base_version{consumer=\"w1\"} 3\n"), "{text}");
         assert!(text.contains("dialogd_job_step{job_id=\"7\",target=\"persona:pirate\"} 12\n"), "{text}");
         assert!(text.contains("dialogd_job_loss{job_id=\"7\",target=\"persona:pirate\"} 2.5\n"), "{text}");
         m.job_progress_ended(7, "persona:pirate");

@@ -235,9 +235,12 @@ async fn a_worker_stopped_with_sigterm_finishes_what_it_took() {
     let config = dir.path().join("worker.toml");
     // No takeover within the test: what gets answered, the worker answered.
     std::fs::write(&config, redis_backend_toml(&redis, 600_000)).unwrap();
+    let metrics_port = support::free_port();
     let worker = std::process::Command::new(env!("CARGO_BIN_EXE_dialogd"))
         .args(["worker", "--config"])
         .arg(&config)
+        .env("DIALOGD__TELEMETRY__METRICS_LISTEN", format!("127.0.0.1:{metrics_port}"))
+        .env("DIALOGD__WORKER__CONSUMER", "graceful")
         .env_remove("RUST_LOG")
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -255,6 +258,19 @@ async fn a_worker_stopped_with_sigterm_finishes_what_it_took() {
     let mut conn = redis.client();
     // Best effort: SIGTERM while it holds requests, if it has taken any yet.
     let _ = wait_until_held(&mut conn).await;
+    // Meanwhile its own /metrics shows its figures under its consumer name,
+    // beside its pool's.
+    let text = d.http.get(format!("http://127.0.0.1:{metrics_port}/metrics")).send().await.unwrap().text().await.unwrap();
+    for series in [
+        "dialogd_worker_requests_total{consumer=\"graceful\",outcome=\"answered\"}",
+        "dialogd_worker_claimed_total{consumer=\"graceful\"} 0",
+        "dialogd_worker_base_version{consumer=\"graceful\"} 0",
+        "dialogd_pool_prefill_tokens_total",
+    ] {
+        assert!(text.contains(series), "no {series} in the worker's /metrics:\n{text}");
+    }
+    support::parse_exposition(&text).unwrap();
+    support::promtool_check(&text);
     let killed = std::process::Command::new("kill").args(["-TERM", &worker.id().to_string()]).status().unwrap();
     assert!(killed.success());
     let out = tokio::task::spawn_blocking(move || worker.wait_with_output()).await.unwrap().unwrap();

@@ -194,15 +194,34 @@ pub fn worker(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
         let cache_dir = &settings.worker.cache_dir;
         std::fs::create_dir_all(cache_dir).with_context(|| format!("worker.cache_dir: {}", cache_dir.display()))?;
-        tracing::info!(model = %spec.model, device = %spec.device, dtype = %spec.dtype, "worker: loading model");
-        let loading = spec.clone();
-        let loaded = tokio::task::spawn_blocking(move || serving::load(&loading)).await??;
-        let engine = PoolEngine::start(loaded.model, &settings.generation, Metrics::new())
-            .context("starting the generation pool")?;
+        // `/metrics` from before the model loads (telemetry.metrics_listen;
+        // on a host shared with a daemon, give the worker its own port).
+        let metrics = Metrics::new();
         let consumer = match settings.worker.consumer.as_str() {
             "" => remote::process_name(),
             name => name.to_string(),
         };
+        let stats = Arc::new(WorkerStats::default());
+        let _ = metrics.worker.set((consumer.clone(), stats.clone()));
+        let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+        let metrics_task = match settings.telemetry.metrics_listen {
+            Some(addr) => {
+                let server = telemetry::MetricsServer::bind(addr)
+                    .await
+                    .with_context(|| format!("telemetry.metrics_listen: cannot listen on {addr}"))?;
+                tracing::info!(metrics = %addr, %consumer, "worker: serving /metrics");
+                let stopped = async move {
+                    let _ = metrics_stopped.await;
+                };
+                Some(tokio::spawn(telemetry::serve_metrics(server, metrics.clone(), stopped)))
+            }
+            None => None,
+        };
+        tracing::info!(model = %spec.model, device = %spec.device, dtype = %spec.dtype, "worker: loading model");
+        let loading = spec.clone();
+        let loaded = tokio::task::spawn_blocking(move || serving::load(&loading)).await??;
+        let engine = PoolEngine::start(loaded.model, &settings.generation, metrics.clone())
+            .context("starting the generation pool")?;
         let options = WorkerOptions {
             redis_url: settings.context.redis_url.expose().to_string(),
             key_prefix: settings.context.key_prefix.clone(),
@@ -217,13 +236,16 @@ pub fn worker(args: RunArgs) -> anyhow::Result<ExitCode> {
                 poll: settings.jobs.poll,
             }),
         };
-        let stats = Arc::new(WorkerStats::default());
         daemon::notify_systemd("READY=1");
         remote::run_worker(options, engine.handle().clone(), stats, async move {
             let _ = stop.await;
         })
         .await
         .context("worker")?;
+        let _ = metrics_stop.send(());
+        if let Some(task) = metrics_task {
+            let _ = task.await;
+        }
         anyhow::Ok(ExitCode::SUCCESS)
     })
 }
