@@ -28,6 +28,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::settings::TrainMode;
+use crate::training::Progress;
 
 pub use store::{JobStore, StoreError};
 
@@ -154,6 +155,11 @@ pub struct JobRecord {
     /// The trainer's summary (`metrics.json`): losses, perplexity before and
     /// after, tokens/s, its gate decision.
     pub metrics: Option<serde_json::Value>,
+    /// Where training stands (the trainer's `progress.json`, copied in by
+    /// the runner every `jobs.poll` while it trains): step, total_steps,
+    /// loss, tokens_per_s, eta_s, updated. `None` before training starts.
+    #[serde(default)]
+    pub progress: Option<Progress>,
     pub probes: Vec<ProbeResult>,
     /// Why the job failed, was rejected or cancelled.
     pub reason: Option<String>,
@@ -178,14 +184,20 @@ impl JobRecord {
             owner: None,
             examples: None,
             metrics: None,
+            progress: None,
             probes: Vec::new(),
             reason: None,
         }
     }
 
-    /// One line for people: `#7 persona:pirate promoted (held-out ppl 41.2 → 30.5)`.
+    /// One line for people: `#7 persona:pirate promoted (held-out
+    /// perplexity 41.20 → 30.50)`, or while it trains `#7 persona:pirate
+    /// running: step 12/100, loss 3.2104, 1520 tokens/s, ETA 1m 20s`.
     pub fn summary(&self) -> String {
         let mut line = format!("#{} {} {}", self.id, self.target, self.state.as_str());
+        if let (JobState::Running, Some(progress)) = (self.state, &self.progress) {
+            line.push_str(&format!(": {}", progress.describe()));
+        }
         let ppl = |key: &str| self.metrics.as_ref()?.get(key)?.get("perplexity")?.as_f64();
         if let (Some(before), Some(after)) = (ppl("eval_before"), ppl("eval_after")) {
             line.push_str(&format!(" (held-out perplexity {before:.2} → {after:.2})"));
@@ -234,9 +246,19 @@ mod tests {
         for bad in ["", "persona:", "persona:Bad Name", "model"] {
             assert!(Target::parse(bad).is_err(), "{bad}");
         }
-        let record = JobRecord::new(3, Target::Persona("pirate".into()), "cli".into(), vec![]);
+        let mut record = JobRecord::new(3, Target::Persona("pirate".into()), "cli".into(), vec![]);
         let json = serde_json::to_string(&record).unwrap();
         assert!(json.contains(r#""target":"persona:pirate""#) && json.contains(r#""state":"queued""#), "{json}");
         assert_eq!(serde_json::from_str::<JobRecord>(&json).unwrap(), record);
+        // Records written before progress was kept still read.
+        let old = json.replace(r#""progress":null,"#, "");
+        assert!(!old.contains("progress"), "{json}");
+        assert_eq!(serde_json::from_str::<JobRecord>(&old).unwrap(), record);
+        // A running job's line says where it stands; a finished one's not.
+        record.state = JobState::Running;
+        record.progress = Some(Progress { step: 3, total_steps: 10, loss: Some(2.5), tokens_per_s: 99.6, eta_s: Some(7), updated: 0 });
+        assert_eq!(record.summary(), "#3 persona:pirate running: step 3/10, loss 2.5000, 100 tokens/s, ETA 7s");
+        record.state = JobState::Cancelled;
+        assert_eq!(record.summary(), "#3 persona:pirate cancelled");
     }
 }

@@ -13,6 +13,7 @@
 //! counters are read at scrape time by a collector.
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -122,6 +123,13 @@ struct StateLabels {
     state: &'static str,
 }
 
+/// A training job's series: its id and target (`base`, `persona:NAME`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobLabels {
+    job_id: String,
+    target: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClassifierLabels {
     /// The classifier's label (its `id2label` name).
@@ -190,6 +198,10 @@ pub struct Metrics {
     jobs_ended: Family<StateLabels, Counter>,
     /// Whether a trainer runs under this daemon now (1 or 0).
     pub job_running: Gauge,
+    /// The running job's step and last training loss, one series per job
+    /// while it trains here (removed when its trainer ends).
+    job_step: Family<JobLabels, Gauge>,
+    job_loss: Family<JobLabels, Gauge<f64, AtomicU64>>,
     /// The generation pool's own counters, once it runs.
     pub pool: Arc<OnceLock<Arc<crate::pool::PoolMetrics>>>,
     /// The Redis Streams client's counters, with `backend = "redis"`.
@@ -229,6 +241,8 @@ impl Metrics {
             jobs_started: Counter::default(),
             jobs_ended: Family::default(),
             job_running: Gauge::default(),
+            job_step: Family::default(),
+            job_loss: Family::default(),
             pool: Arc::default(),
             remote: Arc::default(),
             discord: Arc::default(),
@@ -263,6 +277,8 @@ impl Metrics {
         r.register("dialogd_jobs_started", "Training job attempts started here", metrics.jobs_started.clone());
         r.register("dialogd_jobs_ended", "Training jobs run here, by how they ended", metrics.jobs_ended.clone());
         r.register("dialogd_job_running", "Whether a trainer runs under this daemon", metrics.job_running.clone());
+        r.register("dialogd_job_step", "Optimizer steps done by the job training here", metrics.job_step.clone());
+        r.register("dialogd_job_loss", "Training loss of the last step of the job training here", metrics.job_loss.clone());
         r.register("dialogd_refusals", "Messages not answered, by reason", metrics.refusals.clone());
         r.register("dialogd_store_up", "Whether the context store answers", metrics.store_up.clone());
         r.register("dialogd_generation_seconds", "Time to generate one reply, queueing included", metrics.generation_seconds.clone());
@@ -328,6 +344,24 @@ impl Metrics {
         if let Some(state) = JOB_ENDS.iter().find(|s| **s == state) {
             self.jobs_ended.get_or_create(&StateLabels { state }).inc();
         }
+    }
+
+    /// Shows a training job's step and loss (`dialogd_job_step`,
+    /// `dialogd_job_loss`, labelled `job_id` and `target`); no loss yet
+    /// leaves the loss series out.
+    pub fn job_progress(&self, job_id: u64, target: &str, progress: &crate::training::Progress) {
+        let labels = JobLabels { job_id: job_id.to_string(), target: target.to_string() };
+        self.job_step.get_or_create(&labels).set(progress.step as i64);
+        if let Some(loss) = progress.loss {
+            self.job_loss.get_or_create(&labels).set(loss);
+        }
+    }
+
+    /// Takes a job's series away (its trainer ended here).
+    pub fn job_progress_ended(&self, job_id: u64, target: &str) {
+        let labels = JobLabels { job_id: job_id.to_string(), target: target.to_string() };
+        self.job_step.remove(&labels);
+        self.job_loss.remove(&labels);
     }
 
     /// Records the store's state for `dialogd_store_up` and `/healthz`.
@@ -595,6 +629,13 @@ mod tests {
         m.observe_generation(Duration::from_millis(70));
         m.classifier_labels(&["toxicity".to_string(), "insult".to_string()]);
         m.classifier_flagged("insult", Direction::Out);
+        let progress = crate::training::Progress { step: 12, total_steps: 100, loss: Some(2.5), tokens_per_s: 1.0, eta_s: None, updated: 0 };
+        m.job_progress(7, "persona:pirate", &progress);
+        let text = m.render();
+        assert!(text.contains("dialogd_job_step{job_id=\"7\",target=\"persona:pirate\"} 12\n"), "{text}");
+        assert!(text.contains("dialogd_job_loss{job_id=\"7\",target=\"persona:pirate\"} 2.5\n"), "{text}");
+        m.job_progress_ended(7, "persona:pirate");
+        assert!(!m.render().contains("dialogd_job_step{"), "the ended job's series stays");
         let text = m.render();
         assert!(text.contains("dialogd_classifier_flagged_total{label=\"insult\",direction=\"out\"} 1\n"), "{text}");
         assert!(text.contains("dialogd_classifier_flagged_total{label=\"toxicity\",direction=\"in\"} 0\n"), "{text}");

@@ -23,6 +23,8 @@
 //! - [`eval`]: held-out loss and perplexity, the metrics file, the
 //!   promotion gate.
 //! - [`trainer`]: the loop that ties them together ([`trainer::train`]).
+//! - [`progress`]: where a run stands (`progress.json`, written as it
+//!   trains), shown as a line of text or a bar.
 
 pub mod checkpoint;
 pub mod data;
@@ -30,6 +32,7 @@ pub mod eval;
 pub mod lora;
 pub mod model;
 pub mod optim;
+pub mod progress;
 pub mod trainer;
 
 use std::path::PathBuf;
@@ -38,6 +41,7 @@ pub use data::{Dialogue, Example, OptOut, Turn};
 pub use eval::{gate, EvalMetrics, GateDecision};
 pub use lora::{load_persona, load_runtime, LoraSettings};
 pub use model::TrainableGpt2;
+pub use progress::Progress;
 pub use trainer::{train, TrainConfig, TrainLength, TrainSummary};
 
 /// Everything that can go wrong while preparing data, training, or writing

@@ -50,23 +50,7 @@ async fn the_metrics_exposition_parses() {
     assert!(text.contains("# TYPE dialogd_messages_in_total counter\n"), "{text}");
 
     // promtool's linter, where it is installed (.ci/run installs it).
-    match support::promtool() {
-        Some(promtool) => {
-            let mut child = std::process::Command::new(promtool)
-                .args(["check", "metrics"])
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
-            use std::io::Write as _;
-            child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-            let out = child.wait_with_output().unwrap();
-            let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-            assert!(out.status.success(), "promtool check metrics:\n{said}\n{text}");
-        }
-        None => eprintln!("promtool not installed: the lint step was skipped"),
-    }
+    support::promtool_check(&text);
     for bad in ["dialogd_x 1 2", "dialogd_y{a=\"1\" 3", "# TYPE dialogd_z counter\ndialogd_z{a=1} 1", "dialogd_w 1"] {
         assert!(parse_exposition(bad).is_err(), "{bad:?} must not parse");
     }

@@ -199,6 +199,10 @@ async fn a_moderator_trains_promotes_and_rolls_back_while_the_bot_keeps_serving(
     assert_eq!(d.metric("dialogd_model_version").await, 1.0);
     assert_eq!(d.metric("dialogd_jobs_ended_total{state=\"promoted\"}").await, 1.0);
     assert_eq!(d.metric("dialogd_job_running").await, 0.0);
+    // Its last progress stays in the record: every step done.
+    let progress = record.progress.as_ref().expect("the job's progress");
+    assert_eq!((progress.step, progress.total_steps, progress.eta_s), (100, 100, Some(0)), "{progress:?}");
+    assert!(progress.loss.is_some_and(|l| l.is_finite()) && progress.tokens_per_s > 0.0, "{progress:?}");
 
     // Better replies: the promoted model answers as the community does.
     assert_eq!(say(&d, "check-1", "hello bot", false).await, "hi there, friend!");
@@ -498,4 +502,110 @@ async fn jobs_list_needs_no_collection_key_or_platform_token() {
     assert_eq!(stdout(&out).trim(), "no jobs yet");
     let out = jobs_cli(&config, &["list", "--json"]);
     assert_eq!(stdout(&out).trim(), "[]", "{}", stderr(&out));
+}
+
+/// Issue #16 point 4: a training job shows its progress (step/total, loss,
+/// tokens/s, ETA) while it runs, in its record (`jobs show`, text and
+/// JSON), in `/train status` through the Telegram adapter, in `jobs run
+/// --wait` (plain lines: stderr is a pipe here) and as the
+/// `dialogd_job_step` and `dialogd_job_loss` gauges on /metrics, which
+/// leave with the job. The job is long enough never to end by itself: the
+/// test cancels it once it has seen everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_job_shows_its_progress_everywhere() {
+    use std::io::BufRead as _;
+    let _turn = TRAINING.lock().await;
+    let redis = RedisServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    collect_corpus(tmp.path());
+    const TOKEN: &str = "123456:TEST-secret-token-abcdef";
+    let fake = crate::fakes::telegram::FakeTelegram::start(TOKEN).await;
+    let telegram = [
+        "enabled = true".to_string(),
+        format!("token = \"{TOKEN}\""),
+        format!("api_url = \"{}\"", fake.url),
+        "poll_timeout_secs = 1".to_string(),
+        "moderators = [9]".to_string(),
+    ];
+    let mut extra: Vec<(&str, &str)> = vec![("jobs", "steps = 100000"), ("jobs", "checkpoint_every = 0")];
+    extra.extend(telegram.iter().map(|l| ("adapters.telegram", l.as_str())));
+    let toml = jobs_toml(&redis, tmp.path(), &extra);
+    let config = write_config(tmp.path(), &toml);
+    let d = TestDaemon::start(&toml).await;
+    let jobs = store(&redis).await;
+
+    // `jobs run --wait` with stderr on a pipe: its lines, as they come.
+    let mut waiting = std::process::Command::new(env!("CARGO_BIN_EXE_dialogd"))
+        .args(["jobs", "--config", config.to_str().unwrap(), "run", "--base", "--wait"])
+        .env_remove("RUST_LOG")
+        .env_remove("DIALOGD_CONFIG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
+    let stderr_pipe = waiting.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr_pipe).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut said = Vec::new();
+    let progress_line = loop {
+        let line = lines_rx.recv_timeout(Duration::from_secs(300)).unwrap_or_else(|e| panic!("{e}: no progress line in {said:?}"));
+        said.push(line.clone());
+        if line.starts_with("job #1: step ") && line.contains("/100000, loss ") {
+            break line;
+        }
+    };
+    assert!(said.iter().any(|l| l == "job #1: running"), "{said:?}");
+    assert!(progress_line.contains(" tokens/s") && progress_line.contains(", ETA "), "{progress_line}");
+    assert!(!said.concat().contains('\u{1b}'), "control codes on a pipe: {said:?}");
+
+    // The record: where it stands, in the JSON `jobs show` prints.
+    let record = wait_for(&jobs, 1, Duration::from_secs(60), |r| r.progress.as_ref().is_some_and(|p| p.step >= 1)).await;
+    assert_eq!(record.state, JobState::Running, "{record:?}");
+    let shown = jobs_cli(&config, &["show", "1", "--json"]);
+    let shown: serde_json::Value = serde_json::from_str(&stdout(&shown)).unwrap_or_else(|e| panic!("{e}: {}", stderr(&shown)));
+    let progress = &shown["progress"];
+    assert!(progress["step"].as_u64().is_some_and(|s| s >= 1), "{shown}");
+    assert_eq!(progress["total_steps"], 100_000, "{shown}");
+    assert!(progress["loss"].as_f64().is_some_and(|l| l.is_finite() && l > 0.0), "{shown}");
+    assert!(progress["tokens_per_s"].as_f64().is_some_and(|t| t > 0.0), "{shown}");
+    assert!(progress["eta_s"].as_u64().is_some() && progress["updated"].as_u64().is_some(), "{shown}");
+    let text = stdout(&jobs_cli(&config, &["show", "1"]));
+    assert!(text.contains("#1 base running: step ") && text.contains("  progress: step ") && text.contains("/100000, loss "), "{text}");
+
+    // `/train status` in a Telegram chat, from an operator.
+    fake.say(-100, 9, "/train status", None);
+    let status = crate::fakes::wait_for(Duration::from_secs(20), || fake.sent_to(-100).first().cloned())
+        .await
+        .expect("an answer to /train status");
+    let status = status["text"].as_str().unwrap();
+    assert!(status.contains("#1 base running: step ") && status.contains("/100000, loss "), "{status}");
+
+    // The gauges, labelled with the job, in text promtool accepts.
+    let text = d.http.get(&d.metrics_url).send().await.unwrap().text().await.unwrap();
+    let series = "{job_id=\"1\",target=\"base\"}";
+    assert!(crate::support::metric_value(&text, &format!("dialogd_job_step{series}")) >= 1.0, "{text}");
+    assert!(crate::support::metric_value(&text, &format!("dialogd_job_loss{series}")) > 0.0, "{text}");
+    assert!(text.contains("# TYPE dialogd_job_step gauge\n") && text.contains("# TYPE dialogd_job_loss gauge\n"), "{text}");
+    crate::support::promtool_check(&text);
+
+    // Cancelled: the waiting command says so and fails; the gauges go.
+    let cancel = jobs_cli(&config, &["cancel", "1"]);
+    assert!(cancel.status.success(), "{}", stderr(&cancel));
+    let out = tokio::task::spawn_blocking(move || waiting.wait_with_output().unwrap()).await.unwrap();
+    reader.join().unwrap();
+    said.extend(lines_rx.try_iter());
+    assert!(!out.status.success(), "{said:?}");
+    assert!(said.iter().any(|l| l == "job #1: cancelled"), "{said:?}");
+    let ended = jobs.get(1).await.unwrap().unwrap();
+    assert_eq!(ended.state, JobState::Cancelled);
+    assert!(ended.progress.as_ref().is_some_and(|p| p.step >= record.progress.as_ref().unwrap().step), "{ended:?}");
+    let text = d.http.get(&d.metrics_url).send().await.unwrap().text().await.unwrap();
+    assert!(!text.contains("dialogd_job_step{") && !text.contains("dialogd_job_loss{"), "{text}");
+    assert_eq!(crate::support::metric_value(&text, "dialogd_job_running"), 0.0);
+    crate::support::promtool_check(&text);
+    d.stop().await;
 }

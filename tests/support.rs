@@ -440,6 +440,27 @@ pub fn promtool() -> Option<PathBuf> {
     found
 }
 
+/// Lints Prometheus text with `promtool check metrics` (see [`promtool`];
+/// skipped, saying so, where it is not installed); panics with what it said.
+pub fn promtool_check(text: &str) {
+    let Some(promtool) = promtool() else {
+        eprintln!("promtool not installed: the lint step was skipped");
+        return;
+    };
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "promtool check metrics:\n{said}\n{text}");
+}
+
 /// Checks Prometheus text (format 0.0.4): every line is `# HELP name …`,
 /// `# TYPE name counter|gauge|histogram|…`, or a sample `name{k="v",…}
 /// value` of a family whose TYPE came first (histograms' `_bucket`, `_sum`

@@ -27,6 +27,25 @@ pub struct ConsoleSettings {
     pub enabled: bool,
 }
 
+impl Inbound {
+    /// A line the operator typed at the console (`dialogd chat` or the
+    /// console adapter): the console's one channel, addressed to the bot,
+    /// from a moderator and operator (the person at the machine).
+    pub fn console(author: impl Into<String>, text: impl Into<String>) -> Self {
+        Inbound {
+            channel: ChannelKey::new(Platform::Console, CONSOLE_CHANNEL),
+            author: author.into(),
+            text: text.into(),
+            msg_id: None,
+            addressed_to_bot: true,
+            moderator: true,
+            operator: true,
+            group: None,
+            edit: None,
+        }
+    }
+}
+
 impl RawConsole {
     /// Every value is valid.
     pub fn validate(self) -> ConsoleSettings {
@@ -79,7 +98,6 @@ where
         Box::pin(async move {
             let Self { input, mut output, author } = *self;
             let io = |source| AdapterError::Io { adapter: "console", source };
-            let channel = ChannelKey::new(Platform::Console, CONSOLE_CHANNEL);
             let mut lines = input.lines();
             let stop = shutdown.clone().wait();
             tokio::pin!(stop);
@@ -92,24 +110,26 @@ where
                 if line.trim().is_empty() {
                     continue;
                 }
-                let inbound = Inbound {
-                    channel: channel.clone(),
-                    author: author.clone(),
-                    text: line,
-                    msg_id: None,
-                    addressed_to_bot: true,
-                    // The console is the operator at the machine.
-                    moderator: true,
-                    operator: true,
-                    group: None,
-                    edit: None,
-                };
-                let text = render_answer(&core.handle(inbound).await);
+                let text = render_answer(&core.handle(Inbound::console(author.clone(), line)).await);
                 output.write_all(text.as_bytes()).await.map_err(io)?;
                 output.flush().await.map_err(io)?;
             }
             tracing::info!("console adapter stopped");
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_lines_come_from_the_operator_in_the_one_channel() {
+        let inbound = Inbound::console("console", "/train status");
+        assert_eq!(inbound.channel, ChannelKey::new(Platform::Console, CONSOLE_CHANNEL));
+        assert_eq!((inbound.author.as_str(), inbound.text.as_str()), ("console", "/train status"));
+        assert!(inbound.addressed_to_bot && inbound.moderator && inbound.operator);
+        assert!(inbound.msg_id.is_none() && inbound.group.is_none() && inbound.edit.is_none());
     }
 }

@@ -28,8 +28,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
-use dialogd_adapters::console::{render_answer, CONSOLE_CHANNEL};
-use dialogd_adapters::{ChannelKey, Core, Inbound, Platform};
+use dialogd_adapters::console::render_answer;
+use dialogd_adapters::{Core, Inbound};
 use rustyline::error::ReadlineError;
 use rustyline::DefaultEditor;
 
@@ -159,18 +159,7 @@ async fn session(core: Arc<dyn Core>) -> anyhow::Result<()> {
         }
         // A Ctrl-C pressed while no reply was drawn is not for this one.
         while matches!(tokio::time::timeout(Duration::ZERO, interrupt.recv()).await, Ok(Some(()))) {}
-        let inbound = Inbound {
-            channel: ChannelKey::new(Platform::Console, CONSOLE_CHANNEL),
-            author: "console".into(),
-            text: text.to_string(),
-            msg_id: None,
-            addressed_to_bot: true,
-            // The console is the operator at the machine.
-            moderator: true,
-            operator: true,
-            group: None,
-            edit: None,
-        };
+        let inbound = Inbound::console("console", text);
         let answer = tokio::select! {
             answer = core.handle(inbound) => render_answer(&answer),
             _ = interrupt.recv() => "(reply stopped)\n".to_string(),

@@ -15,6 +15,7 @@ use clap::{Args, Subcommand};
 use crate::personas::{redis::RedisPersonaStore, Personas};
 use crate::jobs::{JobRecord, JobState, JobStore, Target};
 use crate::settings::{self, Settings, TrainMode};
+use crate::training::progress::{duration_text, ProgressView};
 
 #[derive(Debug, Args)]
 pub struct JobsArgs {
@@ -131,17 +132,25 @@ async fn run_async(settings: Settings, command: JobsCommand) -> anyhow::Result<E
             }
             eprintln!("queued job #{} for {}; waiting for a daemon to run it…", record.id, record.target);
             let mut last = record.state;
+            // A bar on a terminal, a line every few seconds otherwise.
+            let mut view = ProgressView::new(format!("job #{}", record.id));
             let record = loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let Some(record) = store.get(record.id).await? else { anyhow::bail!("job #{} disappeared", record.id) };
                 if record.state != last {
-                    eprintln!("job #{}: {}", record.id, record.state.as_str());
+                    if last == JobState::Running {
+                        view.finish();
+                    }
+                    view.println(&format!("job #{}: {}", record.id, record.state.as_str()));
                     last = record.state;
                 }
-                if record.state.is_final() {
-                    break record;
+                match (&record.progress, record.state) {
+                    (Some(progress), JobState::Running) => view.show(progress),
+                    _ if record.state.is_final() => break record,
+                    _ => {}
                 }
             };
+            view.finish();
             if json {
                 println!("{}", serde_json::to_string(&record)?);
             } else {
@@ -199,11 +208,22 @@ fn print_record(r: &JobRecord) {
             println!("  {label}: {}", path.display());
         }
     }
+    if let Some(progress) = &r.progress {
+        println!("  progress: {} (updated {})", progress.describe(), ago(progress.updated));
+    }
     if let Some(tps) = r.metrics.as_ref().and_then(|m| m.get("tokens_per_s")).and_then(|v| v.as_f64()) {
         println!("  training: {tps:.0} tokens/s");
     }
     for p in &r.probes {
         let verdict = p.failed.as_deref().map_or("ok".to_string(), |why| format!("FAILED: {why}"));
         println!("  probe {:?} → {:?} ({verdict})", p.prompt, p.reply);
+    }
+}
+
+/// `12s ago` for a Unix time (`just now` when it is not in the past).
+fn ago(unix_secs: u64) -> String {
+    match crate::jobs::now_secs().saturating_sub(unix_secs) {
+        0 => "just now".to_string(),
+        secs => format!("{} ago", duration_text(secs)),
     }
 }

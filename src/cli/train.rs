@@ -78,6 +78,11 @@ pub struct TrainArgs {
     /// Promotion gate: the allowed relative rise of held-out perplexity.
     #[arg(long, value_name = "X", default_value_t = 0.0)]
     pub max_ppl_regression: f64,
+    /// Keep this JSON file current while training: step, total_steps,
+    /// loss, tokens_per_s, eta_s, updated (replaced whole about once a
+    /// second; the daemon's jobs read it).
+    #[arg(long, value_name = "FILE")]
+    pub progress_file: Option<PathBuf>,
     /// Print the summary as one JSON line.
     #[arg(long)]
     pub json: bool,
@@ -113,6 +118,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     config.max_ppl_regression = args.max_ppl_regression;
     config.device = device;
     config.progress = !args.json;
+    config.progress_file = args.progress_file.clone();
 
     let summary = training::train(&config, &|_| false)?;
     let peak_rss_mb = super::bench::peak_rss_mb();

@@ -113,6 +113,31 @@ pub struct Runner {
     metrics: Arc<Metrics>,
 }
 
+/// The files in a job's folder.
+struct JobFiles {
+    /// The data snapshot the job trains on.
+    data: PathBuf,
+    /// The trainer's `--out` (`JobSettings::output_dir`): checkpoints
+    /// while it runs, then the model.
+    output: PathBuf,
+    /// The trainer's output and errors, every attempt.
+    log: PathBuf,
+    /// The trainer's `--progress-file`.
+    progress: PathBuf,
+}
+
+impl JobFiles {
+    /// The files in `dir`, the trainer's output in `output`.
+    fn of(dir: &Path, output: PathBuf) -> Self {
+        Self {
+            data: dir.join("data.jsonl"),
+            output,
+            log: dir.join("train.log"),
+            progress: dir.join("progress.json"),
+        }
+    }
+}
+
 /// How a trainer run ended.
 enum Ended {
     Exited(std::process::ExitStatus),
@@ -246,30 +271,31 @@ impl Runner {
     /// new state; `Err` is a failure with its reason.
     async fn attempt(&self, record: &mut JobRecord, shutdown: &Shutdown) -> Result<()> {
         let dir = self.settings.dir.join(format!("job-{}", record.id));
-        // Under jobs.artifacts_dir, where every serving host finds it.
-        let output = self.settings.output_dir(record.id);
-        let log = dir.join("train.log");
-        std::fs::create_dir_all(&output).map_err(io_error(&output))?;
-        let data = dir.join("data.jsonl");
+        // The output goes under jobs.artifacts_dir, where every serving host finds it.
+        let files = JobFiles::of(&dir, self.settings.output_dir(record.id));
+        let JobFiles { data, output, log, progress } = &files;
+        std::fs::create_dir_all(output).map_err(io_error(output))?;
         let base_dir = self.served_base_dir().await?;
         if !data.exists() {
-            self.snapshot(record, &data).await?;
+            self.snapshot(record, data).await?;
         }
-        let resume = crate::training::checkpoint::latest_state(&output).ok().flatten().is_some();
+        let resume = crate::training::checkpoint::latest_state(output).ok().flatten().is_some();
         record.state = JobState::Running;
         record.attempts += 1;
         record.started.get_or_insert(now_secs());
         record.dir = Some(dir.clone());
         record.log = Some(log.clone());
         record.owner = Some(self.owner.clone());
-        let mut child = self.spawn_trainer(record, &base_dir, &data, &output, &log, resume)?;
+        let mut child = self.spawn_trainer(record, &base_dir, &files, resume)?;
         record.pid = child.id();
         self.store.put(record).await?;
         tracing::info!(job = record.id, target = %record.target, attempt = record.attempts, resume, pid = record.pid, "training job started");
 
         self.metrics.jobs_started.inc();
         self.metrics.job_running.set(1);
-        let ended = self.watch(record.id, &mut child, shutdown).await;
+        let ended = self.watch(record, progress, &mut child, shutdown).await;
+        self.take_progress(record, progress);
+        self.metrics.job_progress_ended(record.id, &record.target.key());
         self.metrics.job_running.set(0);
         record.pid = None;
         match ended {
@@ -284,11 +310,11 @@ impl Runner {
                 record.reason = Some("cancelled while training".into());
                 Ok(())
             }
-            Ended::Exited(status) if status.success() => self.gate_and_promote(record, &base_dir, &output).await,
+            Ended::Exited(status) if status.success() => self.gate_and_promote(record, &base_dir, output).await,
             Ended::Exited(status) => {
                 use std::os::unix::process::ExitStatusExt as _;
                 let Some(signal) = status.signal() else {
-                    return Err(RunnerError::Trainer(format!("trainer failed ({status}): {}", last_error_line(&log))));
+                    return Err(RunnerError::Trainer(format!("trainer failed ({status}): {}", last_error_line(log))));
                 };
                 if record.attempts < self.settings.max_attempts {
                     tracing::warn!(job = record.id, signal, "trainer was killed; the job resumes from its last checkpoint");
@@ -371,11 +397,10 @@ impl Runner {
         &self,
         record: &JobRecord,
         base_dir: &Path,
-        data: &Path,
-        output: &Path,
-        log: &Path,
+        files: &JobFiles,
         resume: bool,
     ) -> Result<tokio::process::Child> {
+        let JobFiles { data, output, log, progress } = files;
         let s = &self.settings;
         let trainer = match &s.trainer {
             Some(path) => path.clone(),
@@ -411,6 +436,8 @@ impl Runner {
             .args(["--checkpoint-every", &s.checkpoint_every.to_string()])
             .args(["--max-ppl-regression", &s.max_ppl_regression.to_string()])
             .args(["--device", &s.device])
+            .arg("--progress-file")
+            .arg(progress)
             .arg("--json");
         if let Target::Persona(_) = record.target {
             command.args(["--lora-rank", &s.lora_rank.to_string()]);
@@ -426,9 +453,11 @@ impl Runner {
         command.spawn().map_err(|e| RunnerError::Trainer(format!("cannot start the trainer {}: {e}", trainer.display())))
     }
 
-    /// Waits for the trainer, keeping the device lock and watching for a
-    /// cancel or shutdown.
-    async fn watch(&self, id: u64, child: &mut tokio::process::Child, shutdown: &Shutdown) -> Ended {
+    /// Waits for the trainer, keeping the device lock, copying its progress
+    /// into the record (and the metrics) and watching for a cancel or
+    /// shutdown.
+    async fn watch(&self, record: &mut JobRecord, progress: &Path, child: &mut tokio::process::Child, shutdown: &Shutdown) -> Ended {
+        let id = record.id;
         let mut tick = tokio::time::interval(self.settings.poll);
         loop {
             tokio::select! {
@@ -455,9 +484,34 @@ impl Runner {
                         let _ = child.kill().await;
                         return Ended::Cancelled;
                     }
+                    if self.take_progress(record, progress) {
+                        if let Err(e) = self.store.put(record).await {
+                            tracing::warn!(job = id, error = %e, "could not record the job's progress");
+                        }
+                    }
                 }
             }
         }
+    }
+
+    /// Reads the trainer's progress file into the record and the metrics;
+    /// true when it changed. An unreadable file is logged and skipped (the
+    /// next look may find it whole).
+    fn take_progress(&self, record: &mut JobRecord, path: &Path) -> bool {
+        let progress = match crate::training::Progress::read(path) {
+            Ok(Some(progress)) => progress,
+            Ok(None) => return false,
+            Err(e) => {
+                tracing::debug!(job = record.id, error = %e, "progress file not readable");
+                return false;
+            }
+        };
+        if record.progress.as_ref() == Some(&progress) {
+            return false;
+        }
+        self.metrics.job_progress(record.id, &record.target.key(), &progress);
+        record.progress = Some(progress);
+        true
     }
 
     /// Loads the job's model and answers the probe prompts with it (greedy,

@@ -22,6 +22,7 @@ use super::eval::{evaluate, gate, EvalMetrics, GateDecision};
 use super::lora::{save_adapter, LoraSettings};
 use super::model::TrainableGpt2;
 use super::optim::{clip_global_norm, learning_rate, AdamW, AdamWParams};
+use super::progress::{duration_text, ProgressFile};
 use super::{file_error, fnv1a64, Result, TrainingError};
 use crate::tokenizer::DialogTokenizer;
 
@@ -70,6 +71,9 @@ pub struct TrainConfig {
     pub device: Device,
     /// Draw a progress bar on stderr (when it is a terminal).
     pub progress: bool,
+    /// Keep this file's [`Progress`](super::progress::Progress) current
+    /// (`--progress-file`; the daemon's jobs read it).
+    pub progress_file: Option<PathBuf>,
 }
 
 impl TrainConfig {
@@ -97,6 +101,7 @@ impl TrainConfig {
             max_ppl_regression: 0.0,
             device: Device::Cpu,
             progress: false,
+            progress_file: None,
         }
     }
 
@@ -221,7 +226,11 @@ pub fn train(config: &TrainConfig, stop: &dyn Fn(usize) -> bool) -> Result<Train
         });
     }
 
-    let bar = progress_bar(config.progress, total_steps as u64, start_step as u64);
+    let bar = match config.progress {
+        true => super::progress::bar(total_steps as u64, start_step as u64),
+        false => indicatif::ProgressBar::hidden(),
+    };
+    let mut progress_file = ProgressFile::start(config.progress_file.clone(), start_step, total_steps)?;
     let started = Instant::now();
     let mut run_tokens = 0u64;
     let mut last_loss = f64::NAN;
@@ -273,13 +282,16 @@ pub fn train(config: &TrainConfig, stop: &dyn Fn(usize) -> bool) -> Result<Train
         tokens_seen += step_tokens;
         let tokens_per_s = run_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
         bar.set_position(step as u64);
-        bar.set_message(format!("loss {last_loss:.4} · {tokens_per_s:.0} tok/s · lr {lr:.2e}"));
+        let eta = progress_file.eta_s(step).map_or(String::new(), |s| format!(" · ETA {}", duration_text(s)));
+        bar.set_message(format!("loss {last_loss:.4} · {tokens_per_s:.0} tok/s · lr {lr:.2e}{eta}"));
         tracing::debug!(step, loss = last_loss, grad_norm, lr, tokens_per_s, "step");
         if config.checkpoint_every > 0 && step % config.checkpoint_every == 0 && step < total_steps {
             let state = ResumeState { step, fingerprint: fingerprint.clone(), last_loss, tokens_seen };
             save_state(&config.out, &model, &optimizer, &state)?;
         }
-        if step < total_steps && stop(step) {
+        let stopping = step < total_steps && stop(step);
+        progress_file.step(step, last_loss, tokens_per_s, stopping);
+        if stopping {
             stopped_early = true;
             break;
         }
@@ -360,17 +372,4 @@ fn run_fingerprint(config: &TrainConfig, examples: &[Example]) -> Result<String>
     );
     bytes.extend(settings.as_bytes());
     Ok(format!("{:016x}", fnv1a64(&bytes)))
-}
-
-fn progress_bar(enabled: bool, total: u64, position: u64) -> indicatif::ProgressBar {
-    if !enabled {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(total);
-    let style = indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} (eta {eta})")
-        .map(|s| s.progress_chars("=> "))
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-    bar.set_style(style);
-    bar.set_position(position);
-    bar
 }
