@@ -331,6 +331,12 @@ impl Engine {
             sampled: 0,
         };
         match cache {
+            // `PoolHandle::check` refuses an empty prompt before it is
+            // queued; one here would never be fed and so never answered.
+            Ok(Ok(_)) if active.request.prompt_ids.is_empty() => {
+                active.fail(&self.metrics, "empty prompt".into());
+                None
+            }
             Ok(Ok(cache)) => {
                 active.prompt_cache = Some(cache);
                 Some(active)

@@ -319,3 +319,17 @@ fn log_sum_exp_gives_the_same_bits_on_every_path() {
         assert_eq!(log_sum_exp(&row).to_bits(), log_sum_exp_portable(&row).to_bits(), "len {len}");
     }
 }
+
+/// An empty prompt that got past `PoolHandle::check` is answered with an
+/// error at once (it has no chunk to feed, so it would never be), and the
+/// request beside it is served.
+#[test]
+fn an_empty_prompt_in_the_queue_fails_at_once() {
+    let mut h = Harness::new(pico(), PoolConfig::default());
+    let mut empty = h.submit(greedy(Vec::new(), 4));
+    let mut fine = h.submit(greedy(prompt(1, 5), 4));
+    h.drain();
+    let err = empty.try_recv().expect("answered").expect_err("an empty prompt fails");
+    assert!(err.to_string().contains("empty prompt"), "{err}");
+    assert!(!output(&mut fine).is_empty());
+}
