@@ -98,7 +98,7 @@ fn uncomment(text: &str) -> String {
 }
 
 /// The example's commented extras (Telegram, Discord, collection, jobs with
-/// a schedule, personas, q8) are valid settings once switched on, with the
+/// a schedule, personas, quantize = "none") are valid settings once switched on, with the
 /// environment file's commented secrets.
 #[test]
 fn the_examples_commented_extras_validate_when_switched_on() {
@@ -122,7 +122,7 @@ fn the_examples_commented_extras_validate_when_switched_on() {
         assert_eq!(shown["adapters"][platform]["enabled"].as_bool(), Some(true), "{platform}");
         assert_eq!(shown["adapters"][platform]["token"].as_str(), Some("[redacted]"), "{platform}");
     }
-    assert_eq!(shown["model"]["quantize"].as_str(), Some("q8"));
+    assert_eq!(shown["model"]["quantize"].as_str(), Some("none"));
     assert_eq!(shown["jobs"]["schedules"].as_array().map(Vec::len), Some(1));
     assert_eq!(shown["personas"]["defined"].as_array().map(Vec::len), Some(1));
 }
