@@ -48,7 +48,7 @@ use crate::tokenizer::DialogTokenizer;
 
 pub mod loading;
 
-pub use loading::Listening;
+pub use loading::{serve_metrics_on, Listening};
 
 /// Why the daemon could not start. Each keeps the error behind it as its
 /// `source`.

@@ -204,19 +204,13 @@ pub fn worker(args: RunArgs) -> anyhow::Result<ExitCode> {
         let stats = Arc::new(WorkerStats::default());
         let _ = metrics.worker.set((consumer.clone(), stats.clone()));
         let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
-        let metrics_task = match settings.telemetry.metrics_listen {
-            Some(addr) => {
-                let server = telemetry::MetricsServer::bind(addr)
-                    .await
-                    .with_context(|| format!("telemetry.metrics_listen: cannot listen on {addr}"))?;
-                tracing::info!(metrics = %addr, %consumer, "worker: serving /metrics");
-                let stopped = async move {
-                    let _ = metrics_stopped.await;
-                };
-                Some(tokio::spawn(telemetry::serve_metrics(server, metrics.clone(), stopped)))
-            }
-            None => None,
+        let stopped = async move {
+            let _ = metrics_stopped.await;
         };
+        let metrics_task = daemon::serve_metrics_on(&settings, metrics.clone(), stopped).await?;
+        if let Some((addr, _)) = &metrics_task {
+            tracing::info!(metrics = %addr, %consumer, "worker: serving /metrics");
+        }
         tracing::info!(model = %spec.model, device = %spec.device, dtype = %spec.dtype, "worker: loading model");
         let loading = spec.clone();
         let loaded = tokio::task::spawn_blocking(move || serving::load(&loading)).await??;
@@ -243,7 +237,7 @@ pub fn worker(args: RunArgs) -> anyhow::Result<ExitCode> {
         .await
         .context("worker")?;
         let _ = metrics_stop.send(());
-        if let Some(task) = metrics_task {
+        if let Some((_, task)) = metrics_task {
             let _ = task.await;
         }
         anyhow::Ok(ExitCode::SUCCESS)

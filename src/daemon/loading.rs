@@ -60,6 +60,24 @@ impl Core for LateCore {
     }
 }
 
+/// Binds `/metrics` on `telemetry.metrics_listen` (nothing when it is
+/// off) and serves it until `stop`: where it listens (the real port when 0
+/// was asked for) and the serving task. The daemon and `dialogd worker`
+/// both bind it before their model loads.
+///
+/// # Errors
+/// An address that cannot be bound ([`DaemonError::Metrics`]).
+pub async fn serve_metrics_on(
+    settings: &Settings,
+    metrics: Arc<Metrics>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<Option<(SocketAddr, JoinHandle<std::io::Result<()>>)>, DaemonError> {
+    let Some(addr) = settings.telemetry.metrics_listen else { return Ok(None) };
+    let server = MetricsServer::bind(addr).await.map_err(|source| DaemonError::Metrics { addr, source })?;
+    let bound = server.local_addr().unwrap_or(addr);
+    Ok(Some((bound, tokio::spawn(serve_metrics(server, metrics, stop)))))
+}
+
 /// The HTTP adapter's task: its name and how it ended.
 pub(super) type AdapterTask = JoinHandle<(&'static str, Result<(), AdapterError>)>;
 
@@ -92,14 +110,7 @@ impl Listening {
         } else {
             None
         };
-        let metrics = match settings.telemetry.metrics_listen {
-            Some(addr) => {
-                let server = MetricsServer::bind(addr).await.map_err(|source| DaemonError::Metrics { addr, source })?;
-                let bound = server.local_addr().unwrap_or(addr);
-                Some((bound, tokio::spawn(serve_metrics(server, metrics, listener.clone().wait()))))
-            }
-            None => None,
-        };
+        let metrics = serve_metrics_on(settings, metrics, listener.clone().wait()).await?;
         Ok(Self { trigger, listener, core, http, metrics })
     }
 
