@@ -318,7 +318,6 @@ impl Engine {
         let Job { request, submitted, reply } = job;
         let n_positions = self.model.config().n_positions;
         let capacity = (request.prompt_ids.len() + request.params.max_new_tokens).min(n_positions);
-        let cache = catch_unwind(AssertUnwindSafe(|| self.model.new_seq_cache(capacity)));
         let mut active = Active {
             request,
             prompt_cache: None,
@@ -330,13 +329,13 @@ impl Engine {
             ttft: Duration::ZERO,
             sampled: 0,
         };
-        match cache {
-            // `PoolHandle::check` refuses an empty prompt before it is
-            // queued; one here would never be fed and so never answered.
-            Ok(Ok(_)) if active.request.prompt_ids.is_empty() => {
-                active.fail(&self.metrics, "empty prompt".into());
-                None
-            }
+        // `PoolHandle::check` refuses an empty prompt before it is queued;
+        // one here would never be fed and so never answered.
+        if active.request.prompt_ids.is_empty() {
+            active.fail(&self.metrics, "empty prompt".into());
+            return None;
+        }
+        match catch_unwind(AssertUnwindSafe(|| self.model.new_seq_cache(capacity))) {
             Ok(Ok(cache)) => {
                 active.prompt_cache = Some(cache);
                 Some(active)
@@ -453,7 +452,7 @@ impl Engine {
                 self.metrics.prefilled(a.chunk);
                 a.chunk = 0;
             }
-            if a.awaiting_prefill() && a.prefilled < a.request.prompt_ids.len() {
+            if a.prompt_left() > 0 {
                 // More chunks to come: its row is not a next-token row.
                 first_rows.push((next_row, false));
                 next_row += 1;
