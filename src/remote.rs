@@ -238,7 +238,12 @@ impl StreamClient {
         let mut conn = ConnectionManager::new_with_config(client.clone(), manager_config()).await?;
         let requests = requests_key(prefix);
         ensure_group(&mut conn, &requests).await?;
-        let daemon_id = process_name();
+        // Unique per client, not only per process: the reply stream is read
+        // from its start and request ids count from 0 in each client, so
+        // two clients of one process made in the same millisecond (which
+        // `process_name` would not tell apart) took each other's answers.
+        static CLIENTS: AtomicU64 = AtomicU64::new(0);
+        let daemon_id = format!("{}-{}", process_name(), CLIENTS.fetch_add(1, Ordering::Relaxed));
         let replies = replies_key(prefix, &daemon_id);
         let waiting: Waiting = Arc::default();
         let stats = Arc::new(ClientStats::default());

@@ -560,3 +560,27 @@ async fn a_worker_swaps_its_base_model_when_the_promoted_version_changes() {
     }
     worker.stop().await;
 }
+
+/// Every client has its own reply stream, even clients of one process
+/// connecting in the same millisecond: each reads its stream from the
+/// start and numbers its requests from 0, so a shared stream would hand
+/// one client another's answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_of_one_process_have_their_own_reply_streams() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let client = remote::StreamClient::connect(&url, "dialogd", Duration::from_secs(5), 8).await.unwrap();
+                client.daemon_id().to_string()
+            })
+        })
+        .collect();
+    let mut ids = std::collections::BTreeSet::new();
+    for task in tasks {
+        ids.insert(task.await.unwrap());
+    }
+    assert_eq!(ids.len(), 16, "{ids:?}");
+}
