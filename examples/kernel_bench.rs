@@ -22,7 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let wte = Tensor::randn(0f32, 0.02, (vocab, e), &dev)?;
     let head_q8 = Q8Matrix::quantize(&wte)?;
     println!("rows  f32 layers×12  f32 head  q8 layers×12  q8 head   (ms, best of {reps})");
-    for rows in [1, 8, 32, 64] {
+    for rows in [1, 2, 4, 8, 32, 64] {
         let xs: Vec<Tensor> = shapes.iter().map(|&(k, _)| Tensor::randn(0f32, 1.0, (rows, k), &dev)).collect::<Result<_, _>>()?;
         let h = Tensor::randn(0f32, 1.0, (rows, e), &dev)?;
         let best = |f: &dyn Fn() -> candle_core::Result<()>| -> candle_core::Result<f64> {

@@ -142,7 +142,7 @@ impl Conv1D {
         let y = match &self.weight {
             // The bias goes in inside the kernel's tasks (same bits).
             ProjWeight::Quantized(q) => return Ok(kernels::rows_times_packed_q8_plus(x, q, &self.bias)?),
-            ProjWeight::Packed(p) => kernels::rows_times_packed(x, p)?,
+            ProjWeight::Packed(p) => return Ok(kernels::rows_times_packed_plus(x, p, Some(&self.bias))?),
             ProjWeight::Dense(w) if kernels::wants_small_path(x, w, rows) => kernels::rows_times_matrix(x, w)?,
             ProjWeight::Dense(w) => x.matmul(w)?,
         };
@@ -729,7 +729,7 @@ impl Gpt2 {
         let rows = hidden.dim(0)?;
         let logits = match &self.head_q {
             Some(q) => kernels::rows_times_q8_t(hidden, q)?,
-            None if kernels::wants_small_path(hidden, &self.wte, rows) => kernels::rows_times_matrix_t(hidden, &self.wte)?,
+            None if kernels::wants_head_path(hidden, &self.wte, rows) => kernels::rows_times_matrix_t(hidden, &self.wte)?,
             None => hidden.matmul(&self.wte.t()?)?,
         };
         Ok(logits.to_dtype(DType::F32)?)

@@ -13,8 +13,10 @@
 //! Weights are plain row-major f32 slices read straight from the tensor's
 //! storage; the few activation rows are copied out and the result copied back.
 //!
-//! The 8-bit products (integer dot products on quantised activations) are
-//! in `kernels/q8.rs`; attention over the per-sequence caches of a batched
+//! On AVX-512 CPUs the packed projections (from 4 rows) and the head (from
+//! 8) take the kernels in `kernels/wide.rs` instead: split by columns, wider
+//! register tiles, the same bits. The 8-bit products (integer dot products
+//! on quantised activations) are in `kernels/q8.rs`; attention over the per-sequence caches of a batched
 //! step is in `kernels/attention.rs`.
 
 use candle_core::{DType, Device, Storage, Tensor};
@@ -22,6 +24,7 @@ use rayon::prelude::*;
 
 pub mod attention;
 mod q8;
+mod wide;
 
 pub use q8::{rows_times_packed_q8, rows_times_packed_q8_plus, rows_times_q8_t, PackedQ8, Q8Matrix, Q8_BLOCK};
 
@@ -36,6 +39,17 @@ const COLUMN_BLOCK: usize = 256;
 /// Whether `x @ w` should take the few-rows path.
 pub fn wants_small_path(x: &Tensor, w: &Tensor, rows: usize) -> bool {
     rows <= SMALL_ROWS
+        && matches!(x.device(), Device::Cpu)
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+        && w.is_contiguous()
+}
+
+/// Whether the head's `x @ wᵀ` should take [`rows_times_matrix_t`]: few
+/// rows, or any number where the AVX-512 kernels run (same bits either way;
+/// otherwise gemm, whose sums depend on the shape).
+pub fn wants_head_path(x: &Tensor, w: &Tensor, rows: usize) -> bool {
+    (rows <= SMALL_ROWS || wide::available())
         && matches!(x.device(), Device::Cpu)
         && x.dtype() == DType::F32
         && w.dtype() == DType::F32
@@ -238,24 +252,31 @@ pub fn rows_times_matrix_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor
     }
     let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
     let out = with_f32(w, |w| {
-        // Column-major result, one chunk of vocabulary rows per task.
-        let mut by_col = vec![0f32; n * rows];
-        by_col.par_chunks_mut(COLUMN_BLOCK * rows).enumerate().for_each(|(block, dst)| {
-            let v0 = block * COLUMN_BLOCK;
-            for (i, out_v) in dst.chunks_mut(rows).enumerate() {
-                let wrow = &w[(v0 + i) * k..(v0 + i + 1) * k];
-                dots_dispatch(&xs, k, wrow, out_v);
-            }
-        });
-        let mut out = vec![0f32; rows * n];
-        for v in 0..n {
-            for r in 0..rows {
-                out[r * n + v] = by_col[v * rows + r];
-            }
-        }
-        out
+        let wide = if rows >= wide::HEAD_FROM_ROWS { wide::rows_times_matrix_t(&xs, rows, k, w) } else { None };
+        wide.unwrap_or_else(|| matrix_t_few(&xs, rows, k, w))
     })?;
     Tensor::from_vec(out, (rows, n), x.device())
+}
+
+/// [`rows_times_matrix_t`] on the few-rows kernel: `[rows, n]`.
+fn matrix_t_few(xs: &[f32], rows: usize, k: usize, w: &[f32]) -> Vec<f32> {
+    let n = w.len() / k;
+    // Column-major result, one chunk of vocabulary rows per task.
+    let mut by_col = vec![0f32; n * rows];
+    by_col.par_chunks_mut(COLUMN_BLOCK * rows).enumerate().for_each(|(block, dst)| {
+        let v0 = block * COLUMN_BLOCK;
+        for (i, out_v) in dst.chunks_mut(rows).enumerate() {
+            let wrow = &w[(v0 + i) * k..(v0 + i + 1) * k];
+            dots_dispatch(xs, k, wrow, out_v);
+        }
+    });
+    let mut out = vec![0f32; rows * n];
+    for v in 0..n {
+        for r in 0..rows {
+            out[r * n + v] = by_col[v * rows + r];
+        }
+    }
+    out
 }
 
 /// `out[r] = x[r] · w` for every row of `xs` (`[rows, k]`).
@@ -387,14 +408,49 @@ impl PackedMatrix {
 
 /// `x @ w` for `x: [rows, k]` (any number of rows) and a packed `w`.
 pub fn rows_times_packed(x: &Tensor, w: &PackedMatrix) -> candle_core::Result<Tensor> {
+    rows_times_packed_plus(x, w, None)
+}
+
+/// `x @ w + bias` for `x: [rows, k]` (any number of rows), a packed `w`
+/// (`[k, n]`) and an optional f32 `bias` (`[n]`): `[rows, n]`. On AVX-512
+/// the bias goes in inside the kernel's tasks; the bits are those of adding
+/// it afterwards.
+pub fn rows_times_packed_plus(x: &Tensor, w: &PackedMatrix, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
     let (rows, k) = x.dims2()?;
     let (wk, n) = w.dims();
     if wk != k {
         candle_core::bail!("rows_times_packed: x is [{rows}, {k}] but w is [{wk}, {n}]")
     }
-    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let out = banded(k, rows, n, |k0, k1, acc| packed_band_dispatch(&xs, k, &w.data[k0 * n..k1 * n], k0, n, rows, acc));
-    Tensor::from_vec(out, (rows, n), x.device())
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let bias = bias.map(|b| b.to_dtype(DType::F32)?.contiguous()).transpose()?;
+    if let Some(b) = &bias {
+        if b.dims() != [n] {
+            candle_core::bail!("rows_times_packed: bias is {:?}, not [{n}]", b.dims())
+        }
+    }
+    let wide = if rows < wide::PROJECTION_FROM_ROWS {
+        None
+    } else {
+        with_f32(&x, |xs| match &bias {
+            Some(b) => with_f32(b, |b| wide::packed_product(xs, rows, w, Some(b))),
+            None => Ok(wide::packed_product(xs, rows, w, None)),
+        })??
+    };
+    if let Some(out) = wide {
+        return Tensor::from_vec(out, (rows, n), x.device());
+    }
+    let out = with_f32(&x, |xs| packed_few(xs, rows, w))?;
+    let y = Tensor::from_vec(out, (rows, n), x.device())?;
+    match bias {
+        Some(b) => y.broadcast_add(&b),
+        None => Ok(y),
+    }
+}
+
+/// [`rows_times_packed`] on the few-rows kernel: `[rows, n]`.
+fn packed_few(xs: &[f32], rows: usize, w: &PackedMatrix) -> Vec<f32> {
+    let (k, n) = w.dims();
+    banded(k, rows, n, |k0, k1, acc| packed_band_dispatch(xs, k, &w.data[k0 * n..k1 * n], k0, n, rows, acc))
 }
 
 fn packed_band_dispatch(xs: &[f32], k: usize, band: &[f32], k0: usize, n: usize, rows: usize, acc: &mut [f32]) {
