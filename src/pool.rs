@@ -121,6 +121,10 @@ pub struct GenerationResult {
     pub time_to_first_token: Duration,
     /// From submission to the last token.
     pub total: Duration,
+    /// The longest wait between two consecutive tokens of this request
+    /// (between the ends of two steps that drew them; zero for one token):
+    /// what a long prompt prefilled beside it costs its stream.
+    pub longest_token_gap: Duration,
 }
 
 /// Why a request got no answer.

@@ -355,3 +355,31 @@ fn git_lfs_pointers_are_named_with_what_to_run() {
         assert!(!err.contains("pickle") && !err.contains("header of"), "{err}");
     }
 }
+
+/// `bench --long-prompt-tokens`: the mixed load (one long prompt arriving
+/// while the others decode) reports that prompt's time to first token and
+/// every level's token gaps; a long prompt that does not fit is refused.
+#[test]
+fn bench_runs_a_mixed_load_with_a_long_prompt() {
+    let pico = fixtures().join("pico-safetensors");
+    let pico = pico.to_str().unwrap();
+    let bench = |extra: &[&str]| -> Vec<Value> {
+        let mut args = vec!["bench", "--model", pico, "--concurrency", "1,3", "--prompt-tokens", "4", "--new-tokens", "12", "--json"];
+        args.extend_from_slice(extra);
+        let out = dialogd(&args);
+        assert!(out.status.success(), "{}", crate::support::stderr(&out));
+        stdout(&out).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    for level in bench(&["--long-prompt-tokens", "50", "--max-prefill-tokens", "8"]) {
+        let long = level["long_prompt_ttft_ms"].as_f64().unwrap_or_else(|| panic!("no long_prompt_ttft_ms in {level}"));
+        assert!(long > 0.0, "{level}");
+        let (p50, max) = (level["token_gap_ms_p50"].as_f64().unwrap(), level["token_gap_ms_max"].as_f64().unwrap());
+        assert!(p50 > 0.0 && max >= p50, "{level}");
+        assert_eq!(level["aggregate_tokens_per_s"].as_f64().map(|v| v > 0.0), Some(true), "{level}");
+    }
+    let plain = bench(&[]);
+    assert_eq!(plain.len(), 2);
+    assert!(plain.iter().all(|l| l.get("long_prompt_ttft_ms").is_none() && l["token_gap_ms_max"].is_number()), "{plain:?}");
+    let out = dialogd(&["bench", "--model", pico, "--long-prompt-tokens", "63", "--concurrency", "1", "--prompt-tokens", "4", "--new-tokens", "2"]);
+    assert_fails_with(&out, "--long-prompt-tokens 63");
+}

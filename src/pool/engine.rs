@@ -74,6 +74,10 @@ struct Active {
     reply: Option<tokio::sync::oneshot::Sender<Result<GenerationResult, PoolError>>>,
     submitted: Instant,
     ttft: Duration,
+    /// When the last step that drew this request's tokens ended.
+    last_draw: Option<Instant>,
+    /// The longest wait between two such steps so far.
+    longest_gap: Duration,
     /// Tokens drawn for this request so far (for the fault hook).
     sampled: usize,
 }
@@ -327,6 +331,8 @@ impl Engine {
             reply: Some(reply),
             submitted,
             ttft: Duration::ZERO,
+            last_draw: None,
+            longest_gap: Duration::ZERO,
             sampled: 0,
         };
         // `PoolHandle::check` refuses an empty prompt before it is queued;
@@ -478,6 +484,7 @@ impl Engine {
         let mut draws = Vec::new();
         // The request (index into `requests`) of each draw.
         let mut owners = Vec::new();
+        let mut drew = vec![false; requests.len()];
         for (r, (a, &(first_row, prefilled))) in requests.iter_mut().zip(&first_rows).enumerate() {
             if a.reply.is_none() {
                 continue;
@@ -491,6 +498,7 @@ impl Engine {
                 owners.push(r);
                 k += 1;
             }
+            drew[r] = k > 0;
             *sampled += k;
         }
         let (eos, n_positions) = (self.eos, self.model.config().n_positions);
@@ -506,12 +514,21 @@ impl Engine {
             }
         }
         self.metrics.tokens(tokens);
-        for ((a, &(_, prefilled)), failed) in requests.iter_mut().zip(&first_rows).zip(failed) {
+        let now = Instant::now();
+        for (((a, &(_, prefilled)), failed), drew) in requests.iter_mut().zip(&first_rows).zip(failed).zip(drew) {
             if failed {
                 a.fail(&self.metrics, "sampling panicked".into());
-            } else if prefilled && a.reply.is_some() {
+                continue;
+            }
+            if prefilled && a.reply.is_some() {
                 a.ttft = a.submitted.elapsed();
                 self.metrics.first_token(a.ttft);
+            }
+            if drew {
+                if let Some(last) = a.last_draw {
+                    a.longest_gap = a.longest_gap.max(now - last);
+                }
+                a.last_draw = Some(now);
             }
         }
     }
@@ -571,7 +588,12 @@ impl Engine {
                     logprob: s.logprob,
                 })
                 .collect();
-            let result = GenerationResult { candidates, time_to_first_token: a.ttft, total: a.submitted.elapsed() };
+            let result = GenerationResult {
+                candidates,
+                time_to_first_token: a.ttft,
+                total: a.submitted.elapsed(),
+                longest_token_gap: a.longest_gap,
+            };
             self.metrics.completed();
             if let Some(reply) = a.reply.take() {
                 let _ = reply.send(Ok(result));

@@ -333,3 +333,20 @@ fn an_empty_prompt_in_the_queue_fails_at_once() {
     assert!(err.to_string().contains("empty prompt"), "{err}");
     assert!(!output(&mut fine).is_empty());
 }
+
+#[test]
+fn a_request_reports_its_longest_wait_between_two_tokens() {
+    let mut h = Harness::new(pico(), PoolConfig::default());
+    let mut one = h.submit(GenerationRequest { ignore_eos: true, ..greedy(prompt(2, 4), 1) });
+    let mut several = h.submit(GenerationRequest { ignore_eos: true, ..greedy(prompt(1, 4), 4) });
+    h.turn();
+    h.turn();
+    // Nothing steps the engine for a while: the next token waits that long.
+    std::thread::sleep(std::time::Duration::from_millis(40));
+    h.drain();
+    let one = one.try_recv().unwrap().unwrap();
+    assert_eq!(one.longest_token_gap, std::time::Duration::ZERO, "one token has no gap");
+    let several = several.try_recv().unwrap().unwrap();
+    assert_eq!(several.candidates[0].output_ids.len(), 4);
+    assert!(several.longest_token_gap >= std::time::Duration::from_millis(40), "{:?}", several.longest_token_gap);
+}
