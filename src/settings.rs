@@ -272,13 +272,19 @@ pub const CONFIG_ENV: &str = "DIALOGD_CONFIG";
 /// The names of environment variables that look meant for dialogd
 /// (`DIALOGD…`, any case) but are not read as settings: not
 /// `DIALOGD__SECTION__KEY` (a variable under that prefix naming no key is
-/// already an error), nor [`CONFIG_ENV`]. Values are never looked at, so secrets in them
+/// already an error), nor [`CONFIG_ENV`], nor the kernels' switch
+/// ([`crate::model::kernels::F32_KERNELS_ENV`]). Values are never looked at, so secrets in them
 /// cannot leak through a warning.
 pub fn stray_env_vars(env: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>) -> Vec<String> {
     let mut names: Vec<String> = env
         .into_iter()
         .map(|(name, _)| name.to_string_lossy().into_owned())
-        .filter(|name| name.to_ascii_uppercase().starts_with("DIALOGD") && !name.starts_with("DIALOGD__") && name != CONFIG_ENV)
+        .filter(|name| {
+            name.to_ascii_uppercase().starts_with("DIALOGD")
+                && !name.starts_with("DIALOGD__")
+                && name != CONFIG_ENV
+                && name != crate::model::kernels::F32_KERNELS_ENV
+        })
         .collect();
     names.sort();
     names
@@ -377,6 +383,7 @@ mod tests {
             ("DIALOGD_ADAPTERS__HTTP__TOKEN", "secret-1"),
             ("DIALOGD__CONTEXT__MAX_TURNS", "9"),
             ("DIALOGD_CONFIG", "/etc/dialogd/dialogd.toml"),
+            ("DIALOGD_F32_KERNELS", "avx2"),
             ("dialogd__context__max_turns", "9"),
             ("PATH", "/bin"),
         ]

@@ -26,6 +26,7 @@ pub mod attention;
 mod q8;
 mod wide;
 
+pub use wide::F32_KERNELS_ENV;
 pub use q8::{rows_times_packed_q8, rows_times_packed_q8_plus, rows_times_q8_t, PackedQ8, Q8Matrix, Q8_BLOCK};
 
 /// Rows up to which decode steps use these kernels rather than gemm. Every

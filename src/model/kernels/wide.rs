@@ -43,8 +43,12 @@ use rayon::prelude::*;
 
 use super::{PackedMatrix, K_BLOCK, LANES, TILE};
 
+/// The environment variable that, set to `avx2`, keeps the few-rows
+/// kernels on an AVX-512 CPU (to compare the two on one machine).
+pub const F32_KERNELS_ENV: &str = "DIALOGD_F32_KERNELS";
+
 /// Whether the kernels here run: this CPU has AVX-512F and
-/// `DIALOGD_F32_KERNELS` is not `avx2`.
+/// [`F32_KERNELS_ENV`] is not `avx2`.
 pub fn available() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
@@ -52,7 +56,7 @@ pub fn available() -> bool {
         let detected = std::is_x86_feature_detected!("avx512f");
         #[cfg(not(target_arch = "x86_64"))]
         let detected = false;
-        detected && std::env::var("DIALOGD_F32_KERNELS").map_or(true, |v| v != "avx2")
+        detected && std::env::var(F32_KERNELS_ENV).map_or(true, |v| v != "avx2")
     })
 }
 
