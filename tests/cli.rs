@@ -212,6 +212,33 @@ async fn a_hub_download_is_told_and_fills_the_cache() {
     assert_eq!(stdout(&offline), stdout(&out));
 }
 
+/// A hub download that stops sending bytes (the fake's weights stall
+/// halfway, the connection left open) fails after `HF_HUB_DOWNLOAD_TIMEOUT`
+/// seconds, naming the file, the stall and the variable, instead of
+/// waiting forever; a bad value of the variable is refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_hub_download_fails_naming_the_file() {
+    let hub = crate::fakes::hub::FakeHub::start("fake-org/pico", &fixtures().join("pico-safetensors"), Some("model.safetensors")).await;
+    let home = tempfile::tempdir().unwrap();
+    let home = home.path().to_str().unwrap().to_string();
+    let run = |timeout: &'static str| {
+        let (endpoint, home) = (hub.url.clone(), home.clone());
+        tokio::task::spawn_blocking(move || {
+            let args = ["generate", "--model", "fake-org/pico", "hi"];
+            dialogd_with_env(&args, &[("HF_HOME", &home), ("HF_ENDPOINT", &endpoint), ("HF_HUB_DOWNLOAD_TIMEOUT", timeout)])
+        })
+    };
+    // Without the limit this would never return: the test's own bound.
+    let out = tokio::time::timeout(std::time::Duration::from_secs(120), run("1")).await.expect("a stalled download never ended").unwrap();
+    assert_fails_with(&out, "the download stalled");
+    let err = crate::support::stderr(&out);
+    assert!(err.contains("model.safetensors: the download stalled") && err.contains("HF_HUB_DOWNLOAD_TIMEOUT"), "{err}");
+    // The files before it came whole.
+    assert!(err.lines().any(|l| l.contains("downloaded") && l.contains("file=config.json")), "{err}");
+    let out = run("soon").await.unwrap();
+    assert_fails_with(&out, "HF_HUB_DOWNLOAD_TIMEOUT=\"soon\"");
+}
+
 #[test]
 fn hub_id_uses_a_complete_cache_offline() {
     // Lay out the standard cache by hand: refs/main names a snapshot.

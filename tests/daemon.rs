@@ -596,7 +596,14 @@ async fn a_first_run_download_logs_progress_answers_loading_and_stops_on_sigterm
     )
     .unwrap();
     let hf_home = dir.path().join("hf");
-    let env = [("HF_ENDPOINT", hub.url.as_str()), ("HF_HOME", hf_home.to_str().unwrap()), ("HF_HUB_OFFLINE", "0")];
+    // A stall limit far beyond the test, so that the download stays
+    // stalled until SIGTERM.
+    let env = [
+        ("HF_ENDPOINT", hub.url.as_str()),
+        ("HF_HOME", hf_home.to_str().unwrap()),
+        ("HF_HUB_OFFLINE", "0"),
+        ("HF_HUB_DOWNLOAD_TIMEOUT", "600"),
+    ];
     let mut d = Running::spawn(&config, &env, http_port, metrics_port);
     // /healthz answers from the start, 503 "loading".
     let mut health = None;

@@ -94,7 +94,12 @@ pub fn dialogd(args: &[&str]) -> Output {
 
 pub fn dialogd_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dialogd"));
-    cmd.args(args).env_remove("RUST_LOG").env_remove("HF_ENDPOINT").env_remove("HF_HUB_OFFLINE").env_remove("DIALOGD_CONFIG");
+    cmd.args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("HF_ENDPOINT")
+        .env_remove("HF_HUB_OFFLINE")
+        .env_remove("HF_HUB_DOWNLOAD_TIMEOUT")
+        .env_remove("DIALOGD_CONFIG");
     for (k, v) in env {
         cmd.env(k, v);
     }

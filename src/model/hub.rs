@@ -6,7 +6,9 @@
 //! file is missing there and `HF_HUB_OFFLINE` is not set, downloaded into it,
 //! the progress logged at info (file, bytes, percent) every
 //! [`PROGRESS_EVERY`] ([`DownloadProgress`]), stalled or not. `HF_ENDPOINT` picks another hub
-//! server.
+//! server. A download that gets no bytes for `HF_HUB_DOWNLOAD_TIMEOUT`
+//! seconds (huggingface_hub's variable and default, 10) fails, naming the
+//! file, instead of waiting forever.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -101,6 +103,23 @@ fn cached_checkpoint(spec: &str, tokenizers: &[&[&str]]) -> Option<PathBuf> {
 /// How often a download in progress is logged.
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 
+/// The variable that sets how long a download may go without bytes, in
+/// seconds (huggingface_hub's name and meaning).
+pub const DOWNLOAD_TIMEOUT_ENV: &str = "HF_HUB_DOWNLOAD_TIMEOUT";
+/// Its default, huggingface_hub's.
+const DEFAULT_DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The stall limit for `value` (the variable's text, if set): positive
+/// seconds, fractions allowed; unset means the default; anything else is an
+/// error naming the variable.
+pub fn download_timeout(value: Option<&str>) -> Result<Duration, String> {
+    let Some(text) = value else { return Ok(DEFAULT_DOWNLOAD_TIMEOUT) };
+    match text.trim().parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs > 0.0 && secs < 1e9 => Ok(Duration::from_secs_f64(secs)),
+        _ => Err(format!("{DOWNLOAD_TIMEOUT_ENV}={text:?} is not a positive number of seconds")),
+    }
+}
+
 /// One file's download, as logged: bytes so far of `total` (bytes).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ProgressLine {
@@ -145,6 +164,9 @@ struct Current {
     done: bool,
 }
 
+/// When a fetch last heard from the hub: its start, then each chunk.
+type LastHeard = Arc<Mutex<Instant>>;
+
 /// hf-hub's progress callbacks, logged: a line when a file starts, one
 /// every [`PROGRESS_EVERY`] while it downloads (stalled or not: a timer
 /// tells, not the arriving bytes), one when it is done. Clones share one
@@ -153,11 +175,16 @@ struct Current {
 struct LogProgress {
     model: Arc<str>,
     current: Arc<Mutex<Option<Current>>>,
+    heard: LastHeard,
 }
 
 impl LogProgress {
-    fn new(model: &str) -> Self {
-        Self { model: model.into(), current: Arc::new(Mutex::new(None)) }
+    fn new(model: &str, heard: LastHeard) -> Self {
+        Self { model: model.into(), current: Arc::new(Mutex::new(None)), heard }
+    }
+
+    fn heard_now(&self) {
+        *self.heard.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Current>> {
@@ -167,6 +194,7 @@ impl LogProgress {
 
 impl hf_hub::api::tokio::Progress for LogProgress {
     async fn init(&mut self, size: usize, filename: &str) {
+        self.heard_now();
         tracing::info!(model = %self.model, file = %filename, total_bytes = size, "downloading from the hub");
         *self.lock() = Some(Current {
             file: filename.to_string(),
@@ -198,6 +226,7 @@ impl hf_hub::api::tokio::Progress for LogProgress {
     }
 
     async fn update(&mut self, size: usize) {
+        self.heard_now();
         if let Some(c) = self.lock().as_mut() {
             c.progress.advance(size as u64);
         }
@@ -212,28 +241,48 @@ impl hf_hub::api::tokio::Progress for LogProgress {
     }
 }
 
-/// One file from the cache, or else downloaded (its progress logged).
-async fn fetch(repo: &hf_hub::api::tokio::ApiRepo, spec: &str, file: &str) -> Result<PathBuf, hf_hub::api::tokio::ApiError> {
+/// One file from the cache, or else downloaded (its progress logged),
+/// given up when no bytes come for `stall` (see [`download_timeout`]).
+async fn fetch(repo: &hf_hub::api::tokio::ApiRepo, spec: &str, file: &str, stall: Duration) -> Result<PathBuf, String> {
     if let Some(path) = hf_hub::Cache::from_env().model(spec.to_string()).get(file) {
         return Ok(path);
     }
-    repo.download_with_progress(file, LogProgress::new(spec)).await
+    let heard: LastHeard = Arc::new(Mutex::new(Instant::now()));
+    let watch = heard.clone();
+    let stalled = async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if watch.lock().unwrap_or_else(|e| e.into_inner()).elapsed() >= stall {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        done = repo.download_with_progress(file, LogProgress::new(spec, heard)) => done.map_err(|e| format!("{file}: {e}")),
+        () = stalled => {
+            tracing::warn!(model = %spec, file = %file, stall_secs = stall.as_secs_f64(), "download stalled");
+            Err(format!("{file}: the download stalled (no bytes for {} s; {DOWNLOAD_TIMEOUT_ENV} sets the limit)", stall.as_secs_f64()))
+        }
+    }
 }
 
 async fn download(spec: &str, tokenizers: &[&[&str]]) -> Result<PathBuf, ModelError> {
+    let stall = download_timeout(std::env::var(DOWNLOAD_TIMEOUT_ENV).ok().as_deref()).map_err(|e| hub_error(spec, &e))?;
     let api = hf_hub::api::tokio::ApiBuilder::from_env()
         .with_progress(false)
         .build()
         .map_err(|e| hub_error(spec, &e.to_string()))?;
     let repo = api.model(spec.to_string());
-    let config = fetch(&repo, spec, "config.json").await.map_err(|e| hub_error(spec, &e.to_string()))?;
+    let config = fetch(&repo, spec, "config.json", stall).await.map_err(|e| hub_error(spec, &e))?;
+    // Every failed choice is told: a stall must not hide behind the next
+    // layout's 404.
+    let mut errors = Vec::new();
     let mut tokenizer_ok = false;
-    let mut last_error = String::new();
     for files in tokenizers {
         let mut all = true;
         for file in *files {
-            if let Err(e) = fetch(&repo, spec, file).await {
-                last_error = format!("{file}: {e}");
+            if let Err(e) = fetch(&repo, spec, file, stall).await {
+                errors.push(e);
                 all = false;
                 break;
             }
@@ -244,20 +293,21 @@ async fn download(spec: &str, tokenizers: &[&[&str]]) -> Result<PathBuf, ModelEr
         }
     }
     if !tokenizer_ok {
-        return Err(hub_error(spec, &format!("no tokenizer files ({last_error})")));
+        return Err(hub_error(spec, &format!("no tokenizer files ({})", errors.join("; "))));
     }
+    errors.clear();
     let mut weights_ok = false;
     for file in WEIGHT_CHOICES {
-        match fetch(&repo, spec, file).await {
+        match fetch(&repo, spec, file, stall).await {
             Ok(_) => {
                 weights_ok = true;
                 break;
             }
-            Err(e) => last_error = format!("{file}: {e}"),
+            Err(e) => errors.push(e),
         }
     }
     if !weights_ok {
-        return Err(hub_error(spec, &format!("no weights ({last_error})")));
+        return Err(hub_error(spec, &format!("no weights ({})", errors.join("; "))));
     }
     config.parent().map(Path::to_path_buf).ok_or_else(|| hub_error(spec, "bad cache path"))
 }
@@ -293,6 +343,17 @@ mod tests {
         assert_eq!(p.line(t0 + Duration::from_secs(4)).percent, 100.0);
         // An empty file is done.
         assert_eq!(DownloadProgress::new(0, t0).line(t0).percent, 100.0);
+    }
+
+    #[test]
+    fn the_download_timeout_reads_like_huggingface_hubs() {
+        assert_eq!(download_timeout(None), Ok(Duration::from_secs(10)));
+        assert_eq!(download_timeout(Some("2.5")), Ok(Duration::from_millis(2500)));
+        assert_eq!(download_timeout(Some(" 600 ")), Ok(Duration::from_secs(600)));
+        for bad in ["0", "-1", "ten", "", "inf", "NaN"] {
+            let e = download_timeout(Some(bad)).unwrap_err();
+            assert!(e.contains("HF_HUB_DOWNLOAD_TIMEOUT"), "{bad}: {e}");
+        }
     }
 
     #[test]
