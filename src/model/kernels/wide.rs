@@ -99,25 +99,32 @@ pub fn packed_product(xs: &[f32], rows: usize, w: &PackedMatrix, bias: Option<&[
     if !available() {
         return None;
     }
-    let mut out = vec![0f32; rows * n];
-    if rows == 0 || n == 0 {
-        return Some(out);
-    }
-    let dst = Out { ptr: out.as_mut_ptr(), n };
-    let tiles = n / TILE;
-    (0..tiles.div_ceil(TASK_TILES)).into_par_iter().for_each(|task| {
-        let t0 = task * TASK_TILES;
-        let t1 = (t0 + TASK_TILES).min(tiles);
+    Some(by_columns(rows, n, n / TILE, TASK_TILES, |t0, t1, dst| {
         // SAFETY: AVX-512F is present (checked above); the task writes only
-        // columns t0·16..t1·16, inside the `rows × n` buffer.
+        // columns t0·16..t1·16 (its own), inside the `rows × n` buffer.
         #[cfg(target_arch = "x86_64")]
         unsafe {
             packed_columns_avx512(xs, rows, w, t0, t1, bias, dst)
         }
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("{t0}{t1}{dst:p}", dst = dst.ptr)
+    }))
+}
+
+/// A `[rows, n]` output whose columns are `units` units (tiles, or single
+/// columns) split over the rayon pool, `per_task` units a task:
+/// `task(first, end, out)` writes the columns of units `first..end`.
+fn by_columns(rows: usize, n: usize, units: usize, per_task: usize, task: impl Fn(usize, usize, Out) + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; rows * n];
+    if rows == 0 || units == 0 {
+        return out;
+    }
+    let dst = Out { ptr: out.as_mut_ptr(), n };
+    (0..units.div_ceil(per_task)).into_par_iter().for_each(|i| {
+        let first = i * per_task;
+        task(first, (first + per_task).min(units), dst)
     });
-    Some(out)
+    out
 }
 
 /// `xs @ wᵀ` for `xs: [rows, k]` and `w: [n, k]` row-major (the tied head);
@@ -129,24 +136,16 @@ pub fn rows_times_matrix_t(xs: &[f32], rows: usize, k: usize, w: &[f32]) -> Opti
         return None;
     }
     let n = w.len() / k;
-    let mut out = vec![0f32; rows * n];
-    if rows == 0 || n == 0 {
-        return Some(out);
-    }
-    let dst = Out { ptr: out.as_mut_ptr(), n };
-    (0..n.div_ceil(VOCAB_PER_TASK)).into_par_iter().for_each(|task| {
-        let v0 = task * VOCAB_PER_TASK;
-        let v1 = (v0 + VOCAB_PER_TASK).min(n);
+    Some(by_columns(rows, n, n, VOCAB_PER_TASK, |v0, v1, dst| {
         // SAFETY: AVX-512F is present (checked above); the task writes only
-        // columns v0..v1, inside the `rows × n` buffer.
+        // columns v0..v1 (its own), inside the `rows × n` buffer.
         #[cfg(target_arch = "x86_64")]
         unsafe {
             dots_avx512(xs, rows, k, w, v0, v1, dst)
         }
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("{v0}{v1}{dst:p}", dst = dst.ptr)
-    });
-    Some(out)
+    }))
 }
 
 // ---- projections ------------------------------------------------------------
@@ -372,10 +371,21 @@ mod tests {
         t.flatten_all().unwrap().to_vec1().unwrap()
     }
 
+    fn same_bits(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+    }
+
+    /// Whether the kernels run here (saying so when they do not).
+    fn here() -> bool {
+        available() || {
+            eprintln!("no AVX-512F here (or DIALOGD_F32_KERNELS=avx2): nothing to compare");
+            false
+        }
+    }
+
     #[test]
     fn projections_give_the_few_rows_kernels_bits_at_every_row_count() {
-        if !available() {
-            eprintln!("no AVX-512F here: nothing to compare");
+        if !here() {
             return;
         }
         // k: one band, a ragged last band, several bands; n: one task of one
@@ -389,21 +399,20 @@ mod tests {
                 let xs = values(&x);
                 let few = super::super::packed_few(&xs, rows, &packed);
                 let wide = packed_product(&xs, rows, &packed, None).unwrap();
-                assert!(few.iter().zip(&wide).all(|(a, b)| a.to_bits() == b.to_bits()), "k {k} n {n} rows {rows}");
+                assert!(same_bits(&few, &wide), "k {k} n {n} rows {rows}");
                 let plus = packed_product(&xs, rows, &packed, Some(&bias)).unwrap();
                 let added: Vec<f32> = few.iter().enumerate().map(|(i, v)| v + bias[i % n]).collect();
-                assert!(plus.iter().zip(&added).all(|(a, b)| a.to_bits() == b.to_bits()), "bias, k {k} n {n} rows {rows}");
+                assert!(same_bits(&plus, &added), "bias, k {k} n {n} rows {rows}");
                 // One row alone gives the bits it had in the batch.
                 let last = packed_product(&xs[(rows - 1) * k..], 1, &packed, None).unwrap();
-                assert_eq!(last.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), wide[(rows - 1) * n..].iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+                assert!(same_bits(&last, &wide[(rows - 1) * n..]), "alone, k {k} n {n} rows {rows}");
             }
         }
     }
 
     #[test]
     fn head_dots_give_the_few_rows_kernels_bits_at_every_row_count() {
-        if !available() {
-            eprintln!("no AVX-512F here: nothing to compare");
+        if !here() {
             return;
         }
         // k with and without a tail past the last 32; vocabularies that
@@ -415,7 +424,7 @@ mod tests {
                 let x = randn((rows, k));
                 let few = super::super::matrix_t_few(&values(&x), rows, k, &ws);
                 let wide = rows_times_matrix_t(&values(&x), rows, k, &ws).unwrap();
-                assert!(few.iter().zip(&wide).all(|(a, b)| a.to_bits() == b.to_bits()), "k {k} n {n} rows {rows}");
+                assert!(same_bits(&few, &wide), "k {k} n {n} rows {rows}");
                 let reference = values(&x.matmul(&w.t().unwrap()).unwrap());
                 assert!(reference.iter().zip(&wide).all(|(a, b)| (a - b).abs() < 1e-3), "k {k} n {n} rows {rows}");
             }
@@ -424,7 +433,7 @@ mod tests {
 
     #[test]
     fn no_rows_give_an_empty_product() {
-        if !available() {
+        if !here() {
             return;
         }
         let packed = PackedMatrix::pack(&randn((32, 16))).unwrap();
