@@ -33,7 +33,7 @@ pub mod blobs;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -188,6 +188,9 @@ async fn blocking_connection(client: &redis::Client) -> Result<MultiplexedConnec
     client.get_multiplexed_async_connection_with_config(&config).await
 }
 
+/// Times a request is sent again when the connection to Redis was lost.
+const ENQUEUE_RETRIES: u32 = 3;
+
 fn manager_config() -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(2)))
@@ -282,16 +285,31 @@ impl StreamClient {
         let deadline = now_ms() + self.timeout.as_millis() as u64;
         // The depth check and the add in one round trip (and atomic, so
         // daemons sharing the stream cannot overfill it between the two).
-        let (added, waiting_now): (u8, u64) = self
-            .enqueue
-            .key(&self.requests)
-            .arg(self.queue_depth)
-            .arg(&id)
-            .arg(&self.daemon_id)
-            .arg(deadline)
-            .arg(body)
-            .invoke_async(&mut conn)
-            .await?;
+        // A connection that broke since the last request (Redis restarted)
+        // is made again by the manager: sent again, not failed. Should the
+        // first attempt have landed after all, the second answer is dropped
+        // as a duplicate.
+        let mut attempt = 0;
+        let (added, waiting_now): (u8, u64) = loop {
+            let sent = self
+                .enqueue
+                .key(&self.requests)
+                .arg(self.queue_depth)
+                .arg(&id)
+                .arg(&self.daemon_id)
+                .arg(deadline)
+                .arg(&body)
+                .invoke_async(&mut conn)
+                .await;
+            match sent {
+                Err(e) if attempt < ENQUEUE_RETRIES && (e.is_connection_dropped() || e.is_io_error() || e.is_connection_refusal()) => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, "generation request: Redis connection lost; sending again");
+                    tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
+                }
+                sent => break sent?,
+            }
+        };
         if added == 0 {
             return Err(RemoteError::Busy(waiting_now));
         }
@@ -392,6 +410,49 @@ pub struct WorkerStats {
     pub base_version: AtomicU64,
     /// Base models swapped in.
     pub swaps: AtomicU64,
+    /// Where the worker is: [`WorkerState`] as its number.
+    pub state: AtomicU8,
+    /// Whether its last read of the request stream worked.
+    pub stream_up: AtomicBool,
+}
+
+/// A worker's stage, for its `/healthz`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum WorkerState {
+    /// Loading its model or joining the stream: takes nothing yet.
+    Loading = 0,
+    /// Taking requests.
+    Serving = 1,
+    /// Stopped taking requests (SIGTERM): finishing what it holds.
+    Stopping = 2,
+}
+
+/// What a worker's `/healthz` says: `ready` (HTTP 200, else 503) and a
+/// status word: `ok`, `loading`, `stopping` or `redis_down` (serving, but
+/// its last read of the request stream failed; it retries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerHealth {
+    pub ready: bool,
+    pub status: &'static str,
+}
+
+impl WorkerStats {
+    pub fn set_state(&self, state: WorkerState) {
+        self.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    pub fn health(&self) -> WorkerHealth {
+        let (ready, status) = match self.state.load(Ordering::Relaxed) {
+            s if s == WorkerState::Serving as u8 => match self.stream_up.load(Ordering::Relaxed) {
+                true => (true, "ok"),
+                false => (false, "redis_down"),
+            },
+            s if s == WorkerState::Stopping as u8 => (false, "stopping"),
+            _ => (false, "loading"),
+        };
+        WorkerHealth { ready, status }
+    }
 }
 
 /// How a worker joins the stream.
@@ -520,6 +581,8 @@ pub async fn run_worker(
     let slots = Arc::new(Semaphore::new(options.max_inflight));
     let mut reader = blocking_connection(&client).await?;
     tracing::info!(stream = %requests, consumer = %options.consumer, max_inflight = options.max_inflight, "worker: taking requests");
+    stats.stream_up.store(true, Ordering::Relaxed);
+    stats.set_state(WorkerState::Serving);
     let mut last_claim = tokio::time::Instant::now();
     tokio::pin!(stop);
     loop {
@@ -568,6 +631,7 @@ pub async fn run_worker(
             };
             read.map(|r| r.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids).collect())
         };
+        stats.stream_up.store(taken.is_ok(), Ordering::Relaxed);
         let entries = match taken {
             Ok(entries) => entries,
             Err(e) => {
@@ -575,6 +639,15 @@ pub async fn run_worker(
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 if let Ok(fresh) = blocking_connection(&client).await {
                     reader = fresh;
+                }
+                // A Redis that came back empty (no persistence) lost the
+                // group with the stream: make it again, or no worker would
+                // ever read a request.
+                if e.code() == Some("NOGROUP") {
+                    match ensure_group(&mut conn, &requests).await {
+                        Ok(()) => tracing::info!(stream = %requests, "worker: made the consumer group again (Redis had lost it)"),
+                        Err(e) => tracing::warn!(error = %e, "worker: cannot make the consumer group yet; retrying"),
+                    }
                 }
                 continue;
             }
@@ -590,6 +663,7 @@ pub async fn run_worker(
         }
     }
     // Stopping: wait until every taken request is answered and acknowledged.
+    stats.set_state(WorkerState::Stopping);
     let _all = slots.acquire_many(options.max_inflight as u32).await;
     drop(follower);
     tracing::info!(

@@ -645,6 +645,15 @@ pub async fn serve_metrics(
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use axum::http::{header, HeaderMap};
+    // A `dialogd worker` answers `/healthz` here too (a daemon's is on its
+    // HTTP adapter).
+    let worker_health = metrics.worker.get().map(|(consumer, stats)| {
+        let (consumer, stats) = (consumer.clone(), stats.clone());
+        axum::routing::get(move || {
+            let (consumer, stats) = (consumer.clone(), stats.clone());
+            async move { worker_healthz(&consumer, &stats) }
+        })
+    });
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move |headers: HeaderMap| {
@@ -665,7 +674,25 @@ pub async fn serve_metrics(
             }
         }),
     );
+    let app = match worker_health {
+        Some(route) => app.route("/healthz", route),
+        None => app,
+    };
     axum::serve(server.listener, app).with_graceful_shutdown(stop).await
+}
+
+/// A worker's `/healthz`: 200 while it takes requests and reads its stream,
+/// otherwise 503; the body says which
+/// (`{"status":"ok"|"loading"|"redis_down"|"stopping","consumer":…,"base_version":…}`).
+fn worker_healthz(consumer: &str, stats: &crate::remote::WorkerStats) -> (axum::http::StatusCode, axum::Json<serde_json::Value>) {
+    let health = stats.health();
+    let code = if health.ready { axum::http::StatusCode::OK } else { axum::http::StatusCode::SERVICE_UNAVAILABLE };
+    let body = serde_json::json!({
+        "status": health.status,
+        "consumer": consumer,
+        "base_version": stats.base_version.load(std::sync::atomic::Ordering::Relaxed),
+    });
+    (code, axum::Json(body))
 }
 
 #[cfg(test)]
@@ -687,6 +714,19 @@ mod tests {
         let progress = crate::training::Progress { step: 12, total_steps: 100, loss: Some(2.5), tokens_per_s: 1.0, eta_s: None, updated: 0 };
         m.job_progress(7, "persona:pirate", &progress);
         let worker = Arc::new(crate::remote::WorkerStats::default());
+        // Its /healthz through a worker's stages.
+        let status = |w: &crate::remote::WorkerStats| {
+            let (code, body) = worker_healthz("w1", w);
+            (code.as_u16(), body.0["status"].as_str().unwrap().to_string(), body.0["consumer"].clone())
+        };
+        assert_eq!(status(&worker), (503, "loading".into(), serde_json::json!("w1")));
+        worker.set_state(crate::remote::WorkerState::Serving);
+        worker.stream_up.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(status(&worker).0, 200);
+        worker.stream_up.store(false, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(status(&worker), (503, "redis_down".into(), serde_json::json!("w1")));
+        worker.set_state(crate::remote::WorkerState::Stopping);
+        assert_eq!(status(&worker).1, "stopping");
         worker.answered.store(5, std::sync::atomic::Ordering::Relaxed);
         worker.claimed.store(2, std::sync::atomic::Ordering::Relaxed);
         worker.base_version.store(3, std::sync::atomic::Ordering::Relaxed);

@@ -271,6 +271,11 @@ async fn a_worker_stopped_with_sigterm_finishes_what_it_took() {
     }
     support::parse_exposition(&text).unwrap();
     support::promtool_check(&text);
+    // And its /healthz says it serves, under its name.
+    let health = d.http.get(format!("http://127.0.0.1:{metrics_port}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let body: serde_json::Value = health.json().await.unwrap();
+    assert_eq!((body["status"].as_str(), body["consumer"].as_str(), body["base_version"].as_u64()), (Some("ok"), Some("graceful"), Some(0)), "{body}");
     let killed = std::process::Command::new("kill").args(["-TERM", &worker.id().to_string()]).status().unwrap();
     assert!(killed.success());
     let out = tokio::task::spawn_blocking(move || worker.wait_with_output()).await.unwrap().unwrap();
@@ -583,4 +588,42 @@ async fn clients_of_one_process_have_their_own_reply_streams() {
         ids.insert(task.await.unwrap());
     }
     assert_eq!(ids.len(), 16, "{ids:?}");
+}
+
+/// Redis going away under a worker and a daemon: the worker's health
+/// turns `redis_down` while the stream cannot be read, and once Redis is
+/// back (empty: no persistence, so the consumer group is gone too) the
+/// worker makes the group again, says `ok`, and the daemon's next message
+/// is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_comes_back_after_redis_restarts_empty() {
+    let mut redis = RedisServer::start();
+    let worker = InProcessWorker::start(&redis, "steady", Duration::from_secs(600));
+    let status = |w: &InProcessWorker| w.stats.health().status;
+    let wait_for = |want: &'static str, w: &InProcessWorker| {
+        let stats = w.stats.clone();
+        async move {
+            for _ in 0..600 {
+                if stats.health().status == want {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("worker health never became {want}: {:?}", stats.health());
+        }
+    };
+    wait_for("ok", &worker).await;
+    let d = TestDaemon::start(&redis_backend_toml(&redis, 600_000)).await;
+    let (code, body) = d.say("before", "ann", "hello?", None).await;
+    assert_eq!(code, 200, "{body}");
+    redis.kill();
+    wait_for("redis_down", &worker).await;
+    redis.restart();
+    wait_for("ok", &worker).await;
+    let (code, body) = d.say("after", "ann", "are you there?", None).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(worker.answered(), 2);
+    assert_eq!(status(&worker), "ok");
+    d.stop().await;
+    worker.stop().await;
 }
