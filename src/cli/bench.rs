@@ -222,9 +222,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// First tokens the pool has drawn so far (every request's, counted once).
+/// Requests that got their first token so far (counted once each), plus
+/// those that failed or were cancelled (so that a request failing before its
+/// first token cannot keep the long prompt waiting forever).
 fn first_tokens(handle: &crate::pool::PoolHandle) -> u64 {
-    handle.metrics().snapshot().ttft_buckets.last().copied().unwrap_or(0)
+    let m = handle.metrics().snapshot();
+    m.ttft_buckets.last().copied().unwrap_or(0) + m.requests_failed + m.requests_cancelled
 }
 
 /// Nearest-rank percentile in milliseconds.
