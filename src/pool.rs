@@ -290,9 +290,20 @@ impl GenerationPool {
             vocab_size: model.config().vocab_size,
             served: served.clone(),
         };
+        // The engine loop runs on a worker of its own rayon pool (as many
+        // threads as the global one), so the thread that steps the model
+        // also takes a share of each step's parallel work instead of
+        // sleeping beside the workers and competing with them for the cores
+        // during the step's serial parts.
+        let threads = rayon::current_num_threads();
+        let workers = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("dialogd-engine-{i}"))
+            .build()
+            .map_err(std::io::Error::other)?;
         let thread = std::thread::Builder::new()
             .name("dialogd-engine".into())
-            .spawn(move || engine::Engine::new(model, config, metrics, served).run(rx))?;
+            .spawn(move || workers.install(move || engine::Engine::new(model, config, metrics, served).run(rx)))?;
         Ok(Self { handle, thread: Some(thread) })
     }
 
