@@ -39,22 +39,20 @@ const COLUMN_BLOCK: usize = 256;
 
 /// Whether `x @ w` should take the few-rows path.
 pub fn wants_small_path(x: &Tensor, w: &Tensor, rows: usize) -> bool {
-    rows <= SMALL_ROWS
-        && matches!(x.device(), Device::Cpu)
-        && x.dtype() == DType::F32
-        && w.dtype() == DType::F32
-        && w.is_contiguous()
+    rows <= SMALL_ROWS && cpu_f32(x, w)
 }
 
 /// Whether the head's `x @ wᵀ` should take [`rows_times_matrix_t`]: few
 /// rows, or any number where the AVX-512 kernels run (same bits either way;
 /// otherwise gemm, whose sums depend on the shape).
 pub fn wants_head_path(x: &Tensor, w: &Tensor, rows: usize) -> bool {
-    (rows <= SMALL_ROWS || wide::available())
-        && matches!(x.device(), Device::Cpu)
-        && x.dtype() == DType::F32
-        && w.dtype() == DType::F32
-        && w.is_contiguous()
+    (rows <= SMALL_ROWS || wide::available()) && cpu_f32(x, w)
+}
+
+/// Whether these kernels take `x` and `w` at all: f32 on the CPU, `w`
+/// contiguous.
+fn cpu_f32(x: &Tensor, w: &Tensor) -> bool {
+    matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && w.dtype() == DType::F32 && w.is_contiguous()
 }
 
 /// Runs `f` over a contiguous CPU f32 tensor's values (an error for any
