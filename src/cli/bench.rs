@@ -139,7 +139,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         )?;
     }
     for (level_idx, &concurrency) in args.concurrency.iter().enumerate() {
-        let first_tokens_before = first_tokens(&handle);
+        let past_first_before = requests_past_first_token(&handle);
         let started = Instant::now();
         let (results, long_result) = runtime.block_on(async {
             let tasks: Vec<_> = (0..concurrency)
@@ -154,7 +154,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 let req = request_of((level_idx * 10_000 + 9_999) as u64, args.long_prompt_tokens, 2);
                 tokio::spawn(async move {
                     // Arrive once every other request is decoding.
-                    while first_tokens(&handle) < first_tokens_before + concurrency as u64 {
+                    while requests_past_first_token(&handle) < past_first_before + concurrency as u64 {
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
                     handle.generate(req).await
@@ -222,10 +222,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Requests that got their first token so far (counted once each), plus
-/// those that failed or were cancelled (so that a request failing before its
-/// first token cannot keep the long prompt waiting forever).
-fn first_tokens(handle: &crate::pool::PoolHandle) -> u64 {
+/// Requests past their first token so far: those that got it (counted once
+/// each), plus those that failed or were cancelled (so that a request
+/// failing before its first token cannot keep the long prompt waiting
+/// forever).
+fn requests_past_first_token(handle: &crate::pool::PoolHandle) -> u64 {
     let m = handle.metrics().snapshot();
     m.ttft_buckets.last().copied().unwrap_or(0) + m.requests_failed + m.requests_cancelled
 }
